@@ -1,0 +1,247 @@
+"""Settings: one table of options, read from flags and from a YAML file.
+
+Every option has a dotted key (``web.listen-address``) that is both its flag
+(``--web.listen-address``) and its key in the config file. The file may nest
+keys (``web: {listen-address: ...}``) or write them dotted; both flatten to the
+same key. Flags win over the file, the file wins over defaults. Unknown keys and
+values of the wrong type are a ``ConfigError`` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+DEFAULT_LISTEN_ADDRESS = ":9815"
+PROXIES = ("kube-proxy", "kube-router")
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message is shown to the user as it is."""
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError("must be true or false")
+
+
+def _as_str(value: Any) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("must be a string")
+
+
+def _as_seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("must be a number of seconds")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a number of seconds") from None
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def _as_count(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a whole number") from None
+    if number < 0 or number != float(value):
+        raise ValueError("must be a whole number, not negative")
+    return number
+
+
+def _as_str_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError("must be a list of strings")
+
+
+def _as_regex(value: Any) -> str:
+    text = _as_str(value)
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise ValueError(f"is not a valid regular expression ({err})") from None
+    return text
+
+
+def _as_proxy(value: Any) -> str:
+    text = _as_str(value)
+    if text not in PROXIES:
+        raise ValueError(f"must be one of {', '.join(PROXIES)}")
+    return text
+
+
+def _as_log_level(value: Any) -> str:
+    text = _as_str(value).lower()
+    if text not in ("debug", "info", "warn", "warning", "error"):
+        raise ValueError("must be one of debug, info, warn, error")
+    return text
+
+
+def _as_components(value: Any) -> list[dict[str, str]]:
+    """Process components: ``[{name: kubelet, match: '^kubelet$'}, ...]``.
+
+    ``match`` is a regex tried on the process name, then on the command line.
+    """
+    if not isinstance(value, list):
+        raise ValueError("must be a list of {name, match}")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError("each component needs a string 'name'")
+        unknown = set(item) - {"name", "match"}
+        if unknown:
+            raise ValueError(f"unknown component key(s): {', '.join(sorted(unknown))}")
+        match = item.get("match", "^" + re.escape(item["name"]) + "$")
+        out.append({"name": item["name"], "match": _as_regex(match)})
+    return out
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    repeat: bool = False  # flag may be given more than once (a list)
+    flag: bool = True  # also a command-line flag (structured values are file-only)
+
+
+OPTIONS: list[Option] = [
+    Option("web.listen-address", _as_str, DEFAULT_LISTEN_ADDRESS,
+           "address to serve /metrics on, HOST:PORT (default %(default)s)", "HOST:PORT"),
+    Option("web.telemetry-path", _as_str, "/metrics", "path of the metrics page", "PATH"),
+    Option("web.config.file", _as_str, None,
+           "exporter-toolkit web config (TLS, basic auth)", "PATH"),
+    Option("kubeconfig", _as_str, None,
+           "kubeconfig for API access; else $KUBECONFIG, else in-cluster", "PATH"),
+    Option("node-name", _as_str, None, "this node's name (default $NODE_NAME, then the host name)", "NAME"),
+    Option("node-ip", _as_str_list, [],
+           "address NodePort virtual servers are expected on (repeatable; default: this host's addresses)",
+           "IP", repeat=True),
+    Option("proxy", _as_proxy, "kube-proxy", "whose IPVS rules to expect: kube-proxy or kube-router", "PROXY"),
+    Option("drift.grace-period", _as_seconds, 60.0,
+           "seconds a difference may last before it counts as drift", "SECONDS"),
+    Option("drift.max-service-series", _as_count, 200,
+           "cap on kubenode_ipvs_service_drift series", "N"),
+    Option("path.procfs", _as_str, "/proc", "procfs mountpoint", "PATH"),
+    Option("path.sysfs", _as_str, "/sys", "sysfs mountpoint", "PATH"),
+    Option("log.level", _as_log_level, "info", "debug, info, warn or error", "LEVEL"),
+    Option("memcg.paths", _as_str_list, [],
+           "extra memory cgroups (relative to the memory hierarchy root) whose memory.stat is timed",
+           "PATH", repeat=True),
+    Option("process.components", _as_components,
+           [{"name": "kubelet", "match": "^kubelet$"},
+            {"name": "kube-proxy", "match": "^kube-proxy$"},
+            {"name": "kube-router", "match": "^kube-router$"}],
+           "processes to account (config file only)", flag=False),
+    Option("ipset.include", _as_regex, "", "only sets whose name matches (default all)", "REGEX"),
+    Option("ipset.exclude", _as_regex, "", "skip sets whose name matches", "REGEX"),
+    Option("proxy.metrics-url", _as_str, None,
+           "the proxy's own metrics page (default for kube-proxy http://127.0.0.1:10249/metrics; "
+           "kube-router has none: it serves metrics only when run with --metrics-port)", "URL"),
+    Option("proxy.timeout", _as_seconds, 2.0, "timeout reading the proxy's metrics page", "SECONDS"),
+    Option("proxy.max-bytes", _as_count, 8 * 1024 * 1024,
+           "largest proxy metrics page read; a larger one is an error", "BYTES"),
+]
+
+# Collectors add their ``collector.<name>`` option when they register.
+COLLECTOR_PREFIX = "collector."
+
+
+def option_table(collector_defaults: dict[str, bool]) -> dict[str, Option]:
+    table = {opt.key: opt for opt in OPTIONS}
+    for name, enabled in sorted(collector_defaults.items()):
+        key = COLLECTOR_PREFIX + name
+        table[key] = Option(key, _as_bool, enabled, f"enable the {name} collector")
+    return table
+
+
+@dataclass
+class Settings:
+    """Resolved settings; ``get('web.listen-address')``."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        return self.values[key]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def collector_enabled(self, name: str) -> bool:
+        return bool(self.values.get(COLLECTOR_PREFIX + name, False))
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'web': {'listen-address': x}}`` -> ``{'web.listen-address': x}``.
+
+    Descends only into mappings whose dotted path is not itself a known key
+    prefix-terminal; lists and scalars are leaves.
+    """
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} is not a string")
+        dotted = prefix + key
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    return flatten(data)
+
+
+def resolve(table: dict[str, Option], file_values: dict[str, Any],
+            flag_values: dict[str, Any], source: str = "config file") -> Settings:
+    """Defaults, then the file, then flags; each value parsed by its option."""
+    values = {key: opt.default for key, opt in table.items()}
+    for origin, given in ((source, file_values), ("flag", flag_values)):
+        for key, raw in given.items():
+            opt = table.get(key)
+            if opt is None:
+                hint = _closest(key, table)
+                raise ConfigError(f"unknown {origin} key {key!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+            try:
+                values[key] = opt.parse(raw)
+            except ValueError as err:
+                raise ConfigError(f"{origin} key {key!r}: {raw!r} {err}") from None
+    return Settings(values)
+
+
+def _closest(key: str, table: dict[str, Option]) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(table), n=1)
+    return matches[0] if matches else None

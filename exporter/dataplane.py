@@ -1,0 +1,83 @@
+"""Plain data for a load-balancing table: virtual servers and their real servers.
+
+The same shapes describe the live IPVS table (``exporter.readers.ipvs``) and the
+table a proxy should have programmed (``exporter.kube.desired``), so the diff
+compares like with like. Nothing here knows about IPVS syscalls or Kubernetes.
+
+Addresses are text in their compressed form (``10.0.0.1``, ``fd00::1``), which is
+how ``ipaddress`` prints them, so desired and live keys hash the same.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class VirtualServerKey(NamedTuple):
+    """Identity of a virtual server: (protocol, address, port), or a fwmark."""
+
+    protocol: str | None  # "TCP", "UDP", "SCTP"; None for a fwmark service
+    address: str | None
+    port: int | None
+    fwmark: int | None = None
+
+    @classmethod
+    def for_fwmark(cls, fwmark: int) -> "VirtualServerKey":
+        return cls(None, None, None, fwmark)
+
+    def sort_key(self) -> tuple:
+        # Contract order: (protocol, address, port); fwmark services after the rest.
+        if self.fwmark is not None:
+            return (1, "", "", 0, self.fwmark)
+        return (0, self.protocol, _address_order(self.address), self.port, 0)
+
+    def __str__(self) -> str:
+        if self.fwmark is not None:
+            return f"FWM {self.fwmark}"
+        host = f"[{self.address}]" if self.address and ":" in self.address else self.address
+        return f"{self.protocol} {host}:{self.port}"
+
+
+class RealServer(NamedTuple):
+    address: str
+    port: int
+    weight: int = 1
+    forward: str = "Masq"  # Masq, Local, Route, Tunnel (ipvsadm's names)
+    active_connections: int = 0
+    inactive_connections: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+
+class VirtualServer(NamedTuple):
+    key: VirtualServerKey
+    scheduler: str = "rr"
+    persistent_timeout: int | None = None  # seconds; None when not persistent
+    real_servers: dict[tuple[str, int], RealServer] = {}
+    service: str | None = None  # "namespace/name" where known (desired tables)
+    flags: tuple[str, ...] = ()  # extra scheduler/service flags as the kernel names them
+    persistent_netmask: str | None = None
+
+
+# A whole table: virtual servers by key.
+Table = dict[VirtualServerKey, VirtualServer]
+
+
+def _address_order(address: str | None) -> tuple:
+    """Sort IPv4 before IPv6 and numerically within each, not as strings."""
+    import ipaddress
+
+    if address is None:
+        return (0, 0)
+    ip = ipaddress.ip_address(address)
+    return (ip.version, int(ip))
+
+
+def sorted_virtual_servers(table: Table) -> list[VirtualServer]:
+    return sorted(table.values(), key=lambda vs: vs.key.sort_key())
+
+
+def sorted_real_servers(vs: VirtualServer) -> list[RealServer]:
+    return sorted(vs.real_servers.values(), key=lambda rs: (_address_order(rs.address), rs.port))

@@ -1,0 +1,118 @@
+"""HTTP serving: /metrics (Prometheus text or OpenMetrics), /healthz and a landing page."""
+
+from __future__ import annotations
+
+import html
+import logging
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from exporter import __version__
+from exporter.collector import Runner
+
+log = logging.getLogger("exporter.http")
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``[v6]:PORT`` -> (host, port); empty host means all."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen address {address!r} is not HOST:PORT")
+    host = host.strip("[]")
+    return host, int(port)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature from stdlib
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def _server_class(host: str) -> type[_Server]:
+    family = socket.AF_INET
+    if ":" in host or host == "":
+        # An empty host serves on every address, v4 and v6, like node_exporter.
+        family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+
+    class Server(_Server):
+        address_family = family
+
+        def server_bind(self) -> None:
+            if self.address_family == socket.AF_INET6:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    return Server
+
+
+def make_app(runner: Runner, telemetry_path: str = "/metrics") -> Callable:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(runner)
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == telemetry_path:
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"ok\n"]
+        if path == "/":
+            body = _landing_page(runner, telemetry_path).encode()
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found\n"]
+
+    return app
+
+
+def _landing_page(runner: Runner, telemetry_path: str) -> str:
+    rows = []
+    for name, outcome in runner.state():
+        if outcome is None:
+            state, detail = "not yet run", ""
+        elif outcome.success:
+            state, detail = "ok", f"{outcome.duration:.3f}s"
+        else:
+            state, detail = "failing", outcome.error
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{state}</td><td>{html.escape(detail)}</td></tr>")
+    return (
+        "<!doctype html><html><head><title>kubenode-exporter</title></head><body>"
+        f"<h1>kubenode-exporter {__version__}</h1>"
+        f'<p><a href="{html.escape(telemetry_path)}">Metrics</a> &middot; <a href="/healthz">Health</a></p>'
+        "<h2>Collectors</h2><table><tr><th>collector</th><th>last scrape</th><th>detail</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )
+
+
+class MetricsServer:
+    """The HTTP server on its own thread; ``stop()`` ends it."""
+
+    def __init__(self, app: Callable, address: str, ssl_context=None) -> None:
+        host, port = parse_listen_address(address)
+        self.httpd = make_server(host, port, app, server_class=_server_class(host), handler_class=_QuietHandler)
+        if ssl_context is not None:
+            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,1 @@
+"""Kubernetes logic: compact API objects, the watch, the desired-state model and the diff."""

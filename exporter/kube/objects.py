@@ -1,0 +1,383 @@
+"""Compact, validated forms of the API objects the exporter keeps.
+
+The watch and the offline commands both turn each Service, EndpointSlice and
+Node into these small tuples at once and drop the rest of the object: at
+10,000 Services what is kept per object decides the exporter's footprint.
+A malformed object raises ``MalformedObject`` with a one-line reason; callers
+log it and skip that object, never the whole list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime
+from typing import Any, Iterable, Iterator, NamedTuple
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds; the API's default for ClientIP affinity
+# Annotations some proxies read (topology mode, kube-router's per-service knobs).
+KEPT_ANNOTATION_PREFIXES = ("service.kubernetes.io/", "kube-router.io/")
+
+
+class MalformedObject(ValueError):
+    """An API object that cannot be used; the message names it and why."""
+
+
+class ServicePort(NamedTuple):
+    name: str
+    protocol: str
+    port: int
+    node_port: int | None = None
+
+
+class Service(NamedTuple):
+    namespace: str
+    name: str
+    type: str = "ClusterIP"  # ClusterIP, NodePort, LoadBalancer, ExternalName
+    cluster_ips: tuple[str, ...] = ()  # empty when headless or ExternalName
+    ports: tuple[ServicePort, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    # status.loadBalancer.ingress IPs with their ipMode ("VIP", "Proxy" or None)
+    load_balancer_ingress: tuple[tuple[str, str | None], ...] = ()
+    session_affinity_timeout: int | None = None  # seconds, when sessionAffinity is ClientIP
+    external_traffic_local: bool = False
+    internal_traffic_local: bool = False
+    health_check_node_port: int | None = None
+    traffic_distribution: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()  # only the labels proxies act on
+    annotations: tuple[tuple[str, str], ...] = ()  # only KEPT_ANNOTATION_PREFIXES
+    resource_version: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def annotation(self, name: str) -> str | None:
+        return dict(self.annotations).get(name)
+
+    def label(self, name: str) -> str | None:
+        return dict(self.labels).get(name)
+
+
+class EndpointPort(NamedTuple):
+    name: str
+    protocol: str
+    port: int | None
+
+
+class Endpoint(NamedTuple):
+    addresses: tuple[str, ...]
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    hint_zones: tuple[str, ...] | None = None  # None: the endpoint has no zone hints
+    hint_nodes: tuple[str, ...] | None = None  # None: the endpoint has no node hints
+
+
+class EndpointSlice(NamedTuple):
+    namespace: str
+    name: str
+    service_name: str | None  # the kubernetes.io/service-name label
+    address_type: str  # IPv4, IPv6, FQDN
+    ports: tuple[EndpointPort, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    trigger_time: float | None = None  # last-change-trigger-time, Unix seconds
+    resource_version: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def service_key(self) -> str | None:
+        return f"{self.namespace}/{self.service_name}" if self.service_name else None
+
+
+class Node(NamedTuple):
+    name: str
+    zone: str | None = None
+    addresses: tuple[str, ...] = ()  # status.addresses of type InternalIP/ExternalIP
+
+
+# --- parsing -----------------------------------------------------------------
+
+
+def _meta(obj: dict, kind: str) -> tuple[str, str, dict]:
+    if not isinstance(obj, dict):
+        raise MalformedObject(f"{kind} is not an object")
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise MalformedObject(f"{kind} has no metadata.name")
+    namespace = meta.get("namespace", "default")
+    if not isinstance(namespace, str):
+        raise MalformedObject(f"{kind} {meta['name']} has a bad metadata.namespace")
+    return namespace, meta["name"], meta
+
+
+def _mapping(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedObject(f"{what} is not a mapping")
+    return value
+
+
+def _list(value: Any, what: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MalformedObject(f"{what} is not a list")
+    return value
+
+
+def canonical_ip(text: Any, what: str) -> str:
+    """Compressed text form of an IP address, or MalformedObject."""
+    if not isinstance(text, str):
+        raise MalformedObject(f"{what}: {text!r} is not an IP address")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise MalformedObject(f"{what}: {text!r} is not an IP address") from None
+
+
+def _port(value: Any, what: str, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise MalformedObject(f"{what}: {value!r} is not a port number")
+    return value
+
+
+def _protocol(value: Any, what: str) -> str:
+    proto = "TCP" if value is None else value
+    if proto not in PROTOCOLS:
+        raise MalformedObject(f"{what}: unknown protocol {value!r}")
+    return proto
+
+
+def _kept(mapping: dict, prefixes: tuple[str, ...] | None = None, names: tuple[str, ...] = ()) -> tuple:
+    return tuple(sorted(
+        (k, str(v)) for k, v in mapping.items()
+        if isinstance(k, str) and (k in names or (prefixes and k.startswith(prefixes)))
+    ))
+
+
+def parse_time(text: Any) -> float | None:
+    """RFC 3339 (with or without fractional seconds, any precision) -> Unix seconds."""
+    if not isinstance(text, str) or not text:
+        return None
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    frac = ""
+    head, dot, rest = value.partition(".")
+    if dot:
+        digits = ""
+        for i, ch in enumerate(rest):
+            if not ch.isdigit():
+                digits, tail = rest[:i], rest[i:]
+                break
+        else:
+            digits, tail = rest, ""
+        frac = digits
+        value = head + tail
+    try:
+        seconds = datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+    return seconds + (float("0." + frac) if frac else 0.0)
+
+
+def parse_service(obj: dict) -> Service:
+    namespace, name, meta = _meta(obj, "Service")
+    what = f"Service {namespace}/{name}"
+    spec = _mapping(obj.get("spec"), f"{what} spec")
+    status = _mapping(obj.get("status"), f"{what} status")
+    svc_type = spec.get("type") or "ClusterIP"
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise MalformedObject(f"{what}: unknown type {svc_type!r}")
+
+    raw_ips = _list(spec.get("clusterIPs"), f"{what} spec.clusterIPs") or (
+        [spec["clusterIP"]] if spec.get("clusterIP") else [])
+    cluster_ips: tuple[str, ...] = ()
+    if svc_type != "ExternalName" and raw_ips and raw_ips[0] not in ("None", ""):
+        cluster_ips = tuple(canonical_ip(ip, f"{what} clusterIP") for ip in raw_ips)
+
+    ports = []
+    for i, p in enumerate(_list(spec.get("ports"), f"{what} spec.ports")):
+        p = _mapping(p, f"{what} port {i}")
+        ports.append(ServicePort(
+            name=str(p.get("name") or ""),
+            protocol=_protocol(p.get("protocol"), f"{what} port {i}"),
+            port=_port(p.get("port"), f"{what} port {i}"),
+            node_port=_port(p.get("nodePort"), f"{what} port {i} nodePort", optional=True),
+        ))
+
+    external_ips = tuple(canonical_ip(ip, f"{what} externalIPs")
+                         for ip in _list(spec.get("externalIPs"), f"{what} spec.externalIPs"))
+    ingress = []
+    lb = _mapping(status.get("loadBalancer"), f"{what} status.loadBalancer")
+    for ing in _list(lb.get("ingress"), f"{what} status.loadBalancer.ingress"):
+        ing = _mapping(ing, f"{what} ingress")
+        if ing.get("ip"):  # hostname-only ingress programs nothing
+            ingress.append((canonical_ip(ing["ip"], f"{what} ingress"), ing.get("ipMode")))
+
+    affinity_timeout = None
+    if spec.get("sessionAffinity") == "ClientIP":
+        cfg = _mapping(spec.get("sessionAffinityConfig"), f"{what} sessionAffinityConfig")
+        client_ip = _mapping(cfg.get("clientIP"), f"{what} sessionAffinityConfig.clientIP")
+        timeout = client_ip.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+            raise MalformedObject(f"{what}: bad sessionAffinity timeoutSeconds {timeout!r}")
+        affinity_timeout = timeout
+
+    return Service(
+        namespace=namespace,
+        name=name,
+        type=svc_type,
+        cluster_ips=cluster_ips,
+        ports=tuple(ports),
+        external_ips=external_ips,
+        load_balancer_ingress=tuple(ingress),
+        session_affinity_timeout=affinity_timeout,
+        external_traffic_local=spec.get("externalTrafficPolicy") == "Local",
+        internal_traffic_local=spec.get("internalTrafficPolicy") == "Local",
+        health_check_node_port=_port(spec.get("healthCheckNodePort"), f"{what} healthCheckNodePort", optional=True),
+        traffic_distribution=spec.get("trafficDistribution"),
+        labels=_kept(_mapping(meta.get("labels"), f"{what} labels"), None,
+                     (SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL)),
+        annotations=_kept(_mapping(meta.get("annotations"), f"{what} annotations"), KEPT_ANNOTATION_PREFIXES),
+        resource_version=str(meta.get("resourceVersion") or ""),
+    )
+
+
+def _condition(conditions: dict, name: str, default: bool) -> bool:
+    value = conditions.get(name)
+    return default if value is None else bool(value)
+
+
+def parse_endpoint_slice(obj: dict) -> EndpointSlice:
+    namespace, name, meta = _meta(obj, "EndpointSlice")
+    what = f"EndpointSlice {namespace}/{name}"
+    address_type = obj.get("addressType")
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise MalformedObject(f"{what}: unknown addressType {address_type!r}")
+    labels = _mapping(meta.get("labels"), f"{what} labels")
+    annotations = _mapping(meta.get("annotations"), f"{what} annotations")
+
+    ports = []
+    for i, p in enumerate(_list(obj.get("ports"), f"{what} ports")):
+        p = _mapping(p, f"{what} port {i}")
+        ports.append(EndpointPort(
+            name=str(p.get("name") or ""),
+            protocol=_protocol(p.get("protocol"), f"{what} port {i}"),
+            port=_port(p.get("port"), f"{what} port {i}", optional=True),
+        ))
+
+    endpoints = []
+    for i, ep in enumerate(_list(obj.get("endpoints"), f"{what} endpoints")):
+        ep = _mapping(ep, f"{what} endpoint {i}")
+        raw_addresses = _list(ep.get("addresses"), f"{what} endpoint {i} addresses")
+        if not raw_addresses:
+            raise MalformedObject(f"{what}: endpoint {i} has no addresses")
+        if address_type == "FQDN":
+            addresses = tuple(str(a) for a in raw_addresses)
+        else:
+            addresses = tuple(canonical_ip(a, f"{what} endpoint {i}") for a in raw_addresses)
+        conditions = _mapping(ep.get("conditions"), f"{what} endpoint {i} conditions")
+        ready = _condition(conditions, "ready", True)
+        hints = ep.get("hints")
+        hint_zones = hint_nodes = None
+        if isinstance(hints, dict):
+            if "forZones" in hints:
+                hint_zones = tuple(str(z.get("name")) for z in _list(hints["forZones"], f"{what} hints")
+                                   if isinstance(z, dict))
+            if "forNodes" in hints:
+                hint_nodes = tuple(str(n.get("name")) for n in _list(hints["forNodes"], f"{what} hints")
+                                   if isinstance(n, dict))
+        endpoints.append(Endpoint(
+            addresses=addresses,
+            ready=ready,
+            serving=_condition(conditions, "serving", ready),
+            terminating=_condition(conditions, "terminating", False),
+            node_name=ep.get("nodeName") if isinstance(ep.get("nodeName"), str) else None,
+            zone=ep.get("zone") if isinstance(ep.get("zone"), str) else None,
+            hint_zones=hint_zones,
+            hint_nodes=hint_nodes,
+        ))
+
+    return EndpointSlice(
+        namespace=namespace,
+        name=name,
+        service_name=labels.get(SERVICE_NAME_LABEL) if isinstance(labels.get(SERVICE_NAME_LABEL), str) else None,
+        address_type=address_type,
+        ports=tuple(ports),
+        endpoints=tuple(endpoints),
+        trigger_time=parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
+        resource_version=str(meta.get("resourceVersion") or ""),
+    )
+
+
+def parse_node(obj: dict) -> Node:
+    _, name, meta = _meta(obj, "Node")
+    labels = _mapping(meta.get("labels"), f"Node {name} labels")
+    status = _mapping(obj.get("status"), f"Node {name} status")
+    addresses = []
+    for a in _list(status.get("addresses"), f"Node {name} status.addresses"):
+        if isinstance(a, dict) and a.get("type") in ("InternalIP", "ExternalIP"):
+            addresses.append(canonical_ip(a.get("address"), f"Node {name} address"))
+    zone = labels.get(ZONE_LABEL)
+    return Node(name=name, zone=zone if isinstance(zone, str) else None, addresses=tuple(addresses))
+
+
+PARSERS = {
+    "Service": parse_service,
+    "EndpointSlice": parse_endpoint_slice,
+    "Node": parse_node,
+}
+
+
+class ObjectSet(NamedTuple):
+    services: dict[str, Service]  # by namespace/name
+    slices: dict[str, EndpointSlice]  # by namespace/name
+    nodes: dict[str, Node]  # by name
+    errors: list[str]  # one line per object skipped
+
+
+def iter_items(doc: Any) -> Iterator[dict]:
+    """Items of a ``List`` (or a single object, or a YAML stream of either)."""
+    if isinstance(doc, list):
+        for d in doc:
+            yield from iter_items(d)
+    elif isinstance(doc, dict):
+        if isinstance(doc.get("items"), list):
+            for item in doc["items"]:
+                yield from iter_items(item)
+        else:
+            yield doc
+
+
+def parse_objects(docs: Iterable[Any]) -> ObjectSet:
+    """Parse ``kubectl get services,endpointslices -A -o yaml`` output; skip what is malformed."""
+    result = ObjectSet({}, {}, {}, [])
+    targets = {"Service": result.services, "EndpointSlice": result.slices, "Node": result.nodes}
+    for doc in docs:
+        for item in iter_items(doc):
+            kind = item.get("kind") if isinstance(item, dict) else None
+            parser = PARSERS.get(kind)
+            if parser is None:
+                continue  # other kinds (Endpoints, Pods) are not ours to read
+            try:
+                obj = parser(item)
+            except MalformedObject as err:
+                result.errors.append(str(err))
+                continue
+            targets[kind][obj.key if kind != "Node" else obj.name] = obj
+    return result

@@ -1,0 +1,44 @@
+"""Small helpers shared by tests: run the exporter in-process and scrape it."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.cli import settings_from_args
+from exporter.collector import Context, Runner, build_collectors
+from exporter.paths import Paths
+
+
+def make_runner(argv: list[str]) -> tuple[Runner, Context]:
+    """A Runner built from command-line style arguments, as `serve` builds it."""
+    settings = settings_from_args(argv)
+    ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
+    return Runner(build_collectors(ctx)), ctx
+
+
+def samples(runner_or_text) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted label items): value} from a Runner or exposition text."""
+    if isinstance(runner_or_text, str):
+        families = text_string_to_metric_families(runner_or_text)
+    else:
+        families = runner_or_text.collect()
+    out = {}
+    for fam in families:
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples_: dict, name: str, **labels) -> float | None:
+    return samples_.get((name, tuple(sorted(labels.items()))))
+
+
+def get(url: str, headers: dict | None = None, timeout: float = 10) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
