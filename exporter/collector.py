@@ -31,7 +31,9 @@ class CollectorError(Exception):
     """An expected failure (missing file, no kernel support, bad input).
 
     The runner logs its message as it is, without a traceback, and marks the
-    collector down for this scrape.
+    collector down for this scrape. Metric families the collector yielded
+    before raising are still served (as node_exporter does), so a collector
+    can say what it knows and then fail.
     """
 
 
@@ -145,13 +147,17 @@ class Runner:
                 return slot.last
             start = time.monotonic()
             name = slot.collector.name
+            metrics: list[Metric] = []
             try:
-                metrics = list(slot.collector.collect())
+                metrics.extend(slot.collector.collect())
                 outcome = Outcome(metrics, True, 0.0, 0.0)
             except CollectorError as err:
+                # An expected failure: what the collector yielded before raising is
+                # kept (e.g. kubenode_proxy_up 0 before "garbage metrics page").
                 log.error("collector %s failed: %s", name, err)
-                outcome = Outcome([], False, 0.0, 0.0, str(err))
+                outcome = Outcome(metrics, False, 0.0, 0.0, str(err))
             except Exception as err:  # noqa: BLE001 - one collector must never fail the scrape
+                # A bug: partial families may be half-built, so none are served.
                 log.exception("collector %s failed unexpectedly", name)
                 outcome = Outcome([], False, 0.0, 0.0, f"{type(err).__name__}: {err}")
             outcome.finished = time.monotonic()

@@ -49,8 +49,10 @@ def test_one_failing_collector_does_not_hide_others(caplog):
     assert value(s, "kubenode_collector_success", collector="buggy") == 0.0
     assert value(s, "kubenode_collector_success", collector="fixed") == 1.0
     assert value(s, "kubenode_test_value") == 3.0
-    # A failed collector's partial output is dropped rather than half-served.
-    assert value(s, "kubenode_test_partial") is None
+    # An expected failure keeps what was yielded before it; a bug drops it.
+    assert value(s, "kubenode_test_partial") == 1.0
+    buggy_only = samples(Runner([Failing(KeyError("boom"))]))
+    assert value(buggy_only, "kubenode_test_partial") is None
     assert "ip_vs module not loaded" in caplog.text
     assert "collector buggy failed unexpectedly" in caplog.text
 
