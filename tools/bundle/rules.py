@@ -24,10 +24,12 @@ def _alternation(values: list[str]) -> str:
     return "|".join(values)
 
 
-def recording_rules(cfg: dict) -> list[dict]:
-    """Rules that make dashboards and alerts cheaper: one rate/quantile, many readers."""
+def recording_rules(cfg: dict) -> list[tuple[str, dict]]:
+    """(group, rule): rules that make dashboards and alerts cheaper, one rate or quantile
+    for many readers. Each sits first in the group of the alerts that read it, so an alert
+    sees the value recorded in the same evaluation (rules of one group run in order)."""
     s = lambda extra="": _sel(cfg, extra)  # noqa: E731 - a short local spelling
-    return [
+    rules = [
         {"record": "set:kubenode_ipset_fill:ratio",
          "expr": f"sum without (type) (kubenode_ipset_entries{s()}) / (kubenode_ipset_max_entries{s()} > 0)"},
         {"record": "node:kubenode_ipvs_drift:sum",
@@ -44,6 +46,14 @@ def recording_rules(cfg: dict) -> list[dict]:
         {"record": "node:kubenode_memcg_stat_read_seconds:max",
          "expr": f"max without (cgroup) (kubenode_memcg_stat_read_seconds{s()})"},
     ]
+    group_of = {"set": "kubenode-ipset", "node:kubenode_ipvs_drift": "kubenode-ipvs",
+                "node:kubenode_ipvs_programming": "kubenode-proxy", "proxy": "kubenode-proxy",
+                "component": "kubenode-node", "node:kubenode_memcg": "kubenode-node"}
+    out = []
+    for rule in rules:
+        group = next(g for prefix, g in group_of.items() if rule["record"].startswith(prefix))
+        out.append((group, rule))
+    return out
 
 
 # (group, name, expr builder, summary, description). In descriptions, NODE stands for
@@ -177,6 +187,8 @@ ALERT_NAMES = [
 def rule_groups(cfg: dict) -> list[dict[str, Any]]:
     node_tmpl = "{{ $labels.%s }}" % cfg["nodeLabel"]
     groups: dict[str, list[dict]] = {}
+    for group, rule in recording_rules(cfg):
+        groups.setdefault(group, []).append(rule)
     for group, name, expr, summary, description in _alert_table(cfg):
         knobs = cfg["alerts"][name]
         if "threshold" in knobs:
@@ -192,6 +204,5 @@ def rule_groups(cfg: dict) -> list[dict[str, Any]]:
                 "runbook_url": cfg["runbookURLBase"] + name + ".md",
             },
         })
-    out = [{"name": "kubenode-exporter.rules", "rules": recording_rules(cfg)}]
-    out += [{"name": name, "rules": rules} for name, rules in groups.items()]
-    return out
+    order = ["kubenode-ipvs", "kubenode-proxy", "kubenode-ipset", "kubenode-node", "kubenode-exporter"]
+    return [{"name": name, "rules": groups[name]} for name in order]
