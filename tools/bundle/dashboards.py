@@ -190,10 +190,12 @@ def node_dashboard(cfg: dict) -> db.Dashboard:
                               f"sum by (le) (rate(kubenode_ipvs_programming_latency_seconds_bucket{{{j}}}[$__rate_interval]))"))
     d = d.with_panel(_heatmap(ids, "Proxy sync duration", "The proxy's own rule-sync histogram.",
                               f"sum by (le) (rate(kubenode_proxy_sync_duration_seconds_bucket{{{j}}}[$__rate_interval]))"))
-    d = d.with_panel(_graph(ids, "Since last proxy sync", "Seconds since the proxy last synced its rules "
-                            "(kube-proxy only; kube-router has no such metric).",
+    d = d.with_panel(_graph(ids, "Since last proxy sync", "Seconds since the proxy last synced its rules, and "
+                            "how long a queued change has waited (kube-proxy only): a rising line is a hung proxy.",
                             [_query(f"time() - max by (proxy) (kubenode_proxy_last_sync_timestamp_seconds{{{j}}})",
-                                    "{{proxy}}")], "s"))
+                                    "{{proxy}} since last sync"),
+                             _query(f"max by (proxy) (kubenode_proxy_sync_pending_seconds{{{j}}})",
+                                    "{{proxy}} change waiting")], "s"))
     d = d.with_panel(_graph(ids, "Proxy metrics endpoint up", "1 when the proxy's own metrics page answered.",
                             [_query(f"max by (proxy) (kubenode_proxy_up{{{j}}})", "{{proxy}}")], "short"))
 

@@ -107,11 +107,14 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
          "The proxy's rule syncs are slow.",
          "99th percentile of {{ $labels.proxy }} sync duration on node NODE is "
          "{{ $value | humanizeDuration }} (threshold THRESHOLDs)."),
+        # kube-proxy says when a queued change is waiting (the precise "hung" sign); for
+        # kube-router only the time since its sync count last grew is known.
         ("kubenode-proxy", "KubeNodeProxySyncStale",
-         f"time() - kubenode_proxy_last_sync_timestamp_seconds{s()} > {t('KubeNodeProxySyncStale')}",
-         "The proxy has not synced its rules for a long time.",
-         "{{ $labels.proxy }} on node NODE last synced its rules {{ $value | humanizeDuration }} ago "
-         "(threshold THRESHOLDs): it may be hung."),
+         f"kubenode_proxy_sync_pending_seconds{s()} > {_num(k['KubeNodeProxySyncStale']['pendingThreshold'])} "
+         f"or time() - kubenode_proxy_last_sync_timestamp_seconds{s()} > {t('KubeNodeProxySyncStale')}",
+         "The proxy has stopped syncing its rules.",
+         "{{ $labels.proxy }} on node NODE has not synced its rules for {{ $value | humanizeDuration }} "
+         "(a queued change waiting over PENDINGs, or no sync at all for over THRESHOLDs): it may be hung."),
         ("kubenode-proxy", "KubeNodeProxyMetricsDown", f"kubenode_proxy_up{s()} == 0",
          "The proxy's own metrics endpoint does not answer.",
          "kubenode-exporter on node NODE cannot read {{ $labels.proxy }}'s metrics page: "
@@ -193,6 +196,8 @@ def rule_groups(cfg: dict) -> list[dict[str, Any]]:
         knobs = cfg["alerts"][name]
         if "threshold" in knobs:
             description = description.replace("THRESHOLD", _num(knobs["threshold"]))
+        if "pendingThreshold" in knobs:
+            description = description.replace("PENDING", _num(knobs["pendingThreshold"]))
         groups.setdefault(group, []).append({
             "alert": name,
             "expr": expr,
