@@ -3,8 +3,10 @@
 Two dashboards: one node (what is wrong on this node, and since when) and a
 cluster overview (worst nodes first). Both have datasource, job and node
 variables; the node label's name and the tags come from the bundle config.
-Queries read raw exporter series so the dashboards work without the recording
-rules; ``panel_queries`` lists every query for the end-to-end test.
+The node dashboard reads raw exporter series (one node: cheap); the cluster
+overview reads the recording rules of alerts/ where one rate or quantile per node
+would otherwise be computed across the whole fleet on every refresh, so load the
+rules with the dashboards. ``panel_queries`` lists every query for the end-to-end test.
 """
 
 from __future__ import annotations
@@ -253,7 +255,7 @@ def cluster_dashboard(cfg: dict) -> db.Dashboard:
     d = d.with_panel(_stat(ids, "Nodes down", "Exporter targets that did not answer.",
                            f"count(up{{{j}}} == 0) or vector(0)", steps=[(None, "green"), (1, "red")]))
     d = d.with_panel(_stat(ids, "Nodes with IPVS drift", "Nodes with any drifted item but draining ones.",
-                           f'count(sum by ({node}) (kubenode_ipvs_drift{{{j}, kind!="draining_real_server"}}) > 0) or vector(0)',
+                           f"count(sum by ({node}) (node:kubenode_ipvs_drift:sum{{{j}}}) > 0) or vector(0)",
                            steps=[(None, "green"), (1, "red")]))
     d = d.with_panel(_stat(ids, "Firing kubenode alerts", "Alerts of this bundle firing now.",
                            'count(ALERTS{alertname=~"KubeNode.*", alertstate="firing"}) or vector(0)',
@@ -261,34 +263,31 @@ def cluster_dashboard(cfg: dict) -> db.Dashboard:
 
     d = d.with_row(db.Row("Worst nodes").id(ids.id()))
     d = d.with_panel(_bars(ids, "IPVS drift items", "Drifted items per node, all kinds but draining.",
-                           f'sort_desc(sum by ({node}) (kubenode_ipvs_drift{{{j}, kind!="draining_real_server"}}))',
+                           f"sort_desc(sum by ({node}) (node:kubenode_ipvs_drift:sum{{{j}}}))",
                            f"{{{{{node}}}}}", "short", steps=[(None, "green"), (1, "red")]))
     d = d.with_panel(_bars(ids, "Oldest drift", "Age of the oldest drifted item per node.",
                            f'sort_desc(max by ({node}) (kubenode_ipvs_drift_oldest_seconds{{{j}}}))',
                            f"{{{{{node}}}}}", "s", steps=[(None, "green"), (120, "orange"), (600, "red")]))
-    d = d.with_panel(_bars(ids, "Network programming latency p99", "Over the last 10 minutes.",
-                           f"sort_desc(histogram_quantile(0.99, sum by ({node}, le) "
-                           f"(rate(kubenode_ipvs_programming_latency_seconds_bucket{{{j}}}[10m]))))",
+    d = d.with_panel(_bars(ids, "Network programming latency p99", "Over the last 5 minutes.",
+                           f"sort_desc(max by ({node}) (node:kubenode_ipvs_programming_latency_seconds:p99_rate5m{{{j}}}))",
                            f"{{{{{node}}}}}", "s", steps=[(None, "green"), (10, "orange"), (30, "red")]))
     d = d.with_panel(_bars(ids, "Fullest ipset", "Fill of the fullest set on each node.",
-                           f"sort_desc(max by ({node}) (sum by ({node}, set) (kubenode_ipset_entries{{{j}}}) "
-                           f"/ max by ({node}, set) (kubenode_ipset_max_entries{{{j}}} > 0)))",
+                           f"sort_desc(max by ({node}) (set:kubenode_ipset_fill:ratio{{{j}}}))",
                            f"{{{{{node}}}}}", "percentunit", maximum=1,
                            steps=[(None, "green"), (0.8, "orange"), (1, "red")]))
     d = d.with_panel(_bars(ids, "Proxy sync p99", "The proxy's own sync duration, last 10 minutes.",
-                           f"sort_desc(histogram_quantile(0.99, sum by ({node}, le) "
-                           f"(rate(kubenode_proxy_sync_duration_seconds_bucket{{{j}}}[10m]))))",
+                           f"sort_desc(max by ({node}) (proxy:kubenode_proxy_sync_duration_seconds:p99_rate10m{{{j}}}))",
                            f"{{{{{node}}}}}", "s", steps=[(None, "green"), (5, "orange"), (10, "red")]))
-    d = d.with_panel(_bars(ids, "Proxy CPU (own + children)", "Cores, last 10 minutes.",
-                           f'sort_desc(sum by ({node}) (rate(kubenode_process_cpu_seconds_total{{{j}, component=~"{proxies}"}}[10m])) '
-                           f'+ sum by ({node}) (rate(kubenode_process_children_cpu_seconds_total{{{j}, component=~"{proxies}"}}[10m])))',
+    d = d.with_panel(_bars(ids, "Proxy CPU (own + children)", "Cores, last 5 minutes.",
+                           f'sort_desc(sum by ({node}) (component:kubenode_process_cpu_seconds:rate5m{{{j}, component=~"{proxies}"}}) '
+                           f'+ sum by ({node}) (component:kubenode_process_children_cpu_seconds:rate5m{{{j}, component=~"{proxies}"}}))',
                            f"{{{{{node}}}}}", "short", steps=[(None, "green"), (0.5, "orange"), (0.8, "red")]))
-    d = d.with_panel(_bars(ids, "kubelet CPU (own + children)", "Cores, last 10 minutes.",
-                           f'sort_desc(sum by ({node}) (rate(kubenode_process_cpu_seconds_total{{{j}, component="{kubelet}"}}[10m])) '
-                           f'+ sum by ({node}) (rate(kubenode_process_children_cpu_seconds_total{{{j}, component="{kubelet}"}}[10m])))',
+    d = d.with_panel(_bars(ids, "kubelet CPU (own + children)", "Cores, last 5 minutes.",
+                           f'sort_desc(sum by ({node}) (component:kubenode_process_cpu_seconds:rate5m{{{j}, component="{kubelet}"}}) '
+                           f'+ sum by ({node}) (component:kubenode_process_children_cpu_seconds:rate5m{{{j}, component="{kubelet}"}}))',
                            f"{{{{{node}}}}}", "short", steps=[(None, "green"), (0.5, "orange"), (0.8, "red")]))
     d = d.with_panel(_bars(ids, "Slowest memory.stat read", "Per node, the slowest timed read.",
-                           f"sort_desc(max by ({node}) (kubenode_memcg_stat_read_seconds{{{j}}}))",
+                           f"sort_desc(max by ({node}) (node:kubenode_memcg_stat_read_seconds:max{{{j}}}))",
                            f"{{{{{node}}}}}", "s", steps=[(None, "green"), (0.1, "orange"), (1, "red")]))
     d = d.with_panel(_bars(ids, "Dying memory cgroups", "Per node.",
                            f'sort_desc(sum by ({node}) (kubenode_memcg_cgroups{{{j}, state="dying"}}))',
@@ -296,7 +295,7 @@ def cluster_dashboard(cfg: dict) -> db.Dashboard:
 
     d = d.with_row(db.Row("Trends").id(ids.id()))
     d = d.with_panel(_graph(ids, "IPVS drift, five worst nodes", "Drifted items over time.",
-                            [_query(f'topk(5, sum by ({node}) (kubenode_ipvs_drift{{{j}, kind!="draining_real_server"}}))',
+                            [_query(f"topk(5, sum by ({node}) (node:kubenode_ipvs_drift:sum{{{j}}}))",
                                     f"{{{{{node}}}}}")], "short"))
     d = d.with_panel(_table(ids, "Failing collectors", "Collectors failing now, and on how many nodes.",
                             f"count by (collector) (kubenode_collector_success{{{j}}} == 0)"))

@@ -33,7 +33,9 @@ def recording_rules(cfg: dict) -> list[tuple[str, dict]]:
         {"record": "set:kubenode_ipset_fill:ratio",
          "expr": f"sum without (type) (kubenode_ipset_entries{s()}) / (kubenode_ipset_max_entries{s()} > 0)"},
         {"record": "node:kubenode_ipvs_drift:sum",
-         "expr": f"sum without (kind) (kubenode_ipvs_drift{s()})"},
+         # Draining real servers are graceful termination at work, not drift, unless it lasts
+         # (KubeNodeIPVSGracefulTerminationStuck watches that on its own).
+         "expr": "sum without (kind) (kubenode_ipvs_drift" + s('kind!="draining_real_server"') + ")"},
         {"record": "node:kubenode_ipvs_programming_latency_seconds:p99_rate5m",
          "expr": "histogram_quantile(0.99, rate(kubenode_ipvs_programming_latency_seconds_bucket"
                  f"{s()}[5m]))"},
