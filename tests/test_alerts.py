@@ -115,3 +115,53 @@ def test_selector_and_node_label_come_from_the_one_config():
     assert 'job="kubenode-exporter"' not in text
     assert text.count('{job="kne", cluster="c1"') >= 10
     assert "$labels.node " not in text and "{{ $labels.hostname }}" in text
+
+
+# The contract's metric names (../shared/contract.md) plus names taken from collectors'
+# code where the contract has none; the bundle may reference nothing else.
+CONTRACT_METRICS = {
+    "kubenode_collector_success", "kubenode_collector_duration_seconds",
+    "kubenode_ipvs_virtual_servers", "kubenode_ipvs_real_servers", "kubenode_ipvs_desired_virtual_servers",
+    "kubenode_ipvs_desired_real_servers", "kubenode_ipvs_drift", "kubenode_ipvs_drift_oldest_seconds",
+    "kubenode_ipvs_service_drift", "kubenode_ipvs_programming_latency_seconds",
+    "kubenode_ipset_sets", "kubenode_ipset_entries", "kubenode_ipset_max_entries", "kubenode_ipset_memory_bytes",
+    "kubenode_proxy_up", "kubenode_proxy_sync_duration_seconds", "kubenode_proxy_last_sync_timestamp_seconds",
+    "kubenode_process_up", "kubenode_process_cpu_seconds_total", "kubenode_process_children_cpu_seconds_total",
+    "kubenode_process_resident_memory_bytes", "kubenode_memcg_stat_read_seconds", "kubenode_memcg_cgroups",
+    "kubenode_kube_watch_up",
+}
+FROM_COLLECTOR_CODE = {"kubenode_proxy_sync_pending_seconds"}  # exporter/collectors/proxy.py
+
+
+def referenced_metrics() -> set[str]:
+    import re
+    texts = [(ROOT / RULES_FILE).read_text()]
+    texts += [p.read_text() for p in (ROOT / "grafana" / "dashboards").glob("*.json")]
+    names = set()
+    for text in texts:
+        for name in re.findall(r"(?<![:\w])kubenode_[a-z_]+", text):
+            names.add(re.sub(r"_(bucket|count|sum)$", "", name))
+    names.discard("kubenode_exporter")  # job name, runbook URLs
+    return names
+
+
+def test_bundle_references_only_known_metric_names():
+    unknown = referenced_metrics() - CONTRACT_METRICS - FROM_COLLECTOR_CODE
+    assert not unknown, f"names in neither the contract nor a collector: {sorted(unknown)}"
+
+
+def test_names_match_the_collectors_present_in_this_tree():
+    """Where exporter/collectors/<family>.py exists, the names the bundle uses must be in its code."""
+    collectors = ROOT / "exporter" / "collectors"
+    source = "\n".join(p.read_text() for p in (ROOT / "exporter").rglob("*.py"))
+    checked = 0
+    for name in sorted(referenced_metrics()):
+        family, _, tail = name.removeprefix("kubenode_").partition("_")
+        # ipvs_* names are split between the table reader and the drift model (other modules,
+        # landing separately), so only single-module families are checked here.
+        if family not in ("ipset", "proxy", "process", "memcg") or not (collectors / f"{family}.py").exists():
+            continue
+        tail = tail.removesuffix("_total")
+        assert tail in source, f"{name}: exporter/collectors/{family}.py is here but nothing produces it"
+        checked += 1
+    assert (collectors / "ipset.py").exists() and checked >= 2
