@@ -247,7 +247,7 @@ def test_ipset_fault_pages_through_alertmanager_and_resolves(stack):
     assert alert["labels"]["instance"].startswith("127.0.0.1:")
     assert alert["annotations"] == {
         "summary": "An ipset is nearly full.",
-        "description": f"ipset {SET} on node {s['node']} is 90% full (threshold 0.8): once full, every add fails.",
+        "description": f"ipset {SET} on node {s['node']} is 90% full (threshold 80%): once full, every add fails.",
         "runbook_url": "https://github.com/kubenode-exporter/kubenode-exporter/blob/main/docs/runbooks/"
                        "KubeNodeIpsetNearlyFull.md"}
     # At 90 % the critical alert is not even pending.

@@ -125,7 +125,7 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
          f"set:kubenode_ipset_fill:ratio > {t('KubeNodeIpsetNearlyFull')}",
          "An ipset is nearly full.",
          "ipset {{ $labels.set }} on node NODE is {{ $value | humanizePercentage }} full "
-         "(threshold THRESHOLD): once full, every add fails."),
+         "(threshold PERCENT_THRESHOLD): once full, every add fails."),
         ("kubenode-ipset", "KubeNodeIpsetFull",
          f"set:kubenode_ipset_fill:ratio >= {t('KubeNodeIpsetFull')}",
          "An ipset is full; adds to it fail.",
@@ -197,6 +197,7 @@ def rule_groups(cfg: dict) -> list[dict[str, Any]]:
     for group, name, expr, summary, description in _alert_table(cfg):
         knobs = cfg["alerts"][name]
         if "threshold" in knobs:
+            description = description.replace("PERCENT_THRESHOLD", f"{knobs['threshold'] * 100:g}%")
             description = description.replace("THRESHOLD", _num(knobs["threshold"]))
         if "pendingThreshold" in knobs:
             description = description.replace("PENDING", _num(knobs["pendingThreshold"]))
