@@ -103,11 +103,13 @@ def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
             if total > max_bytes:
                 raise PageUnusable(f"page is over the {max_bytes}-byte cap (proxy.max-bytes)")
             pieces.append(piece)
+        if resp.length:  # read1 ends quietly at EOF even when Content-Length promised more
+            raise PageUnusable(f"connection closed mid-page, {resp.length} bytes short of its Content-Length")
         return b"".join(pieces)
     except (socket.timeout, TimeoutError):
         raise PageUnusable(f"no complete answer within {timeout:g} s (proxy.timeout)") from None
     except http.client.IncompleteRead as err:
-        raise PageUnusable(f"connection closed mid-page after {len(err.partial)} bytes of a piece") from None
+        raise PageUnusable(f"connection closed mid-page ({len(err.partial)} bytes into a chunk)") from None
     except http.client.RemoteDisconnected:
         raise PageUnusable("connection closed without an answer") from None
     except http.client.HTTPException as err:
