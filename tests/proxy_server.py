@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -26,6 +26,7 @@ class Answer:
     drip_seconds: float | None = None  # send one byte per this many seconds, forever
     cut_after_bytes: int | None = None  # send this much of the body (framed), then close
     stall_seconds: float = 30.0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class FakeProxy:
@@ -83,6 +84,8 @@ class FakeProxy:
             self._stall(answer.stall_before_headers)
         handler.send_response(answer.status)
         handler.send_header("Content-Type", answer.content_type)
+        for key, val in answer.headers.items():
+            handler.send_header(key, val)
         body = answer.body
         if answer.chunked:
             handler.send_header("Transfer-Encoding", "chunked")

@@ -388,3 +388,13 @@ def test_go_float_matches_go():
     # strconv.FormatFloat(v, 'g', -1, 64) as seen on real pages
     assert [go_float(v) for v in (1763401234.5, 0.001, 16.384, 1234567, 123456, 1e-05, 0.25, 0)] == \
         ["1.7634012345e+09", "0.001", "16.384", "1.234567e+06", "123456", "1e-05", "0.25", "0"]
+
+
+def test_compressed_answer_is_refused(fake, caplog):
+    """A server that ignores our Accept-Encoding: identity."""
+    import gzip
+
+    body = gzip.compress(kube_proxy_page(kube_proxy_state(now=NOW)).encode())
+    expect_unusable(fake, Answer(body, headers={"Content-Encoding": "gzip"}), "Content-Encoding gzip", caplog)
+    # the same bytes without saying so are still not text
+    expect_unusable(fake, Answer(body), "not UTF-8", caplog)

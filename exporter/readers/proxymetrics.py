@@ -47,6 +47,8 @@ class PageUnusable(Exception):
 
 def check_url(url: str) -> urllib.parse.SplitResult:
     """Validate a metrics URL (plain http only); ValueError with the reason."""
+    if not url.isascii() or any(c.isspace() for c in url):
+        raise ValueError(f"metrics URL {url!r} must be plain ASCII without spaces (percent-encode the rest)")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http":
         raise ValueError(f"metrics URL {url!r} must start with http://")
@@ -89,6 +91,9 @@ def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
         content_type = resp.getheader("Content-Type", "")
         if "protobuf" in content_type:
             raise PageUnusable(f"answered {content_type}, not the text format")
+        encoding = resp.getheader("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise PageUnusable(f"answered with Content-Encoding {encoding} though asked for identity")
         length = resp.getheader("Content-Length")
         if length is not None and length.strip().isdigit() and int(length) > max_bytes:
             raise PageUnusable(f"page is {int(length)} bytes, over the {max_bytes}-byte cap (proxy.max-bytes)")
