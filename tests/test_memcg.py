@@ -205,6 +205,6 @@ def test_no_memory_hierarchy_fails_only_memcg(tmp_path, caplog):
     s = samples(runner)
     assert value(s, "kubenode_collector_success", collector="memcg") == 0.0
     assert "no memory cgroup hierarchy" in caplog.text
-    others = [k for k in s if k[0] == "kubenode_collector_success" and k[1] != (("collector", "memcg"),)]
-    assert others, "no other collector to show the rest keeps serving"
-    assert all(s[k] == 1.0 for k in others), others
+    # Another collector of this build, reading /proc, still serves.
+    assert value(s, "kubenode_collector_success", collector="process") == 1.0
+    assert value(s, "kubenode_process_up", component="kubelet") is not None

@@ -89,9 +89,9 @@ def test_dying_count_matches_the_kernel_and_rises_by_what_we_made(parent):
     # Same figure as the kernel's, read just before and after (other cgroups on the host
     # may come and go meanwhile, hence the small margin).
     assert min(k1, k2) - 3 <= dying_after <= max(k1, k2) + 3
-    # Every child we removed still holds its page cache, so nearly all are dying;
-    # the kernel may free a few on its own.
-    assert dying_after - dying_before >= CHILDREN * 0.9
+    # Every child we removed still holds its page cache, so nearly all are dying; the
+    # kernel may free a few on its own, and other cgroups of the host may be freed meanwhile.
+    assert dying_after - dying_before >= CHILDREN * 0.8
     assert live_after == pytest.approx(sum(1 for _ in os.walk(MEMORY_ROOT)), abs=3)
     read = value(after, "kubenode_memcg_stat_read_seconds", cgroup=f"/{name}")
     assert read is not None and read > 0
@@ -103,7 +103,7 @@ def test_dying_count_matches_the_kernel_and_rises_by_what_we_made(parent):
     while True:
         freed = samples(runner)
         dying_freed = value(freed, "kubenode_memcg_cgroups", state="dying")
-        if dying_after - dying_freed >= CHILDREN * 0.9 or time.monotonic() > deadline:
+        if dying_after - dying_freed >= CHILDREN * 0.8 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert dying_after - dying_freed >= CHILDREN * 0.9, (dying_after, dying_freed)
+    assert dying_after - dying_freed >= CHILDREN * 0.8, (dying_after, dying_freed)
