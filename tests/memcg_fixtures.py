@@ -73,7 +73,10 @@ class SlowFifo:
 
     def _serve(self) -> None:
         while True:
-            self._wait_for_reader_gone()
+            if self.opens:
+                # Not before the first reader: a reader opening during the probe
+                # would be let in by it and see EOF at once.
+                self._wait_for_reader_gone()
             fd = os.open(self.path, os.O_WRONLY)  # blocks until a reader opens
             if self._stop:
                 os.close(fd)
