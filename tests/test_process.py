@@ -87,6 +87,8 @@ def spawn(tmp_path):
 
 
 BUSY = "while :; do :; done"
+# Waits on its stdin (a builtin): no child that could briefly carry the same name.
+IDLE = "read wait_for_the_test"
 
 
 def bracketed(runner, comm):
@@ -151,7 +153,7 @@ def test_several_processes_are_summed(tmp_path, spawn):
 
 def test_match_on_command_line(tmp_path, spawn):
     marker = f"nodeproc-marker-{os.getpid()}"
-    spawn("containerd-shim", "sleep 600 & wait", marker)
+    spawn("containerd-shim", IDLE, marker)
     runner, _ = process_runner(tmp_path, [{"name": "shim", "match": marker}])
     s = samples(runner)
     assert value(s, "kubenode_process_up", component="shim") == 1.0
@@ -160,14 +162,14 @@ def test_match_on_command_line(tmp_path, spawn):
 
 def test_long_name_truncated_by_the_kernel_still_matches(tmp_path, spawn):
     name = f"kube-controller-manager-{os.getpid()}"
-    spawn(name, "sleep 600 & wait")
+    spawn(name, IDLE)
     runner, _ = process_runner(tmp_path, [{"name": "kcm", "match": f"^{name}$"}])
     assert value(samples(runner), "kubenode_process_up", component="kcm") == 1.0
 
 
 def test_pids_are_kept_and_a_restart_is_found_at_once(tmp_path, spawn):
     comp = f"np-{os.getpid()}"
-    first = spawn(comp, "sleep 600 & wait")
+    first = spawn(comp, IDLE)
     missing = f"npx-{os.getpid()}"
     runner, collector = process_runner(tmp_path, [{"name": comp}, {"name": missing}])
     tracker = collector.tracker
@@ -186,14 +188,14 @@ def test_pids_are_kept_and_a_restart_is_found_at_once(tmp_path, spawn):
     # The kept process exits and another starts: found on the next scrape, not later.
     first.kill()
     first.wait()
-    second = spawn(comp, "sleep 600 & wait")
+    second = spawn(comp, IDLE)
     s = samples(runner)
     assert tracker.stats.scans == 2
     assert value(s, "kubenode_process_up", component=comp) == 1.0
     assert [p.pid for p in tracker._kept[comp]] == [second.pid]
 
     # A component that had no process is looked for again only after a while.
-    late = spawn(missing, "sleep 600 & wait")
+    late = spawn(missing, IDLE)
     s = samples(runner)
     assert value(s, "kubenode_process_up", component=missing) == 0.0
     now[0] += tracker.missing_rescan
@@ -204,7 +206,7 @@ def test_pids_are_kept_and_a_restart_is_found_at_once(tmp_path, spawn):
 
 def test_host_proc_mounted_elsewhere(tmp_path, spawn):
     """As a DaemonSet sees it: the host's procfs mounted at another path."""
-    kubelet = spawn("kubelet", "sleep 600 & wait")
+    kubelet = spawn("kubelet", IDLE)
     hostproc = tmp_path / "host-proc"
     hostproc.mkdir()
     subprocess.run(["mount", "-t", "proc", "proc", str(hostproc)], check=True)
