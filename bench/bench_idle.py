@@ -98,7 +98,7 @@ def scan_rows(extra: int) -> list[Row]:
                                            for c in ("kubelet", "kube-proxy", "kube-router")])
         scan = best_of(tracker.scan, repeat=9)
         processes = tracker.stats.last_processes
-        kept = best_of(lambda: tracker._read_kept(), repeat=9)
+        kept = best_of(tracker.read_kept, repeat=9)
     finally:
         for p in [*sleepers, kubelet]:
             p.kill()

@@ -192,7 +192,7 @@ def test_pids_are_kept_and_a_restart_is_found_at_once(tmp_path, spawn):
     s = samples(runner)
     assert tracker.stats.scans == 2
     assert value(s, "kubenode_process_up", component=comp) == 1.0
-    assert [p.pid for p in tracker._kept[comp]] == [second.pid]
+    assert tracker.kept_pids()[comp] == [second.pid]
 
     # A component that had no process is looked for again only after a while.
     late = spawn(missing, IDLE)
@@ -201,7 +201,7 @@ def test_pids_are_kept_and_a_restart_is_found_at_once(tmp_path, spawn):
     now[0] += tracker.missing_rescan
     s = samples(runner)
     assert value(s, "kubenode_process_up", component=missing) == 1.0
-    assert [p.pid for p in tracker._kept[missing]] == [late.pid]
+    assert tracker.kept_pids()[missing] == [late.pid]
 
 
 def test_host_proc_mounted_elsewhere(tmp_path, spawn):

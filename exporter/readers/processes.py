@@ -10,11 +10,12 @@ interval to pick up extra matching processes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import psutil
@@ -101,16 +102,22 @@ def _matches(component: Component, name: str, cmdline: Callable[[], str]) -> boo
     return bool(component.match.search(name)) or bool(component.match.search(cmdline()))
 
 
-@dataclass
 class ProcessTracker:
-    procfs: str
-    components: list[Component]
-    clock: Callable[[], float] = time.monotonic
-    missing_rescan: float = MISSING_RESCAN_SECONDS
-    full_rescan: float = FULL_RESCAN_SECONDS
-    stats: ScanStats = field(default_factory=ScanStats)
-    _kept: dict[str, list[psutil.Process]] = field(default_factory=dict)
-    _last_scan: float | None = None
+    """The processes of each component, found by a scan of /proc and kept between samples."""
+
+    def __init__(self, procfs: str, components: list[Component], clock: Callable[[], float] = time.monotonic,
+                 missing_rescan: float = MISSING_RESCAN_SECONDS, full_rescan: float = FULL_RESCAN_SECONDS) -> None:
+        self.procfs = procfs
+        self.components = components
+        self.clock = clock
+        self.missing_rescan = missing_rescan
+        self.full_rescan = full_rescan
+        self.stats = ScanStats()
+        self._kept: dict[str, list[psutil.Process]] = {}
+        self._last_scan: float | None = None
+
+    def kept_pids(self) -> dict[str, list[int]]:
+        return {name: [p.pid for p in procs] for name, procs in self._kept.items()}
 
     def _use_procfs(self) -> None:
         # psutil reads every file under this module-wide root.
@@ -132,13 +139,8 @@ class ProcessTracker:
             raise ProcfsError(f"cannot list {self.procfs}: {err.strerror}") from None
         found: dict[str, list[psutil.Process]] = {c.name: [] for c in self.components}
         for entry in entries:
-            cmd_cache: list[str] = []
-
-            def cmdline(entry=entry, cache=cmd_cache) -> str:
-                if not cache:
-                    cache.append(read_cmdline(self.procfs, entry))
-                return cache[0]
-
+            # read only if the name alone matches no component
+            cmdline = functools.cache(functools.partial(read_cmdline, self.procfs, entry))
             name = read_name(self.procfs, entry, cmdline)
             if name is None:
                 continue  # exited while we looked
@@ -154,7 +156,7 @@ class ProcessTracker:
         self.stats.last_processes = len(entries)
         self.stats.last_seconds = time.perf_counter() - start
         log.debug("scanned %d processes in %.4f s: %s", len(entries), self.stats.last_seconds,
-                  {name: [p.pid for p in procs] for name, procs in found.items()})
+                  self.kept_pids())
 
     def _scan_due(self) -> bool:
         if self._last_scan is None:
@@ -164,7 +166,7 @@ class ProcessTracker:
             return True
         return age >= self.missing_rescan and any(not procs for procs in self._kept.values())
 
-    def _read_kept(self) -> tuple[dict[str, list[Usage]], bool]:
+    def read_kept(self) -> tuple[dict[str, list[Usage]], bool]:
         """Figures of every kept process; the second value is True when one has gone."""
         self._use_procfs()
         out: dict[str, list[Usage]] = {}
@@ -196,9 +198,9 @@ class ProcessTracker:
         """component name -> the figures of each of its processes (empty: none running)."""
         if self._scan_due():
             self.scan()
-        usages, gone = self._read_kept()
+        usages, gone = self.read_kept()
         if gone:
             # A kept process exited (a restart, a crash): find its successor now.
             self.scan()
-            usages, _ = self._read_kept()
+            usages, _ = self.read_kept()
         return usages
