@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tools.bundle import config as bundle_config
-from tools.bundle.render import OPERATOR_FILE, RULES_FILE, render
+from tools.bundle.render import OPERATOR_FILE, RULES_FILE, rules_text
 from tools.bundle.rules import ALERT_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_unit_tests_catch_a_changed_for_and_threshold(tmp_path):
                       {"alerts": {"KubeNodeMemcgStatReadSlow": {"threshold": 3}}}):
         cfg = bundle_config.load(overrides=overrides)
         (tmp_path / "alerts" / "tests").mkdir(parents=True, exist_ok=True)
-        (tmp_path / RULES_FILE).write_text(render(cfg)[RULES_FILE])
+        (tmp_path / RULES_FILE).write_text(rules_text(cfg))
         shutil.copy(UNIT_TESTS, tmp_path / "alerts" / "tests" / UNIT_TESTS.name)
         out = run_promtool("test", "rules", str(tmp_path / "alerts" / "tests" / UNIT_TESTS.name))
         assert out.returncode != 0, f"unit tests did not notice {overrides}"
@@ -111,7 +111,7 @@ def test_unit_tests_catch_a_changed_for_and_threshold(tmp_path):
 
 def test_selector_and_node_label_come_from_the_one_config():
     cfg = bundle_config.load(overrides={"exporterSelector": 'job="kne", cluster="c1"', "nodeLabel": "hostname"})
-    text = render(cfg)[RULES_FILE]
+    text = rules_text(cfg)
     assert 'job="kubenode-exporter"' not in text
     assert text.count('{job="kne", cluster="c1"') >= 10
     assert "$labels.node " not in text and "{{ $labels.hostname }}" in text

@@ -21,8 +21,8 @@ try:
     from tools.bundle.dashboards import panel_queries
     from tools.bundle.render import render
 except ImportError as err:  # pragma: no cover - a setup problem, reported as such
-    pytest.fail(f"grafana-foundation-sdk is not installed ({err}): pip install -e '.[dashboards]'",
-                allow_module_level=True)
+    pytest.fail(f"grafana-foundation-sdk is not installed ({err}): pip install -e '.[dashboards]' "
+                "(make setup-test)", pytrace=False)
 
 
 def test_sdk_is_the_pinned_version():

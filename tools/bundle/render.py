@@ -7,7 +7,6 @@ import json
 import yaml
 
 from tools.bundle import config as bundle_config
-from tools.bundle.dashboards import dashboards
 from tools.bundle.rules import rule_groups
 
 RULES_FILE = "alerts/kubenode-exporter.rules.yaml"
@@ -66,6 +65,9 @@ def dashboard_text(model: dict) -> str:
 
 def render(cfg: dict | None = None) -> dict[str, str]:
     """{repository-relative path: text} of every generated file."""
+    # The SDK is only needed for dashboards; the rules render without it.
+    from tools.bundle.dashboards import dashboards
+
     cfg = cfg or bundle_config.load()
     out = {RULES_FILE: rules_text(cfg), OPERATOR_FILE: HEADER + dump_yaml(prometheus_rule(cfg))}
     for name, model in dashboards(cfg).items():
