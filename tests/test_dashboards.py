@@ -97,8 +97,10 @@ def test_cluster_dashboard_puts_worst_nodes_first():
     assert len(bars) >= 6
     for panel in bars:
         expr = panel["targets"][0]["expr"]
-        assert expr.startswith("sort_desc(") and "by (node" in expr, panel["title"]
+        assert expr.startswith("sort_desc(topk(10, ") and "by (node" in expr, panel["title"]
         assert panel["targets"][0]["instant"] is True
+        (link,) = panel["fieldConfig"]["defaults"]["links"]
+        assert link["url"].startswith("/d/kubenode-node?") and "var-node=${__field.labels.node}" in link["url"]
 
 
 def test_sidecar_configmaps_carry_the_dashboards():

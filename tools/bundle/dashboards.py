@@ -102,8 +102,11 @@ def _table(ids: _Layout, title: str, description: str, expr: str, span: int = 12
 
 
 def _bars(ids: _Layout, title: str, description: str, expr: str, legend: str, unit: str,
-          span: int = 8, maximum: float | None = None, steps: list[tuple[float | None, str]] | None = None
-          ) -> bargauge.Panel:
+          span: int = 8, maximum: float | None = None, steps: list[tuple[float | None, str]] | None = None,
+          top: int = 10, link: str | None = None) -> bargauge.Panel:
+    """Worst first, and only the ``top`` worst: a bar per node of a 1,000-node fleet helps no one."""
+    assert expr.startswith("sort_desc(") and expr.endswith(")")
+    expr = f"sort_desc(topk({top}, {expr[len('sort_desc('):-1]}))"
     panel = (bargauge.Panel().id(ids.id()).title(title).description(description)
              .datasource(DATASOURCE).height(8).span(span).unit(unit).min(0)
              .orientation(cm.VizOrientation.HORIZONTAL)
@@ -114,6 +117,8 @@ def _bars(ids: _Layout, title: str, description: str, expr: str, legend: str, un
     if steps:
         panel = panel.thresholds(db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(
             [dm.Threshold(value=v, color=c) for v, c in steps]))
+    if link:
+        panel = panel.data_links([db.DashboardLink("Open this node").url(link)])
     return _targets(panel, [_query(expr, legend, instant=True)])
 
 
@@ -242,6 +247,8 @@ def node_dashboard(cfg: dict) -> db.Dashboard:
 def cluster_dashboard(cfg: dict) -> db.Dashboard:
     ids = _Layout()
     node = cfg["nodeLabel"]
+    to_node = (f"/d/{cfg['grafana']['uidPrefix']}-node?var-datasource=${{datasource}}&var-job=${{job}}"
+               f"&var-node=${{__field.labels.{node}}}&${{__url_time_range}}")
     j = f'{cfg["jobLabel"]}=~"$job", {node}=~"$node"'
     proxies = "|".join(cfg["proxyComponents"])
     kubelet = cfg["kubeletComponent"]
@@ -264,34 +271,34 @@ def cluster_dashboard(cfg: dict) -> db.Dashboard:
     d = d.with_row(db.Row("Worst nodes").id(ids.id()))
     d = d.with_panel(_bars(ids, "IPVS drift items", "Drifted items per node, all kinds but draining.",
                            f"sort_desc(sum by ({node}) (node:kubenode_ipvs_drift:sum{{{j}}}))",
-                           f"{{{{{node}}}}}", "short", steps=[(None, "green"), (1, "red")]))
+                           f"{{{{{node}}}}}", link=to_node, unit="short", steps=[(None, "green"), (1, "red")]))
     d = d.with_panel(_bars(ids, "Oldest drift", "Age of the oldest drifted item per node.",
                            f'sort_desc(max by ({node}) (kubenode_ipvs_drift_oldest_seconds{{{j}}}))',
-                           f"{{{{{node}}}}}", "s", steps=[(None, "green"), (120, "orange"), (600, "red")]))
+                           f"{{{{{node}}}}}", link=to_node, unit="s", steps=[(None, "green"), (120, "orange"), (600, "red")]))
     d = d.with_panel(_bars(ids, "Network programming latency p99", "Over the last 5 minutes.",
                            f"sort_desc(max by ({node}) (node:kubenode_ipvs_programming_latency_seconds:p99_rate5m{{{j}}}))",
-                           f"{{{{{node}}}}}", "s", steps=[(None, "green"), (10, "orange"), (30, "red")]))
+                           f"{{{{{node}}}}}", link=to_node, unit="s", steps=[(None, "green"), (10, "orange"), (30, "red")]))
     d = d.with_panel(_bars(ids, "Fullest ipset", "Fill of the fullest set on each node.",
                            f"sort_desc(max by ({node}) (set:kubenode_ipset_fill:ratio{{{j}}}))",
-                           f"{{{{{node}}}}}", "percentunit", maximum=1,
+                           f"{{{{{node}}}}}", link=to_node, unit="percentunit", maximum=1,
                            steps=[(None, "green"), (0.8, "orange"), (1, "red")]))
     d = d.with_panel(_bars(ids, "Proxy sync p99", "The proxy's own sync duration, last 10 minutes.",
                            f"sort_desc(max by ({node}) (proxy:kubenode_proxy_sync_duration_seconds:p99_rate10m{{{j}}}))",
-                           f"{{{{{node}}}}}", "s", steps=[(None, "green"), (5, "orange"), (10, "red")]))
+                           f"{{{{{node}}}}}", link=to_node, unit="s", steps=[(None, "green"), (5, "orange"), (10, "red")]))
     d = d.with_panel(_bars(ids, "Proxy CPU (own + children)", "Cores, last 5 minutes.",
                            f'sort_desc(sum by ({node}) (component:kubenode_process_cpu_seconds:rate5m{{{j}, component=~"{proxies}"}}) '
                            f'+ sum by ({node}) (component:kubenode_process_children_cpu_seconds:rate5m{{{j}, component=~"{proxies}"}}))',
-                           f"{{{{{node}}}}}", "short", steps=[(None, "green"), (0.5, "orange"), (0.8, "red")]))
+                           f"{{{{{node}}}}}", link=to_node, unit="short", steps=[(None, "green"), (0.5, "orange"), (0.8, "red")]))
     d = d.with_panel(_bars(ids, "kubelet CPU (own + children)", "Cores, last 5 minutes.",
                            f'sort_desc(sum by ({node}) (component:kubenode_process_cpu_seconds:rate5m{{{j}, component="{kubelet}"}}) '
                            f'+ sum by ({node}) (component:kubenode_process_children_cpu_seconds:rate5m{{{j}, component="{kubelet}"}}))',
-                           f"{{{{{node}}}}}", "short", steps=[(None, "green"), (0.5, "orange"), (0.8, "red")]))
+                           f"{{{{{node}}}}}", link=to_node, unit="short", steps=[(None, "green"), (0.5, "orange"), (0.8, "red")]))
     d = d.with_panel(_bars(ids, "Slowest memory.stat read", "Per node, the slowest timed read.",
                            f"sort_desc(max by ({node}) (node:kubenode_memcg_stat_read_seconds:max{{{j}}}))",
-                           f"{{{{{node}}}}}", "s", steps=[(None, "green"), (0.1, "orange"), (1, "red")]))
+                           f"{{{{{node}}}}}", link=to_node, unit="s", steps=[(None, "green"), (0.1, "orange"), (1, "red")]))
     d = d.with_panel(_bars(ids, "Dying memory cgroups", "Per node.",
                            f'sort_desc(sum by ({node}) (kubenode_memcg_cgroups{{{j}, state="dying"}}))',
-                           f"{{{{{node}}}}}", "short", steps=[(None, "green"), (2000, "orange"), (10000, "red")]))
+                           f"{{{{{node}}}}}", link=to_node, unit="short", steps=[(None, "green"), (2000, "orange"), (10000, "red")]))
 
     d = d.with_row(db.Row("Trends").id(ids.id()))
     d = d.with_panel(_graph(ids, "IPVS drift, five worst nodes", "Drifted items over time.",
