@@ -65,8 +65,12 @@ class Namespace:
         self.name = f"kn-bundle-{os.getpid()}-{next(_counter)}"
         self.path = f"/run/netns/{self.name}"
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True, timeout=30)
-        subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
-                       check=True, capture_output=True, timeout=30)
+        try:
+            subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
+                           check=True, capture_output=True, timeout=30)
+        except BaseException:
+            self.delete()
+            raise
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
