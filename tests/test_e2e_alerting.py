@@ -249,9 +249,11 @@ def test_ipset_fault_pages_through_alertmanager_and_resolves(stack):
     wait("Prometheus to scrape the exporter's ipset series",
          lambda: query(s, f'kubenode_ipset_max_entries{{set="{SET}"}}')["data"]["result"])
 
+    t0 = time.monotonic()
     fill(s, MAXELEM - 1)  # 90 %: past the 80 % threshold, not full
     nearly = wait("KubeNodeIpsetNearlyFull in Alertmanager", lambda: firing(s, "KubeNodeIpsetNearlyFull"))
     assert len(nearly) == 1
+    timings = {"fault to NearlyFull in Alertmanager": time.monotonic() - t0}
     alert = nearly[0]
     assert alert["labels"] == {
         "alertname": "KubeNodeIpsetNearlyFull", "severity": "warning", "set": SET, "job": JOB,
@@ -278,6 +280,7 @@ def test_ipset_fault_pages_through_alertmanager_and_resolves(stack):
                        if title == "Firing kubenode alerts")
     assert float(query(s, firing_expr)["data"]["result"][0]["value"][1]) >= 2
 
+    t0 = time.monotonic()
     s["ns"].ipset("flush", SET)  # clear the fault
     wait("both alerts to resolve in Alertmanager", lambda: not [a for a in am_alerts(s)
                                                                if a["status"]["state"] == "active"])
@@ -285,6 +288,8 @@ def test_ipset_fault_pages_through_alertmanager_and_resolves(stack):
         a["labels"]["alertname"] for n in Pager.received for a in n["alerts"] if a["status"] == "resolved"}
         >= {"KubeNodeIpsetNearlyFull", "KubeNodeIpsetFull"})
     assert resolved
+    timings["fix to resolved at the pager"] = time.monotonic() - t0
+    print("e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})
     assert not query(s, 'ALERTS{alertname=~"KubeNodeIpset.*"}')["data"]["result"]
 
     check_dashboard_queries(s)
