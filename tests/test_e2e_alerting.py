@@ -279,6 +279,11 @@ def test_ipset_fault_pages_through_alertmanager_and_resolves(stack):
     firing_expr = next(expr for title, expr, _ in panel_queries(dashboards(bundle_config.load())["kubenode-cluster.json"])
                        if title == "Firing kubenode alerts")
     assert float(query(s, firing_expr)["data"]["result"][0]["value"][1]) >= 2
+    # And the node dashboard's alert annotations mark them on this node.
+    marks = next(expr for title, expr, _ in panel_queries(dashboards(bundle_config.load())["kubenode-node.json"])
+                 if title.startswith("annotation:"))
+    marked = query(s, substitute(marks, s["node"]))["data"]["result"]
+    assert {m["metric"]["alertname"] for m in marked} == {"KubeNodeIpsetNearlyFull", "KubeNodeIpsetFull"}
 
     t0 = time.monotonic()
     s["ns"].ipset("flush", SET)  # clear the fault

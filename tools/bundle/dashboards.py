@@ -153,9 +153,14 @@ def _variables(d: db.Dashboard, cfg: dict, multi_node: bool) -> db.Dashboard:
 
 def _base(cfg: dict, slug: str, title: str, description: str) -> db.Dashboard:
     g = cfg["grafana"]
+    node = cfg["nodeLabel"]
+    # This bundle's alerts as marks on every time axis: when did the page start, and end.
+    alerts = (db.AnnotationQuery().name("kubenode alerts").datasource(DATASOURCE).enable(True)
+              .icon_color("red").expr(f'ALERTS{{alertname=~"KubeNode.*", alertstate="firing", '
+                                      f'{cfg["jobLabel"]}=~"$job", {node}=~"$node"}}'))
     return (db.Dashboard(title).uid(f"{g['uidPrefix']}-{slug}").description(description)
             .tags(list(g["tags"])).refresh(g["refresh"]).time("now-3h", "now").timezone("browser")
-            .tooltip(dm.DashboardCursorSync.CROSSHAIR).editable())
+            .tooltip(dm.DashboardCursorSync.CROSSHAIR).editable().annotation(alerts))
 
 
 def node_dashboard(cfg: dict) -> db.Dashboard:
@@ -318,7 +323,11 @@ def dashboards(cfg: dict) -> dict[str, dict[str, Any]]:
 
 
 def panel_queries(model: dict) -> Iterator[tuple[str, str, bool]]:
-    """(panel title, expr, instant) for every target of every panel, rows included."""
+    """(panel title, expr, instant) for every target of every panel, rows included, and the
+    annotation queries (title "annotation: <name>")."""
+    for annotation in model.get("annotations", {}).get("list", []):
+        if annotation.get("expr"):
+            yield f"annotation: {annotation['name']}", annotation["expr"], False
     for panel in model.get("panels", []):
         for inner in [panel, *panel.get("panels", [])]:
             for target in inner.get("targets") or []:
