@@ -115,7 +115,9 @@ def test_busy_kubelet_cpu_moves_by_what_the_kernel_accounts(tmp_path, spawn):
     s, (lo, hi), _, _ = bracketed(runner, "kubelet")
     second = value(s, "kubenode_process_cpu_seconds_total", component="kubelet")
     assert lo - 1e-9 <= second <= hi + 1e-9
-    assert second - first > 0.3, "a busy loop for 1.5 s should have used CPU"
+    # How much CPU the loop gets depends on the machine's load; that it moved, and by
+    # exactly what the kernel accounted (the bracket above), does not.
+    assert second > first, "a busy loop for 1.5 s should have used CPU"
     # A component with no process: up 0 and no counters.
     assert value(s, "kubenode_process_up", component="kube-proxy") == 0.0
     assert value(s, "kubenode_process_cpu_seconds_total", component="kube-proxy") is None
