@@ -115,14 +115,18 @@ def read_headers(timeout: float = 5.0) -> list[IpsetHeader]:
             f"cannot open a netfilter netlink socket: {err.strerror} (no nfnetlink in this kernel?)",
             err.errno) from None
     try:
-        sock.settimeout(timeout)
+        # A kernel-side receive timeout, not settimeout(): Python's timeout
+        # polls before every recv, a second syscall per set of the dump.
+        seconds = int(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("@ll", seconds, int((timeout - seconds) * 1e6)))
         sock.bind((0, 0))
         conversation = _Conversation(sock)
         protocol = conversation.negotiate()
         return conversation.dump_headers(protocol)
-    except socket.timeout:
-        raise IpsetReadError(f"no answer from the kernel's ipset netlink within {timeout:g} s") from None
     except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise IpsetReadError(f"no answer from the kernel's ipset netlink within {timeout:g} s") from None
         raise IpsetReadError(f"ipset netlink socket error: {err.strerror}", err.errno) from None
     finally:
         sock.close()
