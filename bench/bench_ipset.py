@@ -11,7 +11,9 @@ generate_latest.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
+import time
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -45,6 +47,24 @@ def restore_script(n_sets: int, n_entries: int) -> str:
     return "\n".join(lines) + "\nCOMMIT\n"
 
 
+def _interleaved(fns, rounds: int) -> list[tuple[float, float]]:
+    """(best, median) wall time of each function, timed in alternation.
+
+    The build machine is shared: alternating puts our scrape and the reference
+    under the same background load, and the best round is the figure least
+    disturbed by it (interference only ever adds time). Medians are printed too.
+    """
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [(min(t), statistics.median(t)) for t in times]
+
+
 def run(args) -> list[Row]:
     if os.geteuid() != 0:
         raise SystemExit("needs root (a network namespace and ipsets)")
@@ -71,15 +91,15 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
     if b'kubenode_collector_success{collector="ipset"} 1.0' not in page:
         raise SystemExit("the ipset collector failed in the bench namespace")
 
-    repeat = 15
-    reference = best_of(ipset_terse, repeat)
-    scrape = best_of(lambda: generate_latest(registry), repeat)
-    reader = best_of(read_headers, repeat)
+    rounds = 21
+    reference, scrape, reader = _interleaved(
+        [ipset_terse, lambda: generate_latest(registry), read_headers], rounds)
     what = f"{n_sets} sets, {n_entries} entries"
     rows = [
-        Row(f"full scrape ({what}, {len(page) // 1024} KB page)", scrape, reference,
+        Row(f"full scrape ({what}, {len(page) // 1024} KB page), best", scrape[0], reference[0],
             "ipset list -t", limit=3.0),
-        Row("reader alone (netlink header dump + parse)", reader, reference, "ipset list -t"),
+        Row("full scrape, median", scrape[1], reference[1], "ipset list -t"),
+        Row("reader alone (netlink header dump + parse), best", reader[0], reference[0], "ipset list -t"),
     ]
     try:
         from pyroute2 import IPSet
@@ -92,6 +112,6 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
             for msg in ipset.list(flags=IPSET_FLAG_LIST_HEADER):
                 msg.get_attr("IPSET_ATTR_DATA").get_attr("IPSET_ATTR_ELEMENTS")
 
-    rows.append(Row("for comparison: pyroute2 IPSet().list(header flag)", best_of(pyroute2_headers, 3),
-                    reference, "ipset list -t"))
+    rows.append(Row("for comparison: pyroute2 IPSet().list(header flag), median",
+                    best_of(pyroute2_headers, 3), reference[1], "ipset list -t"))
     return rows

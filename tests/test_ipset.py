@@ -92,6 +92,7 @@ CREATE = [
     "create macs bitmap:ip,mac range 10.8.0.0-10.8.0.9",
     "create six hash:ip family inet6 maxelem 2048",
     "add six fd00::1", "add six fd00::2",
+    "create pöd-ü hash:ip",  # names are bytes to the kernel; UTF-8 is common enough
     "create all list:set size 4",
     "add all web", "add all six",
 ]
@@ -112,6 +113,7 @@ def test_reader_matches_ipset_list_terse_for_every_type(ns):
     assert by_name["macs"].max_entries == 10
     assert (by_name["six"].family, by_name["six"].entries, by_name["six"].max_entries) == ("inet6", 2, 2048)
     assert (by_name["all"].type, by_name["all"].entries, by_name["all"].max_entries) == ("list:set", 2, 4)
+    assert by_name["pöd-ü"].type == "hash:ip"
     assert all(h.memory_bytes > 0 for h in headers)
 
 
@@ -272,6 +274,15 @@ def _text(family) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(One())
     return generate_latest(registry).decode()
+
+
+def test_kernel_errors_read_as_one_clear_line():
+    import errno
+
+    assert "CAP_NET_ADMIN" in reader._error_text(errno.EPERM)
+    assert "no ipset support" in reader._error_text(errno.EINVAL)
+    assert "protocol" in reader._error_text(reader.IPSET_ERR_PROTOCOL)
+    assert "\n" not in reader._error_text(errno.EIO)
 
 
 def test_malformed_message_is_a_read_error_not_a_crash():

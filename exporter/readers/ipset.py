@@ -44,6 +44,7 @@ IPSET_PROTOCOL_MIN = 6  # the oldest it accepts (the only one of kernels before 
 IPSET_CMD_PROTOCOL = 1
 IPSET_CMD_LIST = 7
 IPSET_FLAG_LIST_HEADER = 1 << 2
+IPSET_ERR_PROTOCOL = 4097  # ipset's own error codes start at 4096
 # Top-level attributes.
 IPSET_ATTR_PROTOCOL = 1
 IPSET_ATTR_SETNAME = 2
@@ -149,6 +150,8 @@ def _error_text(code: int) -> str:
         return "permission denied: listing ipsets over netlink needs CAP_NET_ADMIN in this network namespace"
     if code in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOENT):
         return f"no ipset support in this kernel (ip_set module not loaded?): {os.strerror(code)}"
+    if code == IPSET_ERR_PROTOCOL:
+        return "the kernel's ipset speaks a protocol version this reader does not"
     return f"the kernel refused the ipset request: {os.strerror(code)}"
 
 
@@ -278,7 +281,7 @@ def _parse_set(buf: bytearray, offset: int, end: int, types: dict[bytes, str]) -
         if atype == IPSET_ATTR_DATA:
             data_start, data_end = offset + 4, offset + alen
         elif atype == IPSET_ATTR_SETNAME:
-            name = buf[offset + 4:offset + alen].split(b"\0", 1)[0].decode("ascii", "replace")
+            name = buf[offset + 4:offset + alen].split(b"\0", 1)[0].decode("utf-8", "replace")
         elif atype == IPSET_ATTR_TYPENAME:
             type_raw = bytes(buf[offset + 4:offset + alen])
         elif atype == IPSET_ATTR_REVISION:
@@ -290,7 +293,7 @@ def _parse_set(buf: bytearray, offset: int, end: int, types: dict[bytes, str]) -
         return None  # not a set header (nothing else is sent with the header flag)
     type_name = types.get(type_raw)
     if type_name is None:
-        type_name = types[type_raw] = type_raw.split(b"\0", 1)[0].decode("ascii", "replace")
+        type_name = types[type_raw] = type_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     first = last = None  # bitmap range bounds (addresses or ports)
     netmask = 32
