@@ -299,3 +299,12 @@ def test_malformed_message_is_a_read_error_not_a_crash():
     zero[0] = 0
     with pytest.raises(IpsetReadError, match="malformed"):
         reader._parse_set(zero, 0, len(zero), {})
+
+
+def test_message_larger_than_the_buffer_is_a_clear_error(ns, monkeypatch):
+    ns.ipset("create", "a-set-with-a-long-enough-name", "hash:ip")
+    monkeypatch.setattr(reader, "_RECV_BUFFER", 64)  # fits the protocol answer, not a set header
+    with pytest.raises(IpsetReadError, match="does not fit the 64-byte buffer"):
+        ns.run(read_headers)
+    monkeypatch.undo()
+    assert [h.name for h in ns.run(read_headers)] == ["a-set-with-a-long-enough-name"]

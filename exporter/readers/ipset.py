@@ -155,6 +155,19 @@ def _error_text(code: int) -> str:
     return f"the kernel refused the ipset request: {os.strerror(code)}"
 
 
+def _receive(recv_into, buf: bytearray) -> int:
+    size = recv_into(buf, 0, socket.MSG_TRUNC)  # MSG_TRUNC: the real length, even if cut
+    if not 0 < size <= len(buf):
+        _receive_failed(size, len(buf))
+    return size
+
+
+def _receive_failed(size: int, capacity: int) -> None:
+    if size == 0:
+        raise IpsetReadError("the kernel closed the ipset netlink conversation without finishing it")
+    raise IpsetReadError(f"an ipset netlink message of {size} bytes does not fit the {capacity}-byte buffer")
+
+
 class _Conversation:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -175,7 +188,7 @@ class _Conversation:
         buf = self.buf
         unpack_hdr = _NLMSGHDR.unpack_from
         while True:
-            size = self.sock.recv_into(buf)
+            size = _receive(self.sock.recv_into, buf)
             offset = 0
             while offset + 16 <= size:
                 length, msg_type, flags, msg_seq, _ = unpack_hdr(buf, offset)
@@ -203,7 +216,14 @@ class _Conversation:
         seq = self._send(IPSET_CMD_PROTOCOL, 0, _nla(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL])))
         kernel, kernel_min = None, None
         buf = self.buf
-        for _, _, start, end in self._messages(seq):
+        try:
+            replies = list(self._messages(seq))
+        except IpsetReadError as err:
+            if err.errno == IPSET_ERR_PROTOCOL:
+                # Kernels before protocol 7 refuse any version but their own (6).
+                return IPSET_PROTOCOL_MIN
+            raise
+        for _, _, start, end in replies:
             offset = start + _NFGENMSG_LEN
             while offset + 4 <= end:
                 alen, atype = _NLA.unpack_from(buf, offset)
@@ -235,14 +255,15 @@ class _Conversation:
         list_type = (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST
         buf = self.buf
         recv_into = self.sock.recv_into
+        capacity = len(buf)
         unpack_hdr = _NLMSGHDR.unpack_from
         parse = _parse_set
         types: dict[bytes, str] = {}
         out: list[IpsetHeader] = []
         while True:
-            size = recv_into(buf)
-            if not size:
-                raise IpsetReadError("the kernel closed the ipset dump without finishing it")
+            size = recv_into(buf, 0, socket.MSG_TRUNC)
+            if not 0 < size <= capacity:
+                _receive_failed(size, capacity)
             offset = 0
             while offset + 16 <= size:
                 length, msg_type, _, msg_seq, _ = unpack_hdr(buf, offset)
