@@ -11,6 +11,7 @@ generate_latest.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import time
@@ -47,22 +48,41 @@ def restore_script(n_sets: int, n_entries: int) -> str:
     return "\n".join(lines) + "\nCOMMIT\n"
 
 
-def _interleaved(fns, rounds: int) -> list[tuple[float, float]]:
-    """(best, median) wall time of each function, timed in alternation.
+def _interleaved(probes, rounds: int) -> list[dict[str, float]]:
+    """Best and median wall time, and best CPU time, of each probe, timed in alternation.
 
-    The build machine is shared: alternating puts our scrape and the reference
-    under the same background load, and the best round is the figure least
-    disturbed by it (interference only ever adds time). Medians are printed too.
+    A probe runs its work once and returns the CPU seconds it cost. The build
+    machine is shared: alternating puts our scrape and the reference under the
+    same background load; the best round is the one least disturbed (load only
+    ever adds time); CPU time, kernel time included, hardly depends on the load.
     """
-    for fn in fns:
-        fn()  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
+    for probe in probes:
+        probe()  # warm-up
+    walls: list[list[float]] = [[] for _ in probes]
+    cpus: list[list[float]] = [[] for _ in probes]
     for _ in range(rounds):
-        for fn, out in zip(fns, times):
+        for probe, wall, cpu in zip(probes, walls, cpus):
             start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return [(min(t), statistics.median(t)) for t in times]
+            cpu.append(probe())
+            wall.append(time.perf_counter() - start)
+    return [{"best": min(w), "median": statistics.median(w), "cpu": min(c)} for w, c in zip(walls, cpus)]
+
+
+def _in_thread(fn):
+    """A probe of in-process work: this thread's CPU time (user + system) around ``fn``."""
+    def probe() -> float:
+        start = time.thread_time()
+        fn()
+        return time.thread_time() - start
+    return probe
+
+
+def _ipset_terse() -> float:
+    """A probe of `ipset list -t`: the child's user + system time, exec and all."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(["ipset", "list", "-t"], stdout=subprocess.PIPE, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def run(args) -> list[Row]:
@@ -80,9 +100,6 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
         raise SystemExit(f"bench namespace has {len(headers)} sets / "
                          f"{sum(h.entries for h in headers)} entries, expected {n_sets} / {n_entries}")
 
-    def ipset_terse() -> None:
-        subprocess.run(["ipset", "list", "-t"], stdout=subprocess.PIPE, check=True)
-
     settings = settings_from_args([])
     ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
     registry = CollectorRegistry(auto_describe=False)
@@ -91,15 +108,18 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
     if b'kubenode_collector_success{collector="ipset"} 1.0' not in page:
         raise SystemExit("the ipset collector failed in the bench namespace")
 
-    rounds = 21
     reference, scrape, reader = _interleaved(
-        [ipset_terse, lambda: generate_latest(registry), read_headers], rounds)
+        [_ipset_terse, _in_thread(lambda: generate_latest(registry)), _in_thread(read_headers)], rounds=21)
     what = f"{n_sets} sets, {n_entries} entries"
+    terse = "ipset list -t"
     rows = [
-        Row(f"full scrape ({what}, {len(page) // 1024} KB page), best", scrape[0], reference[0],
-            "ipset list -t", limit=3.0),
-        Row("full scrape, median", scrape[1], reference[1], "ipset list -t"),
-        Row("reader alone (netlink header dump + parse), best", reader[0], reference[0], "ipset list -t"),
+        Row(f"full scrape ({what}, {len(page) // 1024} KB page), best wall", scrape["best"],
+            reference["best"], terse, limit=3.0),
+        Row("full scrape, median wall", scrape["median"], reference["median"], terse),
+        Row("full scrape, CPU (user+sys, kernel dump included)", scrape["cpu"], reference["cpu"], terse,
+            limit=3.0),
+        Row("reader alone (netlink header dump + parse), best wall", reader["best"], reference["best"], terse),
+        Row("reader alone, CPU", reader["cpu"], reference["cpu"], terse),
     ]
     try:
         from pyroute2 import IPSet
@@ -113,5 +133,5 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
                 msg.get_attr("IPSET_ATTR_DATA").get_attr("IPSET_ATTR_ELEMENTS")
 
     rows.append(Row("for comparison: pyroute2 IPSet().list(header flag), median",
-                    best_of(pyroute2_headers, 3), reference[1], "ipset list -t"))
+                    best_of(pyroute2_headers, 3), reference["median"], terse))
     return rows
