@@ -98,9 +98,30 @@ CREATE = [
 ]
 
 
-def test_reader_matches_ipset_list_terse_for_every_type(ns):
-    ns.ipset("restore", input="\n".join(CREATE) + "\n")
+@pytest.fixture(params=["walk", "layouts"])
+def parse_path(request, monkeypatch):
+    """Read with the attribute-by-attribute walk only, or with layouts learned from a first read."""
+    monkeypatch.setattr(reader, "_LAYOUTS", {})
+    if request.param == "walk":
+        monkeypatch.setattr(reader, "_MAX_LAYOUTS", 0)
+    return request.param
+
+
+def read_via(ns: NetNS, parse_path: str) -> list[IpsetHeader]:
+    if parse_path == "layouts":
+        ns.run(read_headers)  # learns the layouts
+        assert any(layout is not None for layout in reader._LAYOUTS.values())
+    else:
+        assert not reader._LAYOUTS
     headers = ns.run(read_headers)
+    if parse_path == "walk":
+        assert not reader._LAYOUTS
+    return headers
+
+
+def test_reader_matches_ipset_list_terse_for_every_type(ns, parse_path):
+    ns.ipset("restore", input="\n".join(CREATE) + "\n")
+    headers = read_via(ns, parse_path)
     assert_same_as_terse(headers, terse(ns))
     by_name = {h.name: h for h in headers}
     # Known from how the sets were made, so a shared misreading of the text cannot hide.
@@ -167,7 +188,7 @@ def test_set_created_and_destroyed_between_scrapes_leaves_no_series(ns):
     assert value(after, "kubenode_ipset_entries", set="stays", type="hash:ip") == 0.0
 
 
-def test_thousands_of_sets(ns):
+def test_thousands_of_sets(ns, parse_path):
     count = 3000
     lines = []
     for i in range(count):
@@ -178,7 +199,7 @@ def test_thousands_of_sets(ns):
                      "hash:ip,port": f"10.{i % 250}.0.{j},tcp:{80 + j}"}[kind]
             lines.append(f"add KUBE-SRC-{i:05d} {entry}")
     ns.ipset("restore", input="\n".join(lines) + "\n")
-    headers = ns.run(read_headers)
+    headers = read_via(ns, parse_path)
     assert len(headers) == count
     assert_same_as_terse(headers, terse(ns))
     assert sum(h.entries for h in headers) == sum(i % 7 for i in range(count))

@@ -21,7 +21,7 @@ import errno
 import os
 import socket
 import struct
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 # <linux/netlink.h>
 NETLINK_NETFILTER = 12
@@ -285,80 +285,87 @@ class _Conversation:
 
 
 def _parse_set(buf: bytearray, offset: int, end: int, types: dict[bytes, str]) -> IpsetHeader | None:
-    """One IPSET_CMD_LIST message: top-level attributes, then the DATA nest.
+    """One IPSET_CMD_LIST message (its attributes span ``offset``..``end``).
 
-    ``types`` caches decoded type names (a few distinct ones across thousands of sets).
+    The kernel writes every set header of one type and options with the same
+    attributes in the same order, so once a message of a given length and
+    set-name length has been walked, the next such message is read with
+    three precompiled unpacks instead of a Python loop over ~15 attributes.
+    The first unpack returns every attribute header: the cached layout is used
+    only if they are exactly the ones learned, so a different message never
+    gets misread; it is walked instead. ``types`` caches decoded type names.
     """
-    unpack_nla = _NLA.unpack_from
+    if end - offset >= 12:
+        key = (end - offset, _LAYOUT_KEY.unpack_from(buf, offset))
+        layout = _LAYOUTS.get(key)
+        if layout is not None and layout.headers.unpack_from(buf, offset) == layout.expected:
+            text = layout.text.unpack_from(buf, offset)
+            name_at, type_at, revision_at, family_at = layout.text_where
+            words = layout.words.unpack_from(buf, offset) + (0, None)
+            type_raw = text[type_at]
+            type_name = types.get(type_raw)
+            if type_name is None:
+                type_name = types[type_raw] = type_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            where = layout.where
+            return IpsetHeader(text[name_at].split(b"\0", 1)[0].decode("utf-8", "replace"), type_name,
+                               text[revision_at], FAMILIES.get(text[family_at], ""), words[where[0]],
+                               words[where[1]], words[where[2]], words[where[3]], words[where[4]])
+        if layout is None and key not in _LAYOUTS and len(_LAYOUTS) < _MAX_LAYOUTS:
+            _LAYOUTS[key] = _learn_layout(buf, offset, end)
+    return _walk_set(buf, offset, end, types)
+
+
+def _attributes(buf: bytearray, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(offset, length, type without flags) of each attribute in ``offset``..``end``."""
+    while offset + 4 <= end:
+        alen, atype = _NLA.unpack_from(buf, offset)
+        if alen < 4 or offset + alen > end:
+            raise IpsetReadError("malformed ipset netlink message (bad attribute length)")
+        yield offset, alen, atype & 0x3FFF
+        offset += (alen + 3) & ~3
+
+
+def _walk_set(buf: bytearray, offset: int, end: int, types: dict[bytes, str]) -> IpsetHeader | None:
+    """The general reading of one set header message, attribute by attribute."""
     name = ""
     type_raw = b""
     revision = family = 0
     data_start = data_end = 0
-    while offset + 4 <= end:
-        alen, atype = unpack_nla(buf, offset)
-        if alen < 4 or offset + alen > end:
-            raise IpsetReadError("malformed ipset netlink message (bad attribute length)")
-        atype &= 0x3FFF
+    for at, alen, atype in _attributes(buf, offset, end):
         if atype == IPSET_ATTR_DATA:
-            data_start, data_end = offset + 4, offset + alen
+            data_start, data_end = at + 4, at + alen
         elif atype == IPSET_ATTR_SETNAME:
-            name = buf[offset + 4:offset + alen].split(b"\0", 1)[0].decode("utf-8", "replace")
+            name = buf[at + 4:at + alen].split(b"\0", 1)[0].decode("utf-8", "replace")
         elif atype == IPSET_ATTR_TYPENAME:
-            type_raw = bytes(buf[offset + 4:offset + alen])
-        elif atype == IPSET_ATTR_REVISION:
-            revision = buf[offset + 4]
-        elif atype == IPSET_ATTR_FAMILY:
-            family = buf[offset + 4]
-        offset += (alen + 3) & ~3
+            type_raw = bytes(buf[at + 4:at + alen])
+        elif atype == IPSET_ATTR_REVISION and alen >= 5:
+            revision = buf[at + 4]
+        elif atype == IPSET_ATTR_FAMILY and alen >= 5:
+            family = buf[at + 4]
     if not name:
         return None  # not a set header (nothing else is sent with the header flag)
     type_name = types.get(type_raw)
     if type_name is None:
         type_name = types[type_raw] = type_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
-    first = last = None  # bitmap range bounds (addresses or ports)
-    netmask = 32
-    span = data_end - data_start
-    if span and not span & 7:
-        # Fast path: a hash or list:set header nest is a run of attributes of
-        # at most 32 bits, one per 8-byte slot, in an order fixed by the set's
-        # type and options. One unpack gives its "shape" (the attribute
-        # headers); a small cache maps the shape to where the kept values sit.
-        slot_headers, slot_values = _slot_structs(span >> 3)
-        shape = slot_headers.unpack_from(buf, data_start)
-        where = _SHAPES.get(shape)
-        if where is None:
-            where = _learn_shape(shape)
-        if where:
-            values = slot_values.unpack_from(buf, data_start) + (0, None)
-            entries, memsize, references, max_entries, hashsize = (
-                values[where[0]], values[where[1]], values[where[2]], values[where[3]], values[where[4]])
-            return IpsetHeader(name, type_name, revision, FAMILIES.get(family, ""), entries, memsize,
-                               references, max_entries, hashsize)
-
-    # Every 32-bit attribute goes into one dict (keyed by type); only bitmap
-    # ranges and netmask need their own handling.
-    unpack_be32 = _BE32.unpack_from
+    # Every 32-bit attribute of the nest goes into one dict (keyed by type);
+    # bitmap ranges and netmask need their own handling.
     words: dict[int, int] = {}
-    offset = data_start
-    while offset + 4 <= data_end:
-        alen, atype = unpack_nla(buf, offset)
-        if alen < 4 or offset + alen > data_end:
-            raise IpsetReadError("malformed ipset netlink message (bad data attribute length)")
-        atype &= 0x3FFF
+    first = last = None
+    netmask = 32
+    for at, alen, atype in _attributes(buf, data_start, data_end):
         if alen == 8:
-            words[atype] = unpack_be32(buf, offset + 4)[0]
+            words[atype] = _BE32.unpack_from(buf, at + 4)[0]
         elif atype == IPSET_ATTR_IP:
-            first = _ipv4_in(buf, offset + 4, offset + alen)
+            first = _ipv4_in(buf, at + 4, at + alen)
         elif atype == IPSET_ATTR_IP_TO:
-            last = _ipv4_in(buf, offset + 4, offset + alen)
+            last = _ipv4_in(buf, at + 4, at + alen)
         elif atype == IPSET_ATTR_PORT and alen == 6:
-            first = _BE16.unpack_from(buf, offset + 4)[0]
+            first = _BE16.unpack_from(buf, at + 4)[0]
         elif atype == IPSET_ATTR_PORT_TO and alen == 6:
-            last = _BE16.unpack_from(buf, offset + 4)[0]
+            last = _BE16.unpack_from(buf, at + 4)[0]
         elif atype == IPSET_ATTR_NETMASK and alen == 5:
-            netmask = buf[offset + 4]
-        offset += (alen + 3) & ~3
+            netmask = buf[at + 4]
 
     get = words.get
     max_entries = get(IPSET_ATTR_MAXELEM)
@@ -373,41 +380,68 @@ def _parse_set(buf: bytearray, offset: int, end: int, types: dict[bytes, str]) -
                        get(IPSET_ATTR_HASHSIZE))
 
 
-_SLOT_STRUCTS: dict[int, tuple[struct.Struct, struct.Struct]] = {}
+class _Layout(NamedTuple):
+    headers: struct.Struct  # every attribute header (native order), gaps skipped
+    expected: tuple  # what ``headers`` must return for the layout to apply
+    text: struct.Struct  # set name, type name (raw), revision, family, in message order
+    text_where: tuple[int, int, int, int]  # name, type, revision, family in ``text``
+    words: struct.Struct  # the kept 32-bit values (big-endian)
+    where: tuple[int, int, int, int, int]  # entries, memory, references, max, hashsize in words+(0, None)
 
 
-def _slot_structs(count: int) -> tuple[struct.Struct, struct.Struct]:
-    """(attribute headers, big-endian values) of ``count`` 8-byte attribute slots."""
-    pair = _SLOT_STRUCTS.get(count)
-    if pair is None:
-        pair = _SLOT_STRUCTS[count] = (struct.Struct("=" + "HH4x" * count),
-                                       struct.Struct(">" + "4xI" * count))
-    return pair
-
-
-# Nest shape -> positions (in the slot values plus a trailing (0, None)) of
-# entries, memory, references, max entries, hashsize; () when the shape needs
-# the general walk. A few shapes per kernel (type x options); bounded anyway.
-_SHAPES: dict[tuple, tuple] = {}
-_MAX_SHAPES = 256
+# (message length, its first two attribute headers) -> layout, or None where
+# the walk is needed (bitmap ranges, a missing name). Keys vary with name
+# length and type/options: dozens on a node; bounded anyway.
+_LAYOUT_KEY = struct.Struct("=HH4xHH")
+_LAYOUTS: dict[tuple, _Layout | None] = {}
+_MAX_LAYOUTS = 1024
+_KEPT_WORDS = (IPSET_ATTR_ELEMENTS, IPSET_ATTR_MEMSIZE, IPSET_ATTR_REFERENCES,
+               IPSET_ATTR_MAXELEM, IPSET_ATTR_SIZE, IPSET_ATTR_HASHSIZE)
 _RANGE_ATTRS = {IPSET_ATTR_IP, IPSET_ATTR_IP_TO, IPSET_ATTR_PORT, IPSET_ATTR_PORT_TO}
 
 
-def _learn_shape(shape: tuple) -> tuple:
-    lengths, types = shape[0::2], [t & 0x3FFF for t in shape[1::2]]
-    if min(lengths) < 5 or max(lengths) > 8 or _RANGE_ATTRS.intersection(types):
-        where: tuple = ()
-    else:
-        zero, none = len(types), len(types) + 1
-        # A value narrower than 32 bits sits in the high bytes of its slot: never kept.
-        position = {t: i for i, (t, n) in enumerate(zip(types, lengths)) if n == 8}
-        maximum = position.get(IPSET_ATTR_MAXELEM, position.get(IPSET_ATTR_SIZE, none))
-        where = (position.get(IPSET_ATTR_ELEMENTS, zero), position.get(IPSET_ATTR_MEMSIZE, zero),
-                 position.get(IPSET_ATTR_REFERENCES, zero), maximum,
-                 position.get(IPSET_ATTR_HASHSIZE, none))
-    if len(_SHAPES) < _MAX_SHAPES:
-        _SHAPES[shape] = where
-    return where
+def _learn_layout(buf: bytearray, offset: int, end: int) -> _Layout | None:
+    top = list(_attributes(buf, offset, end))
+    nest = [attr for at, alen, atype in top if atype == IPSET_ATTR_DATA
+            for attr in _attributes(buf, at + 4, at + alen)]
+    top_types = [atype for _, _, atype in top]
+    if (IPSET_ATTR_SETNAME not in top_types or IPSET_ATTR_TYPENAME not in top_types
+            or top_types.count(IPSET_ATTR_DATA) != 1 or len(set(top_types)) != len(top_types)
+            or _RANGE_ATTRS.intersection(atype for _, _, atype in nest)):
+        return None
+
+    def fmt(fields: list[tuple[int, str]]) -> str:
+        """Struct format reading ``(offset, code)`` fields in order, skipping the gaps."""
+        out, position = [], offset
+        for at, code in fields:
+            out.append(f"{at - position}x{code}" if at > position else code)
+            position = at + struct.calcsize("=" + code)
+        return "".join(out)
+
+    attrs = sorted(top + nest)
+    headers = struct.Struct("=" + fmt([(at, "HH") for at, _, _ in attrs]))
+    text_fields = {atype: (at + 4, f"{alen - 4}s" if atype in (IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME) else "B")
+                   for at, alen, atype in top
+                   if atype in (IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_REVISION, IPSET_ATTR_FAMILY)
+                   and alen >= 5}
+    text_order = sorted(text_fields.items(), key=lambda item: item[1][0])
+    if len(text_order) != 4:
+        return None  # no revision or family: rare enough to walk
+    text = struct.Struct("=" + fmt([field for _, field in text_order]))
+    position_of = {atype: i for i, (atype, _) in enumerate(text_order)}
+    text_where = tuple(position_of[t] for t in (
+        IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_REVISION, IPSET_ATTR_FAMILY))
+    kept = [(at, atype) for at, alen, atype in nest if atype in _KEPT_WORDS and alen == 8]
+    if len({atype for _, atype in kept}) != len(kept):
+        return None
+    words = struct.Struct(">" + fmt([(at + 4, "I") for at, _ in kept]))
+    index = {atype: i for i, (_, atype) in enumerate(kept)}
+    zero, none = len(kept), len(kept) + 1
+    where = (index.get(IPSET_ATTR_ELEMENTS, zero), index.get(IPSET_ATTR_MEMSIZE, zero),
+             index.get(IPSET_ATTR_REFERENCES, zero),
+             index.get(IPSET_ATTR_MAXELEM, index.get(IPSET_ATTR_SIZE, none)),
+             index.get(IPSET_ATTR_HASHSIZE, none))
+    return _Layout(headers, headers.unpack_from(buf, offset), text, text_where, words, where)
 
 
 def _ipv4_in(buf: bytearray, offset: int, end: int) -> int | None:
