@@ -76,15 +76,15 @@ def families(headers: Sequence[IpsetHeader], selected: Sequence[IpsetHeader]) ->
         f"{NAMESPACE}_ipset_memory_bytes",
         "Kernel memory the set uses (Size in memory of `ipset list -t`).",
         labels=["set"])
+    new, tail = _new_tuple, _SAMPLE_TAIL
     entries_name, max_name, memory_name = entries.name, max_entries.name, memory.name
-    add_entries, add_max, add_memory = entries.samples.append, max_entries.samples.append, memory.samples.append
-    tail = _SAMPLE_TAIL
-    for h in selected:
-        by_set = {"set": h.name}
-        add_entries(_new_tuple(Sample, (entries_name, {"set": h.name, "type": h.type}, h.entries) + tail))
-        if h.max_entries is not None:
-            add_max(_new_tuple(Sample, (max_name, by_set, h.max_entries) + tail))
-        add_memory(_new_tuple(Sample, (memory_name, by_set, h.memory_bytes) + tail))
+    by_set = [{"set": h.name} for h in selected]  # one labels dict shared by two samples
+    entries.samples = [new(Sample, (entries_name, {"set": h.name, "type": h.type}, h.entries) + tail)
+                       for h in selected]
+    max_entries.samples = [new(Sample, (max_name, labels, h.max_entries) + tail)
+                           for h, labels in zip(selected, by_set) if h.max_entries is not None]
+    memory.samples = [new(Sample, (memory_name, labels, h.memory_bytes) + tail)
+                      for h, labels in zip(selected, by_set)]
     return [sets, total_entries, unreferenced, entries, max_entries, memory]
 
 
