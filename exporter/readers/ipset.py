@@ -4,11 +4,15 @@ One NETLINK_NETFILTER socket per read: ask the kernel's ipset protocol version
 (IPSET_CMD_PROTOCOL), then dump IPSET_CMD_LIST with the list-header flag, which
 makes the kernel send one small message per set carrying its header (type,
 family, hashsize/maxelem or range or size, entry count, memory, references)
-and no members. At 2,000 sets that is ~300 KB over a handful of recv calls.
+and no members. The kernel puts one set in each datagram, so 2,000 sets are
+2,000 receive calls of ~150 bytes: the receive loop is kept flat.
 
-The parser walks attributes with precompiled ``struct`` unpacks on one receive
-buffer and keeps only the attributes it needs: pyroute2's generic message
-objects cost ~30x more than the dump itself at this scale (lab.md).
+Parsing is struct unpacks on one reusable receive buffer, no per-attribute
+objects: pyroute2's generic messages cost ~15x `ipset list -t` at this scale
+(lab.md, bench/bench_ipset.py). Messages of a shape already seen (same type,
+options and name length: most of a node's thousands of sets) are read with a
+learned layout of three precompiled unpacks, checked against the message's
+attribute headers; anything else is walked attribute by attribute.
 
 The socket lives in the network namespace of the thread that opens it, so
 reading another namespace's sets is a matter of calling ``read_headers`` from a
@@ -78,8 +82,8 @@ _BE32 = struct.Struct(">I")
 _BE16 = struct.Struct(">H")
 
 # The kernel sizes each dump datagram to the largest receive buffer seen (up to
-# 32 KB) but puts one set header (~200 bytes) in it: a page-sized buffer (as
-# libmnl's) keeps its allocations small; measured ~10% faster than 64 KB.
+# 32 KB) but puts one set header (~150 bytes) in it: a page-sized buffer (as
+# libmnl's) keeps its allocations small. A cut datagram is detected (MSG_TRUNC).
 _RECV_BUFFER = 4096
 
 
