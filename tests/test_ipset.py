@@ -329,3 +329,57 @@ def test_message_larger_than_the_buffer_is_a_clear_error(ns, monkeypatch):
         ns.run(read_headers)
     monkeypatch.undo()
     assert [h.name for h in ns.run(read_headers)] == ["a-set-with-a-long-enough-name"]
+
+
+def _attr(attr_type: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return length.to_bytes(2, "little") + attr_type.to_bytes(2, "little") + payload + b"\0" * (-length % 4)
+
+
+def _set_message(name: bytes, entries: int) -> bytes:
+    """A set header message laid out as the kernel writes it (after the nfgenmsg)."""
+    be32 = lambda t, v: _attr(t | reader.NLA_F_NET_BYTEORDER, v.to_bytes(4, "big"))  # noqa: E731
+    nest = (be32(reader.IPSET_ATTR_HASHSIZE, 1024) + be32(reader.IPSET_ATTR_MAXELEM, 65536)
+            + _attr(21, b"\x0c") + be32(17, 0x1234) + be32(reader.IPSET_ATTR_REFERENCES, 1)
+            + be32(reader.IPSET_ATTR_MEMSIZE, 400) + be32(reader.IPSET_ATTR_ELEMENTS, entries))
+    return (_attr(reader.IPSET_ATTR_PROTOCOL, b"\x07") + _attr(reader.IPSET_ATTR_SETNAME, name + b"\0")
+            + _attr(reader.IPSET_ATTR_TYPENAME, b"hash:ip\0") + _attr(reader.IPSET_ATTR_FAMILY, b"\x02")
+            + _attr(reader.IPSET_ATTR_REVISION, b"\x06") + _attr(11, b"\x00\x01")
+            + _attr(reader.IPSET_ATTR_DATA | reader.NLA_F_NESTED, nest))
+
+
+def test_layouts_and_walk_agree_and_garbage_never_crashes(monkeypatch):
+    import random
+
+    monkeypatch.setattr(reader, "_LAYOUTS", {})
+    good = bytearray(_set_message(b"KUBE-A", 5))
+    walked = reader._walk_set(good, 0, len(good), {})
+    assert walked == IpsetHeader("KUBE-A", "hash:ip", 6, "inet", 5, 400, 1, 65536, 1024)
+    assert reader._parse_set(good, 0, len(good), {}) == walked  # learns the layout
+    other = bytearray(_set_message(b"KUBE-B", 77))  # same shape: read by the layout
+    assert reader._parse_set(other, 0, len(other), {}) == reader._walk_set(other, 0, len(other), {})
+    assert reader._parse_set(other, 0, len(other), {}).entries == 77
+    no_name = bytearray(other)
+    no_name[other.index(b"KUBE-B")] = 0
+    assert reader._parse_set(no_name, 0, len(no_name), {}) is None is reader._walk_set(no_name, 0, len(no_name), {})
+
+    rng = random.Random(2)
+    outcomes = {"header": 0, "none": 0, "error": 0}
+    for _ in range(5000):
+        bad = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            bad[rng.randrange(len(bad))] = rng.choice([0, 255, rng.randrange(256)])
+        cut = rng.choice([len(bad), rng.randrange(len(bad) + 1)])
+        try:
+            got = reader._parse_set(bad, 0, cut, {})
+        except IpsetReadError:
+            outcomes["error"] += 1
+            continue
+        if got is None:
+            outcomes["none"] += 1
+        else:
+            assert isinstance(got, IpsetHeader)
+            outcomes["header"] += 1
+            # Whatever the layout cache learned from garbage, it reads like the walk.
+            assert got == reader._walk_set(bad, 0, cut, {})
+    assert all(outcomes.values()), outcomes

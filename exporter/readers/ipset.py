@@ -129,6 +129,8 @@ def read_headers(timeout: float = 5.0) -> list[IpsetHeader]:
         conversation = _Conversation(sock)
         protocol = conversation.negotiate()
         return conversation.dump_headers(protocol)
+    except struct.error:
+        raise IpsetReadError("malformed ipset netlink message (shorter than its header says)") from None
     except OSError as err:
         if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
             raise IpsetReadError(f"no answer from the kernel's ipset netlink within {timeout:g} s") from None
@@ -203,7 +205,7 @@ class _Conversation:
                 if msg_seq != seq:
                     continue  # a late answer to an earlier request on this socket
                 if msg_type == NLMSG_ERROR:
-                    code = -_I32.unpack_from(buf, start)[0]
+                    code = -_I32.unpack_from(buf, start)[0] if end - start >= 4 else 0
                     if code:
                         raise IpsetReadError(_error_text(code), code)
                     return
@@ -310,8 +312,11 @@ def _parse_set(buf: bytearray, offset: int, end: int, types: dict[bytes, str]) -
             type_name = types.get(type_raw)
             if type_name is None:
                 type_name = types[type_raw] = type_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            name = text[name_at].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if not name:
+                return None  # as the walk: no name, not a set header
             where = layout.where
-            return IpsetHeader(text[name_at].split(b"\0", 1)[0].decode("utf-8", "replace"), type_name,
+            return IpsetHeader(name, type_name,
                                text[revision_at], FAMILIES.get(text[family_at], ""), words[where[0]],
                                words[where[1]], words[where[2]], words[where[3]], words[where[4]])
         if layout is None and key not in _LAYOUTS and len(_LAYOUTS) < _MAX_LAYOUTS:
