@@ -64,7 +64,7 @@ class NetNS:
     def ipset(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """`ipset ARGS` in this namespace (nsenter changes only the network namespace)."""
         return subprocess.run(["nsenter", f"--net={self.path}", "ipset", *args], input=input,
-                              capture_output=True, text=True, check=check)
+                              capture_output=True, encoding="utf-8", check=check)
 
     def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` in a fresh thread that has joined this namespace; its result or exception."""

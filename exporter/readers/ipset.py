@@ -4,11 +4,15 @@ One NETLINK_NETFILTER socket per read: ask the kernel's ipset protocol version
 (IPSET_CMD_PROTOCOL), then dump IPSET_CMD_LIST with the list-header flag, which
 makes the kernel send one small message per set carrying its header (type,
 family, hashsize/maxelem or range or size, entry count, memory, references)
-and no members. At 2,000 sets that is ~300 KB over a handful of recv calls.
+and no members. The kernel puts one set in each datagram, so 2,000 sets are
+2,000 receive calls of ~150 bytes: the receive loop is kept flat.
 
-The parser walks attributes with precompiled ``struct`` unpacks on one receive
-buffer and keeps only the attributes it needs: pyroute2's generic message
-objects cost ~30x more than the dump itself at this scale (lab.md).
+Parsing is struct unpacks on one reusable receive buffer, no per-attribute
+objects: pyroute2's generic messages cost ~15x `ipset list -t` at this scale
+(lab.md, bench/bench_ipset.py). Messages of a shape already seen (same type,
+options and name length: most of a node's thousands of sets) are read with a
+learned layout of three precompiled unpacks, checked against the message's
+attribute headers; anything else is walked attribute by attribute.
 
 The socket lives in the network namespace of the thread that opens it, so
 reading another namespace's sets is a matter of calling ``read_headers`` from a
@@ -21,7 +25,7 @@ import errno
 import os
 import socket
 import struct
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 # <linux/netlink.h>
 NETLINK_NETFILTER = 12
@@ -44,6 +48,7 @@ IPSET_PROTOCOL_MIN = 6  # the oldest it accepts (the only one of kernels before 
 IPSET_CMD_PROTOCOL = 1
 IPSET_CMD_LIST = 7
 IPSET_FLAG_LIST_HEADER = 1 << 2
+IPSET_ERR_PROTOCOL = 4097  # ipset's own error codes start at 4096
 # Top-level attributes.
 IPSET_ATTR_PROTOCOL = 1
 IPSET_ATTR_SETNAME = 2
@@ -76,7 +81,10 @@ _I32 = struct.Struct("=i")
 _BE32 = struct.Struct(">I")
 _BE16 = struct.Struct(">H")
 
-_RECV_BUFFER = 1 << 16  # the kernel fills at most ~32 KB per dump datagram
+# The kernel sizes each dump datagram to the largest receive buffer seen (up to
+# 32 KB) but puts one set header (~150 bytes) in it: a page-sized buffer (as
+# libmnl's) keeps its allocations small. A cut datagram is detected (MSG_TRUNC).
+_RECV_BUFFER = 4096
 
 
 class IpsetHeader(NamedTuple):
@@ -112,14 +120,20 @@ def read_headers(timeout: float = 5.0) -> list[IpsetHeader]:
             f"cannot open a netfilter netlink socket: {err.strerror} (no nfnetlink in this kernel?)",
             err.errno) from None
     try:
-        sock.settimeout(timeout)
+        # A kernel-side receive timeout, not settimeout(): Python's timeout
+        # polls before every recv, a second syscall per set of the dump.
+        seconds = int(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("@ll", seconds, int((timeout - seconds) * 1e6)))
         sock.bind((0, 0))
-        conversation = _Conversation(sock, timeout)
+        conversation = _Conversation(sock)
         protocol = conversation.negotiate()
         return conversation.dump_headers(protocol)
-    except socket.timeout:
-        raise IpsetReadError(f"no answer from the kernel's ipset netlink within {timeout:g} s") from None
+    except struct.error:
+        raise IpsetReadError("malformed ipset netlink message (shorter than its header says)") from None
     except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise IpsetReadError(f"no answer from the kernel's ipset netlink within {timeout:g} s") from None
         raise IpsetReadError(f"ipset netlink socket error: {err.strerror}", err.errno) from None
     finally:
         sock.close()
@@ -142,11 +156,26 @@ def _error_text(code: int) -> str:
         return "permission denied: listing ipsets over netlink needs CAP_NET_ADMIN in this network namespace"
     if code in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOENT):
         return f"no ipset support in this kernel (ip_set module not loaded?): {os.strerror(code)}"
+    if code == IPSET_ERR_PROTOCOL:
+        return "the kernel's ipset speaks a protocol version this reader does not"
     return f"the kernel refused the ipset request: {os.strerror(code)}"
 
 
+def _receive(recv_into, buf: bytearray) -> int:
+    size = recv_into(buf, 0, socket.MSG_TRUNC)  # MSG_TRUNC: the real length, even if cut
+    if not 0 < size <= len(buf):
+        _receive_failed(size, len(buf))
+    return size
+
+
+def _receive_failed(size: int, capacity: int) -> None:
+    if size == 0:
+        raise IpsetReadError("the kernel closed the ipset netlink conversation without finishing it")
+    raise IpsetReadError(f"an ipset netlink message of {size} bytes does not fit the {capacity}-byte buffer")
+
+
 class _Conversation:
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.seq = 0
         self.buf = bytearray(_RECV_BUFFER)
@@ -165,7 +194,7 @@ class _Conversation:
         buf = self.buf
         unpack_hdr = _NLMSGHDR.unpack_from
         while True:
-            size = self.sock.recv_into(buf)
+            size = _receive(self.sock.recv_into, buf)
             offset = 0
             while offset + 16 <= size:
                 length, msg_type, flags, msg_seq, _ = unpack_hdr(buf, offset)
@@ -176,7 +205,7 @@ class _Conversation:
                 if msg_seq != seq:
                     continue  # a late answer to an earlier request on this socket
                 if msg_type == NLMSG_ERROR:
-                    code = -_I32.unpack_from(buf, start)[0]
+                    code = -_I32.unpack_from(buf, start)[0] if end - start >= 4 else 0
                     if code:
                         raise IpsetReadError(_error_text(code), code)
                     return
@@ -193,7 +222,14 @@ class _Conversation:
         seq = self._send(IPSET_CMD_PROTOCOL, 0, _nla(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL])))
         kernel, kernel_min = None, None
         buf = self.buf
-        for _, _, start, end in self._messages(seq):
+        try:
+            replies = list(self._messages(seq))
+        except IpsetReadError as err:
+            if err.errno == IPSET_ERR_PROTOCOL:
+                # Kernels before protocol 7 refuse any version but their own (6).
+                return IPSET_PROTOCOL_MIN
+            raise
+        for _, _, start, end in replies:
             offset = start + _NFGENMSG_LEN
             while offset + 4 <= end:
                 alen, atype = _NLA.unpack_from(buf, offset)
@@ -220,89 +256,201 @@ class _Conversation:
         attrs = (_nla(IPSET_ATTR_PROTOCOL, bytes([protocol]))
                  + _nla(IPSET_ATTR_FLAGS | NLA_F_NET_BYTEORDER, _BE32.pack(IPSET_FLAG_LIST_HEADER)))
         seq = self._send(IPSET_CMD_LIST, NLM_F_DUMP, attrs)
+        # The kernel answers one set per datagram (ip_set_dump_do stops after
+        # each set), so this loop runs ~once per set: kept flat, no generator.
         list_type = (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST
+        buf = self.buf
+        recv_into = self.sock.recv_into
+        capacity = len(buf)
+        unpack_hdr = _NLMSGHDR.unpack_from
+        parse = _parse_set
+        types: dict[bytes, str] = {}
         out: list[IpsetHeader] = []
-        for msg_type, _, start, end in self._messages(seq):
-            if msg_type == list_type:
-                header = _parse_set(self.buf, start + _NFGENMSG_LEN, end)
-                if header is not None:
-                    out.append(header)
-        return out
+        while True:
+            size = recv_into(buf, 0, socket.MSG_TRUNC)
+            if not 0 < size <= capacity:
+                _receive_failed(size, capacity)
+            offset = 0
+            while offset + 16 <= size:
+                length, msg_type, _, msg_seq, _ = unpack_hdr(buf, offset)
+                if length < 16 or offset + length > size:
+                    raise IpsetReadError("malformed netlink message from the kernel (bad length)")
+                start, end = offset + 16, offset + length
+                offset += (length + 3) & ~3
+                if msg_seq != seq:
+                    continue
+                if msg_type == list_type:
+                    header = parse(buf, start + _NFGENMSG_LEN, end, types)
+                    if header is not None:
+                        out.append(header)
+                elif msg_type == NLMSG_DONE or msg_type == NLMSG_ERROR:
+                    code = -_I32.unpack_from(buf, start)[0] if end - start >= 4 else 0
+                    if code > 0:
+                        raise IpsetReadError(_error_text(code), code)
+                    return out
 
 
-def _parse_set(buf: bytearray, offset: int, end: int) -> IpsetHeader | None:
-    """One IPSET_CMD_LIST message: top-level attributes, then the DATA nest."""
-    unpack_nla = _NLA.unpack_from
-    name = type_name = ""
-    revision = family = 0
-    data_start = data_end = 0
+def _parse_set(buf: bytearray, offset: int, end: int, types: dict[bytes, str]) -> IpsetHeader | None:
+    """One IPSET_CMD_LIST message (its attributes span ``offset``..``end``).
+
+    The kernel writes every set header of one type and options with the same
+    attributes in the same order, so once a message of a given length and
+    set-name length has been walked, the next such message is read with
+    three precompiled unpacks instead of a Python loop over ~15 attributes.
+    The first unpack returns every attribute header: the cached layout is used
+    only if they are exactly the ones learned, so a different message never
+    gets misread; it is walked instead. ``types`` caches decoded type names.
+    """
+    if end - offset >= 12:
+        key = (end - offset, _LAYOUT_KEY.unpack_from(buf, offset))
+        layout = _LAYOUTS.get(key)
+        if layout is not None and layout.headers.unpack_from(buf, offset) == layout.expected:
+            text = layout.text.unpack_from(buf, offset)
+            name_at, type_at, revision_at, family_at = layout.text_where
+            words = layout.words.unpack_from(buf, offset) + (0, None)
+            type_raw = text[type_at]
+            type_name = types.get(type_raw)
+            if type_name is None:
+                type_name = types[type_raw] = type_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            name = text[name_at].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if not name:
+                return None  # as the walk: no name, not a set header
+            where = layout.where
+            return IpsetHeader(name, type_name,
+                               text[revision_at], FAMILIES.get(text[family_at], ""), words[where[0]],
+                               words[where[1]], words[where[2]], words[where[3]], words[where[4]])
+        if layout is None and key not in _LAYOUTS and len(_LAYOUTS) < _MAX_LAYOUTS:
+            _LAYOUTS[key] = _learn_layout(buf, offset, end)
+    return _walk_set(buf, offset, end, types)
+
+
+def _attributes(buf: bytearray, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(offset, length, type without flags) of each attribute in ``offset``..``end``."""
     while offset + 4 <= end:
-        alen, atype = unpack_nla(buf, offset)
+        alen, atype = _NLA.unpack_from(buf, offset)
         if alen < 4 or offset + alen > end:
             raise IpsetReadError("malformed ipset netlink message (bad attribute length)")
-        atype &= NLA_TYPE_MASK
-        if atype == IPSET_ATTR_SETNAME:
-            name = buf[offset + 4:offset + alen].split(b"\0", 1)[0].decode("ascii", "replace")
-        elif atype == IPSET_ATTR_TYPENAME:
-            type_name = buf[offset + 4:offset + alen].split(b"\0", 1)[0].decode("ascii", "replace")
-        elif atype == IPSET_ATTR_DATA:
-            data_start, data_end = offset + 4, offset + alen
-        elif atype == IPSET_ATTR_REVISION:
-            revision = buf[offset + 4]
-        elif atype == IPSET_ATTR_FAMILY:
-            family = buf[offset + 4]
+        yield offset, alen, atype & 0x3FFF
         offset += (alen + 3) & ~3
+
+
+def _walk_set(buf: bytearray, offset: int, end: int, types: dict[bytes, str]) -> IpsetHeader | None:
+    """The general reading of one set header message, attribute by attribute."""
+    name = ""
+    type_raw = b""
+    revision = family = 0
+    data_start = data_end = 0
+    for at, alen, atype in _attributes(buf, offset, end):
+        if atype == IPSET_ATTR_DATA:
+            data_start, data_end = at + 4, at + alen
+        elif atype == IPSET_ATTR_SETNAME:
+            name = buf[at + 4:at + alen].split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif atype == IPSET_ATTR_TYPENAME:
+            type_raw = bytes(buf[at + 4:at + alen])
+        elif atype == IPSET_ATTR_REVISION and alen >= 5:
+            revision = buf[at + 4]
+        elif atype == IPSET_ATTR_FAMILY and alen >= 5:
+            family = buf[at + 4]
     if not name:
         return None  # not a set header (nothing else is sent with the header flag)
+    type_name = types.get(type_raw)
+    if type_name is None:
+        type_name = types[type_raw] = type_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
-    unpack_be32 = _BE32.unpack_from
-    entries = memsize = references = 0
-    hashsize = maxelem = size = None
-    first = last = None  # bitmap range bounds (addresses or ports)
+    # Every 32-bit attribute of the nest goes into one dict (keyed by type);
+    # bitmap ranges and netmask need their own handling.
+    words: dict[int, int] = {}
+    first = last = None
     netmask = 32
-    offset = data_start
-    while offset + 4 <= data_end:
-        alen, atype = unpack_nla(buf, offset)
-        if alen < 4 or offset + alen > data_end:
-            raise IpsetReadError("malformed ipset netlink message (bad data attribute length)")
-        atype &= NLA_TYPE_MASK
-        value_at = offset + 4
-        if alen >= 8:
-            if atype == IPSET_ATTR_ELEMENTS:
-                entries = unpack_be32(buf, value_at)[0]
-            elif atype == IPSET_ATTR_MEMSIZE:
-                memsize = unpack_be32(buf, value_at)[0]
-            elif atype == IPSET_ATTR_REFERENCES:
-                references = unpack_be32(buf, value_at)[0]
-            elif atype == IPSET_ATTR_MAXELEM:
-                maxelem = unpack_be32(buf, value_at)[0]
-            elif atype == IPSET_ATTR_HASHSIZE:
-                hashsize = unpack_be32(buf, value_at)[0]
-            elif atype == IPSET_ATTR_SIZE:
-                size = unpack_be32(buf, value_at)[0]
-            elif atype == IPSET_ATTR_IP:
-                first = _ipv4_in(buf, value_at, offset + alen)
-            elif atype == IPSET_ATTR_IP_TO:
-                last = _ipv4_in(buf, value_at, offset + alen)
-        elif atype == IPSET_ATTR_PORT and alen >= 6:
-            first = _BE16.unpack_from(buf, value_at)[0]
-        elif atype == IPSET_ATTR_PORT_TO and alen >= 6:
-            last = _BE16.unpack_from(buf, value_at)[0]
-        elif atype == IPSET_ATTR_NETMASK and alen >= 5:
-            netmask = buf[value_at]
-        offset += (alen + 3) & ~3
+    for at, alen, atype in _attributes(buf, data_start, data_end):
+        if alen == 8:
+            words[atype] = _BE32.unpack_from(buf, at + 4)[0]
+        elif atype == IPSET_ATTR_IP:
+            first = _ipv4_in(buf, at + 4, at + alen)
+        elif atype == IPSET_ATTR_IP_TO:
+            last = _ipv4_in(buf, at + 4, at + alen)
+        elif atype == IPSET_ATTR_PORT and alen == 6:
+            first = _BE16.unpack_from(buf, at + 4)[0]
+        elif atype == IPSET_ATTR_PORT_TO and alen == 6:
+            last = _BE16.unpack_from(buf, at + 4)[0]
+        elif atype == IPSET_ATTR_NETMASK and alen == 5:
+            netmask = buf[at + 4]
 
-    if maxelem is not None:
-        max_entries = maxelem
-    elif size is not None:
-        max_entries = size
-    elif first is not None and last is not None and last >= first:
-        # bitmap:ip stores one bit per netmask-sized block of its range.
-        max_entries = ((last - first) >> (32 - netmask if type_name == "bitmap:ip" else 0)) + 1
-    else:
-        max_entries = None
-    return IpsetHeader(name, type_name, revision, FAMILIES.get(family, ""), entries, memsize,
-                       references, max_entries, hashsize)
+    get = words.get
+    max_entries = get(IPSET_ATTR_MAXELEM)
+    if max_entries is None:
+        max_entries = get(IPSET_ATTR_SIZE)
+        if max_entries is None and first is not None and last is not None and last >= first:
+            # bitmap:ip keeps one bit per netmask-sized block of its range.
+            shift = 32 - netmask if type_name == "bitmap:ip" and 0 < netmask <= 32 else 0
+            max_entries = ((last - first) >> shift) + 1
+    return IpsetHeader(name, type_name, revision, FAMILIES.get(family, ""), get(IPSET_ATTR_ELEMENTS, 0),
+                       get(IPSET_ATTR_MEMSIZE, 0), get(IPSET_ATTR_REFERENCES, 0), max_entries,
+                       get(IPSET_ATTR_HASHSIZE))
+
+
+class _Layout(NamedTuple):
+    headers: struct.Struct  # every attribute header (native order), gaps skipped
+    expected: tuple  # what ``headers`` must return for the layout to apply
+    text: struct.Struct  # set name, type name (raw), revision, family, in message order
+    text_where: tuple[int, int, int, int]  # name, type, revision, family in ``text``
+    words: struct.Struct  # the kept 32-bit values (big-endian)
+    where: tuple[int, int, int, int, int]  # entries, memory, references, max, hashsize in words+(0, None)
+
+
+# (message length, its first two attribute headers) -> layout, or None where
+# the walk is needed (bitmap ranges, a missing name). Keys vary with name
+# length and type/options: dozens on a node; bounded anyway.
+_LAYOUT_KEY = struct.Struct("=HH4xHH")
+_LAYOUTS: dict[tuple, _Layout | None] = {}
+_MAX_LAYOUTS = 1024
+_KEPT_WORDS = (IPSET_ATTR_ELEMENTS, IPSET_ATTR_MEMSIZE, IPSET_ATTR_REFERENCES,
+               IPSET_ATTR_MAXELEM, IPSET_ATTR_SIZE, IPSET_ATTR_HASHSIZE)
+_RANGE_ATTRS = {IPSET_ATTR_IP, IPSET_ATTR_IP_TO, IPSET_ATTR_PORT, IPSET_ATTR_PORT_TO}
+
+
+def _learn_layout(buf: bytearray, offset: int, end: int) -> _Layout | None:
+    top = list(_attributes(buf, offset, end))
+    nest = [attr for at, alen, atype in top if atype == IPSET_ATTR_DATA
+            for attr in _attributes(buf, at + 4, at + alen)]
+    top_types = [atype for _, _, atype in top]
+    if (IPSET_ATTR_SETNAME not in top_types or IPSET_ATTR_TYPENAME not in top_types
+            or top_types.count(IPSET_ATTR_DATA) != 1 or len(set(top_types)) != len(top_types)
+            or _RANGE_ATTRS.intersection(atype for _, _, atype in nest)):
+        return None
+
+    def fmt(fields: list[tuple[int, str]]) -> str:
+        """Struct format reading ``(offset, code)`` fields in order, skipping the gaps."""
+        out, position = [], offset
+        for at, code in fields:
+            out.append(f"{at - position}x{code}" if at > position else code)
+            position = at + struct.calcsize("=" + code)
+        return "".join(out)
+
+    attrs = sorted(top + nest)
+    headers = struct.Struct("=" + fmt([(at, "HH") for at, _, _ in attrs]))
+    text_fields = {atype: (at + 4, f"{alen - 4}s" if atype in (IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME) else "B")
+                   for at, alen, atype in top
+                   if atype in (IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_REVISION, IPSET_ATTR_FAMILY)
+                   and alen >= 5}
+    text_order = sorted(text_fields.items(), key=lambda item: item[1][0])
+    if len(text_order) != 4:
+        return None  # no revision or family: rare enough to walk
+    text = struct.Struct("=" + fmt([field for _, field in text_order]))
+    position_of = {atype: i for i, (atype, _) in enumerate(text_order)}
+    text_where = tuple(position_of[t] for t in (
+        IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_REVISION, IPSET_ATTR_FAMILY))
+    kept = [(at, atype) for at, alen, atype in nest if atype in _KEPT_WORDS and alen == 8]
+    if len({atype for _, atype in kept}) != len(kept):
+        return None
+    words = struct.Struct(">" + fmt([(at + 4, "I") for at, _ in kept]))
+    index = {atype: i for i, (_, atype) in enumerate(kept)}
+    zero, none = len(kept), len(kept) + 1
+    where = (index.get(IPSET_ATTR_ELEMENTS, zero), index.get(IPSET_ATTR_MEMSIZE, zero),
+             index.get(IPSET_ATTR_REFERENCES, zero),
+             index.get(IPSET_ATTR_MAXELEM, index.get(IPSET_ATTR_SIZE, none)),
+             index.get(IPSET_ATTR_HASHSIZE, none))
+    return _Layout(headers, headers.unpack_from(buf, offset), text, text_where, words, where)
 
 
 def _ipv4_in(buf: bytearray, offset: int, end: int) -> int | None:
