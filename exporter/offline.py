@@ -240,27 +240,26 @@ def diff_text(diff: Diff) -> str:
 # --- commands -----------------------------------------------------------------
 
 
-def _desired_table(args: argparse.Namespace) -> Table:
-    node_name = _node_name(args.node_name)
-    objects = _objects(args, node_name)
-    for reason in objects.errors:
-        print(f"{PROG}: skipped {reason}", file=sys.stderr)
-    node = _node_facts(args, objects, node_name)
-    if not node.addresses and any(s.ports and any(p.node_port for p in s.ports) for s in objects.services.values()):
-        print(f"{PROG}: no NodePort addresses: no --node-ip and no Node {node_name!r} with addresses "
-              "in the objects; NodePort virtual servers are left out", file=sys.stderr)
-    return model.desired_table(objects.services.values(), model.slices_by_service(objects.slices.values()),
-                               node, args.proxy)
-
-
 def run(command: str, argv: list[str]) -> int:
     args = _parser(command).parse_args(argv)
-    desired = _desired_table(args)
-    if command == "desired":
+    # Every input is read and checked before anything is printed, so bad input
+    # is exactly one line on stderr.
+    node_name = _node_name(args.node_name)
+    objects = _objects(args, node_name)
+    node = _node_facts(args, objects, node_name)
+    live = _live_table(args) if command == "diff" else None
+
+    for reason in objects.errors:
+        print(f"{PROG}: skipped {reason}", file=sys.stderr)
+    if not node.addresses and any(p.node_port for s in objects.services.values() for p in s.ports):
+        print(f"{PROG}: no NodePort addresses: no --node-ip and no Node {node_name!r} with addresses "
+              "in the objects; NodePort virtual servers are left out", file=sys.stderr)
+    desired = model.desired_table(objects.services.values(), model.slices_by_service(objects.slices.values()),
+                                  node, args.proxy)
+    if live is None:
         out = json.dumps(table_json(desired), indent=1) + "\n" if args.output == "json" else table_text(desired)
         sys.stdout.write(out)
         return 0
-    live = _live_table(args)
     result = diff_tables(desired, live)
     if args.output == "json":
         sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
