@@ -23,7 +23,7 @@ import sys
 import time
 
 from bench.common import Row, best_of, rss_bytes
-from exporter.dataplane import RealServer, VirtualServerKey
+from exporter.dataplane import RealServer
 from exporter.kube import desired as model
 from exporter.kube.diff import DriftTracker, diff_tables
 from exporter.kube.objects import parse_objects

@@ -217,8 +217,9 @@ def table_text(table: Table) -> str:
 
 def diff_text(diff: Diff) -> str:
     lines = []
+    ordered = diff.sorted()
     for kind in KINDS:
-        items = diff.sorted().of(kind)
+        items = ordered.of(kind)
         title = kind.replace("_", " ")
         lines.append(f"{title}: {len(items)}")
         for item in items:
