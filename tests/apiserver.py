@@ -86,6 +86,7 @@ class FakeApiServer:
         self.objects: dict[str, dict[tuple[str, str], dict]] = {r: {} for r in KINDS}
         self.events: list[Event] = []
         self._event_rvs: list[int] = []
+        self._compacted_events = 0  # events dropped from the front; watchers keep absolute positions
         self._snapshots: dict[str, tuple[int, list[dict]]] = {}
         self.requests: list[Request] = []
         self.failures: list[_Failure] = []
@@ -94,6 +95,7 @@ class FakeApiServer:
         self.gone_as_status = False  # 410 on WATCH as an HTTP status instead of an ERROR event
         self.bookmark_interval: float | None = None  # periodic bookmarks on open watches
         self.open_watches = 0
+        self._watch_epoch = 0  # end_watches() bumps it; older streams end cleanly
         self._closing = False
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.httpd.daemon_threads = True
@@ -175,6 +177,12 @@ class FakeApiServer:
             self.lock.notify_all()
             return self.rv
 
+    def end_watches(self) -> None:
+        """End every open watch stream cleanly, as the server does at timeoutSeconds."""
+        with self.lock:
+            self._watch_epoch += 1
+            self.lock.notify_all()
+
     def compact(self, rv: int | None = None) -> int:
         """Forget history up to ``rv`` (default: now); older watches and continues get 410."""
         with self.lock:
@@ -182,6 +190,7 @@ class FakeApiServer:
             cut = bisect.bisect_right(self._event_rvs, self.compacted_rv)
             del self.events[:cut]
             del self._event_rvs[:cut]
+            self._compacted_events += cut
             return self.compacted_rv
 
     # --- knobs ------------------------------------------------------------------
@@ -320,29 +329,31 @@ class FakeApiServer:
                 sent = 0
                 next_bookmark = time.monotonic() + (server.bookmark_interval or 1e9)
                 position = None
+                epoch = server._watch_epoch
                 server.open_watches += 1
                 try:
                     while True:
                         with server.lock:
                             if position is None:
-                                position = bisect.bisect_right(server._event_rvs, since)
+                                position = (bisect.bisect_right(server._event_rvs, since)
+                                            + server._compacted_events)
                             pending = []
                             while not pending:
-                                # Events at or before `since` were already seen, except one-shot RAW lines.
-                                while position < len(server.events):
-                                    ev = server.events[position]
+                                # Positions count from the first event ever, so compaction does not move them.
+                                while position - server._compacted_events < len(server.events):
+                                    ev = server.events[max(0, position - server._compacted_events)]
                                     position += 1
                                     if ev.resource == resource:
                                         pending.append(ev)
                                 now = time.monotonic()
-                                if pending or server._closing or now >= deadline:
+                                if pending or server._closing or now >= deadline or epoch != server._watch_epoch:
                                     break
                                 if bookmarks and now >= next_bookmark:
                                     pending.append(Event(server.rv, resource, "BOOKMARK", None))
                                     next_bookmark = now + server.bookmark_interval
                                     break
                                 server.lock.wait(min(deadline, next_bookmark) - now)
-                            closing = server._closing
+                            closing = server._closing or epoch != server._watch_epoch
                         for ev in pending:
                             line = self._line(ev, resource, bookmarks, selector)
                             if line is None:
