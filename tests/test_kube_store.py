@@ -195,8 +195,9 @@ def test_kube_store_end_to_end_with_the_api_stand_in(apiserver, api):
         apiserver.create("services", service("ns", f"s{i}", f"10.96.0.{i + 1}"))
         apiserver.create("endpointslices", endpoint_slice("ns", f"s{i}-abc", f"s{i}", [f"10.244.0.{i + 1}"]))
     model = CountingModel()
+    host = ["192.0.2.1"]
     store = KubeStore(api, "node-a", model=model, node_facts=FakeNodeFacts, page_size=7,
-                      backoff_base=0.05, backoff_cap=0.2)
+                      backoff_base=0.05, backoff_cap=0.2, host_addresses=lambda: tuple(host))
     events = []
     store.subscribe(events.append)
     store.start()
@@ -219,9 +220,59 @@ def test_kube_store_end_to_end_with_the_api_stand_in(apiserver, api):
 
         apiserver.update("nodes", node("node-a", zone="zone-2"))
         wait_for(lambda: model.total() == 61, what="a full recompute on the zone change")
+        assert store.state.node() == FakeNodeFacts("node-a", "zone-2", ("192.0.2.1",))
+        host.append("198.51.100.9")
+        store.refresh_node_addresses()
+        assert model.total() == 91 and store.state.node().addresses == ("192.0.2.1", "198.51.100.9")
     finally:
         store.stop()
     assert not any(r._thread.is_alive() for r in store.reflectors.values())
+
+
+def test_node_addresses_by_proxy(apiserver, api):
+    apiserver.create("nodes", node("node-a", addresses=("192.0.2.7", "2001:db8::7", "192.0.2.8")))
+    called = []
+
+    def host():
+        called.append(1)
+        return ("203.0.113.1",)
+    common = dict(model=CountingModel(), node_facts=FakeNodeFacts, host_addresses=host)
+    fixed = KubeStore(api, "node-a", "kube-proxy", ["10.1.1.1"], **common)
+    assert fixed.state.node().addresses == ("10.1.1.1",) and not called  # --node-ip wins
+    router = KubeStore(api, "node-a", "kube-router", **common)
+    router.start()
+    try:
+        assert router.wait_synced(10)
+        assert router.state.node().addresses == ("192.0.2.7", "2001:db8::7")  # the Node's primary IPs
+        assert not called
+    finally:
+        router.stop()
+    proxy = KubeStore(ApiClient(api.http), "node-a", "kube-proxy", **common)
+    assert proxy.state.node().addresses == ("203.0.113.1",) and called
+
+
+def test_from_settings_resolves_node_name(apiserver, tmp_path, monkeypatch):
+    from exporter.cli import settings_from_args
+    from exporter.kube.client import KubeConfigError
+    from exporter.kube.store import resolve_node_name
+
+    assert resolve_node_name("given", {"NODE_NAME": "env"}) == "given"
+    assert resolve_node_name(None, {"NODE_NAME": "env"}) == "env"
+    assert resolve_node_name(None, {}) == os.uname().nodename
+    path = apiserver.write_kubeconfig(str(tmp_path / "kc"))
+    settings = settings_from_args(["--kubeconfig", path, "--node-name", "n1", "--node-ip", "10.0.0.9",
+                                   "--proxy", "kube-router"])
+    store = KubeStore.from_settings(settings, model=CountingModel(), node_facts=FakeNodeFacts)
+    try:
+        assert store.state.node_name == "n1" and store.state.proxy == "kube-router"
+        assert store.state.node().addresses == ("10.0.0.9",)
+        assert store.reflectors["nodes"].resource.field_selector == "metadata.name=n1"
+    finally:
+        store.stop()
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(KubeConfigError):
+        KubeStore.from_settings(settings_from_args([]), model=CountingModel(), node_facts=FakeNodeFacts)
 
 
 def _build(n: int, endpoints_per_slice: int, model) -> ClusterState:

@@ -6,7 +6,7 @@ Public surface (what the drift collector and the latency follower use):
   ``synced()``, ``wait_synced(timeout)``, ``snapshot()`` (the desired table,
   read-only, no copy), ``watch_status()`` (one ``WatchStatus`` per resource, for
   ``kubenode_kube_watch_up``), ``subscribe(callback)`` (``ChangeEvent`` per
-  changed service), ``set_node_addresses(addresses)``.
+  changed service), ``refresh_node_addresses()``; ``KubeStore.from_settings(settings)``.
 - ``ClusterState``: the same state without any I/O; reflectors feed it through
   ``replace``/``upsert``/``delete``. Tests and the offline tools can use it alone.
 
@@ -29,6 +29,8 @@ last one computed owns it; the other's claim returns when it is next recomputed.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from types import MappingProxyType
@@ -38,6 +40,8 @@ from exporter.dataplane import VirtualServer, VirtualServerKey
 from exporter.kube import objects
 from exporter.kube.client import (ApiClient, Backoff, RateLimitedLog, Reflector, WatchStatus,
                                   endpointslices_resource, node_resource, services_resource)
+from exporter.readers import netaddrs
+from exporter.readers.netaddrs import kube_router_nodeport_addresses
 
 log = logging.getLogger("exporter.kube.store")
 
@@ -83,7 +87,7 @@ class ClusterState:
     """
 
     def __init__(self, node_name: str, proxy: str = "kube-proxy",
-                 node_addresses: Iterable[str] = (), *,
+                 node_addresses: Iterable[str] | None = (), *,
                  model: Model | None = None, node_facts: Callable[..., Any] | None = None,
                  wait_for: Iterable[str] = RESOURCES) -> None:
         if model is None or node_facts is None:
@@ -99,7 +103,8 @@ class ClusterState:
         self._slices: dict[str, objects.EndpointSlice] = {}
         self._slices_by_service: dict[str, dict[str, objects.EndpointSlice]] = {}
         self._node: objects.Node | None = None
-        self._node_addresses: tuple[str, ...] = tuple(node_addresses)
+        # None: kube-router's default, the Node object's primary IPs (see readers.netaddrs)
+        self._node_addresses: tuple[str, ...] | None = None if node_addresses is None else tuple(node_addresses)
         self._facts = self._make_facts()
         self._pending = set(wait_for)  # resources not listed yet
         self._built = False
@@ -247,7 +252,10 @@ class ClusterState:
 
     def _make_facts(self) -> Any:
         zone = self._node.zone if self._node is not None else None
-        return self._node_facts_type(self.node_name, zone, self._node_addresses)
+        addresses = self._node_addresses
+        if addresses is None:
+            addresses = kube_router_nodeport_addresses((), self._node.addresses if self._node else ())
+        return self._node_facts_type(self.node_name, zone, addresses)
 
     def _node_changed(self) -> list[ChangeEvent]:
         facts = self._make_facts()
@@ -330,15 +338,31 @@ def _same_version(old: Any, new: Any) -> bool:
 
 
 class KubeStore:
-    """ClusterState fed by three reflectors: Services, EndpointSlices and this node's Node."""
+    """ClusterState fed by three reflectors: Services, EndpointSlices and this node's Node.
+
+    NodePort addresses: ``node_ips`` (``--node-ip``) when given; else for
+    kube-proxy this host's addresses (``readers.netaddrs``), re-read every
+    ``address_refresh`` seconds; else for kube-router the Node's primary IPs.
+    """
 
     def __init__(self, api: ApiClient, node_name: str, proxy: str = "kube-proxy",
-                 node_addresses: Iterable[str] = (), *, model: Model | None = None,
+                 node_ips: Iterable[str] = (), *, model: Model | None = None,
                  node_facts: Callable[..., Any] | None = None, page_size: int = 500,
                  watch_timeout: int = 300, backoff_base: float = 0.5, backoff_cap: float = 30.0,
-                 down_after: float = 60.0) -> None:
+                 down_after: float = 60.0, address_refresh: float = 30.0,
+                 host_addresses: Callable[[], tuple[str, ...]] = netaddrs.host_nodeport_addresses) -> None:
         self.api = api
-        self.state = ClusterState(node_name, proxy, node_addresses, model=model, node_facts=node_facts)
+        node_ips = tuple(node_ips)
+        self._host_addresses = host_addresses if not node_ips and proxy == "kube-proxy" else None
+        initial: tuple[str, ...] | None = node_ips
+        if self._host_addresses is not None:
+            initial = self._read_host_addresses() or ()
+        elif not node_ips:
+            initial = None  # kube-router: from the Node object
+        self.state = ClusterState(node_name, proxy, initial, model=model, node_facts=node_facts)
+        self.address_refresh = address_refresh
+        self._stopped = threading.Event()
+        self._refresher: threading.Thread | None = None
         malformed_log = RateLimitedLog(logging.getLogger("exporter.kube.client"))
         self.reflectors = {
             resource.name: Reflector(api, resource, self.state, page_size=page_size,
@@ -348,15 +372,47 @@ class KubeStore:
             for resource in (services_resource(), endpointslices_resource(), node_resource(node_name))
         }
 
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> "KubeStore":
+        """Built from the exporter's settings; KubeConfigError when there is no API access."""
+        api = ApiClient.from_settings(settings.get("kubeconfig"))
+        return cls(api, resolve_node_name(settings.get("node-name")), settings.get("proxy"),
+                   settings.get("node-ip") or (), **kwargs)
+
+    def _read_host_addresses(self) -> tuple[str, ...] | None:
+        try:
+            return self._host_addresses()
+        except Exception as err:  # noqa: BLE001 - keep the last known addresses
+            log.warning("NodePort addresses not refreshed: %s", err)
+            return None
+
+    def refresh_node_addresses(self) -> None:
+        """Re-read this host's addresses now (kube-proxy without --node-ip); else nothing."""
+        if self._host_addresses is None:
+            return
+        addresses = self._read_host_addresses()
+        if addresses is not None:
+            self.state.set_node_addresses(addresses)
+
+    def _refresh_loop(self) -> None:
+        while not self._stopped.wait(self.address_refresh):
+            self.refresh_node_addresses()
+
     def start(self) -> None:
         for reflector in self.reflectors.values():
             reflector.start()
+        if self._host_addresses is not None and self.address_refresh > 0 and self._refresher is None:
+            self._refresher = threading.Thread(target=self._refresh_loop, name="node-addresses", daemon=True)
+            self._refresher.start()
 
     def stop(self) -> None:
+        self._stopped.set()
         for reflector in self.reflectors.values():
             reflector._stop.set()  # all at once, then wait for each
         for reflector in self.reflectors.values():
             reflector.stop()
+        if self._refresher is not None:
+            self._refresher.join(5)
         self.api.close()
 
     def synced(self) -> bool:
@@ -381,5 +437,8 @@ class KubeStore:
     def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Callable[[], None]:
         return self.state.subscribe(callback)
 
-    def set_node_addresses(self, addresses: Iterable[str]) -> None:
-        self.state.set_node_addresses(addresses)
+
+def resolve_node_name(configured: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """--node-name, else $NODE_NAME, else the host name (the contract's order)."""
+    env = os.environ if environ is None else environ
+    return configured or env.get("NODE_NAME") or socket.gethostname()
