@@ -139,6 +139,9 @@ OPTIONS: list[Option] = [
            "seconds a difference may last before it counts as drift", "SECONDS"),
     Option("drift.max-service-series", _as_count, 200,
            "cap on kubenode_ipvs_service_drift series", "N"),
+    Option("drift.stuck-draining-after", _as_seconds, 180.0,
+           "seconds a weight-0 real server with no connections may stay before it counts as "
+           "stuck graceful termination (kubernetes issue 71071; kube-proxy checks every 60 s)", "SECONDS"),
     Option("path.procfs", _as_str, "/proc", "procfs mountpoint", "PATH"),
     Option("path.sysfs", _as_str, "/sys", "sysfs mountpoint", "PATH"),
     Option("log.level", _as_log_level, "info", "debug, info, warn or error", "LEVEL"),

@@ -103,7 +103,7 @@ class EndpointSlice(NamedTuple):
 class Node(NamedTuple):
     name: str
     zone: str | None = None
-    addresses: tuple[str, ...] = ()  # status.addresses of type InternalIP/ExternalIP
+    addresses: tuple[str, ...] = ()  # status.addresses: InternalIPs, then ExternalIPs
 
 
 # --- parsing -----------------------------------------------------------------
@@ -329,10 +329,14 @@ def parse_node(obj: dict) -> Node:
     _, name, meta = _meta(obj, "Node")
     labels = _mapping(meta.get("labels"), f"Node {name} labels")
     status = _mapping(obj.get("status"), f"Node {name} status")
-    addresses = []
+    internal, external = [], []
     for a in _list(status.get("addresses"), f"Node {name} status.addresses"):
         if isinstance(a, dict) and a.get("type") in ("InternalIP", "ExternalIP"):
-            addresses.append(canonical_ip(a.get("address"), f"Node {name} address"))
+            ip = canonical_ip(a.get("address"), f"Node {name} address")
+            (internal if a["type"] == "InternalIP" else external).append(ip)
+    # InternalIPs first: kube-router's primary node IP is the first InternalIP,
+    # else the first ExternalIP (utils.GetPrimaryNodeIP).
+    addresses = list(dict.fromkeys(internal + external))
     zone = labels.get(ZONE_LABEL)
     return Node(name=name, zone=zone if isinstance(zone, str) else None, addresses=tuple(addresses))
 

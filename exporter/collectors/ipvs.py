@@ -1,0 +1,100 @@
+"""Collector ``ipvs``: the size and health of the live IPVS table, in bounded series.
+
+Counts only: no series per virtual or real server (node_exporter's per-backend
+series are what users of big clusters complain about, field.md). Drift per
+service is the drift collector's job; it shares this table read.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from exporter.collector import NAMESPACE, Collector, CollectorError, register
+from exporter.readers.ipvs import IPVSTable, IPVSUnavailable, LiveTable
+
+TABLE_SERVICE = "ipvs-table"
+PROTOCOLS = ("TCP", "UDP", "SCTP", "FWM")
+
+
+def shared_live_table(ctx) -> LiveTable:
+    """The one LiveTable of this exporter, shared with the drift collector."""
+    return ctx.service(TABLE_SERVICE, lambda: LiveTable(ctx.paths))
+
+
+def table_metrics(table: IPVSTable) -> list[Metric]:
+    """Shape a parsed table into bounded gauges (pure: tested on fixture texts)."""
+    by_protocol = dict.fromkeys(PROTOCOLS, 0)
+    real_servers = zero_weight = active = inactive = unavailable = empty = 0
+    for vs in table.values():
+        by_protocol[vs.key.protocol or "FWM"] += 1
+        reals = vs.real_servers
+        real_servers += len(reals)
+        if not reals:
+            empty += 1
+            unavailable += 1
+            continue
+        serving = 0
+        for rs in reals.values():
+            if rs.weight > 0:
+                serving += 1
+            active += rs.active_connections
+            inactive += rs.inactive_connections
+        zero_weight += len(reals) - serving
+        if not serving:
+            unavailable += 1
+
+    def gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"{NAMESPACE}_ipvs_{name}", help_text, value=value)
+
+    per_protocol = GaugeMetricFamily(
+        f"{NAMESPACE}_ipvs_virtual_servers_by_protocol",
+        "Virtual servers in the live IPVS table by protocol (FWM: firewall-mark services).",
+        labels=["protocol"])
+    for protocol, count in by_protocol.items():
+        per_protocol.add_metric([protocol], count)
+    connections = GaugeMetricFamily(
+        f"{NAMESPACE}_ipvs_connections",
+        "Connections tracked by IPVS, summed over every real server, by state.",
+        labels=["state"])
+    connections.add_metric(["active"], active)
+    connections.add_metric(["inactive"], inactive)
+    return [
+        gauge("virtual_servers", "Virtual servers in the live IPVS table.", len(table)),
+        gauge("real_servers", "Real servers in the live IPVS table, over all virtual servers.",
+              real_servers),
+        per_protocol,
+        gauge("real_servers_zero_weight",
+              "Real servers at weight 0 (draining, or left at 0 by a proxy restart).", zero_weight),
+        gauge("virtual_servers_without_real_servers",
+              "Virtual servers with no real server at all.", empty),
+        gauge("virtual_servers_unavailable",
+              "Virtual servers with no real server of weight above 0: traffic to them fails.",
+              unavailable),
+        connections,
+        gauge("unparsed_lines", "Lines of /proc/net/ip_vs the last read could not parse "
+              "(their virtual servers are left out).", table.skipped_lines),
+    ]
+
+
+@register
+class IPVSCollector(Collector):
+    name = "ipvs"
+    help = "size and health of the live IPVS table, from /proc/net/ip_vs"
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.live = shared_live_table(ctx)
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            table = self.live.get()
+        except IPVSUnavailable as err:
+            raise CollectorError(str(err)) from None
+        except OSError as err:
+            raise CollectorError(f"reading {self.ctx.paths.proc('net', 'ip_vs')}: {err.strerror}") from None
+        yield from table_metrics(table)
+        yield GaugeMetricFamily(f"{NAMESPACE}_ipvs_read_seconds",
+                                "How long the last read and parse of the IPVS table took.",
+                                value=self.live.read_seconds)

@@ -1,0 +1,266 @@
+"""The desired IPVS table against the live one: what differs, and for how long.
+
+``diff_tables`` is pure and O(desired + live): one dict lookup per virtual
+server and per real server, never a scan of one table per entry of the other
+(the first incident's exporter compared lists pairwise and took seconds at a
+few thousand services).
+
+The contract's six kinds, plus one of ours:
+
+- ``missing_virtual_servers``: desired, absent from IPVS. Its real servers are
+  not listed again as missing; the item says how many it should have.
+- ``stale_virtual_servers``: in IPVS, not desired (a deleted Service still
+  answering). Its real servers are not listed again either.
+- ``missing_real_servers``: desired in a present virtual server, absent.
+- ``stale_real_servers``: in IPVS, not desired, weight > 0: traffic still goes
+  to an endpoint that is gone.
+- ``zero_weight_real_servers``: desired, present, weight 0: a ready endpoint
+  gets no traffic (kubernetes issues 92019, 108319).
+- ``draining_real_servers``: in IPVS, not desired, weight 0: graceful
+  termination. Normal while connections drain; stuck when it lasts with no
+  connections left (kubernetes issue 71071), which ``DriftTracker`` reports.
+- ``mismatched_virtual_servers`` (ours; the contract allows additions): a
+  present virtual server whose scheduler or persistence timeout is not the
+  desired one, e.g. ClientIP affinity set on the Service but the live virtual
+  server not persistent. It is drift (session stickiness silently lost), so
+  it counts for ``diff``'s exit status. The item carries both values. Real
+  servers of a mismatched virtual server are still compared one by one.
+
+Real server weights other than 0 are not compared (both proxies use 1; an
+operator's hand-tuned weight is not a fault the incidents were about), nor is
+the forwarding method.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
+
+MISSING_VS = "missing_virtual_servers"
+STALE_VS = "stale_virtual_servers"
+MISSING_RS = "missing_real_servers"
+STALE_RS = "stale_real_servers"
+ZERO_WEIGHT_RS = "zero_weight_real_servers"
+DRAINING_RS = "draining_real_servers"
+MISMATCHED_VS = "mismatched_virtual_servers"
+
+# The contract's six, in its order; then ours.
+CONTRACT_KINDS = (MISSING_VS, STALE_VS, MISSING_RS, STALE_RS, ZERO_WEIGHT_RS, DRAINING_RS)
+KINDS = CONTRACT_KINDS + (MISMATCHED_VS,)
+# Kinds that are drift as soon as they are seen by `diff` (draining is drift only if it lasts).
+DRIFT_KINDS = tuple(k for k in KINDS if k != DRAINING_RS)
+
+
+def singular(kind: str) -> str:
+    """Metric label value: ``missing_virtual_servers`` -> ``missing_virtual_server``."""
+    return kind[:-1] if kind.endswith("s") else kind
+
+
+class DriftItem(NamedTuple):
+    kind: str
+    vs: VirtualServerKey
+    real: tuple[str, int] | None = None  # (address, port) for real-server kinds
+    weight: int | None = None  # as found in IPVS, or as desired when missing
+    service: str | None = None  # namespace/name where known
+    active_connections: int | None = None
+    inactive_connections: int | None = None
+    # mismatched_virtual_servers: what differs; VS kinds: how many real servers
+    details: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def identity(self) -> tuple:
+        """What stays the same while the same difference lasts (the tracker's key)."""
+        return (self.kind, self.vs, self.real)
+
+    def to_json(self) -> dict:
+        out: dict = {
+            "protocol": self.vs.protocol,
+            "address": self.vs.address,
+            "port": self.vs.port,
+            "fwmark": self.vs.fwmark,
+        }
+        if self.real is not None:
+            out["real_address"], out["real_port"] = self.real
+            out["weight"] = self.weight
+        out["service"] = self.service
+        if self.active_connections is not None:
+            out["active_connections"] = self.active_connections
+            out["inactive_connections"] = self.inactive_connections
+        out.update(self.details)
+        return out
+
+
+class Diff(NamedTuple):
+    missing_virtual_servers: list[DriftItem]
+    stale_virtual_servers: list[DriftItem]
+    missing_real_servers: list[DriftItem]
+    stale_real_servers: list[DriftItem]
+    zero_weight_real_servers: list[DriftItem]
+    draining_real_servers: list[DriftItem]
+    mismatched_virtual_servers: list[DriftItem]
+
+    def of(self, kind: str) -> list[DriftItem]:
+        return getattr(self, kind)
+
+    def items(self) -> Iterator[DriftItem]:
+        for kind in KINDS:
+            yield from self.of(kind)
+
+    @property
+    def has_drift(self) -> bool:
+        """Anything but draining real servers (the contract's exit status 1)."""
+        return any(self.of(kind) for kind in DRIFT_KINDS)
+
+    def sorted(self) -> "Diff":
+        """Each list in the contract's order: virtual server, then real server."""
+        return Diff(*(sorted(self.of(kind), key=_item_order) for kind in KINDS))
+
+    def to_json(self) -> dict:
+        return {kind: [item.to_json() for item in sorted(self.of(kind), key=_item_order)] for kind in KINDS}
+
+
+def _item_order(item: DriftItem) -> tuple:
+    from exporter.dataplane import _address_order
+
+    real = (_address_order(item.real[0]), item.real[1]) if item.real else ((0, 0), 0)
+    return (item.vs.sort_key(), real)
+
+
+def _rs_item(kind: str, vs: VirtualServer, rs: RealServer, service: str | None, weight: int) -> DriftItem:
+    return DriftItem(kind, vs.key, rs.key, weight, service, rs.active_connections, rs.inactive_connections)
+
+
+def diff_tables(desired: Table, live: Table) -> Diff:
+    """Classify every difference between the desired and the live table."""
+    out = Diff([], [], [], [], [], [], [])
+    for key, want in desired.items():
+        have = live.get(key)
+        if have is None:
+            out.missing_virtual_servers.append(DriftItem(
+                MISSING_VS, key, service=want.service,
+                details=(("real_servers", len(want.real_servers)), ("scheduler", want.scheduler),
+                         ("persistent_timeout", want.persistent_timeout))))
+            continue
+        if want.scheduler != have.scheduler or want.persistent_timeout != have.persistent_timeout:
+            out.mismatched_virtual_servers.append(DriftItem(
+                MISMATCHED_VS, key, service=want.service,
+                details=(("scheduler", want.scheduler), ("live_scheduler", have.scheduler),
+                         ("persistent_timeout", want.persistent_timeout),
+                         ("live_persistent_timeout", have.persistent_timeout))))
+        have_rs = have.real_servers
+        for rkey, rs in want.real_servers.items():
+            found = have_rs.get(rkey)
+            if found is None:
+                out.missing_real_servers.append(_rs_item(MISSING_RS, want, rs, want.service, rs.weight)
+                                                ._replace(active_connections=None, inactive_connections=None))
+            elif found.weight == 0:
+                out.zero_weight_real_servers.append(_rs_item(ZERO_WEIGHT_RS, want, found, want.service, 0))
+        want_rs = want.real_servers
+        for rkey, found in have_rs.items():
+            if rkey not in want_rs:
+                kind = DRAINING_RS if found.weight == 0 else STALE_RS
+                out.of(kind).append(_rs_item(kind, want, found, want.service, found.weight))
+    for key, have in live.items():
+        if key not in desired:
+            out.stale_virtual_servers.append(DriftItem(
+                STALE_VS, key, service=have.service,
+                details=(("real_servers", len(have.real_servers)), ("scheduler", have.scheduler),
+                         ("persistent_timeout", have.persistent_timeout))))
+    return out
+
+
+# --- over time ----------------------------------------------------------------
+
+
+class ServiceDrift(NamedTuple):
+    namespace: str
+    service: str
+    kind: str
+    count: int
+
+
+class DriftReport(NamedTuple):
+    """What the metrics show after one comparison (all past the grace period)."""
+
+    counts: dict[str, int]  # kind -> items drifted past grace
+    oldest_seconds: dict[str, float]  # kind -> age of the oldest of them (0 when none)
+    pending: dict[str, int]  # kind -> items still within grace
+    services: list[ServiceDrift]  # drifted services, most items first, capped
+    services_not_shown: int  # (namespace, service, kind) series beyond the cap
+    stuck_draining: int  # draining at weight 0 with no connections for stuck_after seconds
+    stuck_draining_items: list[DriftItem]
+
+
+class DriftTracker:
+    """Remembers when each difference was first seen; applies the grace period.
+
+    ``update(diff, now)`` takes the time explicitly (monotonic seconds) so it
+    is testable without clocks. An item is identified by its kind, virtual
+    server and real server; one that is no longer in the diff is forgotten at
+    once, so a difference that comes back starts a new grace period.
+
+    Grace period: a difference younger than ``grace_period`` is a proxy doing
+    its job (kube-proxy's IPVS sync runs every 30 s by default and takes
+    seconds to tens of seconds with thousands of services, kubernetes issues
+    73382 and 88212; kube-router took ~16 s per resync at 2.7K services,
+    kube-router issue 962). The default of 60 s covers one late sync of
+    either; the exporter sees API changes at about the time the proxy does.
+
+    Stuck graceful termination: kube-proxy's graceful-termination manager
+    deletes a weight-0 real server once its active and inactive connections
+    reach 0, checking every minute (pkg/proxy/ipvs/graceful_termination.go).
+    One left at weight 0 with no connections for ``stuck_after`` seconds
+    (default three checks) means that loop is not running: the hang of
+    kubernetes issue 71071.
+    """
+
+    def __init__(self, grace_period: float = 60.0, max_service_series: int = 200,
+                 stuck_after: float = 180.0) -> None:
+        self.grace_period = grace_period
+        self.max_service_series = max_service_series
+        self.stuck_after = stuck_after
+        self._first_seen: dict[tuple, float] = {}
+        self._idle_since: dict[tuple, float] = {}  # draining items with no connections, since when
+
+    def update(self, diff: Diff, now: float) -> DriftReport:
+        first_seen: dict[tuple, float] = {}
+        idle_since: dict[tuple, float] = {}
+        counts = dict.fromkeys(KINDS, 0)
+        pending = dict.fromkeys(KINDS, 0)
+        oldest = dict.fromkeys(KINDS, 0.0)
+        per_service: dict[tuple[str, str], int] = {}
+        stuck: list[DriftItem] = []
+        for item in diff.items():
+            ident = item.identity
+            seen = self._first_seen.get(ident, now)
+            first_seen[ident] = seen
+            age = now - seen
+            kind = item.kind
+            if age < self.grace_period:
+                pending[kind] += 1
+            else:
+                counts[kind] += 1
+                if age > oldest[kind]:
+                    oldest[kind] = age
+                if item.service:
+                    key = (item.service, kind)
+                    per_service[key] = per_service.get(key, 0) + 1
+            if kind == DRAINING_RS and not item.active_connections and not item.inactive_connections:
+                idle = self._idle_since.get(ident, now)
+                idle_since[ident] = idle
+                if now - idle >= self.stuck_after:
+                    stuck.append(item)
+        self._first_seen = first_seen
+        self._idle_since = idle_since
+
+        ranked = sorted(per_service.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ranked[: self.max_service_series]
+        services = []
+        for (service, kind), count in shown:
+            namespace, _, name = service.partition("/")
+            services.append(ServiceDrift(namespace, name, kind, count))
+        return DriftReport(counts, oldest, pending, services, len(ranked) - len(shown), len(stuck), stuck)
+
+    def __len__(self) -> int:
+        return len(self._first_seen)

@@ -1,0 +1,573 @@
+"""The live IPVS table: /proc/net/ip_vs for the whole table, netlink for one service.
+
+Why /proc and not netlink for the table: the kernel prints every virtual server
+with its real servers in one record, so one pass over the text is the whole table
+(lab.md: a Python pass costs about as much as `cat`, while a netlink walk asks
+once per virtual server for its real servers and parses far more bytes).
+
+What /proc lacks, netlink gives:
+- the persistence timeout in seconds (/proc prints jiffies, so the kernel's HZ is
+  needed; ``LiveTable`` learns it once, exactly, from one netlink read);
+- scheduler flags such as sh-fallback/sh-port (/proc shows only "ops"): read
+  them with ``read_virtual_server`` or ``dump_service_flags``.
+
+Consistency: the kernel prints one virtual server and all its real servers in one
+record, and the file is read whole before parsing, so an entry is never
+half-parsed. A change between two read() calls may skip or repeat one record (the
+seq_file position counts records); a repeat is harmless (same key), a skip is a
+momentary absence, which is why drift has a grace period. Lines that do not parse
+(a truncated file, garbage) drop their virtual server, never raise.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+import socket
+import struct
+import threading
+import time
+
+from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
+from exporter.paths import Paths
+
+PROC_IP_VS = ("net", "ip_vs")
+FALLBACK_HZ = 250  # Debian's and Ubuntu's CONFIG_HZ
+
+
+class IPVSUnavailable(Exception):
+    """/proc/net/ip_vs (or the IPVS netlink family) is absent: ip_vs is not loaded."""
+
+
+class IPVSTable(dict):
+    """A ``Table`` plus what the parse had to drop.
+
+    ``skipped_lines``: lines that did not parse (their virtual server is dropped).
+    ``persistent_jiffies``: raw /proc timeouts, kept so a caller that learns HZ later
+    can convert (``VirtualServer.persistent_timeout`` is already in seconds).
+    """
+
+    skipped_lines: int = 0
+    hz: int = FALLBACK_HZ
+
+
+# Conversions repeat heavily between scrapes and between services (the same pod
+# address:port is a real server of its ClusterIP and of every NodePort entry),
+# so hex tokens are converted once. Bounded: cleared when they grow too big.
+_ENDPOINT_CACHE: dict[str, tuple[str, int]] = {}
+_SERVICE_CACHES: dict[int, dict[str, tuple]] = {}  # by HZ: service line -> parsed
+_CACHE_LIMIT = 500_000
+
+_PROTOCOLS = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
+_new_tuple = tuple.__new__
+
+
+def _endpoint(token: str) -> tuple[str, int]:
+    """'0A000001:0050' or '[fd00:...:0001]:0050' -> ('10.0.0.1', 80). Raises ValueError."""
+    found = _ENDPOINT_CACHE.get(token)
+    if found is not None:
+        return found
+    host, sep, port_hex = token.rpartition(":")
+    if not sep or len(port_hex) != 4:
+        raise ValueError(token)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(token)
+        try:
+            address = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, host[1:-1]))
+        except OSError:
+            raise ValueError(token) from None
+    else:
+        if len(host) != 8:
+            raise ValueError(token)
+        address = socket.inet_ntoa(bytes.fromhex(host))
+    found = (address, int(port_hex, 16))
+    if len(_ENDPOINT_CACHE) >= _CACHE_LIMIT:
+        _ENDPOINT_CACHE.clear()
+    _ENDPOINT_CACHE[token] = found
+    return found
+
+
+def _netmask(text: str, ipv6: bool) -> str:
+    value = int(text, 16)
+    if ipv6:
+        # The kernel prints ntohl() of an IPv6 prefix length kept in host order.
+        return str(int.from_bytes(value.to_bytes(4, "big"), "little"))
+    return socket.inet_ntoa(value.to_bytes(4, "big"))
+
+
+# IPv4 masks whose low 24 bits are zero (/0 to /8): all but /1 are kept as IPv4.
+_SHORT_IPV4_MASKS = {0x00000000, 0xC0000000, 0xE0000000, 0xF0000000, 0xF8000000,
+                     0xFC000000, 0xFE000000, 0xFF000000}
+
+
+def _fwmark_mask_is_ipv6(printed: int) -> bool:
+    """Whether a fwmark service's printed persistence mask is an IPv6 prefix length.
+
+    A fwmark line does not name its family. An IPv6 prefix length p (1..128) is
+    printed byte-swapped, as p << 24; of those, only 0x80000000 (p=128, the default)
+    is also an IPv4 mask (/1), which no one uses for persistence: read it as IPv6.
+    """
+    return printed & 0x00FFFFFF == 0 and 1 <= printed >> 24 <= 128 and printed not in _SHORT_IPV4_MASKS
+
+
+def _service(parts: list[str], hz: int) -> tuple[VirtualServerKey, str, int | None, str | None, tuple, int | None]:
+    """One service line, split. Raises ValueError/IndexError on anything malformed.
+
+    TCP  0A000001:0050 rr [ops] [persistent <jiffies> <netmask hex>]
+    TCP  [fd00:...:0001]:0050 wlc [persistent <jiffies> <prefix hex>]
+    FWM  00000007 sh [ops] [persistent ...]
+    """
+    proto = parts[0]
+    if proto == "FWM":
+        if len(parts[1]) != 8:
+            raise ValueError(parts[1])
+        key = VirtualServerKey.for_fwmark(int(parts[1], 16))
+        ipv6 = False  # the fwmark line does not say; see _fwmark_mask_is_ipv6
+    else:
+        address, port = _endpoint(parts[1])
+        key = VirtualServerKey(_PROTOCOLS[proto], address, port)
+        ipv6 = ":" in address
+    scheduler = parts[2]
+    rest = parts[3:]
+    flags: tuple = ()
+    if rest and rest[0] == "ops":
+        flags = ("ops",)
+        rest = rest[1:]
+    timeout = netmask = jiffies = None
+    if rest:
+        if rest[0] != "persistent" or len(rest) != 3 or len(rest[2]) != 8:
+            raise ValueError(" ".join(rest))
+        jiffies = int(rest[1])
+        timeout = jiffies // hz
+        if proto == "FWM":
+            ipv6 = _fwmark_mask_is_ipv6(int(rest[2], 16))
+        netmask = _netmask(rest[2], ipv6)
+    return key, scheduler, timeout, netmask, flags, jiffies
+
+
+def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
+    """Parse the text of /proc/net/ip_vs into a table. Never raises on bad lines.
+
+    ``hz`` is the kernel's CONFIG_HZ, used to turn persistence timeouts from
+    jiffies into seconds; default: this machine's (``kernel_hz()``).
+    """
+    if hz is None:
+        hz = kernel_hz()
+    table = IPVSTable()
+    table.hz = hz
+    jiffies_by_key: dict[VirtualServerKey, int] = {}
+    lines = text.split("\n")
+    # The kernel ends every line with "\n": a last line without one is torn.
+    last = lines.pop()
+    skipped = 1 if last else 0
+    reals: dict | None = None  # real servers of the virtual server being read
+    key = None
+    endpoint_cache = _ENDPOINT_CACHE
+    service_cache = _SERVICE_CACHES.setdefault(hz, {})
+    endpoint = _endpoint
+    new_real = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
+    for line in lines:
+        if line.startswith("  -> "):
+            if reals is None:
+                if not line.startswith("  -> RemoteAddress"):  # the third header line
+                    skipped += 1  # belongs to a dropped or absent virtual server
+                continue
+            parts = line.split()
+            try:
+                if len(parts) != 6:
+                    raise ValueError(line)
+                token = parts[1]
+                ep = endpoint_cache.get(token) or endpoint(token)
+                reals[ep] = new_real(RealServer, (ep[0], ep[1], int(parts[3]), parts[2],
+                                                  int(parts[4]), int(parts[5])))
+            except (ValueError, IndexError):
+                # Drop the whole virtual server: no entry is ever half-read.
+                table.pop(key, None)
+                jiffies_by_key.pop(key, None)
+                reals = None
+                skipped += 1
+            continue
+        # A service line holds no counters: unchanged services parse from the cache.
+        parsed = service_cache.get(line)
+        if parsed is None:
+            parts = line.split()
+            if not parts:
+                continue  # a blank line carries nothing (the kernel prints none)
+            first = parts[0]
+            if first in ("IP", "Prot"):
+                reals = None
+                continue  # the header lines
+            try:
+                parsed = _service(parts, hz)
+            except (ValueError, IndexError, KeyError):
+                # It may sit among the real servers of the entry before it: drop that
+                # entry too, and the real servers after it, which have no owner.
+                if reals is not None:
+                    table.pop(key, None)
+                    jiffies_by_key.pop(key, None)
+                reals = None
+                skipped += 1
+                continue
+            if len(service_cache) >= _CACHE_LIMIT:
+                service_cache.clear()
+            service_cache[line] = parsed
+        key, scheduler, timeout, netmask, flags, jiffies = parsed
+        reals = {}
+        table[key] = new_real(VirtualServer, (key, scheduler, timeout, reals, None, flags, netmask))
+        if jiffies is not None:
+            jiffies_by_key[key] = jiffies
+    if last and last[:1] not in "TUSF":
+        # The torn last line was a real server: its virtual server is incomplete.
+        table.pop(key, None)
+        jiffies_by_key.pop(key, None)
+    table.skipped_lines = skipped
+    table.persistent_jiffies = jiffies_by_key
+    return table
+
+
+def read_ip_vs_text(paths: Paths = Paths()) -> str:
+    """The whole of /proc/net/ip_vs, read before any parsing."""
+    path = paths.proc(*PROC_IP_VS)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise IPVSUnavailable(f"ip_vs module not loaded (no {path})") from None
+    try:
+        chunks = []
+        while True:
+            # seq_file returns at most a page or so per call whatever we ask for.
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii", "replace")
+
+
+def read_ip_vs(paths: Paths = Paths(), hz: int | None = None) -> IPVSTable:
+    """The live table from /proc/net/ip_vs under ``paths``. Raises IPVSUnavailable."""
+    return parse_ip_vs(read_ip_vs_text(paths), hz)
+
+
+def with_hz(table: IPVSTable, hz: int) -> IPVSTable:
+    """Redo the jiffies->seconds conversion of a parsed table with the right HZ."""
+    if hz == table.hz:
+        return table
+    for key, jiffies in table.persistent_jiffies.items():
+        table[key] = table[key]._replace(persistent_timeout=jiffies // hz)
+    table.hz = hz
+    return table
+
+
+# --- the kernel's HZ ---------------------------------------------------------
+
+_hz_lock = threading.Lock()
+_hz_known: int | None = None
+
+
+def kernel_hz() -> int:
+    """This machine's CONFIG_HZ from the kernel config, else FALLBACK_HZ.
+
+    Exact only when the config is readable; ``LiveTable`` does better from netlink.
+    """
+    global _hz_known
+    with _hz_lock:
+        if _hz_known is None:
+            _hz_known = _hz_from_config() or FALLBACK_HZ
+        return _hz_known
+
+
+def _hz_from_config() -> int | None:
+    sources = [("/proc/config.gz", gzip.open), (f"/boot/config-{os.uname().release}", open)]
+    for path, opener in sources:
+        try:
+            with opener(path, "rt") as fh:
+                for line in fh:
+                    if line.startswith("CONFIG_HZ="):
+                        return int(line.split("=", 1)[1])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+# --- netlink (generic netlink family "IPVS") -----------------------------------
+
+_NETLINK_GENERIC = 16
+_GENL_ID_CTRL = 0x10
+_CTRL_CMD_GETFAMILY = 3
+_CTRL_ATTR_FAMILY_ID = 1
+_CTRL_ATTR_FAMILY_NAME = 2
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NLM_F_DUMP = 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+
+_IPVS_CMD_GET_SERVICE = 4
+_IPVS_CMD_GET_DEST = 8
+_IPVS_CMD_ATTR_SERVICE = 1
+_SVC_AF, _SVC_PROTOCOL, _SVC_ADDR, _SVC_PORT, _SVC_FWMARK = 1, 2, 3, 4, 5
+_SVC_SCHED_NAME, _SVC_FLAGS, _SVC_TIMEOUT, _SVC_NETMASK = 6, 7, 8, 9
+_DEST_ADDR, _DEST_PORT, _DEST_FWD_METHOD, _DEST_WEIGHT = 1, 2, 3, 4
+_DEST_ACTIVE_CONNS, _DEST_INACT_CONNS, _DEST_ADDR_FAMILY = 7, 8, 11
+
+_IP_VS_SVC_F_PERSISTENT = 0x1
+_IP_VS_SVC_F_ONEPACKET = 0x4
+_SCHED_FLAG_BITS = (0x8, 0x10, 0x20)
+# ipvsadm's names for the three scheduler flags, by scheduler.
+_SCHED_FLAG_NAMES = {
+    "sh": ("sh-fallback", "sh-port", "flag-3"),
+    "mh": ("mh-fallback", "mh-port", "flag-3"),
+}
+_FORWARD_NAMES = {0: "Masq", 1: "Local", 2: "Tunnel", 3: "Route", 4: "Bypass"}
+_PROTOCOL_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
+_PROTOCOL_NAMES = {v: k for k, v in _PROTOCOL_NUMBERS.items()}
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    out = {}
+    end = len(data)
+    while offset + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def scheduler_flag_names(scheduler: str, flags: int) -> tuple[str, ...]:
+    names = _SCHED_FLAG_NAMES.get(scheduler, ("flag-1", "flag-2", "flag-3"))
+    out = tuple(name for bit, name in zip(_SCHED_FLAG_BITS, names) if flags & bit)
+    if flags & _IP_VS_SVC_F_ONEPACKET:
+        out = ("ops",) + out
+    return out
+
+
+class IPVSNetlink:
+    """A small generic-netlink client for the IPVS family: reads only, never writes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_GENERIC)
+        self.sock.bind((0, 0))
+        self.sock.settimeout(5.0)
+        self.seq = 0
+        try:
+            reply = self._request(_GENL_ID_CTRL, _CTRL_CMD_GETFAMILY,
+                                  _attr(_CTRL_ATTR_FAMILY_NAME, b"IPVS\0"), dump=False)
+        except OSError as err:
+            self.close()
+            if err.errno == errno.ENOENT:
+                raise IPVSUnavailable("ip_vs module not loaded (no IPVS netlink family)") from None
+            raise
+        self.family = struct.unpack("=H", _attrs(reply[0])[_CTRL_ATTR_FAMILY_ID][:2])[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "IPVSNetlink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, family: int, cmd: int, payload: bytes, dump: bool) -> list[bytes]:
+        """Send one request; return the attribute area of each reply message."""
+        self.seq += 1
+        flags = _NLM_F_REQUEST | (_NLM_F_DUMP if dump else _NLM_F_ACK)
+        body = struct.pack("=BBH", cmd, 1, 0) + payload
+        self.sock.send(struct.pack("=IHHII", 16 + len(body), family, flags, self.seq, 0) + body)
+        out = []
+        while True:
+            data = self.sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                if length < 16:
+                    raise OSError(errno.EPROTO, "bad netlink message")
+                if seq == self.seq:
+                    if kind == _NLMSG_DONE:
+                        return out
+                    if kind == _NLMSG_ERROR:
+                        code = struct.unpack_from("=i", data, offset + 16)[0]
+                        if code:
+                            raise OSError(-code, os.strerror(-code))
+                        return out  # the ACK of a non-dump request
+                    out.append(data[offset + 20:offset + length])  # after nlmsghdr + genlmsghdr
+                offset += (length + 3) & ~3
+
+    def _service_key_attrs(self, key: VirtualServerKey, af: int | None = None) -> bytes:
+        if key.fwmark is not None:
+            # A fwmark service is looked up by (family, mark).
+            inner = _attr(_SVC_AF, struct.pack("=H", af or socket.AF_INET)) + \
+                _attr(_SVC_FWMARK, struct.pack("=I", key.fwmark))
+        else:
+            ipv6 = ":" in key.address
+            af = socket.AF_INET6 if ipv6 else socket.AF_INET
+            raw = socket.inet_pton(af, key.address)
+            inner = (_attr(_SVC_AF, struct.pack("=H", af))
+                     + _attr(_SVC_PROTOCOL, struct.pack("=H", _PROTOCOL_NUMBERS[key.protocol]))
+                     + _attr(_SVC_ADDR, raw.ljust(16, b"\0"))
+                     + _attr(_SVC_PORT, struct.pack("!H", key.port)))
+        return _attr(_IPVS_CMD_ATTR_SERVICE, inner)
+
+    def get_service(self, key: VirtualServerKey) -> dict[int, bytes] | None:
+        """The raw service attributes of one virtual server, or None when absent."""
+        families = (socket.AF_INET, socket.AF_INET6) if key.fwmark is not None else (None,)
+        for af in families:
+            try:
+                replies = self._request(self.family, _IPVS_CMD_GET_SERVICE,
+                                        self._service_key_attrs(key, af), dump=False)
+            except OSError as err:
+                if err.errno in (errno.ESRCH, errno.ENOENT):
+                    continue
+                raise
+            if replies:
+                return _attrs(_attrs(replies[0]).get(_IPVS_CMD_ATTR_SERVICE, b""))
+        return None
+
+    def dump_services(self) -> list[dict[int, bytes]]:
+        return [_attrs(_attrs(r).get(_IPVS_CMD_ATTR_SERVICE, b""))
+                for r in self._request(self.family, _IPVS_CMD_GET_SERVICE, b"", dump=True)]
+
+    def dump_dests(self, key: VirtualServerKey, af: int | None = None) -> list[dict[int, bytes]]:
+        replies = self._request(self.family, _IPVS_CMD_GET_DEST,
+                                self._service_key_attrs(key, af), dump=True)
+        return [_attrs(_attrs(r).get(2, b"")) for r in replies]  # IPVS_CMD_ATTR_DEST
+
+    def read_virtual_server(self, key: VirtualServerKey) -> VirtualServer | None:
+        svc = self.get_service(key)
+        if svc is None:
+            return None
+        af = struct.unpack("=H", svc[_SVC_AF][:2])[0]
+        try:
+            dests = self.dump_dests(key, af)
+        except OSError as err:
+            if err.errno in (errno.ESRCH, errno.ENOENT):
+                return None  # deleted between the two requests
+            raise
+        return _virtual_server_from_attrs(key, svc, dests)
+
+
+def _address(af: int, raw: bytes) -> str:
+    if af == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[:16])
+    return socket.inet_ntoa(raw[:4])
+
+
+def _virtual_server_from_attrs(key: VirtualServerKey, svc: dict[int, bytes],
+                               dests: list[dict[int, bytes]]) -> VirtualServer:
+    af = struct.unpack("=H", svc[_SVC_AF][:2])[0]
+    scheduler = svc[_SVC_SCHED_NAME].rstrip(b"\0").decode()
+    flags = struct.unpack("=I", svc[_SVC_FLAGS][:4])[0] if _SVC_FLAGS in svc else 0
+    timeout = netmask = None
+    if flags & _IP_VS_SVC_F_PERSISTENT:
+        timeout = struct.unpack("=I", svc[_SVC_TIMEOUT][:4])[0]
+        raw_mask = svc.get(_SVC_NETMASK, b"\xff\xff\xff\xff")[:4]
+        if af == socket.AF_INET6:
+            netmask = str(struct.unpack("=I", raw_mask)[0])
+        else:
+            netmask = socket.inet_ntoa(raw_mask)
+    reals = {}
+    for d in dests:
+        d_af = struct.unpack("=H", d[_DEST_ADDR_FAMILY][:2])[0] if _DEST_ADDR_FAMILY in d else af
+        address = _address(d_af, d[_DEST_ADDR])
+        port = struct.unpack("!H", d[_DEST_PORT][:2])[0]
+        fwd = struct.unpack("=I", d[_DEST_FWD_METHOD][:4])[0] & 0x7
+        reals[(address, port)] = RealServer(
+            address, port,
+            struct.unpack("=i", d[_DEST_WEIGHT][:4])[0],
+            _FORWARD_NAMES.get(fwd, str(fwd)),
+            struct.unpack("=I", d[_DEST_ACTIVE_CONNS][:4])[0],
+            struct.unpack("=I", d[_DEST_INACT_CONNS][:4])[0])
+    return VirtualServer(key, scheduler, timeout, reals, None,
+                         scheduler_flag_names(scheduler, flags), netmask)
+
+
+def read_virtual_server(key: VirtualServerKey) -> VirtualServer | None:
+    """One virtual server and its real servers over netlink (two requests), or None.
+
+    For following one service closely (programming latency) without reading the
+    whole table. Raises IPVSUnavailable when ip_vs is not loaded.
+    """
+    with IPVSNetlink() as nl:
+        return nl.read_virtual_server(key)
+
+
+def dump_service_flags() -> dict[VirtualServerKey, tuple[tuple[str, ...], int | None]]:
+    """Every service's (flags as ipvsadm names them, persistence timeout in seconds).
+
+    One netlink dump of services only (no real servers): what /proc does not print.
+    """
+    out = {}
+    with IPVSNetlink() as nl:
+        for svc in nl.dump_services():
+            af = struct.unpack("=H", svc[_SVC_AF][:2])[0]
+            if _SVC_FWMARK in svc and struct.unpack("=I", svc[_SVC_FWMARK][:4])[0]:
+                key = VirtualServerKey.for_fwmark(struct.unpack("=I", svc[_SVC_FWMARK][:4])[0])
+            else:
+                proto = _PROTOCOL_NAMES.get(struct.unpack("=H", svc[_SVC_PROTOCOL][:2])[0], "?")
+                key = VirtualServerKey(proto, _address(af, svc[_SVC_ADDR]),
+                                       struct.unpack("!H", svc[_SVC_PORT][:2])[0])
+            scheduler = svc[_SVC_SCHED_NAME].rstrip(b"\0").decode()
+            flags = struct.unpack("=I", svc[_SVC_FLAGS][:4])[0]
+            timeout = (struct.unpack("=I", svc[_SVC_TIMEOUT][:4])[0]
+                       if flags & _IP_VS_SVC_F_PERSISTENT else None)
+            out[key] = (scheduler_flag_names(scheduler, flags), timeout)
+    return out
+
+
+# --- one read per scrape, shared by collectors ---------------------------------
+
+class LiveTable:
+    """The live table, read at most once per ``max_age`` however many ask.
+
+    Collectors share one instance: ``ctx.service("ipvs-table", lambda: LiveTable(ctx.paths))``.
+    ``get()`` raises IPVSUnavailable when ip_vs is not loaded. The returned table
+    is shared: treat it as read-only.
+    """
+
+    def __init__(self, paths: Paths = Paths()) -> None:
+        self.paths = paths
+        self._lock = threading.Lock()
+        self._table: IPVSTable | None = None
+        self._read_at = 0.0
+        self._hz: int | None = None  # exact, once learned from netlink
+        self.read_seconds = 0.0  # how long the last real read took
+
+    def get(self, max_age: float = 1.0) -> IPVSTable:
+        with self._lock:
+            now = time.monotonic()
+            if self._table is not None and now - self._read_at <= max_age:
+                return self._table
+            start = time.perf_counter()
+            table = read_ip_vs(self.paths, self._hz or kernel_hz())
+            if self._hz is None and table.persistent_jiffies:
+                self._hz = self._learn_hz(table)
+                if self._hz:
+                    table = with_hz(table, self._hz)
+            self.read_seconds = time.perf_counter() - start
+            self._table = table
+            self._read_at = time.monotonic()
+            return table
+
+    def _learn_hz(self, table: IPVSTable) -> int | None:
+        """HZ = jiffies in /proc / seconds over netlink, for one persistent service."""
+        if self.paths.procfs != "/proc":
+            return None  # a fixture tree: its netlink would be ours, not its
+        for key, jiffies in table.persistent_jiffies.items():
+            try:
+                vs = read_virtual_server(key)
+            except (IPVSUnavailable, OSError):
+                return None
+            if vs is not None and vs.persistent_timeout:
+                return round(jiffies / vs.persistent_timeout)
+        return None

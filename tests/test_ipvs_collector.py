@@ -1,0 +1,106 @@
+"""Collector `ipvs`: bounded gauges from the live table; a missing module fails only itself."""
+
+import os
+from pathlib import Path
+
+from prometheus_client.core import GaugeMetricFamily
+
+from exporter.collector import Collector, Runner
+from exporter.collectors.ipvs import table_metrics
+from exporter.readers.ipvs import parse_ip_vs
+from tests.helpers import make_runner, samples, value
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ipvs"
+
+
+class AlwaysUp(Collector):
+    name = "always_up"
+
+    def __init__(self):
+        pass
+
+    def collect(self):
+        yield GaugeMetricFamily("kubenode_test_up", "a collector that works", value=1)
+
+
+def proc_tree(tmp_path, ip_vs_text=None) -> str:
+    (tmp_path / "net").mkdir(exist_ok=True)
+    if ip_vs_text is not None:
+        (tmp_path / "net" / "ip_vs").write_text(ip_vs_text)
+    return str(tmp_path)
+
+
+def ipvs_runner(procfs: str) -> Runner:
+    runner, ctx = make_runner(["--path.procfs", procfs])
+    ipvs = [c for c in runner.collectors if c.name == "ipvs"]
+    assert ipvs, "collector ipvs is not registered or not enabled by default"
+    return Runner(ipvs + [AlwaysUp()])
+
+
+def test_host_without_ip_vs_fails_only_this_collector(caplog):
+    # The build machine's kernel has no IPVS at all: the real "module not loaded" case.
+    assert not os.path.exists("/proc/net/ip_vs"), "this host has IPVS; the test needs one without"
+    s = samples(ipvs_runner("/proc"))
+    assert value(s, "kubenode_collector_success", collector="ipvs") == 0.0
+    assert value(s, "kubenode_collector_success", collector="always_up") == 1.0
+    assert value(s, "kubenode_test_up") == 1.0
+    assert value(s, "kubenode_ipvs_virtual_servers") is None
+    assert "ip_vs module not loaded (no /proc/net/ip_vs)" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_counts_from_a_kernel_capture(tmp_path):
+    text = (FIXTURES / "kube.txt").read_text()
+    s = samples(ipvs_runner(proc_tree(tmp_path, text)))
+    assert value(s, "kubenode_collector_success", collector="ipvs") == 1.0
+    assert value(s, "kubenode_ipvs_virtual_servers") == 8
+    assert value(s, "kubenode_ipvs_real_servers") == 8
+    assert value(s, "kubenode_ipvs_real_servers_zero_weight") == 1
+    assert value(s, "kubenode_ipvs_virtual_servers_without_real_servers") == 2
+    assert value(s, "kubenode_ipvs_virtual_servers_unavailable") == 2
+    for protocol, count in {"TCP": 4, "UDP": 1, "SCTP": 1, "FWM": 2}.items():
+        assert value(s, "kubenode_ipvs_virtual_servers_by_protocol", protocol=protocol) == count
+    assert value(s, "kubenode_ipvs_connections", state="active") == 0
+    assert value(s, "kubenode_ipvs_unparsed_lines") == 0
+    assert value(s, "kubenode_ipvs_read_seconds") >= 0
+
+
+def test_all_zero_weight_is_unavailable_and_connections_add_up():
+    text = (
+        "IP Virtual Server version 1.2.1 (size=4096)\n"
+        "Prot LocalAddress:Port Scheduler Flags\n"
+        "  -> RemoteAddress:Port Forward Weight ActiveConn InActConn\n"
+        "TCP  0A600001:0050 rr  \n"
+        "  -> 0AF40105:1F90      Masq    0      3          40        \n"
+        "  -> 0AF40106:1F90      Masq    0      1          2         \n"
+        "TCP  0A600002:0050 rr  \n"
+        "  -> 0AF40107:1F90      Masq    1      5          0         \n"
+    )
+    s = samples(iter_families(table_metrics(parse_ip_vs(text, hz=250))))
+    assert value(s, "kubenode_ipvs_virtual_servers_unavailable") == 1
+    assert value(s, "kubenode_ipvs_real_servers_zero_weight") == 2
+    assert value(s, "kubenode_ipvs_connections", state="active") == 9
+    assert value(s, "kubenode_ipvs_connections", state="inactive") == 42
+
+
+def test_bad_lines_are_counted_not_fatal(tmp_path):
+    text = (FIXTURES / "kube.txt").read_text() + "TCP  garbage\n"
+    s = samples(ipvs_runner(proc_tree(tmp_path, text)))
+    assert value(s, "kubenode_collector_success", collector="ipvs") == 1.0
+    assert value(s, "kubenode_ipvs_unparsed_lines") == 1
+
+
+def test_no_series_per_backend(tmp_path):
+    s = samples(ipvs_runner(proc_tree(tmp_path, (FIXTURES / "kube.txt").read_text())))
+    labels = {k for (name, items) in s if name.startswith("kubenode_ipvs") for k, _ in items}
+    assert labels <= {"protocol", "state"}
+
+
+class iter_families:
+    """Adapt a list of families to what tests.helpers.samples reads (a .collect())."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
