@@ -350,3 +350,42 @@ def test_config_sources(tmp_path, apiserver, monkeypatch):
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     config = load_config(None, environ={"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, service_account_dir=str(sa))
     assert config.get().cluster.server.startswith("https://10.96.0.1")
+
+
+def test_tls_with_the_kubeconfig_ca_and_a_wrong_ca(tmp_path):
+    from tests.apiserver import FakeApiServer
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    server = FakeApiServer(tls_dir=str(tmp_path / "a")).start()
+    other = FakeApiServer(tls_dir=str(tmp_path / "b"))  # only for a CA that is not the server's
+    other.httpd.server_close()
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        server.create("services", service("default", "a", "10.96.0.1"))
+        api = ApiClient.from_settings(server.write_kubeconfig(str(tmp_path / "kc")))
+        r = reflector(api, services_resource(), Recorder())
+        r.start()
+        try:
+            assert r.wait_synced(10)
+            wait_for(lambda: server.open_watches, what="a watch over TLS")
+            server.create("services", service("default", "b", "10.96.0.2"))
+            wait_for(lambda: r.handler.keys("services") == {"default/a", "default/b"}, what="the event")
+            start = time.monotonic()
+        finally:
+            r.stop()
+        assert time.monotonic() - start < 2  # stop wakes a reader blocked on a TLS stream too
+        api.close()
+
+        wrong = ApiClient.from_settings(server.write_kubeconfig(str(tmp_path / "kc2"), ca_pem=other.ca_pem))
+        r = reflector(wrong, services_resource(), Recorder())
+        r.start()
+        try:
+            wait_for(lambda: r.status().last_error, what="a TLS error")
+            assert "CERTIFICATE_VERIFY_FAILED" in r.status().last_error
+            assert not r.status().up
+        finally:
+            r.stop()
+            wrong.close()
+    finally:
+        server.stop()
