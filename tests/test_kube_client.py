@@ -194,7 +194,7 @@ def test_backoff_timing_between_failed_lists(apiserver, api, running):
     assert r.wait_synced(15)
     gaps = [b - a for a, b in zip(times, times[1:])]
     # Delays are base*2^n*[0.5, 1): 0.05-0.1, 0.1-0.2, 0.2-0.4, 0.4-0.8
-    assert gaps[0] < 0.3 and gaps[3] >= 0.4, gaps
+    assert gaps[3] >= 0.4, gaps  # a lower bound: load can only lengthen gaps
     assert gaps[3] > gaps[0]
 
 
