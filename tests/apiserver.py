@@ -96,6 +96,7 @@ class FakeApiServer:
         self.delay = 0.0  # seconds before each response
         self.gone_as_status = False  # 410 on WATCH as an HTTP status instead of an ERROR event
         self.bookmark_interval: float | None = None  # periodic bookmarks on open watches
+        self.hang_watches = False  # watches ignore timeoutSeconds and go silent (a stuck server)
         self.open_watches = 0
         self._watch_epoch = 0  # end_watches() bumps it; older streams end cleanly
         self._closing = False
@@ -334,7 +335,7 @@ class FakeApiServer:
                     since = int(params.get("resourceVersion") or 0)
                 except ValueError:
                     return self._json(record, 400, _status(400, "BadRequest", "bad resourceVersion"))
-                timeout = float(params.get("timeoutSeconds") or 1800)
+                timeout = 1e9 if server.hang_watches else float(params.get("timeoutSeconds") or 1800)
                 bookmarks = params.get("allowWatchBookmarks") == "true"
                 selector = _name_selector(params.get("fieldSelector"))
                 drop_after = server._take_drop(resource)

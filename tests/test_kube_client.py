@@ -305,6 +305,47 @@ def test_slow_responses_still_sync(apiserver, api, running):
     assert len(rec.keys("services")) == 3
 
 
+def test_silent_watch_times_out_and_resumes_without_relist(apiserver, api, running):
+    apiserver.hang_watches = True
+    apiserver.create("services", service("default", "a", "10.96.0.1"))
+    rec = Recorder()
+    r = running(reflector(api, services_resource(), rec, watch_timeout=1, read_slack=0.5))
+    assert r.wait_synced(10)
+    listed_rv = r.resource_version
+    wait_for(lambda: len(apiserver.watches("services")) >= 2, timeout=10, what="a reconnect after the read timeout")
+    assert [w.params["resourceVersion"] for w in apiserver.watches("services")[:2]] == [listed_rv, listed_rv]
+    assert "ReadTimeout" in (r.status().last_error or "")
+    assert len(apiserver.lists("services")) == 1
+
+
+def test_list_slower_than_its_timeout_is_retried(apiserver, api, running):
+    apiserver.create("services", service("default", "a", "10.96.0.1"))
+    apiserver.delay = 1.0
+    rec = Recorder()
+    r = running(reflector(api, services_resource(), rec, list_timeout=0.3))
+    wait_for(lambda: len(apiserver.lists("services")) >= 2, what="a retried list")
+    assert "ReadTimeout" in (r.status().last_error or "") and not r.status().synced
+    apiserver.delay = 0
+    assert r.wait_synced(10)
+    assert rec.keys("services") == {"default/a"}
+
+
+def test_stream_that_ends_at_once_backs_off(apiserver, api, running):
+    rec = Recorder()
+    r = running(reflector(api, services_resource(), rec, backoff=Backoff(base=0.2, cap=0.2)))
+    assert r.wait_synced(10)
+    wait_for(lambda: apiserver.open_watches, what="an open watch")
+    start = time.monotonic()
+    for _ in range(3):
+        count = len(apiserver.watches("services"))
+        apiserver.end_watches()
+        wait_for(lambda: len(apiserver.watches("services")) > count and apiserver.open_watches,
+                 what="the next watch")
+    # Three early, empty ends: each waits a backoff (>= 0.1 s) instead of reconnecting in a loop.
+    assert time.monotonic() - start >= 0.3
+    assert "ended early" in r.status().last_error
+
+
 def test_stop_is_prompt_while_a_watch_blocks(apiserver, api):
     rec = Recorder()
     r = reflector(api, services_resource(), rec)
