@@ -2,12 +2,18 @@
 
 Public surface (what the drift collector and the latency follower use):
 
-- ``KubeStore(api, node_name, proxy, node_addresses)``: ``start()``, ``stop()``,
+- ``KubeStore(api, node_name, proxy, node_ips)`` or ``KubeStore.from_settings(settings)``
+  (raises ``KubeConfigError`` when there is no API access): ``start()`` (idempotent), ``stop()``,
   ``synced()``, ``wait_synced(timeout)``, ``snapshot()`` (the desired table,
   read-only, no copy), ``watch_status()`` (one ``WatchStatus`` per resource, for
   ``kubenode_kube_watch_up``), ``subscribe(callback)`` (``ChangeEvent`` per
-  changed service), ``refresh_node_addresses()``; ``KubeStore.from_settings(settings)``;
-  ``watch_up_family(store.watch_status())`` for the metric.
+  changed service: before/after virtual server keys and the slice's trigger time),
+  ``refresh_node_addresses()``; ``watch_up_family(store.watch_status())`` for the metric.
+
+  A collector would hold one store for the process:
+  ``store = ctx.service("kube", lambda: KubeStore.from_settings(ctx.settings)); store.start()``,
+  and per scrape read ``snap = store.snapshot()`` (``snap.synced`` False: do not
+  report drift yet) and ``snap.table`` / ``snap.by_service`` / ``snap.real_servers``.
 - ``ClusterState``: the same state without any I/O; reflectors feed it through
   ``replace``/``upsert``/``delete``. Tests and the offline tools can use it alone.
 
