@@ -118,6 +118,7 @@ class ClusterState:
         self._real_servers = 0
         self._shared = False
         self._generation = 0
+        self._last_snapshot: DesiredSnapshot | None = None
         self._subscribers: list[Callable[[ChangeEvent], None]] = []
         self._model_errors = 0
         self._model_log = RateLimitedLog(log)
@@ -125,10 +126,22 @@ class ClusterState:
     # --- public ---------------------------------------------------------------
 
     def snapshot(self) -> DesiredSnapshot:
-        with self._lock:
+        """The current desired table; never waits behind a long update.
+
+        While a writer holds the state (the initial build, a relist, a zone change
+        recomputing every Service: seconds at 10,000 Services) the previous
+        snapshot is returned, consistent and at most that update old.
+        """
+        if not self._lock.acquire(blocking=self._last_snapshot is None):
+            return self._last_snapshot
+        try:
             self._shared = True
-            return DesiredSnapshot(MappingProxyType(self._table), MappingProxyType(self._vs_keys),
-                                   self._real_servers, self._generation, self._built)
+            self._last_snapshot = DesiredSnapshot(
+                MappingProxyType(self._table), MappingProxyType(self._vs_keys),
+                self._real_servers, self._generation, self._built)
+            return self._last_snapshot
+        finally:
+            self._lock.release()
 
     def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` after each change (on a reflector thread: keep it cheap).
