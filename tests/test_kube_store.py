@@ -200,6 +200,13 @@ def test_snapshot_does_not_wait_behind_a_long_update():
     assert after.generation == before.generation + 5 and slow.total() == 5
 
 
+def test_a_missing_node_is_logged(caplog):
+    caplog.set_level(logging.WARNING, logger="exporter.kube.store")
+    st = state(CountingModel())
+    st.replace("nodes", {"someone-else": objects.Node("someone-else", "z")})
+    assert "Node 'node-a' not found" in caplog.text and st.node().zone is None
+
+
 def test_a_model_failure_skips_that_service_only(caplog):
     caplog.set_level(logging.WARNING, logger="exporter.kube.store")
     model = CountingModel()

@@ -187,6 +187,10 @@ class ClusterState:
         with self._lock:
             if resource == NODES:
                 node = items.get(self.node_name)
+                if node is None:
+                    # Local traffic policies and topology depend on knowing which node this is.
+                    log.warning("Node %r not found in the API: check --node-name (or NODE_NAME); "
+                                "endpoints will not be recognised as local", self.node_name)
                 self._node = node
                 affected: set[str] | None = None
             else:
