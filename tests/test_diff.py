@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from exporter.dataplane import VirtualServerKey
@@ -112,27 +110,37 @@ def test_json_has_every_kind_and_sorted_items():
     assert [i["real_address"] for i in rs] == ["10.1.0.9", "10.1.0.10"]
 
 
+class CountingKey(VirtualServerKey):
+    """A key that counts equality checks: each hashed lookup costs one, a scan costs many."""
+
+    __slots__ = ()
+    comparisons = 0
+
+    def __eq__(self, other):
+        CountingKey.comparisons += 1
+        return tuple.__eq__(self, other)
+
+    __hash__ = tuple.__hash__
+
+
 def test_diff_is_linear_not_quadratic():
-    # 20x more entries must cost well under 400x (the O(n^2) loop of the first incident).
-    def tables(n):
-        want = {}
+    # Counted, not timed: the first incident's O(n^2) loop compares every pair, a hashed
+    # diff compares each key about once. 20x the entries must cost about 20x the comparisons.
+    def comparisons(n):
+        want, have = {}, {}
         for i in range(n):
-            v = vs("TCP", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 80,
-                   [(f"10.200.{i // 256 % 256}.{i % 256}", 8080), (f"10.201.{i // 256 % 256}.{i % 256}", 8080)])
-            want[v.key] = v
-        return want, dict(want)
+            address = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
+            for side in (want, have):  # equal keys, distinct objects: a lookup must compare
+                v = vs("TCP", address, 80, [(f"10.200.{i // 256 % 256}.{i % 256}", 8080)])
+                key = CountingKey(*v.key)
+                side[key] = v._replace(key=key)
+        CountingKey.comparisons = 0
+        d.diff_tables(want, have)
+        return CountingKey.comparisons
 
-    def cost(n):
-        want, have = tables(n)
-        best = float("inf")
-        for _ in range(3):  # best of three: a busy shared machine only ever adds time
-            start = time.perf_counter()
-            d.diff_tables(want, have)
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    small, big = cost(500), cost(10_000)
-    assert big / small < 100, (small, big)
+    small, big = comparisons(500), comparisons(10_000)
+    assert small >= 500, "the diff should look every desired key up in the live table"
+    assert big / small < 40, (small, big)
 
 
 # --- DriftTracker -----------------------------------------------------------
@@ -206,16 +214,14 @@ def test_stuck_graceful_termination():
     assert tracker.update(idle, now=900).stuck_draining == 0
 
 
-def test_tracker_cost_is_linear():
+def test_tracker_caps_services_at_scale():
     want = {}
     for i in range(20_000):
         w = vs("TCP", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 80, [], service=f"ns/s{i}")
         want[w.key] = w
     result = d.diff_tables(want, {})
     tracker = d.DriftTracker(grace_period=0)
-    start = time.perf_counter()
     r = tracker.update(result, now=1)
-    assert time.perf_counter() - start < 1.0
     assert r.counts["missing_virtual_servers"] == 20_000 and len(r.services) == 200
     assert r.services_not_shown == 19_800
 
