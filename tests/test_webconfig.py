@@ -426,3 +426,15 @@ def _listening_ports(pid: int) -> set[int]:
                 if fields[3] == "0A" and fields[9] in inodes:
                     ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def test_relative_file_names_are_resolved_against_the_config_folder(pki, start_exporter, tmp_path):
+    # As exporter-toolkit does, and as the web-tls component's Secret mount relies on.
+    folder = tmp_path / "mounted-secret"
+    folder.mkdir()
+    for name in ("server.crt", "server.key"):
+        (folder / name).write_bytes((pki / name).read_bytes())
+    (folder / "web.yml").write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
+    config = read_web_config(str(folder / "web.yml"))
+    assert config.tls.cert_file == str(folder / "server.crt")
+    assert config.ssl_context() is not None
