@@ -236,6 +236,7 @@ def test_container_security_context(overlay):
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert sc["runAsUser"] == 65534 and sc["runAsGroup"] == 65534 and sc["runAsNonRoot"] is True
         assert "--no-collector.ipset" in container["args"]
+        assert spec["securityContext"]["fsGroup"] == 65534  # group-readable Secrets (web-tls)
     else:
         assert sc["capabilities"] == {"drop": ["ALL"], "add": ADDED_CAPABILITIES}
         # Root only because of the capability (docs/security.md); never root with more.

@@ -302,6 +302,21 @@ def test_rotated_certificate_is_served_without_restart(pki, start_exporter, tmp_
         request(exp.port, ctx=client_context(pki))
     ctx = ssl.create_default_context(cafile=str(tmp_path / "rotated-ca.crt"))
     assert request(exp.port, ctx=ctx)[0] == 200
+    # Prometheus scrapes pod addresses: a client connecting by IP sends no SNI, and the
+    # reload must not depend on it. (Name checks off: only the issuing CA matters here.)
+    by_ip = ssl.create_default_context(cafile=str(tmp_path / "rotated-ca.crt"))
+    by_ip.check_hostname = False
+    new_ca2 = make_ca("rotated CA 2")
+    write_pair(tmp_path, "rotated-ca2", new_ca2)
+    c2, k2 = write_pair(tmp_path, "rotated2", issue(new_ca2, "localhost", server=True,
+                                                    sans=[x509.DNSName("localhost")]))
+    os.replace(k2, key)
+    os.replace(c2, cert)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        request(exp.port, ctx=by_ip, host="127.0.0.1")
+    by_ip2 = ssl.create_default_context(cafile=str(tmp_path / "rotated-ca2.crt"))
+    by_ip2.check_hostname = False
+    assert request(exp.port, ctx=by_ip2, host="127.0.0.1")[0] == 200
 
 
 # --- basic auth ----------------------------------------------------------------------------------
