@@ -2,7 +2,7 @@
 PORT ?= 9815
 PY := .venv/bin/python
 
-.PHONY: setup setup-test run test test-host test-kernel bench dashboards lint clean
+.PHONY: setup setup-test run test test-host test-kernel bench dashboards bundle lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -23,6 +23,13 @@ test-host:
 
 test-kernel:
 	$(PY) -m tests.kernel.lane
+
+# Alerts, dashboards and their operator / sidecar renderings, from tools/bundle/config.yaml
+# (needs the dashboards extra: make setup-test).
+bundle:
+	$(PY) -m tools.bundle
+
+dashboards: bundle
 
 bench: setup-test
 	$(PY) -m bench

@@ -1,0 +1,117 @@
+"""Generated bundle files: fresh, consistent, and the dashboards shaped as promised.
+
+Needs the `dashboards` extra (grafana-foundation-sdk, pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    from tools.bundle.dashboards import panel_queries
+    from tools.bundle.render import render
+except ImportError as err:  # pragma: no cover - a setup problem, reported as such
+    pytest.fail(f"grafana-foundation-sdk is not installed ({err}): pip install -e '.[dashboards]' "
+                "(make setup-test)", pytrace=False)
+
+
+def test_sdk_is_the_pinned_version():
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dashboards"]
+    pinned = next(p for p in pins if p.startswith("grafana-foundation-sdk=="))
+    assert metadata.version("grafana-foundation-sdk") == pinned.split("==", 1)[1]
+
+
+def test_committed_files_match_a_fresh_render():
+    stale = [rel for rel, text in render().items()
+             if not (ROOT / rel).exists() or (ROOT / rel).read_text(encoding="utf-8") != text]
+    assert not stale, f"generated files out of date, run `make bundle`: {stale}"
+
+
+def test_check_mode_fails_on_a_stale_file(tmp_path):
+    for rel, text in render().items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    cmd = [sys.executable, "-m", "tools.bundle", "--check", "--root", str(tmp_path)]
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+    node = tmp_path / "grafana" / "dashboards" / "kubenode-node.json"
+    node.write_text(node.read_text().replace("Drift by kind", "Drift by sort"))
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "grafana/dashboards/kubenode-node.json" in out.stderr
+
+
+def load(name: str) -> dict:
+    return json.loads((ROOT / "grafana" / "dashboards" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["kubenode-node.json", "kubenode-cluster.json"])
+def test_variables_ids_and_datasources(name):
+    model = load(name)
+    variables = {v["name"]: v for v in model["templating"]["list"]}
+    assert list(variables) == ["datasource", "job", "node"]
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert "$job" in variables["node"]["query"]
+    ids = [p["id"] for p in model["panels"]]
+    assert len(ids) == len(set(ids)) and 0 not in ids
+    for panel in model["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs and len(refs) == len(set(refs)) and "" not in refs, panel["title"]
+        for target in panel["targets"]:
+            assert '$job' in target["expr"] or "ALERTS" in target["expr"], (panel["title"], target["expr"])
+
+
+def test_node_dashboard_has_the_promised_panels():
+    model = load("kubenode-node.json")
+    by_title = {p["title"]: p for p in model["panels"]}
+    assert by_title["Drift by kind"]["type"] == "timeseries"
+    assert by_title["Drift age by kind"]["fieldConfig"]["defaults"]["unit"] == "s"
+    assert by_title["Drifted services"]["type"] == "table"
+    for heat in ("Network programming latency", "Proxy sync duration"):
+        assert by_title[heat]["type"] == "heatmap"
+        assert by_title[heat]["targets"][0]["format"] == "heatmap"
+        assert "_bucket" in by_title[heat]["targets"][0]["expr"]
+    assert by_title["ipset fill (entries / maxelem)"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    assert "children_cpu" in by_title["Exited children CPU (exec storms)"]["targets"][0]["expr"]
+    assert "kubenode_process_cpu_seconds_total" in by_title["Process CPU"]["targets"][0]["expr"]
+    assert "memcg_stat_read_seconds" in by_title["memory.stat read time"]["targets"][0]["expr"]
+    assert "memcg_cgroups" in by_title["Memory cgroups: live and dying"]["targets"][0]["expr"]
+    node_var = {v["name"]: v for v in model["templating"]["list"]}["node"]
+    assert not node_var["multi"] and not node_var["includeAll"], "the node dashboard shows one node"
+
+
+def test_cluster_dashboard_puts_worst_nodes_first():
+    model = load("kubenode-cluster.json")
+    bars = [p for p in model["panels"] if p["type"] == "bargauge"]
+    assert len(bars) >= 6
+    for panel in bars:
+        expr = panel["targets"][0]["expr"]
+        assert expr.startswith("sort_desc(topk(10, ") and "by (node" in expr, panel["title"]
+        assert panel["targets"][0]["instant"] is True
+        (link,) = panel["fieldConfig"]["defaults"]["links"]
+        assert link["url"].startswith("/d/kubenode-node?") and "var-node=${__field.labels.node}" in link["url"]
+
+
+def test_sidecar_configmaps_carry_the_dashboards():
+    for name in ("kubenode-node", "kubenode-cluster"):
+        cm = yaml.safe_load((ROOT / "grafana" / "configmaps" / f"{name}.yaml").read_text())
+        assert cm["kind"] == "ConfigMap" and cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert json.loads(cm["data"][f"{name}.json"]) == load(f"{name}.json")
+
+
+def test_every_panel_has_queries():
+    for name in ("kubenode-node.json", "kubenode-cluster.json"):
+        model = load(name)
+        panels = [p for p in model["panels"] if p["type"] != "row"]
+        assert len(list(panel_queries(model))) >= len(panels)
