@@ -397,3 +397,20 @@ def test_plain_prometheus_overlay_and_scrape_config(tmp_path):
     config.write_text(yaml.safe_dump({"global": {"scrape_interval": "30s"}, **scrape}))
     out = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_runbooks_name_the_namespace_container_and_labels_deploy_installs():
+    runbooks = REPO / "docs" / "runbooks"
+    if not runbooks.is_dir():
+        pytest.skip("docs/runbooks (issue 5) not in this tree")
+    ds = the("base", "DaemonSet")
+    namespace, (container,) = ds["metadata"]["namespace"], ds["spec"]["template"]["spec"]["containers"]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    commands = [line for page in sorted(runbooks.glob("*.md")) for line in page.read_text().splitlines()
+                if "kubectl" in line and "kubenode-exporter" in line]
+    assert commands
+    for line in commands:
+        if " -c " in line:
+            assert re.search(rf"-n {re.escape(namespace)}\b", line) and f"-c {container['name']}" in line, line
+        for key, value in re.findall(r"-l ([\w./-]+)=([\w.-]+)", line):
+            assert labels.get(key) == value, line
