@@ -82,14 +82,20 @@ def serve(argv: list[str]) -> int:
 
     ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
     runner = Runner(build_collectors(ctx))
-    try:
-        ssl_context = None
-        if settings["web.config.file"]:
-            from exporter.webconfig import load_web_config
+    web = None
+    if settings["web.config.file"]:
+        from exporter.webconfig import read_web_config
 
-            ssl_context = load_web_config(settings["web.config.file"])
-        server = MetricsServer(make_app(runner, settings["web.telemetry-path"]),
-                               settings["web.listen-address"], ssl_context)
+        try:
+            web = read_web_config(settings["web.config.file"])
+        except ConfigError as err:
+            print(f"kubenode-exporter: {err}", file=sys.stderr)
+            return 2
+    try:
+        app = make_app(runner, settings["web.telemetry-path"],
+                       auth=web.authenticator() if web else None, headers=web.headers if web else ())
+        server = MetricsServer(app, settings["web.listen-address"], web.ssl_context() if web else None,
+                               web.tls.client_allowed_sans if web and web.tls else ())
     except (OSError, ValueError, ConfigError) as err:
         print(f"kubenode-exporter: cannot serve on {settings['web.listen-address']}: {err}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import logging
 import socket
+import ssl
 import threading
 from socketserver import ThreadingMixIn
 from typing import Callable, Iterable
@@ -54,13 +55,56 @@ def _server_class(host: str) -> type[_Server]:
     return Server
 
 
-def make_app(runner: Runner, telemetry_path: str = "/metrics") -> Callable:
+# Paths served without basic auth: a liveness answer that says nothing but "ok",
+# so kubelet probes need no credentials in the pod spec. (exporter-toolkit protects
+# every path; this is the one deliberate difference, see docs/security.md.)
+UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
+
+
+# Seconds a connection may take to finish the TLS handshake or send its request.
+CONNECTION_TIMEOUT = 30.0
+
+
+def _tls_server_class(base: type[_Server], ssl_context, allowed_sans: tuple[str, ...]) -> type[_Server]:
+    from exporter.webconfig import peer_matches_sans
+
+    class TLSServer(base):
+        def finish_request(self, request, client_address) -> None:
+            request.settimeout(CONNECTION_TIMEOUT)
+            try:
+                tls = ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as err:
+                log.debug("TLS handshake with %s failed: %s", client_address[0], err)
+                return
+            try:  # the TLS socket now owns the connection: close it here, not the raw one
+                if not peer_matches_sans(tls.getpeercert(), allowed_sans):
+                    log.debug("client certificate of %s names none of client_allowed_sans", client_address[0])
+                    return
+                super().finish_request(tls, client_address)
+            finally:
+                self.shutdown_request(tls)
+
+    return TLSServer
+
+
+def make_app(runner: Runner, telemetry_path: str = "/metrics", *,
+             auth: Callable[[str | None], bool] | None = None,
+             headers: Iterable[tuple[str, str]] = ()) -> Callable:
+    """The WSGI app. ``auth(Authorization header) -> bool`` guards every path but
+    UNAUTHENTICATED_PATHS; ``headers`` are added to every response."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(runner)
     metrics_app = make_wsgi_app(registry)
+    extra_headers = list(headers)
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if extra_headers:
+            start_response = _with_headers(start_response, extra_headers)
         path = environ.get("PATH_INFO", "/")
+        if auth is not None and path not in UNAUTHENTICATED_PATHS and not auth(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                ("WWW-Authenticate", 'Basic realm="kubenode-exporter"')])
+            return [b"Unauthorized\n"]
         if path == telemetry_path:
             return metrics_app(environ, start_response)
         if path == "/healthz":
@@ -74,6 +118,13 @@ def make_app(runner: Runner, telemetry_path: str = "/metrics") -> Callable:
         return [b"not found\n"]
 
     return app
+
+
+def _with_headers(start_response: Callable, extra: list[tuple[str, str]]) -> Callable:
+    def wrapped(status: str, response_headers: list, exc_info=None):
+        return start_response(status, list(response_headers) + extra, exc_info)
+
+    return wrapped
 
 
 def _landing_page(runner: Runner, telemetry_path: str) -> str:
@@ -97,13 +148,22 @@ def _landing_page(runner: Runner, telemetry_path: str) -> str:
 
 
 class MetricsServer:
-    """The HTTP server on its own thread; ``stop()`` ends it."""
+    """The HTTP server on its own thread; ``stop()`` ends it.
 
-    def __init__(self, app: Callable, address: str, ssl_context=None) -> None:
+    With ``ssl_context`` the one listening socket speaks only TLS. The handshake
+    runs in the connection's own thread (not in accept), so a client that
+    connects and stays silent cannot stall the server; ``allowed_sans`` (from
+    client_allowed_sans) closes connections whose verified certificate names
+    none of them.
+    """
+
+    def __init__(self, app: Callable, address: str, ssl_context=None,
+                 allowed_sans: tuple[str, ...] = ()) -> None:
         host, port = parse_listen_address(address)
-        self.httpd = make_server(host, port, app, server_class=_server_class(host), handler_class=_QuietHandler)
+        server_class = _server_class(host)
         if ssl_context is not None:
-            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
+            server_class = _tls_server_class(server_class, ssl_context, tuple(allowed_sans))
+        self.httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
 
     @property

@@ -1,0 +1,112 @@
+"""Which capability the DaemonSet needs, proved on the real kernel.
+
+Listing ipset headers over NETLINK_NETFILTER is refused without CAP_NET_ADMIN
+(nfnetlink checks it for every message, reads included), so the DaemonSet adds
+NET_ADMIN and nothing else. Each case runs the same listing, as the ipset
+reader does it (pyroute2, header-only dump), in a network namespace of this
+test's own, with an exact capability set made by setpriv:
+
+- uid 65534 with no capability: refused;
+- uid 65534 with only NET_ADMIN (ambient): lists the sets;
+- uid 65534 with NET_RAW or SYS_ADMIN instead: refused (nothing else stands in);
+- uid 0 with every capability dropped but NET_ADMIN (the DaemonSet's setting): lists them;
+- uid 0 with every capability dropped: refused (root alone is not enough).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import pyroute2
+
+pytestmark = pytest.mark.root
+
+LIST_SETS = textwrap.dedent("""
+    from pyroute2 import IPSet
+    from pyroute2.netlink.nfnetlink.ipset import IPSET_FLAG_LIST_HEADER
+    try:
+        with IPSet() as ipset:
+            names = sorted(m.get_attr("IPSET_ATTR_SETNAME") for m in ipset.list(flags=IPSET_FLAG_LIST_HEADER))
+        print("SETS", ",".join(names))
+    except Exception as err:
+        print("ERROR", getattr(err, "code", None), err)
+""")
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if not path:
+        pytest.fail(f"{tool} is not installed (util-linux / iproute2 / ipset); this test needs it")
+    return path
+
+
+@pytest.fixture(scope="module")
+def netns_with_sets():
+    need("ip"), need("ipset"), need("nsenter"), need("setpriv")
+    if os.geteuid() != 0:
+        pytest.fail("tests/test_capabilities.py needs root to make a network namespace")
+    name = f"deploy-caps-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for set_name in ("KUBE-CLUSTER-IP", "kube-router-svip"):
+            subprocess.run(["ip", "netns", "exec", name, "ipset", "create", set_name, "hash:ip,port",
+                            "maxelem", "1024"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _interpreter() -> str:
+    # The venv's interpreter may live under /root, which uid 65534 cannot enter: use the
+    # system Python of the same minor version with the venv's packages on the path.
+    for candidate in ("/usr/bin/python3", sys.executable):
+        out = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip() == str(tuple(sys.version_info[:2])):
+            return candidate
+    pytest.fail("no Python 3.11 interpreter that uid 65534 can run (/usr/bin/python3)")
+
+
+def list_as(netns: str, uid: int, caps: list[str]) -> str:
+    site = str(Path(pyroute2.__file__).resolve().parent.parent)
+    cap_args = ["--bounding-set", "-all" + "".join(f",+{c}" for c in caps)]
+    if caps and uid != 0:
+        wanted = ",".join(f"+{c}" for c in caps)
+        cap_args += ["--inh-caps", wanted, "--ambient-caps", wanted]
+    cmd = ["nsenter", f"--net=/run/netns/{netns}", "setpriv", "--reuid", str(uid), "--regid", str(uid),
+           "--clear-groups", *cap_args, "env", f"PYTHONPATH={site}", _interpreter(), "-c", LIST_SETS]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+EXPECTED = "SETS KUBE-CLUSTER-IP,kube-router-svip"
+
+
+def test_nobody_without_capabilities_cannot_list_ipsets(netns_with_sets):
+    assert list_as(netns_with_sets, 65534, []).startswith("ERROR 1 ")  # EPERM
+
+
+def test_nobody_with_only_net_admin_lists_ipsets(netns_with_sets):
+    assert list_as(netns_with_sets, 65534, ["net_admin"]) == EXPECTED
+
+
+@pytest.mark.parametrize("cap", ["net_raw", "sys_admin"])
+def test_no_other_capability_stands_in_for_net_admin(netns_with_sets, cap):
+    assert list_as(netns_with_sets, 65534, [cap]).startswith("ERROR 1 ")
+
+
+def test_root_with_only_net_admin_lists_ipsets(netns_with_sets):
+    # The DaemonSet: uid 0, capabilities drop ALL, add NET_ADMIN.
+    assert list_as(netns_with_sets, 0, ["net_admin"]) == EXPECTED
+
+
+def test_root_without_capabilities_cannot_list_ipsets(netns_with_sets):
+    assert list_as(netns_with_sets, 0, []).startswith("ERROR 1 ")
