@@ -25,9 +25,10 @@ test-kernel:
 	$(PY) -m tests.kernel.lane
 
 # Alerts, dashboards and their operator / sidecar renderings, from tools/bundle/config.yaml
-# (needs the dashboards extra: make setup-test).
+# (needs the dashboards extra: make setup-test); then deploy/'s copies for kustomize.
 bundle:
 	$(PY) -m tools.bundle
+	$(PY) deploy/sync_bundle.py
 
 dashboards: bundle
 
