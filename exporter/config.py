@@ -210,16 +210,21 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_file(path: str) -> dict[str, Any]:
+def read_yaml(path: str, what: str) -> Any:
+    """One YAML document from ``path``; a ConfigError naming ``what`` and the line."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            return yaml.safe_load(fh)
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        raise ConfigError(f"{what} {path}: cannot read it: {err.strerror}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        raise ConfigError(f"{what} {path}: not valid YAML{where}") from None
+
+
+def load_file(path: str) -> dict[str, Any]:
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

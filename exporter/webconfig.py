@@ -31,9 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import yaml
-
-from exporter.config import ConfigError
+from exporter.config import ConfigError, read_yaml
 
 log = logging.getLogger("exporter.webconfig")
 
@@ -136,15 +134,7 @@ def load_web_config(path: str) -> ssl.SSLContext | None:
 
 def read_web_config(path: str) -> WebConfig:
     """Parse and check the file; build the TLS context once so bad keys fail now."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as err:
-        raise ConfigError(f"web config file {path}: cannot read it: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"web config file {path}: not valid YAML{where}") from None
+    data = read_yaml(path, "web config file")
     try:
         config = parse_web_config(data or {}, os.path.dirname(os.path.abspath(path)), path)
         config.ssl_context()
