@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import pytest
 
-from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
+from exporter.dataplane import VirtualServer
+from exporter.kube.desired import virtual_servers_for_service
 from exporter.kube.client import ApiClient
 from tests.apiserver import FakeApiServer
 
@@ -71,39 +72,18 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-class FakeNodeFacts(NamedTuple):
-    name: str
-    zone: str | None
-    addresses: tuple[str, ...]
-
-
 class CountingModel:
-    """A stand-in for the desired-state model: ClusterIP:port -> ready endpoints.
-
-    Only what the store needs from a model (one call per Service, virtual servers
-    keyed and tagged with the Service); it counts calls per Service.
-    """
+    """The real desired-state model, counting calls per Service (and failing on demand)."""
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
         self.fail_for: set[str] = set()
 
-    def __call__(self, service, slices, node, proxy) -> list[VirtualServer]:
+    def __call__(self, service, slices, node, proxy, **kwargs) -> list[VirtualServer]:
         self.calls[service.key] = self.calls.get(service.key, 0) + 1
         if service.key in self.fail_for:
             raise ValueError("model cannot handle this service")
-        out = []
-        for port in service.ports:
-            reals = {}
-            for sl in slices:
-                target = next((p.port for p in sl.ports if p.name == port.name), None)
-                for ep in sl.endpoints:
-                    if ep.ready and target:
-                        reals[(ep.addresses[0], target)] = RealServer(ep.addresses[0], target)
-            for ip in service.cluster_ips:
-                key = VirtualServerKey(port.protocol, ip, port.port)
-                out.append(VirtualServer(key, real_servers=reals, service=service.key))
-        return out
+        return virtual_servers_for_service(service, slices, node, proxy, **kwargs)
 
     def total(self) -> int:
         return sum(self.calls.values())

@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from exporter.readers.netaddrs import (InterfaceAddress, kube_proxy_nodeport_addresses,
-                                       kube_router_nodeport_addresses, read_interface_addresses)
+from exporter.readers.netaddrs import InterfaceAddress, kube_proxy_nodeport_addresses, read_interface_addresses
 
 
 def _ip(*args: str) -> None:
@@ -59,13 +58,11 @@ def test_kube_proxy_excludes_its_dummy_device_loopback_and_ipv6_link_local(netns
     assert not any(a.startswith("fe80") or a in ("127.0.0.1", "::1") for a in got)
 
 
-def test_kube_router_primary_ip_or_all_ipv4():
-    addrs = [InterfaceAddress("lo", "127.0.0.1", 8), InterfaceAddress("eth0", "192.0.2.5", 24),
-             InterfaceAddress("kube-dummy-if", "10.96.0.1", 32), InterfaceAddress("docker0", "172.17.0.1", 16),
-             InterfaceAddress("kube-bridge", "10.244.0.1", 24), InterfaceAddress("eth0", "2001:db8::5", 64)]
-    assert kube_router_nodeport_addresses(addrs, ("192.0.2.5", "198.51.100.1", "2001:db8::5")) == \
-        ("192.0.2.5", "2001:db8::5")
-    assert kube_router_nodeport_addresses(addrs, bind_on_all_ip=True) == ("127.0.0.1", "192.0.2.5")
+def test_both_dummy_devices_are_excluded():
+    addrs = [InterfaceAddress("kube-dummy-if", "10.96.0.1", 32), InterfaceAddress("kube-ipvs0", "10.96.0.2", 32),
+             InterfaceAddress("eth0", "192.0.2.5", 24), InterfaceAddress("eth0", "fe80::1", 64),
+             InterfaceAddress("eth0", "169.254.1.1", 16)]
+    assert kube_proxy_nodeport_addresses(addrs) == ("169.254.1.1", "192.0.2.5")
 
 
 def test_missing_namespace_is_a_clear_error():

@@ -11,10 +11,11 @@ import pytest
 
 from exporter.dataplane import VirtualServerKey
 from exporter.kube import objects
+from exporter.kube.desired import NodeFacts, desired_table
 from exporter.kube.client import ApiClient
 from exporter.kube.store import ClusterState, KubeStore
 from tests.apiserver import endpoint_slice, node, service
-from tests.kube_helpers import CountingModel, FakeNodeFacts, api, apiserver, wait_for  # noqa: F401
+from tests.kube_helpers import CountingModel, api, apiserver, wait_for  # noqa: F401
 
 
 def svc(ns, name, ip, ports=(("http", "TCP", 80),), **spec):
@@ -28,7 +29,7 @@ def eps(ns, name, service_name, addresses, rv="", trigger=None, ports=(("http", 
 
 
 def state(model, **kw) -> ClusterState:
-    return ClusterState("node-a", "kube-proxy", ("192.0.2.1",), model=model, node_facts=FakeNodeFacts, **kw)
+    return ClusterState("node-a", "kube-proxy", ("192.0.2.1",), model=model, **kw)
 
 
 def built_state(model, services=50):
@@ -53,7 +54,7 @@ def test_table_is_built_once_when_every_resource_is_listed():
     assert set(vs.real_servers) == {("10.244.0.1", 8080)}
     assert snap.by_service["ns/a"] == (VirtualServerKey("TCP", "10.96.0.1", 80),)
     assert snap.real_servers == 1 and snap.synced
-    assert st.node() == FakeNodeFacts("node-a", "zone-1", ("192.0.2.1",))
+    assert st.node() == NodeFacts("node-a", "zone-1", ("192.0.2.1",))
 
 
 def test_a_slice_change_recomputes_only_its_service():
@@ -181,12 +182,25 @@ def test_a_model_failure_skips_that_service_only(caplog):
 
 def test_two_services_claiming_one_virtual_server():
     model = CountingModel()
-    st = built_state(model, services=2)
-    shared = VirtualServerKey("TCP", "10.96.0.1", 80)
-    st.upsert("services", "ns/s1", svc("ns", "s1", "10.96.0.1"))  # now both claim 10.96.0.1:80
-    assert st.snapshot().table[shared].service == "ns/s1"
-    st.delete("services", "ns/s0")  # not the owner: the key stays
-    assert st.snapshot().table[shared].service == "ns/s1"
+    st = built_state(model, services=3)
+    shared = VirtualServerKey("TCP", "10.96.0.2", 80)  # s1's
+    st.upsert("services", "ns/s2", svc("ns", "s2", "10.96.0.2"))  # s2 claims it too
+    snap = st.snapshot()
+    assert snap.table[shared].service == "ns/s1"  # the smallest key keeps it, as desired_table does
+    assert snap.by_service["ns/s2"] == (shared,) and VirtualServerKey("TCP", "10.96.0.3", 80) not in snap.table
+    assert snap.real_servers == 2  # s2's endpoints are not in the table while s1 owns the key
+    st.upsert("services", "ns/s0", svc("ns", "s0", "10.96.0.2"))  # and s0, which is smaller
+    assert st.snapshot().table[shared].service == "ns/s0"
+    calls = model.total()
+    st.delete("services", "ns/s0")
+    st.delete("services", "ns/s1")  # the next claimant takes over without a recompute
+    snap = st.snapshot()
+    assert snap.table[shared].service == "ns/s2" and model.total() == calls
+    assert set(snap.table[shared].real_servers) == {("10.244.0.3", 8080)}
+    assert snap.real_servers == 1 and len(snap.table) == 1
+    offline = desired_table(st._services.values(), {k: list(v.values()) for k, v in st._slices_by_service.items()},
+                            st.node())
+    assert offline == dict(snap.table)
 
 
 def test_kube_store_end_to_end_with_the_api_stand_in(apiserver, api):
@@ -196,7 +210,7 @@ def test_kube_store_end_to_end_with_the_api_stand_in(apiserver, api):
         apiserver.create("endpointslices", endpoint_slice("ns", f"s{i}-abc", f"s{i}", [f"10.244.0.{i + 1}"]))
     model = CountingModel()
     host = ["192.0.2.1"]
-    store = KubeStore(api, "node-a", model=model, node_facts=FakeNodeFacts, page_size=7,
+    store = KubeStore(api, "node-a", model=model, page_size=7,
                       backoff_base=0.05, backoff_cap=0.2, host_addresses=lambda: tuple(host))
     events = []
     store.subscribe(events.append)
@@ -220,7 +234,7 @@ def test_kube_store_end_to_end_with_the_api_stand_in(apiserver, api):
 
         apiserver.update("nodes", node("node-a", zone="zone-2"))
         wait_for(lambda: model.total() == 61, what="a full recompute on the zone change")
-        assert store.state.node() == FakeNodeFacts("node-a", "zone-2", ("192.0.2.1",))
+        assert store.state.node() == NodeFacts("node-a", "zone-2", ("192.0.2.1",))
         host.append("198.51.100.9")
         store.refresh_node_addresses()
         assert model.total() == 91 and store.state.node().addresses == ("192.0.2.1", "198.51.100.9")
@@ -236,14 +250,14 @@ def test_node_addresses_by_proxy(apiserver, api):
     def host():
         called.append(1)
         return ("203.0.113.1",)
-    common = dict(model=CountingModel(), node_facts=FakeNodeFacts, host_addresses=host)
+    common = dict(model=CountingModel(), host_addresses=host)
     fixed = KubeStore(api, "node-a", "kube-proxy", ["10.1.1.1"], **common)
     assert fixed.state.node().addresses == ("10.1.1.1",) and not called  # --node-ip wins
     router = KubeStore(api, "node-a", "kube-router", **common)
     router.start()
     try:
         assert router.wait_synced(10)
-        assert router.state.node().addresses == ("192.0.2.7", "2001:db8::7")  # the Node's primary IPs
+        assert router.state.node().addresses == ("192.0.2.7",)  # the Node's primary IP (desired.node_facts)
         assert not called
     finally:
         router.stop()
@@ -262,7 +276,7 @@ def test_from_settings_resolves_node_name(apiserver, tmp_path, monkeypatch):
     path = apiserver.write_kubeconfig(str(tmp_path / "kc"))
     settings = settings_from_args(["--kubeconfig", path, "--node-name", "n1", "--node-ip", "10.0.0.9",
                                    "--proxy", "kube-router"])
-    store = KubeStore.from_settings(settings, model=CountingModel(), node_facts=FakeNodeFacts)
+    store = KubeStore.from_settings(settings, model=CountingModel())
     try:
         assert store.state.node_name == "n1" and store.state.proxy == "kube-router"
         assert store.state.node().addresses == ("10.0.0.9",)
@@ -272,7 +286,7 @@ def test_from_settings_resolves_node_name(apiserver, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubeConfigError):
-        KubeStore.from_settings(settings_from_args([]), model=CountingModel(), node_facts=FakeNodeFacts)
+        KubeStore.from_settings(settings_from_args([]), model=CountingModel())
 
 
 def _build(n: int, endpoints_per_slice: int, model) -> ClusterState:

@@ -23,7 +23,9 @@ writing. A scrape therefore costs nothing when nothing changed, and at most
 one dict copy per scrape when something did.
 
 If two Services claim the same virtual server (a shared externalIP:port), the
-last one computed owns it; the other's claim returns when it is next recomputed.
+one with the smallest ``namespace/name`` owns it, as in ``desired.desired_table``
+(so the live and the offline tables agree); when the owner lets go, the next
+claimant takes over without a recompute.
 """
 
 from __future__ import annotations
@@ -40,16 +42,16 @@ from exporter.dataplane import VirtualServer, VirtualServerKey
 from exporter.kube import objects
 from exporter.kube.client import (ApiClient, Backoff, RateLimitedLog, Reflector, WatchStatus,
                                   endpointslices_resource, node_resource, services_resource)
+from exporter.kube import desired
 from exporter.readers import netaddrs
-from exporter.readers.netaddrs import kube_router_nodeport_addresses
 
 log = logging.getLogger("exporter.kube.store")
 
 SERVICES, ENDPOINTSLICES, NODES = "services", "endpointslices", "nodes"
 RESOURCES = (SERVICES, ENDPOINTSLICES, NODES)
 
-# model(service, slices, node_facts, proxy) -> list[VirtualServer]
-Model = Callable[[objects.Service, list, Any, str], list]
+# desired.virtual_servers_for_service(service, slices, node_facts, proxy, fwmarks=...) -> list[VirtualServer]
+Model = Callable[..., list]
 
 
 class ChangeEvent(NamedTuple):
@@ -72,12 +74,6 @@ class DesiredSnapshot(NamedTuple):
     synced: bool  # every resource has been listed and the table built
 
 
-def _default_model() -> tuple[Model, Callable[..., Any]]:
-    from exporter.kube import desired  # the model lands separately; imported only when used
-
-    return desired.virtual_servers_for_service, desired.NodeFacts
-
-
 class ClusterState:
     """Services, slices and this node; the desired table per Service. Thread-safe.
 
@@ -87,15 +83,10 @@ class ClusterState:
     """
 
     def __init__(self, node_name: str, proxy: str = "kube-proxy",
-                 node_addresses: Iterable[str] | None = (), *,
-                 model: Model | None = None, node_facts: Callable[..., Any] | None = None,
+                 node_addresses: Iterable[str] = (), *,
+                 model: Model = desired.virtual_servers_for_service,
                  wait_for: Iterable[str] = RESOURCES) -> None:
-        if model is None or node_facts is None:
-            default_model, default_facts = _default_model()
-            model = model or default_model
-            node_facts = node_facts or default_facts
         self._model = model
-        self._node_facts_type = node_facts
         self.node_name = node_name
         self.proxy = proxy
         self._lock = threading.Lock()
@@ -103,8 +94,8 @@ class ClusterState:
         self._slices: dict[str, objects.EndpointSlice] = {}
         self._slices_by_service: dict[str, dict[str, objects.EndpointSlice]] = {}
         self._node: objects.Node | None = None
-        # None: kube-router's default, the Node object's primary IPs (see readers.netaddrs)
-        self._node_addresses: tuple[str, ...] | None = None if node_addresses is None else tuple(node_addresses)
+        # Empty: the model's choice from the Node object (kube-router: its primary IP).
+        self._node_addresses: tuple[str, ...] = tuple(node_addresses)
         self._facts = self._make_facts()
         self._pending = set(wait_for)  # resources not listed yet
         self._built = False
@@ -112,6 +103,9 @@ class ClusterState:
         self._table: dict[VirtualServerKey, VirtualServer] = {}
         self._vs_keys: dict[str, tuple[VirtualServerKey, ...]] = {}
         self._owner: dict[VirtualServerKey, str] = {}
+        # Only virtual servers two or more Services claim: every claimant's version.
+        self._contested: dict[VirtualServerKey, dict[str, VirtualServer]] = {}
+        self._fwmarks: dict[int, str] = {}  # kube-router DSR marks handed out (desired.kube_router_fwmark)
         self._real_servers = 0
         self._shared = False
         self._generation = 0
@@ -250,12 +244,8 @@ class ClusterState:
                 del self._slices_by_service[old.service_key]
         return {old.service_key}
 
-    def _make_facts(self) -> Any:
-        zone = self._node.zone if self._node is not None else None
-        addresses = self._node_addresses
-        if addresses is None:
-            addresses = kube_router_nodeport_addresses((), self._node.addresses if self._node else ())
-        return self._node_facts_type(self.node_name, zone, addresses)
+    def _make_facts(self) -> desired.NodeFacts:
+        return desired.node_facts(self.node_name, self._node, self._node_addresses, self.proxy)
 
     def _node_changed(self) -> list[ChangeEvent]:
         facts = self._make_facts()
@@ -289,7 +279,7 @@ class ClusterState:
         if service is not None:
             slices = list(self._slices_by_service.get(key, {}).values())
             try:
-                new = self._model(service, slices, self._facts, self.proxy)
+                new = self._model(service, slices, self._facts, self.proxy, fwmarks=self._fwmarks)
             except Exception as err:  # noqa: BLE001 - one odd Service must not stop the others
                 self._model_errors += 1
                 self._model_log.warning("desired state of %s not computed: %s: %s",
@@ -298,17 +288,12 @@ class ClusterState:
         self._writable()
         old_keys = self._vs_keys.get(key, ())
         for vs_key in old_keys:
-            if self._owner.get(vs_key) == key:
-                del self._owner[vs_key]
-                self._real_servers -= len(self._table.pop(vs_key).real_servers)
+            self._release(vs_key, key)
         new_keys = []
         for vs in new:
-            previous = self._table.get(vs.key)
-            if previous is not None:
-                self._real_servers -= len(previous.real_servers)
-            self._table[vs.key] = vs
-            self._owner[vs.key] = key
-            self._real_servers += len(vs.real_servers)
+            if vs.key in new_keys:
+                continue
+            self._claim(vs, key)
             new_keys.append(vs.key)
         if new_keys:
             self._vs_keys[key] = tuple(new_keys)
@@ -316,6 +301,41 @@ class ClusterState:
             self._vs_keys.pop(key, None)
         self._generation += 1
         return ChangeEvent(key, trigger_time, time.time(), frozenset(old_keys), frozenset(new_keys))
+
+    def _set(self, vs_key: VirtualServerKey, vs: VirtualServer | None, owner: str | None) -> None:
+        previous = self._table.get(vs_key)
+        if previous is not None:
+            self._real_servers -= len(previous.real_servers)
+        if vs is None:
+            self._table.pop(vs_key, None)
+            self._owner.pop(vs_key, None)
+        else:
+            self._table[vs_key] = vs
+            self._owner[vs_key] = owner
+            self._real_servers += len(vs.real_servers)
+
+    def _claim(self, vs: VirtualServer, key: str) -> None:
+        owner = self._owner.get(vs.key)
+        if owner is None:
+            self._set(vs.key, vs, key)
+            return
+        claims = self._contested.setdefault(vs.key, {owner: self._table[vs.key]})
+        claims[key] = vs
+        winner = min(claims)
+        self._set(vs.key, claims[winner], winner)
+
+    def _release(self, vs_key: VirtualServerKey, key: str) -> None:
+        claims = self._contested.get(vs_key)
+        if claims is None:
+            if self._owner.get(vs_key) == key:
+                self._set(vs_key, None, None)
+            return
+        claims.pop(key, None)
+        if self._owner.get(vs_key) == key:
+            winner = min(claims)
+            self._set(vs_key, claims[winner], winner)
+        if len(claims) == 1:
+            del self._contested[vs_key]
 
     def _emit(self, events: list[ChangeEvent]) -> None:
         if not events:
@@ -342,24 +362,24 @@ class KubeStore:
 
     NodePort addresses: ``node_ips`` (``--node-ip``) when given; else for
     kube-proxy this host's addresses (``readers.netaddrs``), re-read every
-    ``address_refresh`` seconds; else for kube-router the Node's primary IPs.
+    ``address_refresh`` seconds; else for kube-router the Node's primary IP
+    (``desired.node_facts``).
     """
 
     def __init__(self, api: ApiClient, node_name: str, proxy: str = "kube-proxy",
-                 node_ips: Iterable[str] = (), *, model: Model | None = None,
-                 node_facts: Callable[..., Any] | None = None, page_size: int = 500,
+                 node_ips: Iterable[str] = (), *, model: Model = desired.virtual_servers_for_service,
+                 page_size: int = 500,
                  watch_timeout: int = 300, backoff_base: float = 0.5, backoff_cap: float = 30.0,
                  down_after: float = 60.0, address_refresh: float = 30.0,
                  host_addresses: Callable[[], tuple[str, ...]] = netaddrs.host_nodeport_addresses) -> None:
         self.api = api
         node_ips = tuple(node_ips)
         self._host_addresses = host_addresses if not node_ips and proxy == "kube-proxy" else None
-        initial: tuple[str, ...] | None = node_ips
+        initial = node_ips
         if self._host_addresses is not None:
+            # Unreadable interfaces leave it empty: the model then falls back to the Node's addresses.
             initial = self._read_host_addresses() or ()
-        elif not node_ips:
-            initial = None  # kube-router: from the Node object
-        self.state = ClusterState(node_name, proxy, initial, model=model, node_facts=node_facts)
+        self.state = ClusterState(node_name, proxy, initial, model=model)
         self.address_refresh = address_refresh
         self._stopped = threading.Event()
         self._refresher: threading.Thread | None = None

@@ -525,6 +525,16 @@ def dump_service_flags() -> dict[VirtualServerKey, tuple[tuple[str, ...], int | 
     return out
 
 
+def merge_service_flags(table: IPVSTable,
+                        flags_by_key: dict[VirtualServerKey, tuple[tuple[str, ...], int | None]]) -> IPVSTable:
+    """Put netlink's flags and exact timeouts into a table parsed from /proc."""
+    for key, (flags, timeout) in flags_by_key.items():
+        vs = table.get(key)
+        if vs is not None and (vs.flags != flags or vs.persistent_timeout != timeout):
+            table[key] = vs._replace(flags=flags, persistent_timeout=timeout)
+    return table
+
+
 # --- one read per scrape, shared by collectors ---------------------------------
 
 class LiveTable:
@@ -535,8 +545,12 @@ class LiveTable:
     is shared: treat it as read-only.
     """
 
-    def __init__(self, paths: Paths = Paths()) -> None:
+    def __init__(self, paths: Paths = Paths(), scheduler_flags: bool = False) -> None:
         self.paths = paths
+        # Also one netlink dump of the services (no real servers) for the scheduler
+        # flags /proc does not print. Off by default: it costs more than the /proc read
+        # (see bench/bench_ipvs.py), and the proxies' default rules use no such flag.
+        self.scheduler_flags = scheduler_flags and paths.procfs == "/proc"
         self._lock = threading.Lock()
         self._table: IPVSTable | None = None
         self._read_at = 0.0
@@ -554,6 +568,8 @@ class LiveTable:
                 self._hz = self._learn_hz(table)
                 if self._hz:
                     table = with_hz(table, self._hz)
+            if self.scheduler_flags:
+                merge_service_flags(table, dump_service_flags())
             self.read_seconds = time.perf_counter() - start
             self._table = table
             self._read_at = time.monotonic()

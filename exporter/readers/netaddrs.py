@@ -10,11 +10,10 @@ minus loopback addresses and IPv6 link-local ones. IPv4 link-local (169.254/16)
 is kept: kube-proxy does not drop it. One proxier runs per IP family, so both
 families are returned.
 
-kube-router: by default only the node's primary IP (from the Node object, not
-from the interfaces: see ``kube_router_nodeport_addresses``); with
-``--nodeport-bindon-all-ip`` every IPv4 address of interfaces whose name does
-not contain ``dummy``, ``kube`` or ``docker`` (its getAllLocalIPs lists only
-FAMILY_V4 addresses, loopback included).
+kube-router (default flags) binds NodePorts on the node's primary IP only, which
+comes from the Node object, not from the interfaces (``desired.node_facts``), so
+nothing here applies to it; its dummy device ``kube-dummy-if`` holds service VIPs
+and is excluded here too, should this reader be used for it.
 
 ``--node-ip`` replaces all of this.
 """
@@ -26,8 +25,8 @@ import os
 import socket
 from typing import Iterable, NamedTuple
 
-KUBE_PROXY_DUMMY_DEVICE = "kube-ipvs0"
-KUBE_ROUTER_SKIPPED_NAME_PARTS = ("dummy", "kube", "docker")
+# The proxies' dummy devices: they hold service VIPs, which are not node addresses.
+DUMMY_DEVICES = ("kube-ipvs0", "kube-dummy-if")
 
 
 class InterfaceAddress(NamedTuple):
@@ -78,31 +77,13 @@ def kube_proxy_nodeport_addresses(addresses: Iterable[InterfaceAddress]) -> tupl
     """The addresses kube-proxy (IPVS, default flags) creates NodePort virtual servers on."""
     kept = []
     for entry in addresses:
-        if entry.interface == KUBE_PROXY_DUMMY_DEVICE:
+        if entry.interface in DUMMY_DEVICES:
             continue
         ip = ipaddress.ip_address(entry.address)
         if ip.is_loopback or (ip.version == 6 and ip.is_link_local):
             continue
         kept.append(entry.address)
     return _unique(kept)
-
-
-def kube_router_nodeport_addresses(addresses: Iterable[InterfaceAddress],
-                                   node_addresses: Iterable[str] = (),
-                                   bind_on_all_ip: bool = False) -> tuple[str, ...]:
-    """The addresses kube-router creates NodePort virtual servers on.
-
-    ``node_addresses`` are the Node object's addresses in API order; kube-router's
-    primary IP is the first of them (InternalIP before ExternalIP), one per family.
-    """
-    if bind_on_all_ip:
-        return _unique(e.address for e in addresses
-                       if ipaddress.ip_address(e.address).version == 4
-                       and not any(part in e.interface for part in KUBE_ROUTER_SKIPPED_NAME_PARTS))
-    primary: dict[int, str] = {}
-    for a in node_addresses:
-        primary.setdefault(ipaddress.ip_address(a).version, a)
-    return _unique(primary.values())
 
 
 def host_nodeport_addresses(netns: str | None = None) -> tuple[str, ...]:
