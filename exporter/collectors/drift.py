@@ -36,6 +36,7 @@ log = logging.getLogger("exporter.collectors.drift")
 KUBE_SERVICE = "kube-store"
 LATENCY_SERVICE = "ipvs-programming-latency"
 LATENCY_METRIC = f"{NAMESPACE}_ipvs_programming_latency_seconds"
+SHARED_READ_MAX_AGE = 0.5  # seconds; scrapes are further apart than that
 
 
 class KubeAccess:
@@ -175,7 +176,8 @@ class DriftCollector(Collector):
                 self._said_waiting = True
             return
         try:
-            live = self.live.get()
+            # Within one scrape the ipvs collector has just read it: shared, not read twice.
+            live = self.live.get(SHARED_READ_MAX_AGE)
         except IPVSUnavailable as err:
             raise CollectorError(str(err)) from None
         except OSError as err:
