@@ -136,7 +136,8 @@ OPTIONS: list[Option] = [
            "IP", repeat=True),
     Option("proxy", _as_proxy, "kube-proxy", "whose IPVS rules to expect: kube-proxy or kube-router", "PROXY"),
     Option("drift.grace-period", _as_seconds, 60.0,
-           "seconds a difference may last before it counts as drift", "SECONDS"),
+           "seconds a difference may last before it counts as drift (default 60: covers one late "
+           "sync of either proxy at thousands of services; see exporter/kube/diff.py)", "SECONDS"),
     Option("drift.max-service-series", _as_count, 200,
            "cap on kubenode_ipvs_service_drift series", "N"),
     Option("drift.stuck-draining-after", _as_seconds, 180.0,

@@ -44,7 +44,14 @@ class _Parser(argparse.ArgumentParser):
 def _parser(command: str) -> argparse.ArgumentParser:
     what = {"desired": "print the IPVS table the proxy should have programmed on this node",
             "diff": "compare that table with an IPVS table and list each difference by kind"}[command]
-    parser = _Parser(prog=f"{PROG} {command}", description=what + ".")
+    epilog = None
+    if command == "diff":
+        epilog = ("kinds: missing/stale virtual servers; missing real servers; stale real servers (not desired, "
+                  "weight > 0); zero-weight real servers (desired, weight 0); draining real servers (not "
+                  "desired, weight 0: graceful termination); mismatched virtual servers (scheduler or "
+                  "persistence differs). No grace period here. Exit status: 0 no drift, 1 drift (any kind "
+                  "but draining), 2 bad input.")
+    parser = _Parser(prog=f"{PROG} {command}", description=what + ".", epilog=epilog)
     parser.add_argument("--objects", metavar="FILE",
                         help="YAML or JSON as `kubectl get services,endpointslices,nodes -A -o yaml` prints it "
                              "(a List; Nodes optional). Without it, the live cluster is listed when a kubeconfig "
@@ -217,8 +224,9 @@ def table_text(table: Table) -> str:
 
 def diff_text(diff: Diff) -> str:
     lines = []
+    ordered = diff.sorted()
     for kind in KINDS:
-        items = diff.sorted().of(kind)
+        items = ordered.of(kind)
         title = kind.replace("_", " ")
         lines.append(f"{title}: {len(items)}")
         for item in items:

@@ -78,8 +78,10 @@ def _key(obj: dict) -> tuple[str, str]:
 
 
 class FakeApiServer:
-    def __init__(self, token: str = "kubenode-test-token") -> None:
+    def __init__(self, token: str = "kubenode-test-token", tls_dir: str | None = None) -> None:
+        """``tls_dir``: serve HTTPS with a fresh self-signed certificate for 127.0.0.1 made there."""
         self.token = token
+        self.ca_pem: bytes | None = None
         self.lock = threading.Condition()
         self.rv = 100  # global resourceVersion
         self.compacted_rv = 0  # watches/continues from before this get 410
@@ -94,19 +96,40 @@ class FakeApiServer:
         self.delay = 0.0  # seconds before each response
         self.gone_as_status = False  # 410 on WATCH as an HTTP status instead of an ERROR event
         self.bookmark_interval: float | None = None  # periodic bookmarks on open watches
+        self.hang_watches = False  # watches ignore timeoutSeconds and go silent (a stuck server)
         self.open_watches = 0
         self._watch_epoch = 0  # end_watches() bumps it; older streams end cleanly
         self._closing = False
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.httpd.daemon_threads = True
+        if tls_dir is not None:
+            self.ca_pem = self._enable_tls(tls_dir)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fake-apiserver", daemon=True)
 
     # --- lifecycle --------------------------------------------------------------
 
+    def _enable_tls(self, directory: str) -> bytes:
+        import os
+        import shutil
+        import ssl
+        import subprocess
+
+        if shutil.which("openssl") is None:
+            raise RuntimeError("the openssl tool is needed to make the stand-in's TLS certificate")
+        cert, key = os.path.join(directory, "apiserver.crt"), os.path.join(directory, "apiserver.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-days", "1", "-subj", "/CN=kubenode-test-apiserver",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        with open(cert, "rb") as fh:
+            return fh.read()
+
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.ca_pem else 'http'}://{host}:{port}"
 
     def start(self) -> "FakeApiServer":
         self.thread.start()
@@ -119,10 +142,14 @@ class FakeApiServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def write_kubeconfig(self, path: str, token: str | None = None) -> str:
+    def write_kubeconfig(self, path: str, token: str | None = None, ca_pem: bytes | None = None) -> str:
+        cluster: dict[str, Any] = {"server": self.url}
+        ca = ca_pem or self.ca_pem
+        if ca:
+            cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "fake", "cluster": cluster}],
             "users": [{"name": "fake", "user": {"token": token or self.token}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
         }
@@ -308,7 +335,7 @@ class FakeApiServer:
                     since = int(params.get("resourceVersion") or 0)
                 except ValueError:
                     return self._json(record, 400, _status(400, "BadRequest", "bad resourceVersion"))
-                timeout = float(params.get("timeoutSeconds") or 1800)
+                timeout = 1e9 if server.hang_watches else float(params.get("timeoutSeconds") or 1800)
                 bookmarks = params.get("allowWatchBookmarks") == "true"
                 selector = _name_selector(params.get("fieldSelector"))
                 drop_after = server._take_drop(resource)

@@ -13,7 +13,7 @@ from exporter.dataplane import VirtualServerKey
 from exporter.kube import objects
 from exporter.kube.desired import NodeFacts, desired_table
 from exporter.kube.client import ApiClient
-from exporter.kube.store import ClusterState, KubeStore
+from exporter.kube.store import ClusterState, KubeStore, watch_up_family
 from tests.apiserver import endpoint_slice, node, service
 from tests.kube_helpers import CountingModel, api, apiserver, wait_for  # noqa: F401
 
@@ -224,6 +224,10 @@ def test_kube_store_end_to_end_with_the_api_stand_in(apiserver, api):
         status = store.watch_status()
         assert set(status) == {"services", "endpointslices", "nodes"}
         wait_for(lambda: all(s.up and s.connected for s in store.watch_status().values()), what="watches")
+        family = watch_up_family(store.watch_status())
+        assert family.name == "kubenode_kube_watch_up"
+        assert {s.labels["resource"]: s.value for s in family.samples} == \
+            {"services": 1.0, "endpointslices": 1.0, "nodes": 1.0}
 
         apiserver.update("endpointslices", endpoint_slice("ns", "s4-abc", "s4", ["10.244.4.1", "10.244.4.2"],
                                                           trigger_time="2026-11-22T04:00:00Z"))
@@ -241,6 +245,21 @@ def test_kube_store_end_to_end_with_the_api_stand_in(apiserver, api):
     finally:
         store.stop()
     assert not any(r._thread.is_alive() for r in store.reflectors.values())
+
+
+def test_watch_up_is_zero_per_resource_without_synced_state(apiserver, api):
+    apiserver.fail(10_000, resource="endpointslices", kind="list")
+    store = KubeStore(api, "node-a", node_ips=["192.0.2.1"], backoff_base=0.05, backoff_cap=0.1)
+    store.start()
+    try:
+        wait_for(lambda: store.watch_status()["services"].up and store.watch_status()["nodes"].up)
+        values = {s.labels["resource"]: s.value for s in watch_up_family(store.watch_status()).samples}
+        assert values == {"services": 1.0, "endpointslices": 0.0, "nodes": 1.0}
+        assert not store.synced() and not store.snapshot().synced
+        apiserver.failures.clear()
+        assert store.wait_synced(10) and store.snapshot().synced
+    finally:
+        store.stop()
 
 
 def test_node_addresses_by_proxy(apiserver, api):

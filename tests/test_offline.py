@@ -301,3 +301,11 @@ def test_diff_header_only_ipvs_is_an_empty_table(workdir):
                "--node-name", "node-a", "--output", "json")
     assert proc.returncode == 1
     assert len(json.loads(proc.stdout)["missing_virtual_servers"]) == 20
+
+
+def test_no_objects_with_a_kubeconfig_goes_to_the_cluster_hook(workdir):
+    # Listing the live cluster belongs to the Kubernetes client; without it, one clear line.
+    proc = run("desired", env={"KUBECONFIG": str(workdir / "kubeconfig")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "cluster" in proc.stderr

@@ -354,12 +354,16 @@ class Reflector:
     def __init__(self, api: ApiClient, resource: Resource, handler: Handler, *,
                  page_size: int = 500, watch_timeout: int = 300,
                  backoff: Backoff | None = None, down_after: float = 60.0,
-                 malformed_log: RateLimitedLog | None = None) -> None:
+                 malformed_log: RateLimitedLog | None = None, list_timeout: float = 60.0,
+                 read_slack: float = 30.0) -> None:
         self.api = api
         self.resource = resource
         self.handler = handler
         self.page_size = page_size
         self.watch_timeout = watch_timeout
+        self.list_timeout = list_timeout  # per LIST page
+        # A watch silent for timeoutSeconds + this is dead (the server should have ended it).
+        self.read_slack = read_slack
         self.backoff = backoff or Backoff()
         self.down_after = down_after
         self.malformed_log = malformed_log or RateLimitedLog(log)
@@ -410,16 +414,27 @@ class Reflector:
     def _run(self) -> None:
         self._disconnected_since = time.monotonic()
         while not self._stop.is_set():
+            listing = False
             try:
                 if self.resource_version is None:
+                    listing = True
                     self._list()
-                self._watch()
-                # The server ended the stream at timeoutSeconds: a normal end, resume at once.
-                self.backoff.reset()
+                    listing = False
+                    if self._stop.is_set():
+                        return
+                if self._watch():
+                    # The server ended the stream (timeoutSeconds): a normal end, resume at once.
+                    self.backoff.reset()
+                elif not self._stop.is_set():
+                    self._failed(StreamBroken(f"WATCH {self.resource.path}: ended early with no events"))
             except Gone as err:
-                log.info("%s: %s; listing again", self.resource.name, err)
                 self._last_error = str(err)
                 self._invalidate()
+                if listing:
+                    # A continue token expired mid-list: start over, but not in a tight loop.
+                    self._failed(err)
+                else:
+                    log.info("%s: %s; listing again", self.resource.name, err)
             except ApiError as err:
                 self._failed(err)
             except Exception as err:  # noqa: BLE001 - a bug here must not end the watch for good
@@ -452,7 +467,7 @@ class Reflector:
             params["limit"] = self.page_size
             if token:
                 params["continue"] = token
-            page = self.api.list_page(self.resource.path, params)
+            page = self.api.list_page(self.resource.path, params, timeout=self.list_timeout)
             if self._stop.is_set():
                 return
             meta = page.get("metadata") if isinstance(page.get("metadata"), dict) else {}
@@ -490,15 +505,19 @@ class Reflector:
         self.malformed_log.warning("%s: skipping a malformed object: %s", self.resource.name, reason)
         return None
 
-    def _watch(self) -> None:
+    def _watch(self) -> bool:
+        """One watch stream, to its end. True when it ended normally and was worth having
+        (delivered an event, or lasted about timeoutSeconds); ApiError when it broke."""
         params = self._params()
         params.update(watch="true", resourceVersion=self.resource_version,
                       allowWatchBookmarks="true", timeoutSeconds=self.watch_timeout)
-        stream = self.api.watch_stream(self.resource.path, params, read_timeout=self.watch_timeout + 30)
+        opened = time.monotonic()
+        stream = self.api.watch_stream(self.resource.path, params,
+                                       read_timeout=self.watch_timeout + self.read_slack)
         with self._lock:
             if self._stop.is_set():
                 stream.close()
-                return
+                return True
             self._stream = stream
         self._connected = True
         self._disconnected_since = None
@@ -507,12 +526,13 @@ class Reflector:
         try:
             for event in stream.events():
                 if self._stop.is_set():
-                    return
+                    return True
                 self._apply(event)
                 if not healthy:
                     # An event made it through: this connection works, forget old failures.
                     healthy = True
                     self.backoff.reset()
+            return healthy or time.monotonic() - opened >= self.watch_timeout / 2
         finally:
             with self._lock:
                 self._stream = None

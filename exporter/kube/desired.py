@@ -52,6 +52,7 @@ default flags), not a reading of the docs:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterable, Mapping, NamedTuple
 
@@ -186,8 +187,11 @@ def _categorize(endpoints: list[_Endpoint], uses_cluster: bool, uses_local: bool
     return cluster, local
 
 
+_new_tuple = tuple.__new__  # NamedTuple construction without its Python-level __new__ (hot at 50k endpoints)
+
+
 def _real_servers(endpoints: Iterable[tuple[str, int]], forward: str = "Masq") -> dict[tuple[str, int], RealServer]:
-    return {(ip, port): RealServer(ip, port, 1, forward) for ip, port in endpoints}
+    return {(ip, port): _new_tuple(RealServer, (ip, port, 1, forward, 0, 0)) for ip, port in endpoints}
 
 
 def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: NodeFacts,
@@ -201,6 +205,7 @@ def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: Nod
     external_local = service.external_traffic_local and external_capable
     internal_local = service.internal_traffic_local
     timeout = service.session_affinity_timeout
+    service_key = service.key  # one string shared by all its virtual servers
     out: list[VirtualServer] = []
     seen_families: set[int] = set()
     for cluster_ip in service.cluster_ips:
@@ -225,7 +230,7 @@ def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: Nod
 
             def vs(address: str, vport: int, real_servers: dict) -> VirtualServer:
                 return VirtualServer(VirtualServerKey(port.protocol, address, vport), scheduler, timeout,
-                                     real_servers, service.key)
+                                     real_servers, service_key)
 
             out.append(vs(cluster_ip, port.port, chosen(internal_local)))
             external_rs = chosen(external_local)
@@ -237,6 +242,7 @@ def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: Nod
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def _node_port_address_ok(ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
     return not addr.is_loopback and not (addr.version == 6 and addr.is_link_local)
@@ -308,6 +314,7 @@ def _kube_router_service(service: Service, slices: list[EndpointSlice], node: No
         external_ips += [ip for ip, _mode in service.load_balancer_ingress]
     external_ips = list(_unique(external_ips))
     fwmarks = {} if fwmarks is None else fwmarks
+    service_key = service.key
 
     out: list[VirtualServer] = []
     for port in service.ports:
@@ -321,7 +328,7 @@ def _kube_router_service(service: Service, slices: list[EndpointSlice], node: No
                                   if ep.family == family and (ep.local or not only_local)), forward)
 
         def vs(key: VirtualServerKey, real_servers: dict) -> VirtualServer:
-            return VirtualServer(key, scheduler, timeout, real_servers, service.key)
+            return VirtualServer(key, scheduler, timeout, real_servers, service_key)
 
         if not (internal_local and not has_local):
             for ip in _unique(service.cluster_ips):

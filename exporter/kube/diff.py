@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple
 
-from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey, _address_order
 
 MISSING_VS = "missing_virtual_servers"
 STALE_VS = "stale_virtual_servers"
@@ -121,8 +121,6 @@ class Diff(NamedTuple):
 
 
 def _item_order(item: DriftItem) -> tuple:
-    from exporter.dataplane import _address_order
-
     real = (_address_order(item.real[0]), item.real[1]) if item.real else ((0, 0), 0)
     return (item.vs.sort_key(), real)
 

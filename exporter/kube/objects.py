@@ -10,6 +10,8 @@ log it and skip that object, never the whole list.
 from __future__ import annotations
 
 import ipaddress
+import socket
+import sys
 from datetime import datetime
 from typing import Any, Iterable, Iterator, NamedTuple
 
@@ -22,6 +24,16 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds; the API's default for ClientIP affinity
 # Annotations some proxies read (topology mode, kube-router's per-service knobs).
 KEPT_ANNOTATION_PREFIXES = ("service.kubernetes.io/", "kube-router.io/")
+
+
+_PROTOCOL_CONSTANTS = {p: p for p in PROTOCOLS}
+
+
+def _intern(text: str) -> str:
+    """One shared string for values repeated across thousands of objects (node
+    names, zones, namespaces, port names): at 50,000 endpoints, a copy each
+    from the JSON decoder is megabytes."""
+    return sys.intern(text)
 
 
 class MalformedObject(ValueError):
@@ -58,10 +70,16 @@ class Service(NamedTuple):
         return f"{self.namespace}/{self.name}"
 
     def annotation(self, name: str) -> str | None:
-        return dict(self.annotations).get(name)
+        for key, value in self.annotations:  # a handful at most: a scan beats building a dict
+            if key == name:
+                return value
+        return None
 
     def label(self, name: str) -> str | None:
-        return dict(self.labels).get(name)
+        for key, value in self.labels:
+            if key == name:
+                return value
+        return None
 
 
 class EndpointPort(NamedTuple):
@@ -118,7 +136,7 @@ def _meta(obj: dict, kind: str) -> tuple[str, str, dict]:
     namespace = meta.get("namespace", "default")
     if not isinstance(namespace, str):
         raise MalformedObject(f"{kind} {meta['name']} has a bad metadata.namespace")
-    return namespace, meta["name"], meta
+    return _intern(namespace), meta["name"], meta
 
 
 def _mapping(value: Any, what: str) -> dict:
@@ -141,6 +159,13 @@ def canonical_ip(text: Any, what: str) -> str:
     """Compressed text form of an IP address, or MalformedObject."""
     if not isinstance(text, str):
         raise MalformedObject(f"{what}: {text!r} is not an IP address")
+    # Fast path for the common case (tens of thousands of endpoint addresses
+    # per list): a dotted quad already in canonical form round-trips exactly.
+    try:
+        if socket.inet_ntoa(socket.inet_pton(socket.AF_INET, text)) == text:
+            return text
+    except OSError:
+        pass
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -159,7 +184,7 @@ def _protocol(value: Any, what: str) -> str:
     proto = "TCP" if value is None else value
     if proto not in PROTOCOLS:
         raise MalformedObject(f"{what}: unknown protocol {value!r}")
-    return proto
+    return _PROTOCOL_CONSTANTS[proto]  # the shared constant, not one string per port
 
 
 def _kept(mapping: dict, prefixes: tuple[str, ...] | None = None, names: tuple[str, ...] = ()) -> tuple:
@@ -214,7 +239,7 @@ def parse_service(obj: dict) -> Service:
     for i, p in enumerate(_list(spec.get("ports"), f"{what} spec.ports")):
         p = _mapping(p, f"{what} port {i}")
         ports.append(ServicePort(
-            name=str(p.get("name") or ""),
+            name=_intern(str(p.get("name") or "")),
             protocol=_protocol(p.get("protocol"), f"{what} port {i}"),
             port=_port(p.get("port"), f"{what} port {i}"),
             node_port=_port(p.get("nodePort"), f"{what} port {i} nodePort", optional=True),
@@ -276,7 +301,7 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
     for i, p in enumerate(_list(obj.get("ports"), f"{what} ports")):
         p = _mapping(p, f"{what} port {i}")
         ports.append(EndpointPort(
-            name=str(p.get("name") or ""),
+            name=_intern(str(p.get("name") or "")),
             protocol=_protocol(p.get("protocol"), f"{what} port {i}"),
             port=_port(p.get("port"), f"{what} port {i}", optional=True),
         ))
@@ -297,18 +322,18 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
         hint_zones = hint_nodes = None
         if isinstance(hints, dict):
             if "forZones" in hints:
-                hint_zones = tuple(str(z.get("name")) for z in _list(hints["forZones"], f"{what} hints")
+                hint_zones = tuple(_intern(str(z.get("name"))) for z in _list(hints["forZones"], f"{what} hints")
                                    if isinstance(z, dict))
             if "forNodes" in hints:
-                hint_nodes = tuple(str(n.get("name")) for n in _list(hints["forNodes"], f"{what} hints")
+                hint_nodes = tuple(_intern(str(n.get("name"))) for n in _list(hints["forNodes"], f"{what} hints")
                                    if isinstance(n, dict))
         endpoints.append(Endpoint(
             addresses=addresses,
             ready=ready,
             serving=_condition(conditions, "serving", ready),
             terminating=_condition(conditions, "terminating", False),
-            node_name=ep.get("nodeName") if isinstance(ep.get("nodeName"), str) else None,
-            zone=ep.get("zone") if isinstance(ep.get("zone"), str) else None,
+            node_name=_intern(ep["nodeName"]) if isinstance(ep.get("nodeName"), str) else None,
+            zone=_intern(ep["zone"]) if isinstance(ep.get("zone"), str) else None,
             hint_zones=hint_zones,
             hint_nodes=hint_nodes,
         ))
@@ -317,7 +342,7 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
         namespace=namespace,
         name=name,
         service_name=labels.get(SERVICE_NAME_LABEL) if isinstance(labels.get(SERVICE_NAME_LABEL), str) else None,
-        address_type=address_type,
+        address_type=_intern(address_type),
         ports=tuple(ports),
         endpoints=tuple(endpoints),
         trigger_time=parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),

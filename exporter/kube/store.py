@@ -6,7 +6,8 @@ Public surface (what the drift collector and the latency follower use):
   ``synced()``, ``wait_synced(timeout)``, ``snapshot()`` (the desired table,
   read-only, no copy), ``watch_status()`` (one ``WatchStatus`` per resource, for
   ``kubenode_kube_watch_up``), ``subscribe(callback)`` (``ChangeEvent`` per
-  changed service), ``refresh_node_addresses()``; ``KubeStore.from_settings(settings)``.
+  changed service), ``refresh_node_addresses()``; ``KubeStore.from_settings(settings)``;
+  ``watch_up_family(store.watch_status())`` for the metric.
 - ``ClusterState``: the same state without any I/O; reflectors feed it through
   ``replace``/``upsert``/``delete``. Tests and the offline tools can use it alone.
 
@@ -37,6 +38,8 @@ import threading
 import time
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+from prometheus_client.core import GaugeMetricFamily
 
 from exporter.dataplane import VirtualServer, VirtualServerKey
 from exporter.kube import objects
@@ -456,6 +459,23 @@ class KubeStore:
 
     def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Callable[[], None]:
         return self.state.subscribe(callback)
+
+
+def watch_up_family(statuses: Mapping[str, WatchStatus]) -> GaugeMetricFamily:
+    """``kubenode_kube_watch_up{resource}`` from ``KubeStore.watch_status()``.
+
+    1 when the resource's last LIST succeeded and its watch is connected or
+    reconnecting within the reflector's ``down_after``; 0 when there is no
+    synced state (never listed, or a 410 whose relist has not succeeded yet)
+    or the watch has been failing for longer than that.
+    """
+    family = GaugeMetricFamily(
+        "kubenode_kube_watch_up",
+        "1 when the resource is listed and its watch connected or reconnecting within backoff, else 0.",
+        labels=["resource"])
+    for name in sorted(statuses):
+        family.add_metric([name], 1.0 if statuses[name].up else 0.0)
+    return family
 
 
 def resolve_node_name(configured: str | None, environ: Mapping[str, str] | None = None) -> str:
