@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from exporter.collector import NAMESPACE, Collector, CollectorError, register
 from exporter.collectors.ipvs import shared_live_table
 from exporter.kube.diff import KINDS, DriftReport, DriftTracker, diff_tables, singular
+from exporter.kube.store import watch_up_family
 from exporter.kube.latency import LatencyFollower, netlink_reader
 from exporter.readers.ipvs import IPVSUnavailable
 
@@ -82,13 +83,6 @@ def shared_latency(ctx, access: KubeAccess, live) -> LatencyFollower | None:
 
 def _gauge(name: str, help_text: str, labels: list[str] | None = None, value: float | None = None):
     return GaugeMetricFamily(f"{NAMESPACE}_{name}", help_text, labels=labels, value=value)
-
-
-def watch_metrics(statuses: dict) -> GaugeMetricFamily:
-    up = _gauge("kube_watch_up", "1 when the list/watch of this Kubernetes resource is current.", ["resource"])
-    for resource, status in sorted(statuses.items()):
-        up.add_metric([resource], 1.0 if status.up else 0.0)
-    return up
 
 
 def report_metrics(report: DriftReport, desired_vs: int, desired_rs: int) -> list[Metric]:
@@ -160,7 +154,7 @@ class DriftCollector(Collector):
         if store is None:
             raise CollectorError(f"no Kubernetes API access: {self.kube.error}")
         statuses = store.watch_status()
-        yield watch_metrics(statuses)
+        yield watch_up_family(statuses)
         yield from latency_metrics(self.latency)
         snap = store.snapshot()
         synced = _gauge("ipvs_drift_synced", "1 when every resource has been listed and drift figures are "
