@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from exporter.collector import NAMESPACE, Collector, CollectorError, register
 from exporter.collectors.ipvs import shared_live_table
 from exporter.kube.diff import KINDS, DriftReport, DriftTracker, diff_tables, singular
+from exporter.kube.client import RateLimitedLog
 from exporter.kube.store import watch_up_family
 from exporter.kube.latency import LatencyFollower, netlink_reader
 from exporter.readers.ipvs import IPVSUnavailable
@@ -148,6 +149,7 @@ class DriftCollector(Collector):
         self.tracker = DriftTracker(settings.get("drift.grace-period"), settings.get("drift.max-service-series"),
                                     settings.get("drift.stuck-draining-after"))
         self._said_waiting = False
+        self._stuck_log = RateLimitedLog(log, burst=1, period=600.0)  # once per 10 min while it lasts
 
     def collect(self) -> Iterable[Metric]:
         store = self.kube.store
@@ -183,7 +185,7 @@ class DriftCollector(Collector):
             # Names the first few so the log says which endpoints, without a series per item.
             shown = ", ".join(f"{i.service or i.vs} -> {i.real[0]}:{i.real[1]}"
                               for i in report.stuck_draining_items[:3])
-            log.warning("%d real servers stuck at weight 0 with no connections (graceful termination "
+            self._stuck_log.warning("%d real servers stuck at weight 0 with no connections (graceful termination "
                         "not running, kubernetes issue 71071): %s", report.stuck_draining, shown)
 
 

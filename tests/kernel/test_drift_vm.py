@@ -199,6 +199,8 @@ def test_churn_within_grace_raises_nothing_and_latency_matches_the_delays(world)
         expected.append((delay, done - trigger, total))
         # From the trigger to IPVS matching: at least the injected delay, at most the
         # moment the stand-in finished plus one follow interval (and scheduling slack).
+        print(f"latency: injected delay {delay:.2f} s, programmed {done - trigger:.3f} s after the trigger, "
+              f"observed {observed:.3f} s")
         assert delay <= observed <= (done - trigger) + FOLLOW + 0.5, (delay, done - trigger, observed)
         s = scrape_fresh(rig)
         assert all(drift(s, k) == 0 for k in KINDS) and drifted_services(s) == {}
