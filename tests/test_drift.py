@@ -262,3 +262,15 @@ def test_collector_listed_and_on_by_default():
     from exporter.collector import load_collectors
 
     assert load_collectors()["ipvs_drift"].default_enabled
+
+
+def test_ip_vs_not_loaded_is_collector_down_with_what_is_known(apiserver, rig):
+    add_service(apiserver, 1, endpoints=3)
+    r = rig()
+    r.wait_synced()  # no net/ip_vs in the fixture procfs: the module is not loaded
+    s = r.scrape()
+    assert success(s) == 0 and success(s, "ipvs") == 0
+    assert value(s, "kubenode_ipvs_desired_virtual_servers") == 1
+    assert value(s, "kubenode_ipvs_desired_real_servers") == 3
+    assert value(s, "kubenode_kube_watch_up", resource="services") == 1
+    assert drift(s, "missing_virtual_server") is None, "no live table, no drift figures"

@@ -86,7 +86,16 @@ def _gauge(name: str, help_text: str, labels: list[str] | None = None, value: fl
     return GaugeMetricFamily(f"{NAMESPACE}_{name}", help_text, labels=labels, value=value)
 
 
-def report_metrics(report: DriftReport, desired_vs: int, desired_rs: int) -> list[Metric]:
+def desired_metrics(desired_vs: int, desired_rs: int) -> list[Metric]:
+    return [
+        _gauge("ipvs_desired_virtual_servers", "Virtual servers the proxy should have programmed.",
+               value=desired_vs),
+        _gauge("ipvs_desired_real_servers", "Real servers the proxy should have programmed, over all "
+               "virtual servers.", value=desired_rs),
+    ]
+
+
+def report_metrics(report: DriftReport) -> list[Metric]:
     """Shape one DriftReport (pure: tested without clocks or kernels)."""
     drift = _gauge("ipvs_drift", "Differences between the desired and the live IPVS table that lasted "
                    "past the grace period, by kind.", ["kind"])
@@ -104,10 +113,6 @@ def report_metrics(report: DriftReport, desired_vs: int, desired_rs: int) -> lis
     for item in report.services:
         per_service.add_metric([item.namespace, item.service, singular(item.kind)], item.count)
     return [
-        _gauge("ipvs_desired_virtual_servers", "Virtual servers the proxy should have programmed.",
-               value=desired_vs),
-        _gauge("ipvs_desired_real_servers", "Real servers the proxy should have programmed, over all "
-               "virtual servers.", value=desired_rs),
         drift, oldest, pending, per_service,
         _gauge("ipvs_service_drift_series_dropped", "kubenode_ipvs_service_drift series left out by the "
                "drift.max-service-series cap.", value=report.services_not_shown),
@@ -171,6 +176,7 @@ class DriftCollector(Collector):
                 log.info("drift figures wait for the first full list of Services, EndpointSlices and this Node")
                 self._said_waiting = True
             return
+        yield from desired_metrics(len(snap.table), snap.real_servers)
         try:
             # Within one scrape the ipvs collector has just read it: shared, not read twice.
             live = self.live.get(SHARED_READ_MAX_AGE)
@@ -180,7 +186,7 @@ class DriftCollector(Collector):
             raise CollectorError(f"reading {self.ctx.paths.proc('net', 'ip_vs')}: {err.strerror}") from None
         diff = diff_tables(snap.table, live)
         report = self.tracker.update(diff, time.monotonic())
-        yield from report_metrics(report, len(snap.table), snap.real_servers)
+        yield from report_metrics(report)
         if report.stuck_draining:
             # Names the first few so the log says which endpoints, without a series per item.
             shown = ", ".join(f"{i.service or i.vs} -> {i.real[0]}:{i.real[1]}"
