@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 
-from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
 from exporter.paths import Paths
 
 PROC_IP_VS = ("net", "ip_vs")
@@ -41,7 +41,7 @@ class IPVSUnavailable(Exception):
 
 
 class IPVSTable(dict):
-    """A ``Table`` plus what the parse had to drop.
+    """A table (``exporter.dataplane.Table``: virtual servers by key) plus what the parse dropped.
 
     ``skipped_lines``: lines that did not parse (their virtual server is dropped).
     ``persistent_jiffies``: raw /proc timeouts, kept so a caller that learns HZ later
