@@ -13,6 +13,8 @@ if [ "$mode" = "--test" ]; then
     # promtool, Alertmanager, and node_exporter as the peer the benchmarks compare with.
     pkgs+=(ipvsadm qemu-system-x86 prometheus prometheus-alertmanager prometheus-node-exporter
            busybox-static util-linux procps curl)
+    # openssl: the API stand-in's TLS certificate (tests/apiserver.py).
+    pkgs+=(openssl)
 fi
 
 missing=()

@@ -430,3 +430,19 @@ def test_tls_with_the_kubeconfig_ca_and_a_wrong_ca(tmp_path):
             wrong.close()
     finally:
         server.stop()
+
+
+def test_rate_limited_log_keeps_a_burst_then_summarises(caplog, monkeypatch):
+    import exporter.kube.client as client
+
+    logger = logging.getLogger("kubenode-test-ratelimit")
+    caplog.set_level(logging.WARNING, logger=logger.name)
+    now = [1000.0]
+    monkeypatch.setattr(client.time, "monotonic", lambda: now[0])
+    limited = client.RateLimitedLog(logger, burst=3, period=60)
+    for i in range(10):
+        limited.warning("bad object %d", i)
+    assert [r.getMessage() for r in caplog.records] == ["bad object 0", "bad object 1", "bad object 2"]
+    now[0] += 61
+    limited.warning("bad object %d", 10)
+    assert [r.getMessage() for r in caplog.records][3:] == ["7 more similar messages suppressed", "bad object 10"]

@@ -171,6 +171,42 @@ def test_snapshot_is_copy_on_write():
     assert st._table is internal
 
 
+def test_snapshot_does_not_wait_behind_a_long_update():
+    import threading
+    import time
+
+    model = CountingModel()
+    st = built_state(model, services=5)
+    before = st.snapshot()
+    release = threading.Event()
+    slow = CountingModel()
+
+    def slow_model(*args, **kwargs):
+        release.wait(10)
+        return slow(*args, **kwargs)
+    st._model = slow_model
+    writer = threading.Thread(target=st.upsert, args=("nodes", "node-a", objects.Node("node-a", "zone-9")))
+    writer.start()  # a zone change: every Service recomputed, the slow model holds the state
+    try:
+        time.sleep(0.1)
+        start = time.monotonic()
+        during = st.snapshot()
+        assert time.monotonic() - start < 0.05
+        assert during.generation == before.generation and dict(during.table) == dict(before.table)
+    finally:
+        release.set()
+        writer.join()
+    after = st.snapshot()
+    assert after.generation == before.generation + 5 and slow.total() == 5
+
+
+def test_a_missing_node_is_logged(caplog):
+    caplog.set_level(logging.WARNING, logger="exporter.kube.store")
+    st = state(CountingModel())
+    st.replace("nodes", {"someone-else": objects.Node("someone-else", "z")})
+    assert "Node 'node-a' not found" in caplog.text and st.node().zone is None
+
+
 def test_a_model_failure_skips_that_service_only(caplog):
     caplog.set_level(logging.WARNING, logger="exporter.kube.store")
     model = CountingModel()

@@ -2,12 +2,18 @@
 
 Public surface (what the drift collector and the latency follower use):
 
-- ``KubeStore(api, node_name, proxy, node_addresses)``: ``start()``, ``stop()``,
+- ``KubeStore(api, node_name, proxy, node_ips)`` or ``KubeStore.from_settings(settings)``
+  (raises ``KubeConfigError`` when there is no API access): ``start()`` (idempotent), ``stop()``,
   ``synced()``, ``wait_synced(timeout)``, ``snapshot()`` (the desired table,
   read-only, no copy), ``watch_status()`` (one ``WatchStatus`` per resource, for
   ``kubenode_kube_watch_up``), ``subscribe(callback)`` (``ChangeEvent`` per
-  changed service), ``refresh_node_addresses()``; ``KubeStore.from_settings(settings)``;
-  ``watch_up_family(store.watch_status())`` for the metric.
+  changed service: before/after virtual server keys and the slice's trigger time),
+  ``refresh_node_addresses()``; ``watch_up_family(store.watch_status())`` for the metric.
+
+  A collector would hold one store for the process:
+  ``store = ctx.service("kube", lambda: KubeStore.from_settings(ctx.settings)); store.start()``,
+  and per scrape read ``snap = store.snapshot()`` (``snap.synced`` False: do not
+  report drift yet) and ``snap.table`` / ``snap.by_service`` / ``snap.real_servers``.
 - ``ClusterState``: the same state without any I/O; reflectors feed it through
   ``replace``/``upsert``/``delete``. Tests and the offline tools can use it alone.
 
@@ -112,6 +118,7 @@ class ClusterState:
         self._real_servers = 0
         self._shared = False
         self._generation = 0
+        self._last_snapshot: DesiredSnapshot | None = None
         self._subscribers: list[Callable[[ChangeEvent], None]] = []
         self._model_errors = 0
         self._model_log = RateLimitedLog(log)
@@ -119,10 +126,22 @@ class ClusterState:
     # --- public ---------------------------------------------------------------
 
     def snapshot(self) -> DesiredSnapshot:
-        with self._lock:
+        """The current desired table; never waits behind a long update.
+
+        While a writer holds the state (the initial build, a relist, a zone change
+        recomputing every Service: seconds at 10,000 Services) the previous
+        snapshot is returned, consistent and at most that update old.
+        """
+        if not self._lock.acquire(blocking=self._last_snapshot is None):
+            return self._last_snapshot
+        try:
             self._shared = True
-            return DesiredSnapshot(MappingProxyType(self._table), MappingProxyType(self._vs_keys),
-                                   self._real_servers, self._generation, self._built)
+            self._last_snapshot = DesiredSnapshot(
+                MappingProxyType(self._table), MappingProxyType(self._vs_keys),
+                self._real_servers, self._generation, self._built)
+            return self._last_snapshot
+        finally:
+            self._lock.release()
 
     def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` after each change (on a reflector thread: keep it cheap).
@@ -168,6 +187,10 @@ class ClusterState:
         with self._lock:
             if resource == NODES:
                 node = items.get(self.node_name)
+                if node is None:
+                    # Local traffic policies and topology depend on knowing which node this is.
+                    log.warning("Node %r not found in the API: check --node-name (or NODE_NAME); "
+                                "endpoints will not be recognised as local", self.node_name)
                 self._node = node
                 affected: set[str] | None = None
             else:
