@@ -143,6 +143,9 @@ OPTIONS: list[Option] = [
     Option("drift.stuck-draining-after", _as_seconds, 180.0,
            "seconds a weight-0 real server with no connections may stay before it counts as "
            "stuck graceful termination (kubernetes issue 71071; kube-proxy checks every 60 s)", "SECONDS"),
+    Option("drift.follow-interval", _as_seconds, 1.0,
+           "seconds between checks of the virtual servers of changed Services, for "
+           "kubenode_ipvs_programming_latency_seconds (its resolution)", "SECONDS"),
     Option("path.procfs", _as_str, "/proc", "procfs mountpoint", "PATH"),
     Option("path.sysfs", _as_str, "/sys", "sysfs mountpoint", "PATH"),
     Option("log.level", _as_log_level, "info", "debug, info, warn or error", "LEVEL"),

@@ -127,11 +127,11 @@ def _kubeconfig_available(flag: str | None) -> bool:
 def _cluster_objects(kubeconfig: str | None, node_name: str) -> ObjectSet:
     """Hook: list Services, EndpointSlices and this Node from the live cluster.
 
-    Provided by the Kubernetes client (``exporter.kube.client.list_objects(kubeconfig,
+    Provided by the Kubernetes client (``exporter.kube.listing.list_objects(kubeconfig,
     node_name) -> ObjectSet``); absent from builds without it.
     """
     try:
-        from exporter.kube.client import list_objects  # type: ignore[attr-defined]
+        from exporter.kube.listing import list_objects
     except ImportError:
         raise BadInput("--objects FILE is required (listing the live cluster is not available in this build)") \
             from None

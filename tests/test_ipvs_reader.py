@@ -5,7 +5,6 @@ Each fixture was printed by the kernel of the VM lane beside `ipvsadm -Sn` and
 every field /proc carries.
 """
 
-import os
 import random
 from pathlib import Path
 

@@ -17,9 +17,13 @@ from tests.kernel import ipvs_tables
 from tests.helpers import make_runner, samples, value
 
 
+@pytest.fixture(scope="module")
+def ipvs_modules():
+    ipvs_tables.load_modules()  # modprobe is slow in an emulated guest: once
+
+
 @pytest.fixture
-def ipvs():
-    ipvs_tables.load_modules()
+def ipvs(ipvs_modules):
     ipvs_tables.clear()
     yield ipvs_tables
     ipvs_tables.clear()
@@ -41,13 +45,12 @@ def assert_same(got, want, **kw):
                     f"missing {missing}; extra {extra}; differ {differ}")
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_random_table_equals_ipvsadm_field_by_field(ipvs, seed):
-    rng = random.Random(seed)
-    rules = ipvs.random_table(rng, 1500)
+def test_random_table_equals_ipvsadm_field_by_field(ipvs):
+    rng = random.Random(1)
+    rules = ipvs.random_table(rng, 2000)
     ipvs.restore(rules)
     want, counters = reference()
-    assert len(want) == 1500
+    assert len(want) == 2000
     kinds = {(k.protocol or "FWM", ":" in (k.address or "")) for k in want}
     assert {"TCP", "UDP", "SCTP", "FWM"} <= {p for p, _ in kinds} and (True in {v6 for _, v6 in kinds})
     assert any(vs.persistent_timeout for vs in want.values())
@@ -98,11 +101,11 @@ def test_single_service_over_netlink_equals_proc(ipvs):
 
 def test_table_changing_while_read(ipvs):
     """A writer adds and deletes services beside the reader: no exception, no half entry."""
-    stable = ipvs.uniform_table(300, reals=5)
+    stable = ipvs.uniform_table(200, reals=5)
     ipvs.restore(stable)
     stable_table = parse_save(ipvs.ipvsadm("-Sn"))
     # The churning services: each added with its 5 real servers, weights 1..5, then deleted.
-    churn = ipvs.uniform_table(200, reals=5, first=5000)
+    churn = ipvs.uniform_table(100, reals=5, first=5000)
     churn = [line.replace("-w 1", f"-w {n % 5 + 1}") for n, line in enumerate(churn)]
     churn_table = parse_save("\n".join(churn))
     adds = "\n".join(churn) + "\n"
@@ -120,10 +123,10 @@ def test_table_changing_while_read(ipvs):
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
-    reads = partial = missing_stable = 0
+    reads = partial = missing_stable = mid_change = 0
     try:
         deadline = time.monotonic() + 60
-        while (rounds[0] < 5 or reads < 30) and time.monotonic() < deadline:
+        while (rounds[0] < 3 or reads < 20) and time.monotonic() < deadline:
             text = read_ip_vs_text()
             table = parse_ip_vs(text)
             reads += 1
@@ -140,12 +143,17 @@ def test_table_changing_while_read(ipvs):
                     assert (rs.weight, rs.forward) == (want.real_servers[rkey].weight, "Masq")
                 partial += len(vs.real_servers) < 5
             missing_stable += len(set(stable_table) - set(table))
+            churned = sum(1 for key in table if key in churn_table)
+            mid_change += 0 < churned < len(churn_table) or any(
+                len(table[k].real_servers) < 5 for k in table if k in churn_table)
     finally:
         stop.set()
         thread.join(timeout=60)
-    print(f"{reads} reads during {rounds[0]} add/delete rounds; services seen mid-programming: "
+    print(f"{reads} reads during {rounds[0]} add/delete rounds ({mid_change} mid-change); "
+          f"services seen mid-programming: "
           f"{partial}; stable services absent from a read (seq_file position shift): {missing_stable}")
-    assert reads >= 30 and rounds[0] >= 1
+    assert reads >= 20 and rounds[0] >= 1
+    assert mid_change > 0, "no read overlapped a change: the test proved nothing"
 
 
 def test_collector_on_the_live_kernel(ipvs):
