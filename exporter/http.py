@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import html
 import logging
 import socket
 import threading
 from socketserver import ThreadingMixIn
 from typing import Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-import functools
-import gzip
 from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
