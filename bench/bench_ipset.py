@@ -27,6 +27,7 @@ from bench.common import Row, best_of
 from exporter.cli import settings_from_args
 from exporter.collector import Context, Runner
 from exporter.collectors.ipset import IpsetCollector
+from exporter.exposition import openmetrics_page, text_page
 from exporter.http import make_app
 from exporter.paths import Paths
 from exporter.readers.ipset import read_headers
@@ -118,10 +119,6 @@ class _Fixed:
 
 def _writer_rows(families) -> list[Row]:
     """The page writers alone on the ipset families: microseconds a sample, ours against client_python's."""
-    try:
-        from exporter.exposition import openmetrics_page, text_page
-    except ImportError:  # a tree before the lean writers
-        return []
     n = sum(len(f.samples) for f in families)
     rows = []
     for what, ours, theirs in [("text 0.0.4", text_page, generate_latest),
