@@ -3,9 +3,11 @@
 The sets live in a fresh network namespace (removed afterwards). The timed
 code runs in a thread that joined it (tests/ipset_ns.py), and `ipset list -t`
 is started from that thread, so it inherits the namespace without `ip netns
-exec`'s own start-up cost. "Full scrape" is what /metrics does: the Runner
-with only the ipset collector, serialized by prometheus_client's
-generate_latest.
+exec`'s own start-up cost. "Full scrape" is what /metrics does: the
+exporter's own /metrics WSGI app (exporter/http.py, socket left out) over a
+Runner with only the ipset collector, asked as curl asks (text, no gzip) and
+as a Prometheus server asks (OpenMetrics first, gzip). The page writers alone
+are then timed against prometheus_client's on the same families.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ import statistics
 import subprocess
 import time
 
-from prometheus_client import CollectorRegistry
+from wsgiref.util import setup_testing_defaults
+
 from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from bench.common import Row, best_of
 from exporter.cli import settings_from_args
 from exporter.collector import Context, Runner
 from exporter.collectors.ipset import IpsetCollector
+from exporter.exposition import openmetrics_page, text_page
+from exporter.http import make_app
 from exporter.paths import Paths
 from exporter.readers.ipset import read_headers
 from tests.ipset_ns import NetNS
@@ -85,6 +91,47 @@ def _ipset_terse() -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+# What Prometheus 2.42 (this machine's) sends: OpenMetrics first, gzip.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+def _scraper(app, accept: str | None = None, encoding: str | None = None):
+    """One GET /metrics on the WSGI app, as the HTTP server calls it; the body."""
+    def scrape() -> bytes:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics"}
+        if accept:
+            environ["HTTP_ACCEPT"] = accept
+        if encoding:
+            environ["HTTP_ACCEPT_ENCODING"] = encoding
+        setup_testing_defaults(environ)
+        return b"".join(app(environ, lambda status, headers: None))
+    return scrape
+
+
+class _Fixed:
+    def __init__(self, families) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def _writer_rows(families) -> list[Row]:
+    """The page writers alone on the ipset families: microseconds a sample, ours against client_python's."""
+    n = sum(len(f.samples) for f in families)
+    rows = []
+    for what, ours, theirs in [("text 0.0.4", text_page, generate_latest),
+                               ("OpenMetrics 1.0.0", openmetrics_page, openmetrics_latest)]:
+        if ours(families) != theirs(_Fixed(families)):
+            raise SystemExit(f"the {what} writer's page differs from prometheus_client's")
+        ours_cpu, theirs_cpu = _interleaved([_in_thread(lambda: ours(families)),
+                                            _in_thread(lambda: theirs(_Fixed(families)))], rounds=21)
+        rows.append(Row(f"writer alone, {what}, CPU a sample", ours_cpu["cpu"] / n * 1e6,
+                        theirs_cpu["cpu"] / n * 1e6, "prometheus_client", unit="us"))
+    return rows
+
+
 def run(args) -> list[Row]:
     if os.geteuid() != 0:
         raise SystemExit("needs root (a network namespace and ipsets)")
@@ -102,14 +149,15 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
 
     settings = settings_from_args([])
     ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Runner([IpsetCollector(ctx)]))
-    page = generate_latest(registry)
+    runner = Runner([IpsetCollector(ctx)])
+    app = make_app(runner)
+    text, prometheus = _scraper(app), _scraper(app, PROMETHEUS_ACCEPT, "gzip")
+    page = text()
     if b'kubenode_collector_success{collector="ipset"} 1.0' not in page:
         raise SystemExit("the ipset collector failed in the bench namespace")
 
-    reference, scrape, reader = _interleaved(
-        [_ipset_terse, _in_thread(lambda: generate_latest(registry)), _in_thread(read_headers)], rounds=21)
+    reference, scrape, scrape_prometheus, reader = _interleaved(
+        [_ipset_terse, _in_thread(text), _in_thread(prometheus), _in_thread(read_headers)], rounds=21)
     what = f"{n_sets} sets, {n_entries} entries"
     terse = "ipset list -t"
     rows = [
@@ -118,9 +166,13 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
         Row("full scrape, median wall", scrape["median"], reference["median"], terse),
         Row("full scrape, CPU (user+sys, kernel dump included)", scrape["cpu"], reference["cpu"], terse,
             limit=3.0),
+        Row("full scrape, OpenMetrics + gzip as Prometheus asks, best wall", scrape_prometheus["best"],
+            reference["best"], terse, limit=3.0),
+        Row("full scrape, OpenMetrics + gzip, CPU", scrape_prometheus["cpu"], reference["cpu"], terse, limit=3.0),
         Row("reader alone (netlink header dump + parse), best wall", reader["best"], reference["best"], terse),
         Row("reader alone, CPU", reader["cpu"], reference["cpu"], terse),
     ]
+    rows += _writer_rows(list(runner.collect()))
     try:
         from pyroute2 import IPSet
         from pyroute2.netlink.nfnetlink.ipset import IPSET_FLAG_LIST_HEADER

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import html
 import logging
 import socket
@@ -9,12 +11,16 @@ import ssl
 import threading
 from socketserver import ThreadingMixIn
 from typing import Callable, Iterable
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from exporter import __version__
 from exporter.collector import Runner
+from exporter.exposition import Unsupported, openmetrics_page, text_page
 
 log = logging.getLogger("exporter.http")
 
@@ -94,7 +100,7 @@ def make_app(runner: Runner, telemetry_path: str = "/metrics", *,
     UNAUTHENTICATED_PATHS; ``headers`` are added to every response."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(runner)
-    metrics_app = make_wsgi_app(registry)
+    metrics_app = make_metrics_app(registry)
     extra_headers = list(headers)
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -125,6 +131,69 @@ def _with_headers(start_response: Callable, extra: list[tuple[str, str]]) -> Cal
         return start_response(status, list(response_headers) + extra, exc_info)
 
     return wrapped
+
+
+# gzip level 1: the ipset page of 2,000 sets (367 KB) takes 0.7 ms and 23.1 KB,
+# against prometheus_client's level 9 at 4.5 ms and 22.2 KB.
+GZIP_LEVEL = 1
+
+
+class _Collected:
+    """Families already collected, in the shape prometheus_client's writers take."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self) -> list:
+        return self.families
+
+
+def _lean_writer(writer: Callable) -> Callable | None:
+    """Our writer for what prometheus_client's choose_encoder chose, when we write the same bytes."""
+    if writer is generate_latest:
+        return text_page
+    if (isinstance(writer, functools.partial) and writer.func is openmetrics.generate_latest
+            and writer.keywords == {"escaping": openmetrics.UNDERSCORES, "version": "1.0.0"}):
+        return openmetrics_page
+    return None
+
+
+def metrics_page(registry: CollectorRegistry, accept: str | None, query: str = "") -> tuple[bytes, str]:
+    """The /metrics body and its Content-Type, negotiated as prometheus_client negotiates."""
+    writer, content_type = choose_encoder(accept)
+    params = parse_qs(query)
+    if "name[]" in params:
+        registry = registry.restricted_registry(params["name[]"])
+    families = list(registry.collect())
+    lean = _lean_writer(writer)
+    if lean is not None:
+        try:
+            return lean(families), content_type
+        except Unsupported:
+            pass
+    return writer(_Collected(families)), content_type
+
+
+def make_metrics_app(registry: CollectorRegistry) -> Callable:
+    """/metrics as prometheus_client's make_wsgi_app serves it, with the lean writers."""
+
+    def metrics_app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        if method == "OPTIONS":
+            start_response("200 OK", [("Allow", "OPTIONS,GET")])
+            return [b""]
+        if method != "GET":
+            start_response("405 Method Not Allowed", [("Allow", "OPTIONS,GET")])
+            return [f"# HTTP 405 Method Not Allowed: {method}; use OPTIONS or GET\n".encode()]
+        body, content_type = metrics_page(registry, environ.get("HTTP_ACCEPT"), environ.get("QUERY_STRING", ""))
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")):
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+
+    return metrics_app
 
 
 def _landing_page(runner: Runner, telemetry_path: str) -> str:
