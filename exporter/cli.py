@@ -80,8 +80,7 @@ def serve(argv: list[str]) -> int:
     from exporter.http import MetricsServer, make_app
     from exporter.paths import Paths
 
-    ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
-    runner = Runner(build_collectors(ctx))
+    # Every input is checked before anything starts (collectors start watches and threads).
     web = None
     if settings["web.config.file"]:
         from exporter.webconfig import read_web_config
@@ -91,6 +90,8 @@ def serve(argv: list[str]) -> int:
         except ConfigError as err:
             print(f"kubenode-exporter: {err}", file=sys.stderr)
             return 2
+    ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
+    runner = Runner(build_collectors(ctx))
     try:
         app = make_app(runner, settings["web.telemetry-path"],
                        auth=web.authenticator() if web else None, headers=web.headers if web else ())
@@ -98,6 +99,8 @@ def serve(argv: list[str]) -> int:
                                web.tls.client_allowed_sans if web and web.tls else ())
     except (OSError, ValueError, ConfigError) as err:
         print(f"kubenode-exporter: cannot serve on {settings['web.listen-address']}: {err}", file=sys.stderr)
+        runner.close()
+        ctx.close()
         return 2
 
     stop = threading.Event()
