@@ -183,16 +183,14 @@ def test_read_errors_keep_following():
     assert f.tick() == 0 and f.pending() == 1 and f.read_errors == 1 and "went away" in f.last_error
 
 
-def test_thousands_of_changes_cost_one_dict_update_each():
+def test_thousands_of_changes_stay_bounded_and_coalesce():
+    # (What one event costs is measured by the benchmarks, not asserted here.)
     world, clock = World(), Clock()
     f = follower(world, clock, max_pending=5000)
-    start = time.perf_counter()
     for i in range(20_000):
         f.on_change(event(i % 8000, clock.wall - 1 + i * 1e-6))
-    elapsed = time.perf_counter() - start
     # 8,000 services cycling through a cap of 5,000: each newcomer pushes out the oldest.
     assert f.pending() == 5000 and f.dropped == 15_000
-    assert elapsed < 1.0, f"20,000 events took {elapsed:.2f}s"
     g = follower(world, clock, max_pending=5000)
     for i in range(20_000):
         g.on_change(event(i % 3000, clock.wall - 1 + i * 1e-6))

@@ -191,7 +191,8 @@ def test_snapshot_does_not_wait_behind_a_long_update():
         time.sleep(0.1)
         start = time.monotonic()
         during = st.snapshot()
-        assert time.monotonic() - start < 0.05
+        # Blocked, it would wait for the writer, which waits 10 s for release.
+        assert time.monotonic() - start < 5
         assert during.generation == before.generation and dict(during.table) == dict(before.table)
     finally:
         release.set()
