@@ -154,7 +154,9 @@ def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
     """Parse the text of /proc/net/ip_vs into a table. Never raises on bad lines.
 
     ``hz`` is the kernel's CONFIG_HZ, used to turn persistence timeouts from
-    jiffies into seconds; default: this machine's (``kernel_hz()``).
+    jiffies into seconds; default: this machine's (``kernel_hz()``). A virtual
+    server whose record is unchanged since the previous parse is the same object
+    as then: never mutate what this returns.
     """
     if hz is None:
         hz = kernel_hz()
