@@ -96,7 +96,7 @@ def test_garbage_line_drops_only_its_virtual_server():
     t = parse_ip_vs("".join(broken), hz=HZ)
     assert VirtualServerKey("TCP", "10.96.0.10", 53) not in t
     assert {k: v for k, v in full.items() if k != VirtualServerKey("TCP", "10.96.0.10", 53)} == dict(t)
-    assert t.skipped_lines == 2  # the broken line and the real server after it
+    assert t.skipped_lines == 3  # the whole record: its service line and two real servers
     # A broken service line: its real servers are not given to the service before it.
     broken = lines[:3] + ["TCP  0A60000A:00 rr\n"] + lines[4:]
     t = parse_ip_vs("".join(broken), hz=HZ)
@@ -150,3 +150,22 @@ def test_live_table_reads_once_per_max_age(tmp_path):
     second = live.get(max_age=0)
     assert second is not first and len(second) == 5
     assert live.read_seconds >= 0
+
+
+def test_reused_records_never_hide_a_change():
+    text = fixture("kube.txt")
+    first = parse_ip_vs(text, hz=HZ)
+    changed = text.replace("  -> 0AF40105:0035      Masq    1      0          0 ",
+                           "  -> 0AF40105:0035      Masq    1      4          9 ", 1)
+    assert changed != text
+    second = parse_ip_vs(changed, hz=HZ)
+    dns = VirtualServerKey("TCP", "10.96.0.10", 53)
+    rs = second[dns].real_servers[("10.244.1.5", 53)]
+    assert (rs.active_connections, rs.inactive_connections) == (4, 9)
+    assert first[dns].real_servers[("10.244.1.5", 53)].active_connections == 0
+    assert all(second[k] == first[k] for k in first if k != dns)
+    # Same text again: the same (unchanged) objects, now from the cache.
+    third = parse_ip_vs(changed, hz=HZ)
+    assert third == second and third[dns] is second[dns]
+    # A different HZ never reuses a parse made with another.
+    assert parse_ip_vs(changed, hz=1000)[VirtualServerKey("TCP", "fd00:10:96::a", 443)].persistent_timeout == 2700

@@ -25,6 +25,7 @@ import errno
 import gc
 import gzip
 import os
+import re
 import socket
 import struct
 import threading
@@ -58,6 +59,7 @@ class IPVSTable(dict):
 # so hex tokens are converted once. Bounded: cleared when they grow too big.
 _ENDPOINT_CACHE: dict[str, tuple[str, int]] = {}
 _SERVICE_CACHES: dict[int, dict[str, tuple]] = {}  # by HZ: service line -> parsed
+_RECORD_CACHES: dict[int, dict[str, tuple]] = {}  # by HZ: the last read's records -> parsed
 _CACHE_LIMIT = 500_000
 
 _PROTOCOLS = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
@@ -152,7 +154,9 @@ def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
     """Parse the text of /proc/net/ip_vs into a table. Never raises on bad lines.
 
     ``hz`` is the kernel's CONFIG_HZ, used to turn persistence timeouts from
-    jiffies into seconds; default: this machine's (``kernel_hz()``).
+    jiffies into seconds; default: this machine's (``kernel_hz()``). A virtual
+    server whose record is unchanged since the previous parse is the same object
+    as then: never mutate what this returns.
     """
     if hz is None:
         hz = kernel_hz()
@@ -167,77 +171,88 @@ def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
             gc.enable()
 
 
+# One record per virtual server: its service line and the real-server lines after it.
+_RECORD_BOUNDARY = re.compile(r"\n(?!  -> )")
+
+
 def _parse(text: str, hz: int) -> IPVSTable:
     table = IPVSTable()
     table.hz = hz
     jiffies_by_key: dict[VirtualServerKey, int] = {}
-    lines = text.split("\n")
-    # The kernel ends every line with "\n": a last line without one is torn.
-    last = lines.pop()
-    skipped = 1 if last else 0
-    reals: dict | None = None  # real servers of the virtual server being read
-    key = None
-    endpoint_cache = _ENDPOINT_CACHE
-    service_cache = _SERVICE_CACHES.setdefault(hz, {})
-    endpoint = _endpoint
-    new_real = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
-    for line in lines:
-        if line.startswith("  -> "):
-            if reals is None:
-                if not line.startswith("  -> RemoteAddress"):  # the third header line
-                    skipped += 1  # belongs to a dropped or absent virtual server
-                continue
-            parts = line.split()
+    # The kernel prints a virtual server and its real servers as one record, and a
+    # record with no counter changed since the last read is the same text: reuse its
+    # parse (a dict lookup instead of a line-by-line parse). Only the last read's
+    # records are kept, so the cache never outgrows one table.
+    previous = _RECORD_CACHES.get(hz, {})
+    current: dict[str, tuple[VirtualServer, int | None]] = {}
+    records = _RECORD_BOUNDARY.split(text)
+    # The kernel ends every line with "\n", so the last piece is "" unless the text
+    # was cut: then the last record is torn and dropped whole.
+    torn = records.pop()
+    skipped = torn.count("\n") + 1 if torn else 0
+    prev_key = None  # key of the record before, while it may still be dropped
+    for record in records:
+        cached = previous.get(record)
+        if cached is None:
             try:
-                if len(parts) != 6:
-                    raise ValueError(line)
-                token = parts[1]
-                ep = endpoint_cache.get(token) or endpoint(token)
-                reals[ep] = new_real(RealServer, (ep[0], ep[1], int(parts[3]), parts[2],
-                                                  int(parts[4]), int(parts[5])))
-            except (ValueError, IndexError):
-                # Drop the whole virtual server: no entry is ever half-read.
-                table.pop(key, None)
-                jiffies_by_key.pop(key, None)
-                reals = None
-                skipped += 1
-            continue
-        # A service line holds no counters: unchanged services parse from the cache.
-        parsed = service_cache.get(line)
-        if parsed is None:
-            parts = line.split()
-            if not parts:
-                continue  # a blank line carries nothing (the kernel prints none)
-            first = parts[0]
-            if first in ("IP", "Prot"):
-                reals = None
-                continue  # the header lines
-            try:
-                parsed = _service(parts, hz)
+                cached = _record(record, hz)
             except (ValueError, IndexError, KeyError):
-                # It may sit among the real servers of the entry before it: drop that
-                # entry too, and the real servers after it, which have no owner.
-                if reals is not None:
-                    table.pop(key, None)
-                    jiffies_by_key.pop(key, None)
-                reals = None
-                skipped += 1
+                # A line that is not a service (garbage, or a header) starts a record
+                # of its own; it may sit among the real servers of the record before
+                # it, so drop that one too: no entry is ever half-read.
+                lines = record.split("\n")
+                if lines[0].startswith("IP Virtual Server"):
+                    skipped += len(lines) - 1
+                elif lines[0].startswith("Prot LocalAddress"):
+                    skipped += len(lines) - 1 - (len(lines) > 1 and lines[1].startswith("  -> RemoteAddress"))
+                else:
+                    skipped += len(lines)
+                    if prev_key is not None:
+                        table.pop(prev_key, None)
+                        jiffies_by_key.pop(prev_key, None)
+                prev_key = None
                 continue
-            if len(service_cache) >= _CACHE_LIMIT:
-                service_cache.clear()
-            service_cache[line] = parsed
-        key, scheduler, timeout, netmask, flags, jiffies = parsed
-        reals = {}
-        table[key] = new_real(VirtualServer, (key, scheduler, timeout, reals, None, flags, netmask))
+        current[record] = cached
+        vs, jiffies = cached
+        prev_key = vs.key
+        table[prev_key] = vs
         if jiffies is not None:
-            jiffies_by_key[key] = jiffies
-    if last and last[:1] not in "TUSF":
-        # The torn last line was a real server: its virtual server is incomplete.
-        table.pop(key, None)
-        jiffies_by_key.pop(key, None)
+            jiffies_by_key[prev_key] = jiffies
+    if torn and torn[:1] not in "TUSF" and prev_key is not None:
+        # A cut within "  -> " splits off as a piece of its own: the record before is short.
+        table.pop(prev_key, None)
+        jiffies_by_key.pop(prev_key, None)
+    _RECORD_CACHES[hz] = current
     table.skipped_lines = skipped
     table.persistent_jiffies = jiffies_by_key
     return table
+
+
+def _record(record: str, hz: int) -> tuple[VirtualServer, int | None]:
+    """One virtual server's record. Raises ValueError/IndexError/KeyError if any line is bad."""
+    lines = record.split("\n")
+    service_line = lines[0]
+    service_cache = _SERVICE_CACHES.setdefault(hz, {})
+    # A service line holds no counters: unchanged services parse from the cache.
+    parsed = service_cache.get(service_line)
+    if parsed is None:
+        parsed = _service(service_line.split(), hz)
+        if len(service_cache) >= _CACHE_LIMIT:
+            service_cache.clear()
+        service_cache[service_line] = parsed
+    key, scheduler, timeout, netmask, flags, jiffies = parsed
+    reals = {}
+    endpoint_cache = _ENDPOINT_CACHE
+    new_tuple = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
+    for line in lines[1:]:
+        parts = line.split()
+        if len(parts) != 6 or parts[0] != "->":
+            raise ValueError(line)
+        token = parts[1]
+        ep = endpoint_cache.get(token) or _endpoint(token)
+        reals[ep] = new_tuple(RealServer, (ep[0], ep[1], int(parts[3]), parts[2],
+                                           int(parts[4]), int(parts[5])))
+    return new_tuple(VirtualServer, (key, scheduler, timeout, reals, None, flags, netmask)), jiffies
 
 
 def read_ip_vs_text(paths: Paths = Paths()) -> str:
