@@ -22,18 +22,27 @@ def _collector_defaults() -> dict[str, bool]:
     return {name: cls.default_enabled for name, cls in load_collectors().items()}
 
 
+def _help_text(opt: Option) -> str:
+    """The option's help with its default; '%' escaped, since argparse formats help."""
+    text = opt.help
+    if opt.parse.__name__ == "_as_bool":
+        text += " (default on)" if opt.default else " (default off)"
+    elif opt.default not in (None, "", []) and "default" not in text:
+        text += f" (default {opt.default})"
+    return text.replace("%", "%%")
+
+
 def _add_option(parser: argparse.ArgumentParser, opt: Option) -> None:
     flag = "--" + opt.key
     if opt.parse.__name__ == "_as_bool":
         parser.add_argument(flag, dest=opt.key, action=argparse.BooleanOptionalAction,
-                            default=argparse.SUPPRESS,
-                            help=opt.help + (" (default on)" if opt.default else " (default off)"))
+                            default=argparse.SUPPRESS, help=_help_text(opt))
     elif opt.repeat:
         parser.add_argument(flag, dest=opt.key, action="append", default=argparse.SUPPRESS,
-                            metavar=opt.metavar, help=opt.help)
+                            metavar=opt.metavar, help=_help_text(opt))
     else:
         parser.add_argument(flag, dest=opt.key, default=argparse.SUPPRESS, metavar=opt.metavar,
-                            help=opt.help)
+                            help=_help_text(opt))
 
 
 def serve_parser(table: dict[str, Option]) -> argparse.ArgumentParser:

@@ -124,7 +124,7 @@ class Option:
 
 OPTIONS: list[Option] = [
     Option("web.listen-address", _as_str, DEFAULT_LISTEN_ADDRESS,
-           "address to serve /metrics on, HOST:PORT (default %(default)s)", "HOST:PORT"),
+           "address to serve /metrics on, HOST:PORT", "HOST:PORT"),
     Option("web.telemetry-path", _as_str, "/metrics", "path of the metrics page", "PATH"),
     Option("web.config.file", _as_str, None,
            "exporter-toolkit web config (TLS, basic auth)", "PATH"),

@@ -75,3 +75,17 @@ def test_process_components_validated(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1]}}, "e.f": 2}) == {"a.b": 1, "a.c.d": [1], "e.f": 2}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["desired", "--help"], ["diff", "--help"]])
+def test_help_lists_every_flag_with_defaults(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "--proxy" in out
+    if argv[-1] == "--help" and argv[0] in ("--help", "serve"):
+        for flag in ("--web.listen-address", "--drift.grace-period", "--path.procfs",
+                     "--collector.ipset", "--no-collector.ipvs_drift"):
+            assert flag in out, flag
+        assert "(default :9815)" in out and "(default 60" in out
