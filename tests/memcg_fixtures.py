@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -110,3 +111,29 @@ class SlowFifo:
         except OSError:
             pass
         self._thread.join(timeout=5)
+
+
+def make_dying_children(parent: str, files, count: int) -> None:
+    """Make ``count`` real memory cgroups under ``parent``, charge each some page cache
+    (a short process in it writes a file), then remove them: dying until the cache goes."""
+    for i in range(count):
+        child = os.path.join(parent, f"c{i}")
+        os.mkdir(child)
+
+        def join_cgroup(procs_file=os.path.join(child, "cgroup.procs")):
+            with open(procs_file, "w") as fh:
+                fh.write(str(os.getpid()))
+
+        subprocess.run(["dd", "if=/dev/urandom", f"of={files}/f{i}", "bs=16k", "count=3", "status=none"],
+                       preexec_fn=join_cgroup, check=True)
+    for i in range(count):
+        os.rmdir(os.path.join(parent, f"c{i}"))
+
+
+def remove_cgroup_tree(parent: str) -> None:
+    """Remove ``parent`` and its child cgroups (cgroupfs removes directories, not files)."""
+    for child in sorted(os.listdir(parent)):
+        full = os.path.join(parent, child)
+        if os.path.isdir(full):
+            os.rmdir(full)
+    os.rmdir(parent)

@@ -8,13 +8,12 @@ files uncharges them and lets the kernel free the children.
 
 import os
 import shutil
-import subprocess
 import time
 
 import pytest
 
 from tests.helpers import samples, value
-from tests.memcg_fixtures import memcg_runner
+from tests.memcg_fixtures import make_dying_children, memcg_runner, remove_cgroup_tree
 
 MEMORY_ROOT = "/sys/fs/cgroup/memory"
 CHILDREN = 200
@@ -43,28 +42,8 @@ def parent(tmp_path):
     try:
         yield name, path, files
     finally:
-        for child in sorted(os.listdir(path)):
-            full = os.path.join(path, child)
-            if os.path.isdir(full):
-                os.rmdir(full)
-        os.rmdir(path)
+        remove_cgroup_tree(path)
         shutil.rmtree(files, ignore_errors=True)
-
-
-def make_dying_children(path: str, files, count: int) -> None:
-    for i in range(count):
-        child = os.path.join(path, f"c{i}")
-        os.mkdir(child)
-        procs_file = os.path.join(child, "cgroup.procs")
-
-        def join_cgroup(procs_file=procs_file):
-            with open(procs_file, "w") as fh:
-                fh.write(str(os.getpid()))
-
-        subprocess.run(["dd", "if=/dev/urandom", f"of={files}/f{i}", "bs=16k", "count=3", "status=none"],
-                       preexec_fn=join_cgroup, check=True)
-    for i in range(count):
-        os.rmdir(os.path.join(path, f"c{i}"))
 
 
 def test_dying_count_matches_the_kernel_and_rises_by_what_we_made(parent):

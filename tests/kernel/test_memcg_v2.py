@@ -9,13 +9,12 @@ of the root memory.stat, and the pods cgroup found on a real v2 tree.
 
 import os
 import shutil
-import subprocess
 import time
 
 import pytest
 
 from tests.helpers import samples, value
-from tests.memcg_fixtures import memcg_runner
+from tests.memcg_fixtures import make_dying_children, memcg_runner, remove_cgroup_tree
 
 ROOT = "/sys/fs/cgroup"
 CHILDREN = 200
@@ -50,11 +49,7 @@ def v2_parent(tmp_path):
         enable_memory(parent)
         yield name, parent, files
     finally:
-        for child in sorted(os.listdir(parent)):
-            full = os.path.join(parent, child)
-            if os.path.isdir(full):
-                os.rmdir(full)
-        os.rmdir(parent)
+        remove_cgroup_tree(parent)
         shutil.rmtree(files, ignore_errors=True)
 
 
@@ -66,18 +61,7 @@ def test_dying_count_is_nr_dying_descendants_and_rises_by_what_we_made(v2_parent
     assert any(k[0] == "kubenode_memcg_hierarchy_info" and ("version", "2") in k[1] for k in before)
     dying_before = value(before, "kubenode_memcg_cgroups", state="dying")
 
-    for i in range(CHILDREN):
-        child = os.path.join(parent, f"c{i}")
-        os.mkdir(child)
-
-        def join(procs=os.path.join(child, "cgroup.procs")):
-            with open(procs, "w") as fh:
-                fh.write(str(os.getpid()))
-
-        subprocess.run(["dd", "if=/dev/urandom", f"of={files}/f{i}", "bs=16k", "count=3", "status=none"],
-                       preexec_fn=join, check=True)
-    for i in range(CHILDREN):
-        os.rmdir(os.path.join(parent, f"c{i}"))
+    make_dying_children(parent, files, CHILDREN)
 
     k1 = cgroup_stat()
     after = samples(runner)
