@@ -130,7 +130,10 @@ CONTRACT_METRICS = {
     "kubenode_process_resident_memory_bytes", "kubenode_memcg_stat_read_seconds", "kubenode_memcg_cgroups",
     "kubenode_kube_watch_up",
 }
-FROM_COLLECTOR_CODE = {"kubenode_proxy_sync_pending_seconds"}  # exporter/collectors/proxy.py
+FROM_COLLECTOR_CODE = {
+    "kubenode_proxy_sync_pending_seconds",  # exporter/collectors/proxy.py
+    "kubenode_ipvs_stuck_graceful_termination_real_servers",  # exporter/collectors/drift.py
+}
 
 
 def referenced_metrics() -> set[str]:

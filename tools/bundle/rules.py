@@ -92,13 +92,16 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
          "Ready endpoints have IPVS weight 0.",
          "{{ $value | humanize }} ready endpoints on node NODE are in IPVS with weight 0, past the "
          "drift grace period: no new connection reaches them."),
+        # The exporter counts a real server as stuck only at weight 0 with no connections
+        # left for drift.stuck-draining-after: a long-lived connection still draining is
+        # graceful termination working, not stuck (kubernetes issue 71071).
         ("kubenode-ipvs", "KubeNodeIPVSGracefulTerminationStuck",
-         "max without (kind) (kubenode_ipvs_drift_oldest_seconds"
-         + s('kind="draining_real_server"') + f") > {t('KubeNodeIPVSGracefulTerminationStuck')}",
+         "kubenode_ipvs_stuck_graceful_termination_real_servers"
+         + s() + f" > {t('KubeNodeIPVSGracefulTerminationStuck')}",
          "IPVS real servers of removed endpoints are not being deleted.",
-         "A removed endpoint has been draining (weight 0) in IPVS on node NODE for "
-         "{{ $value | humanizeDuration }}, longer than any connection to it can live: "
-         "the proxy's graceful termination is stuck."),
+         "{{ $value | humanize }} real servers of removed endpoints on node NODE are at weight 0 "
+         "with no connections left, yet still in IPVS: the proxy's graceful termination is not "
+         "deleting them (kubernetes issue 71071)."),
         ("kubenode-proxy", "KubeNodeProxyProgrammingLatencyHigh",
          f"node:kubenode_ipvs_programming_latency_seconds:p99_rate5m > {t('KubeNodeProxyProgrammingLatencyHigh')}",
          "Endpoint changes take long to reach IPVS.",
