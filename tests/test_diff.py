@@ -143,6 +143,67 @@ def test_diff_is_linear_not_quadratic():
     assert big / small < 40, (small, big)
 
 
+def _random_side(rng, n_vs: int, service) -> dict:
+    out = {}
+    for i in rng.sample(range(n_vs + 5), n_vs):
+        reals = [(f"10.1.{i}.{j}", 8080, rng.choice((0, 1, 1, 1)), rng.randrange(3), rng.randrange(3))
+                 for j in rng.sample(range(6), rng.randrange(4))]
+        scheduler = rng.choice(("rr", "rr", "rr", "wlc"))
+        v = vs("TCP", f"10.0.0.{i}", 80, reals, service=service)._replace(scheduler=scheduler)
+        out[v.key] = v
+    return out
+
+
+def _mutate(rng, side: dict, fresh: dict) -> dict:
+    """A new table that keeps most objects of ``side`` and takes some from ``fresh``."""
+    out = dict(side)
+    for key in rng.sample(sorted(set(side) | set(fresh), key=str), 3):
+        if key in fresh and rng.random() < 0.7:
+            out[key] = fresh[key]
+        else:
+            out.pop(key, None)
+    return out
+
+
+def test_table_differ_gives_what_diff_tables_gives_as_tables_change():
+    import random
+    rng = random.Random(7)
+    differ = d.TableDiffer()
+    want = _random_side(rng, 20, "ns1/svc1")
+    have = _random_side(rng, 20, None)
+    for _ in range(60):
+        if rng.random() < 0.5:
+            want = _mutate(rng, want, _random_side(rng, 20, "ns1/svc1"))
+        if rng.random() < 0.7:
+            have = _mutate(rng, have, _random_side(rng, 20, None))
+        assert differ.diff(want, have) == d.diff_tables(want, have)
+
+
+def test_table_differ_compares_only_what_changed():
+    want = table(*(vs("TCP", f"10.0.0.{i}", 80, [("10.1.0.1", 8080)]) for i in range(50)))
+    have = table(*(vs("TCP", f"10.0.0.{i}", 80, [("10.1.0.1", 8080), ("10.1.0.2", 8080, 0, 0, 0)],
+                      service=None) for i in range(50)))
+    differ = d.TableDiffer()
+    first = differ.diff(want, have)
+    assert differ.compared == 50 and len(first.draining_real_servers) == 50
+    assert differ.diff(want, dict(have)) == first and differ.compared == 0
+
+    # The live side of one changes (a connection arrives on a draining real server):
+    # that one is compared again, and its item carries the new counters.
+    key = next(iter(have))
+    have = dict(have)
+    have[key] = vs("TCP", key.address, 80, [("10.1.0.1", 8080), ("10.1.0.2", 8080, 0, 1, 0)], service=None)
+    again = differ.diff(want, have)
+    assert differ.compared == 1
+    assert [i.active_connections for i in again.draining_real_servers if i.vs == key] == [1]
+
+    # An equal but new desired object is compared again (identity, not equality, is the test).
+    want = dict(want)
+    want[key] = want[key]._replace()
+    differ.diff(want, have)
+    assert differ.compared == 1
+
+
 # --- DriftTracker -----------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from exporter.collector import NAMESPACE, Collector, CollectorError, register
 from exporter.collectors.ipvs import shared_live_table
-from exporter.kube.diff import KINDS, DriftReport, DriftTracker, diff_tables, singular
+from exporter.kube.diff import KINDS, DriftReport, DriftTracker, TableDiffer, singular
 from exporter.kube.client import RateLimitedLog
 from exporter.kube.store import watch_up_family
 from exporter.kube.latency import LatencyFollower, netlink_reader
@@ -153,6 +153,7 @@ class DriftCollector(Collector):
         settings = ctx.settings
         self.tracker = DriftTracker(settings.get("drift.grace-period"), settings.get("drift.max-service-series"),
                                     settings.get("drift.stuck-draining-after"))
+        self.differ = TableDiffer()  # per scrape, only what changed is compared again
         self._said_waiting = False
         self._stuck_log = RateLimitedLog(log, burst=1, period=600.0)  # once per 10 min while it lasts
 
@@ -184,7 +185,7 @@ class DriftCollector(Collector):
             raise CollectorError(str(err)) from None
         except OSError as err:
             raise CollectorError(f"reading {self.ctx.paths.proc('net', 'ip_vs')}: {err.strerror}") from None
-        diff = diff_tables(snap.table, live)
+        diff = self.differ.diff(snap.table, live)
         report = self.tracker.update(diff, time.monotonic())
         yield from report_metrics(report)
         if report.stuck_draining:
