@@ -194,9 +194,9 @@ class TableDiffer:
     replaces only the virtual servers of a Service that changed, and the IPVS
     reader returns the same object for a record whose text is the same. So a
     virtual server whose desired and live objects are the ones of the last call
-    has the same differences, and is not compared again: per scrape the work is a
-    lookup and two identity checks per virtual server, plus a real comparison of
-    what changed. The memo holds only the current table's keys.
+    has the same differences, and is not compared again: per scrape the work is
+    two lookups and an identity check per virtual server, plus a real comparison
+    of what changed. The memo holds only the current desired table's objects.
     """
 
     def __init__(self) -> None:
