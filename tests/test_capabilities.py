@@ -2,9 +2,9 @@
 
 Listing ipset headers over NETLINK_NETFILTER is refused without CAP_NET_ADMIN
 (nfnetlink checks it for every message, reads included), so the DaemonSet adds
-NET_ADMIN and nothing else. Each case runs the same listing, as the ipset
-reader does it (pyroute2, header-only dump), in a network namespace of this
-test's own, with an exact capability set made by setpriv:
+NET_ADMIN and nothing else. Each case runs the exporter's own ipset reader
+(``exporter.readers.ipset.read_headers``, a header-only dump) in a network
+namespace of this test's own, with an exact capability set made by setpriv:
 
 - uid 65534 with no capability: refused;
 - uid 65534 with only NET_ADMIN (ambient): lists the sets;
@@ -24,20 +24,16 @@ from pathlib import Path
 
 import pytest
 
-import pyroute2
-
 pytestmark = pytest.mark.root
 
 LIST_SETS = textwrap.dedent("""
-    from pyroute2 import IPSet
-    from pyroute2.netlink.nfnetlink.ipset import IPSET_FLAG_LIST_HEADER
+    from exporter.readers.ipset import IpsetReadError, read_headers
     try:
-        with IPSet() as ipset:
-            names = sorted(m.get_attr("IPSET_ATTR_SETNAME") for m in ipset.list(flags=IPSET_FLAG_LIST_HEADER))
-        print("SETS", ",".join(names))
-    except Exception as err:
-        print("ERROR", getattr(err, "code", None), err)
+        print("SETS", ",".join(sorted(h.name for h in read_headers())))
+    except IpsetReadError as err:
+        print("ERROR", err.errno, err)
 """)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def need(tool: str) -> str:
@@ -65,7 +61,8 @@ def netns_with_sets():
 
 def _interpreter() -> str:
     # The venv's interpreter may live under /root, which uid 65534 cannot enter: use the
-    # system Python of the same minor version with the venv's packages on the path.
+    # system Python of the same minor version with the checkout on the path (the ipset
+    # reader needs only the standard library).
     for candidate in ("/usr/bin/python3", sys.executable):
         out = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
                              capture_output=True, text=True)
@@ -75,13 +72,12 @@ def _interpreter() -> str:
 
 
 def list_as(netns: str, uid: int, caps: list[str]) -> str:
-    site = str(Path(pyroute2.__file__).resolve().parent.parent)
     cap_args = ["--bounding-set", "-all" + "".join(f",+{c}" for c in caps)]
     if caps and uid != 0:
         wanted = ",".join(f"+{c}" for c in caps)
         cap_args += ["--inh-caps", wanted, "--ambient-caps", wanted]
     cmd = ["nsenter", f"--net=/run/netns/{netns}", "setpriv", "--reuid", str(uid), "--regid", str(uid),
-           "--clear-groups", *cap_args, "env", f"PYTHONPATH={site}", _interpreter(), "-c", LIST_SETS]
+           "--clear-groups", *cap_args, "env", f"PYTHONPATH={REPO}", _interpreter(), "-c", LIST_SETS]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
