@@ -131,14 +131,19 @@ def _rs_item(kind: str, vs: VirtualServer, rs: RealServer, service: str | None, 
     return DriftItem(kind, vs.key, rs.key, weight, service, rs.active_connections, rs.inactive_connections)
 
 
+def _vs_details(vs: VirtualServer) -> tuple[tuple[str, object], ...]:
+    """What a whole missing or stale virtual server item says of it."""
+    return (("real_servers", len(vs.real_servers)), ("scheduler", vs.scheduler),
+            ("persistent_timeout", vs.persistent_timeout))
+
+
 def _compare(key: VirtualServerKey, want: VirtualServer, have: VirtualServer | None) -> tuple[DriftItem, ...]:
     """Every difference of one desired virtual server with its live counterpart (or None)."""
     if have is None:
-        return (DriftItem(MISSING_VS, key, service=want.service,
-                          details=(("real_servers", len(want.real_servers)), ("scheduler", want.scheduler),
-                                   ("persistent_timeout", want.persistent_timeout))),)
+        return (DriftItem(MISSING_VS, key, service=want.service, details=_vs_details(want)),)
     items = []
     service = want.service
+    want_rs = want.real_servers
     if want.scheduler != have.scheduler or want.persistent_timeout != have.persistent_timeout:
         items.append(DriftItem(
             MISMATCHED_VS, key, service=service,
@@ -146,13 +151,12 @@ def _compare(key: VirtualServerKey, want: VirtualServer, have: VirtualServer | N
                      ("persistent_timeout", want.persistent_timeout),
                      ("live_persistent_timeout", have.persistent_timeout))))
     have_rs = have.real_servers
-    for rkey, rs in want.real_servers.items():
+    for rkey, rs in want_rs.items():
         found = have_rs.get(rkey)
         if found is None:
             items.append(DriftItem(MISSING_RS, key, rkey, rs.weight, service))
         elif found.weight == 0:
             items.append(_rs_item(ZERO_WEIGHT_RS, want, found, service, 0))
-    want_rs = want.real_servers
     for rkey, found in have_rs.items():
         if rkey not in want_rs:
             kind = DRAINING_RS if found.weight == 0 else STALE_RS
@@ -165,9 +169,7 @@ def _stale_items(desired: Table, live: Table) -> tuple[DriftItem, ...]:
     stale = live.keys() - desired.keys()  # one C-level pass; usually empty
     if not stale:
         return ()
-    return tuple(DriftItem(STALE_VS, key, service=have.service,
-                           details=(("real_servers", len(have.real_servers)), ("scheduler", have.scheduler),
-                                    ("persistent_timeout", have.persistent_timeout)))
+    return tuple(DriftItem(STALE_VS, key, service=have.service, details=_vs_details(have))
                  for key, have in live.items() if key in stale)
 
 
