@@ -43,8 +43,8 @@ class RealServer(NamedTuple):
     port: int
     weight: int = 1
     forward: str = "Masq"  # Masq, Local, Route, Tunnel (ipvsadm's names)
-    active_connections: int = 0
-    inactive_connections: int = 0
+    # No connection counters: a live table keeps them apart (``IPVSTable.connections``)
+    # so that a real server is the same object for as long as only its counters move.
 
     @property
     def key(self) -> tuple[str, int]:

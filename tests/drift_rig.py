@@ -97,11 +97,11 @@ class DriftRig:
     def desired(self) -> Table:
         return copy_table(self.store.snapshot().table)
 
-    def write_table(self, table) -> None:
+    def write_table(self, table, connections=None) -> None:
         """Replace net/ip_vs at once, as the kernel's text (a reader never sees half a file)."""
         path = self.procfs / "net" / "ip_vs"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(format_ip_vs(table, kernel_hz()))
+        tmp.write_text(format_ip_vs(table, kernel_hz(), connections))
         os.replace(tmp, path)
         # Past the shared LiveTable's reuse window, so the next scrape reads this file.
         time.sleep(SHARED_READ_MAX_AGE + 0.05)

@@ -19,7 +19,11 @@ def _hex(address: str, port: int) -> str:
     return f"[{ip.exploded}]:{port:04X}"
 
 
-def format_ip_vs(table: Table, hz: int) -> str:
+def format_ip_vs(table: Table, hz: int, connections: dict | None = None) -> str:
+    """The kernel's text of ``table``; counters from ``connections``
+    ({(virtual server key, real server key): (active, inactive)}), else from the
+    table's own (an IPVSTable), else 0."""
+    own = getattr(table, "connections", None)
     out = [HEADER]
     for vs in sorted_virtual_servers(table):
         key = vs.key
@@ -31,7 +35,9 @@ def format_ip_vs(table: Table, hz: int) -> str:
             mask = "FFFFFFFF" if key.address is None or ":" not in key.address else "00000080"
             line += f"persistent {vs.persistent_timeout * hz} {mask}"
         out.append(line + "\n")
+        counts = own(key) if own is not None and connections is None else {}
         for rs in sorted_real_servers(vs):
+            active, inactive = (connections or {}).get((key, rs.key)) or counts.get(rs.key) or (0, 0)
             out.append(f"  -> {_hex(rs.address, rs.port)}      {rs.forward:<7} {rs.weight:<6} "
-                       f"{rs.active_connections:<10} {rs.inactive_connections:<10}\n")
+                       f"{active:<10} {inactive:<10}\n")
     return "".join(out)

@@ -92,16 +92,14 @@ def parse_list_counters(text: str) -> dict[tuple[VirtualServerKey, tuple[str, in
     return out
 
 
-def comparable(table: Table, with_counters: bool = False, sched_flags: bool = True) -> dict:
-    """A table as plain nested data, for equality with a readable diff on failure."""
+def comparable(table: Table, sched_flags: bool = True) -> dict:
+    """A table as plain nested data, for equality with a readable diff on failure.
+
+    Counters are not in it: a live table keeps them apart (``IPVSTable.connections``).
+    """
     out = {}
     for key, vs in table.items():
         flags = vs.flags if sched_flags else tuple(f for f in vs.flags if f == "ops")
-        reals = {}
-        for rkey, rs in vs.real_servers.items():
-            row = (rs.weight, rs.forward)
-            if with_counters:
-                row += (rs.active_connections, rs.inactive_connections)
-            reals[rkey] = row
+        reals = {rkey: (rs.weight, rs.forward) for rkey, rs in vs.real_servers.items()}
         out[key] = (vs.scheduler, vs.persistent_timeout, vs.persistent_netmask, flags, reals)
     return out

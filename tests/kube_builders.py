@@ -61,12 +61,29 @@ def table_of(vss) -> dict:
     return out
 
 
+class _RealServers(dict):
+    """Real servers by key, remembering the counters a test gave them (for ``live``)."""
+
+    counters: dict
+
+
 def vs(proto: str, address: str, port: int, reals=(), *, weight: int = 1, scheduler: str = "rr",
        timeout: int | None = None, service: str | None = "ns1/svc1", conns=(0, 0)) -> VirtualServer:
-    real_servers = {}
+    """A virtual server; each real server (ip, port[, weight[, active, inactive]])."""
+    real_servers = _RealServers()
+    real_servers.counters = {}
     for r in reals:
         ip, rport, *rest = r
         w = rest[0] if rest else weight
-        active, inactive = rest[1:3] if len(rest) >= 3 else conns
-        real_servers[(ip, rport)] = RealServer(ip, rport, w, "Masq", active, inactive)
+        real_servers[(ip, rport)] = RealServer(ip, rport, w, "Masq")
+        real_servers.counters[(ip, rport)] = tuple(rest[1:3]) if len(rest) >= 3 else conns
     return VirtualServer(VirtualServerKey(proto, address, port), scheduler, timeout, real_servers, service)
+
+
+def live(*vss: VirtualServer):
+    """A live table (``IPVSTable``) of these virtual servers, with the counters ``vs`` was given."""
+    from exporter.readers.ipvs import IPVSTable
+
+    counters = {(v.key, rkey): c for v in vss
+                for rkey, c in getattr(v.real_servers, "counters", {}).items()}
+    return IPVSTable.of({v.key: v for v in vss}, counters)

@@ -6,11 +6,13 @@ import pytest
 
 from exporter.dataplane import VirtualServerKey
 from exporter.kube import diff as d
-from tests.kube_builders import vs
+from exporter.readers.ipvs import IPVSTable
+from tests.kube_builders import live, vs
 
 
 def table(*vss):
-    return {v.key: v for v in vss}
+    """A table with the counters its real servers were built with (as the reader gives them)."""
+    return live(*vss)
 
 
 def only(result: d.Diff) -> dict[str, list]:
@@ -186,16 +188,24 @@ def test_table_differ_compares_only_what_changed():
     differ = d.TableDiffer()
     first = differ.diff(want, have)
     assert differ.compared == 50 and len(first.draining_real_servers) == 50
-    assert differ.diff(want, dict(have)) == first and differ.compared == 0
+    assert differ.diff(want, have.copy()) == first and differ.compared == 0
 
-    # The live side of one changes (a connection arrives on a draining real server):
-    # that one is compared again, and its item carries the new counters.
+    # A connection arrives on a draining real server: only a counter moved, so the
+    # reader keeps every virtual server's object and nothing is compared again; the
+    # item still carries the new counters.
     key = next(iter(have))
-    have = dict(have)
-    have[key] = vs("TCP", key.address, 80, [("10.1.0.1", 8080), ("10.1.0.2", 8080, 0, 1, 0)], service=None)
+    moved = IPVSTable.of(dict(have), {(key, ("10.1.0.2", 8080)): (1, 0)})
+    again = differ.diff(want, moved)
+    assert differ.compared == 0
+    assert [i.active_connections for i in again.draining_real_servers if i.vs == key] == [1]
+    assert {i.active_connections for i in again.draining_real_servers if i.vs != key} == {0}
+
+    # Its real server's weight changes: that virtual server is a new object, compared again.
+    have = moved.copy()
+    have[key] = vs("TCP", key.address, 80, [("10.1.0.1", 8080, 0), ("10.1.0.2", 8080, 0)], service=None)
     again = differ.diff(want, have)
     assert differ.compared == 1
-    assert [i.active_connections for i in again.draining_real_servers if i.vs == key] == [1]
+    assert [i.vs for i in again.zero_weight_real_servers] == [key]
 
     # An equal but new desired object is compared again (identity, not equality, is the test).
     want = dict(want)

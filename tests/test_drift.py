@@ -76,8 +76,8 @@ def test_each_fault_reported_with_its_kind_and_service_after_grace(apiserver, ri
     del live[key[2]].real_servers[("10.244.2.1", 8080)]                # missing real server
     live[key[3]].real_servers[("10.244.3.77", 8080)] = RealServer("10.244.3.77", 8080, 1)  # stale real server
     live[key[4]].real_servers[("10.244.4.1", 8080)] = RealServer("10.244.4.1", 8080, 0)    # zero weight
-    live[key[5]].real_servers[("10.244.5.50", 8080)] = RealServer("10.244.5.50", 8080, 0, "Masq", 2, 5)  # draining
-    r.write_table(live)
+    live[key[5]].real_servers[("10.244.5.50", 8080)] = RealServer("10.244.5.50", 8080, 0)  # draining
+    r.write_table(live, {(key[5], ("10.244.5.50", 8080)): (2, 5)})  # still has connections
     s = r.scrape()
     first_seen_by = time.monotonic()  # the scrape that first saw the faults ended by now
     assert all_zero(s), "within the grace period nothing counts"

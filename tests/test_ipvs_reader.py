@@ -36,16 +36,18 @@ def test_parser_agrees_with_ipvsadm_list_counters():
     got = parse_ip_vs(fixture("kube.txt"), hz=HZ)
     counters = parse_list_counters(fixture("kube.ipvsadm-Ln.txt"))
     assert counters
+    assert len(counters) == sum(len(vs.real_servers) for vs in got.values())
     for (vkey, rkey), (active, inactive) in counters.items():
-        rs = got[vkey].real_servers[rkey]
-        assert (rs.active_connections, rs.inactive_connections) == (active, inactive)
+        assert got.connections(vkey)[rkey] == (active, inactive)
+    assert got.total_connections() == tuple(map(sum, zip(*counters.values())))
 
 
 def test_fields_one_by_one():
     t = parse_ip_vs(fixture("kube.txt"), hz=HZ)
     v6 = t[VirtualServerKey("TCP", "fd00:10:96::a", 443)]
     assert (v6.scheduler, v6.persistent_timeout, v6.persistent_netmask) == ("lc", 10800, "64")
-    assert v6.real_servers[("fd00:10:244:1::5", 8443)] == RealServer("fd00:10:244:1::5", 8443, 10, "Masq", 0, 0)
+    assert v6.real_servers[("fd00:10:244:1::5", 8443)] == RealServer("fd00:10:244:1::5", 8443, 10, "Masq")
+    assert t.connections(v6.key)[("fd00:10:244:1::5", 8443)] == (0, 0)
     assert v6.real_servers[("fd00:10:244:2::9", 443)].forward == "Tunnel"
     dns = t[VirtualServerKey("TCP", "10.96.0.10", 53)]
     assert dns.persistent_timeout is None and dns.persistent_netmask is None
@@ -81,8 +83,10 @@ def test_torn_text_never_raises_and_never_yields_a_partial_entry():
                 # Cut exactly at a line end: the file looks whole; the last entry may
                 # lack real servers that came after the cut, but has no wrong one.
                 assert vs.real_servers.items() <= full[key].real_servers.items()
+                assert part.connections(key).items() <= full.connections(key).items()
                 continue
             assert vs == full[key], f"cut at {cut}: {key} differs"
+            assert part.connections(key) == full.connections(key), f"cut at {cut}: {key} counters"
         if 0 < cut < len(text) and cut not in line_ends:
             assert part.skipped_lines >= 1
 
@@ -160,12 +164,67 @@ def test_reused_records_never_hide_a_change():
     assert changed != text
     second = parse_ip_vs(changed, hz=HZ)
     dns = VirtualServerKey("TCP", "10.96.0.10", 53)
-    rs = second[dns].real_servers[("10.244.1.5", 53)]
-    assert (rs.active_connections, rs.inactive_connections) == (4, 9)
-    assert first[dns].real_servers[("10.244.1.5", 53)].active_connections == 0
-    assert all(second[k] == first[k] for k in first if k != dns)
-    # Same text again: the same (unchanged) objects, now from the cache.
-    third = parse_ip_vs(changed, hz=HZ)
-    assert third == second and third[dns] is second[dns]
+    assert second.connections(dns)[("10.244.1.5", 53)] == (4, 9)
+    assert first.connections(dns)[("10.244.1.5", 53)] == (0, 0)  # an earlier table keeps its own
+    # Only counters moved: every virtual server is the object of the first parse.
+    assert all(second[k] is first[k] for k in first) and len(second) == len(first)
+    # A weight is not a counter: that virtual server is parsed anew, and only it.
+    reweighted = changed.replace("  -> 0AF40105:0035      Masq    1      4 ",
+                                 "  -> 0AF40105:0035      Masq    0      4 ", 1)
+    third = parse_ip_vs(reweighted, hz=HZ)
+    assert third[dns].real_servers[("10.244.1.5", 53)].weight == 0
+    assert third.connections(dns)[("10.244.1.5", 53)] == (4, 9)
+    assert all(third[k] is first[k] for k in first if k != dns) and third[dns] is not first[dns]
+    # Same text again: the same objects and counters.
+    again = parse_ip_vs(reweighted, hz=HZ)
+    assert again == third and again[dns] is third[dns] and again.connections(dns) == third.connections(dns)
     # A different HZ never reuses a parse made with another.
     assert parse_ip_vs(changed, hz=1000)[VirtualServerKey("TCP", "fd00:10:96::a", 443)].persistent_timeout == 2700
+
+
+def test_a_counter_that_is_not_a_number_drops_only_its_virtual_server():
+    text = fixture("kube.txt")
+    full = parse_ip_vs(text, hz=HZ)
+    line = "  -> 0AF40105:0035      Masq    1      0          0 "
+    assert line in text
+    broken = text.replace(line, "  -> 0AF40105:0035      Masq    1      0x5        0 ", 1)
+    t = parse_ip_vs(broken, hz=HZ)
+    dns = VirtualServerKey("TCP", "10.96.0.10", 53)
+    assert dns not in t and t.connections(dns) == {}
+    assert t.skipped_lines == 3  # its service line and two real servers
+    assert dict(t) == {k: v for k, v in full.items() if k != dns}
+    assert all(t.connections(k) == full.connections(k) for k in t)
+
+
+def test_cached_parses_equal_a_fresh_parse_over_random_changes():
+    """The caches (whole text, shape, records, conversions) never change a result."""
+    import exporter.readers.ipvs as reader
+
+    def fresh(text):
+        saved = (dict(reader._SHAPES), dict(reader._RECORD_CACHES))
+        reader._SHAPES.clear()
+        reader._RECORD_CACHES.clear()
+        try:
+            return parse_ip_vs(text, hz=HZ)
+        finally:
+            reader._SHAPES.update(saved[0])
+            reader._RECORD_CACHES.update(saved[1])
+
+    rng = random.Random(11)
+    lines = fixture("kube.txt").splitlines(keepends=True)
+    rs_rows = [i for i, line in enumerate(lines) if line.startswith("  -> ") and i > 2]
+    for step in range(300):
+        for i in rng.sample(rs_rows, rng.randint(0, 3)):  # counters move
+            head = lines[i][:-22]
+            lines[i] = f"{head}{rng.randrange(0, 10**rng.randint(1, 9)):<10} {rng.randrange(0, 999):<10}\n"
+        if rng.random() < 0.3:  # a weight changes: the shape does
+            i = rng.choice(rs_rows)
+            head, weight_and_counters = lines[i][:-29], lines[i][-29:]
+            lines[i] = f"{head}{rng.randrange(0, 3):<6}{weight_and_counters[6:]}"
+        text = "".join(lines)
+        got = parse_ip_vs(text, hz=HZ)
+        want = fresh(text)
+        assert dict(got) == dict(want), step
+        assert {k: got.connections(k) for k in got} == {k: want.connections(k) for k in want}, step
+        assert got.total_connections() == want.total_connections()
+        assert got.skipped_lines == want.skipped_lines == 0

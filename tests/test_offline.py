@@ -196,8 +196,8 @@ def desired_of(path: str, node: str = "node-a", proxy: str = "kube-proxy"):
     return model.desired_table(objs.services.values(), model.slices_by_service(objs.slices.values()), facts, proxy)
 
 
-def live_file(workdir: Path, table) -> str:
-    return write(workdir / "ip_vs", format_ip_vs(table, kernel_hz()))
+def live_file(workdir: Path, table, connections=None) -> str:
+    return write(workdir / "ip_vs", format_ip_vs(table, kernel_hz(), connections))
 
 
 @pytest.mark.parametrize("proxy", ["kube-proxy", "kube-router"])
@@ -224,15 +224,16 @@ def test_diff_reports_each_fault_with_kind_and_service(workdir):
         key=VirtualServerKey("TCP", "10.96.200.1", 80), service=None)  # stale virtual server
     rs = dict(table[dns].real_servers)
     rs.pop(("10.244.2.7", 53))  # missing real server
-    rs[("10.244.9.9", 53)] = RealServer("10.244.9.9", 53, 1, "Masq", 4, 1)  # stale real server
+    rs[("10.244.9.9", 53)] = RealServer("10.244.9.9", 53, 1, "Masq")  # stale real server
     table[dns] = table[dns]._replace(real_servers=rs)
     rs = dict(table[web].real_servers)
     rs[("10.244.1.10", 8080)] = rs[("10.244.1.10", 8080)]._replace(weight=0)  # zero weight
-    rs[("10.244.2.99", 8080)] = RealServer("10.244.2.99", 8080, 0, "Masq", 0, 3)  # draining
+    rs[("10.244.2.99", 8080)] = RealServer("10.244.2.99", 8080, 0, "Masq")  # draining
     table[web] = table[web]._replace(real_servers=rs)
     table[sticky] = table[sticky]._replace(persistent_timeout=None)  # affinity lost
-    proc = run("diff", "--objects", FIXTURE, "--ipvs", live_file(workdir, table), "--node-name", "node-a",
-               "--output", "json")
+    connections = {(dns, ("10.244.9.9", 53)): (4, 1), (web, ("10.244.2.99", 8080)): (0, 3)}
+    proc = run("diff", "--objects", FIXTURE, "--ipvs", live_file(workdir, table, connections),
+               "--node-name", "node-a", "--output", "json")
     assert proc.returncode == 1, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["missing_virtual_servers"] == [{
@@ -265,10 +266,11 @@ def test_diff_with_only_draining_real_servers_is_exit_0(workdir):
     table = dict(desired_of(FIXTURE))
     web = VirtualServerKey("TCP", "10.96.1.1", 80)
     rs = dict(table[web].real_servers)
-    rs[("10.244.2.99", 8080)] = RealServer("10.244.2.99", 8080, 0, "Masq", 1, 0)
+    rs[("10.244.2.99", 8080)] = RealServer("10.244.2.99", 8080, 0, "Masq")
     table[web] = table[web]._replace(real_servers=rs)
-    proc = run("diff", "--objects", FIXTURE, "--ipvs", live_file(workdir, table), "--node-name", "node-a",
-               "--output", "json")
+    connections = {(web, ("10.244.2.99", 8080)): (1, 0)}
+    proc = run("diff", "--objects", FIXTURE, "--ipvs", live_file(workdir, table, connections),
+               "--node-name", "node-a", "--output", "json")
     assert proc.returncode == 0, proc.stdout
     assert len(json.loads(proc.stdout)["draining_real_servers"]) == 1
 

@@ -26,7 +26,7 @@ def shared_live_table(ctx) -> LiveTable:
 def table_metrics(table: IPVSTable) -> list[Metric]:
     """Shape a parsed table into bounded gauges (pure: tested on fixture texts)."""
     by_protocol = dict.fromkeys(PROTOCOLS, 0)
-    real_servers = zero_weight = active = inactive = unavailable = empty = 0
+    real_servers = zero_weight = unavailable = empty = 0
     for vs in table.values():
         by_protocol[vs.key.protocol or "FWM"] += 1
         reals = vs.real_servers
@@ -39,8 +39,6 @@ def table_metrics(table: IPVSTable) -> list[Metric]:
         for rs in reals.values():
             if rs.weight > 0:
                 serving += 1
-            active += rs.active_connections
-            inactive += rs.inactive_connections
         zero_weight += len(reals) - serving
         if not serving:
             unavailable += 1
@@ -58,6 +56,7 @@ def table_metrics(table: IPVSTable) -> list[Metric]:
         f"{NAMESPACE}_ipvs_connections",
         "Connections tracked by IPVS, summed over every real server, by state.",
         labels=["state"])
+    active, inactive = table.total_connections()
     connections.add_metric(["active"], active)
     connections.add_metric(["inactive"], inactive)
     return [

@@ -128,7 +128,35 @@ def _item_order(item: DriftItem) -> tuple:
 
 
 def _rs_item(kind: str, vs: VirtualServer, rs: RealServer, service: str | None, weight: int) -> DriftItem:
-    return DriftItem(kind, vs.key, rs.key, weight, service, rs.active_connections, rs.inactive_connections)
+    return DriftItem(kind, vs.key, rs.key, weight, service)
+
+
+# Real-server kinds whose items say how many connections the live real server has.
+_COUNTED_KINDS = (ZERO_WEIGHT_RS, STALE_RS, DRAINING_RS)
+
+
+def _with_connections(out: "Diff", live: Table) -> "Diff":
+    """Put the live counters into the real-server items that show them.
+
+    Counters are not part of a virtual server (``IPVSTable.connections``): they
+    move on every read, the comparison does not depend on them, and an item
+    remembered from an earlier comparison must still show today's. Work: one
+    lookup per such item, i.e. per thing that is wrong.
+    """
+    connections = getattr(live, "connections", None)
+    if connections is None:
+        return out
+    by_vs: dict = {}
+    for kind in _COUNTED_KINDS:
+        items = out.of(kind)
+        for i, item in enumerate(items):
+            counts = by_vs.get(item.vs)
+            if counts is None:
+                counts = by_vs[item.vs] = connections(item.vs)
+            found = counts.get(item.real)
+            if found is not None:
+                items[i] = item._replace(active_connections=found[0], inactive_connections=found[1])
+    return out
 
 
 def _vs_details(vs: VirtualServer) -> tuple[tuple[str, object], ...]:
@@ -186,7 +214,7 @@ def diff_tables(desired: Table, live: Table) -> Diff:
     get = live.get
     per_vs = [_compare(key, want, get(key)) for key, want in desired.items()]
     per_vs.append(_stale_items(desired, live))
-    return _collect(per_vs)
+    return _with_connections(_collect(per_vs), live)
 
 
 class TableDiffer:
@@ -194,9 +222,9 @@ class TableDiffer:
 
     Both sides keep their objects while nothing changes: the desired store
     replaces only the virtual servers of a Service that changed, and the IPVS
-    reader returns the same object for a record whose text is the same. So a
-    virtual server whose desired and live objects are the ones of the last call
-    has the same differences, and is not compared again: per scrape the work is
+    reader returns the same object for a record whose text, counters aside, is
+    the same. So a virtual server whose desired and live objects are the ones of
+    the last call has the same differences, and is not compared again: per scrape the work is
     two lookups and an identity check per virtual server, plus a real comparison
     of what changed. The memo holds only the current desired table's objects.
     """
@@ -230,7 +258,7 @@ class TableDiffer:
                 del memo[gone]
         per_vs.append(_stale_items(desired, live))  # cheap to describe: nothing to remember
         self.compared = compared
-        return _collect(per_vs)
+        return _with_connections(_collect(per_vs), live)
 
 
 # --- over time ----------------------------------------------------------------

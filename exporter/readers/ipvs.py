@@ -30,8 +30,9 @@ import socket
 import struct
 import threading
 import time
+from typing import NamedTuple
 
-from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
 from exporter.paths import Paths
 
 PROC_IP_VS = ("net", "ip_vs")
@@ -48,10 +49,60 @@ class IPVSTable(dict):
     ``skipped_lines``: lines that did not parse (their virtual server is dropped).
     ``persistent_jiffies``: raw /proc timeouts, kept so a caller that learns HZ later
     can convert (``VirtualServer.persistent_timeout`` is already in seconds).
+
+    Connection counters are kept beside the virtual servers, not in them: they
+    change on every read of a busy node while the rest of a virtual server does
+    not, so a virtual server stays the same object from read to read (and what is
+    compared against it need not be compared again). ``connections(key)`` gives
+    them per real server, ``total_connections()`` summed.
     """
 
     skipped_lines: int = 0
     hz: int = FALLBACK_HZ
+    persistent_jiffies: dict[VirtualServerKey, int] = {}
+    # Counters of every real server in table order, and each virtual server's span of them.
+    _active: list[int] = []
+    _inactive: list[int] = []
+    _spans: dict[VirtualServerKey, tuple[int, int]] = {}
+
+    def copy(self) -> "IPVSTable":
+        out = IPVSTable(self)
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def connections(self, key: VirtualServerKey) -> dict[tuple[str, int], tuple[int, int]]:
+        """(active, inactive) connections of each real server of one virtual server."""
+        vs = self.get(key)
+        span = self._spans.get(key)
+        if vs is None or span is None:
+            return {}
+        start, stop = span
+        return dict(zip(vs.real_servers, zip(self._active[start:stop], self._inactive[start:stop])))
+
+    def total_connections(self) -> tuple[int, int]:
+        """(active, inactive) connections summed over every real server."""
+        return sum(self._active), sum(self._inactive)
+
+    @classmethod
+    def of(cls, table: Table,
+           connections: dict[tuple[VirtualServerKey, tuple[str, int]], tuple[int, int]] | None = None,
+           ) -> "IPVSTable":
+        """A table built by hand (netlink, tests) with its counters (default 0)."""
+        out = cls(table)
+        connections = connections or {}
+        active: list[int] = []
+        inactive: list[int] = []
+        spans = {}
+        for key, vs in out.items():
+            start = len(active)
+            for rkey in vs.real_servers:
+                a, i = connections.get((key, rkey), (0, 0))
+                active.append(a)
+                inactive.append(i)
+            spans[key] = (start, len(active))
+        out._active, out._inactive, out._spans = active, inactive, spans
+        out.persistent_jiffies = {}
+        return out
 
 
 # Conversions repeat heavily between scrapes and between services (the same pod
@@ -155,13 +206,14 @@ def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
 
     ``hz`` is the kernel's CONFIG_HZ, used to turn persistence timeouts from
     jiffies into seconds; default: this machine's (``kernel_hz()``). A virtual
-    server whose record is unchanged since the previous parse is the same object
-    as then: never mutate what this returns.
+    server whose record has the same shape as at the previous parse (only its
+    counters may differ) is the same object as then: never mutate what this
+    returns.
     """
     if hz is None:
         hz = kernel_hz()
-    # The parse makes tens of thousands of tuples and no reference cycle: the cyclic
-    # collector would only walk them again and again (a quarter of the time).
+    # The parse makes thousands of tuples and no reference cycle: the cyclic
+    # collector would only walk them again and again.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -173,25 +225,79 @@ def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
 
 # One record per virtual server: its service line and the real-server lines after it.
 _RECORD_BOUNDARY = re.compile(r"\n(?!  -> )")
+# The kernel ends a real-server line with its two counters, "%-10d %-10d": the
+# active and inactive connections, always 21 characters (an int32 fits in 10).
+_COUNTERS = 21
+
+
+class _Shape(NamedTuple):
+    """What the last parse learned: its text, the text's shape (without counters)."""
+
+    text: str
+    shape_text: str
+    skeleton: IPVSTable  # the table without counters: copied, never handed out
+    counter_lines: list[int]  # line number of each kept real server, in table order
+    active: list[int]
+    inactive: list[int]
+
+
+_SHAPES: dict[int, _Shape] = {}  # by HZ: the last parse
 
 
 def _parse(text: str, hz: int) -> IPVSTable:
+    last = _SHAPES.get(hz)
+    if last is not None and text == last.text:
+        return _with_counters(last.skeleton, last.active, last.inactive)
+    lines = text.split("\n")
+    # Everything but the counters: on a busy node the counters change on every read
+    # and the rest almost never, so the parse is cached on the shape.
+    shape = [line[:-_COUNTERS] if line[:4] == "  ->" else line for line in lines]
+    shape[-1] = lines[-1]  # "" after the final newline; else a cut line, kept as cut
+    shape_text = "\n".join(shape)
+    if last is not None and shape_text == last.shape_text:
+        skeleton, counter_lines = last.skeleton, last.counter_lines
+    else:
+        skeleton, counter_lines = _parse_shape(shape_text, hz)
+    counted = list(map(lines.__getitem__, counter_lines))
+    try:
+        # Fixed columns: int() takes the padding, and fails on anything but a number.
+        active = list(map(int, [line[-21:-11] for line in counted]))
+        inactive = list(map(int, [line[-10:] for line in counted]))
+    except ValueError:
+        # A counter that is not a number (never from the kernel): drop its virtual
+        # server, as for any other line that does not parse.
+        return _drop_bad_counters(skeleton.copy(), lines, counter_lines)
+    _SHAPES[hz] = _Shape(text, shape_text, skeleton, counter_lines, active, inactive)
+    return _with_counters(skeleton, active, inactive)
+
+
+def _with_counters(skeleton: IPVSTable, active: list[int], inactive: list[int]) -> IPVSTable:
+    table = skeleton.copy()
+    table._active, table._inactive = active, inactive
+    return table
+
+
+def _parse_shape(shape_text: str, hz: int) -> tuple[IPVSTable, list[int]]:
+    """The table of a text without counters, and where each real server's line is."""
     table = IPVSTable()
     table.hz = hz
     jiffies_by_key: dict[VirtualServerKey, int] = {}
-    # The kernel prints a virtual server and its real servers as one record, and a
-    # record with no counter changed since the last read is the same text: reuse its
-    # parse (a dict lookup instead of a line-by-line parse). Only the last read's
-    # records are kept, so the cache never outgrows one table.
+    first_line: dict[VirtualServerKey, int] = {}
+    # A record whose shape is the one of the last parse is the same virtual server:
+    # reuse its parse (a dict lookup instead of a line-by-line parse). Only the last
+    # parse's records are kept, so the cache never outgrows one table.
     previous = _RECORD_CACHES.get(hz, {})
     current: dict[str, tuple[VirtualServer, int | None]] = {}
-    records = _RECORD_BOUNDARY.split(text)
+    records = _RECORD_BOUNDARY.split(shape_text)
     # The kernel ends every line with "\n", so the last piece is "" unless the text
     # was cut: then the last record is torn and dropped whole.
     torn = records.pop()
     skipped = torn.count("\n") + 1 if torn else 0
     prev_key = None  # key of the record before, while it may still be dropped
+    line_no = 0
     for record in records:
+        first = line_no
+        line_no += record.count("\n") + 1
         cached = previous.get(record)
         if cached is None:
             try:
@@ -216,6 +322,7 @@ def _parse(text: str, hz: int) -> IPVSTable:
         vs, jiffies = cached
         prev_key = vs.key
         table[prev_key] = vs
+        first_line[prev_key] = first + 1
         if jiffies is not None:
             jiffies_by_key[prev_key] = jiffies
     if torn and torn[:1] not in "TUSF" and prev_key is not None:
@@ -225,15 +332,44 @@ def _parse(text: str, hz: int) -> IPVSTable:
     _RECORD_CACHES[hz] = current
     table.skipped_lines = skipped
     table.persistent_jiffies = jiffies_by_key
+    counter_lines: list[int] = []
+    spans = {}
+    for key, vs in table.items():
+        start = len(counter_lines)
+        first = first_line[key]
+        counter_lines.extend(range(first, first + len(vs.real_servers)))
+        spans[key] = (start, len(counter_lines))
+    table._spans = spans
+    return table, counter_lines
+
+
+def _drop_bad_counters(table: IPVSTable, lines: list[str], counter_lines: list[int]) -> IPVSTable:
+    """The slow way: counters virtual server by virtual server, dropping bad ones."""
+    active: list[int] = []
+    inactive: list[int] = []
+    spans = {}
+    table.persistent_jiffies = dict(table.persistent_jiffies)
+    for key, (start, stop) in list(table._spans.items()):
+        numbers = counter_lines[start:stop]
+        try:
+            got = [(int(lines[n][-21:-11]), int(lines[n][-10:])) for n in numbers]
+        except ValueError:
+            del table[key]
+            table.persistent_jiffies.pop(key, None)
+            table.skipped_lines += len(numbers) + 1
+            continue
+        spans[key] = (len(active), len(active) + len(got))
+        active += [a for a, _ in got]
+        inactive += [i for _, i in got]
+    table._active, table._inactive, table._spans = active, inactive, spans
     return table
 
 
 def _record(record: str, hz: int) -> tuple[VirtualServer, int | None]:
-    """One virtual server's record. Raises ValueError/IndexError/KeyError if any line is bad."""
+    """One virtual server's record, counters cut. Raises ValueError/IndexError/KeyError if any line is bad."""
     lines = record.split("\n")
     service_line = lines[0]
     service_cache = _SERVICE_CACHES.setdefault(hz, {})
-    # A service line holds no counters: unchanged services parse from the cache.
     parsed = service_cache.get(service_line)
     if parsed is None:
         parsed = _service(service_line.split(), hz)
@@ -246,12 +382,13 @@ def _record(record: str, hz: int) -> tuple[VirtualServer, int | None]:
     new_tuple = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
     for line in lines[1:]:
         parts = line.split()
-        if len(parts) != 6 or parts[0] != "->":
+        if len(parts) != 4 or parts[0] != "->":
             raise ValueError(line)
         token = parts[1]
         ep = endpoint_cache.get(token) or _endpoint(token)
-        reals[ep] = new_tuple(RealServer, (ep[0], ep[1], int(parts[3]), parts[2],
-                                           int(parts[4]), int(parts[5])))
+        if ep in reals:
+            raise ValueError(line)  # the kernel never lists a real server twice
+        reals[ep] = new_tuple(RealServer, (ep[0], ep[1], int(parts[3]), parts[2]))
     return new_tuple(VirtualServer, (key, scheduler, timeout, reals, None, flags, netmask)), jiffies
 
 
@@ -340,7 +477,7 @@ _IPVS_CMD_ATTR_SERVICE = 1
 _SVC_AF, _SVC_PROTOCOL, _SVC_ADDR, _SVC_PORT, _SVC_FWMARK = 1, 2, 3, 4, 5
 _SVC_SCHED_NAME, _SVC_FLAGS, _SVC_TIMEOUT, _SVC_NETMASK = 6, 7, 8, 9
 _DEST_ADDR, _DEST_PORT, _DEST_FWD_METHOD, _DEST_WEIGHT = 1, 2, 3, 4
-_DEST_ACTIVE_CONNS, _DEST_INACT_CONNS, _DEST_ADDR_FAMILY = 7, 8, 11
+_DEST_ADDR_FAMILY = 11
 
 _IP_VS_SVC_F_PERSISTENT = 0x1
 _IP_VS_SVC_F_ONEPACKET = 0x4
@@ -513,9 +650,7 @@ def _virtual_server_from_attrs(key: VirtualServerKey, svc: dict[int, bytes],
         reals[(address, port)] = RealServer(
             address, port,
             struct.unpack("=i", d[_DEST_WEIGHT][:4])[0],
-            _FORWARD_NAMES.get(fwd, str(fwd)),
-            struct.unpack("=I", d[_DEST_ACTIVE_CONNS][:4])[0],
-            struct.unpack("=I", d[_DEST_INACT_CONNS][:4])[0])
+            _FORWARD_NAMES.get(fwd, str(fwd)))
     return VirtualServer(key, scheduler, timeout, reals, None,
                          scheduler_flag_names(scheduler, flags), netmask)
 

@@ -61,9 +61,8 @@ def test_random_table_equals_ipvsadm_field_by_field(ipvs):
     live = LiveTable(scheduler_flags=True).get()
     assert live.skipped_lines == 0
     assert_same(live, want)
-    for vs in live.values():
-        for rkey, rs in vs.real_servers.items():
-            assert (rs.active_connections, rs.inactive_connections) == counters[(vs.key, rkey)]
+    got = {(key, rkey): c for key in live for rkey, c in live.connections(key).items()}
+    assert got == counters
 
     # Without the netlink dump: everything but the scheduler flags, from /proc alone.
     plain = LiveTable().get()
