@@ -194,6 +194,9 @@ def test_a_counter_that_is_not_a_number_drops_only_its_virtual_server():
     assert t.skipped_lines == 3  # its service line and two real servers
     assert dict(t) == {k: v for k, v in full.items() if k != dns}
     assert all(t.connections(k) == full.connections(k) for k in t)
+    # Three numbers where two belong: the same.
+    t = parse_ip_vs(text.replace(line, "  -> 0AF40105:0035      Masq    1      0 5        0 ", 1), hz=HZ)
+    assert dns not in t and t.skipped_lines == 3 and len(t) == len(full) - 1
 
 
 def test_cached_parses_equal_a_fresh_parse_over_random_changes():
