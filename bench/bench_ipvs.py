@@ -5,6 +5,11 @@ lane's VM once and runs the measurements there; every figure of a row comes from
 the same VM and the same table. Tables: 2,700 and 10,000 TCP services with 5
 real servers each (``--quick``: 2,700 only). Absolute times are those of a
 software-emulated guest; the ratios are what to read.
+
+The reader's limit (2x `cat`) is checked on what a running exporter meets from
+scrape to scrape: the table unchanged, every counter moved (a busy node), and a
+virtual server changed besides. The first read of a process, with nothing
+converted yet, is printed without a limit: it happens once per start.
 """
 
 from __future__ import annotations
