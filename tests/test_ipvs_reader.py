@@ -199,6 +199,22 @@ def test_a_counter_that_is_not_a_number_drops_only_its_virtual_server():
     assert dns not in t and t.skipped_lines == 3 and len(t) == len(full) - 1
 
 
+def test_a_repeated_record_counts_once_with_its_last_counters():
+    # seq_file may print a record twice when the table changes between two read() calls.
+    lines = fixture("kube.txt").splitlines(keepends=True)
+    full = parse_ip_vs("".join(lines), hz=HZ)
+    assert lines[3].startswith("TCP  0A60000A:0035") and lines[6].startswith("UDP")
+    first = [line.replace("0          0 ", "1          2 ") for line in lines[4:6]]
+    again = [lines[3]] + [line.replace("0          0 ", "7          8 ") for line in lines[4:6]]
+    t = parse_ip_vs("".join(lines[:4] + first + again + lines[6:]), hz=HZ)
+    dns = VirtualServerKey("TCP", "10.96.0.10", 53)
+    assert dict(t) == dict(full) and t.skipped_lines == 0
+    assert list(t) == list(full)  # in the place of its first printing
+    assert set(t.connections(dns).values()) == {(7, 8)}
+    assert all(t.connections(k) == full.connections(k) for k in t if k != dns)
+    assert t.total_connections() == (14, 16)
+
+
 def test_cached_parses_equal_a_fresh_parse_over_random_changes():
     """The caches (whole text, shape, records, conversions) never change a result."""
     import exporter.readers.ipvs as reader

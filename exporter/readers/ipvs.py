@@ -300,7 +300,10 @@ def _parse_shape(shape_text: str, hz: int) -> tuple[IPVSTable, list[int]]:
     table = IPVSTable()
     table.hz = hz
     jiffies_by_key: dict[VirtualServerKey, int] = {}
-    first_line: dict[VirtualServerKey, int] = {}
+    # Line numbers of the real servers, and each virtual server's span of them.
+    counter_lines: list[int] = []
+    spans: dict[VirtualServerKey, tuple[int, int]] = {}
+    in_order = True  # spans follow the table's order, with no dropped span among them
     # A record whose shape is the one of the last parse is the same virtual server:
     # reuse its parse (a dict lookup instead of a line-by-line parse). Only the last
     # parse's records are kept, so the cache never outgrows one table.
@@ -312,10 +315,8 @@ def _parse_shape(shape_text: str, hz: int) -> tuple[IPVSTable, list[int]]:
     torn = records.pop()
     skipped = torn.count("\n") + 1 if torn else 0
     prev_key = None  # key of the record before, while it may still be dropped
-    line_no = 0
+    line_no = 0  # of the record's first line
     for record in records:
-        first = line_no
-        line_no += record.count("\n") + 1
         cached = previous.get(record)
         if cached is None:
             try:
@@ -325,6 +326,7 @@ def _parse_shape(shape_text: str, hz: int) -> tuple[IPVSTable, list[int]]:
                 # of its own; it may sit among the real servers of the record before
                 # it, so drop that one too: no entry is ever half-read.
                 lines = record.split("\n")
+                line_no += len(lines)
                 if lines[0].startswith("IP Virtual Server"):
                     skipped += len(lines) - 1
                 elif lines[0].startswith("Prot LocalAddress"):
@@ -334,31 +336,49 @@ def _parse_shape(shape_text: str, hz: int) -> tuple[IPVSTable, list[int]]:
                     if prev_key is not None:
                         table.pop(prev_key, None)
                         jiffies_by_key.pop(prev_key, None)
+                        spans.pop(prev_key, None)
+                        in_order = False
                 prev_key = None
                 continue
         current[record] = cached
         vs, jiffies = cached
-        prev_key = vs.key
-        table[prev_key] = vs
-        first_line[prev_key] = first + 1
+        key = vs.key
+        if key in table:
+            in_order = False  # a repeated record: the dict keeps the first one's place
+        table[key] = vs
+        prev_key = key
+        # The record is its service line and one line per real server (never two for one).
+        start = len(counter_lines)
+        counter_lines.extend(range(line_no + 1, line_no + 1 + len(vs.real_servers)))
+        spans[key] = (start, len(counter_lines))
+        line_no = line_no + 1 + len(vs.real_servers)
         if jiffies is not None:
-            jiffies_by_key[prev_key] = jiffies
+            jiffies_by_key[key] = jiffies
     if torn and torn[:1] not in "TUSF" and prev_key is not None:
         # A cut within "  -> " splits off as a piece of its own: the record before is short.
         table.pop(prev_key, None)
         jiffies_by_key.pop(prev_key, None)
+        spans.pop(prev_key, None)
+        in_order = False
     _RECORD_CACHES[hz] = current
     table.skipped_lines = skipped
     table.persistent_jiffies = jiffies_by_key
-    counter_lines: list[int] = []
-    spans = {}
-    for key, vs in table.items():
-        start = len(counter_lines)
-        first = first_line[key]
-        counter_lines.extend(range(first, first + len(vs.real_servers)))
-        spans[key] = (start, len(counter_lines))
+    if not in_order:
+        counter_lines, spans = _compact(table, counter_lines, spans)
     table._spans = spans
     return table, counter_lines
+
+
+def _compact(table: IPVSTable, counter_lines: list[int],
+             spans: dict[VirtualServerKey, tuple[int, int]]) -> tuple[list[int], dict]:
+    """Counter lines in table order, without those of dropped or repeated records."""
+    kept: list[int] = []
+    kept_spans = {}
+    for key in table:
+        start, stop = spans[key]
+        kept_spans[key] = (len(kept), len(kept) + stop - start)
+        kept += counter_lines[start:stop]
+    return kept, kept_spans
 
 
 def _drop_bad_counters(table: IPVSTable, lines: list[str], counter_lines: list[int]) -> IPVSTable:
