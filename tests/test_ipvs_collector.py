@@ -104,3 +104,32 @@ class iter_families:
 
     def collect(self):
         return iter(self.families)
+
+
+def test_counts_are_walked_once_per_shape(monkeypatch):
+    from exporter.collectors import ipvs as ipvs_collector
+    from exporter.readers.ipvs import IPVSTable
+
+    walks = []
+    walk = ipvs_collector.shape_counts
+    monkeypatch.setattr(ipvs_collector, "shape_counts", lambda table: walks.append(1) or walk(table))
+    collector = ipvs_collector.IPVSCollector.__new__(ipvs_collector.IPVSCollector)
+    collector._counted = None
+
+    text = (FIXTURES / "kube.txt").read_text()
+    line = "  -> 0AF40105:0035      Masq    1      0          0 "
+    assert line in text
+    first = collector.counts(parse_ip_vs(text, hz=250))
+    # Counters moved (a busy node): same shape, the counts of the last walk.
+    moved = parse_ip_vs(text.replace(line, "  -> 0AF40105:0035      Masq    1      3          9 ", 1), hz=250)
+    assert collector.counts(moved) is first and len(walks) == 1
+    s = samples(iter_families(table_metrics(moved, first)))
+    assert value(s, "kubenode_ipvs_connections", state="active") == 3  # counters are still today's
+    # A weight changed: walked again.
+    reweighted = parse_ip_vs(text.replace(line, "  -> 0AF40105:0035      Masq    0      3          9 ", 1), hz=250)
+    assert collector.counts(reweighted).zero_weight == first.zero_weight + 1 and len(walks) == 2
+    # A table of unknown shape is always walked.
+    built = IPVSTable.of(dict(reweighted))
+    collector.counts(built)
+    collector.counts(built)
+    assert len(walks) == 4

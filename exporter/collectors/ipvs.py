@@ -7,7 +7,7 @@ service is the drift collector's job; it shares this table read.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -23,8 +23,17 @@ def shared_live_table(ctx) -> LiveTable:
     return ctx.service(TABLE_SERVICE, lambda: LiveTable(ctx.paths))
 
 
-def table_metrics(table: IPVSTable) -> list[Metric]:
-    """Shape a parsed table into bounded gauges (pure: tested on fixture texts)."""
+class ShapeCounts(NamedTuple):
+    """What the metrics count of a table's shape (counters aside)."""
+
+    by_protocol: dict[str, int]
+    real_servers: int
+    zero_weight: int
+    empty: int
+    unavailable: int
+
+
+def shape_counts(table: IPVSTable) -> ShapeCounts:
     by_protocol = dict.fromkeys(PROTOCOLS, 0)
     real_servers = zero_weight = unavailable = empty = 0
     for vs in table.values():
@@ -42,6 +51,14 @@ def table_metrics(table: IPVSTable) -> list[Metric]:
         zero_weight += len(reals) - serving
         if not serving:
             unavailable += 1
+    return ShapeCounts(by_protocol, real_servers, zero_weight, empty, unavailable)
+
+
+def table_metrics(table: IPVSTable, counts: ShapeCounts | None = None) -> list[Metric]:
+    """Shape a parsed table into bounded gauges (pure: tested on fixture texts)."""
+    if counts is None:
+        counts = shape_counts(table)
+    by_protocol, real_servers, zero_weight, empty, unavailable = counts
 
     def gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
         return GaugeMetricFamily(f"{NAMESPACE}_ipvs_{name}", help_text, value=value)
@@ -85,6 +102,16 @@ class IPVSCollector(Collector):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self.live = shared_live_table(ctx)
+        # Counts of the last shape: a busy node's table changes only its counters from
+        # scrape to scrape, so the walk over every real server is done once per shape.
+        self._counted: tuple[object, ShapeCounts] | None = None
+
+    def counts(self, table: IPVSTable) -> ShapeCounts:
+        if table.shape is not None and self._counted is not None and self._counted[0] is table.shape:
+            return self._counted[1]
+        counts = shape_counts(table)
+        self._counted = (table.shape, counts) if table.shape is not None else None
+        return counts
 
     def collect(self) -> Iterable[Metric]:
         try:
@@ -93,7 +120,7 @@ class IPVSCollector(Collector):
             raise CollectorError(str(err)) from None
         except OSError as err:
             raise CollectorError(f"reading {self.ctx.paths.proc('net', 'ip_vs')}: {err.strerror}") from None
-        yield from table_metrics(table)
+        yield from table_metrics(table, self.counts(table))
         yield GaugeMetricFamily(f"{NAMESPACE}_ipvs_read_seconds",
                                 "How long the last read and parse of the IPVS table took.",
                                 value=self.live.read_seconds)

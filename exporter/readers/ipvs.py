@@ -60,6 +60,9 @@ class IPVSTable(dict):
     skipped_lines: int = 0
     hz: int = FALLBACK_HZ
     persistent_jiffies: dict[VirtualServerKey, int] = {}
+    # The same object for every table read with the same shape (all but counters),
+    # None when not known: what is derived from the shape alone can be kept by it.
+    shape: object | None = None
     # Counters of every real server in table order, and each virtual server's span of them.
     _active: list[int] = []
     _inactive: list[int] = []
@@ -292,6 +295,7 @@ def _parse(text: str, hz: int) -> IPVSTable:
 def _with_counters(skeleton: IPVSTable, active: list[int], inactive: list[int]) -> IPVSTable:
     table = skeleton.copy()
     table._active, table._inactive = active, inactive
+    table.shape = skeleton
     return table
 
 
