@@ -247,3 +247,85 @@ def test_cached_parses_equal_a_fresh_parse_over_random_changes():
         assert {k: got.connections(k) for k in got} == {k: want.connections(k) for k in want}, step
         assert got.total_connections() == want.total_connections()
         assert got.skipped_lines == want.skipped_lines == 0
+
+
+def test_reads_of_a_changing_table_equal_the_table_over_random_changes(monkeypatch):
+    """Services and real servers added, removed and changed between reads, counters
+    moving: each read equals the table written and a parse from nothing, whichever
+    way it was parsed (whole text, shape, patch of the records that changed)."""
+    import exporter.readers.ipvs as reader
+    from exporter.dataplane import VirtualServer
+    from tests.ipvs_text import format_ip_vs
+
+    rng = random.Random(5)
+
+    def address(prefix):
+        return f"{prefix}.{rng.randrange(256)}.{rng.randrange(256)}"
+
+    def new_vs():
+        key = VirtualServerKey(rng.choice(["TCP", "UDP"]), address("10.96"), rng.choice([53, 80, 443]))
+        reals = {(a, 8080): RealServer(a, 8080, rng.randrange(2)) for a in
+                 {address("10.244") for _ in range(rng.randrange(4))}}
+        timeout = rng.choice([None, 10800])
+        return VirtualServer(key, "rr", timeout, reals, persistent_netmask=timeout and "255.255.255.255")
+
+    paths = {"patched": 0, "whole": 0}
+    patch, whole = reader._patch_shape, reader._parse_shape
+
+    def counted_patch(*args):
+        out = patch(*args)
+        paths["patched"] += out is not None
+        return out
+
+    def counted_whole(*args):
+        paths["whole"] += 1
+        return whole(*args)
+
+    monkeypatch.setattr(reader, "_patch_shape", counted_patch)
+    monkeypatch.setattr(reader, "_parse_shape", counted_whole)
+    reader._SHAPES.clear()
+
+    table = {}
+    for _ in range(40):
+        vs = new_vs()
+        table[vs.key] = vs
+    connections = {}
+    for step in range(400):
+        for _ in range(rng.randrange(4)):
+            op = rng.random()
+            key = rng.choice(list(table)) if table else None
+            if op < 0.25 or not table:
+                vs = new_vs()
+                table[vs.key] = vs
+            elif op < 0.45:
+                del table[key]
+            elif op < 0.65:
+                a = address("10.244")
+                reals = dict(table[key].real_servers)
+                reals[(a, 8080)] = RealServer(a, 8080, 1)
+                table[key] = table[key]._replace(real_servers=reals)
+            elif op < 0.8 and table[key].real_servers:
+                reals = dict(table[key].real_servers)
+                reals.pop(rng.choice(list(reals)))
+                table[key] = table[key]._replace(real_servers=reals)
+            elif table[key].real_servers:
+                reals = dict(table[key].real_servers)
+                rkey = rng.choice(list(reals))
+                reals[rkey] = reals[rkey]._replace(weight=1 - reals[rkey].weight)
+                table[key] = table[key]._replace(real_servers=reals)
+        for key, vs in table.items():  # counters move on most real servers
+            for rkey in vs.real_servers:
+                if rng.random() < 0.7:
+                    connections[(key, rkey)] = (rng.randrange(100), rng.randrange(10**rng.randint(1, 8)))
+        text = format_ip_vs(table, HZ, connections)
+        got = parse_ip_vs(text, hz=HZ)
+        assert dict(got) == table, step
+        for key, vs in table.items():
+            assert got.connections(key) == {r: connections.get((key, r), (0, 0)) for r in vs.real_servers}, step
+        assert got.total_connections() == tuple(
+            sum(connections.get((k, r), (0, 0))[i] for k, vs in table.items() for r in vs.real_servers)
+            for i in (0, 1))
+        assert got.skipped_lines == 0
+        assert got.persistent_jiffies == {k: 10800 * HZ for k, vs in table.items() if vs.persistent_timeout}
+    # The first read parses everything; every later change of shape is a patch.
+    assert paths["whole"] == 1 and paths["patched"] > 250, paths

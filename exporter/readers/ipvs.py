@@ -43,6 +43,25 @@ class IPVSUnavailable(Exception):
     """/proc/net/ip_vs (or the IPVS netlink family) is absent: ip_vs is not loaded."""
 
 
+class Layout(NamedTuple):
+    """Where the kept virtual servers and their counters sit, in the text's order."""
+
+    keys: list[VirtualServerKey]  # each kept virtual server once
+    index: dict[VirtualServerKey, int]  # key -> its place in ``keys``
+    first_lines: list[int]  # line number of each one's service line
+    starts: list[int]  # index of each one's first counter; then the number of counters
+    counter_lines: list[int]  # line number of each kept real server
+    lines: int  # lines of the text, the last complete one included
+
+    @classmethod
+    def build(cls, keys: list[VirtualServerKey], first_lines: list[int], starts: list[int],
+              counter_lines: list[int], lines: int) -> "Layout":
+        return cls(keys, dict(zip(keys, range(len(keys)))), first_lines, starts, counter_lines, lines)
+
+
+_EMPTY_LAYOUT = Layout([], {}, [], [0], [], 0)
+
+
 class IPVSTable(dict):
     """A table (``exporter.dataplane.Table``: virtual servers by key) plus what the parse dropped.
 
@@ -63,10 +82,10 @@ class IPVSTable(dict):
     # The same object for every table read with the same shape (all but counters),
     # None when not known: what is derived from the shape alone can be kept by it.
     shape: object | None = None
-    # Counters of every real server in table order, and each virtual server's span of them.
+    # Counters of every kept real server, in the order of ``_layout``.
+    _layout: Layout = _EMPTY_LAYOUT
     _active: list[int] = []
     _inactive: list[int] = []
-    _spans: dict[VirtualServerKey, tuple[int, int]] = {}
 
     def copy(self) -> "IPVSTable":
         out = IPVSTable(self)
@@ -76,10 +95,10 @@ class IPVSTable(dict):
     def connections(self, key: VirtualServerKey) -> dict[tuple[str, int], tuple[int, int]]:
         """(active, inactive) connections of each real server of one virtual server."""
         vs = self.get(key)
-        span = self._spans.get(key)
-        if vs is None or span is None:
+        place = self._layout.index.get(key)
+        if vs is None or place is None:
             return {}
-        start, stop = span
+        start, stop = self._layout.starts[place], self._layout.starts[place + 1]
         return dict(zip(vs.real_servers, zip(self._active[start:stop], self._inactive[start:stop])))
 
     def total_connections(self) -> tuple[int, int]:
@@ -95,15 +114,16 @@ class IPVSTable(dict):
         connections = connections or {}
         active: list[int] = []
         inactive: list[int] = []
-        spans = {}
+        starts = []
         for key, vs in out.items():
-            start = len(active)
+            starts.append(len(active))
             for rkey in vs.real_servers:
                 a, i = connections.get((key, rkey), (0, 0))
                 active.append(a)
                 inactive.append(i)
-            spans[key] = (start, len(active))
-        out._active, out._inactive, out._spans = active, inactive, spans
+        starts.append(len(active))
+        out._layout = Layout.build(list(out), [], starts, [], 0)
+        out._active, out._inactive = active, inactive
         out.persistent_jiffies = {}
         return out
 
@@ -234,12 +254,15 @@ _COUNTERS = 21
 
 
 class _Shape(NamedTuple):
-    """What the last parse learned: its text, the text's shape (without counters)."""
+    """What the last parse learned, for the next one."""
 
     text: str
-    shape_text: str
+    shape_text: str  # the text without counters
+    records: list[str]  # its records (the last, empty piece left out)
+    lead: int  # header records before the first virtual server
+    clean: bool  # every record after the headers kept, none twice, none torn
     skeleton: IPVSTable  # the table without counters: copied, never handed out
-    counter_lines: list[int]  # line number of each kept real server, in table order
+    layout: Layout
     active: list[int]
     inactive: list[int]
 
@@ -271,10 +294,16 @@ def _parse(text: str, hz: int) -> IPVSTable:
     shape[-1] = lines[-1]  # "" after the final newline; else a cut line, kept as cut
     shape_text = "\n".join(shape)
     if last is not None and shape_text == last.shape_text:
-        skeleton, counter_lines = last.skeleton, last.counter_lines
+        parsed = last.records, last.lead, last.clean, last.skeleton, last.layout
     else:
-        skeleton, counter_lines = _parse_shape(shape_text, hz)
-    counted = list(map(lines.__getitem__, counter_lines))
+        records = _RECORD_BOUNDARY.split(shape_text)
+        parsed = None
+        if last is not None and last.clean and records[-1] == "":
+            parsed = _patch_shape(last, records[:-1], hz)
+        if parsed is None:
+            parsed = _parse_shape(records, hz)
+    skeleton, layout = parsed[3], parsed[4]
+    counted = list(map(lines.__getitem__, layout.counter_lines))
     # All counters in one split: two numbers per line, or the text is not the kernel's.
     numbers = " ".join([line[-_COUNTERS:] for line in counted]).split()
     try:
@@ -286,9 +315,10 @@ def _parse(text: str, hz: int) -> IPVSTable:
     except ValueError:
         # A counter that is not a number (never from the kernel): drop its virtual
         # server, as for any other line that does not parse.
-        return _drop_bad_counters(skeleton.copy(), lines, counter_lines)
+        _SHAPES.pop(hz, None)
+        return _drop_bad_counters(skeleton.copy(), lines, layout)
     active, inactive = values[0::2], values[1::2]
-    _SHAPES[hz] = _Shape(text, shape_text, skeleton, counter_lines, active, inactive)
+    _SHAPES[hz] = _Shape(text, shape_text, *parsed, active, inactive)
     return _with_counters(skeleton, active, inactive)
 
 
@@ -299,26 +329,35 @@ def _with_counters(skeleton: IPVSTable, active: list[int], inactive: list[int]) 
     return table
 
 
-def _parse_shape(shape_text: str, hz: int) -> tuple[IPVSTable, list[int]]:
-    """The table of a text without counters, and where each real server's line is."""
+def _parse_shape(records: list[str], hz: int) -> tuple[list[str], int, bool, IPVSTable, Layout]:
+    """The table of a text without counters, record by record, and its layout."""
     table = IPVSTable()
     table.hz = hz
     jiffies_by_key: dict[VirtualServerKey, int] = {}
-    # Line numbers of the real servers, and each virtual server's span of them.
+    keys: list[VirtualServerKey] = []
+    first_lines: list[int] = []
+    starts: list[int] = []
     counter_lines: list[int] = []
-    spans: dict[VirtualServerKey, tuple[int, int]] = {}
-    in_order = True  # spans follow the table's order, with no dropped span among them
+
+    def drop_last() -> None:
+        # The record before a bad line may have lost lines to it: drop it whole.
+        table.pop(keys[-1], None)
+        jiffies_by_key.pop(keys[-1], None)
+        del keys[-1], first_lines[-1], counter_lines[starts.pop():]
+
     # A record whose shape is the one of the last parse is the same virtual server:
     # reuse its parse (a dict lookup instead of a line-by-line parse). Only the last
     # parse's records are kept, so the cache never outgrows one table.
     previous = _RECORD_CACHES.get(hz, {})
     current: dict[str, tuple[VirtualServer, int | None]] = {}
-    records = _RECORD_BOUNDARY.split(shape_text)
+    records = list(records)
     # The kernel ends every line with "\n", so the last piece is "" unless the text
     # was cut: then the last record is torn and dropped whole.
     torn = records.pop()
     skipped = torn.count("\n") + 1 if torn else 0
-    prev_key = None  # key of the record before, while it may still be dropped
+    clean = not torn
+    lead = 0  # header records before the first virtual server
+    kept_last = False  # whether the record before was kept (and may still be dropped)
     line_no = 0  # of the record's first line
     for record in records:
         cached = previous.get(record)
@@ -331,68 +370,158 @@ def _parse_shape(shape_text: str, hz: int) -> tuple[IPVSTable, list[int]]:
                 # it, so drop that one too: no entry is ever half-read.
                 lines = record.split("\n")
                 line_no += len(lines)
+                if not keys and clean:
+                    lead += 1
+                else:
+                    clean = False
                 if lines[0].startswith("IP Virtual Server"):
                     skipped += len(lines) - 1
                 elif lines[0].startswith("Prot LocalAddress"):
                     skipped += len(lines) - 1 - (len(lines) > 1 and lines[1].startswith("  -> RemoteAddress"))
                 else:
                     skipped += len(lines)
-                    if prev_key is not None:
-                        table.pop(prev_key, None)
-                        jiffies_by_key.pop(prev_key, None)
-                        spans.pop(prev_key, None)
-                        in_order = False
-                prev_key = None
+                    clean = False
+                    if kept_last:
+                        drop_last()
+                kept_last = False
                 continue
         current[record] = cached
         vs, jiffies = cached
         key = vs.key
         if key in table:
-            in_order = False  # a repeated record: the dict keeps the first one's place
+            clean = False  # printed twice (seq_file): the last printing counts
         table[key] = vs
-        prev_key = key
+        keys.append(key)
+        first_lines.append(line_no)
+        starts.append(len(counter_lines))
         # The record is its service line and one line per real server (never two for one).
-        start = len(counter_lines)
-        counter_lines.extend(range(line_no + 1, line_no + 1 + len(vs.real_servers)))
-        spans[key] = (start, len(counter_lines))
-        line_no = line_no + 1 + len(vs.real_servers)
+        real_servers = len(vs.real_servers)
+        counter_lines.extend(range(line_no + 1, line_no + 1 + real_servers))
+        line_no += 1 + real_servers
         if jiffies is not None:
             jiffies_by_key[key] = jiffies
-    if torn and torn[:1] not in "TUSF" and prev_key is not None:
+        kept_last = True
+    if torn and torn[:1] not in "TUSF" and kept_last:
         # A cut within "  -> " splits off as a piece of its own: the record before is short.
-        table.pop(prev_key, None)
-        jiffies_by_key.pop(prev_key, None)
-        spans.pop(prev_key, None)
-        in_order = False
+        drop_last()
+    starts.append(len(counter_lines))
     _RECORD_CACHES[hz] = current
     table.skipped_lines = skipped
     table.persistent_jiffies = jiffies_by_key
-    if not in_order:
-        counter_lines, spans = _compact(table, counter_lines, spans)
-    table._spans = spans
-    return table, counter_lines
+    if clean:
+        layout = Layout.build(keys, first_lines, starts, counter_lines, line_no)
+    else:
+        layout = _compact(table, Layout(keys, {}, first_lines, starts, counter_lines, line_no))
+    table._layout = layout
+    return records, lead, clean, table, layout
 
 
-def _compact(table: IPVSTable, counter_lines: list[int],
-             spans: dict[VirtualServerKey, tuple[int, int]]) -> tuple[list[int], dict]:
-    """Counter lines in table order, without those of dropped or repeated records."""
-    kept: list[int] = []
-    kept_spans = {}
-    for key in table:
-        start, stop = spans[key]
-        kept_spans[key] = (len(kept), len(kept) + stop - start)
-        kept += counter_lines[start:stop]
-    return kept, kept_spans
+def _compact(table: IPVSTable, layout: Layout) -> Layout:
+    """Each kept virtual server once, at its last printing; none the table dropped."""
+    last = dict(zip(layout.keys, range(len(layout.keys))))
+    keys: list[VirtualServerKey] = []
+    first_lines: list[int] = []
+    starts: list[int] = []
+    counter_lines: list[int] = []
+    for place, key in enumerate(layout.keys):
+        if key in table and last[key] == place:
+            keys.append(key)
+            first_lines.append(layout.first_lines[place])
+            starts.append(len(counter_lines))
+            counter_lines += layout.counter_lines[layout.starts[place]:layout.starts[place + 1]]
+    starts.append(len(counter_lines))
+    return Layout.build(keys, first_lines, starts, counter_lines, layout.lines)
 
 
-def _drop_bad_counters(table: IPVSTable, lines: list[str], counter_lines: list[int]) -> IPVSTable:
+def _patch_shape(last: _Shape, records: list[str],
+                 hz: int) -> tuple[list[str], int, bool, IPVSTable, Layout] | None:
+    """The last parse with the records that changed since replaced; None if it cannot be.
+
+    A Service or an endpoint changes one record or a few, somewhere in the text:
+    the records before and after the change are the last parse's, so only the
+    middle is parsed and only the middle's entries are replaced (the rest of the
+    layout is shifted, not rebuilt). Anything unusual (garbage, a header, a record
+    printed twice) gives None, and the whole text is parsed record by record.
+    """
+    old = last.records
+    same = list(map(str.__eq__, old, records))  # C-level: one comparison per record
+    head = same.index(False) if False in same else len(same)
+    same = list(map(str.__eq__, reversed(old), reversed(records)))
+    tail = same.index(False) if False in same else len(same)
+    tail = min(tail, len(old) - head, len(records) - head)
+    if head < last.lead:
+        return None
+    old_middle = old[head:len(old) - tail]
+    new_middle = records[head:len(records) - tail]
+    previous = _RECORD_CACHES.get(hz)
+    if previous is None:
+        return None
+    added = []
+    for record in new_middle:
+        cached = previous.get(record)
+        if cached is None:
+            try:
+                cached = _record(record, hz)
+            except (ValueError, IndexError, KeyError):
+                return None
+        added.append(cached)
+    skeleton = last.skeleton
+    gone = {previous[record][0].key for record in old_middle}
+    new_keys = [vs.key for vs, _ in added]
+    if len(set(new_keys)) != len(new_keys) or any(k in skeleton and k not in gone for k in new_keys):
+        return None  # a record printed twice: the full parse says which counts
+    table = skeleton.copy()
+    jiffies_by_key = dict(skeleton.persistent_jiffies)
+    for key in gone.difference(new_keys):
+        del table[key]
+        jiffies_by_key.pop(key, None)
+    for vs, jiffies in added:
+        table[vs.key] = vs
+        if jiffies is None:
+            jiffies_by_key.pop(vs.key, None)
+        else:
+            jiffies_by_key[vs.key] = jiffies
+    table.persistent_jiffies = jiffies_by_key
+    current = dict(previous)
+    for record in old_middle:
+        del current[record]
+    current.update(zip(new_middle, added))
+    _RECORD_CACHES[hz] = current
+
+    # The layout: entries [start, stop) of the last one make way for the middle's.
+    layout = last.layout
+    start, stop = head - last.lead, len(old) - tail - last.lead
+    line_no = layout.first_lines[start] if start < len(layout.keys) else layout.lines
+    first_counter = layout.starts[start]
+    first_lines, starts, counter_lines = [], [], []
+    for vs, _ in added:
+        real_servers = len(vs.real_servers)
+        first_lines.append(line_no)
+        starts.append(first_counter + len(counter_lines))
+        counter_lines.extend(range(line_no + 1, line_no + 1 + real_servers))
+        line_no += 1 + real_servers
+    old_end = layout.first_lines[stop] if stop < len(layout.keys) else layout.lines
+    line_shift = line_no - old_end
+    counter_shift = first_counter + len(counter_lines) - layout.starts[stop]
+    table._layout = Layout.build(
+        layout.keys[:start] + new_keys + layout.keys[stop:],
+        layout.first_lines[:start] + first_lines + list(map(line_shift.__add__, layout.first_lines[stop:])),
+        layout.starts[:start] + starts + list(map(counter_shift.__add__, layout.starts[stop:])),
+        layout.counter_lines[:first_counter] + counter_lines
+        + list(map(line_shift.__add__, layout.counter_lines[layout.starts[stop]:])),
+        layout.lines + line_shift)
+    return records, last.lead, True, table, table._layout
+
+
+def _drop_bad_counters(table: IPVSTable, lines: list[str], layout: Layout) -> IPVSTable:
     """The slow way: counters virtual server by virtual server, dropping bad ones."""
     active: list[int] = []
     inactive: list[int] = []
-    spans = {}
+    keys: list[VirtualServerKey] = []
+    starts: list[int] = []
     table.persistent_jiffies = dict(table.persistent_jiffies)
-    for key, (start, stop) in list(table._spans.items()):
-        numbers = counter_lines[start:stop]
+    for place, key in enumerate(layout.keys):
+        numbers = layout.counter_lines[layout.starts[place]:layout.starts[place + 1]]
         try:
             got = [(int(lines[n][-21:-11]), int(lines[n][-10:])) for n in numbers]
         except ValueError:
@@ -400,10 +529,13 @@ def _drop_bad_counters(table: IPVSTable, lines: list[str], counter_lines: list[i
             table.persistent_jiffies.pop(key, None)
             table.skipped_lines += len(numbers) + 1
             continue
-        spans[key] = (len(active), len(active) + len(got))
+        keys.append(key)
+        starts.append(len(active))
         active += [a for a, _ in got]
         inactive += [i for _, i in got]
-    table._active, table._inactive, table._spans = active, inactive, spans
+    starts.append(len(active))
+    table._layout = Layout.build(keys, [], starts, [], layout.lines)
+    table._active, table._inactive = active, inactive
     return table
 
 
