@@ -17,6 +17,15 @@ half-parsed. A change between two read() calls may skip or repeat one record (th
 seq_file position counts records); a repeat is harmless (same key), a skip is a
 momentary absence, which is why drift has a grace period. Lines that do not parse
 (a truncated file, garbage) drop their virtual server, never raise.
+
+Reading again: a running exporter reads the same table every scrape, and what
+changes between two reads is mostly connection counters, sometimes a record or
+two. So the parse remembers the last text: the same text is the same table; the
+same shape (the text without its fixed-width counters) is the same virtual
+servers with new counters; another shape re-parses only the records between
+the unchanged ones before and after. Counters live beside the virtual servers
+(``IPVSTable.connections``), so a virtual server stays the same object while
+only its counters move.
 """
 
 from __future__ import annotations
@@ -133,7 +142,7 @@ class IPVSTable(dict):
 # so hex tokens are converted once. Bounded: cleared when they grow too big.
 _ENDPOINT_CACHE: dict[str, tuple[str, int]] = {}
 _SERVICE_CACHES: dict[int, dict[str, tuple]] = {}  # by HZ: service line -> parsed
-_RECORD_CACHES: dict[int, dict[str, tuple]] = {}  # by HZ: the last read's records -> parsed
+_RECORD_CACHES: dict[int, dict[str, tuple]] = {}  # by HZ: the last read's record shapes -> parsed
 _CACHE_LIMIT = 500_000
 
 _PROTOCOLS = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
@@ -257,14 +266,21 @@ class _Shape(NamedTuple):
     """What the last parse learned, for the next one."""
 
     text: str
-    shape_text: str  # the text without counters
-    records: list[str]  # its records (the last, empty piece left out)
+    # The records of its blank (the text with its counters blanked: its shape,
+    # position for position), the last, empty piece left out.
+    records: list[str]
     lead: int  # header records before the first virtual server
     clean: bool  # every record after the headers kept, none twice, none torn
     skeleton: IPVSTable  # the table without counters: copied, never handed out
     layout: Layout
     active: list[int]
     inactive: list[int]
+    # The blank's bytes as one int, and a mask: 0 on the counters of every kept real
+    # server, 0xFF elsewhere. None when the text does not allow them (not clean, not
+    # ASCII): the next read then parses the whole text. (At 10,000 services the text
+    # is 3.3 MB: this state holds about four times that.)
+    blank_value: int | None
+    mask: int | None
 
 
 _SHAPES: dict[int, _Shape] = {}  # by HZ: the last parse
@@ -274,52 +290,40 @@ class _Numbers(dict):
     """Counter text -> int. The same values recur across real servers and reads,
     and a lookup costs a fifth of int() (measured in the emulated VM)."""
 
-    def __missing__(self, text: str) -> int:
+    def __missing__(self, text: str | bytes) -> int:
         value = self[text] = int(text)
         return value
 
 
 _NUMBERS = _Numbers()
+_BLANK = " " * _COUNTERS
+_MARK = "\0" * _COUNTERS
+# A counter byte XOR a space: a digit becomes 0x10-0x19 (back to "0"-"9" here), a
+# padding space 0 (a space here); anything else is not a counter and fails int().
+_COUNTER_BYTES = bytes.maketrans(bytes(range(0x10, 0x1A)) + b"\0", b"0123456789 ")
+_MASK_BYTES = bytes.maketrans(b"\0" + bytes(range(1, 256)), b"\0" + b"\xff" * 255)
 
 
 def _parse(text: str, hz: int) -> IPVSTable:
     last = _SHAPES.get(hz)
     if last is not None and text == last.text:
         return _with_counters(last.skeleton, last.active, last.inactive)
-    lines = text.split("\n")
-    # Everything but the counters: on a busy node the counters change on every read
-    # and the rest almost never, so the parse is cached on the shape.
-    # ("  ->" lines; a 1-character slice makes no new string, a longer one does.)
-    shape = [line[:-_COUNTERS] if line[2:3] == "-" else line for line in lines]
-    shape[-1] = lines[-1]  # "" after the final newline; else a cut line, kept as cut
-    shape_text = "\n".join(shape)
-    if last is not None and shape_text == last.shape_text:
-        parsed = last.records, last.lead, last.clean, last.skeleton, last.layout
-    else:
-        records = _RECORD_BOUNDARY.split(shape_text)
-        parsed = None
-        if last is not None and last.clean and records[-1] == "":
-            parsed = _patch_shape(last, records[:-1], hz)
-        if parsed is None:
-            parsed = _parse_shape(records, hz)
-    skeleton, layout = parsed[3], parsed[4]
-    counted = list(map(lines.__getitem__, layout.counter_lines))
-    # All counters in one split: two numbers per line, or the text is not the kernel's.
-    numbers = " ".join([line[-_COUNTERS:] for line in counted]).split()
-    try:
-        if len(numbers) != 2 * len(counted):
-            raise ValueError("not two counters per real server")
-        if len(_NUMBERS) > _CACHE_LIMIT:
-            _NUMBERS.clear()
-        values = list(map(_NUMBERS.__getitem__, numbers))
-    except ValueError:
-        # A counter that is not a number (never from the kernel): drop its virtual
-        # server, as for any other line that does not parse.
-        _SHAPES.pop(hz, None)
-        return _drop_bad_counters(skeleton.copy(), lines, layout)
-    active, inactive = values[0::2], values[1::2]
-    _SHAPES[hz] = _Shape(text, shape_text, *parsed, active, inactive)
-    return _with_counters(skeleton, active, inactive)
+    if last is not None and last.mask is not None and text.isascii() and "\0" not in text:
+        # The text as one int: one C-level pass compares its shape with the last one
+        # (XOR, then the mask hides the counters), another takes all its counters.
+        value = int.from_bytes(text.encode("ascii"), "little")
+        if len(text) == len(last.text) and (value ^ last.blank_value) & last.mask == 0:
+            counters = _counters(value, last.blank_value, last.mask, len(text), last.layout)
+            if counters is not None:
+                state = last._replace(text=text, active=counters[0], inactive=counters[1])
+                _SHAPES[hz] = state
+                return _with_counters(state.skeleton, state.active, state.inactive)
+        else:
+            state = _patch_text(last, text, value, hz)
+            if state is not None:
+                _SHAPES[hz] = state
+                return _with_counters(state.skeleton, state.active, state.inactive)
+    return _parse_text(text, hz)
 
 
 def _with_counters(skeleton: IPVSTable, active: list[int], inactive: list[int]) -> IPVSTable:
@@ -327,6 +331,115 @@ def _with_counters(skeleton: IPVSTable, active: list[int], inactive: list[int]) 
     table._active, table._inactive = active, inactive
     table.shape = skeleton
     return table
+
+
+def _counters(value: int, blank_value: int, mask: int, length: int,
+              layout: Layout) -> tuple[list[int], list[int]] | None:
+    """Every counter of a text whose shape is the blank's; None if one is not a number."""
+    digits = ((value ^ blank_value) & ~mask).to_bytes(length, "little").translate(_COUNTER_BYTES)
+    return _numbers(digits.split(), len(layout.counter_lines))
+
+
+def _numbers(numbers: list, real_servers: int) -> tuple[list[int], list[int]] | None:
+    if len(numbers) != 2 * real_servers:
+        return None  # not two counters per real server: not the kernel's text
+    if len(_NUMBERS) > _CACHE_LIMIT:
+        _NUMBERS.clear()
+    try:
+        values = list(map(_NUMBERS.__getitem__, numbers))
+    except ValueError:
+        return None
+    return values[0::2], values[1::2]
+
+
+def _marked(lines: list[str], mark: str = _MARK) -> str:
+    """Lines, the counters of real-server lines replaced by ``mark`` (same length), joined.
+
+    A real-server line: "  -> " then an address (hex or "["), not the header's
+    "RemoteAddress". 1-character slices make no new string: they cost no allocation.
+    """
+    return "\n".join([line[:-_COUNTERS] + mark if line[2:3] == "-" and line[5:6] != "R" and len(line) > _COUNTERS
+                       else line for line in lines])
+
+
+def _parse_text(text: str, hz: int) -> IPVSTable:
+    """The whole text, record by record (the first read, or after anything unusual)."""
+    lines = text.split("\n")
+    torn = lines[-1]  # "" after the final newline; else a cut line, kept as cut
+    marked = _marked(lines[:-1]) + "\n" + torn if len(lines) > 1 else torn
+    if "\0" not in text:
+        blank = marked.replace("\0", " ")
+    else:  # NULs of its own (never the kernel's): blank it apart
+        blank = _marked(lines[:-1], _BLANK) + "\n" + torn if len(lines) > 1 else torn
+    records = _RECORD_BOUNDARY.split(blank)
+    parsed = _parse_shape(records, hz)
+    clean, skeleton, layout = parsed[2:]
+    counted = list(map(lines.__getitem__, layout.counter_lines))
+    # All counters in one split: two numbers per line, or the text is not the kernel's.
+    counters = _numbers(" ".join([line[-_COUNTERS:] for line in counted]).split(), len(counted))
+    if counters is None:
+        # A counter that is not a number (never from the kernel): drop its virtual
+        # server, as for any other line that does not parse.
+        _SHAPES.pop(hz, None)
+        return _drop_bad_counters(skeleton.copy(), lines, layout)
+    blank_value = mask = None
+    if clean and text.isascii() and "\0" not in text:
+        # Clean: every marked line is a kept real server, so the marks are its counters.
+        blank_value = int.from_bytes(blank.encode("ascii"), "little")
+        mask = int.from_bytes(marked.encode("ascii").translate(_MASK_BYTES), "little")
+    state = _Shape(text, *parsed, *counters, blank_value, mask)
+    _SHAPES[hz] = state
+    return _with_counters(skeleton, state.active, state.inactive)
+
+
+def _patch_text(last: _Shape, text: str, value: int, hz: int) -> _Shape | None:
+    """The last parse with the records that changed replaced; None if it cannot be.
+
+    The shape before the first change and after the last one is the last text's:
+    found with two C-level passes over the text as an int. Only the lines in
+    between are blanked and masked one by one, and only the records that changed
+    are parsed again (``_patch_shape``). None when the text is cut or the change
+    is not a clean one: the caller parses the whole text.
+    """
+    if not text.endswith("\n"):
+        return None
+    old_length, new_length = len(last.text), len(text)
+    common = min(old_length, new_length)
+    shift = new_length - old_length
+    # Shape differences as bytes (text position i is byte i): the first one is where
+    # the leading zero bytes end. Then the ends aligned (new[i + shift] against
+    # old[i]): the zero bytes at the end are what is the same at the end of both.
+    differ = ((value ^ last.blank_value) & last.mask).to_bytes(max(old_length, new_length), "little")
+    first = min(common, len(differ) - len(differ.lstrip(b"\0")))
+    if shift > 0:
+        differ = (((value >> 8 * shift) ^ last.blank_value) & last.mask).to_bytes(old_length, "little")
+    elif shift < 0:
+        differ = ((value ^ (last.blank_value >> -8 * shift)) & (last.mask >> -8 * shift)).to_bytes(
+            new_length, "little")
+    same_end = min(len(differ) - len(differ.rstrip(b"\0")), old_length - first, new_length - first)
+    # Widen to whole lines (blanks and marks are made line by line).
+    start = text.rfind("\n", 0, first) + 1
+    stop = new_length - same_end
+    if stop > 0 and text[stop - 1] != "\n":
+        stop = text.find("\n", stop) + 1
+    old_stop = stop - shift
+    marked = _marked(text[start:stop].split("\n"))
+    old_blank = "\n".join(last.records) + "\n"
+    blank = old_blank[:start] + marked.replace("\0", " ") + old_blank[old_stop:]
+    records = _RECORD_BOUNDARY.split(blank)
+    if records[-1] != "":
+        return None
+    parsed = _patch_shape(last, records[:-1], hz)
+    if parsed is None:
+        return None
+    old_mask = last.mask.to_bytes(old_length, "little")
+    mask = int.from_bytes(old_mask[:start] + marked.encode("ascii").translate(_MASK_BYTES) + old_mask[old_stop:],
+                          "little")
+    blank_value = int.from_bytes(blank.encode("ascii"), "little")
+    counters = _counters(value, blank_value, mask, new_length, parsed[4])
+    if counters is None:
+        return None
+    return _Shape(text, *parsed, *counters, blank_value, mask)
 
 
 def _parse_shape(records: list[str], hz: int) -> tuple[list[str], int, bool, IPVSTable, Layout]:
@@ -374,10 +487,14 @@ def _parse_shape(records: list[str], hz: int) -> tuple[list[str], int, bool, IPV
                     lead += 1
                 else:
                     clean = False
+                extra = -1
                 if lines[0].startswith("IP Virtual Server"):
-                    skipped += len(lines) - 1
+                    extra = len(lines) - 1
                 elif lines[0].startswith("Prot LocalAddress"):
-                    skipped += len(lines) - 1 - (len(lines) > 1 and lines[1].startswith("  -> RemoteAddress"))
+                    extra = len(lines) - 1 - (len(lines) > 1 and lines[1].startswith("  -> RemoteAddress"))
+                if extra >= 0:
+                    skipped += extra
+                    clean = clean and not extra
                 else:
                     skipped += len(lines)
                     clean = False
@@ -503,6 +620,11 @@ def _patch_shape(last: _Shape, records: list[str],
     old_end = layout.first_lines[stop] if stop < len(layout.keys) else layout.lines
     line_shift = line_no - old_end
     counter_shift = first_counter + len(counter_lines) - layout.starts[stop]
+    if not line_shift and not counter_shift and new_keys == layout.keys[start:stop] \
+            and starts == layout.starts[start:stop] and first_lines == layout.first_lines[start:stop]:
+        # The same virtual servers on the same lines (a weight changed, say): same layout.
+        table._layout = layout
+        return records, last.lead, True, table, layout
     table._layout = Layout.build(
         layout.keys[:start] + new_keys + layout.keys[stop:],
         layout.first_lines[:start] + first_lines + list(map(line_shift.__add__, layout.first_lines[stop:])),
