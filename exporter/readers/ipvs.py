@@ -406,17 +406,18 @@ def _patch_text(last: _Shape, text: str, value: int, hz: int) -> _Shape | None:
     old_length, new_length = len(last.text), len(text)
     common = min(old_length, new_length)
     shift = new_length - old_length
-    # Shape differences as bytes (text position i is byte i): the first one is where
-    # the leading zero bytes end. Then the ends aligned (new[i + shift] against
-    # old[i]): the zero bytes at the end are what is the same at the end of both.
-    differ = ((value ^ last.blank_value) & last.mask).to_bytes(max(old_length, new_length), "little")
-    first = min(common, len(differ) - len(differ.lstrip(b"\0")))
+    # Shape differences (byte i of the int is text position i): the lowest set bit is
+    # the first one. (The mask is as long as the last text: beyond it, nothing counts.)
+    differ = (value ^ last.blank_value) & last.mask
+    first = min(common, ((differ & -differ).bit_length() - 1) // 8) if differ else common
+    # Then the ends aligned (new[i + shift] against old[i]): the highest set bit is
+    # the last difference, and what follows it is the same at the end of both.
     if shift > 0:
-        differ = (((value >> 8 * shift) ^ last.blank_value) & last.mask).to_bytes(old_length, "little")
+        differ = ((value >> 8 * shift) ^ last.blank_value) & last.mask
     elif shift < 0:
-        differ = ((value ^ (last.blank_value >> -8 * shift)) & (last.mask >> -8 * shift)).to_bytes(
-            new_length, "little")
-    same_end = min(len(differ) - len(differ.rstrip(b"\0")), old_length - first, new_length - first)
+        differ = (value ^ (last.blank_value >> -8 * shift)) & (last.mask >> -8 * shift)
+    same_end = common - 1 - (differ.bit_length() - 1) // 8 if differ else common
+    same_end = min(same_end, old_length - first, new_length - first)
     # Widen to whole lines (blanks and marks are made line by line).
     start = text.rfind("\n", 0, first) + 1
     stop = new_length - same_end
