@@ -59,12 +59,14 @@ class Layout(NamedTuple):
     index: dict[VirtualServerKey, int]  # key -> its place in ``keys``
     first_lines: list[int]  # line number of each one's service line
     starts: list[int]  # index of each one's first counter; then the number of counters
-    counter_lines: list[int]  # line number of each kept real server
+    # Line number of each kept real server: from a whole parse only (None after a
+    # patch, whose counters are read through the mask, not line by line).
+    counter_lines: list[int] | None
     lines: int  # lines of the text, the last complete one included
 
     @classmethod
     def build(cls, keys: list[VirtualServerKey], first_lines: list[int], starts: list[int],
-              counter_lines: list[int], lines: int) -> "Layout":
+              counter_lines: list[int] | None, lines: int) -> "Layout":
         return cls(keys, dict(zip(keys, range(len(keys)))), first_lines, starts, counter_lines, lines)
 
 
@@ -337,7 +339,7 @@ def _counters(value: int, blank_value: int, mask: int, length: int,
               layout: Layout) -> tuple[list[int], list[int]] | None:
     """Every counter of a text whose shape is the blank's; None if one is not a number."""
     digits = ((value ^ blank_value) & ~mask).to_bytes(length, "little").translate(_COUNTER_BYTES)
-    return _numbers(digits.split(), len(layout.counter_lines))
+    return _numbers(digits.split(), layout.starts[-1])
 
 
 def _numbers(numbers: list, real_servers: int) -> tuple[list[int], list[int]] | None:
@@ -474,35 +476,33 @@ def _parse_shape(records: list[str], hz: int) -> tuple[list[str], int, bool, IPV
     kept_last = False  # whether the record before was kept (and may still be dropped)
     line_no = 0  # of the record's first line
     for record in records:
-        cached = previous.get(record)
-        if cached is None:
-            try:
-                cached = _record(record, hz)
-            except (ValueError, IndexError, KeyError):
-                # A line that is not a service (garbage, or a header) starts a record
-                # of its own; it may sit among the real servers of the record before
-                # it, so drop that one too: no entry is ever half-read.
-                lines = record.split("\n")
-                line_no += len(lines)
-                if not keys and clean:
-                    lead += 1
-                else:
-                    clean = False
-                extra = -1
-                if lines[0].startswith("IP Virtual Server"):
-                    extra = len(lines) - 1
-                elif lines[0].startswith("Prot LocalAddress"):
-                    extra = len(lines) - 1 - (len(lines) > 1 and lines[1].startswith("  -> RemoteAddress"))
-                if extra >= 0:
-                    skipped += extra
-                    clean = clean and not extra
-                else:
-                    skipped += len(lines)
-                    clean = False
-                    if kept_last:
-                        drop_last()
-                kept_last = False
-                continue
+        try:
+            cached = _known_or_parsed(previous, record, hz)
+        except (ValueError, IndexError, KeyError):
+            # A line that is not a service (garbage, or a header) starts a record
+            # of its own; it may sit among the real servers of the record before
+            # it, so drop that one too: no entry is ever half-read.
+            lines = record.split("\n")
+            line_no += len(lines)
+            if not keys and clean:
+                lead += 1
+            else:
+                clean = False
+            extra = -1
+            if lines[0].startswith("IP Virtual Server"):
+                extra = len(lines) - 1
+            elif lines[0].startswith("Prot LocalAddress"):
+                extra = len(lines) - 1 - (len(lines) > 1 and lines[1].startswith("  -> RemoteAddress"))
+            if extra >= 0:
+                skipped += extra
+                clean = clean and not extra
+            else:
+                skipped += len(lines)
+                clean = False
+                if kept_last:
+                    drop_last()
+            kept_last = False
+            continue
         current[record] = cached
         vs, jiffies = cached
         key = vs.key
@@ -574,15 +574,10 @@ def _patch_shape(last: _Shape, records: list[str],
     previous = _RECORD_CACHES.get(hz)
     if previous is None:
         return None
-    added = []
-    for record in new_middle:
-        cached = previous.get(record)
-        if cached is None:
-            try:
-                cached = _record(record, hz)
-            except (ValueError, IndexError, KeyError):
-                return None
-        added.append(cached)
+    try:
+        added = [_known_or_parsed(previous, record, hz) for record in new_middle]
+    except (ValueError, IndexError, KeyError):
+        return None  # garbage: the full parse says what to drop
     skeleton = last.skeleton
     gone = {previous[record][0].key for record in old_middle}
     new_keys = [vs.key for vs, _ in added]
@@ -610,17 +605,16 @@ def _patch_shape(last: _Shape, records: list[str],
     layout = last.layout
     start, stop = head - last.lead, len(old) - tail - last.lead
     line_no = layout.first_lines[start] if start < len(layout.keys) else layout.lines
-    first_counter = layout.starts[start]
-    first_lines, starts, counter_lines = [], [], []
+    counter = layout.starts[start]
+    first_lines, starts = [], []
     for vs, _ in added:
-        real_servers = len(vs.real_servers)
         first_lines.append(line_no)
-        starts.append(first_counter + len(counter_lines))
-        counter_lines.extend(range(line_no + 1, line_no + 1 + real_servers))
-        line_no += 1 + real_servers
+        starts.append(counter)
+        counter += len(vs.real_servers)
+        line_no += 1 + len(vs.real_servers)
     old_end = layout.first_lines[stop] if stop < len(layout.keys) else layout.lines
     line_shift = line_no - old_end
-    counter_shift = first_counter + len(counter_lines) - layout.starts[stop]
+    counter_shift = counter - layout.starts[stop]
     if not line_shift and not counter_shift and new_keys == layout.keys[start:stop] \
             and starts == layout.starts[start:stop] and first_lines == layout.first_lines[start:stop]:
         # The same virtual servers on the same lines (a weight changed, say): same layout.
@@ -630,10 +624,15 @@ def _patch_shape(last: _Shape, records: list[str],
         layout.keys[:start] + new_keys + layout.keys[stop:],
         layout.first_lines[:start] + first_lines + list(map(line_shift.__add__, layout.first_lines[stop:])),
         layout.starts[:start] + starts + list(map(counter_shift.__add__, layout.starts[stop:])),
-        layout.counter_lines[:first_counter] + counter_lines
-        + list(map(line_shift.__add__, layout.counter_lines[layout.starts[stop]:])),
-        layout.lines + line_shift)
+        None, layout.lines + line_shift)
     return records, last.lead, True, table, table._layout
+
+
+def _known_or_parsed(previous: dict[str, tuple[VirtualServer, int | None]], record: str,
+                     hz: int) -> tuple[VirtualServer, int | None]:
+    """The last parse's virtual server for this record, or a new parse (raises as ``_record``)."""
+    cached = previous.get(record)
+    return cached if cached is not None else _record(record, hz)
 
 
 def _drop_bad_counters(table: IPVSTable, lines: list[str], layout: Layout) -> IPVSTable:
