@@ -158,6 +158,18 @@ def measure(sizes) -> list[Row]:
             def ours_shape_changed():
                 reader.read_ip_vs(hz=250)
 
+            # A real server added to / removed from that virtual server: the lines after
+            # it move, so the layout after it is shifted.
+            extra = f"{ipvs_tables._v4(middle * 8 + 7, '10.128.0.0')}:8080"
+            present = [False]
+
+            def add_or_remove():
+                present[0] = not present[0]
+                if present[0]:
+                    ipvs_tables.ipvsadm("-a", "-t", vip, "-r", extra, "-m", "-w", "1")
+                else:
+                    ipvs_tables.ipvsadm("-d", "-t", vip, "-r", extra)
+
             def ours_cold():
                 # The first read of a process: nothing converted yet.
                 reader._SHAPES.clear()
@@ -175,7 +187,8 @@ def measure(sizes) -> list[Row]:
             # The guest is emulated on a shared machine: its speed drifts with the host's
             # load. Interleave the contenders so each ratio compares the same moments.
             fast = interleaved({"cat": cat, "ours": ours, "moved": ours_counters_moved,
-                                "shape": (flip_a_weight, ours_shape_changed), "cold": ours_cold,
+                                "shape": (flip_a_weight, ours_shape_changed),
+                                "moved lines": (add_or_remove, ours_shape_changed), "cold": ours_cold,
                                 "exact": ours_exact}, rounds=5)
             slow = interleaved({"ipvsadm": ipvsadm_list, "node": exporter.scrape}, rounds=2,
                                warm_up=False)
@@ -191,6 +204,8 @@ def measure(sizes) -> list[Row]:
                     t_cat, "cat /proc/net/ip_vs", limit=READER_LIMIT),
                 Row("  same, and a real server's weight changed too", fast["shape"],
                     t_cat, "cat /proc/net/ip_vs", limit=READER_LIMIT),
+                Row("  same, and a real server added or removed (the lines after it move)",
+                    fast["moved lines"], t_cat, "cat /proc/net/ip_vs", limit=READER_LIMIT),
                 Row("  same, first read of a process (all caches empty)", fast["cold"], t_cat,
                     "cat /proc/net/ip_vs"),
                 Row("  vs ipvsadm -Ln", t_ours, t_ipvsadm, "ipvsadm -Ln"),
