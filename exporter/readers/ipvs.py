@@ -120,7 +120,7 @@ class IPVSTable(dict):
     def of(cls, table: Table,
            connections: dict[tuple[VirtualServerKey, tuple[str, int]], tuple[int, int]] | None = None,
            ) -> "IPVSTable":
-        """A table built by hand (netlink, tests) with its counters (default 0)."""
+        """A table built by hand (tests, tools) with its counters (default 0)."""
         out = cls(table)
         connections = connections or {}
         active: list[int] = []
@@ -289,10 +289,10 @@ _SHAPES: dict[int, _Shape] = {}  # by HZ: the last parse
 
 
 class _Numbers(dict):
-    """Counter text -> int. The same values recur across real servers and reads,
+    """Counter bytes -> int. The same values recur across real servers and reads,
     and a lookup costs a fifth of int() (measured in the emulated VM)."""
 
-    def __missing__(self, text: str | bytes) -> int:
+    def __missing__(self, text: bytes) -> int:
         value = self[text] = int(text)
         return value
 
@@ -314,17 +314,16 @@ def _parse(text: str, hz: int) -> IPVSTable:
         # The text as one int: one C-level pass compares its shape with the last one
         # (XOR, then the mask hides the counters), another takes all its counters.
         value = int.from_bytes(text.encode("ascii"), "little")
+        state = None
         if len(text) == len(last.text) and (value ^ last.blank_value) & last.mask == 0:
             counters = _counters(value, last.blank_value, last.mask, len(text), last.layout)
             if counters is not None:
                 state = last._replace(text=text, active=counters[0], inactive=counters[1])
-                _SHAPES[hz] = state
-                return _with_counters(state.skeleton, state.active, state.inactive)
         else:
             state = _patch_text(last, text, value, hz)
-            if state is not None:
-                _SHAPES[hz] = state
-                return _with_counters(state.skeleton, state.active, state.inactive)
+        if state is not None:
+            _SHAPES[hz] = state
+            return _with_counters(state.skeleton, state.active, state.inactive)
     return _parse_text(text, hz)
 
 
@@ -378,7 +377,8 @@ def _parse_text(text: str, hz: int) -> IPVSTable:
     clean, skeleton, layout = parsed[2:]
     counted = list(map(lines.__getitem__, layout.counter_lines))
     # All counters in one split: two numbers per line, or the text is not the kernel's.
-    counters = _numbers(" ".join([line[-_COUNTERS:] for line in counted]).split(), len(counted))
+    numbers = " ".join([line[-_COUNTERS:] for line in counted]).encode("ascii", "replace").split()
+    counters = _numbers(numbers, len(counted))
     if counters is None:
         # A counter that is not a number (never from the kernel): drop its virtual
         # server, as for any other line that does not parse.
