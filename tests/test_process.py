@@ -237,3 +237,137 @@ def test_unreadable_proc_fails_only_this_collector(tmp_path, caplog, make, reaso
     # The other collectors still serve (memcg reads /sys; its /proc/cgroups count fails with
     # this procfs, but its read times, yielded before that, are there).
     assert value(s, "kubenode_memcg_stat_read_seconds", cgroup="/") is not None
+
+
+# --- one odd process among good ones (a fixture /proc tree) -------------------------------
+
+BTIME = 1_700_000_000
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def stat_text(pid: int, comm: str, utime: int, stime: int, cutime: int = 0, cstime: int = 0,
+              starttime: int = 1000) -> str:
+    """A /proc/<pid>/stat line as the kernel prints it (52 fields; figures in clock ticks)."""
+    fields = ["S", "1"] + ["0"] * 50
+    fields[11:15] = [str(utime), str(stime), str(cutime), str(cstime)]
+    fields[19] = str(starttime)
+    return f"{pid} ({comm}) {' '.join(fields)}\n"
+
+
+def fake_procfs(root, processes: dict[int, tuple[str, str]]):
+    """A /proc tree: /proc/stat with btime, and per process comm, cmdline, stat and statm
+    (``processes``: pid -> (comm, stat text)); every process has 1,000 resident pages."""
+    root.mkdir()
+    (root / "stat").write_text(f"cpu  1 2 3 4\nbtime {BTIME}\n")
+    for pid, (comm, stat) in processes.items():
+        d = root / str(pid)
+        d.mkdir()
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes(comm.encode() + b"\0")
+        (d / "stat").write_text(stat)
+        (d / "statm").write_text("5000 1000 200 10 0 300 0\n")
+    return root
+
+
+GARBLED = {
+    "empty": "",
+    "not stat text": "garbage\n",
+    "cut short": "202 (kube-proxy) S 1 2 3\n",
+    "words for numbers": stat_text(202, "kube-proxy", 7, 3).replace(" 7 3 ", " lots some "),
+}
+
+
+def odd_one_out(tmp_path):
+    good = {101: ("kubelet", stat_text(101, "kubelet", 300, 100)),
+            201: ("kube-proxy", stat_text(201, "kube-proxy", 50, 50, 20, 20)),
+            202: ("kube-proxy", stat_text(202, "kube-proxy", 7, 3))}
+    return fake_procfs(tmp_path / "proc", good)
+
+
+def scrape_twice(runner):
+    samples(runner)
+    return samples(runner)
+
+
+@pytest.mark.parametrize("garbled", list(GARBLED), ids=list(GARBLED))
+def test_one_garbled_stat_skips_that_process_only(tmp_path, caplog, garbled):
+    procfs = odd_one_out(tmp_path)
+    (procfs / "202" / "stat").write_text(GARBLED[garbled])
+    runner, _ = process_runner(tmp_path, None, "--path.procfs", str(procfs))
+    caplog.set_level("DEBUG", logger="exporter")
+    s = scrape_twice(runner)
+    assert value(s, "kubenode_collector_success", collector="process") == 1.0
+    # The rest is read as before: kubelet whole, kube-proxy without the odd process.
+    assert value(s, "kubenode_process_cpu_seconds_total", component="kubelet") == pytest.approx(400 / TICKS)
+    assert value(s, "kubenode_process_cpu_seconds_total", component="kube-proxy") == pytest.approx(100 / TICKS)
+    assert value(s, "kubenode_process_children_cpu_seconds_total", component="kube-proxy") == pytest.approx(40 / TICKS)
+    assert value(s, "kubenode_process_resident_memory_bytes", component="kube-proxy") == 1000 * PAGE
+    assert value(s, "kubenode_process_processes", component="kube-proxy") == 1.0
+    assert value(s, "kubenode_process_up", component="kube-proxy") == 1.0
+    # ... and the skip is counted, per component, every component present.
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-proxy") == 1.0
+    assert value(s, "kubenode_process_unreadable_processes", component="kubelet") == 0.0
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-router") == 0.0
+    # Said once over two scrapes, in one line naming the process and the file; no traceback.
+    said = [r for r in caplog.records if "202" in r.getMessage() and r.levelno >= 20]
+    assert len(said) == 1 and said[0].levelname == "WARNING", [r.getMessage() for r in said]
+    assert f"{procfs}/202/stat" in said[0].getMessage() and "kube-proxy" in said[0].getMessage()
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+def test_a_kept_process_turning_odd_and_back(tmp_path, caplog):
+    """A process read well at first, then garbled (its statm here, its stat after), then
+    readable again: skipped while odd, back in the sums after, each change said once."""
+    procfs = odd_one_out(tmp_path)
+    runner, collector = process_runner(tmp_path, None, "--path.procfs", str(procfs))
+    caplog.set_level("DEBUG", logger="exporter")
+    s = samples(runner)
+    assert value(s, "kubenode_process_processes", component="kube-proxy") == 2.0
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-proxy") == 0.0
+
+    (procfs / "202" / "statm").write_text("x\n")
+    s = scrape_twice(runner)
+    assert value(s, "kubenode_collector_success", collector="process") == 1.0
+    assert value(s, "kubenode_process_processes", component="kube-proxy") == 1.0
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-proxy") == 1.0
+    assert value(s, "kubenode_process_cpu_seconds_total", component="kube-proxy") == pytest.approx(100 / TICKS)
+
+    good_stat = (procfs / "202" / "stat").read_text()
+    (procfs / "202" / "statm").write_text("5000 1000 200 10 0 300 0\n")
+    (procfs / "202" / "stat").write_text("")
+    s = scrape_twice(runner)
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-proxy") == 1.0
+
+    (procfs / "202" / "stat").write_text(good_stat)
+    s = scrape_twice(runner)
+    assert value(s, "kubenode_process_processes", component="kube-proxy") == 2.0
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-proxy") == 0.0
+    assert value(s, "kubenode_process_cpu_seconds_total", component="kube-proxy") == pytest.approx(110 / TICKS)
+    said = [r.getMessage() for r in caplog.records if "202" in r.getMessage() and r.levelno >= 20]
+    # unreadable (statm), unreadable (stat: a new reason), readable again
+    assert len(said) == 3, said
+    assert "statm" in said[0] and "/stat " in said[1] + " " and "readable again" in said[2], said
+    assert "Traceback" not in caplog.text
+
+
+def test_an_odd_process_found_by_the_scan_is_picked_up_once_readable(tmp_path):
+    procfs = odd_one_out(tmp_path)
+    good_stat = (procfs / "202" / "stat").read_text()
+    (procfs / "202" / "stat").write_text("")
+    runner, collector = process_runner(tmp_path, None, "--path.procfs", str(procfs))
+    s = scrape_twice(runner)
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-proxy") == 1.0
+    scans = collector.tracker.stats.scans
+    (procfs / "202" / "stat").write_text(good_stat)
+    s = samples(runner)  # not at the next slow rescan: at once
+    assert value(s, "kubenode_process_processes", component="kube-proxy") == 2.0
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-proxy") == 0.0
+    assert collector.tracker.stats.scans == scans + 1
+    # An odd process that exits is no longer counted.
+    (procfs / "202" / "stat").write_text("")
+    samples(runner)
+    import shutil
+    shutil.rmtree(procfs / "202")
+    s = samples(runner)
+    assert value(s, "kubenode_process_unreadable_processes", component="kube-proxy") == 0.0
+    assert value(s, "kubenode_process_processes", component="kube-proxy") == 1.0

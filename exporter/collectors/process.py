@@ -8,6 +8,10 @@ there, not in its own CPU (the first incident).
 
 Reads ``--path.procfs`` (a DaemonSet mounts the host's /proc there, or shares
 the host PID namespace).
+
+A matching process whose stat or statm does not parse is left out of the sums and
+counted in ``kubenode_process_unreadable_processes`` (logged once by the reader),
+so the collector still succeeds with every other process's figures.
 """
 
 from __future__ import annotations
@@ -34,17 +38,22 @@ class ProcessCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         try:
-            by_component = self.tracker.sample()
+            sample = self.tracker.sample()
         except ProcfsError as err:
             raise CollectorError(str(err)) from None
 
         up = GaugeMetricFamily(
             f"{NAMESPACE}_process_up",
-            "1 when at least one process of the component is running, else 0.",
+            "1 when at least one process of the component is running (read or not), else 0.",
             labels=["component"])
         count = GaugeMetricFamily(
             f"{NAMESPACE}_process_processes",
-            "How many running processes match the component.",
+            "How many running processes match the component and are in its sums.",
+            labels=["component"])
+        unreadable = GaugeMetricFamily(
+            f"{NAMESPACE}_process_unreadable_processes",
+            "Processes matching the component whose /proc stat or statm did not parse: left out "
+            "of its sums.",
             labels=["component"])
         cpu = CounterMetricFamily(
             f"{NAMESPACE}_process_cpu_seconds_total",
@@ -59,12 +68,15 @@ class ProcessCollector(Collector):
             f"{NAMESPACE}_process_resident_memory_bytes",
             "Resident memory of the component's processes." + SUMMED,
             labels=["component"])
-        for component, usages in by_component.items():
-            up.add_metric([component], 1.0 if usages else 0.0)
+        for component, usages in sample.usages.items():
+            skipped = len(sample.unreadable.get(component, {}))
+            # An odd process is still a running one: the component is not down.
+            up.add_metric([component], 1.0 if usages or skipped else 0.0)
             count.add_metric([component], float(len(usages)))
+            unreadable.add_metric([component], float(skipped))
             if not usages:
                 continue
             cpu.add_metric([component], sum(u.cpu_seconds for u in usages))
             children.add_metric([component], sum(u.children_cpu_seconds for u in usages))
             rss.add_metric([component], float(sum(u.rss_bytes for u in usages)))
-        yield from (up, count, cpu, children, rss)
+        yield from (up, count, unreadable, cpu, children, rss)

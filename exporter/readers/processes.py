@@ -6,6 +6,10 @@ every scrape: the processes found are kept (psutil checks a PID is still the
 same process by its start time), and /proc is scanned again only when a kept
 process has gone, when a component has had no process for a while, or at a slow
 interval to pick up extra matching processes.
+
+A matching process whose stat or statm does not parse (empty, cut short, not the
+kernel's text) is skipped and reported apart, so one odd process never takes the
+others' figures down; it is said once when it turns odd and once when it recovers.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import psutil
 
 log = logging.getLogger("exporter.readers.processes")
+T = TypeVar("T")
 
 # A component with no process is looked for again after this long (it may start
 # later); a kept process that exits triggers a scan at once instead.
@@ -29,8 +34,30 @@ MISSING_RESCAN_SECONDS = 30.0
 FULL_RESCAN_SECONDS = 300.0
 
 
+# What psutil raises when it parses a stat or statm that is not the kernel's text (it
+# indexes and converts fields without checking): IndexError when cut short or empty,
+# ValueError when a field is no number.
+MALFORMED = (IndexError, ValueError, OverflowError)
+
+
 class ProcfsError(Exception):
     """The procfs root cannot be read; the message names it."""
+
+
+class MalformedProcessFile(Exception):
+    """One process's stat or statm could not be parsed; the message names the file."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _parsed(path: str, read: Callable[[], T]) -> T:
+    """``read()``, with a parse failure of ``path`` turned into one line naming it."""
+    try:
+        return read()
+    except MALFORMED as err:
+        raise MalformedProcessFile(path, f"{path} does not parse ({type(err).__name__}: {err})") from None
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,14 @@ class Usage:
     cpu_seconds: float  # utime + stime
     children_cpu_seconds: float  # cutime + cstime: exited children it waited for
     rss_bytes: int
+
+
+@dataclass
+class Sample:
+    """One read of every component."""
+
+    usages: dict[str, list[Usage]]  # component -> figures of each process read
+    unreadable: dict[str, dict[int, MalformedProcessFile]]  # component -> {pid: why} of matching processes skipped
 
 
 @dataclass
@@ -114,7 +149,13 @@ class ProcessTracker:
         self.full_rescan = full_rescan
         self.stats = ScanStats()
         self._kept: dict[str, list[psutil.Process]] = {}
+        # Matching processes the scan could not open (their stat does not parse): retried
+        # each sample, and a scan is due as soon as one parses or goes.
+        self._odd_found: dict[str, dict[int, MalformedProcessFile]] = {}
         self._last_scan: float | None = None
+        # pid -> (component, file) of the processes said to be skipped, to say each change
+        # once (the file, not the message: a garbled file's text may differ every read).
+        self._said_odd: dict[int, tuple[str, str]] = {}
 
     def kept_pids(self) -> dict[str, list[int]]:
         return {name: [p.pid for p in procs] for name, procs in self._kept.items()}
@@ -122,6 +163,13 @@ class ProcessTracker:
     def _use_procfs(self) -> None:
         # psutil reads every file under this module-wide root.
         psutil.PROCFS_PATH = self.procfs
+
+    def _stat_path(self, pid: int | str) -> str:
+        return os.path.join(self.procfs, str(pid), "stat")
+
+    def _open(self, pid: int) -> psutil.Process:
+        """psutil.Process(pid); it parses /proc/<pid>/stat for the start time."""
+        return _parsed(self._stat_path(pid), lambda: psutil.Process(pid))
 
     def scan(self) -> None:
         """Look at every process once; keep those whose name or command line matches.
@@ -138,6 +186,7 @@ class ProcessTracker:
         except OSError as err:
             raise ProcfsError(f"cannot list {self.procfs}: {err.strerror}") from None
         found: dict[str, list[psutil.Process]] = {c.name: [] for c in self.components}
+        odd: dict[str, dict[int, MalformedProcessFile]] = {c.name: {} for c in self.components}
         for entry in entries:
             # read only if the name alone matches no component
             cmdline = functools.cache(functools.partial(read_cmdline, self.procfs, entry))
@@ -147,10 +196,13 @@ class ProcessTracker:
             for component in self.components:
                 if _matches(component, name, cmdline):
                     try:
-                        found[component.name].append(psutil.Process(int(entry)))
+                        found[component.name].append(self._open(int(entry)))
                     except psutil.Error:
                         pass
+                    except MalformedProcessFile as err:
+                        odd[component.name][int(entry)] = err
         self._kept = found
+        self._odd_found = odd
         self._last_scan = self.clock()
         self.stats.scans += 1
         self.stats.last_processes = len(entries)
@@ -166,41 +218,76 @@ class ProcessTracker:
             return True
         return age >= self.missing_rescan and any(not procs for procs in self._kept.values())
 
-    def read_kept(self) -> tuple[dict[str, list[Usage]], bool]:
-        """Figures of every kept process; the second value is True when one has gone."""
+    def _read(self, proc: psutil.Process) -> Usage | None:
+        """One kept process's figures; None when it is no longer running. Raises
+        psutil.Error when it has gone, MalformedProcessFile when a file does not parse."""
+        stat = self._stat_path(proc.pid)
+        # is_running compares the start time, so a reused PID is not taken for the
+        # process we kept.
+        if not _parsed(stat, proc.is_running):
+            return None
+        with proc.oneshot():  # one read of /proc/<pid>/stat for all three
+            if _parsed(stat, proc.status) == psutil.STATUS_ZOMBIE:
+                return None  # exited, not yet reaped: no longer running
+            cpu = _parsed(stat, proc.cpu_times)
+            rss = _parsed(os.path.join(self.procfs, str(proc.pid), "statm"), proc.memory_info).rss
+        return Usage(proc.pid, cpu.user + cpu.system, cpu.children_user + cpu.children_system, rss)
+
+    def read_kept(self) -> tuple[Sample, bool]:
+        """Figures of every kept process; the second value is True when one has gone
+        (or an odd one found by the scan has gone or parses now): a scan is due."""
         self._use_procfs()
-        out: dict[str, list[Usage]] = {}
-        gone = False
+        sample = Sample({}, {})
+        changed = False
         for name, procs in self._kept.items():
-            usages = []
+            usages: list[Usage] = []
+            odd: dict[int, MalformedProcessFile] = {}
             for proc in procs:
                 try:
-                    # is_running compares the start time, so a reused PID is not taken
-                    # for the process we kept.
-                    if not proc.is_running():
-                        gone = True
-                        continue
-                    with proc.oneshot():  # one read of /proc/<pid>/stat for all three
-                        if proc.status() == psutil.STATUS_ZOMBIE:
-                            gone = True  # exited, not yet reaped: no longer running
-                            continue
-                        cpu = proc.cpu_times()
-                        rss = proc.memory_info().rss
+                    usage = self._read(proc)
                 except psutil.Error:
-                    gone = True
+                    usage = None
+                except MalformedProcessFile as err:
+                    odd[proc.pid] = err
                     continue
-                usages.append(Usage(proc.pid, cpu.user + cpu.system,
-                                    cpu.children_user + cpu.children_system, rss))
-            out[name] = usages
-        return out, gone
+                if usage is None:
+                    changed = True
+                    continue
+                usages.append(usage)
+            for pid in self._odd_found.get(name, {}):
+                try:
+                    self._open(pid)
+                except MalformedProcessFile as err:
+                    odd[pid] = err
+                    continue
+                except psutil.Error:
+                    pass
+                changed = True  # gone, or parses now: the scan decides whether it matches
+            sample.usages[name] = usages
+            sample.unreadable[name] = odd
+        return sample, changed
 
-    def sample(self) -> dict[str, list[Usage]]:
-        """component name -> the figures of each of its processes (empty: none running)."""
+    def _say_changes(self, sample: Sample) -> None:
+        """Log each process that turned odd (or odd for another reason) and each that
+        recovered, once: not every scrape."""
+        now = {pid: (name, err.path, str(err)) for name, odd in sample.unreadable.items()
+               for pid, err in odd.items()}
+        for pid, (name, path, why) in now.items():
+            if self._said_odd.get(pid) != (name, path):
+                log.warning("skipping process %d of component %s: %s", pid, name, why)
+        for pid, (name, _) in self._said_odd.items():
+            if pid not in now:
+                log.info("process %d of component %s is readable again or has exited", pid, name)
+        self._said_odd = {pid: (name, path) for pid, (name, path, _) in now.items()}
+
+    def sample(self) -> Sample:
+        """Every component's figures (an empty list: none running) and the processes skipped."""
         if self._scan_due():
             self.scan()
-        usages, gone = self.read_kept()
-        if gone:
+        sample, changed = self.read_kept()
+        if changed:
             # A kept process exited (a restart, a crash): find its successor now.
             self.scan()
-            usages, _ = self.read_kept()
-        return usages
+            sample, _ = self.read_kept()
+        self._say_changes(sample)
+        return sample
