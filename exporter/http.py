@@ -21,6 +21,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from exporter import __version__
 from exporter.collector import Runner
 from exporter.exposition import Unsupported, openmetrics_page, text_page
+from exporter.own_metrics import register_own_metrics
 
 log = logging.getLogger("exporter.http")
 
@@ -100,6 +101,7 @@ def make_app(runner: Runner, telemetry_path: str = "/metrics", *,
     UNAUTHENTICATED_PATHS; ``headers`` are added to every response."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(runner)
+    register_own_metrics(registry)  # process_*, python_*, build info: always on
     metrics_app = make_metrics_app(registry)
     extra_headers = list(headers)
 
