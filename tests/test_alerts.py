@@ -133,6 +133,7 @@ CONTRACT_METRICS = {
 FROM_COLLECTOR_CODE = {
     "kubenode_proxy_sync_pending_seconds",  # exporter/collectors/proxy.py
     "kubenode_ipvs_stuck_graceful_termination_real_servers",  # exporter/collectors/drift.py
+    "kubenode_exporter_build_info",  # exporter/own_metrics.py
 }
 
 

@@ -115,3 +115,13 @@ def test_every_panel_has_queries():
         model = load(name)
         panels = [p for p in model["panels"] if p["type"] != "row"]
         assert len(list(panel_queries(model))) >= len(panels)
+
+
+def test_cluster_dashboard_has_a_row_for_the_exporters_own_cost():
+    model = load("kubenode-cluster.json")
+    titles = [p["title"] for p in model["panels"]]
+    row = titles.index("Exporter cost")
+    exprs = " ".join(t["expr"] for p in model["panels"][row + 1:] for t in p.get("targets", []))
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+                 "process_max_fds", "kubenode_exporter_build_info"):
+        assert name in exprs, name

@@ -334,7 +334,10 @@ def check_dashboard_queries(s: dict) -> None:
     # The scenario produces at least the ipset, collector and up series.
     assert checked == sum(1 for m in dashboards(cfg).values() for _ in panel_queries(m))
     expected = {"ipset fill (entries / maxelem)", "ipset entries, largest sets", "Collectors", "Collector duration",
-                "Nodes scraped", "Fullest ipset"}
+                "Nodes scraped", "Fullest ipset",
+                # the exporter's own cost (always on): node row and cluster row
+                "Exporter CPU", "Exporter memory", "Exporter CPU, worst nodes", "Exporter memory, worst nodes",
+                "Exporter open fds, worst nodes", "Exporter CPU over time, five heaviest nodes", "Exporter versions"}
     collectors = ROOT / "exporter" / "collectors"
     if (collectors / "process.py").exists():  # the stand-in kube-router of the fixture
         expected |= {"Process CPU", "Exited children CPU (exec storms)", "Resident memory",

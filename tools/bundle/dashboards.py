@@ -246,6 +246,12 @@ def node_dashboard(cfg: dict) -> db.Dashboard:
     d = d.with_panel(_graph(ids, "Collector duration", "Time each collector took per scrape.",
                             [_query(f"max by (collector) (kubenode_collector_duration_seconds{{{j}}})",
                                     "{{collector}}")], "s"))
+    d = d.with_panel(_graph(ids, "Exporter CPU", "CPU cores the exporter itself uses (its own process_* metrics).",
+                            [_query(f"sum(rate(process_cpu_seconds_total{{{j}}}[$__rate_interval]))", "cores")],
+                            "short", span=6))
+    d = d.with_panel(_graph(ids, "Exporter memory", "The exporter's own resident memory.",
+                            [_query(f"max(process_resident_memory_bytes{{{j}}})", "resident memory")],
+                            "bytes", span=6))
     return d
 
 
@@ -311,6 +317,29 @@ def cluster_dashboard(cfg: dict) -> db.Dashboard:
                                     f"{{{{{node}}}}}")], "short"))
     d = d.with_panel(_table(ids, "Failing collectors", "Collectors failing now, and on how many nodes.",
                             f"count by (collector) (kubenode_collector_success{{{j}}} == 0)"))
+
+    # What the exporter itself costs each node, from its own process_* series (one series per
+    # node: cheap enough without a recording rule). Thresholds are shares of the limits in
+    # deploy/base/daemonset.yaml (500m CPU, 256Mi memory).
+    d = d.with_row(db.Row("Exporter cost").id(ids.id()))
+    d = d.with_panel(_bars(ids, "Exporter CPU, worst nodes", "Cores the exporter uses, last 5 minutes (limit 0.5).",
+                           f"sort_desc(sum by ({node}) (rate(process_cpu_seconds_total{{{j}}}[5m])))",
+                           f"{{{{{node}}}}}", link=to_node, unit="short",
+                           steps=[(None, "green"), (0.25, "orange"), (0.4, "red")]))
+    d = d.with_panel(_bars(ids, "Exporter memory, worst nodes", "Resident memory of the exporter (limit 256 MiB).",
+                           f"sort_desc(max by ({node}) (process_resident_memory_bytes{{{j}}}))",
+                           f"{{{{{node}}}}}", link=to_node, unit="bytes",
+                           steps=[(None, "green"), (192 * 2**20, "orange"), (240 * 2**20, "red")]))
+    d = d.with_panel(_bars(ids, "Exporter open fds, worst nodes", "Open file descriptors as a share of the limit.",
+                           f"sort_desc(max by ({node}) (process_open_fds{{{j}}} / process_max_fds{{{j}}}))",
+                           f"{{{{{node}}}}}", link=to_node, unit="percentunit", maximum=1,
+                           steps=[(None, "green"), (0.5, "orange"), (0.8, "red")]))
+    d = d.with_panel(_graph(ids, "Exporter CPU over time, five heaviest nodes", "Cores.",
+                            [_query(f"topk(5, sum by ({node}) (rate(process_cpu_seconds_total{{{j}}}[$__rate_interval])))",
+                                    f"{{{{{node}}}}}")], "short", span=8))
+    d = d.with_panel(_table(ids, "Exporter versions", "Nodes running each build: a rollout in progress shows two.",
+                            f"count by (version, python_version) (kubenode_exporter_build_info{{{j}}})",
+                            span=4, sort_field="version"))
     return d
 
 
