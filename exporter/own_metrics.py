@@ -30,10 +30,10 @@ from exporter.collector import NAMESPACE
 
 # The exporter's own /proc, never --path.procfs. --path.procfs is the node's /proc
 # (a DaemonSet mounts the host's there) and is for the node's processes: in a
-# container the exporter's PID (os.getpid()) is one of its own PID namespace and
-# names some other host process under the host's /proc, and a fixture tree or a
-# copy given as --path.procfs has no `self` at all. /proc/self of the procfs in
-# the exporter's own mount namespace is always this process.
+# container with its own PID namespace the exporter's PID (os.getpid()) names some
+# other host process under the host's /proc, and a fixture tree or a copy given as
+# --path.procfs has no `self` of ours at all. /proc/self of the procfs in the
+# exporter's own mount namespace is always this process, with or without hostPID.
 OWN_PROCFS = "/proc"
 
 
