@@ -398,3 +398,53 @@ def test_compressed_answer_is_refused(fake, caplog):
     expect_unusable(fake, Answer(body, headers={"Content-Encoding": "gzip"}), "Content-Encoding gzip", caplog)
     # the same bytes without saying so are still not text
     expect_unusable(fake, Answer(body), "not UTF-8", caplog)
+
+
+# -- one deadline for the whole exchange (issue 12, item 11) --------------------------
+
+
+def test_dripped_headers_are_bounded_by_one_deadline(fake, caplog):
+    """Status line and headers a byte at a time: every receive is quick, the exchange is not.
+
+    Through the exporter's own HTTP server with scrapes in parallel: none waits past
+    the proxy's deadline plus slack, each says why the proxy is down.
+    """
+    import concurrent.futures
+
+    answer = Answer(kube_proxy_page(kube_proxy_state(now=NOW)).encode(), drip_head_seconds=0.05)
+    assert len(FakeProxy._head(answer)) * 0.05 > 4  # the drip alone outlasts the deadline fourfold
+    fake.answers["/metrics"] = answer
+    runner, _ = make_runner(["--proxy.metrics-url", fake.url(), "--proxy.timeout", "1"])
+    server = MetricsServer(make_app(runner), "127.0.0.1:0")
+    server.start()
+
+    def timed_scrape() -> tuple[float, dict]:
+        start = time.monotonic()
+        status, _, body = get(f"http://127.0.0.1:{server.port}/metrics", timeout=30)
+        assert status == 200
+        return time.monotonic() - start, samples(body.decode())
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda _: timed_scrape(), range(3)))
+    finally:
+        server.stop()
+    for elapsed, s in results:
+        assert elapsed < 2.5, f"a scrape took {elapsed:.1f} s with proxy.timeout 1 s"
+        assert value(s, "kubenode_proxy_up", proxy="kube-proxy") == 0.0
+        assert value(s, "kubenode_collector_success", collector="proxy") == 0.0
+    assert "no complete answer within 1 s (proxy.timeout): timed out reading the status line and headers" \
+        in caplog.text
+
+
+def test_dripped_end_of_chunked_body_is_down_not_up(fake, caplog):
+    """The whole page arrives at once, then the chunk line that ends it crawls for 3 s.
+
+    A per-read timeout set before each read lets that one read run past the
+    deadline and the page count as up; one deadline ends it at 1 s.
+    """
+    body = kube_proxy_page(kube_proxy_state(now=NOW)).encode()
+    answer = Answer(body, drip_end_chunk_seconds=0.03, end_chunk_padding=100)
+    out = expect_unusable(fake, answer, "timed out reading the body", caplog, "--proxy.timeout", "1")
+    assert out["elapsed"] < 2.5
+    assert "no complete answer within 1 s (proxy.timeout)" in caplog.text
