@@ -317,3 +317,44 @@ def kube_router_page(state: KubeRouterState, seed: int = 2, sync_family_type: st
             page.gauge(f"kube_router_service_{metric}", help_text,
                        [(labels, rng.randint(0, 10**9)) for labels in rows])
     return page.text()
+
+
+def node_exporter_page(seed: int = 3, cpus: int = 4) -> str:
+    """Another program's page on the proxy's port: node_exporter 1.x with its default collectors, in short.
+
+    A valid metrics page with none of either proxy's families, so only "is the
+    sync histogram there?" tells it from a proxy's own page.
+    """
+    rng = random.Random(seed)
+    page = Page()
+    _go_runtime(page, rng, rich=False)
+    _process(page, rng)
+    page.gauge("node_exporter_build_info", "A metric with a constant '1' value labeled by version, revision, branch, "
+               "goversion from which node_exporter was built, and the goos and goarch for the build.",
+               [([("branch", "HEAD"), ("goarch", "amd64"), ("goos", "linux"), ("goversion", "go1.23.4"),
+                  ("revision", "0123456789abcdef"), ("tags", "unknown"), ("version", "1.9.0")], 1)])
+    page.gauge("node_cpu_seconds_total", "Seconds the CPUs spent in each mode.",
+               [([("cpu", str(c)), ("mode", m)], rng.uniform(10, 10**6))
+                for c in range(cpus) for m in ("idle", "iowait", "irq", "nice", "softirq", "steal", "system", "user")],
+               kind="counter")
+    for name in ("load1", "load5", "load15"):
+        page.gauge(f"node_{name}", f"{name[:4].capitalize()} average over {name[4:]} minutes.",
+                   [([], rng.uniform(0, 8))])
+    page.gauge("node_ipvs_connections_total", "The total number of connections made.", [([], 123456)],
+               kind="counter")
+    page.gauge("node_scrape_collector_duration_seconds", "node_exporter: Duration of a collector scrape.",
+               [([("collector", c)], rng.uniform(0, 0.05)) for c in ("cpu", "ipvs", "loadavg")])
+    page.gauge("node_scrape_collector_success", "node_exporter: Whether a collector succeeded.",
+               [([("collector", c)], 1) for c in ("cpu", "ipvs", "loadavg")])
+    return page.text()
+
+
+def old_kube_proxy_page(seed: int = 4) -> str:
+    """kube-proxy 1.13 and older: its sync histogram in microseconds under another name (since renamed)."""
+    rng = random.Random(seed)
+    page = Page()
+    _go_runtime(page, rng, rich=False)
+    _process(page, rng)
+    page.histogram("kubeproxy_sync_proxy_rules_latency_microseconds", "SyncProxyRules latency",
+                   [([], tuple(1000 * 2 ** i for i in range(15)), [rng.lognormvariate(10, 1) for _ in range(300)])])
+    return page.text()

@@ -2,16 +2,17 @@
 
 Each path answers as its ``Answer`` says: a page (chunked, as Go's net/http sends
 a large body, or with a Content-Length), an HTTP error, a stall before or in the
-middle of the body, a slow drip, or a connection cut short. Tests change the
-answers between scrapes.
+middle of the body, a slow drip (of the body, of the status line and headers, or
+of the chunk-size line that ends a chunked body), or a connection cut short.
+Tests change the answers between scrapes.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -27,6 +28,12 @@ class Answer:
     cut_after_bytes: int | None = None  # send this much of the body (framed), then close
     stall_seconds: float = 30.0
     headers: dict[str, str] = field(default_factory=dict)
+    # the status line and headers, one byte per this many seconds
+    drip_head_seconds: float | None = None
+    # the whole body in time, then the chunk-size line that ends it ("0", padded with
+    # this many leading zeros, as HTTP allows) one byte per drip_end_chunk_seconds
+    drip_end_chunk_seconds: float | None = None
+    end_chunk_padding: int = 100
 
 
 class FakeProxy:
@@ -79,25 +86,43 @@ class FakeProxy:
         handler.wfile.flush()
         self.bytes_sent += len(data)
 
+    def _drip(self, handler: BaseHTTPRequestHandler, data: bytes, seconds: float) -> None:
+        for i in range(len(data)):
+            if self.release.is_set():
+                return
+            self._send(handler, data[i:i + 1])
+            self.release.wait(seconds)
+
+    @staticmethod
+    def _head(answer: Answer) -> bytes:
+        """Status line and headers, written here (not by send_response) so they can be dripped."""
+        try:
+            reason = HTTPStatus(answer.status).phrase
+        except ValueError:
+            reason = "Unknown"
+        lines = [f"HTTP/1.1 {answer.status} {reason}", f"Content-Type: {answer.content_type}"]
+        lines += [f"{key}: {val}" for key, val in answer.headers.items()]
+        if answer.chunked:
+            lines.append("Transfer-Encoding: chunked")
+        else:
+            lines.append(f"Content-Length: {len(answer.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
     def _serve(self, handler: BaseHTTPRequestHandler, answer: Answer) -> None:
         if answer.stall_before_headers:
             self._stall(answer.stall_before_headers)
-        handler.send_response(answer.status)
-        handler.send_header("Content-Type", answer.content_type)
-        for key, val in answer.headers.items():
-            handler.send_header(key, val)
-        body = answer.body
-        if answer.chunked:
-            handler.send_header("Transfer-Encoding", "chunked")
+        head = self._head(answer)
+        if answer.drip_head_seconds is not None:
+            self._drip(handler, head, answer.drip_head_seconds)
         else:
-            handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
+            self._send(handler, head)
+        body = answer.body
         if answer.drip_seconds is not None:
             for i in range(len(body)):
                 if self.release.is_set():
                     return
                 self._send(handler, self._frame(body[i:i + 1], answer))
-                time.sleep(answer.drip_seconds)
+                self.release.wait(answer.drip_seconds)
             return
         if answer.cut_after_bytes is not None:
             self._send(handler, self._frame(body[:answer.cut_after_bytes], answer))
@@ -114,7 +139,11 @@ class FakeProxy:
             self._send(handler, self._frame(chunk, answer))
             sent += len(chunk)
         if answer.chunked:
-            self._send(handler, b"0\r\n\r\n")
+            end = b"0" * (answer.end_chunk_padding + 1) + b"\r\n\r\n"
+            if answer.drip_end_chunk_seconds is not None:
+                self._drip(handler, end, answer.drip_end_chunk_seconds)
+            else:
+                self._send(handler, b"0\r\n\r\n")
 
     @staticmethod
     def _frame(data: bytes, answer: Answer) -> bytes:

@@ -132,6 +132,7 @@ CONTRACT_METRICS = {
 }
 FROM_COLLECTOR_CODE = {
     "kubenode_proxy_sync_pending_seconds",  # exporter/collectors/proxy.py
+    "kubenode_proxy_expected_metric_missing",  # exporter/collectors/proxy.py (named in an alert description)
     "kubenode_ipvs_stuck_graceful_termination_real_servers",  # exporter/collectors/drift.py
     "kubenode_exporter_build_info",  # exporter/own_metrics.py
 }

@@ -23,6 +23,8 @@ from tests.proxy_pages import (
     kube_proxy_state,
     kube_router_page,
     kube_router_state,
+    node_exporter_page,
+    old_kube_proxy_page,
 )
 from tests.proxy_server import Answer, FakeProxy, closed_port
 
@@ -145,18 +147,26 @@ def test_changes_queued_after_the_last_sync_show_their_age(fake):
     assert value(s, "kubenode_proxy_sync_pending_seconds", proxy="kube-proxy") == 0.0
 
 
-def test_kube_proxy_before_its_first_sync(fake):
-    """Labelled families appear only once observed: right after start only the queue time is there."""
+def test_kube_proxy_before_its_first_sync(fake, caplog):
+    """Labelled families appear only once observed: right after start only the queue time is there.
+
+    No sync histogram is no sync metrics to alert on, so the proxy is not up (for
+    KubeNodeProxyMetricsDown's 10 minutes that is a proxy that never synced); what
+    the page has is still carried, and the log says why in kube-proxy's terms.
+    """
     state = kube_proxy_state(now=NOW)
     state.syncs, state.programming, state.last_sync = {}, {}, None
     state.last_queued = {"IPv4": NOW - 20.0}
     fake.answers["/metrics"] = Answer(kube_proxy_page(state).encode())
     s = scrape(collector("--proxy.metrics-url", fake.url()))
     assert value(s, "kubenode_collector_success", collector="proxy") == 1.0
-    assert value(s, "kubenode_proxy_up", proxy="kube-proxy") == 1.0
+    assert value(s, "kubenode_proxy_up", proxy="kube-proxy") == 0.0
+    assert value(s, "kubenode_proxy_expected_metric_missing", proxy="kube-proxy",
+                 metric="kubeproxy_sync_proxy_rules_duration_seconds") == 1.0
     assert not carried(s, "kubenode_proxy_sync_duration_seconds", "kube-proxy")
     assert value(s, "kubenode_proxy_last_sync_timestamp_seconds", proxy="kube-proxy") is None
     assert value(s, "kubenode_proxy_sync_pending_seconds", proxy="kube-proxy") == pytest.approx(20.0)
+    assert "has not synced since it started" in caplog.text
 
 
 def test_default_url_is_kube_proxys_own():
@@ -238,6 +248,44 @@ def test_old_kube_router_gauge_is_reported_not_misread(fake, caplog):
     assert value(s, "kubenode_collector_success", collector="proxy") == 0.0
     assert value(s, "kubenode_proxy_up", proxy="kube-router") == 0.0
     assert "is a gauge on this page, expected a histogram" in caplog.text
+
+
+# -- a page that is not the proxy's (issue 12, item 4) ---------------------------
+
+
+@pytest.mark.parametrize("proxy, page, metric, hint", [
+    ("kube-proxy", node_exporter_page, "kubeproxy_sync_proxy_rules_duration_seconds",
+     "none of kube-proxy's sync metrics"),
+    ("kube-proxy", old_kube_proxy_page, "kubeproxy_sync_proxy_rules_duration_seconds",
+     "none of kube-proxy's sync metrics"),
+    ("kube-router", node_exporter_page, "kube_router_controller_ipvs_services_sync_time",
+     "none of kube-router's service proxy metrics"),
+], ids=["node_exporter-as-kube-proxy", "kube-proxy-1.13", "node_exporter-as-kube-router"])
+def test_a_page_without_the_sync_histogram_is_not_up(fake, caplog, proxy, page, metric, hint):
+    """A 200 page of well-formed metrics that are not the proxy's: down, saying which metric, once."""
+    caplog.set_level(logging.INFO)
+    fake.answers["/metrics"] = Answer(page().encode())
+    runner = Runner([collector("--proxy", proxy, "--proxy.metrics-url", fake.url())])
+    for _ in range(3):
+        s = samples(runner)
+        assert value(s, "kubenode_proxy_up", proxy=proxy) == 0.0
+        assert value(s, "kubenode_proxy_expected_metric_missing", proxy=proxy, metric=metric) == 1.0
+        # the page was read whole; what is at the address is a fact for the alert, not a failed read
+        assert value(s, "kubenode_collector_success", collector="proxy") == 1.0
+    said = [r for r in caplog.records if r.name == "exporter.collectors.proxy"]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
+    line = said[0].getMessage()
+    assert metric in line and fake.url() in line and hint in line and "\n" not in line
+
+    # the proxy's own page is back: up, no missing series, and that is said once too
+    good = kube_proxy_page(kube_proxy_state(now=NOW)) if proxy == "kube-proxy" else kube_router_page(kube_router_state())
+    fake.answers["/metrics"] = Answer(good.encode())
+    for _ in range(2):
+        s = samples(runner)
+        assert value(s, "kubenode_proxy_up", proxy=proxy) == 1.0
+        assert not [k for k in s if k[0] == "kubenode_proxy_expected_metric_missing"]
+    said = [r for r in caplog.records if r.name == "exporter.collectors.proxy"]
+    assert len(said) == 2 and said[1].levelno == logging.INFO and metric in said[1].getMessage()
 
 
 # -- failures -----------------------------------------------------------------
@@ -398,3 +446,53 @@ def test_compressed_answer_is_refused(fake, caplog):
     expect_unusable(fake, Answer(body, headers={"Content-Encoding": "gzip"}), "Content-Encoding gzip", caplog)
     # the same bytes without saying so are still not text
     expect_unusable(fake, Answer(body), "not UTF-8", caplog)
+
+
+# -- one deadline for the whole exchange (issue 12, item 11) --------------------------
+
+
+def test_dripped_headers_are_bounded_by_one_deadline(fake, caplog):
+    """Status line and headers a byte at a time: every receive is quick, the exchange is not.
+
+    Through the exporter's own HTTP server with scrapes in parallel: none waits past
+    the proxy's deadline plus slack, each says why the proxy is down.
+    """
+    import concurrent.futures
+
+    answer = Answer(kube_proxy_page(kube_proxy_state(now=NOW)).encode(), drip_head_seconds=0.05)
+    assert len(FakeProxy._head(answer)) * 0.05 > 4  # the drip alone outlasts the deadline fourfold
+    fake.answers["/metrics"] = answer
+    runner, _ = make_runner(["--proxy.metrics-url", fake.url(), "--proxy.timeout", "1"])
+    server = MetricsServer(make_app(runner), "127.0.0.1:0")
+    server.start()
+
+    def timed_scrape() -> tuple[float, dict]:
+        start = time.monotonic()
+        status, _, body = get(f"http://127.0.0.1:{server.port}/metrics", timeout=30)
+        assert status == 200
+        return time.monotonic() - start, samples(body.decode())
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda _: timed_scrape(), range(3)))
+    finally:
+        server.stop()
+    for elapsed, s in results:
+        assert elapsed < 2.5, f"a scrape took {elapsed:.1f} s with proxy.timeout 1 s"
+        assert value(s, "kubenode_proxy_up", proxy="kube-proxy") == 0.0
+        assert value(s, "kubenode_collector_success", collector="proxy") == 0.0
+    assert "no complete answer within 1 s (proxy.timeout): timed out reading the status line and headers" \
+        in caplog.text
+
+
+def test_dripped_end_of_chunked_body_is_down_not_up(fake, caplog):
+    """The whole page arrives at once, then the chunk line that ends it crawls for 3 s.
+
+    A per-read timeout set before each read lets that one read run past the
+    deadline and the page count as up; one deadline ends it at 1 s.
+    """
+    body = kube_proxy_page(kube_proxy_state(now=NOW)).encode()
+    answer = Answer(body, drip_end_chunk_seconds=0.03, end_chunk_padding=100)
+    out = expect_unusable(fake, answer, "timed out reading the body", caplog, "--proxy.timeout", "1")
+    assert out["elapsed"] < 2.5
+    assert "no complete answer within 1 s (proxy.timeout)" in caplog.text

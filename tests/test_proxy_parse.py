@@ -197,3 +197,23 @@ def test_bad_urls_are_refused_with_a_reason(url):
 
     with pytest.raises(ValueError, match="metrics URL"):
         check_url(url)
+
+
+@pytest.mark.parametrize("proxy, page, cause", [
+    ("kube-proxy", "", "another program at that address"),
+    ("kube-proxy", "# TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge\n"
+                   'kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"} 1e9\n',
+     "it has not synced since it started"),
+    ("kube-router", "", "without --run-service-proxy"),
+    ("kube-router", "# TYPE kube_router_controller_ipvs_services gauge\nkube_router_controller_ipvs_services 4\n",
+     "a build that does not publish it"),
+])
+def test_missing_sync_histogram_is_named_with_its_likely_cause(proxy, page, cause):
+    from exporter.collectors.proxy import SYNC_FAMILY, missing_sync_reason
+
+    families = parse_families(page, KUBE_PROXY_FAMILIES if proxy == "kube-proxy" else KUBE_ROUTER_FAMILIES)
+    assert cause in missing_sync_reason(proxy, families)
+    out = {f.name: f for f in shape(proxy, False, None, SYNC_FAMILY[proxy])}
+    assert out["kubenode_proxy_up"].samples[0].value == 0.0
+    (sample,) = out["kubenode_proxy_expected_metric_missing"].samples
+    assert sample.labels == {"proxy": proxy, "metric": SYNC_FAMILY[proxy]} and sample.value == 1.0

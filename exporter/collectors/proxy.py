@@ -9,11 +9,19 @@ present in newer kube-proxy releases, is summed or combined away as each help
 text says):
 
 kubenode_proxy_up
-    1 when the page answered usably. A refused connection is 0 with the
-    collector still successful (that is a fact about the proxy, alerted on its
-    own); an answer that cannot be used (HTTP error, timeout, over the size
-    cap, not the text format, a broken histogram) is 0 and the collector fails
-    with the reason.
+    1 when the page answered usably *and* carries the proxy's sync histogram:
+    a 200 page without it (another program on that port, a proxy build that
+    names it otherwise, a kube-proxy that has not synced since it started)
+    leaves every sync alert blind, so it is 0 too. A refused connection is 0
+    with the collector still successful (that is a fact about the proxy,
+    alerted on its own), and so is a page read whole that lacks the histogram;
+    an answer that cannot be used (HTTP error, past ``proxy.timeout``, over the
+    size cap, not the text format, a broken histogram) is 0 and the collector
+    fails with the reason.
+kubenode_proxy_expected_metric_missing{metric}
+    1 for the proxy's sync histogram when a page read whole lacks it (the
+    series exists only then); the log says so once, with the likely cause, and
+    once more when it is back.
 kubenode_proxy_sync_duration_seconds (histogram)
     kube-proxy: ``kubeproxy_sync_proxy_rules_duration_seconds`` (buckets
     0.001 s .. 16.384 s, doubling); kube-router:
@@ -88,6 +96,9 @@ KR_SYNC = "kube_router_controller_ipvs_services_sync_time"
 KR_SERVICES = "kube_router_controller_ipvs_services"
 KUBE_ROUTER_FAMILIES = {KR_SYNC: "histogram", KR_SERVICES: "gauge"}
 
+# Without this family on the page, nothing tells how the proxy's syncs go: not up.
+SYNC_FAMILY = {"kube-proxy": KP_SYNC, "kube-router": KR_SYNC}
+
 
 @dataclass(frozen=True)
 class ProxyReading:
@@ -148,6 +159,22 @@ def read_kube_router(families: dict[str, Family], now: float, watch: SyncCountWa
     return ProxyReading(sync=sync, last_sync=last, ipvs_services=_gauge_sum(families, KR_SERVICES))
 
 
+def missing_sync_reason(proxy: str, families: dict[str, Family]) -> str:
+    """Why a page read whole has no sync histogram, from what else of the proxy's it has. Pure."""
+    others = sorted(name for name in families if name != SYNC_FAMILY[proxy])
+    if proxy == "kube-proxy":
+        if others:
+            return (f"kube-proxy's other sync metrics are there ({', '.join(others)}): "
+                    "it has not synced since it started")
+        return ("none of kube-proxy's sync metrics are on it: another program at that address (a wrong port?), "
+                "or a kube-proxy too old to publish them (old releases named the histogram "
+                "kubeproxy_sync_proxy_rules_latency_microseconds)")
+    if others:
+        return f"kube-router's {', '.join(others)} is there but not its sync histogram: a build that does not publish it"
+    return ("none of kube-router's service proxy metrics are on it: another program at that address "
+            "(a wrong port?), or kube-router running without --run-service-proxy")
+
+
 def _merged(families: dict[str, Family], name: str) -> Histogram | None:
     family = families.get(name)
     if family is None:
@@ -175,15 +202,21 @@ def _gauge_sum(families: dict[str, Family], name: str) -> float | None:
     return sum(values.values()) if values else None
 
 
-def shape(proxy: str, up: bool, reading: ProxyReading | None) -> list[Metric]:
-    """The kubenode_proxy_* families for one reading. Pure."""
+def shape(proxy: str, up: bool, reading: ProxyReading | None, missing: str | None = None) -> list[Metric]:
+    """The kubenode_proxy_* families for one reading; ``missing`` names an expected family not on the page. Pure."""
     p = f"{NAMESPACE}_proxy"
     labels = ["proxy"]
     out: list[Metric] = []
-    up_family = GaugeMetricFamily(f"{p}_up", "1 when the proxy's own metrics page answered usably, else 0.",
-                                  labels=labels)
+    up_family = GaugeMetricFamily(f"{p}_up", "1 when the proxy's own metrics page answered usably with its sync "
+                                  "histogram, else 0.", labels=labels)
     up_family.add_metric([proxy], 1.0 if up else 0.0)
     out.append(up_family)
+    if missing is not None:
+        absent = GaugeMetricFamily(f"{p}_expected_metric_missing",
+                                   "1 for a metric the proxy's page should carry but does not (its sync histogram): "
+                                   "the proxy is not up while it is missing.", labels=["proxy", "metric"])
+        absent.add_metric([proxy, missing], 1.0)
+        out.append(absent)
     if reading is None:
         return out
 
@@ -239,6 +272,7 @@ class ProxyCollector(Collector):
         self.max_bytes: int = settings["proxy.max-bytes"]
         self.clock = clock
         self.sync_watch = SyncCountWatch()
+        self.missing_said: str | None = None  # the last "sync histogram missing" line logged, until it is back
 
     def collect(self) -> Iterable[Metric]:
         if self.url is None:
@@ -248,9 +282,11 @@ class ProxyCollector(Collector):
             page = decode_page(fetch_page(self.url, self.timeout, self.max_bytes))
             now = self.clock()
             if self.proxy == "kube-proxy":
-                reading = read_kube_proxy(parse_families(page, KUBE_PROXY_FAMILIES), now)
+                families = parse_families(page, KUBE_PROXY_FAMILIES)
+                reading = read_kube_proxy(families, now)
             else:
-                reading = read_kube_router(parse_families(page, KUBE_ROUTER_FAMILIES), now, self.sync_watch)
+                families = parse_families(page, KUBE_ROUTER_FAMILIES)
+                reading = read_kube_router(families, now, self.sync_watch)
         except ProxyNotListening as err:
             log.debug("%s metrics: %s", self.proxy, err)
             yield from shape(self.proxy, False, None)
@@ -258,4 +294,19 @@ class ProxyCollector(Collector):
         except PageUnusable as err:
             yield from shape(self.proxy, False, None)
             raise CollectorError(f"{self.proxy} metrics page {self.url}: {err}") from None
-        yield from shape(self.proxy, True, reading)
+        missing = SYNC_FAMILY[self.proxy] if reading.sync is None else None
+        self._say_missing(missing, families)
+        yield from shape(self.proxy, missing is None, reading, missing)
+
+    def _say_missing(self, missing: str | None, families: dict[str, Family]) -> None:
+        """Log a missing sync histogram once per cause, and once when it is back (not every scrape)."""
+        if missing is None:
+            if self.missing_said is not None:
+                log.info("%s metrics page %s has %s again: up", self.proxy, self.url, SYNC_FAMILY[self.proxy])
+                self.missing_said = None
+            return
+        line = (f"{self.proxy} metrics page {self.url} has no {missing}, so kubenode_proxy_up is 0: "
+                f"{missing_sync_reason(self.proxy, families)}")
+        if line != self.missing_said:
+            log.warning("%s", line)
+            self.missing_said = line

@@ -2,10 +2,13 @@
 
 Plain data only; turning it into kubenode_proxy_* families is the collector's job.
 
-Fetching is bounded in time and size: one deadline covers connecting, the
-headers and every read of the body, and the body is read in pieces that stop as
-soon as the size cap is passed, so a stalled or huge page never holds a scrape
-or memory for long. A refused connection (nothing listening) is told apart from
+Fetching is bounded in time and size: one monotonic deadline covers the
+exchange from connect to the last byte. Every receive on the socket, whether
+http.client is after the status line, a header, a chunk-size line or body bytes,
+is allowed only the time left, so a peer that drips a byte just often enough to
+keep each receive alive still ends at the deadline. The body is read in pieces
+that stop as soon as the size cap is passed, so a stalled or huge page never
+holds a scrape or memory for long. A refused connection (nothing listening) is told apart from
 every other failure, because "the proxy is not serving metrics" is a fact about
 the proxy, while "it answered something unusable" is a failure of this read.
 
@@ -21,6 +24,7 @@ histogram would be worse than carrying none.
 from __future__ import annotations
 
 import http.client
+import io
 import math
 import re
 import socket
@@ -61,6 +65,82 @@ def check_url(url: str) -> urllib.parse.SplitResult:
     return parts
 
 
+class _Deadline:
+    """One monotonic deadline for a whole exchange, and which part of it is under way."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.phase = "connecting"
+
+    def remaining(self) -> float:
+        """Seconds left; past the deadline, ``PageUnusable`` saying where it ran out."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise self.passed()
+        return left
+
+    def passed(self) -> PageUnusable:
+        return PageUnusable(f"no complete answer within {self.seconds:g} s (proxy.timeout): "
+                            f"timed out {self.phase}")
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's incoming bytes, each receive given only the time left.
+
+    http.client reads lines (status, headers, chunk sizes) through a buffered
+    file; a socket timeout set once before such a read would apply to each of
+    its receives anew. Setting it here, per receive, keeps the one deadline.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # counted by the socket, so closing stays in order
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._sock.settimeout(self._deadline.remaining())
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """The part of a socket http.client uses (sendall, makefile, close), under one deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(self._deadline.remaining())
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb", *args, **kwargs) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, deadline: _Deadline) -> None:
+        super().__init__(host, port, timeout=deadline.seconds)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        # Name resolution inside create_connection is not bounded by the timeout;
+        # the proxy's page is on a literal address or localhost in practice.
+        sock = socket.create_connection((self.host, self.port), self._deadline.remaining())
+        self.sock = _DeadlineSocket(sock, self._deadline)
+
+
 def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
     """GET ``url`` and return the body, within ``timeout`` seconds and ``max_bytes``.
 
@@ -68,15 +148,15 @@ def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
     for anything else that keeps a complete 200 answer from arriving in time.
     """
     parts = check_url(url)
-    deadline = time.monotonic() + timeout
+    deadline = _Deadline(timeout)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=max(timeout, 0.001))
+    conn = _DeadlineConnection(parts.hostname, parts.port or 80, deadline)
     try:
         try:
             conn.connect()
         except ConnectionRefusedError:
             raise ProxyNotListening(f"nothing listens at {parts.netloc} (connection refused)") from None
-        _set_timeout(conn, deadline, timeout)
+        deadline.phase = "sending the request"
         # Ask for the text format: client_golang would otherwise pick protobuf or
         # OpenMetrics by negotiation, and gzip when allowed.
         conn.request("GET", path, headers={
@@ -84,7 +164,7 @@ def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
             "Accept-Encoding": "identity",
             "User-Agent": "kubenode-exporter",
         })
-        _set_timeout(conn, deadline, timeout)
+        deadline.phase = "reading the status line and headers"
         resp = conn.getresponse()
         if resp.status != 200:
             raise PageUnusable(f"HTTP {resp.status} {resp.reason}".rstrip())
@@ -97,10 +177,10 @@ def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
         length = resp.getheader("Content-Length")
         if length is not None and length.strip().isdigit() and int(length) > max_bytes:
             raise PageUnusable(f"page is {int(length)} bytes, over the {max_bytes}-byte cap (proxy.max-bytes)")
+        deadline.phase = "reading the body"
         pieces: list[bytes] = []
         total = 0
         while True:
-            _set_timeout(conn, deadline, timeout)
             piece = resp.read1(READ_PIECE)
             if not piece:
                 break
@@ -112,7 +192,7 @@ def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
             raise PageUnusable(f"connection closed mid-page, {resp.length} bytes short of its Content-Length")
         return b"".join(pieces)
     except (socket.timeout, TimeoutError):
-        raise PageUnusable(f"no complete answer within {timeout:g} s (proxy.timeout)") from None
+        raise deadline.passed() from None
     except http.client.IncompleteRead as err:
         raise PageUnusable(f"connection closed mid-page ({len(err.partial)} bytes into a chunk)") from None
     except http.client.RemoteDisconnected:
@@ -123,14 +203,6 @@ def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
         raise PageUnusable(f"reading {parts.netloc} failed: {err.strerror or err}") from None
     finally:
         conn.close()
-
-
-def _set_timeout(conn: http.client.HTTPConnection, deadline: float, timeout: float) -> None:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise PageUnusable(f"no complete answer within {timeout:g} s (proxy.timeout)")
-    if conn.sock is not None:
-        conn.sock.settimeout(remaining)
 
 
 # -- parsing ----------------------------------------------------------------

@@ -121,8 +121,9 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
          "{{ $labels.proxy }} on node NODE has not synced its rules for {{ $value | humanizeDuration }} "
          "(a queued change waiting over PENDINGs, or no sync at all for over THRESHOLDs): it may be hung."),
         ("kubenode-proxy", "KubeNodeProxyMetricsDown", f"kubenode_proxy_up{s()} == 0",
-         "The proxy's own metrics endpoint does not answer.",
-         "kubenode-exporter on node NODE cannot read {{ $labels.proxy }}'s metrics page: "
+         "The proxy's own sync metrics cannot be read.",
+         "kubenode-exporter on node NODE cannot read {{ $labels.proxy }}'s sync metrics (its page does not "
+         "answer, is unusable, or lacks them: see kubenode_proxy_expected_metric_missing and the exporter's log): "
          "sync duration and staleness of that proxy are not visible."),
         ("kubenode-ipset", "KubeNodeIpsetNearlyFull",
          f"set:kubenode_ipset_fill:ratio > {t('KubeNodeIpsetNearlyFull')}",
