@@ -8,6 +8,7 @@ import pytest
 from exporter.dataplane import VirtualServerKey
 from exporter.kube import desired
 from tests.kube_builders import NODE, endpoint, endpoint_slice, service, table_of
+from tests.kube_helpers import apiserver  # noqa: F401  (fixture)
 
 
 def model(svc, *slices, node=NODE, fwmarks=None, flags=desired.KUBE_ROUTER_DEFAULT_FLAGS):
@@ -343,3 +344,79 @@ def test_serving_terminating_local_endpoint_keeps_a_local_service():
                         endpoint("10.0.0.2", "node-b"))
     assert table_of(model(svc, es)) == {"TCP 10.20.30.41:80": ["10.0.0.1:80", "10.0.0.2:80"],
                                         "TCP 100.101.102.103:3001": ["10.0.0.1:80"]}
+
+
+# --- the exporter's kube-router.* options: for a kube-router not run with these defaults ---
+
+
+def test_options_default_to_kube_routers_own_defaults():
+    from exporter.cli import settings_from_args
+
+    assert desired.kube_router_flags_from(settings_from_args([]).get) == desired.KUBE_ROUTER_DEFAULT_FLAGS
+
+
+def test_options_from_flags_and_file(tmp_path):
+    from exporter.cli import settings_from_args
+
+    path = tmp_path / "config.yml"
+    path.write_text("kube-router:\n  loadbalancer-ip-range: [10.255.0.0/24]\n")
+    s = settings_from_args(["--config.file", str(path), "--no-kube-router.strict-external-ip-validation",
+                            "--kube-router.service-external-ip-range", "198.51.100.0/24",
+                            "--kube-router.service-external-ip-range", "fd00::/64"])
+    assert desired.kube_router_flags_from(s.get) == desired.KubeRouterFlags.parse(
+        False, ["198.51.100.0/24", "fd00::/64"], ["10.255.0.0/24"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kube-router.service-external-ip-range", "10.0.0.0/33"], "must be CIDRs ('10.0.0.0/33' is not one)"),
+    (["--kube-router.loadbalancer-ip-range", "lb"], "must be CIDRs ('lb' is not one)"),
+    (["--kube-router.service-cluster-ip-range", "10.96.0.0/12", "--kube-router.service-cluster-ip-range",
+      "fd00::/108", "--kube-router.service-cluster-ip-range", "10.0.0.0/16"], "one or two CIDRs"),
+])
+def test_bad_option_is_one_clear_line(argv, message):
+    from exporter.cli import settings_from_args
+    from exporter.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        settings_from_args(argv)
+
+
+def test_offline_desired_takes_the_same_options():
+    import json
+    import subprocess
+    import sys
+
+    def desired_addresses(*extra):
+        proc = subprocess.run([sys.executable, "-m", "exporter", "desired", "--objects", "tests/fixtures/cluster.yaml",
+                               "--node-name", "node-a", "--proxy", "kube-router", "--output", "json", *extra],
+                              capture_output=True, text=True, timeout=60)
+        return proc, {v["address"] for v in json.loads(proc.stdout or '{"virtual_servers": []}')["virtual_servers"]}
+
+    _, addresses = desired_addresses()
+    assert "198.51.100.7" not in addresses
+    _, addresses = desired_addresses("--kube-router.service-external-ip-range", "198.51.100.0/24")
+    assert "198.51.100.7" in addresses and "203.0.113.10" not in addresses
+    proc, _ = desired_addresses("--kube-router.loadbalancer-ip-range", "nonsense")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--loadbalancer-ip-range" in proc.stderr
+
+
+def test_serving_store_models_the_configured_flags(apiserver, tmp_path):
+    from exporter.cli import settings_from_args
+    from exporter.kube.store import KubeStore
+    from tests.apiserver import service as api_service
+
+    apiserver.create("services", api_service("ns1", "web", "10.96.1.1", externalIPs=["198.51.100.7"]))
+    path = apiserver.write_kubeconfig(str(tmp_path / "kc"))
+    for extra, expected in (([], False), (["--kube-router.service-external-ip-range", "198.51.100.0/24"], True)):
+        settings = settings_from_args(["--kubeconfig", path, "--node-name", "node-a", "--node-ip", "10.0.0.9",
+                                       "--proxy", "kube-router", *extra])
+        store = KubeStore.from_settings(settings)
+        store.start()
+        try:
+            assert store.wait_synced(10)
+            table = store.state.snapshot().table
+            assert (VirtualServerKey("TCP", "198.51.100.7", 80) in table) is expected
+            assert VirtualServerKey("TCP", "10.96.1.1", 80) in table
+        finally:
+            store.stop()

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
 from exporter.kube.objects import (
@@ -123,6 +123,14 @@ class KubeRouterFlags(NamedTuple):
 
 
 KUBE_ROUTER_DEFAULT_FLAGS = KubeRouterFlags()
+
+
+def kube_router_flags_from(get: Callable[[str], Any]) -> KubeRouterFlags:
+    """From the exporter's ``kube-router.*`` options (exporter/config.py), read with ``get``."""
+    return KubeRouterFlags.parse(get("kube-router.strict-external-ip-validation"),
+                                 get("kube-router.service-external-ip-range") or (),
+                                 get("kube-router.loadbalancer-ip-range") or (),
+                                 get("kube-router.service-cluster-ip-range") or ("10.96.0.0/12",))
 
 
 class NodeFacts(NamedTuple):
