@@ -9,6 +9,7 @@ values of the wrong type are a ``ConfigError`` with a one-line reason.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -65,6 +66,23 @@ def _as_str_list(value: Any) -> list[str]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
     raise ValueError("must be a list of strings")
+
+
+def _as_cidr_list(value: Any) -> list[str]:
+    items = _as_str_list(value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"must be CIDRs ({item!r} is not one)") from None
+    return items
+
+
+def _as_cluster_cidrs(value: Any) -> list[str]:
+    items = _as_cidr_list(value)
+    if not 1 <= len(items) <= 2:
+        raise ValueError("must be one or two CIDRs (one per family)")
+    return items
 
 
 def _as_regex(value: Any) -> str:
@@ -135,6 +153,18 @@ OPTIONS: list[Option] = [
            "address NodePort virtual servers are expected on (repeatable; default: this host's addresses)",
            "IP", repeat=True),
     Option("proxy", _as_proxy, "kube-proxy", "whose IPVS rules to expect: kube-proxy or kube-router", "PROXY"),
+    # kube-router's own flags of these names, when it does not run with their defaults
+    # (exporter/kube/desired.py KubeRouterFlags): which externalIPs / LoadBalancer IPs it programs.
+    Option("kube-router.strict-external-ip-validation", _as_bool, True,
+           "kube-router's flag of that name (its default since 2.8): only externalIPs and LoadBalancer IPs "
+           "inside the ranges below are expected; with no range, none"),
+    Option("kube-router.service-external-ip-range", _as_cidr_list, [],
+           "kube-router's --service-external-ip-range (repeatable)", "CIDR", repeat=True),
+    Option("kube-router.loadbalancer-ip-range", _as_cidr_list, [],
+           "kube-router's --loadbalancer-ip-range (repeatable)", "CIDR", repeat=True),
+    Option("kube-router.service-cluster-ip-range", _as_cluster_cidrs, ["10.96.0.0/12"],
+           "kube-router's --service-cluster-ip-range (repeatable, one per family): externalIPs and "
+           "LoadBalancer IPs inside it are refused under strict validation", "CIDR", repeat=True),
     Option("drift.grace-period", _as_seconds, 60.0,
            "seconds a difference may last before it counts as drift (default 60: covers one late "
            "sync of either proxy at thousands of services; see exporter/kube/diff.py)", "SECONDS"),

@@ -71,6 +71,15 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--proxy", choices=PROXIES, default="kube-proxy",
                         help="whose rules to expect; models the newest release with default flags "
                              "(default kube-proxy)")
+    # kube-router's own flags, when it runs without their defaults (exporter/config.py has the same keys).
+    parser.add_argument("--kube-router.strict-external-ip-validation", dest="kube-router.strict-external-ip-validation",
+                        action=argparse.BooleanOptionalAction, default=True,
+                        help="as kube-router's flag (default on, its default since 2.8): only externalIPs and "
+                             "LoadBalancer IPs inside the ranges below are expected; with no range, none")
+    for flag, default in (("service-external-ip-range", []), ("loadbalancer-ip-range", []),
+                          ("service-cluster-ip-range", None)):
+        parser.add_argument(f"--kube-router.{flag}", dest=f"kube-router.{flag}", metavar="CIDR", action="append",
+                            default=default, help=f"kube-router's --{flag} (repeatable)")
     parser.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig for listing the live cluster")
     parser.add_argument("--output", choices=("json", "text"), default="text",
                         help="json (the contract's shape) or a readable table (default text)")
@@ -249,7 +258,12 @@ def diff_text(diff: Diff) -> str:
 
 
 def run(command: str, argv: list[str]) -> int:
-    args = _parser(command).parse_args(argv)
+    parser = _parser(command)
+    args = parser.parse_args(argv)
+    try:
+        kube_router_flags = model.kube_router_flags_from(vars(args).get)
+    except ValueError as err:
+        parser.error(str(err))
     # Every input is read and checked before anything is printed, so bad input
     # is exactly one line on stderr.
     node_name = _node_name(args.node_name)
@@ -263,7 +277,7 @@ def run(command: str, argv: list[str]) -> int:
         print(f"{PROG}: no NodePort addresses: no --node-ip and no Node {node_name!r} with addresses "
               "in the objects; NodePort virtual servers are left out", file=sys.stderr)
     desired = model.desired_table(objects.services.values(), model.slices_by_service(objects.slices.values()),
-                                  node, args.proxy)
+                                  node, args.proxy, kube_router_flags=kube_router_flags)
     if live is None:
         out = json.dumps(table_json(desired), indent=1) + "\n" if args.output == "json" else table_text(desired)
         sys.stdout.write(out)

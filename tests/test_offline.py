@@ -112,16 +112,28 @@ def test_desired_yaml_fixture_node_addresses_from_the_node_and_malformed_objects
     assert "Traceback" not in proc.stderr
 
 
-def test_desired_kube_router_uses_the_primary_node_ip_and_fwmarks():
+def test_desired_kube_router_uses_the_primary_node_ip_and_its_default_flags():
     proc = run("desired", "--objects", FIXTURE, "--node-name", "node-a", "--proxy", "kube-router",
                "--output", "json")
     assert proc.returncode == 0, proc.stderr
     vss = json.loads(proc.stdout)["virtual_servers"]
     node_ports = {v["address"] for v in vss if v["port"] in (30080, 30443)}
     assert node_ports == {"192.168.1.10"}
+    # kube-router >= 2.8 with default flags admits no externalIP or LoadBalancer IP (strict
+    # validation, no ranges), so the fixture's DSR service has no fwmark service either.
+    assert not {v["address"] for v in vss} & {"203.0.113.10", "203.0.113.11", "198.51.100.7"}
+    assert all(v["fwmark"] is None for v in vss)
+
+
+def test_fwmark_virtual_servers_print_without_address_and_sort_last():
+    from exporter.offline import table_json
+
+    vss = table_json(desired_of(FIXTURE, proxy="kube-router",
+                                kube_router_flags=model.KubeRouterFlags(strict_external_ip_validation=False))
+                     )["virtual_servers"]
     fw = [v for v in vss if v["fwmark"] is not None]
     assert len(fw) == 1 and fw[0]["protocol"] is None and fw[0]["address"] is None and fw[0]["port"] is None
-    assert vss[-1] is fw[0] or vss.index(fw[0]) == len(vss) - 1  # fwmark services sort last
+    assert vss.index(fw[0]) == len(vss) - 1  # fwmark services sort last
 
 
 def test_desired_text_is_a_readable_table():
@@ -187,13 +199,14 @@ def test_no_objects_and_no_kubeconfig_is_exit_2():
 # --- diff ---------------------------------------------------------------------
 
 
-def desired_of(path: str, node: str = "node-a", proxy: str = "kube-proxy"):
+def desired_of(path: str, node: str = "node-a", proxy: str = "kube-proxy", **kw):
     import yaml
 
     with open(path) as fh:
         objs = parse_objects(yaml.safe_load_all(fh))
     facts = model.node_facts(node, objs.nodes.get(node), proxy=proxy)
-    return model.desired_table(objs.services.values(), model.slices_by_service(objs.slices.values()), facts, proxy)
+    return model.desired_table(objs.services.values(), model.slices_by_service(objs.slices.values()), facts, proxy,
+                               **kw)
 
 
 def live_file(workdir: Path, table, connections=None) -> str:

@@ -30,31 +30,45 @@ default flags), not a reading of the docs:
     the rest) and falls back to the Cluster set when no local endpoint
     exists (kubernetes PR 97081). Weight 1, masquerade.
 
-``kube-router`` (cloudnativelabs/kube-router pkg/controllers/proxy):
+``kube-router`` (cloudnativelabs/kube-router pkg/controllers/proxy; read at
+v2.8.0's a1f0b2eea3ee, service_endpoints_sync.go also at the later 87d2bcd9fdd9):
   - ``buildServicesInfo`` (network_services_controller.go): skips clusterIP
     None/blank, ExternalName, a service-proxy-name label other than
     ``kube-router``, the headless label. Annotations: ``service.scheduler``
-    (rr, lc, dh, sh, mh; else rr), ``service.dsr``, ``service.local``
-    ("true" forces both traffic policies Local), ``service.skiplbips``.
-  - ``buildEndpointSliceInfo``: IPv4/IPv6 slices only, endpoints ready or
-    serving, every address, joined to service ports by port name.
+    (rr, lc, dh, sh, mh; else rr), ``service.dsr``, ``service.skiplbips``,
+    ``service.local`` ("true" sets the internal policy to Cluster and the
+    external one to Local, whatever the spec says).
+  - externalIPs and LoadBalancer ingress IPs pass ``svcip.Validator``
+    (pkg/svcip/validator.go ``FilterExternalIPs`` / ``FilterLoadBalancerIPs``).
+    Default flags (pkg/options/options.go): ``--strict-external-ip-validation``
+    true with no ``--service-external-ip-range`` / ``--loadbalancer-ip-range``,
+    so every one is rejected; with a range, an address is kept when inside it
+    and outside ``--service-cluster-ip-range`` (default 10.96.0.0/12).
+    ``KubeRouterFlags`` holds these flags.
+  - ``buildEndpointSliceInfo``: IPv4/IPv6 slices only, endpoints whose
+    ``ready`` or ``serving`` is stated true (an absent condition is false
+    there, not the API's "absent ready = ready"), every address, joined to
+    service ports by port name. A serving+terminating endpoint is a real
+    server beside ready ones (no kube-proxy style fallback).
   - ``setupClusterIPServices`` / ``setupNodePortServices`` /
     ``setupExternalIPServices`` (service_endpoints_sync.go): one virtual
     server per cluster IP, per node address x nodePort (default
     ``--nodeport-bindon-all-ip`` false: the node's primary IP only), per
-    externalIP and LoadBalancer ingress IP (all ipModes). A Local policy with
-    no local endpoint skips the virtual server entirely; with local
-    endpoints only those are real servers. DSR (``service.dsr: tunnel``)
-    makes the external ones fwmark services (``generateUniqueFWMark``: FNV-1a
-    of "ip-proto-port" masked to 14 bits) with tunnel real servers. Only TCP
-    and UDP: other protocols map to IPPROTO_NONE, which IPVS refuses.
+    admitted externalIP and LoadBalancer IP (all ipModes). A Local policy with
+    no local endpoint (``hasActiveEndpoints``) skips the virtual server
+    entirely; with local endpoints only those are real servers. DSR
+    (``service.dsr: tunnel``) makes the external ones fwmark services
+    (``generateUniqueFWMark``: FNV-1a of "ip-proto-port" masked to 14 bits)
+    with tunnel real servers; it touches nothing else, so under default flags
+    (no admitted external IP) it changes nothing. Only TCP and UDP: other
+    protocols map to IPPROTO_NONE, which IPVS refuses.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
 from exporter.kube.objects import (
@@ -77,6 +91,46 @@ KR_SKIP_LB_IPS = "kube-router.io/service.skiplbips"
 KR_SCHEDULERS = ("rr", "lc", "dh", "sh", "mh")
 KR_FWMARK_MASK = 0x3FFF
 KR_FWMARK_MAX_TRIES = 16380
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class KubeRouterFlags(NamedTuple):
+    """The kube-router flags the model depends on; the defaults are kube-router's own
+    (pkg/options/options.go ``NewKubeRouterConfig`` / ``AddFlags``)."""
+
+    strict_external_ip_validation: bool = True
+    service_external_ip_ranges: tuple[_Network, ...] = ()
+    loadbalancer_ip_ranges: tuple[_Network, ...] = ()
+    service_cluster_ip_ranges: tuple[_Network, ...] = (ipaddress.ip_network("10.96.0.0/12"),)
+
+    @classmethod
+    def parse(cls, strict_external_ip_validation: bool = True, service_external_ip_ranges: Iterable[str] = (),
+              loadbalancer_ip_ranges: Iterable[str] = (),
+              service_cluster_ip_ranges: Iterable[str] = ("10.96.0.0/12",)) -> "KubeRouterFlags":
+        """From CIDR text, refused as ``svcip.NewValidator`` refuses it (ValueError naming the flag)."""
+        def cidrs(values: Iterable[str], flag: str) -> tuple[_Network, ...]:
+            try:
+                return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+            except ValueError as exc:
+                raise ValueError(f"{flag}: {exc}") from None
+        cluster = cidrs(service_cluster_ip_ranges, "--service-cluster-ip-range")
+        if not 1 <= len(cluster) <= 2:
+            raise ValueError("--service-cluster-ip-range: one or two CIDRs (one per family)")
+        return cls(bool(strict_external_ip_validation),
+                   cidrs(service_external_ip_ranges, "--service-external-ip-range"),
+                   cidrs(loadbalancer_ip_ranges, "--loadbalancer-ip-range"), cluster)
+
+
+KUBE_ROUTER_DEFAULT_FLAGS = KubeRouterFlags()
+
+
+def kube_router_flags_from(get: Callable[[str], Any]) -> KubeRouterFlags:
+    """From the exporter's ``kube-router.*`` options (exporter/config.py), read with ``get``."""
+    return KubeRouterFlags.parse(get("kube-router.strict-external-ip-validation"),
+                                 get("kube-router.service-external-ip-range") or (),
+                                 get("kube-router.loadbalancer-ip-range") or (),
+                                 get("kube-router.service-cluster-ip-range") or ("10.96.0.0/12",))
 
 
 class NodeFacts(NamedTuple):
@@ -259,7 +313,8 @@ class _KrEndpoint(NamedTuple):
 
 
 def _kube_router_endpoints(port_name: str, slices: Iterable[EndpointSlice], node_name: str) -> list[_KrEndpoint]:
-    """buildEndpointSliceInfo for one service port: ready-or-serving, every address."""
+    """buildEndpointSliceInfo for one service port: ready or serving as stated (an absent
+    condition is false there), every address."""
     out: list[_KrEndpoint] = []
     for es in slices:
         if es.address_type not in ("IPv4", "IPv6"):
@@ -269,7 +324,7 @@ def _kube_router_endpoints(port_name: str, slices: Iterable[EndpointSlice], node
             if sp.name != port_name or not sp.port:
                 continue
             for ep in es.endpoints:
-                if not (ep.ready or ep.serving):
+                if not ep.stated_ready_or_serving:
                     continue
                 local = ep.node_name is not None and ep.node_name == node_name
                 out.extend(_KrEndpoint(ip, sp.port, family, local) for ip in ep.addresses)
@@ -295,23 +350,42 @@ def _fnv1a32(data: bytes) -> int:
     return h
 
 
+def _kube_router_admitted(ips: Iterable[str], allowed: tuple[_Network, ...], flags: KubeRouterFlags) -> list[str]:
+    """svcip ``FilterExternalIPs`` / ``FilterLoadBalancerIPs``: under strict validation an address
+    is kept only inside one of ``allowed`` and outside the cluster IP ranges; no range, none kept."""
+    if not flags.strict_external_ip_validation:
+        return list(ips)
+    if not allowed:
+        return []
+    kept = []
+    for ip in ips:
+        addr = ipaddress.ip_address(ip)
+        if not any(addr in net for net in flags.service_cluster_ip_ranges) and any(addr in net for net in allowed):
+            kept.append(ip)
+    return kept
+
+
 def _kube_router_service(service: Service, slices: list[EndpointSlice], node: NodeFacts,
-                         fwmarks: dict[int, str] | None = None) -> list[VirtualServer]:
+                         fwmarks: dict[int, str] | None = None,
+                         flags: KubeRouterFlags = KUBE_ROUTER_DEFAULT_FLAGS) -> list[VirtualServer]:
     proxy_name = service.label(SERVICE_PROXY_NAME_LABEL)
     if (not service.cluster_ips or service.type == "ExternalName"
             or (proxy_name is not None and proxy_name != KUBE_ROUTER)
             or service.label(HEADLESS_LABEL) is not None):
         return []
-    forced_local = service.annotation(KR_LOCAL) == "true"
-    internal_local = service.internal_traffic_local or forced_local
-    external_local = service.external_traffic_local or forced_local
+    if service.annotation(KR_LOCAL) == "true":
+        # buildServicesInfo: the annotation overrides the spec, internal Cluster, external Local.
+        internal_local, external_local = False, True
+    else:
+        internal_local, external_local = service.internal_traffic_local, service.external_traffic_local
     scheduler = service.annotation(KR_SCHEDULER)
     scheduler = scheduler if scheduler in KR_SCHEDULERS else "rr"
     dsr = service.annotation(KR_DSR) == "tunnel"
     timeout = service.session_affinity_timeout
-    external_ips = list(service.external_ips)
+    external_ips = _kube_router_admitted(service.external_ips, flags.service_external_ip_ranges, flags)
     if service.annotation(KR_SKIP_LB_IPS) is None:
-        external_ips += [ip for ip, _mode in service.load_balancer_ingress]
+        external_ips += _kube_router_admitted((ip for ip, _mode in service.load_balancer_ingress),
+                                              flags.loadbalancer_ip_ranges, flags)
     external_ips = list(_unique(external_ips))
     fwmarks = {} if fwmarks is None else fwmarks
     service_key = service.key
@@ -354,17 +428,19 @@ def _kube_router_service(service: Service, slices: list[EndpointSlice], node: No
 
 def virtual_servers_for_service(service: Service, slices: Iterable[EndpointSlice], node: NodeFacts,
                                 proxy: str = KUBE_PROXY, scheduler: str = "rr",
-                                fwmarks: dict[int, str] | None = None) -> list[VirtualServer]:
+                                fwmarks: dict[int, str] | None = None,
+                                kube_router_flags: KubeRouterFlags = KUBE_ROUTER_DEFAULT_FLAGS) -> list[VirtualServer]:
     """The virtual servers one Service should have on this node.
 
     One service at a time, so a watch can recompute only the service that
     changed. ``slices`` are that service's EndpointSlices. ``fwmarks``
     (kube-router DSR only) is the table of marks already handed out, which
     ``generateUniqueFWMark`` consults to avoid clashes; it is updated.
+    ``kube_router_flags``: the kube-router flags modelled (default: its defaults).
     """
     slices = list(slices)
     if proxy == KUBE_ROUTER:
-        return _kube_router_service(service, slices, node, fwmarks)
+        return _kube_router_service(service, slices, node, fwmarks, kube_router_flags)
     if proxy != KUBE_PROXY:
         raise ValueError(f"unknown proxy {proxy!r}")
     return _kube_proxy_service(service, slices, node, scheduler)
@@ -380,7 +456,8 @@ def slices_by_service(slices: Iterable[EndpointSlice]) -> dict[str, list[Endpoin
 
 
 def desired_table(services: Iterable[Service], slices_by_service: Mapping[str, list[EndpointSlice]],
-                  node: NodeFacts, proxy: str = KUBE_PROXY, scheduler: str = "rr") -> Table:
+                  node: NodeFacts, proxy: str = KUBE_PROXY, scheduler: str = "rr",
+                  kube_router_flags: KubeRouterFlags = KUBE_ROUTER_DEFAULT_FLAGS) -> Table:
     """The whole table. Services are visited in key order so that, where two
     claim the same virtual server (a shared externalIP:port), the result does
     not depend on dict order: the first claim keeps it, as the proxy's own
@@ -389,6 +466,6 @@ def desired_table(services: Iterable[Service], slices_by_service: Mapping[str, l
     fwmarks: dict[int, str] = {}
     for service in sorted(services, key=lambda s: s.key):
         for vs in virtual_servers_for_service(service, slices_by_service.get(service.key, ()), node, proxy,
-                                              scheduler, fwmarks):
+                                              scheduler, fwmarks, kube_router_flags):
             table.setdefault(vs.key, vs)
     return table

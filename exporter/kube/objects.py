@@ -97,6 +97,10 @@ class Endpoint(NamedTuple):
     zone: str | None = None
     hint_zones: tuple[str, ...] | None = None  # None: the endpoint has no zone hints
     hint_nodes: tuple[str, ...] | None = None  # None: the endpoint has no node hints
+    # The object itself says ready: true or serving: true. ``ready``/``serving`` above carry the
+    # API's defaults for an absent condition (absent ready = ready), as kube-proxy reads them;
+    # kube-router reads an absent condition as false and needs this instead.
+    stated_ready_or_serving: bool = True
 
 
 class EndpointSlice(NamedTuple):
@@ -336,6 +340,7 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
             zone=_intern(ep["zone"]) if isinstance(ep.get("zone"), str) else None,
             hint_zones=hint_zones,
             hint_nodes=hint_nodes,
+            stated_ready_or_serving=bool(conditions.get("ready")) or bool(conditions.get("serving")),
         ))
 
     return EndpointSlice(

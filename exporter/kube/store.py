@@ -37,6 +37,7 @@ claimant takes over without a recompute.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -422,6 +423,9 @@ class KubeStore:
     def from_settings(cls, settings: Any, **kwargs: Any) -> "KubeStore":
         """Built from the exporter's settings; KubeConfigError when there is no API access."""
         api = ApiClient.from_settings(settings.get("kubeconfig"))
+        if settings.get("proxy") == desired.KUBE_ROUTER and "model" not in kwargs:
+            kwargs["model"] = functools.partial(desired.virtual_servers_for_service,
+                                                kube_router_flags=desired.kube_router_flags_from(settings.get))
         return cls(api, resolve_node_name(settings.get("node-name")), settings.get("proxy"),
                    settings.get("node-ip") or (), **kwargs)
 
