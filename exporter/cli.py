@@ -100,7 +100,7 @@ def serve(argv: list[str]) -> int:
             print(f"kubenode-exporter: {err}", file=sys.stderr)
             return 2
     ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
-    runner = Runner(build_collectors(ctx))
+    runner = Runner(build_collectors(ctx), timeout=settings["scrape.timeout"])
     try:
         app = make_app(runner, settings["web.telemetry-path"],
                        auth=web.authenticator() if web else None, headers=web.headers if web else ())
