@@ -12,8 +12,10 @@ scrape or hides the others.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Iterator
 
@@ -137,8 +139,8 @@ _OVERDUE = "overdue"
 
 
 class _Run:
-    """One run of one collector, in its own thread, so a read that never returns
-    holds that thread only: the scrape waits for it until the deadline, no longer."""
+    """One run of one collector, done by that collector's worker thread, so a read that
+    never returns holds that thread only: the scrape waits for it until the deadline."""
 
     def __init__(self, collector: Collector, on_done: Callable[["_Run"], None]) -> None:
         self.collector = collector
@@ -148,10 +150,8 @@ class _Run:
         self.level = logging.INFO  # of the failure, for the log
         self.trace: Exception | None = None  # the exception of a bug, for its traceback
         self._on_done = on_done
-        self.thread = threading.Thread(target=self._main, name=f"collector-{collector.name}", daemon=True)
-        self.thread.start()
 
-    def _main(self) -> None:
+    def execute(self) -> None:
         metrics: list[Metric] = []
         trace = None
         try:
@@ -176,11 +176,28 @@ class _Run:
         try:
             self._on_done(self)
         finally:
+            self._on_done = None
             self.done.set()
 
 
+def _work(runs: queue.SimpleQueue) -> None:
+    while True:
+        run = runs.get()
+        if run is None:
+            return
+        run.execute()
+        del run  # holds the slot (through its on_done): let a dropped Runner's slot go
+
+
 class _Slot:
-    """One collector, its run in flight or last finished, and what the log last said of it."""
+    """One collector, its worker thread, its run in flight or last finished, and what
+    the log last said of it.
+
+    The worker lives as long as the slot (started on the first run): handing it a run
+    costs a queue put, where starting a thread per run cost a thread start per
+    collector per scrape. One worker is enough: no run is handed to it while one is
+    in flight.
+    """
 
     def __init__(self, collector: Collector) -> None:
         self.collector = collector
@@ -188,6 +205,18 @@ class _Slot:
         self.run: _Run | None = None
         self.last: Outcome | None = None  # what the last scrape served
         self.said: tuple[str, str] | None = None  # (kind, reason) last logged; None: healthy
+        self._runs: queue.SimpleQueue | None = None
+
+    def start(self, run: _Run) -> None:
+        """Hand ``run`` to the worker (under ``lock``, with no run in flight)."""
+        if self._runs is None:
+            self._runs = queue.SimpleQueue()
+            threading.Thread(target=_work, args=(self._runs,), name=f"collector-{self.collector.name}",
+                             daemon=True).start()
+            # The worker holds the queue, not the slot: when the slot goes, it ends too.
+            weakref.finalize(self, self._runs.put, None)
+        self.run = run
+        self._runs.put(run)
 
 
 class Runner:
@@ -228,7 +257,7 @@ class Runner:
             run = slot.run
             if run is not None and (not run.done.is_set() or run.outcome.finished >= asked_at):
                 return run  # still running (never a second run), or finished after this scrape asked
-            slot.run = _Run(slot.collector, lambda finished: self._said(slot, finished))
+            slot.start(_Run(slot.collector, lambda finished: self._said(slot, finished)))
             return slot.run
 
     def _said(self, slot: _Slot, run: _Run) -> None:

@@ -159,8 +159,7 @@ def test_a_stuck_collector_is_served_as_failed_within_the_deadline(caplog):
     finally:
         stuck.release.set()
     # Once it returns, the next scrape starts a fresh run and it is healthy again.
-    for t in collector_threads("stuck"):
-        t.join(timeout=5)
+    assert runner.slots[0].run.done.wait(timeout=5), "the released run returns"
     s = scrape_within(runner, 5)
     assert value(s, "kubenode_collector_success", collector="stuck") == 1.0
     assert stuck.calls == 2
