@@ -4,9 +4,10 @@ A collector is one small class per data source (``exporter/collectors/<name>.py`
 that registers itself with ``@register``. Its ``collect()`` yields fresh metric
 families each call (client_python's custom-collector pattern; no global
 registry). The ``Runner`` is the one object handed to the HTTP layer: it runs
-each enabled collector, and for each emits ``kubenode_collector_success`` and
-``kubenode_collector_duration_seconds``, so a failing collector never fails the
-scrape or hides the others.
+each enabled collector, side by side under a deadline (``--scrape.timeout``), and
+for each emits ``kubenode_collector_success`` and
+``kubenode_collector_duration_seconds``, so a failing or stuck collector never
+fails the scrape or hides the others.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ class Outcome:
     error: str = ""
 
 
-# What the runner logs, said once per change of a collector's state (node_exporter
-# style): a missing feature at INFO, a run past the deadline at WARNING, a failure at ERROR.
+# The runner says a collector's state once per change (node_exporter style): a missing
+# feature at INFO, a run past the deadline at WARNING, a failure at ERROR. This is the
+# state "past the deadline" (the others are a failure's reason, or None when healthy).
 _OVERDUE = "overdue"
 
 
@@ -222,8 +224,8 @@ class _Slot:
 class Runner:
     """The single custom collector registered with the HTTP layer's registry.
 
-    Each scrape runs every collector side by side, each in its own thread, and
-    waits for each at most ``timeout`` seconds from the start of its run: a scrape
+    Each scrape runs every collector side by side, each in its own worker thread,
+    and waits for each at most ``timeout`` seconds from the start of its run: a scrape
     takes as long as the slowest collector, and never longer than the deadline.
     A collector past the deadline is served as failed (success 0, the reason, and
     whatever its ``while_running()`` can say) and keeps running on its own; no
