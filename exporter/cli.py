@@ -10,6 +10,7 @@ import threading
 
 from exporter import __version__
 from exporter.config import ConfigError, Option, Settings, load_file, option_table, resolve
+from exporter.logs import setup_logging
 
 log = logging.getLogger("exporter")
 
@@ -69,21 +70,13 @@ def settings_from_args(argv: list[str]) -> Settings:
     return resolve(table, file_values, args)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level={"warn": "WARNING"}.get(level, level.upper()),
-        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
-        stream=sys.stderr,
-    )
-
-
 def serve(argv: list[str]) -> int:
     try:
         settings = settings_from_args(argv)
     except ConfigError as err:
         print(f"kubenode-exporter: {err}", file=sys.stderr)
         return 2
-    setup_logging(settings["log.level"])
+    setup_logging(settings["log.level"], settings["log.format"])
 
     from exporter.collector import Context, Runner, build_collectors
     from exporter.http import MetricsServer, make_app
@@ -100,7 +93,7 @@ def serve(argv: list[str]) -> int:
             print(f"kubenode-exporter: {err}", file=sys.stderr)
             return 2
     ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
-    runner = Runner(build_collectors(ctx))
+    runner = Runner(build_collectors(ctx), timeout=settings["scrape.timeout"])
     try:
         app = make_app(runner, settings["web.telemetry-path"],
                        auth=web.authenticator() if web else None, headers=web.headers if web else ())

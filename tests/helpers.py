@@ -15,7 +15,7 @@ def make_runner(argv: list[str]) -> tuple[Runner, Context]:
     """A Runner built from command-line style arguments, as `serve` builds it."""
     settings = settings_from_args(argv)
     ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
-    return Runner(build_collectors(ctx)), ctx
+    return Runner(build_collectors(ctx), timeout=settings["scrape.timeout"]), ctx
 
 
 def samples(runner_or_text) -> dict[tuple[str, tuple], float]:

@@ -20,7 +20,7 @@ def memcg_runner(*argv: str) -> Runner:
     """A Runner with only the memcg collector, settings parsed as `serve` parses them."""
     settings = settings_from_args(list(argv))
     ctx = Context(settings=settings, paths=Paths(settings["path.procfs"], settings["path.sysfs"]))
-    return Runner([MemcgCollector(ctx)])
+    return Runner([MemcgCollector(ctx)], timeout=settings["scrape.timeout"])
 
 
 def v1_tree(base: Path, cgroups: list[str], num_cgroups: int, stat: str = MEMORY_STAT) -> tuple[Path, Path]:
@@ -137,3 +137,22 @@ def remove_cgroup_tree(parent: str) -> None:
         if os.path.isdir(full):
             os.rmdir(full)
     os.rmdir(parent)
+
+
+class StuckFifo:
+    """Replace a file with a FIFO nobody writes: opening it for reading blocks until
+    ``release()`` (the seed's 9 s memory.stat read taken to the limit)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.exists():
+            path.unlink()
+        os.mkfifo(path)
+
+    def release(self) -> None:
+        """Let a reader blocked in open() through: it then reads an empty file."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: no reader waits
+        except OSError:
+            return
+        os.close(fd)

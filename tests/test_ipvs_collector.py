@@ -40,6 +40,7 @@ def ipvs_runner(procfs: str) -> Runner:
 def test_host_without_ip_vs_fails_only_this_collector(caplog):
     # The build machine's kernel has no IPVS at all: the real "module not loaded" case.
     assert not os.path.exists("/proc/net/ip_vs"), "this host has IPVS; the test needs one without"
+    caplog.set_level("INFO")
     s = samples(ipvs_runner("/proc"))
     assert value(s, "kubenode_collector_success", collector="ipvs") == 0.0
     assert value(s, "kubenode_collector_success", collector="always_up") == 1.0
@@ -47,6 +48,8 @@ def test_host_without_ip_vs_fails_only_this_collector(caplog):
     assert value(s, "kubenode_ipvs_virtual_servers") is None
     assert "ip_vs module not loaded (no /proc/net/ip_vs)" in caplog.text
     assert "Traceback" not in caplog.text
+    # A feature this node lacks: said at INFO, not as an ERROR.
+    assert [r.levelname for r in caplog.records if "ip_vs module not loaded" in r.getMessage()] == ["INFO"]
 
 
 def test_counts_from_a_kernel_capture(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from exporter.readers import cgroups
 from tests.helpers import make_runner, samples, value
-from tests.memcg_fixtures import MEMORY_STAT, SlowFifo, memcg_runner, v1_tree, v2_tree
+from tests.memcg_fixtures import MEMORY_STAT, SlowFifo, StuckFifo, memcg_runner, v1_tree, v2_tree
 
 
 def scrape(sysfs, procfs, *extra):
@@ -208,3 +208,94 @@ def test_no_memory_hierarchy_fails_only_memcg(tmp_path, caplog):
     # Another collector of this build, reading /proc, still serves.
     assert value(s, "kubenode_collector_success", collector="process") == 1.0
     assert value(s, "kubenode_process_up", component="kubelet") is not None
+
+
+# --- a read that never returns, and reads spaced by their cost --------------------------
+
+def collector_threads(name="memcg"):
+    return [t for t in threading.enumerate() if t.name == f"collector-{name}"]
+
+
+def scrape_within(runner, seconds):
+    out = []
+    t = threading.Thread(target=lambda: out.append(samples(runner)), daemon=True)
+    t.start()
+    t.join(timeout=seconds)
+    assert not t.is_alive() and out, f"the scrape did not answer within {seconds}s"
+    return out[0]
+
+
+def test_a_stuck_memory_stat_read_is_served_with_its_elapsed_time(tmp_path):
+    sysfs, procfs = v1_tree(tmp_path, ["kubepods"], 2)
+    fifo = StuckFifo(sysfs / "fs/cgroup/memory/memory.stat")
+    runner = memcg_runner("--path.sysfs", str(sysfs), "--path.procfs", str(procfs), "--scrape.timeout", "0.5")
+    try:
+        s = scrape_within(runner, 5)
+        assert value(s, "kubenode_collector_success", collector="memcg") == 0.0
+        assert value(s, "kubenode_memcg_stat_read_in_flight", cgroup="/") == 1.0
+        first = value(s, "kubenode_memcg_stat_read_seconds", cgroup="/")
+        assert first >= 0.4  # the read began just after the run did
+        time.sleep(0.2)
+        s = scrape_within(runner, 5)
+        assert value(s, "kubenode_memcg_stat_read_seconds", cgroup="/") >= first + 0.2, "the read's time so far"
+        assert value(s, "kubenode_memcg_stat_read_in_flight", cgroup="/") == 1.0
+        assert len(collector_threads()) == 1, "no second read while the first hangs"
+    finally:
+        fifo.release()
+    assert runner.slots[0].run.done.wait(timeout=5), "the released read returns"
+    s = scrape_within(runner, 5)
+    assert value(s, "kubenode_collector_success", collector="memcg") == 1.0
+    assert value(s, "kubenode_memcg_stat_read_in_flight", cgroup="/") == 0.0
+    assert value(s, "kubenode_memcg_stat_read_in_flight", cgroup="/kubepods") == 0.0
+
+
+def test_a_slow_memory_stat_is_read_less_often(tmp_path):
+    sysfs, procfs = v1_tree(tmp_path, ["kubepods"], 2)
+    fifo = SlowFifo(sysfs / "fs/cgroup/memory/kubepods/memory.stat", b"cache 1\n", delay=0.2)
+    runner = memcg_runner("--path.sysfs", str(sysfs), "--path.procfs", str(procfs))
+    try:
+        first = samples(runner)
+        again = samples(runner)  # well within 10 x 0.2 s: not read again
+        assert fifo.opens == 1
+        assert (value(again, "kubenode_memcg_stat_read_seconds", cgroup="/kubepods")
+                == value(first, "kubenode_memcg_stat_read_seconds", cgroup="/kubepods") >= 0.2)
+        assert value(again, "kubenode_collector_success", collector="memcg") == 1.0
+    finally:
+        fifo.close()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_stat_reads_space_each_path_by_its_read_time(tmp_path, monkeypatch):
+    clock = FakeClock()
+    reads = cgroups.StatReads(spacing=10.0, clock=clock)
+    took = {"a": 2.0, "b": 0.001}
+    calls = []
+
+    def fake_read(path):
+        calls.append(path)
+        if path == "gone":
+            raise cgroups.CgroupError("cannot read gone: No such file or directory")
+        clock.now += took[path]
+        return cgroups.StatRead(took[path], 10)
+
+    monkeypatch.setattr(cgroups, "time_stat_read", fake_read)
+    assert reads.read("a").seconds == 2.0 and reads.read("b").seconds == 0.001
+    clock.now += 19.0  # "a" took 2 s: due 20 s after it ended; "b" long due
+    reads.read("a"), reads.read("b")
+    assert calls == ["a", "b", "b"]
+    clock.now += 2.0
+    reads.read("a")
+    assert calls == ["a", "b", "b", "a"]
+    with pytest.raises(cgroups.CgroupError):
+        reads.read("gone")
+    with pytest.raises(cgroups.CgroupError):
+        reads.read("gone")  # a failure is tried again, never served from a cache
+    reads.keep_only(["b"])
+    assert set(reads.last()) == {"b"}

@@ -5,7 +5,7 @@ import time
 
 from prometheus_client.core import GaugeMetricFamily
 
-from exporter.collector import Collector, CollectorError, Runner
+from exporter.collector import Collector, CollectorError, Runner, Unavailable
 from tests.helpers import samples, value
 
 
@@ -96,3 +96,142 @@ def test_overlapping_scrapes_share_one_run():
     before = slow.calls
     samples(runner)
     assert slow.calls == before + 1
+
+
+# --- a stuck collector never stalls the scrape --------------------------------------------
+
+class Stuck(Collector):
+    """A collector whose read never returns until the test lets it go."""
+
+    name = "stuck"
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = 0
+
+    def collect(self):
+        self.calls += 1
+        self.release.wait(timeout=60)
+        yield GaugeMetricFamily("kubenode_test_stuck", "read at last", value=self.calls)
+
+    def while_running(self):
+        yield GaugeMetricFamily("kubenode_test_stuck_in_flight", "what is known meanwhile", value=1)
+
+
+def scrape_within(runner, seconds):
+    """One scrape in a thread; the samples, or an assertion error if it hangs past ``seconds``."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(samples(runner)), daemon=True)
+    t.start()
+    t.join(timeout=seconds)
+    assert not t.is_alive() and out, f"the scrape did not answer within {seconds}s"
+    return out[0]
+
+
+def collector_threads(name):
+    return [t for t in threading.enumerate() if t.name == f"collector-{name}"]
+
+
+def test_a_stuck_collector_is_served_as_failed_within_the_deadline(caplog):
+    caplog.set_level("INFO")
+    stuck = Stuck()
+    runner = Runner([stuck, Fixed(5.0)])
+    runner.timeout = 0.5
+    try:
+        s = scrape_within(runner, 5)
+        assert value(s, "kubenode_test_value") == 5.0, "the other collector's data is served"
+        assert value(s, "kubenode_collector_success", collector="fixed") == 1.0
+        assert value(s, "kubenode_collector_success", collector="stuck") == 0.0
+        assert value(s, "kubenode_collector_duration_seconds", collector="stuck") >= 0.5
+        assert value(s, "kubenode_test_stuck_in_flight") == 1.0, "while_running() is served"
+        assert "still running after" in dict(runner.state())["stuck"].error
+        # Later scrapes: the run still in flight is not started again (one thread, one read),
+        # its elapsed time grows, and the scrape does not wait for it a second time.
+        for _ in range(3):
+            s2 = scrape_within(runner, 5)
+        assert stuck.calls == 1
+        assert len(collector_threads("stuck")) == 1
+        assert value(s2, "kubenode_collector_success", collector="stuck") == 0.0
+        assert (value(s2, "kubenode_collector_duration_seconds", collector="stuck")
+                > value(s, "kubenode_collector_duration_seconds", collector="stuck"))
+        overdue = [r for r in caplog.records if "still running" in r.getMessage()]
+        assert len(overdue) == 1 and overdue[0].levelname == "WARNING", "said once"
+    finally:
+        stuck.release.set()
+    # Once it returns, the next scrape starts a fresh run and it is healthy again.
+    assert runner.slots[0].run.done.wait(timeout=5), "the released run returns"
+    s = scrape_within(runner, 5)
+    assert value(s, "kubenode_collector_success", collector="stuck") == 1.0
+    assert stuck.calls == 2
+    assert any("collector stuck recovered" in r.getMessage() for r in caplog.records)
+
+
+class Meeting(Collector):
+    """Succeeds only if its partner runs at the same time (both reach the barrier)."""
+
+    def __init__(self, name, barrier):
+        self.name = name
+        self.barrier = barrier
+
+    def collect(self):
+        try:
+            self.barrier.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            raise CollectorError("ran alone: collectors run one after another") from None
+        yield GaugeMetricFamily(f"kubenode_test_{self.name}", "met", value=1)
+
+
+def test_collectors_run_side_by_side():
+    barrier = threading.Barrier(2)
+    runner = Runner([Meeting("a", barrier), Meeting("b", barrier)])
+    s = scrape_within(runner, 10)
+    assert value(s, "kubenode_collector_success", collector="a") == 1.0
+    assert value(s, "kubenode_collector_success", collector="b") == 1.0
+
+
+# --- said once -------------------------------------------------------------------------------
+
+class Scripted(Collector):
+    """Fails with the next exception of ``script`` (None: succeeds) on each run."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def collect(self):
+        exc = self.script.pop(0)
+        if exc is not None:
+            raise exc
+        yield GaugeMetricFamily("kubenode_test_ok", "ok", value=1)
+
+
+def runner_logs(caplog):
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "exporter.collector"]
+
+
+def test_a_missing_feature_is_said_once_at_info(caplog):
+    caplog.set_level("DEBUG")
+    absent = Unavailable("no /proc/net/ip_vs: ip_vs module not loaded")
+    runner = Runner([Scripted([absent] * 9)])
+    for _ in range(9):
+        s = samples(runner)
+        assert value(s, "kubenode_collector_success", collector="scripted") == 0.0
+    logs = runner_logs(caplog)
+    assert len(logs) == 1, logs
+    assert logs[0][0] == "INFO" and "ip_vs module not loaded" in logs[0][1]
+
+
+def test_a_failure_is_said_when_its_reason_changes_and_when_it_recovers(caplog):
+    caplog.set_level("INFO")
+    a, b = CollectorError("reason a"), CollectorError("reason b")
+    runner = Runner([Scripted([a, a, a, b, b, None, None, a])])
+    for _ in range(8):
+        samples(runner)
+    assert runner_logs(caplog) == [
+        ("ERROR", "collector scripted failed: reason a"),
+        ("ERROR", "collector scripted failed: reason b"),
+        ("INFO", "collector scripted recovered (its run took "
+                 + runner_logs(caplog)[2][1].split("took ")[1]),
+        ("ERROR", "collector scripted failed: reason a"),
+    ]

@@ -25,7 +25,7 @@ from typing import Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from exporter.collector import NAMESPACE, Collector, CollectorError, register
+from exporter.collector import NAMESPACE, Collector, CollectorError, Unavailable, register
 from exporter.collectors.ipvs import shared_live_table
 from exporter.kube.diff import KINDS, DriftReport, DriftTracker, TableDiffer, singular
 from exporter.kube.client import RateLimitedLog
@@ -47,13 +47,17 @@ class KubeAccess:
     def __init__(self, settings, **store_options) -> None:
         from exporter.kube.store import KubeStore
 
+        from exporter.kube.client import KubeNotConfigured
+
         self.store = None
         self.error: str | None = None
+        self.configured = True  # False: no API configuration at all (run outside a cluster)
         try:
             self.store = KubeStore.from_settings(settings, **store_options)
         except Exception as err:  # noqa: BLE001 - KubeConfigError and any odd config: one line
+            # Not logged here: the runner says it once, for the collector that needs it.
             self.error = str(err) or type(err).__name__
-            log.error("Kubernetes-backed collectors are down: no Kubernetes API access: %s", self.error)
+            self.configured = not isinstance(err, KubeNotConfigured)
             return
         self.store.start()
 
@@ -160,6 +164,8 @@ class DriftCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         store = self.kube.store
         if store is None:
+            if not self.kube.configured:
+                raise Unavailable(f"no Kubernetes API access: {self.kube.error}")
             raise CollectorError(f"no Kubernetes API access: {self.kube.error}")
         statuses = store.watch_status()
         yield watch_up_family(statuses)
@@ -182,7 +188,7 @@ class DriftCollector(Collector):
             # Within one scrape the ipvs collector has just read it: shared, not read twice.
             live = self.live.get(SHARED_READ_MAX_AGE)
         except IPVSUnavailable as err:
-            raise CollectorError(str(err)) from None
+            raise Unavailable(str(err)) from None
         except OSError as err:
             raise CollectorError(f"reading {self.ctx.paths.proc('net', 'ip_vs')}: {err.strerror}") from None
         diff = self.differ.diff(snap.table, live)

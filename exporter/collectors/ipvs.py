@@ -11,7 +11,7 @@ from typing import Iterable, NamedTuple
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from exporter.collector import NAMESPACE, Collector, CollectorError, register
+from exporter.collector import NAMESPACE, Collector, CollectorError, Unavailable, register
 from exporter.readers.ipvs import IPVSTable, IPVSUnavailable, LiveTable
 
 TABLE_SERVICE = "ipvs-table"
@@ -117,7 +117,7 @@ class IPVSCollector(Collector):
         try:
             table = self.live.get()
         except IPVSUnavailable as err:
-            raise CollectorError(str(err)) from None
+            raise Unavailable(str(err)) from None
         except OSError as err:
             raise CollectorError(f"reading {self.ctx.paths.proc('net', 'ip_vs')}: {err.strerror}") from None
         yield from table_metrics(table, self.counts(table))

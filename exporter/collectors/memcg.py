@@ -8,7 +8,13 @@ configured cgroup, and counts the dying cgroups that cause the slowness.
 
 Each path is read at most once per run; the Runner runs this collector once at
 a time and lets overlapping scrapes share a run, so two Prometheus servers never
-double the cost.
+double the cost. A path is read again only READ_SPACING times its last read time
+later (``cgroups.StatReads``; until then its last figures are served): the slower
+memory.stat gets, the less often the exporter pays for it.
+
+A read that never returns (the runner's deadline passes) stays visible:
+``while_running()`` serves its elapsed seconds as the read time, with
+``kubenode_memcg_stat_read_in_flight`` 1, while the run goes on alone.
 
 Failures: no memory hierarchy at all is an error. A missing pods cgroup is not
 (a node without kubelet pods yet): no series, a debug log. A memory.stat that
@@ -45,10 +51,50 @@ def configured_cgroup(root: str, given: str) -> str:
     return os.path.normpath(os.path.join(root, rel))
 
 
+def read_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    seconds = GaugeMetricFamily(
+        f"{NAMESPACE}_memcg_stat_read_seconds",
+        "How long the last full read of this cgroup's memory.stat took (what cAdvisor "
+        "pays on every housekeeping pass); for a read still running, how long so far.",
+        labels=["cgroup"])
+    size = GaugeMetricFamily(
+        f"{NAMESPACE}_memcg_stat_read_bytes",
+        "Bytes read in the last full read of this cgroup's memory.stat.",
+        labels=["cgroup"])
+    in_flight = GaugeMetricFamily(
+        f"{NAMESPACE}_memcg_stat_read_in_flight",
+        "1 while a read of this cgroup's memory.stat has not returned (read_seconds then "
+        "counts its seconds so far).",
+        labels=["cgroup"])
+    return seconds, size, in_flight
+
+
 @register
 class MemcgCollector(Collector):
     name = "memcg"
     help = "memory.stat read time and live/dying memory cgroups (cgroup v1 and v2)"
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.reads = cgroups.StatReads()
+        # label -> memory.stat path of the run in progress (or the last), for while_running()
+        self._stat_paths: dict[str, str] = {}
+
+    def while_running(self) -> Iterable[Metric]:
+        """The read times known while a run is past the deadline: the read in flight
+        with its seconds so far, the others as last read."""
+        running = self.reads.in_flight()
+        last = self.reads.last()
+        seconds, size, in_flight = read_families()
+        for label, path in self._stat_paths.items():
+            if path in running:
+                seconds.add_metric([label], running[path])
+                in_flight.add_metric([label], 1.0)
+            elif path in last:
+                seconds.add_metric([label], last[path].seconds)
+                size.add_metric([label], float(last[path].size))
+                in_flight.add_metric([label], 0.0)
+        return [seconds, size, in_flight]
 
     def collect(self) -> Iterable[Metric]:
         try:
@@ -85,25 +131,22 @@ class MemcgCollector(Collector):
         info.add_metric([str(hierarchy.version), cgroup_label(root, pods) if pods else ""], 1.0)
         yield info
 
-        seconds = GaugeMetricFamily(
-            f"{NAMESPACE}_memcg_stat_read_seconds",
-            "How long the last full read of this cgroup's memory.stat took (what cAdvisor "
-            "pays on every housekeeping pass).",
-            labels=["cgroup"])
-        size = GaugeMetricFamily(
-            f"{NAMESPACE}_memcg_stat_read_bytes",
-            "Bytes read in the last full read of this cgroup's memory.stat.",
-            labels=["cgroup"])
-        for label, path in targets.items():
+        stat_paths = {label: os.path.join(path, "memory.stat") for label, path in targets.items()}
+        self._stat_paths = stat_paths
+        self.reads.keep_only(stat_paths.values())
+        seconds, size, in_flight = read_families()
+        for label, stat_path in stat_paths.items():
             try:
-                result = cgroups.time_stat_read(os.path.join(path, "memory.stat"))
+                result = self.reads.read(stat_path)
             except cgroups.CgroupError as err:
                 errors.append(str(err))
                 continue
             seconds.add_metric([label], result.seconds)
             size.add_metric([label], float(result.size))
+            in_flight.add_metric([label], 0.0)
         yield seconds
         yield size
+        yield in_flight
 
         try:
             counts = cgroups.count_memory_cgroups(self.ctx.paths, hierarchy)

@@ -52,6 +52,11 @@ class KubeConfigError(Exception):
     """No usable API configuration; the message says which source failed and why."""
 
 
+class KubeNotConfigured(KubeConfigError):
+    """No API configuration at all: no kubeconfig given, none in the environment, not
+    in a cluster. A feature this node lacks (reported once), not a broken config."""
+
+
 class ApiError(Exception):
     """A request the API answered with an error status (or not at all)."""
 
@@ -94,7 +99,7 @@ def load_config(kubeconfig: str | None = None, environ: dict | None = None,
         if path:
             return KubeConfig.from_file(path)
         if not env.get("KUBERNETES_SERVICE_HOST"):
-            raise KubeConfigError("no --kubeconfig, no KUBECONFIG and not in a cluster "
+            raise KubeNotConfigured("no --kubeconfig, no KUBECONFIG and not in a cluster "
                                   "(KUBERNETES_SERVICE_HOST unset)")
         return KubeConfig.from_service_account(service_account_dir)
     except KubeConfigError:

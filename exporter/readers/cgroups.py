@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from exporter.paths import Paths
 
@@ -32,6 +34,11 @@ POD_CGROUP_NAMES = ("kubepods.slice", "kubepods")
 # (a custom --cgroup-root such as /k3s/kubepods); bounded so a search is cheap.
 POD_SEARCH_DEPTH = 2
 READ_CHUNK = 1 << 16
+# A memory.stat read that took t seconds is not repeated for READ_SPACING x t: the
+# exporter's own reads then cost at most 1/(1 + READ_SPACING) of a core, however slow
+# the kernel gets (a 9 s read is repeated after 90 s), while a read of a few
+# milliseconds is still fresh on every scrape.
+READ_SPACING = 10.0
 
 
 class CgroupError(Exception):
@@ -137,6 +144,69 @@ def time_stat_read(path: str) -> StatRead:
     except OSError as err:
         raise CgroupError(f"cannot read {path}: {_describe(err)}") from None
     return StatRead(time.perf_counter() - start, size)
+
+
+class StatReads:
+    """The timed memory.stat reads of one collector: the last result of each path, the
+    reads still running, and when each path may be read again (READ_SPACING).
+
+    ``read()`` runs in the collector's thread and may block for as long as the kernel
+    (or a FIFO) makes it; ``in_flight()`` and ``last()`` answer at once from any other
+    thread, so a scrape can show a read that has not returned.
+    """
+
+    def __init__(self, spacing: float = READ_SPACING, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spacing = spacing
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, StatRead] = {}
+        self._due: dict[str, float] = {}  # path -> clock time a new read may start
+        self._started: dict[str, float] = {}  # path -> clock time of the read in flight
+
+    def read(self, path: str) -> StatRead:
+        """The last read of ``path`` if a new one is not due yet, else a new timed read.
+
+        A failed read forgets the last result (never served as if read) and is tried
+        again on the next call.
+        """
+        with self._lock:
+            now = self.clock()
+            last = self._last.get(path)
+            if last is not None and now < self._due[path]:
+                return last
+            self._started[path] = now
+        try:
+            result = time_stat_read(path)
+        except CgroupError:
+            with self._lock:
+                self._last.pop(path, None)
+                self._due.pop(path, None)
+            raise
+        finally:
+            with self._lock:
+                self._started.pop(path, None)
+        with self._lock:
+            self._last[path] = result
+            self._due[path] = self.clock() + self.spacing * result.seconds
+        return result
+
+    def in_flight(self) -> dict[str, float]:
+        """path -> seconds a read still running has taken so far."""
+        with self._lock:
+            now = self.clock()
+            return {path: now - started for path, started in self._started.items()}
+
+    def last(self) -> dict[str, StatRead]:
+        with self._lock:
+            return dict(self._last)
+
+    def keep_only(self, paths: Iterable[str]) -> None:
+        """Forget paths no longer read (a pods cgroup removed): the state stays bounded."""
+        keep = set(paths)
+        with self._lock:
+            for gone in set(self._last) - keep:
+                del self._last[gone]
+                self._due.pop(gone, None)
 
 
 def count_live_dirs(root: str) -> int:
