@@ -264,6 +264,11 @@ class _FamilyReader:
         match = CHAIN_NAME.match(data.chain)
         service = f"{match.group(2)}/{match.group(3)}" if match else None
         real_servers = {rs: RealServer(rs[0], rs[1]) for rs in sorted(resolved.real_servers)}
+        other = table.get(key)
+        if other is not None:
+            # A NodePort (address None) of a dual-stack Service is in both families'
+            # tables: one frontend on every node-port address, each family's endpoints.
+            real_servers = {**other.real_servers, **real_servers}
         table[key] = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, real_servers, service)
 
     def _resolve(self, chain: str | None, depth: int) -> _Resolved:
