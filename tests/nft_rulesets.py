@@ -24,7 +24,34 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import itertools
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
+
+from tests import ipset_ns
+
+_counter = itertools.count()
+
+
+class NftNS(ipset_ns.NetNS):
+    """A network namespace of its own (`kn-nft-<pid>-<n>`), `nft` run inside it."""
+
+    def __init__(self) -> None:
+        missing = [t for t in ("ip", "nft", "nsenter") if shutil.which(t) is None]
+        if missing:
+            raise RuntimeError(f"missing tool(s) for the nftables tests: {', '.join(missing)} "
+                               "(scripts/setup.sh --test installs them)")
+        self.name = f"kn-nft-{os.getpid()}-{next(_counter)}"
+        self.path = f"/run/netns/{self.name}"
+
+    def nft(self, script: str) -> None:
+        """`nft -f -` of ``script`` inside the namespace; fails with nft's own message."""
+        done = subprocess.run(["nsenter", f"--net={self.path}", "nft", "-f", "-"], input=script,
+                              capture_output=True, encoding="utf-8")
+        if done.returncode != 0:
+            raise AssertionError(f"nft -f failed: {done.stderr.strip()}")
 
 BASE_SETS = """\
 add set {F} kube-proxy cluster-ips {{ type {T} ; comment "Active ClusterIPs" ; }}

@@ -8,9 +8,6 @@ thread that joined it.
 
 from __future__ import annotations
 
-import itertools
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,28 +15,9 @@ import pytest
 from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
 from exporter.readers.nftables import SCHEDULER, NftablesReader
 from exporter.readers.nftables_netlink import NftReadError
-from tests import ipset_ns
-from tests.nft_rulesets import ServicePort, endpoints_changed, ruleset
+from tests.nft_rulesets import NftNS, ServicePort, endpoints_changed, ruleset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nftables"
-_counter = itertools.count()
-
-
-class NftNS(ipset_ns.NetNS):
-    """A namespace of its own (`kn-nft-<pid>-<n>`), with `nft` run inside it."""
-
-    def __init__(self) -> None:
-        missing = [t for t in ("ip", "nft", "nsenter") if not ipset_ns.shutil.which(t)]
-        if missing:
-            raise RuntimeError(f"missing tool(s) for the nftables tests: {', '.join(missing)} "
-                               "(scripts/setup.sh --test installs them)")
-        self.name = f"kn-nft-{os.getpid()}-{next(_counter)}"
-        self.path = f"/run/netns/{self.name}"
-
-    def nft(self, script: str) -> None:
-        done = subprocess.run(["nsenter", f"--net={self.path}", "nft", "-f", "-"], input=script,
-                              capture_output=True, encoding="utf-8")
-        assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture

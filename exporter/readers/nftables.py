@@ -30,6 +30,7 @@ name is what makes a first read expensive in the kernel.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import re
 import time
@@ -90,6 +91,12 @@ class _FamilyState:
         self.rules: dict[tuple[str, int], Rule] = {}
         self.anonymous: dict[tuple[str, int], list[Element]] = {}  # by the owning rule
         self.elements: dict[bytes, Element] = {}  # named maps' elements by raw bytes
+        # A chain that follows no other: its result while its rules keep their handles.
+        self.leaves: dict[str, tuple[tuple[int, ...], "_Resolved"]] = {}
+        # Each frontend's last virtual server, reused while what it resolves to is equal.
+        self.frontends: dict[VirtualServerKey, tuple["_Resolved", str | None, VirtualServer]] = {}
+        # Chain name -> "ns/name" of its Service, or None when not a kube-proxy chain name.
+        self.services: dict[str, str | None] = {}
 
 
 class NftablesReader:
@@ -114,11 +121,19 @@ class NftablesReader:
             if (last is not None and last.generation == generation
                     and self.clock() - self._last_at < self.safety_interval):
                 return last._replace(read_seconds=time.perf_counter() - start, reread=False)
-            result = self._read_all(nl, generation)
-            # Rules changed while being read: the dumps may mix two rulesets, so read once more.
-            if nl.generation() != generation:
-                generation = nl.generation()
+            # The read makes tens of thousands of small objects and frees few: the
+            # cyclic collector would walk them again and again for nothing (none form cycles).
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
                 result = self._read_all(nl, generation)
+                # Rules changed while being read: the dumps may mix two rulesets, so read once more.
+                if nl.generation() != generation:
+                    generation = nl.generation()
+                    result = self._read_all(nl, generation)
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
         self._last, self._last_at = result, self.clock()
         return result._replace(read_seconds=time.perf_counter() - start)
 
@@ -178,6 +193,8 @@ class _FamilyReader:
         # Keep only what this read saw, so the caches stay the size of the table.
         self.state.rules = {(r.chain, r.handle): r for r in rules}
         self.old_anonymous, self.state.anonymous = self.state.anonymous, {}
+        self.old_leaves, self.state.leaves = self.state.leaves, {}
+        self.old_frontends, self.state.frontends = self.state.frontends, {}
         if len(self.state.elements) > 4 * (len(rules) + 1000):
             self.state.elements = {}
 
@@ -261,15 +278,32 @@ class _FamilyReader:
         if resolved.problems:
             unread.append(f"{where}: {key}: {'; '.join(resolved.problems)}")
             return
-        match = CHAIN_NAME.match(data.chain)
-        service = f"{match.group(2)}/{match.group(3)}" if match else None
-        real_servers = {rs: RealServer(rs[0], rs[1]) for rs in sorted(resolved.real_servers)}
+        chain = data.chain
+        last = self.old_frontends.get(key)
+        if last is not None and last[1] == chain and last[0] == resolved:
+            virtual_server = last[2]
+        else:
+            service = self._service_of(chain)
+            real_servers = {rs: RealServer(rs[0], rs[1]) for rs in sorted(resolved.real_servers)}
+            virtual_server = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, real_servers, service)
+        self.state.frontends[key] = (resolved, chain, virtual_server)
         other = table.get(key)
         if other is not None:
             # A NodePort (address None) of a dual-stack Service is in both families'
             # tables: one frontend on every node-port address, each family's endpoints.
-            real_servers = {**other.real_servers, **real_servers}
-        table[key] = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, real_servers, service)
+            virtual_server = virtual_server._replace(real_servers={**other.real_servers,
+                                                                   **virtual_server.real_servers})
+        table[key] = virtual_server
+
+    def _service_of(self, chain: str) -> str | None:
+        services = self.state.services
+        if chain in services:
+            return services[chain]
+        if len(services) > 4 * len(self.chain_names) + 1000:
+            services.clear()  # chains of deleted Services: keep the cache the table's size
+        match = CHAIN_NAME.match(chain)
+        service = services[chain] = f"{match.group(2)}/{match.group(3)}" if match else None
+        return service
 
     def _resolve(self, chain: str | None, depth: int) -> _Resolved:
         """Where a chain sends traffic: its endpoints, affinity timeout, or why unknown."""
@@ -281,25 +315,35 @@ class _FamilyReader:
         return result
 
     def _walk(self, chain: str | None, depth: int) -> _Resolved:
-        if not chain or not CHAIN_NAME.match(chain):
+        if not chain or self._service_of(chain) is None:
             return _Resolved(frozenset(), None, (f"chain {chain!r} is not one of kube-proxy's",))
         if chain not in self.chain_names:
             return _Resolved(frozenset(), None, (f"chain {chain} is missing",))
         if depth > MAX_CHAIN_DEPTH:
             return _Resolved(frozenset(), None, (f"chain {chain} nests deeper than kube-proxy's",))
+        rules = self.by_chain.get(chain, ())
+        handles = tuple(r.handle for r in rules)
+        leaf = self.old_leaves.get(chain)
+        if leaf is not None and leaf[0] == handles:
+            # Same rules, same anonymous sets (they live and die with their rule):
+            # nothing to fetch again, and no need to keep the sets' elements.
+            self.state.leaves[chain] = leaf
+            return leaf[1]
+        followed = False
         endpoints: set[tuple[str, int]] = set()
         problems: list[str] = []
         affinity = None
 
         def follow(target: str | None) -> None:
-            nonlocal affinity
+            nonlocal affinity, followed
+            followed = True
             sub = self._resolve(target, depth + 1)
             endpoints.update(sub.real_servers)
             problems.extend(sub.problems)
             if sub.affinity_timeout is not None:
                 affinity = sub.affinity_timeout
 
-        for rule in self.by_chain.get(chain, ()):
+        for rule in rules:
             if rule.unknown:
                 problems.extend(f"chain {chain}: {u}" for u in rule.unknown)
             for set_name in (*rule.lookups, *rule.updates):
@@ -325,7 +369,12 @@ class _FamilyReader:
                 break
             if verdict.code == NF_DROP or rule.rejects:
                 break
-        return _Resolved(frozenset(endpoints), affinity, tuple(problems))
+        result = _Resolved(frozenset(endpoints), affinity, tuple(problems))
+        if not followed and affinity is None and not problems:
+            self.state.leaves[chain] = (handles, result)
+            for rule in rules:  # a leaf is re-read only with new rules: its sets are not needed again
+                self.state.anonymous.pop((rule.chain, rule.handle), None)
+        return result
 
     def _dnat_targets(self, rule: Rule, problems: list) -> list[tuple[str, int]]:
         kind = rule.dnat[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import struct
 from typing import Iterator, NamedTuple
@@ -68,6 +69,13 @@ NFTA_DYNSET_SET_NAME = 1
 NFTA_NG_DREG = 1
 # Expressions that test the packet (a rule holding one is conditional).
 MATCHING_EXPRESSIONS = frozenset({b"cmp", b"range"})
+_DECODED_EXPRESSIONS = frozenset({b"immediate", b"lookup", b"dynset", b"reject", b"nat"})
+# An expression's name attribute as the kernel writes it (length, NFTA_EXPR_NAME,
+# name, NUL): rules without any of these need no decoding (``Rule`` fast path).
+_ACTING_EXPRESSIONS = re.compile(b"|".join(re.escape(_NLA.pack(4 + len(n) + 1, NFTA_EXPR_NAME) + n + b"\0")
+                                           for n in (b"nat", b"lookup", b"dynset", b"reject", b"range",
+                                                     b"numgen", b"objref", b"queue", b"dup", b"fwd")))
+_CMP_EXPRESSION = _NLA.pack(8, NFTA_EXPR_NAME) + b"cmp\0"
 # libnftnl's user-data TLV type of a comment, for rules and elements alike.
 UDATA_COMMENT = 0
 
@@ -173,6 +181,10 @@ def _verdict(buf, start: int, end: int) -> Verdict:
 
 def _data(buf, start: int, end: int) -> bytes | Verdict | None:
     """NFTA_DATA_*: raw value bytes or a verdict."""
+    if start + 4 <= end:
+        alen, t = _NLA.unpack_from(buf, start)
+        if t & 0x3FFF == NFTA_DATA_VALUE and 4 <= alen <= end - start:
+            return bytes(buf[start + 4:start + alen])  # the usual case: the only attribute
     for s, e, t in _attrs(buf, start, end):
         if t == NFTA_DATA_VALUE:
             return bytes(buf[s:e])
@@ -338,13 +350,26 @@ class NftNetlink:
         attrs = (_nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                  + _nla(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
         out = []
+        unpack = _NLA.unpack_from
         for buf, start, end in self._replies(NFT_MSG_GETSETELEM, family, NLM_F_DUMP, attrs,
                                              f"the elements of set {set_name}"):
-            for s, e, t in _attrs(buf, start, end):
-                if t != NFTA_SET_ELEM_LIST_ELEMENTS:
+            # Flat loops, not _attrs(): a first read walks ~10,000 such messages.
+            offset = start
+            while offset + 4 <= end:
+                alen, t = unpack(buf, offset)
+                if alen < 4 or offset + alen > end:
+                    raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+                s, e = offset + 4, offset + alen
+                offset += (alen + 3) & ~3
+                if t & 0x3FFF != NFTA_SET_ELEM_LIST_ELEMENTS:
                     continue
-                for es, ee, et in _attrs(buf, s, e):
-                    if et != NFTA_LIST_ELEM:
+                while s + 4 <= e:
+                    elen, et = unpack(buf, s)
+                    if elen < 4 or s + elen > e:
+                        raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+                    es, ee = s + 4, s + elen
+                    s += (elen + 3) & ~3
+                    if et & 0x3FFF != NFTA_LIST_ELEM:
                         continue
                     if known is not None:
                         raw = bytes(buf[es:ee])
@@ -367,11 +392,22 @@ class NftNetlink:
         attrs = _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
         out = []
         decoded = 0
+        unpack = _NLA.unpack_from
+        chains: dict[bytes, str] = {}  # one str per chain name, not one per rule
         for buf, start, end in self._replies(NFT_MSG_GETRULE, family, NLM_F_DUMP, attrs, "the rules"):
             chain, handle, exprs, udata = "", 0, None, None
-            for s, e, t in _attrs(buf, start, end):
+            offset = start
+            while offset + 4 <= end:  # flat: a large table has tens of thousands of rules
+                alen, t = unpack(buf, offset)
+                if alen < 4 or offset + alen > end:
+                    raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+                s, e, t = offset + 4, offset + alen, t & 0x3FFF
+                offset += (alen + 3) & ~3
                 if t == NFTA_RULE_CHAIN:
-                    chain = _string(buf, s, e)
+                    raw_chain = bytes(buf[s:e])
+                    chain = chains.get(raw_chain)
+                    if chain is None:
+                        chain = chains[raw_chain] = _string(buf, s, e)
                 elif t == NFTA_RULE_HANDLE:
                     handle = _BE64.unpack_from(buf, s)[0]
                 elif t == NFTA_RULE_EXPRESSIONS:
@@ -383,7 +419,14 @@ class NftNetlink:
                 if rule is not None:
                     out.append(rule)
                     continue
-            rule = _rule(buf, chain, handle, exprs, udata, family)
+            raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
+            if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
+                # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
+                # mark-for-masquerade``, half of a large table's rules): a conditional
+                # rule that sends no traffic anywhere a reader follows.
+                rule = Rule(chain, handle, None, True, None, None, (), (), False, None)
+            else:
+                rule = _rule(buf, chain, handle, exprs, udata, family)
             decoded += 1
             if known is not None:
                 known[(chain, handle)] = rule
@@ -393,7 +436,14 @@ class NftNetlink:
 
 def _element(buf, start: int, end: int) -> Element:
     key, data, flags, comment = b"", None, 0, None
-    for s, e, t in _attrs(buf, start, end):
+    unpack = _NLA.unpack_from
+    offset = start
+    while offset + 4 <= end:
+        alen, t = unpack(buf, offset)
+        if alen < 4 or offset + alen > end:
+            raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+        s, e, t = offset + 4, offset + alen, t & 0x3FFF
+        offset += (alen + 3) & ~3
         if t == NFTA_SET_ELEM_KEY:
             value = _data(buf, s, e)
             key = value if isinstance(value, bytes) else b""
@@ -404,6 +454,23 @@ def _element(buf, start: int, end: int) -> Element:
         elif t == NFTA_SET_ELEM_USERDATA:
             comment = _comment(buf, s, e)
     return Element(key, data, flags, comment)
+
+
+class _U32Reader:
+    """Big-endian u32 and string attributes of one expression, by attribute type."""
+
+    __slots__ = ("buf", "fields")
+
+    def __init__(self, buf, fields: dict[int, tuple[int, int]]) -> None:
+        self.buf, self.fields = buf, fields
+
+    def __call__(self, attr: int) -> int | None:
+        where = self.fields.get(attr)
+        return _BE32.unpack_from(self.buf, where[0])[0] if where and where[1] - where[0] >= 4 else None
+
+    def text(self, attr: int) -> str:
+        where = self.fields.get(attr)
+        return _string(self.buf, *where) if where else ""
 
 
 def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
@@ -430,19 +497,14 @@ def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
                 name = bytes(buf[ps:pe]).rstrip(b"\0")
             elif pt == NFTA_EXPR_DATA:
                 data = (ps, pe)
-        fields = {pt: (ps, pe) for ps, pe, pt in _attrs(buf, *data)}
-
-        def u32(attr: int) -> int | None:
-            where = fields.get(attr)
-            return _BE32.unpack_from(buf, where[0])[0] if where and where[1] - where[0] >= 4 else None
-
-        def text(attr: int) -> str:
-            where = fields.get(attr)
-            return _string(buf, *where) if where else ""
-
         if name in MATCHING_EXPRESSIONS:
             conditional = True
-        elif name == b"immediate":
+            continue
+        if name not in _DECODED_EXPRESSIONS:
+            continue  # meta, payload, numgen, counter, ...: nothing a reader follows
+        fields = {pt: (ps, pe) for ps, pe, pt in _attrs(buf, *data)}
+        u32 = _U32Reader(buf, fields)
+        if name == b"immediate":
             dreg = u32(NFTA_IMMEDIATE_DREG)
             where = fields.get(NFTA_IMMEDIATE_DATA)
             value = _data(buf, *where) if where else None
@@ -451,7 +513,7 @@ def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
             elif dreg is not None:
                 registers[dreg] = ("value", value)
         elif name == b"lookup":
-            set_name = text(NFTA_LOOKUP_SET)
+            set_name = u32.text(NFTA_LOOKUP_SET)
             dreg = u32(NFTA_LOOKUP_DREG)
             if dreg is None:
                 conditional = True
@@ -461,7 +523,7 @@ def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
             else:
                 registers[dreg] = ("map", set_name)
         elif name == b"dynset":
-            updates.append(text(NFTA_DYNSET_SET_NAME))
+            updates.append(u32.text(NFTA_DYNSET_SET_NAME))
         elif name == b"reject":
             rejects = True
         elif name == b"nat":
