@@ -64,6 +64,9 @@ def _size(ns: NftNS, count: int, rows: list[Row]) -> None:
     load = time.perf_counter() - start
     label = f"{count:,} services x {ENDPOINTS}"
 
+    def limit(ratio: float) -> float | None:
+        return ratio if count >= 10000 else None  # the issue sets its limits at 10,000 x 5
+
     # A first read is a fresh reader's; alternate it with nft so both see the same load.
     runs, firsts = [], []
     reader = first = None
@@ -76,10 +79,10 @@ def _size(ns: NftNS, count: int, rows: list[Row]) -> None:
     assert len(first.table) >= count and not first.unread, first.unread[:3]
     reference = min(t for t, _ in runs)
     nft_peak = max(rss for _, rss in runs)
-    rows.append(Row(f"{label}: first read", min(firsts), reference, "nft list table", limit=1.0))
+    rows.append(Row(f"{label}: first read", min(firsts), reference, "nft list table", limit=limit(1.0)))
 
     idle = statistics.median(ns.run(reader.read).read_seconds for _ in range(20))
-    rows.append(Row(f"{label}: read, nothing changed", idle, 0.005, "5 ms budget", limit=1.0))
+    rows.append(Row(f"{label}: read, nothing changed", idle, 0.005, "5 ms budget", limit=limit(1.0)))
 
     changes = []
     for i in range(3):
@@ -89,7 +92,7 @@ def _size(ns: NftNS, count: int, rows: list[Row]) -> None:
         assert read.reread and reader.anonymous_sets_read == 1
         changes.append(read.read_seconds)
     rows.append(Row(f"{label}: read after one Service changed", statistics.median(changes), reference,
-                    "nft list table", limit=0.2))
+                    "nft list table", limit=limit(0.2)))
     rows.append(Row(f"{label}: nft -f load (setup, for scale)", load, unit="s"))
     grown = _peak_growth(ns) / 1e6
     rows.append(Row(f"{label}: peak RSS added by a first read", grown, nft_peak / 1e6, "nft's peak RSS",

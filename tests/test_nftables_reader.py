@@ -85,11 +85,12 @@ def newest_services() -> list[ServicePort]:
     ]
 
 
-def test_newest_layout_both_families(ns):
+@pytest.mark.parametrize("by_key_from_sets", [0, 10**9], ids=["by-key", "dump"])
+def test_newest_layout_both_families(ns, by_key_from_sets):
     ns.nft(ruleset(newest_services(), "ip"))
     ns.nft(ruleset([ServicePort("ns1", "svc1", "fd00:10:96::41", [("fd00:10::1", 80), ("fd00:10::2", 80)],
                                 external_ips=["2001:db8::99"], affinity_timeout=60)], "ip6"))
-    read = ns.run(NftablesReader().read)
+    read = ns.run(NftablesReader(by_key_from_sets=by_key_from_sets).read)
     aff = [("10.180.0.3", 80), ("10.180.0.4", 80)]
     v6 = [("fd00:10::1", 80), ("fd00:10::2", 80)]
     assert read.table == dict([
@@ -212,3 +213,18 @@ def test_a_flushed_service_chain_reads_as_no_endpoints(ns):
     ns.nft(f"flush chain ip kube-proxy {services[0].chain('service')}\n")
     read = ns.run(NftablesReader().read)
     assert read.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers == {}
+
+
+def test_a_numgen_map_missing_a_key_is_still_read_whole(ns):
+    """Keys 0..N-1 are asked for by key; a map without one of them is dumped instead."""
+    services = newest_services()
+    ns.nft(ruleset(services))
+    chain = services[0].chain("service")
+    ns.nft(f"flush chain ip kube-proxy {chain}\n"
+           f"add rule ip kube-proxy {chain} meta l4proto tcp dnat ip to numgen random mod 3 "
+           "map { 0 : 10.180.0.1 . 80, 2 : 10.180.0.5 . 80 }\n")
+    for by_key_from_sets in (0, 10**9):  # asked for by key (large tables), dumped (small ones)
+        read = ns.run(NftablesReader(by_key_from_sets=by_key_from_sets).read)
+        assert read.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {
+            ("10.180.0.1", 80), ("10.180.0.5", 80)}
+        assert read.unread == ()

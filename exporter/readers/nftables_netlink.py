@@ -55,6 +55,9 @@ NFTA_GEN_ID = 1
 NFT_SET_ANONYMOUS, NFT_SET_INTERVAL, NFT_SET_MAP, NFT_SET_TIMEOUT = 0x1, 0x4, 0x8, 0x10
 NFT_SET_ELEM_INTERVAL_END = 0x1
 NFT_REG_VERDICT = 0
+NLM_F_ACK = 0x4
+NLA_F_NESTED = 0x8000
+NFTA_NG_MODULUS = 2
 # Verdict codes (netfilter.h, nf_tables.h).
 NF_DROP, NF_ACCEPT = 0, 1
 NFT_CONTINUE, NFT_BREAK, NFT_JUMP, NFT_GOTO, NFT_RETURN = -1, -2, -3, -4, -5
@@ -69,7 +72,7 @@ NFTA_DYNSET_SET_NAME = 1
 NFTA_NG_DREG = 1
 # Expressions that test the packet (a rule holding one is conditional).
 MATCHING_EXPRESSIONS = frozenset({b"cmp", b"range"})
-_DECODED_EXPRESSIONS = frozenset({b"immediate", b"lookup", b"dynset", b"reject", b"nat"})
+_DECODED_EXPRESSIONS = frozenset({b"immediate", b"lookup", b"dynset", b"reject", b"nat", b"numgen"})
 # An expression's name attribute as the kernel writes it (length, NFTA_EXPR_NAME,
 # name, NUL): rules without any of these need no decoding (``Rule`` fast path).
 _ACTING_EXPRESSIONS = re.compile(b"|".join(re.escape(_NLA.pack(4 + len(n) + 1, NFTA_EXPR_NAME) + n + b"\0")
@@ -122,6 +125,7 @@ class Rule(NamedTuple):
     rejects: bool  # a reject expression
     comment: str | None
     unknown: tuple[str, ...] = ()  # what could not be decoded (a reason each)
+    modulus: int | None = None  # N of a ``numgen ... mod N`` (the keys of its map are 0..N-1)
 
 
 class SetInfo(NamedTuple):
@@ -240,7 +244,12 @@ class NftNetlink:
         return self.seq
 
     def _replies(self, command: int, family: int, flags: int, attrs: bytes, what: str):
-        """Yield (buffer, attributes start, end) of each reply; the buffer is reused."""
+        """Yield (buffer, attributes start, end) of each reply; the buffer is reused.
+
+        A dump ends with NLMSG_DONE; a request sent with NLM_F_ACK (several
+        single replies) ends with the acknowledgement; any other after its reply.
+        """
+        until_ack = bool(flags & NLM_F_ACK)
         seq = self._send(command, family, flags, attrs)
         buf = self.buf
         try:
@@ -265,7 +274,7 @@ class NftNetlink:
                             raise NftReadError(_error_text(code, what), code)
                         return
                     yield buf, start + 4, end  # past nfgenmsg
-                    if not msg_flags & NLM_F_MULTI:
+                    if not msg_flags & NLM_F_MULTI and not until_ack:
                         return
         except (BlockingIOError, TimeoutError):
             raise NftReadError(f"no answer from nf_tables within {self.timeout:g} s ({what})") from None
@@ -318,15 +327,17 @@ class NftNetlink:
                 out.append(Chain(name, handle, base))
         return out
 
-    def sets(self, family: int, table: str) -> list[SetInfo]:
-        """Every named set of the table (anonymous ones, ``__set%d``/``__map%d``, are skipped)."""
+    def sets(self, family: int, table: str) -> tuple[list[SetInfo], int]:
+        """Every named set of the table, and how many anonymous ones (``__set%d``/``__map%d``) it has."""
         out = []
+        anonymous = 0
         attrs = _nla(NFTA_SET_TABLE, table.encode() + b"\0")
         for buf, start, end in self._replies(NFT_MSG_GETSET, family, NLM_F_DUMP, attrs, "the sets"):
             name, handle, flags, key_len, data_len, timeout = "", 0, 0, 0, 0, None
             for s, e, t in _attrs(buf, start, end):
                 if t == NFTA_SET_NAME:
                     if buf[s:s + 2] == b"__":
+                        anonymous += 1
                         break  # anonymous: read with the rule that owns it
                     name = _string(buf, s, e)
                 elif t == NFTA_SET_HANDLE:
@@ -341,7 +352,7 @@ class NftNetlink:
                     timeout = _BE64.unpack_from(buf, s)[0]
             if name:
                 out.append(SetInfo(name, handle, flags, key_len, data_len, timeout))
-        return out
+        return out, anonymous
 
     def elements(self, family: int, table: str, set_name: str,
                  known: dict[bytes, Element] | None = None) -> list[Element]:
@@ -379,6 +390,29 @@ class NftNetlink:
                     else:
                         element = _element(buf, es, ee)
                     out.append(element)
+        return out
+
+    def elements_by_keys(self, family: int, table: str, set_name: str, keys: list[bytes]) -> list[Element]:
+        """The elements of ``keys`` in one set, asked for by key rather than dumped.
+
+        For a ``numgen random mod N`` map the keys are 0..N-1. A get costs the
+        kernel one look-up of the set by name, where a dump walks the table's set
+        list twice more (once per dump call) to find its place again.
+        """
+        items = b"".join(_nla(NFTA_LIST_ELEM | NLA_F_NESTED,
+                              _nla(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _nla(NFTA_DATA_VALUE, key)))
+                         for key in keys)
+        attrs = (_nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                 + _nla(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+                 + _nla(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, items))
+        out = []
+        for buf, start, end in self._replies(NFT_MSG_GETSETELEM, family, NLM_F_ACK, attrs,
+                                             f"the elements of set {set_name}"):
+            for s, e, t in _attrs(buf, start, end):
+                if t == NFTA_SET_ELEM_LIST_ELEMENTS:
+                    for es, ee, et in _attrs(buf, s, e):
+                        if et == NFTA_LIST_ELEM:
+                            out.append(_element(buf, es, ee))
         return out
 
     def rules(self, family: int, table: str, known: dict[tuple[str, int], Rule] | None = None,
@@ -488,6 +522,7 @@ def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
     updates: list[str] = []
     unknown: list[str] = []
     registers: dict[int, tuple] = {}
+    modulus = None
     for s, e, t in _attrs(buf, *exprs) if exprs else ():
         if t != NFTA_LIST_ELEM:
             continue
@@ -526,6 +561,8 @@ def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
             updates.append(u32.text(NFTA_DYNSET_SET_NAME))
         elif name == b"reject":
             rejects = True
+        elif name == b"numgen":
+            modulus = u32(NFTA_NG_MODULUS)
         elif name == b"nat":
             if u32(NFTA_NAT_TYPE) != NFT_NAT_DNAT:
                 continue  # snat/masquerade: not where traffic goes
@@ -539,4 +576,4 @@ def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
                 dnat = ("value", addr[1], port[1] if port and port[0] == "value" else None)
     comment = _comment(buf, *udata) if udata else None
     return Rule(chain, handle, verdict, conditional, dnat, vmap, tuple(lookups), tuple(updates),
-                rejects, comment, tuple(unknown))
+                rejects, comment, tuple(unknown), modulus)
