@@ -228,3 +228,24 @@ def test_a_numgen_map_missing_a_key_is_still_read_whole(ns):
         assert read.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {
             ("10.180.0.1", 80), ("10.180.0.5", 80)}
         assert read.unread == ()
+
+
+def test_a_flushed_table_is_read_as_empty_and_a_deleted_one_is_an_error(ns):
+    """firewalld's reload flushes or deletes other tables. `flush table` empties every
+    chain but leaves the maps' elements: each frontend is read, and sends nowhere. A
+    deleted table cannot be read at all."""
+    ns.nft(ruleset(newest_services()))
+    reader = NftablesReader()
+    before = ns.run(reader.read)
+    assert any(vs.real_servers for vs in before.table.values())
+    ns.nft("flush table ip kube-proxy\n")
+    flushed = ns.run(reader.read)
+    assert flushed.reread and flushed.table.keys() == before.table.keys() and flushed.unread == ()
+    assert all(vs.real_servers == {} for vs in flushed.table.values())
+    # Map verdicts stay; reject-chain is empty now, so what went there is no longer rejected.
+    assert flushed.rejected == {k: v for k, v in before.rejected.items() if v == "drop"}
+    assert VirtualServerKey("TCP", "172.30.0.46", 80) in before.rejected
+    assert flushed.sizes["ip"].rules == 0 and flushed.sizes["ip"].service_ips == before.sizes["ip"].service_ips
+    ns.nft("delete table ip kube-proxy\n")
+    with pytest.raises(NftReadError, match="no kube-proxy nftables table"):
+        ns.run(reader.read)

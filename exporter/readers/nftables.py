@@ -224,9 +224,10 @@ class _FamilyReader:
                 key = decode(element.key)
                 verdict = self._verdict_kind(element.data)
                 if key is None or verdict is None:
-                    unread.append(f"{where}: an element of {map_name} this reader cannot decode")
-                    continue
-                rejected[key] = verdict
+                    unread.append(f"{where}: an element of {map_name} this reader cannot decode "
+                                  f"({key or element.key.hex()}: {element.data})")
+                elif verdict:
+                    rejected[key] = verdict
         for element in maps.get(FIREWALL_IPS, ()):
             key = self._service_ip_key(element.key)
             if key is not None:
@@ -278,15 +279,20 @@ class _FamilyReader:
         return VirtualServerKey(PROTOCOLS[raw[0]], None, int.from_bytes(raw[4:6], "big"))
 
     def _verdict_kind(self, data) -> str | None:
-        """"drop" or "reject" for a no-endpoint verdict (reject is kube-proxy's reject-chain)."""
+        """"drop" or "reject" for a no-endpoint verdict (reject is kube-proxy's reject-chain);
+        "" when it goes to a chain that exists but neither rejects nor drops (a flushed
+        reject-chain: traffic passes); None when it is not a verdict this reader knows."""
         if not isinstance(data, Verdict):
             return None
         if data.code == NF_DROP:
             return "drop"
-        if data.code in (NFT_GOTO, NFT_JUMP) and data.chain:
+        if data.code in (NFT_GOTO, NFT_JUMP) and data.chain in self.chain_names:
             rules = self.by_chain.get(data.chain, ())
             if any(r.rejects and not r.conditional for r in rules):
                 return "reject"
+            if any(r.verdict and r.verdict.code == NF_DROP and not r.conditional for r in rules):
+                return "drop"
+            return ""
         return None
 
     # -- frontends -----------------------------------------------------------------
