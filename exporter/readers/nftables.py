@@ -25,7 +25,12 @@ call and the rules only when it moved, or after ``safety_interval``. A re-read
 dumps the table's chains, rules and maps again but decodes only rules with new
 handles (kube-proxy rewrites a changed Service's chains, giving them new handles
 and a new anonymous set) and fetches only their anonymous sets, whose look-up by
-name is what makes a first read expensive in the kernel.
+name is what makes a first read expensive in the kernel. In large tables a numgen
+map is asked for by its keys 0..N-1 instead of dumped, which spares the kernel two
+more walks of the table's set list per map.
+
+Not decoded: the source ranges inside a firewall chain (``firewalled`` says which
+frontends have one, not which ranges it allows).
 """
 
 from __future__ import annotations
@@ -246,7 +251,6 @@ class _FamilyReader:
         key = (rule.chain, rule.handle)
         elements = self.old_anonymous.get(key)
         if elements is None:
-            elements = None
             if self.by_key and rule.modulus and rule.modulus <= MAX_NUMGEN_KEYS:
                 # numgen's map: ask for keys 0..N-1, the only ones traffic can hit,
                 # which spares the kernel the dump's walks of the set list.

@@ -490,8 +490,8 @@ def _element(buf, start: int, end: int) -> Element:
     return Element(key, data, flags, comment)
 
 
-class _U32Reader:
-    """Big-endian u32 and string attributes of one expression, by attribute type."""
+class _ExprFields:
+    """One expression's attributes: call it for a big-endian u32, .text() for a string."""
 
     __slots__ = ("buf", "fields")
 
@@ -538,7 +538,7 @@ def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
         if name not in _DECODED_EXPRESSIONS:
             continue  # meta, payload, numgen, counter, ...: nothing a reader follows
         fields = {pt: (ps, pe) for ps, pe, pt in _attrs(buf, *data)}
-        u32 = _U32Reader(buf, fields)
+        u32 = _ExprFields(buf, fields)
         if name == b"immediate":
             dreg = u32(NFTA_IMMEDIATE_DREG)
             where = fields.get(NFTA_IMMEDIATE_DATA)
