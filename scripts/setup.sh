@@ -15,6 +15,8 @@ if [ "$mode" = "--test" ]; then
            busybox-static util-linux procps curl)
     # openssl: the API stand-in's TLS certificate (tests/apiserver.py).
     pkgs+=(openssl)
+    # nftables: `nft -f` loads kube-proxy rulesets into test namespaces; the bench compares with `nft list table`.
+    pkgs+=(nftables)
 fi
 
 missing=()

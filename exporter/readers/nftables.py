@@ -1,0 +1,428 @@
+"""The live kube-proxy nftables rules as a ``Table``: tables `ip kube-proxy` and `ip6 kube-proxy`.
+
+kube-proxy's nftables mode (pkg/proxy/nftables/proxier.go; field.md) sends each
+frontend through a verdict map: `service-ips` (address . protocol . port) and
+`service-nodeports` (protocol . port, matched on the node-port addresses) go to a
+Service's chain; `no-endpoint-services` / `no-endpoint-nodeports` drop or reject
+frontends without a usable endpoint; `firewall-ips` sends LoadBalancer frontends
+with source ranges to a firewall chain. A Service chain picks an endpoint with
+`numgen random`: in the newest releases one `dnat ... map { i : addr . port }`
+rule, before that a `vmap { i : goto endpoint-... }` into per-endpoint chains
+that `dnat to addr:port`. External chains short-circuit pod and local sources
+(conditional gotos) and then go to the Service (Cluster policy) or local chain.
+Session affinity adds `ip saddr @affinity-... goto endpoint-...` rules over sets
+whose timeout is the affinity timeout.
+
+Mapped as the contract says ("Every kube-proxy mode"): a frontend is a virtual
+server (a NodePort one has address None), an endpoint a real server of weight 1,
+the affinity timeout its persistence timeout. Nothing is reported healthy that
+was not read: a frontend whose chains cannot be followed is left out of the
+table and named in ``unread``; a family whose table is half there is unread as
+a whole; no table at all is an error.
+
+Cost (bench/bench_nftables.py): the generation id (NFT_MSG_GETGEN) is read every
+call and the rules only when it moved, or after ``safety_interval``. A re-read
+dumps the table's chains, rules and maps again but decodes only rules with new
+handles (kube-proxy rewrites a changed Service's chains, giving them new handles
+and a new anonymous set) and fetches only their anonymous sets, whose look-up by
+name is what makes a first read expensive in the kernel. In large tables a numgen
+map is asked for by its keys 0..N-1 instead of dumped, which spares the kernel two
+more walks of the table's set list per map.
+
+Not decoded: the source ranges inside a firewall chain (``firewalled`` says which
+frontends have one, not which ranges it allows).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import ipaddress
+import re
+import struct
+import time
+from typing import NamedTuple
+
+from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
+from exporter.readers.nftables_netlink import (NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6, NFT_GOTO, NFT_JUMP,
+                                               Element, NftNetlink, NftReadError, Rule, SetInfo, Verdict)
+
+TABLE_NAME = "kube-proxy"
+FAMILIES = (("ip", NFPROTO_IPV4, 4), ("ip6", NFPROTO_IPV6, 16))
+SERVICE_IPS, SERVICE_NODEPORTS = "service-ips", "service-nodeports"
+NO_ENDPOINT_SERVICES, NO_ENDPOINT_NODEPORTS = "no-endpoint-services", "no-endpoint-nodeports"
+FIREWALL_IPS = "firewall-ips"
+REQUIRED_MAPS = (SERVICE_IPS, SERVICE_NODEPORTS, NO_ENDPOINT_SERVICES, NO_ENDPOINT_NODEPORTS)
+PROTOCOLS = {6: "TCP", 17: "UDP", 132: "SCTP"}
+# The scheduler name a nftables frontend reports: numgen random, not an IPVS scheduler.
+SCHEDULER = "random"
+# kube-proxy's per-Service chain names: KIND-HASH-ns/name/proto/portname[__addr/port].
+CHAIN_NAME = re.compile(r"^(service|external|local|firewall|endpoint)-[A-Z2-7]{8}-"
+                        r"([^/]+)/([^/]+)/(tcp|udp|sctp)/([^/]*?)(?:__(.+)/(\d+))?$")
+MAX_CHAIN_DEPTH = 4  # frontend -> external -> service -> endpoint
+MAX_NUMGEN_KEYS = 1024  # larger maps are dumped (one request stays small)
+# A dump of one set's elements walks the table's list of sets twice more than a get
+# by key, but a get answers in one message per element: by key pays from a few
+# thousand sets on (bench/bench_nftables.py: 2x faster at 10,000, slower at 1,000).
+BY_KEY_FROM_SETS = 3000
+_HOST_U32 = struct.Struct("=I")  # numgen writes its register in host byte order
+
+
+class NftablesSizes(NamedTuple):
+    """One family's table sizes, for `kubenode_nftables_*`."""
+
+    service_ips: int
+    service_nodeports: int
+    no_endpoint_services: int
+    no_endpoint_nodeports: int
+    chains: int
+    rules: int
+
+
+class NftablesRead(NamedTuple):
+    table: Table  # every frontend read fully
+    rejected: dict[VirtualServerKey, str]  # frontends the no-endpoint maps "drop" or "reject"
+    firewalled: frozenset[VirtualServerKey]  # frontends filtered by LoadBalancer source ranges
+    unread: tuple[str, ...]  # one line per thing not read (a frontend, a family's table)
+    sizes: dict[str, NftablesSizes]  # by family read ("ip", "ip6")
+    generation: int  # the nf_tables ruleset generation these rules are from
+    read_seconds: float  # this call's own work (a generation check only, when nothing moved)
+    reread: bool  # this call read the rules again
+
+
+class _Resolved(NamedTuple):
+    real_servers: frozenset[tuple[str, int]]
+    affinity_timeout: int | None
+    problems: tuple[str, ...]
+
+
+class _FamilyState:
+    """What one family's previous read leaves for the next (owned by the reader)."""
+
+    def __init__(self, table_handle: int) -> None:
+        self.table_handle = table_handle
+        self.rules: dict[tuple[str, int], Rule] = {}
+        self.anonymous: dict[tuple[str, int], list[Element]] = {}  # by the owning rule
+        self.elements: dict[bytes, Element] = {}  # named maps' elements by raw bytes
+        # A chain that follows no other: its result while its rules keep their handles.
+        self.leaves: dict[str, tuple[tuple[int, ...], "_Resolved"]] = {}
+        # Each frontend's last virtual server, reused while what it resolves to is equal.
+        self.frontends: dict[VirtualServerKey, tuple["_Resolved", str | None, VirtualServer]] = {}
+        # Chain name -> "ns/name" of its Service, or None when not a kube-proxy chain name.
+        self.services: dict[str, str | None] = {}
+
+
+class NftablesReader:
+    """Reads kube-proxy's nftables tables of the calling thread's network namespace."""
+
+    def __init__(self, safety_interval: float = 300.0, timeout: float = 5.0, clock=time.monotonic,
+                 by_key_from_sets: int = BY_KEY_FROM_SETS) -> None:
+        self.safety_interval = safety_interval
+        self.by_key_from_sets = by_key_from_sets
+        self.timeout = timeout
+        self.clock = clock
+        self._last: NftablesRead | None = None
+        self._last_at = 0.0
+        self._families: dict[str, _FamilyState] = {}
+        self.decoded_rules = 0  # rules decoded by the last full read (tests, bench)
+        self.anonymous_sets_read = 0  # anonymous sets fetched by the last full read
+
+    def read(self) -> NftablesRead:
+        """The live table; raises ``NftReadError`` when neither family could be read."""
+        start = time.perf_counter()
+        with NftNetlink(self.timeout) as nl:
+            generation = nl.generation()
+            last = self._last
+            if (last is not None and last.generation == generation
+                    and self.clock() - self._last_at < self.safety_interval):
+                return last._replace(read_seconds=time.perf_counter() - start, reread=False)
+            # The read makes tens of thousands of small objects and frees few: the
+            # cyclic collector would walk them again and again for nothing (none form cycles).
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                result = self._read_all(nl, generation)
+                # Rules changed while being read: the dumps may mix two rulesets, so read once more.
+                if nl.generation() != generation:
+                    generation = nl.generation()
+                    result = self._read_all(nl, generation)
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+        self._last, self._last_at = result, self.clock()
+        return result._replace(read_seconds=time.perf_counter() - start)
+
+    def _read_all(self, nl: NftNetlink, generation: int) -> NftablesRead:
+        table: Table = {}
+        rejected: dict[VirtualServerKey, str] = {}
+        firewalled: set[VirtualServerKey] = set()
+        unread: list[str] = []
+        sizes: dict[str, NftablesSizes] = {}
+        self.decoded_rules = self.anonymous_sets_read = 0
+        present = []
+        for family_name, family, addr_len in FAMILIES:
+            handle = nl.table(family, TABLE_NAME)
+            if handle is None:
+                self._families.pop(family_name, None)
+                continue
+            present.append(family_name)
+            state = self._families.get(family_name)
+            if state is None or state.table_handle != handle.handle:
+                state = self._families[family_name] = _FamilyState(handle.handle)
+            try:
+                sizes[family_name] = _FamilyReader(nl, family_name, family, addr_len, state, self).read(
+                    table, rejected, firewalled, unread)
+            except NftReadError as err:
+                self._families.pop(family_name, None)
+                unread.append(f"{family_name} {TABLE_NAME}: {err}")
+        if not present:
+            raise NftReadError(f"no kube-proxy nftables table (ip or ip6 {TABLE_NAME}) in this network namespace")
+        if not sizes:
+            raise NftReadError("; ".join(unread))
+        return NftablesRead(table, rejected, frozenset(firewalled), tuple(unread), sizes, generation, 0.0, True)
+
+
+class _FamilyReader:
+    """One read of one family's table: dumps, then frontends resolved through the chains."""
+
+    def __init__(self, nl: NftNetlink, name: str, family: int, addr_len: int,
+                 state: _FamilyState, owner: NftablesReader) -> None:
+        self.nl, self.name, self.family, self.addr_len = nl, name, family, addr_len
+        self.state, self.owner = state, owner
+        self.resolved: dict[str, _Resolved] = {}
+
+    def read(self, table: Table, rejected: dict, firewalled: set, unread: list) -> NftablesSizes:
+        nl, family = self.nl, self.family
+        named, anonymous = nl.sets(family, TABLE_NAME)
+        sets = {s.name: s for s in named}
+        self.by_key = anonymous >= self.owner.by_key_from_sets
+        missing = [m for m in REQUIRED_MAPS if m not in sets]
+        if missing:
+            raise NftReadError(f"map {', '.join(missing)} missing (a half-programmed table, or not kube-proxy's)")
+        self.sets = sets
+        chains = nl.chains(family, TABLE_NAME)
+        self.chain_names = {c.name for c in chains}
+        rules, decoded = nl.rules(family, TABLE_NAME, self.state.rules)
+        self.owner.decoded_rules += decoded
+        self.by_chain: dict[str, list[Rule]] = {}
+        for rule in rules:
+            self.by_chain.setdefault(rule.chain, []).append(rule)
+        # Keep only what this read saw, so the caches stay the size of the table.
+        self.state.rules = {(r.chain, r.handle): r for r in rules}
+        self.old_anonymous, self.state.anonymous = self.state.anonymous, {}
+        self.old_leaves, self.state.leaves = self.state.leaves, {}
+        self.old_frontends, self.state.frontends = self.state.frontends, {}
+        if len(self.state.elements) > 4 * (len(rules) + 1000):
+            self.state.elements = {}
+
+        maps = {name: self._named(name) for name in (*REQUIRED_MAPS, FIREWALL_IPS) if name in sets}
+        where = f"{self.name} {TABLE_NAME}"
+        for element in maps[SERVICE_IPS]:
+            key = self._service_ip_key(element.key)
+            self._frontend(key, element, table, unread, where)
+        for element in maps[SERVICE_NODEPORTS]:
+            key = self._nodeport_key(element.key)
+            self._frontend(key, element, table, unread, where)
+        for map_name, decode in ((NO_ENDPOINT_SERVICES, self._service_ip_key),
+                                 (NO_ENDPOINT_NODEPORTS, self._nodeport_key)):
+            for element in maps[map_name]:
+                key = decode(element.key)
+                verdict = self._verdict_kind(element.data)
+                if key is None or verdict is None:
+                    unread.append(f"{where}: an element of {map_name} this reader cannot decode "
+                                  f"({key or element.key.hex()}: {element.data})")
+                elif verdict:
+                    rejected[key] = verdict
+        for element in maps.get(FIREWALL_IPS, ()):
+            key = self._service_ip_key(element.key)
+            if key is not None:
+                firewalled.add(key)
+        return NftablesSizes(len(maps[SERVICE_IPS]), len(maps[SERVICE_NODEPORTS]),
+                             len(maps[NO_ENDPOINT_SERVICES]), len(maps[NO_ENDPOINT_NODEPORTS]),
+                             len(chains), len(rules))
+
+    # -- elements ------------------------------------------------------------------
+
+    def _named(self, name: str) -> list[Element]:
+        return self.nl.elements(self.family, TABLE_NAME, name, self.state.elements)
+
+    def _anonymous(self, rule: Rule, set_name: str) -> list[Element]:
+        """An anonymous set's elements, fetched once for the rule that owns it."""
+        key = (rule.chain, rule.handle)
+        elements = self.old_anonymous.get(key)
+        if elements is None:
+            if self.by_key and rule.modulus and rule.modulus <= MAX_NUMGEN_KEYS:
+                # numgen's map: ask for keys 0..N-1, the only ones traffic can hit,
+                # which spares the kernel the dump's walks of the set list.
+                try:
+                    elements = self.nl.elements_by_keys(self.family, TABLE_NAME, set_name,
+                                                        [_HOST_U32.pack(i) for i in range(rule.modulus)])
+                except NftReadError as err:
+                    if err.errno != errno.ENOENT:
+                        raise
+            if elements is None:  # a key missing (not kube-proxy's map), or no numgen: all of it
+                elements = self.nl.elements(self.family, TABLE_NAME, set_name)
+            self.owner.anonymous_sets_read += 1
+        self.state.anonymous[key] = elements
+        return elements
+
+    def _address(self, raw: bytes) -> str:
+        return str(ipaddress.ip_address(raw[:self.addr_len]))
+
+    def _service_ip_key(self, raw: bytes) -> VirtualServerKey | None:
+        """address . inet_proto . inet_service, each padded to 4 bytes."""
+        a = self.addr_len
+        if len(raw) != a + 8 or raw[a] not in PROTOCOLS:
+            return None
+        return VirtualServerKey(PROTOCOLS[raw[a]], self._address(raw), int.from_bytes(raw[a + 4:a + 6], "big"))
+
+    @staticmethod
+    def _nodeport_key(raw: bytes) -> VirtualServerKey | None:
+        if len(raw) != 8 or raw[0] not in PROTOCOLS:
+            return None
+        return VirtualServerKey(PROTOCOLS[raw[0]], None, int.from_bytes(raw[4:6], "big"))
+
+    def _verdict_kind(self, data) -> str | None:
+        """"drop" or "reject" for a no-endpoint verdict (reject is kube-proxy's reject-chain);
+        "" when it goes to a chain that exists but neither rejects nor drops (a flushed
+        reject-chain: traffic passes); None when it is not a verdict this reader knows."""
+        if not isinstance(data, Verdict):
+            return None
+        if data.code == NF_DROP:
+            return "drop"
+        if data.code in (NFT_GOTO, NFT_JUMP) and data.chain in self.chain_names:
+            rules = self.by_chain.get(data.chain, ())
+            if any(r.rejects and not r.conditional for r in rules):
+                return "reject"
+            if any(r.verdict and r.verdict.code == NF_DROP and not r.conditional for r in rules):
+                return "drop"
+            return ""
+        return None
+
+    # -- frontends -----------------------------------------------------------------
+
+    def _frontend(self, key: VirtualServerKey | None, element: Element, table: Table,
+                  unread: list, where: str) -> None:
+        data = element.data
+        if key is None or not isinstance(data, Verdict) or data.code not in (NFT_GOTO, NFT_JUMP):
+            unread.append(f"{where}: a frontend element this reader cannot decode")
+            return
+        resolved = self._resolve(data.chain, 0)
+        if resolved.problems:
+            unread.append(f"{where}: {key}: {'; '.join(resolved.problems)}")
+            return
+        chain = data.chain
+        last = self.old_frontends.get(key)
+        if last is not None and last[1] == chain and last[0] == resolved:
+            virtual_server = last[2]
+        else:
+            service = self._service_of(chain)
+            real_servers = {rs: RealServer(rs[0], rs[1]) for rs in sorted(resolved.real_servers)}
+            virtual_server = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, real_servers, service)
+        self.state.frontends[key] = (resolved, chain, virtual_server)
+        other = table.get(key)
+        if other is not None:
+            # A NodePort (address None) of a dual-stack Service is in both families'
+            # tables: one frontend on every node-port address, each family's endpoints.
+            virtual_server = virtual_server._replace(real_servers={**other.real_servers,
+                                                                   **virtual_server.real_servers})
+        table[key] = virtual_server
+
+    def _service_of(self, chain: str) -> str | None:
+        services = self.state.services
+        if chain in services:
+            return services[chain]
+        if len(services) > 4 * len(self.chain_names) + 1000:
+            services.clear()  # chains of deleted Services: keep the cache the table's size
+        match = CHAIN_NAME.match(chain)
+        service = services[chain] = f"{match.group(2)}/{match.group(3)}" if match else None
+        return service
+
+    def _resolve(self, chain: str | None, depth: int) -> _Resolved:
+        """Where a chain sends traffic: its endpoints, affinity timeout, or why unknown."""
+        done = self.resolved.get(chain)
+        if done is not None:
+            return done
+        result = self._walk(chain, depth)
+        self.resolved[chain] = result
+        return result
+
+    def _walk(self, chain: str | None, depth: int) -> _Resolved:
+        if not chain or self._service_of(chain) is None:
+            return _Resolved(frozenset(), None, (f"chain {chain!r} is not one of kube-proxy's",))
+        if chain not in self.chain_names:
+            return _Resolved(frozenset(), None, (f"chain {chain} is missing",))
+        if depth > MAX_CHAIN_DEPTH:
+            return _Resolved(frozenset(), None, (f"chain {chain} nests deeper than kube-proxy's",))
+        rules = self.by_chain.get(chain, ())
+        handles = tuple(r.handle for r in rules)
+        leaf = self.old_leaves.get(chain)
+        if leaf is not None and leaf[0] == handles:
+            # Same rules, same anonymous sets (they live and die with their rule):
+            # nothing to fetch again, and no need to keep the sets' elements.
+            self.state.leaves[chain] = leaf
+            return leaf[1]
+        followed = False
+        endpoints: set[tuple[str, int]] = set()
+        problems: list[str] = []
+        affinity = None
+
+        def follow(target: str | None) -> None:
+            nonlocal affinity, followed
+            followed = True
+            sub = self._resolve(target, depth + 1)
+            endpoints.update(sub.real_servers)
+            problems.extend(sub.problems)
+            if sub.affinity_timeout is not None:
+                affinity = sub.affinity_timeout
+
+        for rule in rules:
+            if rule.unknown:
+                problems.extend(f"chain {chain}: {u}" for u in rule.unknown)
+            for set_name in (*rule.lookups, *rule.updates):
+                if set_name.startswith("affinity-"):
+                    info: SetInfo | None = self.sets.get(set_name)
+                    if info is None:
+                        problems.append(f"affinity set {set_name} is missing")
+                    elif info.timeout_ms is not None:
+                        affinity = info.timeout_ms // 1000
+            if rule.dnat is not None:
+                endpoints.update(self._dnat_targets(rule, problems))
+            if rule.vmap is not None:
+                for element in self._anonymous(rule, rule.vmap):
+                    if isinstance(element.data, Verdict) and element.data.code in (NFT_GOTO, NFT_JUMP):
+                        follow(element.data.chain)
+                    else:
+                        problems.append(f"chain {chain}: a verdict map element that is not a goto")
+            verdict = rule.verdict
+            if verdict is None or rule.conditional:
+                continue  # short-circuits and affinity gotos lead to chains read on their own
+            if verdict.code == NFT_GOTO:
+                follow(verdict.chain)
+                break
+            if verdict.code == NF_DROP or rule.rejects:
+                break
+        result = _Resolved(frozenset(endpoints), affinity, tuple(problems))
+        if not followed and affinity is None and not problems:
+            self.state.leaves[chain] = (handles, result)
+            for rule in rules:  # a leaf is re-read only with new rules: its sets are not needed again
+                self.state.anonymous.pop((rule.chain, rule.handle), None)
+        return result
+
+    def _dnat_targets(self, rule: Rule, problems: list) -> list[tuple[str, int]]:
+        kind = rule.dnat[0]
+        a = self.addr_len
+        if kind == "value":
+            _, addr, port = rule.dnat
+            if not isinstance(addr, bytes) or len(addr) != a or not isinstance(port, bytes) or len(port) != 2:
+                problems.append(f"chain {rule.chain}: a dnat this reader cannot decode")
+                return []
+            return [(self._address(addr), int.from_bytes(port, "big"))]
+        out = []
+        for element in self._anonymous(rule, rule.dnat[1]):
+            data = element.data
+            if not isinstance(data, bytes) or len(data) != a + 4:
+                problems.append(f"chain {rule.chain}: a dnat map element this reader cannot decode")
+                continue
+            out.append((self._address(data), int.from_bytes(data[a:a + 2], "big")))
+        return out

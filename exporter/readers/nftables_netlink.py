@@ -1,0 +1,579 @@
+"""nf_tables over raw netlink: the generation id, a table's chains, rules, sets and elements.
+
+Why not `nft` or pyroute2 (field.md, bench/bench_nftables.py): `nft -j list ruleset`
+of a 10,000-service table takes seconds and hundreds of MB, libnftables in our own
+process could take the exporter down with it, and pyroute2's generic nf_tables
+parser is far slower than `nft`. This module sends the same requests nft sends
+(NFNL_SUBSYS_NFTABLES dumps) on a plain NETLINK_NETFILTER socket and decodes only
+what a kube-proxy reader needs, with struct on one receive buffer.
+
+Decoding stops at plain data: a rule is a ``Rule`` (its chain, handle, and the few
+facts its expressions state: the verdict it ends in, whether it matches anything
+first, what it DNATs to, which sets it looks up or updates); an element is an
+``Element`` (raw key bytes, verdict or raw data, comment). What those mean for a
+Service is the job of ``exporter.readers.nftables``.
+
+The socket lives in the network namespace of the thread that opens it (as the
+ipset reader's), so tests read a namespace of their own from a thread that joined it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import struct
+from typing import Iterator, NamedTuple
+
+from exporter.readers.ipset import (NETLINK_NETFILTER, NFNETLINK_V0, NLM_F_DUMP, NLM_F_MULTI,
+                                    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, _NLA, _NLMSGHDR, _nla)
+
+# <linux/netfilter/nfnetlink.h>, <linux/netfilter/nf_tables.h>
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETTABLE = 1
+NFT_MSG_GETCHAIN = 4
+NFT_MSG_GETRULE = 7
+NFT_MSG_GETSET = 10
+NFT_MSG_GETSETELEM = 13
+NFT_MSG_GETGEN = 16
+NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10
+
+NFTA_TABLE_NAME, NFTA_TABLE_HANDLE = 1, 4
+NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK = 1, 2, 3, 4
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 3, 4, 7
+NFTA_LIST_ELEM = 1
+NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
+NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS = 1, 2, 3
+NFTA_SET_KEY_LEN, NFTA_SET_DATA_TYPE, NFTA_SET_DATA_LEN, NFTA_SET_TIMEOUT, NFTA_SET_HANDLE = 5, 6, 7, 11, 16
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_USERDATA = 1, 2, 3, 6
+NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
+NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
+NFTA_GEN_ID = 1
+NFT_SET_ANONYMOUS, NFT_SET_INTERVAL, NFT_SET_MAP, NFT_SET_TIMEOUT = 0x1, 0x4, 0x8, 0x10
+NFT_SET_ELEM_INTERVAL_END = 0x1
+NFT_REG_VERDICT = 0
+NLM_F_ACK = 0x4
+NLA_F_NESTED = 0x8000
+NFTA_NG_MODULUS = 2
+# Verdict codes (netfilter.h, nf_tables.h).
+NF_DROP, NF_ACCEPT = 0, 1
+NFT_CONTINUE, NFT_BREAK, NFT_JUMP, NFT_GOTO, NFT_RETURN = -1, -2, -3, -4, -5
+VERDICT_NAMES = {NF_DROP: "drop", NF_ACCEPT: "accept", NFT_CONTINUE: "continue", NFT_BREAK: "break",
+                 NFT_JUMP: "jump", NFT_GOTO: "goto", NFT_RETURN: "return"}
+# Expression attributes used below.
+NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
+NFTA_LOOKUP_SET, NFTA_LOOKUP_SREG, NFTA_LOOKUP_DREG, NFTA_LOOKUP_FLAGS = 1, 2, 3, 5
+NFTA_NAT_TYPE, NFTA_NAT_FAMILY, NFTA_NAT_REG_ADDR_MIN, NFTA_NAT_REG_PROTO_MIN = 1, 2, 3, 5
+NFT_NAT_DNAT = 1
+NFTA_DYNSET_SET_NAME = 1
+NFTA_NG_DREG = 1
+# Expressions that test the packet (a rule holding one is conditional).
+MATCHING_EXPRESSIONS = frozenset({b"cmp", b"range"})
+_DECODED_EXPRESSIONS = frozenset({b"immediate", b"lookup", b"dynset", b"reject", b"nat", b"numgen"})
+# An expression's name attribute as the kernel writes it (length, NFTA_EXPR_NAME,
+# name, NUL): rules without any of these need no decoding (``Rule`` fast path).
+_ACTING_EXPRESSIONS = re.compile(b"|".join(re.escape(_NLA.pack(4 + len(n) + 1, NFTA_EXPR_NAME) + n + b"\0")
+                                           for n in (b"nat", b"lookup", b"dynset", b"reject", b"range",
+                                                     b"numgen", b"objref", b"queue", b"dup", b"fwd")))
+_CMP_EXPRESSION = _NLA.pack(8, NFTA_EXPR_NAME) + b"cmp\0"
+# libnftnl's user-data TLV type of a comment, for rules and elements alike.
+UDATA_COMMENT = 0
+
+_BE32 = struct.Struct(">I")
+_BE32S = struct.Struct(">i")
+_BE64 = struct.Struct(">Q")
+_RECV_BUFFER = 65536  # the kernel fills dump datagrams up to ~32 KB
+
+
+class NftReadError(Exception):
+    """Reading nf_tables failed; the message is one line saying why."""
+
+    def __init__(self, message: str, errno_: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+class Verdict(NamedTuple):
+    code: int  # NF_DROP, NFT_GOTO, ...
+    chain: str | None = None
+
+    @property
+    def name(self) -> str:
+        return VERDICT_NAMES.get(self.code, str(self.code))
+
+
+class Chain(NamedTuple):
+    name: str
+    handle: int
+    base: bool  # attached to a hook
+
+
+class Rule(NamedTuple):
+    """What one rule states, in the terms a kube-proxy reader needs."""
+
+    chain: str
+    handle: int
+    verdict: Verdict | None  # the immediate verdict it ends in, if any
+    conditional: bool  # it tests the packet (cmp/range/lookup) before acting
+    dnat: tuple | None  # ("value", addr bytes, port bytes|None) or ("map", set name, family)
+    vmap: str | None  # the set a verdict-map lookup reads (``numgen ... vmap { }``)
+    lookups: tuple[str, ...]  # sets it matches against (``ip saddr @affinity-...``)
+    updates: tuple[str, ...]  # sets it updates (``update @affinity-... { ip saddr }``)
+    rejects: bool  # a reject expression
+    comment: str | None
+    unknown: tuple[str, ...] = ()  # what could not be decoded (a reason each)
+    modulus: int | None = None  # N of a ``numgen ... mod N`` (the keys of its map are 0..N-1)
+
+
+class SetInfo(NamedTuple):
+    name: str
+    handle: int
+    flags: int
+    key_len: int
+    data_len: int
+    timeout_ms: int | None
+
+
+class Element(NamedTuple):
+    key: bytes
+    data: bytes | Verdict | None  # raw value bytes, or a verdict
+    flags: int
+    comment: str | None
+
+
+class Table(NamedTuple):
+    name: str
+    handle: int
+
+
+def _attrs(buf, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(payload start, payload end, type without flags) of each attribute in offset..end."""
+    while offset + 4 <= end:
+        alen, atype = _NLA.unpack_from(buf, offset)
+        if alen < 4 or offset + alen > end:
+            raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+        yield offset + 4, offset + alen, atype & 0x3FFF
+        offset += (alen + 3) & ~3
+
+
+def _string(buf, start: int, end: int) -> str:
+    return bytes(buf[start:end]).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _comment(buf, start: int, end: int) -> str | None:
+    """The comment in libnftnl's user data (TLVs of one-byte type and length)."""
+    while start + 2 <= end:
+        kind, length = buf[start], buf[start + 1]
+        if kind == UDATA_COMMENT:
+            return _string(buf, start + 2, min(start + 2 + length, end))
+        start += 2 + length
+    return None
+
+
+def _verdict(buf, start: int, end: int) -> Verdict:
+    code, chain = NFT_CONTINUE, None
+    for s, e, t in _attrs(buf, start, end):
+        if t == NFTA_VERDICT_CODE and e - s >= 4:
+            code = _BE32S.unpack_from(buf, s)[0]
+        elif t == NFTA_VERDICT_CHAIN:
+            chain = _string(buf, s, e)
+    return Verdict(code, chain)
+
+
+def _data(buf, start: int, end: int) -> bytes | Verdict | None:
+    """NFTA_DATA_*: raw value bytes or a verdict."""
+    if start + 4 <= end:
+        alen, t = _NLA.unpack_from(buf, start)
+        if t & 0x3FFF == NFTA_DATA_VALUE and 4 <= alen <= end - start:
+            return bytes(buf[start + 4:start + alen])  # the usual case: the only attribute
+    for s, e, t in _attrs(buf, start, end):
+        if t == NFTA_DATA_VALUE:
+            return bytes(buf[s:e])
+        if t == NFTA_DATA_VERDICT:
+            return _verdict(buf, s, e)
+    return None
+
+
+def _error_text(code: int, what: str) -> str:
+    if code == errno.EPERM:
+        return f"permission denied reading {what}: nf_tables over netlink needs CAP_NET_ADMIN in this network namespace"
+    if code == errno.ENOENT:
+        return f"{what}: not found"
+    if code in (errno.EPROTONOSUPPORT, errno.EOPNOTSUPP, errno.EAFNOSUPPORT):
+        return f"no nf_tables in this kernel ({what}): {os.strerror(code)}"
+    return f"the kernel refused {what}: {os.strerror(code)}"
+
+
+class NftNetlink:
+    """One NETLINK_NETFILTER socket speaking nf_tables; use as a context manager."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                      NETLINK_NETFILTER)
+        except OSError as err:
+            raise NftReadError(f"cannot open a netfilter netlink socket: {err.strerror}", err.errno) from None
+        seconds = int(timeout)
+        self.timeout = timeout
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("@ll", seconds, int((timeout - seconds) * 1e6)))
+        self.sock.bind((0, 0))
+        self.seq = 0
+        self.buf = bytearray(_RECV_BUFFER)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "NftNetlink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the conversation --------------------------------------------------------
+
+    def _send(self, command: int, family: int, flags: int, attrs: bytes) -> int:
+        self.seq += 1
+        body = struct.pack("=BBH", family, NFNETLINK_V0, 0) + attrs
+        header = _NLMSGHDR.pack(16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | command,
+                                NLM_F_REQUEST | flags, self.seq, 0)
+        self.sock.send(header + body)
+        return self.seq
+
+    def _replies(self, command: int, family: int, flags: int, attrs: bytes, what: str):
+        """Yield (buffer, attributes start, end) of each reply; the buffer is reused.
+
+        A dump ends with NLMSG_DONE; a request sent with NLM_F_ACK (several
+        single replies) ends with the acknowledgement; any other after its reply.
+        """
+        until_ack = bool(flags & NLM_F_ACK)
+        seq = self._send(command, family, flags, attrs)
+        buf = self.buf
+        try:
+            while True:
+                size = self.sock.recv_into(buf, 0, socket.MSG_TRUNC)
+                if size == 0:
+                    raise NftReadError(f"the kernel closed the netlink conversation ({what})")
+                if size > len(buf):
+                    raise NftReadError(f"a {size}-byte nf_tables message does not fit the receive buffer")
+                offset = 0
+                while offset + 16 <= size:
+                    length, msg_type, msg_flags, msg_seq, _ = _NLMSGHDR.unpack_from(buf, offset)
+                    if length < 16 or offset + length > size:
+                        raise NftReadError("malformed netlink message from the kernel (bad length)")
+                    start, end = offset + 16, offset + length
+                    offset += (length + 3) & ~3
+                    if msg_seq != seq:
+                        continue
+                    if msg_type in (NLMSG_ERROR, NLMSG_DONE):
+                        code = -struct.unpack_from("=i", buf, start)[0] if end - start >= 4 else 0
+                        if code > 0:
+                            raise NftReadError(_error_text(code, what), code)
+                        return
+                    yield buf, start + 4, end  # past nfgenmsg
+                    if not msg_flags & NLM_F_MULTI and not until_ack:
+                        return
+        except (BlockingIOError, TimeoutError):
+            raise NftReadError(f"no answer from nf_tables within {self.timeout:g} s ({what})") from None
+        except struct.error:
+            raise NftReadError(f"malformed nf_tables netlink message ({what})") from None
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise NftReadError(f"no answer from nf_tables within {self.timeout:g} s ({what})") from None
+            raise NftReadError(f"nf_tables netlink socket error ({what}): {err.strerror}", err.errno) from None
+
+    # -- requests ----------------------------------------------------------------
+
+    def generation(self) -> int:
+        """The ruleset generation id: every committed nf_tables change bumps it."""
+        for buf, start, end in self._replies(NFT_MSG_GETGEN, socket.AF_UNSPEC, 0, b"", "the ruleset generation"):
+            for s, e, t in _attrs(buf, start, end):
+                if t == NFTA_GEN_ID and e - s >= 4:
+                    return _BE32.unpack_from(buf, s)[0]
+        raise NftReadError("the kernel's generation answer has no id")
+
+    def table(self, family: int, name: str) -> Table | None:
+        """The table's handle (a new one each time the table is created), or None if absent."""
+        attrs = _nla(NFTA_TABLE_NAME, name.encode() + b"\0")
+        try:
+            for buf, start, end in self._replies(NFT_MSG_GETTABLE, family, 0, attrs, f"table {name}"):
+                for s, e, t in _attrs(buf, start, end):
+                    if t == NFTA_TABLE_HANDLE:
+                        return Table(name, _BE64.unpack_from(buf, s)[0])
+        except NftReadError as err:
+            if err.errno == errno.ENOENT:
+                return None
+            raise
+        raise NftReadError(f"the kernel's answer for table {name} has no handle")
+
+    def chains(self, family: int, table: str) -> list[Chain]:
+        out = []
+        want = table.encode()
+        for buf, start, end in self._replies(NFT_MSG_GETCHAIN, family, NLM_F_DUMP, b"", "the chains"):
+            name, handle, in_table, base = "", 0, False, False
+            for s, e, t in _attrs(buf, start, end):
+                if t == NFTA_CHAIN_TABLE:
+                    in_table = bytes(buf[s:e]).rstrip(b"\0") == want
+                elif t == NFTA_CHAIN_NAME:
+                    name = _string(buf, s, e)
+                elif t == NFTA_CHAIN_HANDLE:
+                    handle = _BE64.unpack_from(buf, s)[0]
+                elif t == NFTA_CHAIN_HOOK:
+                    base = True
+            if in_table:
+                out.append(Chain(name, handle, base))
+        return out
+
+    def sets(self, family: int, table: str) -> tuple[list[SetInfo], int]:
+        """Every named set of the table, and how many anonymous ones (``__set%d``/``__map%d``) it has."""
+        out = []
+        anonymous = 0
+        attrs = _nla(NFTA_SET_TABLE, table.encode() + b"\0")
+        for buf, start, end in self._replies(NFT_MSG_GETSET, family, NLM_F_DUMP, attrs, "the sets"):
+            name, handle, flags, key_len, data_len, timeout = "", 0, 0, 0, 0, None
+            for s, e, t in _attrs(buf, start, end):
+                if t == NFTA_SET_NAME:
+                    if buf[s:s + 2] == b"__":
+                        anonymous += 1
+                        break  # anonymous: read with the rule that owns it
+                    name = _string(buf, s, e)
+                elif t == NFTA_SET_HANDLE:
+                    handle = _BE64.unpack_from(buf, s)[0]
+                elif t == NFTA_SET_FLAGS:
+                    flags = _BE32.unpack_from(buf, s)[0]
+                elif t == NFTA_SET_KEY_LEN:
+                    key_len = _BE32.unpack_from(buf, s)[0]
+                elif t == NFTA_SET_DATA_LEN:
+                    data_len = _BE32.unpack_from(buf, s)[0]
+                elif t == NFTA_SET_TIMEOUT:
+                    timeout = _BE64.unpack_from(buf, s)[0]
+            if name:
+                out.append(SetInfo(name, handle, flags, key_len, data_len, timeout))
+        return out, anonymous
+
+    def elements(self, family: int, table: str, set_name: str,
+                 known: dict[bytes, Element] | None = None) -> list[Element]:
+        """The elements of one set. ``known`` (raw element bytes -> Element) skips
+        decoding elements already seen; the caller owns it and it is filled here."""
+        attrs = (_nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                 + _nla(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
+        out = []
+        unpack = _NLA.unpack_from
+        for buf, start, end in self._replies(NFT_MSG_GETSETELEM, family, NLM_F_DUMP, attrs,
+                                             f"the elements of set {set_name}"):
+            # Flat loops, not _attrs(): a first read walks ~10,000 such messages.
+            offset = start
+            while offset + 4 <= end:
+                alen, t = unpack(buf, offset)
+                if alen < 4 or offset + alen > end:
+                    raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+                s, e = offset + 4, offset + alen
+                offset += (alen + 3) & ~3
+                if t & 0x3FFF != NFTA_SET_ELEM_LIST_ELEMENTS:
+                    continue
+                while s + 4 <= e:
+                    elen, et = unpack(buf, s)
+                    if elen < 4 or s + elen > e:
+                        raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+                    es, ee = s + 4, s + elen
+                    s += (elen + 3) & ~3
+                    if et & 0x3FFF != NFTA_LIST_ELEM:
+                        continue
+                    if known is not None:
+                        raw = bytes(buf[es:ee])
+                        element = known.get(raw)
+                        if element is None:
+                            element = known[raw] = _element(buf, es, ee)
+                    else:
+                        element = _element(buf, es, ee)
+                    out.append(element)
+        return out
+
+    def elements_by_keys(self, family: int, table: str, set_name: str, keys: list[bytes]) -> list[Element]:
+        """The elements of ``keys`` in one set, asked for by key rather than dumped.
+
+        For a ``numgen random mod N`` map the keys are 0..N-1. A get costs the
+        kernel one look-up of the set by name, where a dump walks the table's set
+        list twice more (once per dump call) to find its place again.
+        """
+        items = b"".join(_nla(NFTA_LIST_ELEM | NLA_F_NESTED,
+                              _nla(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _nla(NFTA_DATA_VALUE, key)))
+                         for key in keys)
+        attrs = (_nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                 + _nla(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+                 + _nla(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, items))
+        out = []
+        for buf, start, end in self._replies(NFT_MSG_GETSETELEM, family, NLM_F_ACK, attrs,
+                                             f"the elements of set {set_name}"):
+            for s, e, t in _attrs(buf, start, end):
+                if t == NFTA_SET_ELEM_LIST_ELEMENTS:
+                    for es, ee, et in _attrs(buf, s, e):
+                        if et == NFTA_LIST_ELEM:
+                            out.append(_element(buf, es, ee))
+        return out
+
+    def rules(self, family: int, table: str, known: dict[tuple[str, int], Rule] | None = None,
+              ) -> tuple[list[Rule], int]:
+        """Every rule of the table, in chain order, and how many were decoded anew.
+
+        A rule's expressions never change under its handle (a rewritten rule gets
+        a new one), so ``known`` ((chain, handle) -> Rule, owned by the caller and
+        filled here) lets a re-read decode only the rules that are new.
+        """
+        attrs = _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
+        out = []
+        decoded = 0
+        unpack = _NLA.unpack_from
+        chains: dict[bytes, str] = {}  # one str per chain name, not one per rule
+        for buf, start, end in self._replies(NFT_MSG_GETRULE, family, NLM_F_DUMP, attrs, "the rules"):
+            chain, handle, exprs, udata = "", 0, None, None
+            offset = start
+            while offset + 4 <= end:  # flat: a large table has tens of thousands of rules
+                alen, t = unpack(buf, offset)
+                if alen < 4 or offset + alen > end:
+                    raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+                s, e, t = offset + 4, offset + alen, t & 0x3FFF
+                offset += (alen + 3) & ~3
+                if t == NFTA_RULE_CHAIN:
+                    raw_chain = bytes(buf[s:e])
+                    chain = chains.get(raw_chain)
+                    if chain is None:
+                        chain = chains[raw_chain] = _string(buf, s, e)
+                elif t == NFTA_RULE_HANDLE:
+                    handle = _BE64.unpack_from(buf, s)[0]
+                elif t == NFTA_RULE_EXPRESSIONS:
+                    exprs = (s, e)
+                elif t == NFTA_RULE_USERDATA:
+                    udata = (s, e)
+            if known is not None:
+                rule = known.get((chain, handle))
+                if rule is not None:
+                    out.append(rule)
+                    continue
+            raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
+            if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
+                # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
+                # mark-for-masquerade``, half of a large table's rules): a conditional
+                # rule that sends no traffic anywhere a reader follows.
+                rule = Rule(chain, handle, None, True, None, None, (), (), False, None)
+            else:
+                rule = _rule(buf, chain, handle, exprs, udata, family)
+            decoded += 1
+            if known is not None:
+                known[(chain, handle)] = rule
+            out.append(rule)
+        return out, decoded
+
+
+def _element(buf, start: int, end: int) -> Element:
+    key, data, flags, comment = b"", None, 0, None
+    unpack = _NLA.unpack_from
+    offset = start
+    while offset + 4 <= end:
+        alen, t = unpack(buf, offset)
+        if alen < 4 or offset + alen > end:
+            raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+        s, e, t = offset + 4, offset + alen, t & 0x3FFF
+        offset += (alen + 3) & ~3
+        if t == NFTA_SET_ELEM_KEY:
+            value = _data(buf, s, e)
+            key = value if isinstance(value, bytes) else b""
+        elif t == NFTA_SET_ELEM_DATA:
+            data = _data(buf, s, e)
+        elif t == NFTA_SET_ELEM_FLAGS and e - s >= 4:
+            flags = _BE32.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_ELEM_USERDATA:
+            comment = _comment(buf, s, e)
+    return Element(key, data, flags, comment)
+
+
+class _ExprFields:
+    """One expression's attributes: call it for a big-endian u32, .text() for a string."""
+
+    __slots__ = ("buf", "fields")
+
+    def __init__(self, buf, fields: dict[int, tuple[int, int]]) -> None:
+        self.buf, self.fields = buf, fields
+
+    def __call__(self, attr: int) -> int | None:
+        where = self.fields.get(attr)
+        return _BE32.unpack_from(self.buf, where[0])[0] if where and where[1] - where[0] >= 4 else None
+
+    def text(self, attr: int) -> str:
+        where = self.fields.get(attr)
+        return _string(self.buf, *where) if where else ""
+
+
+def _rule(buf, chain: str, handle: int, exprs: tuple[int, int] | None,
+          udata: tuple[int, int] | None, family: int) -> Rule:
+    """Decode one rule's expressions into the facts a ``Rule`` keeps.
+
+    Registers are followed only as far as DNAT needs: which immediate value or
+    which map lookup filled the register a ``nat`` expression reads its address
+    and port from.
+    """
+    verdict = None
+    conditional = rejects = False
+    dnat = vmap = None
+    lookups: list[str] = []
+    updates: list[str] = []
+    unknown: list[str] = []
+    registers: dict[int, tuple] = {}
+    modulus = None
+    for s, e, t in _attrs(buf, *exprs) if exprs else ():
+        if t != NFTA_LIST_ELEM:
+            continue
+        name, data = b"", (e, e)
+        for ps, pe, pt in _attrs(buf, s, e):
+            if pt == NFTA_EXPR_NAME:
+                name = bytes(buf[ps:pe]).rstrip(b"\0")
+            elif pt == NFTA_EXPR_DATA:
+                data = (ps, pe)
+        if name in MATCHING_EXPRESSIONS:
+            conditional = True
+            continue
+        if name not in _DECODED_EXPRESSIONS:
+            continue  # meta, payload, numgen, counter, ...: nothing a reader follows
+        fields = {pt: (ps, pe) for ps, pe, pt in _attrs(buf, *data)}
+        u32 = _ExprFields(buf, fields)
+        if name == b"immediate":
+            dreg = u32(NFTA_IMMEDIATE_DREG)
+            where = fields.get(NFTA_IMMEDIATE_DATA)
+            value = _data(buf, *where) if where else None
+            if dreg == NFT_REG_VERDICT and isinstance(value, Verdict):
+                verdict = value
+            elif dreg is not None:
+                registers[dreg] = ("value", value)
+        elif name == b"lookup":
+            set_name = u32.text(NFTA_LOOKUP_SET)
+            dreg = u32(NFTA_LOOKUP_DREG)
+            if dreg is None:
+                conditional = True
+                lookups.append(set_name)
+            elif dreg == NFT_REG_VERDICT:
+                vmap = set_name
+            else:
+                registers[dreg] = ("map", set_name)
+        elif name == b"dynset":
+            updates.append(u32.text(NFTA_DYNSET_SET_NAME))
+        elif name == b"reject":
+            rejects = True
+        elif name == b"numgen":
+            modulus = u32(NFTA_NG_MODULUS)
+        elif name == b"nat":
+            if u32(NFTA_NAT_TYPE) != NFT_NAT_DNAT:
+                continue  # snat/masquerade: not where traffic goes
+            addr = registers.get(u32(NFTA_NAT_REG_ADDR_MIN))
+            port = registers.get(u32(NFTA_NAT_REG_PROTO_MIN)) if NFTA_NAT_REG_PROTO_MIN in fields else None
+            if addr is None:
+                unknown.append("dnat without an address register this reader follows")
+            elif addr[0] == "map":
+                dnat = ("map", addr[1], u32(NFTA_NAT_FAMILY) or family)
+            else:
+                dnat = ("value", addr[1], port[1] if port and port[0] == "value" else None)
+    comment = _comment(buf, *udata) if udata else None
+    return Rule(chain, handle, verdict, conditional, dnat, vmap, tuple(lookups), tuple(updates),
+                rejects, comment, tuple(unknown), modulus)

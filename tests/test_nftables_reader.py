@@ -1,0 +1,251 @@
+"""The nftables reader on real nf_tables rules, in a network namespace of the test's own.
+
+Rulesets: tests/fixtures/nftables/overall-v1.31.nft (kube-proxy's
+TestOverallNFTablesRules, see its header) and tests/nft_rulesets.py (the newest
+layout, both families). Loaded with `nft -f` inside the namespace, read from a
+thread that joined it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
+from exporter.readers.nftables import SCHEDULER, NftablesReader
+from exporter.readers.nftables_netlink import NftReadError
+from tests.nft_rulesets import NftNS, ServicePort, endpoints_changed, ruleset
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nftables"
+
+
+@pytest.fixture
+def ns():
+    with NftNS() as namespace:
+        yield namespace
+
+
+def vs(protocol, address, port, service, endpoints, timeout=None):
+    key = VirtualServerKey(protocol, address, port)
+    return key, VirtualServer(key, SCHEDULER, timeout,
+                              {(a, p): RealServer(a, p) for a, p in sorted(endpoints)}, service)
+
+
+def tcp(address, port, service, endpoints, timeout=None):
+    return vs("TCP", address, port, service, endpoints, timeout)
+
+
+def test_kube_proxy_overall_fixture(ns):
+    ns.nft((FIXTURES / "overall-v1.31.nft").read_text())
+    read = ns.run(NftablesReader().read)
+    ep = ("10.180.0.3", 80)
+    assert read.table == dict([
+        tcp("172.30.0.41", 80, "ns1/svc1", [("10.180.0.1", 80)]),
+        tcp("172.30.0.42", 80, "ns2/svc2", [("10.180.0.2", 80)]),
+        # externalTrafficPolicy Local, no endpoint on this node: the external chain
+        # only short-circuits, and the no-endpoint map drops these frontends.
+        tcp("192.168.99.22", 80, "ns2/svc2", []),
+        tcp("1.2.3.4", 80, "ns2/svc2", []),
+        tcp(None, 3001, "ns2/svc2", []),
+        tcp("172.30.0.43", 80, "ns3/svc3", [ep]),
+        tcp(None, 3003, "ns3/svc3", [ep]),
+        tcp("172.30.0.44", 80, "ns4/svc4", [("10.180.0.4", 80), ("10.180.0.5", 80)]),
+        tcp("192.168.99.33", 80, "ns4/svc4", [("10.180.0.4", 80), ("10.180.0.5", 80)]),
+        tcp("172.30.0.45", 80, "ns5/svc5", [ep], 10800),
+        tcp("5.6.7.8", 80, "ns5/svc5", [ep], 10800),
+        tcp(None, 3002, "ns5/svc5", [ep], 10800),
+    ])
+    assert read.rejected == {
+        VirtualServerKey("TCP", "1.2.3.4", 80): "drop",
+        VirtualServerKey("TCP", "192.168.99.22", 80): "drop",
+        VirtualServerKey("TCP", None, 3001): "drop",
+        VirtualServerKey("TCP", "172.30.0.46", 80): "reject",
+    }
+    assert read.firewalled == {VirtualServerKey("TCP", "5.6.7.8", 80)}
+    assert read.unread == ()
+    sizes = read.sizes["ip"]
+    assert (sizes.service_ips, sizes.service_nodeports, sizes.no_endpoint_services,
+            sizes.no_endpoint_nodeports, sizes.chains, sizes.rules) == (9, 3, 3, 1, 32, 57)
+    assert set(read.sizes) == {"ip"}
+
+
+def newest_services() -> list[ServicePort]:
+    return [
+        ServicePort("ns1", "svc1", "172.30.0.41", [("10.180.0.1", 80), ("10.180.0.9", 80)]),
+        ServicePort("ns2", "svc2", "172.30.0.42", [("10.180.0.2", 80)], node_port=3001,
+                    lb_ips=["1.2.3.4"], external_ips=["192.168.99.22"], local=True),
+        ServicePort("ns5", "svc5", "172.30.0.45", [("10.180.0.3", 80), ("10.180.0.4", 80)], node_port=3002,
+                    lb_ips=["5.6.7.8"], source_ranges=["203.0.113.0/25", "198.51.100.0/24"],
+                    affinity_timeout=10800),
+        ServicePort("ns7", "dns", "172.30.0.47", [("10.180.0.7", 53), ("10.180.0.8", 53)], protocol="udp",
+                    port=53, port_name="dns", node_port=3007, local=True,
+                    local_endpoints=[("10.180.0.7", 53)]),
+        ServicePort("ns6", "svc6", "172.30.0.46", []),
+    ]
+
+
+@pytest.mark.parametrize("by_key_from_sets", [0, 10**9], ids=["by-key", "dump"])
+def test_newest_layout_both_families(ns, by_key_from_sets):
+    ns.nft(ruleset(newest_services(), "ip"))
+    ns.nft(ruleset([ServicePort("ns1", "svc1", "fd00:10:96::41", [("fd00:10::1", 80), ("fd00:10::2", 80)],
+                                external_ips=["2001:db8::99"], affinity_timeout=60)], "ip6"))
+    read = ns.run(NftablesReader(by_key_from_sets=by_key_from_sets).read)
+    aff = [("10.180.0.3", 80), ("10.180.0.4", 80)]
+    v6 = [("fd00:10::1", 80), ("fd00:10::2", 80)]
+    assert read.table == dict([
+        tcp("172.30.0.41", 80, "ns1/svc1", [("10.180.0.1", 80), ("10.180.0.9", 80)]),
+        tcp("172.30.0.42", 80, "ns2/svc2", [("10.180.0.2", 80)]),
+        tcp("192.168.99.22", 80, "ns2/svc2", []),
+        tcp("1.2.3.4", 80, "ns2/svc2", []),
+        tcp(None, 3001, "ns2/svc2", []),
+        tcp("172.30.0.45", 80, "ns5/svc5", aff, 10800),
+        tcp("5.6.7.8", 80, "ns5/svc5", aff, 10800),
+        tcp(None, 3002, "ns5/svc5", aff, 10800),
+        vs("UDP", "172.30.0.47", 53, "ns7/dns", [("10.180.0.7", 53), ("10.180.0.8", 53)]),
+        # externalTrafficPolicy Local: the NodePort reaches this node's endpoint only.
+        vs("UDP", None, 3007, "ns7/dns", [("10.180.0.7", 53)]),
+        tcp("fd00:10:96::41", 80, "ns1/svc1", v6, 60),
+        tcp("2001:db8::99", 80, "ns1/svc1", v6, 60),
+    ])
+    assert read.rejected == {
+        VirtualServerKey("TCP", "1.2.3.4", 80): "drop",
+        VirtualServerKey("TCP", "192.168.99.22", 80): "drop",
+        VirtualServerKey("TCP", None, 3001): "drop",
+        VirtualServerKey("TCP", "172.30.0.46", 80): "reject",
+    }
+    assert read.firewalled == {VirtualServerKey("TCP", "5.6.7.8", 80)}
+    assert read.unread == ()
+    assert set(read.sizes) == {"ip", "ip6"}
+
+
+def test_generation_check_skips_work_and_notices_a_change(ns):
+    services = newest_services()
+    ns.nft(ruleset(services))
+    reader = NftablesReader()
+    first = ns.run(reader.read)
+    assert first.reread and reader.anonymous_sets_read >= 4
+
+    again = ns.run(reader.read)
+    assert not again.reread
+    assert again.table is first.table and again.generation == first.generation
+
+    ns.nft(endpoints_changed(services[0], [("10.180.0.1", 80), ("10.180.0.10", 80)]))
+    changed = ns.run(reader.read)
+    assert changed.reread and changed.generation != first.generation
+    assert changed.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {
+        ("10.180.0.1", 80), ("10.180.0.10", 80)}
+    # Only the rewritten service chain's rules are new: the rest is not decoded or fetched again.
+    assert reader.decoded_rules == 2 and reader.anonymous_sets_read == 1
+    assert {k: v for k, v in changed.table.items() if k.address != "172.30.0.41"} == {
+        k: v for k, v in first.table.items() if k.address != "172.30.0.41"}
+
+
+def test_safety_interval_reads_again_without_a_change(ns):
+    ns.nft(ruleset(newest_services()))
+    now = [0.0]
+    reader = NftablesReader(safety_interval=60, clock=lambda: now[0])
+    first = ns.run(reader.read)
+    now[0] = 59
+    assert not ns.run(reader.read).reread
+    now[0] = 61
+    again = ns.run(reader.read)
+    assert again.reread and again.table == first.table
+
+
+def test_another_agents_tables_beside_it_change_nothing(ns):
+    ns.nft(ruleset(newest_services()))
+    alone = ns.run(NftablesReader().read)
+    ns.nft("""
+add table inet firewalld
+add chain inet firewalld filter_INPUT { type filter hook input priority 10 ; }
+add rule inet firewalld filter_INPUT tcp dport 22 accept
+add table ip nat
+add chain ip nat PREROUTING { type nat hook prerouting priority -100 ; }
+add rule ip nat PREROUTING tcp dport 8080 dnat to 10.9.9.9:80
+""")
+    beside = ns.run(NftablesReader().read)
+    assert beside.table == alone.table and beside.rejected == alone.rejected and beside.unread == ()
+
+
+def test_no_kube_proxy_table_is_an_error_not_an_empty_table(ns):
+    ns.nft("add table ip filter\n")
+    with pytest.raises(NftReadError, match="no kube-proxy nftables table"):
+        ns.run(NftablesReader().read)
+
+
+def test_half_programmed_table(ns):
+    ns.nft('add table ip kube-proxy { comment "rules for kube-proxy" ; }\n'
+           "add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n")
+    with pytest.raises(NftReadError, match="service-nodeports, no-endpoint-services, no-endpoint-nodeports missing"):
+        ns.run(NftablesReader().read)
+    # One family whole, the other half there: the whole one is read, the other named as unread.
+    ns.nft(ruleset([ServicePort("ns1", "svc1", "fd00:10:96::41", [("fd00:10::1", 80)])], "ip6"))
+    read = ns.run(NftablesReader().read)
+    assert set(read.sizes) == {"ip6"} and len(read.table) == 1
+    assert len(read.unread) == 1 and read.unread[0].startswith("ip kube-proxy: map service-nodeports")
+
+
+def test_unknown_chain_names_are_unread_not_dropped(ns):
+    ns.nft(ruleset(newest_services()))
+    ns.nft("add chain ip kube-proxy someone-elses-chain\n"
+           "add rule ip kube-proxy someone-elses-chain meta l4proto tcp dnat to 10.9.9.9:80\n"
+           "add element ip kube-proxy service-ips { 172.30.9.9 . tcp . 80 : goto someone-elses-chain }\n")
+    read = ns.run(NftablesReader().read)
+    assert VirtualServerKey("TCP", "172.30.9.9", 80) not in read.table
+    assert read.unread == ("ip kube-proxy: TCP 172.30.9.9:80: chain 'someone-elses-chain' is not one of kube-proxy's",)
+    assert VirtualServerKey("TCP", "172.30.0.41", 80) in read.table
+
+
+def test_missing_comments_keep_the_verdict(ns):
+    text = ruleset(newest_services()).replace(' comment "ns6/svc6:p80"', "")
+    assert "ns6/svc6:p80" not in text
+    ns.nft(text)
+    read = ns.run(NftablesReader().read)
+    assert read.rejected[VirtualServerKey("TCP", "172.30.0.46", 80)] == "reject"
+    assert read.unread == ()
+
+
+def test_a_flushed_service_chain_reads_as_no_endpoints(ns):
+    """The frontend still goes to the chain, the chain sends nowhere: empty, not missing."""
+    services = newest_services()
+    ns.nft(ruleset(services))
+    ns.nft(f"flush chain ip kube-proxy {services[0].chain('service')}\n")
+    read = ns.run(NftablesReader().read)
+    assert read.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers == {}
+
+
+def test_a_numgen_map_missing_a_key_is_still_read_whole(ns):
+    """Keys 0..N-1 are asked for by key; a map without one of them is dumped instead."""
+    services = newest_services()
+    ns.nft(ruleset(services))
+    chain = services[0].chain("service")
+    ns.nft(f"flush chain ip kube-proxy {chain}\n"
+           f"add rule ip kube-proxy {chain} meta l4proto tcp dnat ip to numgen random mod 3 "
+           "map { 0 : 10.180.0.1 . 80, 2 : 10.180.0.5 . 80 }\n")
+    for by_key_from_sets in (0, 10**9):  # asked for by key (large tables), dumped (small ones)
+        read = ns.run(NftablesReader(by_key_from_sets=by_key_from_sets).read)
+        assert read.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {
+            ("10.180.0.1", 80), ("10.180.0.5", 80)}
+        assert read.unread == ()
+
+
+def test_a_flushed_table_is_read_as_empty_and_a_deleted_one_is_an_error(ns):
+    """firewalld's reload flushes or deletes other tables. `flush table` empties every
+    chain but leaves the maps' elements: each frontend is read, and sends nowhere. A
+    deleted table cannot be read at all."""
+    ns.nft(ruleset(newest_services()))
+    reader = NftablesReader()
+    before = ns.run(reader.read)
+    assert any(vs.real_servers for vs in before.table.values())
+    ns.nft("flush table ip kube-proxy\n")
+    flushed = ns.run(reader.read)
+    assert flushed.reread and flushed.table.keys() == before.table.keys() and flushed.unread == ()
+    assert all(vs.real_servers == {} for vs in flushed.table.values())
+    # Map verdicts stay; reject-chain is empty now, so what went there is no longer rejected.
+    assert flushed.rejected == {k: v for k, v in before.rejected.items() if v == "drop"}
+    assert VirtualServerKey("TCP", "172.30.0.46", 80) in before.rejected
+    assert flushed.sizes["ip"].rules == 0 and flushed.sizes["ip"].service_ips == before.sizes["ip"].service_ips
+    ns.nft("delete table ip kube-proxy\n")
+    with pytest.raises(NftReadError, match="no kube-proxy nftables table"):
+        ns.run(reader.read)
