@@ -311,3 +311,35 @@ def test_no_objects_with_a_kubeconfig_goes_to_the_cluster_hook(workdir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "cluster" in proc.stderr
+
+
+def test_diff_of_a_pasted_table_reads_it_whole(workdir):
+    """/proc/net/ip_vs as a terminal copy or a chat paste holds it (trailing blanks
+    stripped, no final newline) is the same table: exit 0, no drift."""
+    text = format_ip_vs(desired_of(FIXTURE), kernel_hz())
+    pasted = "\n".join(line.rstrip() for line in text.splitlines())
+    assert pasted != text.rstrip("\n")
+    proc = run("diff", "--objects", FIXTURE, "--ipvs", write(workdir / "pasted", pasted), "--node-name", "node-a",
+               "--output", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(v == [] for v in json.loads(proc.stdout).values())
+
+
+@pytest.mark.parametrize("where", ["a line of junk", "a cut counter", "the live table"])
+def test_diff_of_a_table_not_read_whole_is_exit_2_naming_the_line(workdir, where):
+    lines = format_ip_vs(desired_of(FIXTURE), kernel_hz()).splitlines(keepends=True)
+    row = next(i for i, line in enumerate(lines) if line.startswith("  -> ") and i > 3)
+    bad = {"a line of junk": "Masq 1 0 0 <- pasted from a chat\n",
+           "a cut counter": lines[row][:-15] + "\n",
+           "the live table": "hello\n"}[where]
+    broken = "".join(lines[:row] + [bad] + lines[row + 1:])
+    if where == "the live table":
+        (workdir / "proc" / "net").mkdir(parents=True)
+        (workdir / "proc" / "net" / "ip_vs").write_text(broken)
+        args = ["--path.procfs", str(workdir / "proc")]
+        source = str(workdir / "proc" / "net" / "ip_vs")
+    else:
+        args = ["--ipvs", write(workdir / "ip_vs", broken)]
+        source = args[1]
+    proc = run("diff", "--objects", FIXTURE, "--node-name", "node-a", *args)
+    assert_bad_input(proc, f"line {row + 1} is not IPVS text", source, repr(bad.rstrip("\n")))
