@@ -195,12 +195,10 @@ def _live_table(args: argparse.Namespace) -> Table:
 def _read_whole(table, source: str) -> Table:
     """The table, if every line of it was read: a diff of part of a table would call
     what it did not read missing (exit 1) or, worse, say nothing of it (exit 0)."""
-    if table.first_unread is None:
+    reason = table.unread_reason()
+    if reason is None:
         return table
-    number, line = table.first_unread
-    shown = line if len(line) <= 100 else line[:100] + "..."
-    raise BadInput(f"{source}: line {number} is not IPVS text as /proc/net/ip_vs prints it: {shown!r} "
-                   f"({table.skipped_lines} lines not read; nothing compared)")
+    raise BadInput(f"{source}: {reason}; nothing compared")
 
 
 # --- output -------------------------------------------------------------------

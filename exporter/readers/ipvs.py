@@ -112,6 +112,17 @@ class IPVSTable(dict):
         out.__dict__.update(self.__dict__)
         return out
 
+    def unread_reason(self) -> str | None:
+        """One line saying what was not read (for a log, an error, a user), or None."""
+        if self.first_unread is None and not self.skipped_lines:
+            return None
+        if self.first_unread is None:
+            return f"{self.skipped_lines} lines not read"
+        number, line = self.first_unread
+        shown = line if len(line) <= 100 else line[:100] + "..."
+        return (f"line {number} is not IPVS text as /proc/net/ip_vs prints it: {shown!r} "
+                f"({self.skipped_lines} lines not read)")
+
     def connections(self, key: VirtualServerKey) -> dict[tuple[str, int], tuple[int, int]]:
         """(active, inactive) connections of each real server of one virtual server."""
         vs = self.get(key)
