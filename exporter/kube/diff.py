@@ -12,7 +12,9 @@ The contract's six kinds, plus one of ours:
 - ``missing_virtual_servers``: desired, absent from IPVS. Its real servers are
   not listed again as missing; the item says how many it should have.
 - ``stale_virtual_servers``: in IPVS, not desired (a deleted Service still
-  answering). Its real servers are not listed again either.
+  answering). Its real servers are listed too, each under ``stale_real_servers``
+  (weight > 0) or ``draining_real_servers`` (weight 0), with its weight: the
+  on-call engineer needs every address that still takes traffic (the contract).
 - ``missing_real_servers``: desired in a present virtual server, absent.
 - ``stale_real_servers``: in IPVS, not desired, weight > 0: traffic still goes
   to an endpoint that is gone.
@@ -193,12 +195,19 @@ def _compare(key: VirtualServerKey, want: VirtualServer, have: VirtualServer | N
 
 
 def _stale_items(desired: Table, live: Table) -> tuple[DriftItem, ...]:
-    """Live virtual servers that nothing desires, in the live table's order."""
+    """Live virtual servers that nothing desires, in the live table's order, each
+    followed by its real servers (stale at weight > 0, draining at weight 0)."""
     stale = live.keys() - desired.keys()  # one C-level pass; usually empty
     if not stale:
         return ()
-    return tuple(DriftItem(STALE_VS, key, service=have.service, details=_vs_details(have))
-                 for key, have in live.items() if key in stale)
+    items = []
+    for key, have in live.items():
+        if key in stale:
+            items.append(DriftItem(STALE_VS, key, service=have.service, details=_vs_details(have)))
+            for rs in have.real_servers.values():
+                kind = DRAINING_RS if rs.weight == 0 else STALE_RS
+                items.append(_rs_item(kind, have, rs, have.service, rs.weight))
+    return tuple(items)
 
 
 def _collect(per_vs: Iterable[tuple[DriftItem, ...]]) -> Diff:
