@@ -52,13 +52,19 @@ def test_stale_virtual_server_lists_every_real_server_that_takes_traffic():
             [(1, 3, 4), (5, 0, 0)]
         assert result.draining_real_servers[0].to_json() == {
             "protocol": "TCP", "address": "10.0.0.9", "port": 80, "fwmark": None, "real_address": "10.1.0.2",
-            "real_port": 8080, "weight": 0, "service": None, "active_connections": 0, "inactive_connections": 9}
+            "real_port": 8080, "weight": 0, "service": None, "active_connections": 0, "inactive_connections": 9,
+            "stale_virtual_server": True}
         assert result.has_drift
     # Counted in the drift metric, kind by kind, once past the grace period.
     tracker = d.DriftTracker(grace_period=10)
     tracker.update(d.diff_tables({}, have), now=0)
     counts = tracker.update(d.diff_tables({}, have), now=11).counts
     assert (counts["stale_virtual_servers"], counts["stale_real_servers"], counts["draining_real_servers"]) == (2, 2, 1)
+    # Idle at weight 0 under a stale virtual server: stale, not a stuck graceful termination.
+    idle = table(vs("TCP", "10.0.0.9", 80, [("10.1.0.2", 8080, 0, 0, 0)], service=None))
+    tracker = d.DriftTracker(grace_period=0, stuck_after=5)
+    tracker.update(d.diff_tables({}, idle), now=0)
+    assert tracker.update(d.diff_tables({}, idle), now=60).stuck_draining == 0
 
 
 def test_missing_real_server_carries_the_desired_weight():

@@ -194,6 +194,11 @@ def _compare(key: VirtualServerKey, want: VirtualServer, have: VirtualServer | N
     return tuple(items)
 
 
+# Marks a real server listed because its virtual server is stale (an extra JSON field):
+# not a graceful termination of the proxy's, so never "stuck draining".
+_OF_STALE_VS = (("stale_virtual_server", True),)
+
+
 def _stale_items(desired: Table, live: Table) -> tuple[DriftItem, ...]:
     """Live virtual servers that nothing desires, in the live table's order, each
     followed by its real servers (stale at weight > 0, draining at weight 0)."""
@@ -206,7 +211,7 @@ def _stale_items(desired: Table, live: Table) -> tuple[DriftItem, ...]:
             items.append(DriftItem(STALE_VS, key, service=have.service, details=_vs_details(have)))
             for rs in have.real_servers.values():
                 kind = DRAINING_RS if rs.weight == 0 else STALE_RS
-                items.append(_rs_item(kind, have, rs, have.service, rs.weight))
+                items.append(DriftItem(kind, key, rs.key, rs.weight, have.service, details=_OF_STALE_VS))
     return tuple(items)
 
 
@@ -346,7 +351,8 @@ class DriftTracker:
                 if item.service:
                     key = (item.service, kind)
                     per_service[key] = per_service.get(key, 0) + 1
-            if kind == DRAINING_RS and not item.active_connections and not item.inactive_connections:
+            if kind == DRAINING_RS and not item.active_connections and not item.inactive_connections \
+                    and item.details is not _OF_STALE_VS:
                 idle = self._idle_since.get(ident, now)
                 idle_since[ident] = idle
                 if now - idle >= self.stuck_after:
