@@ -9,7 +9,8 @@ kubeconfig, a list of the live cluster (``_cluster_objects``).
 
 Exit status: 0 fine (``diff``: no drift), 1 drift found (any list but
 ``draining_real_servers`` non-empty), 2 bad input: one line on stderr, never a
-traceback. Malformed objects inside ``--objects`` are reported on stderr and
+traceback. An IPVS table with a line the reader does not understand is bad input
+(the line is named): a diff of part of it would be no answer. Malformed objects inside ``--objects`` are reported on stderr and
 skipped; they are not bad input.
 """
 
@@ -50,7 +51,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
                   "weight > 0); zero-weight real servers (desired, weight 0); draining real servers (not "
                   "desired, weight 0: graceful termination); mismatched virtual servers (scheduler or "
                   "persistence differs). No grace period here. Exit status: 0 no drift, 1 drift (any kind "
-                  "but draining), 2 bad input.")
+                  "but draining), 2 bad input (an IPVS table not read whole: the first line not read is named).")
     parser = _Parser(prog=f"{PROG} {command}", description=what + ".", epilog=epilog)
     parser.add_argument("--objects", metavar="FILE",
                         help="YAML or JSON as `kubectl get services,endpointslices,nodes -A -o yaml` prints it "
@@ -183,18 +184,30 @@ def _live_table(args: argparse.Namespace) -> Table:
                 text = fh.read()
         except OSError as err:
             raise BadInput(f"cannot read {args.ipvs}: {err.strerror or err}") from None
+        if text and not text.endswith("\n"):
+            text += "\n"  # a file is whole: its last line is not a cut one (an editor's or a paste's)
         table = reader.parse_ip_vs(text)
-        if not table and not text.startswith("IP Virtual Server"):
+        if not table and not table.first_unread and not text.lstrip().startswith("IP Virtual Server"):
             raise BadInput(f"{args.ipvs} is not the text of /proc/net/ip_vs (no virtual server, no header)")
-        return table
+        return _read_whole(table, args.ipvs)
     from exporter.paths import Paths
 
+    procfs = Paths(procfs=args.procfs)
     try:
-        return reader.read_ip_vs(Paths(procfs=args.procfs))
+        return _read_whole(reader.read_ip_vs(procfs), procfs.proc(*reader.PROC_IP_VS))
     except reader.IPVSUnavailable as err:
         raise BadInput(f"cannot read the live IPVS table: {err}") from None
     except OSError as err:
         raise BadInput(f"cannot read the live IPVS table: {err.strerror or err}") from None
+
+
+def _read_whole(table, source: str) -> Table:
+    """The table, if every line of it was read: a diff of part of a table would call
+    what it did not read missing (exit 1) or, worse, say nothing of it (exit 0)."""
+    reason = table.unread_reason()
+    if reason is None:
+        return table
+    raise BadInput(f"{source}: {reason}; nothing compared")
 
 
 # --- output -------------------------------------------------------------------

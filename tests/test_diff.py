@@ -35,11 +35,36 @@ def test_missing_virtual_server_lists_its_real_servers_once():
     assert result.has_drift
 
 
-def test_stale_virtual_server():
-    have = table(vs("TCP", "10.0.0.9", 80, [("10.1.0.1", 8080)], service=None))
-    result = d.diff_tables({}, have)
-    assert only(result) == {"stale_virtual_servers": [("TCP 10.0.0.9:80", None)]}
-    assert result.stale_virtual_servers[0].service is None
+def test_stale_virtual_server_lists_every_real_server_that_takes_traffic():
+    """The contract: the real servers of a stale virtual server are listed, stale at
+    weight > 0, draining at weight 0, each with its weight and connections."""
+    have = table(vs("TCP", "10.0.0.9", 80, [("10.1.0.1", 8080, 1, 3, 4), ("10.1.0.2", 8080, 0, 0, 9),
+                                             ("10.1.0.3", 8080, 5, 0, 0)], service=None),
+                 vs("UDP", "10.0.0.9", 53, [], service=None))
+    for result in (d.diff_tables({}, have), d.TableDiffer().diff({}, have)):
+        assert only(result) == {
+            "stale_virtual_servers": [("TCP 10.0.0.9:80", None), ("UDP 10.0.0.9:53", None)],
+            "stale_real_servers": [("TCP 10.0.0.9:80", ("10.1.0.1", 8080)), ("TCP 10.0.0.9:80", ("10.1.0.3", 8080))],
+            "draining_real_servers": [("TCP 10.0.0.9:80", ("10.1.0.2", 8080))],
+        }
+        assert result.stale_virtual_servers[0].service is None
+        assert [(i.weight, i.active_connections, i.inactive_connections) for i in result.stale_real_servers] == \
+            [(1, 3, 4), (5, 0, 0)]
+        assert result.draining_real_servers[0].to_json() == {
+            "protocol": "TCP", "address": "10.0.0.9", "port": 80, "fwmark": None, "real_address": "10.1.0.2",
+            "real_port": 8080, "weight": 0, "service": None, "active_connections": 0, "inactive_connections": 9,
+            "stale_virtual_server": True}
+        assert result.has_drift
+    # Counted in the drift metric, kind by kind, once past the grace period.
+    tracker = d.DriftTracker(grace_period=10)
+    tracker.update(d.diff_tables({}, have), now=0)
+    counts = tracker.update(d.diff_tables({}, have), now=11).counts
+    assert (counts["stale_virtual_servers"], counts["stale_real_servers"], counts["draining_real_servers"]) == (2, 2, 1)
+    # Idle at weight 0 under a stale virtual server: stale, not a stuck graceful termination.
+    idle = table(vs("TCP", "10.0.0.9", 80, [("10.1.0.2", 8080, 0, 0, 0)], service=None))
+    tracker = d.DriftTracker(grace_period=0, stuck_after=5)
+    tracker.update(d.diff_tables({}, idle), now=0)
+    assert tracker.update(d.diff_tables({}, idle), now=60).stuck_draining == 0
 
 
 def test_missing_real_server_carries_the_desired_weight():

@@ -81,11 +81,12 @@ def test_each_fault_reported_with_its_kind_and_service_after_grace(apiserver, ri
     s = r.scrape()
     first_seen_by = time.monotonic()  # the scrape that first saw the faults ended by now
     assert all_zero(s), "within the grace period nothing counts"
-    assert sum(value(s, "kubenode_ipvs_drift_pending", kind=k) for k in KINDS) == 6
+    assert sum(value(s, "kubenode_ipvs_drift_pending", kind=k) for k in KINDS) == 7  # six kinds, the stale one twice
 
     time.sleep(max(0.0, GRACE - (time.monotonic() - first_seen_by)))
     s = r.scrape()  # the first scrape after the grace period
-    assert {k: drift(s, k) for k in KINDS} == dict.fromkeys(KINDS, 1.0)
+    # The stale virtual server's real server counts as stale too (it still takes traffic).
+    assert {k: drift(s, k) for k in KINDS} == {**dict.fromkeys(KINDS, 1.0), "stale_real_server": 2.0}
     assert drifted_services(s) == {
         (NAMESPACE, "svc-1", "missing_virtual_server"): 1,
         (NAMESPACE, "svc-2", "missing_real_server"): 1,
@@ -274,3 +275,29 @@ def test_ip_vs_not_loaded_is_collector_down_with_what_is_known(apiserver, rig):
     assert value(s, "kubenode_ipvs_desired_real_servers") == 3
     assert value(s, "kubenode_kube_watch_up", resource="services") == 1
     assert drift(s, "missing_virtual_server") is None, "no live table, no drift figures"
+
+
+def test_a_table_not_read_whole_gives_no_drift_figures_and_says_why(apiserver, rig, caplog):
+    """A line of /proc/net/ip_vs the reader does not understand: the drift collector is
+    down with the line named (not a clean table), the ipvs collector counts it."""
+    add_service(apiserver, 1, endpoints=2)
+    r = rig(grace=0.2)
+    r.wait_synced()
+    good = r.desired()
+    r.write_table(good)
+    assert success(r.scrape()) == 1
+    path = r.procfs / "net" / "ip_vs"
+    text = path.read_text()
+    # After the only real server line of the table: its virtual server is dropped with it.
+    path.write_text(text + "  -> 0AF40105:1F90 Masq 1 0 0 trailing junk\n")
+    time.sleep(1.1)  # past the shared read's reuse window (the ipvs collector's: 1 s)
+    s = r.scrape()
+    assert success(s) == 0 and success(s, "ipvs") == 1
+    assert value(s, "kubenode_ipvs_unparsed_lines") == 4  # the record it sits in: service, 2 real servers, it
+    assert drift(s, "missing_virtual_server") is None, "no drift figures over a table not read whole"
+    assert value(s, "kubenode_ipvs_desired_virtual_servers") == 1
+    n = len(text.splitlines()) + 1
+    assert f"not read whole, no drift figures: line {n} is not IPVS text" in caplog.text
+    r.write_table(good)
+    s = r.scrape()
+    assert success(s) == 1 and all_zero(s)

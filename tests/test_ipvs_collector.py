@@ -136,3 +136,25 @@ def test_counts_are_walked_once_per_shape(monkeypatch):
     collector.counts(built)
     collector.counts(built)
     assert len(walks) == 4
+
+
+def test_connections_sum_what_the_text_says_on_every_scrape(tmp_path):
+    """A negative ActiveConn (IPVS accounting bugs) reads the same on the first scrape and
+    on the next ones, whose reads take the fast incremental paths."""
+    import exporter.readers.ipvs as reader
+
+    reader._SHAPES.clear()
+    text = (FIXTURES / "kube.txt").read_text()
+    line = "  -> 0AF40105:0035      Masq    1      0          0         \n"
+    assert line in text
+    procfs = proc_tree(tmp_path, text)
+    runner = ipvs_runner(procfs)
+    for active, inactive in [(4, 7), (-1, 3), (-2, 2147483648), (-1, 3)]:
+        (tmp_path / "net" / "ip_vs").write_text(
+            text.replace(line, f"  -> 0AF40105:0035      Masq    1      {active:<10} {inactive:<10}\n", 1))
+        for collector in runner.collectors:
+            if getattr(collector, "live", None) is not None:
+                collector.live._table = None  # it reads at most once a second: make it read now
+        s = samples(runner)
+        assert value(s, "kubenode_ipvs_connections", state="active") == active
+        assert value(s, "kubenode_ipvs_connections", state="inactive") == inactive

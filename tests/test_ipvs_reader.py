@@ -330,3 +330,143 @@ def test_reads_of_a_changing_table_equal_the_table_over_random_changes(monkeypat
         assert got.persistent_jiffies == {k: 10800 * HZ for k, vs in table.items() if vs.persistent_timeout}
     # The first read parses everything; every later change of shape is a patch.
     assert paths["whole"] == 1 and paths["patched"] > 250, paths
+
+
+def _fresh_parse(text, hz=HZ):
+    """A parse with no memory of earlier ones (the first read of a process)."""
+    import exporter.readers.ipvs as reader
+
+    reader._SHAPES.clear()
+    reader._RECORD_CACHES.clear()
+    return parse_ip_vs(text, hz=hz)
+
+
+def _same_table(got, want):
+    assert dict(got) == dict(want)
+    assert {k: got.connections(k) for k in got} == {k: want.connections(k) for k in want}
+    assert got.total_connections() == want.total_connections()
+
+
+@pytest.mark.parametrize("how", ["trailing blanks stripped", "tabs", "CRLF", "wide blanks",
+                                 "leading blanks", "blank lines around", "no final newline"])
+def test_any_run_of_blanks_between_fields_reads_the_same_table(how):
+    """What a terminal copy, a chat paste or procfs' own fixture holds is the same table."""
+    text = fixture("kube.txt").replace("0          0 ", "7          -1 ", 1)
+    want = _fresh_parse(text)
+    assert want.total_connections() == (7, -1) and len(want) == 8
+    lines = text.split("\n")
+    pasted = {
+        "trailing blanks stripped": "\n".join(line.rstrip() for line in lines),
+        "tabs": "\n".join(line.replace("      ", "\t").replace("  ", "\t") for line in lines),
+        "CRLF": "\r\n".join(lines),
+        "wide blanks": "\n".join(line.replace(" ", "   ") for line in lines),
+        "leading blanks": "\n".join(" " + line.strip() if line.strip() else line for line in lines),
+        "blank lines around": "\n\n" + text + "\n   \n",
+        "no final newline": text.rstrip("\n"),
+    }[how]
+    if how == "no final newline":
+        pasted += "\n"  # what `diff` does to a file: it is whole (tested in test_offline)
+    for got in (_fresh_parse(pasted), parse_ip_vs(pasted, hz=HZ)):  # first read, then a re-read
+        _same_table(got, want)
+        assert got.skipped_lines == 0 and got.first_unread is None
+
+
+def test_a_line_that_is_no_ipvs_text_is_counted_and_named():
+    lines = fixture("kube.txt").splitlines(keepends=True)
+    assert lines[5].startswith("  -> 0AF40105:0035")
+    cases = {
+        # (the text, the number of the first line not read, its text)
+        "garbage": (lines[:6] + ["hello world\n"] + lines[6:], 7, "hello world"),
+        "counter not a number": (lines[:5] + [lines[5].replace(" 0          0", " 0x5        0")] + lines[6:],
+                                 6, lines[5].replace(" 0          0", " 0x5        0").rstrip("\n")),
+        "a field too few": (lines[:5] + ["  -> 0AF40105:0035      Masq    1\n"] + lines[6:], 6,
+                            "  -> 0AF40105:0035      Masq    1"),
+        "cut": (lines[:-1] + [lines[-1][:10]], len(lines), lines[-1][:10]),
+        "plus sign": (lines[:5] + [lines[5].replace(" 0          0", " +5         0")] + lines[6:],
+                      6, lines[5].replace(" 0          0", " +5         0").rstrip("\n")),
+    }
+    for name, (broken, number, line) in cases.items():
+        for got in (_fresh_parse("".join(broken)), parse_ip_vs("".join(broken), hz=HZ)):
+            assert got.skipped_lines >= 1, name
+            assert got.first_unread == (number, line), name
+    assert _fresh_parse("".join(lines)).first_unread is None
+
+
+# Counters as IPVS has printed them: negative counts (accounting bugs), and wider than
+# an int32 (10 characters fit up to 9,999,999,999; 11 do not).
+ODD_COUNTERS = [(-1, 0), (0, -1), (-2147483648, 5), (2147483648, 4294967296), (9999999999, -999999999),
+                (12345678901, 3), (-1, -1)]
+
+
+def test_counters_read_the_same_on_every_path(monkeypatch):
+    """Negative and > 2^31 counters, read first, re-read with the same shape, re-read
+    after a change elsewhere (a patch), with a bad line elsewhere (the slow way), and
+    with non-ASCII text (the whole text again): the same numbers every time."""
+    import exporter.readers.ipvs as reader
+    from exporter.dataplane import VirtualServer
+    from tests.ipvs_text import format_ip_vs
+
+    taken = {"patch": 0, "same shape": 0}
+    patch, counters = reader._patch_shape, reader._counters
+    monkeypatch.setattr(reader, "_patch_shape", lambda *a: taken.__setitem__("patch", taken["patch"] + 1) or patch(*a))
+    monkeypatch.setattr(reader, "_counters", lambda *a: taken.__setitem__("same shape", taken["same shape"] + 1)
+                        or counters(*a))
+
+    table = {}
+    for i in range(12):
+        key = VirtualServerKey("TCP", f"10.96.0.{i}", 80)
+        reals = {(f"10.244.0.{i * 8 + j}", 8080): RealServer(f"10.244.0.{i * 8 + j}", 8080, 1) for j in range(3)}
+        table[key] = VirtualServer(key, "rr", None, reals)
+    cells = [(k, r) for k, vs in table.items() for r in vs.real_servers]
+
+    def check(got, connections, what):
+        for key, vs in table.items():
+            assert got.connections(key) == {r: connections.get((key, r), (0, 0)) for r in vs.real_servers}, what
+        assert got.total_connections() == tuple(sum(connections.get(c, (0, 0))[i] for c in cells) for i in (0, 1)), what
+
+    small = {c: (n, 2 * n) for n, c in enumerate(cells)}
+    _fresh_parse(format_ip_vs(table, HZ, small))
+    # The 10-character ones: same text width, so the same shape as the last read.
+    fitting = dict(small)
+    for cell, odd in zip(cells[::3], [o for o in ODD_COUNTERS if all(len(str(v)) <= 10 for v in o)]):
+        fitting[cell] = odd
+    text = format_ip_vs(table, HZ, fitting)
+    before = taken["same shape"]
+    check(parse_ip_vs(text, hz=HZ), fitting, "same shape")
+    assert taken["same shape"] > before
+    check(parse_ip_vs(text, hz=HZ), fitting, "same text")
+    check(_fresh_parse(text), fitting, "first read")
+    # Every odd counter, the wide ones too, as a change elsewhere is patched in.
+    odd = dict(small)
+    for cell, value in zip(cells[1::3], ODD_COUNTERS):
+        odd[cell] = value
+    key = next(iter(table))
+    reweighted = dict(table)
+    reweighted[key] = table[key]._replace(real_servers={r: rs._replace(weight=0) for r, rs in table[key].real_servers.items()})
+    saved, table = table, reweighted
+    before = taken["patch"]
+    check(parse_ip_vs(format_ip_vs(table, HZ, odd), hz=HZ), odd, "patch")
+    assert taken["patch"] > before
+    check(_fresh_parse(format_ip_vs(table, HZ, odd)), odd, "first read, wide")
+    # Counters moved again, every odd one still there (same shape or patch, whichever fits).
+    moved = {c: (v[0], v[1]) if c in dict(zip(cells[1::3], ODD_COUNTERS)) else (v[0] + 1, v[1]) for c, v in odd.items()}
+    check(parse_ip_vs(format_ip_vs(table, HZ, moved), hz=HZ), moved, "moved")
+    # The trailing blanks stripped: the slow way of finding counters.
+    stripped = "\n".join(line.rstrip() for line in format_ip_vs(table, HZ, odd).split("\n"))
+    check(_fresh_parse(stripped), odd, "stripped")
+    check(parse_ip_vs(stripped, hz=HZ), odd, "stripped, read again")
+    # A bad line in another virtual server: the one-by-one way for the rest.
+    text = format_ip_vs(table, HZ, odd)
+    last_line = text.rstrip("\n").rsplit("\n", 1)[1]
+    bad = text.replace(last_line, last_line[:-21] + "x" * 10 + " " + "0" * 10)
+    got = _fresh_parse(bad)
+    assert got.skipped_lines == 4 and len(got) == len(table) - 1
+    for key in got:
+        assert got.connections(key) == {r: odd.get((key, r), (0, 0)) for r in table[key].real_servers}
+    # Not ASCII (the header, say): no fast path, the whole text every time.
+    text = format_ip_vs(table, HZ, odd).replace("(size=4096)", "(size=4096) é", 1)
+    for _ in range(2):
+        got = parse_ip_vs(text, hz=HZ)
+        assert got.skipped_lines == 0
+        check(got, odd, "not ASCII")
+    table = saved

@@ -233,8 +233,8 @@ def test_diff_reports_each_fault_with_kind_and_service(workdir):
     web = VirtualServerKey("TCP", "10.96.1.1", 80)
     sticky = VirtualServerKey("TCP", "10.96.3.3", 5432)
     del table[VirtualServerKey("TCP", "10.96.7.7", 80)]  # missing virtual server
-    table[VirtualServerKey("TCP", "10.96.200.1", 80)] = table[web]._replace(
-        key=VirtualServerKey("TCP", "10.96.200.1", 80), service=None)  # stale virtual server
+    web_copy = VirtualServerKey("TCP", "10.96.200.1", 80)
+    table[web_copy] = table[web]._replace(key=web_copy, service=None)  # stale virtual server
     rs = dict(table[dns].real_servers)
     rs.pop(("10.244.2.7", 53))  # missing real server
     rs[("10.244.9.9", 53)] = RealServer("10.244.9.9", 53, 1, "Masq")  # stale real server
@@ -253,6 +253,12 @@ def test_diff_reports_each_fault_with_kind_and_service(workdir):
         "protocol": "TCP", "address": "10.96.7.7", "port": 80, "fwmark": None, "service": "default/zoned",
         "real_servers": 1, "scheduler": "rr", "persistent_timeout": None}]
     assert [(i["address"], i["service"]) for i in doc["stale_virtual_servers"]] == [("10.96.200.1", None)]
+    # Every real server of the stale virtual server is listed too, with its weight.
+    stale_vs_reals = sorted((i["real_address"], i["weight"]) for kind in ("stale_real_servers", "draining_real_servers")
+                            for i in doc[kind] if i["address"] == "10.96.200.1")
+    assert stale_vs_reals == sorted((a, rs.weight) for (a, _), rs in table[web_copy].real_servers.items())
+    assert stale_vs_reals
+    doc["stale_real_servers"] = [i for i in doc["stale_real_servers"] if i["address"] != "10.96.200.1"]
     assert doc["missing_real_servers"] == [{
         "protocol": "UDP", "address": "10.96.0.10", "port": 53, "fwmark": None,
         "real_address": "10.244.2.7", "real_port": 53, "weight": 1, "service": "kube-system/kube-dns"}]
@@ -269,7 +275,8 @@ def test_diff_reports_each_fault_with_kind_and_service(workdir):
 
     text = run("diff", "--objects", FIXTURE, "--ipvs", live_file(workdir, table), "--node-name", "node-a")
     assert text.returncode == 1
-    assert "missing virtual servers: 1" in text.stdout and "stale real servers: 1" in text.stdout
+    stale_rs = 1 + sum(rs.weight > 0 for rs in table[web_copy].real_servers.values())
+    assert "missing virtual servers: 1" in text.stdout and f"stale real servers: {stale_rs}" in text.stdout
     assert "-> 10.244.9.9:53" in text.stdout and text.stdout.rstrip().endswith("drift found")
 
 
@@ -324,3 +331,35 @@ def test_no_objects_with_a_kubeconfig_goes_to_the_cluster_hook(workdir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "cluster" in proc.stderr
+
+
+def test_diff_of_a_pasted_table_reads_it_whole(workdir):
+    """/proc/net/ip_vs as a terminal copy or a chat paste holds it (trailing blanks
+    stripped, no final newline) is the same table: exit 0, no drift."""
+    text = format_ip_vs(desired_of(FIXTURE), kernel_hz())
+    pasted = "\n".join(line.rstrip() for line in text.splitlines())
+    assert pasted != text.rstrip("\n")
+    proc = run("diff", "--objects", FIXTURE, "--ipvs", write(workdir / "pasted", pasted), "--node-name", "node-a",
+               "--output", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(v == [] for v in json.loads(proc.stdout).values())
+
+
+@pytest.mark.parametrize("where", ["a line of junk", "a cut counter", "the live table"])
+def test_diff_of_a_table_not_read_whole_is_exit_2_naming_the_line(workdir, where):
+    lines = format_ip_vs(desired_of(FIXTURE), kernel_hz()).splitlines(keepends=True)
+    row = next(i for i, line in enumerate(lines) if line.startswith("  -> ") and i > 3)
+    bad = {"a line of junk": "Masq 1 0 0 <- pasted from a chat\n",
+           "a cut counter": lines[row][:-15] + "\n",
+           "the live table": "hello\n"}[where]
+    broken = "".join(lines[:row] + [bad] + lines[row + 1:])
+    if where == "the live table":
+        (workdir / "proc" / "net").mkdir(parents=True)
+        (workdir / "proc" / "net" / "ip_vs").write_text(broken)
+        args = ["--path.procfs", str(workdir / "proc")]
+        source = str(workdir / "proc" / "net" / "ip_vs")
+    else:
+        args = ["--ipvs", write(workdir / "ip_vs", broken)]
+        source = args[1]
+    proc = run("diff", "--objects", FIXTURE, "--node-name", "node-a", *args)
+    assert_bad_input(proc, f"line {row + 1} is not IPVS text", source, repr(bad.rstrip("\n")))

@@ -12,6 +12,9 @@ Services, at most ``drift.max-service-series`` of them (those with the most
 items first), with the number left out in
 ``kubenode_ipvs_service_drift_series_dropped``.
 
+A live table with a line the reader does not understand gives no drift figures
+either (success 0 with the line named): what was not read is not "no drift".
+
 Before the first full list of every resource has been applied, no drift
 figures are served (the desired table would be empty or partial, and every
 live virtual server would look stale): ``kubenode_ipvs_drift_synced`` is 0.
@@ -191,6 +194,11 @@ class DriftCollector(Collector):
             raise Unavailable(str(err)) from None
         except OSError as err:
             raise CollectorError(f"reading {self.ctx.paths.proc('net', 'ip_vs')}: {err.strerror}") from None
+        unread = live.unread_reason()
+        if unread is not None:
+            # What was not read would be missing or, worse, silent: no drift figures at all
+            # rather than a clean-looking table (KubeNodeIPVSTableUnreadable says why).
+            raise CollectorError(f"{self.ctx.paths.proc('net', 'ip_vs')} not read whole, no drift figures: {unread}")
         diff = self.differ.diff(snap.table, live)
         report = self.tracker.update(diff, time.monotonic())
         yield from report_metrics(report)

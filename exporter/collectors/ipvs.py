@@ -89,8 +89,8 @@ def table_metrics(table: IPVSTable, counts: ShapeCounts | None = None) -> list[M
               "Virtual servers with no real server of weight above 0: traffic to them fails.",
               unavailable),
         connections,
-        gauge("unparsed_lines", "Lines of /proc/net/ip_vs the last read could not parse "
-              "(their virtual servers are left out).", table.skipped_lines),
+        gauge("unparsed_lines", "Lines of /proc/net/ip_vs the last read could not parse (their virtual "
+              "servers are left out, and ipvs_drift reports no drift while any).", table.skipped_lines),
     ]
 
 

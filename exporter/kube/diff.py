@@ -12,7 +12,9 @@ The contract's six kinds, plus one of ours:
 - ``missing_virtual_servers``: desired, absent from IPVS. Its real servers are
   not listed again as missing; the item says how many it should have.
 - ``stale_virtual_servers``: in IPVS, not desired (a deleted Service still
-  answering). Its real servers are not listed again either.
+  answering). Its real servers are listed too, each under ``stale_real_servers``
+  (weight > 0) or ``draining_real_servers`` (weight 0), with its weight: the
+  on-call engineer needs every address that still takes traffic (the contract).
 - ``missing_real_servers``: desired in a present virtual server, absent.
 - ``stale_real_servers``: in IPVS, not desired, weight > 0: traffic still goes
   to an endpoint that is gone.
@@ -192,13 +194,25 @@ def _compare(key: VirtualServerKey, want: VirtualServer, have: VirtualServer | N
     return tuple(items)
 
 
+# Marks a real server listed because its virtual server is stale (an extra JSON field):
+# not a graceful termination of the proxy's, so never "stuck draining".
+_OF_STALE_VS = (("stale_virtual_server", True),)
+
+
 def _stale_items(desired: Table, live: Table) -> tuple[DriftItem, ...]:
-    """Live virtual servers that nothing desires, in the live table's order."""
+    """Live virtual servers that nothing desires, in the live table's order, each
+    followed by its real servers (stale at weight > 0, draining at weight 0)."""
     stale = live.keys() - desired.keys()  # one C-level pass; usually empty
     if not stale:
         return ()
-    return tuple(DriftItem(STALE_VS, key, service=have.service, details=_vs_details(have))
-                 for key, have in live.items() if key in stale)
+    items = []
+    for key, have in live.items():
+        if key in stale:
+            items.append(DriftItem(STALE_VS, key, service=have.service, details=_vs_details(have)))
+            for rs in have.real_servers.values():
+                kind = DRAINING_RS if rs.weight == 0 else STALE_RS
+                items.append(DriftItem(kind, key, rs.key, rs.weight, have.service, details=_OF_STALE_VS))
+    return tuple(items)
 
 
 def _collect(per_vs: Iterable[tuple[DriftItem, ...]]) -> Diff:
@@ -337,7 +351,8 @@ class DriftTracker:
                 if item.service:
                     key = (item.service, kind)
                     per_service[key] = per_service.get(key, 0) + 1
-            if kind == DRAINING_RS and not item.active_connections and not item.inactive_connections:
+            if kind == DRAINING_RS and not item.active_connections and not item.inactive_connections \
+                    and item.details is not _OF_STALE_VS:
                 idle = self._idle_since.get(ident, now)
                 idle_since[ident] = idle
                 if now - idle >= self.stuck_after:

@@ -16,7 +16,13 @@ record, and the file is read whole before parsing, so an entry is never
 half-parsed. A change between two read() calls may skip or repeat one record (the
 seq_file position counts records); a repeat is harmless (same key), a skip is a
 momentary absence, which is why drift has a grace period. Lines that do not parse
-(a truncated file, garbage) drop their virtual server, never raise.
+(a truncated file, garbage) drop their virtual server, never raise; the table
+counts them (``skipped_lines``) and names the first (``first_unread``), so no
+caller mistakes a table it did not read whole for a clean one.
+
+Fields are separated by any run of blanks: the kernel's fixed widths are only the
+fast way to find the counters (a copy with trailing blanks stripped, tabs, CRLF
+or a counter wider than 10 characters reads the same, the slow way).
 
 Reading again: a running exporter reads the same table every scrape, and what
 changes between two reads is mostly connection counters, sometimes a record or
@@ -77,6 +83,7 @@ class IPVSTable(dict):
     """A table (``exporter.dataplane.Table``: virtual servers by key) plus what the parse dropped.
 
     ``skipped_lines``: lines that did not parse (their virtual server is dropped).
+    ``first_unread``: (line number from 1, the line) of the first of them, or None.
     ``persistent_jiffies``: raw /proc timeouts, kept so a caller that learns HZ later
     can convert (``VirtualServer.persistent_timeout`` is already in seconds).
 
@@ -88,6 +95,8 @@ class IPVSTable(dict):
     """
 
     skipped_lines: int = 0
+    first_unread_index: int | None = None  # of the text's lines, from 0
+    first_unread: tuple[int, str] | None = None
     hz: int = FALLBACK_HZ
     persistent_jiffies: dict[VirtualServerKey, int] = {}
     # The same object for every table read with the same shape (all but counters),
@@ -102,6 +111,17 @@ class IPVSTable(dict):
         out = IPVSTable(self)
         out.__dict__.update(self.__dict__)
         return out
+
+    def unread_reason(self) -> str | None:
+        """One line saying what was not read (for a log, an error, a user), or None."""
+        if self.first_unread is None and not self.skipped_lines:
+            return None
+        if self.first_unread is None:
+            return f"{self.skipped_lines} lines not read"
+        number, line = self.first_unread
+        shown = line if len(line) <= 100 else line[:100] + "..."
+        return (f"line {number} is not IPVS text as /proc/net/ip_vs prints it: {shown!r} "
+                f"({self.skipped_lines} lines not read)")
 
     def connections(self, key: VirtualServerKey) -> dict[tuple[str, int], tuple[int, int]]:
         """(active, inactive) connections of each real server of one virtual server."""
@@ -257,10 +277,14 @@ def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
             gc.enable()
 
 
-# One record per virtual server: its service line and the real-server lines after it.
-_RECORD_BOUNDARY = re.compile(r"\n(?!  -> )")
+# One record per virtual server: its service line and the real-server lines after it
+# (the kernel indents them "  -> "; any blanks before the arrow are accepted).
+_RECORD_BOUNDARY = re.compile(r"\n(?![ \t]*->)")
 # The kernel ends a real-server line with its two counters, "%-10d %-10d": the
-# active and inactive connections, always 21 characters (an int32 fits in 10).
+# active and inactive connections, 21 characters while each fits in 10. That fixed
+# width is only the fast way to find them: what defines them is the line's last two
+# fields, whatever blanks separate them (a copy with trailing blanks stripped, a
+# counter of 11 characters such as -2147483648).
 _COUNTERS = 21
 
 
@@ -293,16 +317,20 @@ class _Numbers(dict):
     and a lookup costs a fifth of int() (measured in the emulated VM)."""
 
     def __missing__(self, text: bytes) -> int:
+        # The kernel's "%d" only: int() alone would also take "+5", "1_000" or " 5".
+        if not (text.isdigit() or text[:1] == b"-" and text[1:].isdigit()):
+            raise ValueError(text)
         value = self[text] = int(text)
         return value
 
 
 _NUMBERS = _Numbers()
-_BLANK = " " * _COUNTERS
-_MARK = "\0" * _COUNTERS
 # A counter byte XOR a space: a digit becomes 0x10-0x19 (back to "0"-"9" here), a
-# padding space 0 (a space here); anything else is not a counter and fails int().
-_COUNTER_BYTES = bytes.maketrans(bytes(range(0x10, 0x1A)) + b"\0", b"0123456789 ")
+# padding space 0 and a tab 0x29 (blanks here), a minus sign 0x0D (back to "-": IPVS
+# has printed negative counts). The bytes that would otherwise turn into ASCII
+# whitespace and split a number silently (from ")*+,") become "x", which fails.
+_COUNTER_BYTES = bytes.maketrans(bytes(range(0x10, 0x1A)) + b"\0\x29\x0d\x09\x0a\x0b\x0c",
+                                 b"0123456789  -xxxx")
 _MASK_BYTES = bytes.maketrans(b"\0" + bytes(range(1, 256)), b"\0" + b"\xff" * 255)
 
 
@@ -353,14 +381,67 @@ def _numbers(numbers: list, real_servers: int) -> tuple[list[int], list[int]] | 
     return values[0::2], values[1::2]
 
 
-def _marked(lines: list[str], mark: str = _MARK) -> str:
-    """Lines, the counters of real-server lines replaced by ``mark`` (same length), joined.
+def _fixed_width(line: str) -> bool:
+    """Whether a real-server line ends with the kernel's two 10-wide counter fields.
 
-    A real-server line: "  -> " then an address (hex or "["), not the header's
-    "RemoteAddress". 1-character slices make no new string: they cost no allocation.
+    A field starts at each of the last 21 and the last 10 characters, after a blank:
+    then those 21 characters hold the last two fields (at least two, and the count of
+    all counters checks there are not more). The same test is inlined in ``_marked``.
     """
-    return "\n".join([line[:-_COUNTERS] + mark if line[2:3] == "-" and line[5:6] != "R" and len(line) > _COUNTERS
-                       else line for line in lines])
+    return (len(line) > _COUNTERS and line[-22] == " " and line[-11] == " "
+            and line[-21] > " " and line[-10] > " ")
+
+
+def _counter_start(line: str) -> int:
+    """Where the counters of a real-server line start: its last two fields.
+
+    ``len(line)`` when it has no two fields after the arrow (nothing to read).
+    """
+    if _fixed_width(line):
+        return len(line) - _COUNTERS
+    fields = line.rsplit(None, 2)
+    if len(fields) != 3:
+        return len(line)
+    before_last = line.rstrip()[:-len(fields[2])].rstrip()
+    return len(before_last) - len(fields[1])
+
+
+def _counter_end(line: str) -> int:
+    """Where the counters end: the line's end (kernel widths), else the last field's end."""
+    return len(line) if _fixed_width(line) else len(line.rstrip())
+
+
+def _is_real_server_line(line: str) -> bool:
+    """An arrow line, not the header's "-> RemoteAddress"."""
+    body = line.lstrip()
+    return body[:2] == "->" and not body[2:].lstrip().startswith("RemoteAddress")
+
+
+def _marked_slowly(line: str, mark: str) -> str:
+    """``_marked`` for a line not in the kernel's fixed widths (stripped, tabs, wide counters)."""
+    if not _is_real_server_line(line):
+        return line
+    start, end = _counter_start(line), _counter_end(line)
+    if start >= end:
+        return line
+    return line[:start] + mark * (end - start) + line[end:]
+
+
+def _marked(lines: list[str], mark: str = "\0") -> str:
+    """Lines, the counters of real-server lines replaced by ``mark`` (one character each), joined.
+
+    The fast test is the kernel's: "  -> " then an address (hex or "["), not the
+    header's "RemoteAddress", ending in the fixed widths (``_fixed_width``, inlined:
+    1-character slices make no new string). Service lines start with a letter and
+    are kept as they are; any other line goes the slow way.
+    """
+    fixed = mark * _COUNTERS
+    return "\n".join([
+        line[:-_COUNTERS] + fixed
+        if line[2:3] == "-" and line[5:6] != "R" and line[-22:-21] == " " and line[-11:-10] == " "
+        and line[-21:-20] > " " and line[-10:-9] > " " and len(line) > _COUNTERS
+        else line if line[:1] > " " else _marked_slowly(line, mark)
+        for line in lines])
 
 
 def _parse_text(text: str, hz: int) -> IPVSTable:
@@ -371,27 +452,40 @@ def _parse_text(text: str, hz: int) -> IPVSTable:
     if "\0" not in text:
         blank = marked.replace("\0", " ")
     else:  # NULs of its own (never the kernel's): blank it apart
-        blank = _marked(lines[:-1], _BLANK) + "\n" + torn if len(lines) > 1 else torn
+        blank = _marked(lines[:-1], " ") + "\n" + torn if len(lines) > 1 else torn
     records = _RECORD_BOUNDARY.split(blank)
     parsed = _parse_shape(records, hz)
     clean, skeleton, layout = parsed[2:]
-    counted = list(map(lines.__getitem__, layout.counter_lines))
-    # All counters in one split: two numbers per line, or the text is not the kernel's.
-    numbers = " ".join([line[-_COUNTERS:] for line in counted]).encode("ascii", "replace").split()
-    counters = _numbers(numbers, len(counted))
+    blank_value = mask = counters = None
+    if clean and text.isascii() and "\0" not in text:
+        # Clean: every marked line is a kept real server, so the marks are its counters,
+        # all taken in two C-level passes as a re-read takes them (``_counters``).
+        blank_value = int.from_bytes(blank.encode("ascii"), "little")
+        mask = int.from_bytes(marked.encode("ascii").translate(_MASK_BYTES), "little")
+        counters = _counters(int.from_bytes(text.encode("ascii"), "little"), blank_value, mask, len(text),
+                             layout)
+    else:
+        counted = list(map(lines.__getitem__, layout.counter_lines))
+        # All counters in one split: two numbers per line, or the text is not the kernel's.
+        numbers = " ".join([line[-_COUNTERS:] if _fixed_width(line) else line[_counter_start(line):]
+                            for line in counted]).encode("ascii", "replace").split()
+        counters = _numbers(numbers, len(counted))
     if counters is None:
         # A counter that is not a number (never from the kernel): drop its virtual
         # server, as for any other line that does not parse.
         _SHAPES.pop(hz, None)
-        return _drop_bad_counters(skeleton.copy(), lines, layout)
-    blank_value = mask = None
-    if clean and text.isascii() and "\0" not in text:
-        # Clean: every marked line is a kept real server, so the marks are its counters.
-        blank_value = int.from_bytes(blank.encode("ascii"), "little")
-        mask = int.from_bytes(marked.encode("ascii").translate(_MASK_BYTES), "little")
+        return _with_first_unread(_drop_bad_counters(skeleton.copy(), lines, layout), lines)
+    _with_first_unread(skeleton, lines)
     state = _Shape(text, *parsed, *counters, blank_value, mask)
     _SHAPES[hz] = state
     return _with_counters(skeleton, state.active, state.inactive)
+
+
+def _with_first_unread(table: IPVSTable, lines: list[str]) -> IPVSTable:
+    """Name the first line the parse could not read (index -> number and text)."""
+    index = table.first_unread_index
+    table.first_unread = (index + 1, lines[index]) if index is not None and index < len(lines) else None
+    return table
 
 
 def _patch_text(last: _Shape, text: str, value: int, hz: int) -> _Shape | None:
@@ -475,6 +569,7 @@ def _parse_shape(records: list[str], hz: int) -> tuple[list[str], int, bool, IPV
     lead = 0  # header records before the first virtual server
     kept_last = False  # whether the record before was kept (and may still be dropped)
     line_no = 0  # of the record's first line
+    first_unread: int | None = None  # index of the first line not read
     for record in records:
         try:
             cached = _known_or_parsed(previous, record, hz)
@@ -483,24 +578,30 @@ def _parse_shape(records: list[str], hz: int) -> tuple[list[str], int, bool, IPV
             # of its own; it may sit among the real servers of the record before
             # it, so drop that one too: no entry is ever half-read.
             lines = record.split("\n")
-            line_no += len(lines)
             if not keys and clean:
                 lead += 1
             else:
                 clean = False
-            extra = -1
-            if lines[0].startswith("IP Virtual Server"):
-                extra = len(lines) - 1
-            elif lines[0].startswith("Prot LocalAddress"):
-                extra = len(lines) - 1 - (len(lines) > 1 and lines[1].startswith("  -> RemoteAddress"))
+            if not record.strip():
+                # An empty line (a paste's): nothing to read, nothing lost. Not the
+                # kernel's text, so no fast path for the next read (not clean).
+                clean = False
+                line_no += len(lines)
+                continue
+            extra = _header_extra_lines(lines)
             if extra >= 0:
                 skipped += extra
                 clean = clean and not extra
+                if extra and first_unread is None:
+                    first_unread = line_no + len(lines) - extra
             else:
                 skipped += len(lines)
                 clean = False
+                if first_unread is None:
+                    first_unread = line_no + _first_bad_line(lines, hz)
                 if kept_last:
                     drop_last()
+            line_no += len(lines)
             kept_last = False
             continue
         current[record] = cached
@@ -522,9 +623,12 @@ def _parse_shape(records: list[str], hz: int) -> tuple[list[str], int, bool, IPV
     if torn and torn[:1] not in "TUSF" and kept_last:
         # A cut within "  -> " splits off as a piece of its own: the record before is short.
         drop_last()
+    if torn and first_unread is None:
+        first_unread = line_no + torn.count("\n")  # the cut line
     starts.append(len(counter_lines))
     _RECORD_CACHES[hz] = current
     table.skipped_lines = skipped
+    table.first_unread_index = first_unread
     table.persistent_jiffies = jiffies_by_key
     if clean:
         layout = Layout.build(keys, first_lines, starts, counter_lines, line_no)
@@ -532,6 +636,43 @@ def _parse_shape(records: list[str], hz: int) -> tuple[list[str], int, bool, IPV
         layout = _compact(table, Layout(keys, {}, first_lines, starts, counter_lines, line_no))
     table._layout = layout
     return records, lead, clean, table, layout
+
+
+def _header_extra_lines(lines: list[str]) -> int:
+    """Lines of a header record beyond the kernel's header; -1 when it is no header."""
+    first = lines[0].split()
+    if first[:3] == ["IP", "Virtual", "Server"]:
+        return len(lines) - 1
+    if first[:1] == ["Prot"] and first[1:2] and first[1].startswith("LocalAddress"):
+        second = lines[1].split()[:2] if len(lines) > 1 else []
+        return len(lines) - 1 - (second[:1] == ["->"] and second[1:2] != [] and second[1].startswith("RemoteAddress"))
+    return -1
+
+
+def _first_bad_line(lines: list[str], hz: int) -> int:
+    """Which line of a record that did not parse is the first one not understood.
+
+    The error path only (``_record`` raises for the record as a whole): the
+    service line is checked, then each real-server line as ``_record`` reads it.
+    """
+    try:
+        _service(lines[0].split(), hz)
+    except (ValueError, IndexError, KeyError):
+        return 0
+    seen = set()
+    for n, line in enumerate(lines[1:], 1):
+        parts = line.split()
+        try:
+            if len(parts) != 4 or parts[0] != "->":
+                raise ValueError(line)
+            endpoint = _endpoint(parts[1])
+            int(parts[3])
+        except (ValueError, IndexError):
+            return n
+        if endpoint in seen:
+            return n
+        seen.add(endpoint)
+    return 0
 
 
 def _compact(table: IPVSTable, layout: Layout) -> Layout:
@@ -645,8 +786,11 @@ def _drop_bad_counters(table: IPVSTable, lines: list[str], layout: Layout) -> IP
     for place, key in enumerate(layout.keys):
         numbers = layout.counter_lines[layout.starts[place]:layout.starts[place + 1]]
         try:
-            got = [(int(lines[n][-21:-11]), int(lines[n][-10:])) for n in numbers]
+            got = [_two_counters(lines[n]) for n in numbers]
         except ValueError:
+            bad = next(n for n in numbers if not _reads_as_counters(lines[n]))
+            if table.first_unread_index is None or bad < table.first_unread_index:
+                table.first_unread_index = bad
             del table[key]
             table.persistent_jiffies.pop(key, None)
             table.skipped_lines += len(numbers) + 1
@@ -659,6 +803,22 @@ def _drop_bad_counters(table: IPVSTable, lines: list[str], layout: Layout) -> IP
     table._layout = Layout.build(keys, [], starts, [], layout.lines)
     table._active, table._inactive = active, inactive
     return table
+
+
+def _two_counters(line: str) -> tuple[int, int]:
+    """(active, inactive) of one real-server line, read as every other path reads them."""
+    fields = line[_counter_start(line):].encode("ascii").split()
+    if len(fields) != 2:
+        raise ValueError(line)
+    return _NUMBERS[fields[0]], _NUMBERS[fields[1]]
+
+
+def _reads_as_counters(line: str) -> bool:
+    try:
+        _two_counters(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _record(record: str, hz: int) -> tuple[VirtualServer, int | None]:

@@ -90,7 +90,9 @@ def test_faults_injected_behind_the_proxy_are_reported_by_kind_and_service(ipvs)
     assert clean.returncode == 0, clean.stdout + clean.stderr
 
     ipvs.ipvsadm("-D", "-t", "10.96.7.7:80")  # missing virtual server (default/zoned)
-    ipvs.ipvsadm("-A", "-t", "10.96.200.1:80", "-s", "rr")  # stale virtual server
+    ipvs.ipvsadm("-A", "-t", "10.96.200.1:80", "-s", "rr")  # stale virtual server, with real servers
+    ipvs.ipvsadm("-a", "-t", "10.96.200.1:80", "-r", "10.244.7.1:8080", "-m", "-w", "1")  # still takes traffic
+    ipvs.ipvsadm("-a", "-t", "10.96.200.1:80", "-r", "10.244.7.2:8080", "-m", "-w", "0")
     ipvs.ipvsadm("-d", "-u", "10.96.0.10:53", "-r", "10.244.2.7:53")  # missing real server
     ipvs.ipvsadm("-a", "-u", "10.96.0.10:53", "-r", "10.244.9.9:53", "-m", "-w", "1")  # stale real server
     ipvs.ipvsadm("-e", "-t", "10.96.1.1:80", "-r", "10.244.1.10:8080", "-m", "-w", "0")  # zero weight
@@ -104,9 +106,11 @@ def test_faults_injected_behind_the_proxy_are_reported_by_kind_and_service(ipvs)
         "missing_virtual_servers": [("10.96.7.7", None, "default/zoned")],
         "stale_virtual_servers": [("10.96.200.1", None, None)],
         "missing_real_servers": [("10.96.0.10", "10.244.2.7", "kube-system/kube-dns")],
-        "stale_real_servers": [("10.96.0.10", "10.244.9.9", "kube-system/kube-dns")],
+        # The stale virtual server's real servers are listed too (the contract), by weight.
+        "stale_real_servers": [("10.96.0.10", "10.244.9.9", "kube-system/kube-dns"),
+                               ("10.96.200.1", "10.244.7.1", None)],
         "zero_weight_real_servers": [("10.96.1.1", "10.244.1.10", "default/web")],
-        "draining_real_servers": [("10.96.1.1", "10.244.2.99", "default/web")],
+        "draining_real_servers": [("10.96.1.1", "10.244.2.99", "default/web"), ("10.96.200.1", "10.244.7.2", None)],
         "mismatched_virtual_servers": [("10.96.3.3", None, "default/sticky")],
     }
     mismatch = doc["mismatched_virtual_servers"][0]
@@ -119,3 +123,24 @@ def test_faults_injected_behind_the_proxy_are_reported_by_kind_and_service(ipvs)
     proc = run_diff()
     assert proc.returncode == 0, proc.stdout
     assert len(json.loads(proc.stdout)["draining_real_servers"]) == 1
+
+
+def test_with_no_services_every_real_server_of_the_table_is_listed(ipvs, tmp_path):
+    """`diff` with no Services on a real kernel's table: every virtual server is stale and
+    every one of its real servers is listed with its weight (they all still take traffic)."""
+    ipvs.restore(ipvs_tables.uniform_table(300, reals=5))
+    ipvs.ipvsadm("-e", "-t", "10.96.0.0:80", "-r", "10.128.0.0:8080", "-m", "-w", "0")
+    empty = tmp_path / "no-services.yaml"
+    empty.write_text("apiVersion: v1\nkind: List\nitems: []\n")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "diff", "--objects", str(empty), "--node-name", "node-a",
+                           "--output", "json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert len(doc["stale_virtual_servers"]) == 300
+    assert len(doc["stale_real_servers"]) == 1499 and len(doc["draining_real_servers"]) == 1
+    assert doc["draining_real_servers"][0]["real_address"] == "10.128.0.0"
+    assert {i["weight"] for i in doc["stale_real_servers"]} == {1}
+    listed = {(i["address"], i["port"], i["real_address"], i["real_port"])
+              for kind in ("stale_real_servers", "draining_real_servers") for i in doc[kind]}
+    table = live()
+    assert listed == {(k.address, k.port, a, p) for k, vs in table.items() for (a, p) in vs.real_servers}

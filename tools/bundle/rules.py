@@ -102,6 +102,13 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
          "{{ $value | humanize }} real servers of removed endpoints on node NODE are at weight 0 "
          "with no connections left, yet still in IPVS: the proxy's graceful termination is not "
          "deleting them (kubernetes issue 71071)."),
+        # The drift collector reports nothing over a table it did not read whole (success 0):
+        # without this alert the drift alerts would only fall silent.
+        ("kubenode-ipvs", "KubeNodeIPVSTableUnreadable", f"kubenode_ipvs_unparsed_lines{s()} > 0",
+         "The IPVS table is not read whole; drift is not reported.",
+         "{{ $value | humanize }} lines of /proc/net/ip_vs on node NODE are not IPVS text the exporter "
+         "understands: it reports no IPVS drift there rather than a clean table it did not read whole, "
+         "so the drift alerts of this node are blind."),
         ("kubenode-proxy", "KubeNodeProxyProgrammingLatencyHigh",
          f"node:kubenode_ipvs_programming_latency_seconds:p99_rate5m > {t('KubeNodeProxyProgrammingLatencyHigh')}",
          "Endpoint changes take long to reach IPVS.",
@@ -184,7 +191,7 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
 ALERT_NAMES = [
     "KubeNodeIPVSStaleRealServers", "KubeNodeIPVSMissingRealServers",
     "KubeNodeIPVSMissingVirtualServers", "KubeNodeIPVSStaleVirtualServers",
-    "KubeNodeIPVSZeroWeightRealServers", "KubeNodeIPVSGracefulTerminationStuck",
+    "KubeNodeIPVSZeroWeightRealServers", "KubeNodeIPVSGracefulTerminationStuck", "KubeNodeIPVSTableUnreadable",
     "KubeNodeProxyProgrammingLatencyHigh", "KubeNodeProxySyncSlow", "KubeNodeProxySyncStale",
     "KubeNodeProxyMetricsDown", "KubeNodeIpsetNearlyFull", "KubeNodeIpsetFull",
     "KubeNodeKubeletCPUHigh", "KubeNodeProxyCPUHigh", "KubeNodeProxyExecStorm",
