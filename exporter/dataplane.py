@@ -81,3 +81,46 @@ def sorted_virtual_servers(table: Table) -> list[VirtualServer]:
 
 def sorted_real_servers(vs: VirtualServer) -> list[RealServer]:
     return sorted(vs.real_servers.values(), key=lambda rs: (_address_order(rs.address), rs.port))
+
+
+# --- The live dataplane, in any proxy mode ------------------------------------------------
+# Drift is the same question in every kube-proxy mode (IPVS, nftables, iptables): a frontend
+# is a virtual server, an endpoint a real server. One reader per mode answers it in these
+# shapes; the drift collector and `diff` talk only to them.
+
+MODES = ("ipvs", "nftables", "iptables")
+
+
+class DataplaneUnavailable(Exception):
+    """This node does not run that dataplane (no ip_vs module, no kube-proxy table)."""
+
+
+class LiveRead(NamedTuple):
+    """One read of a node's live dataplane.
+
+    ``unread`` non-empty means the read was not whole: no drift figures may be
+    served over it (never "no drift" over what was not read).
+    """
+
+    table: Table  # every frontend that was read fully
+    rejected: dict  # VirtualServerKey -> "reject" | "drop": frontends the rules refuse (empty for IPVS)
+    unread: tuple[str, ...]  # one line per thing not read; the first is the reason given
+    read_seconds: float  # this call's own work (a cheap "nothing changed" check included)
+
+
+class DataplaneReader:
+    """What the drift collector owns, one per mode.
+
+    ``read(max_age)`` returns the live dataplane, reusing a read not older than
+    ``max_age`` seconds (so collectors of one scrape share it), and raises
+    ``DataplaneUnavailable`` when the node lacks the dataplane. Readers are
+    objects: their caches belong to them, never to their module.
+    """
+
+    mode: str = ""
+
+    def read(self, max_age: float = 0.5) -> LiveRead:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release sockets or threads."""
