@@ -245,7 +245,8 @@ _new_tuple = tuple.__new__  # NamedTuple construction without its Python-level _
 
 
 def _real_servers(endpoints: Iterable[tuple[str, int]], forward: str = "Masq") -> dict[tuple[str, int], RealServer]:
-    return {(ip, port): _new_tuple(RealServer, (ip, port, 1, forward, 0, 0)) for ip, port in endpoints}
+    # Exactly RealServer's four fields: a longer tuple would not compare equal to a live one.
+    return {(ip, port): _new_tuple(RealServer, (ip, port, 1, forward)) for ip, port in endpoints}
 
 
 def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: NodeFacts,
