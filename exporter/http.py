@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
 from prometheus_client.openmetrics import exposition as openmetrics
 
@@ -158,13 +159,35 @@ def _lean_writer(writer: Callable) -> Callable | None:
     return None
 
 
+def select_families(families: Iterable[Metric], names: set[str]) -> list[Metric]:
+    """What ``?name[]=`` asks for: a family named whole, else the samples named.
+
+    Filtered here, on what was collected, not through the registry's
+    restricted_registry: that finds collectors by the names they describe, and
+    the Runner (one collector for every family, its set known only by running
+    it) describes none, so it found nothing. The families may be shared with an
+    overlapping scrape (the Runner reuses a fresh result), so none is changed.
+    """
+    selected = []
+    for family in families:
+        if family.name in names:
+            selected.append(family)
+            continue
+        kept = [s for s in family.samples if s.name in names]
+        if kept:
+            part = Metric(family.name, family.documentation, family.type, family.unit)
+            part.samples = kept
+            selected.append(part)
+    return selected
+
+
 def metrics_page(registry: CollectorRegistry, accept: str | None, query: str = "") -> tuple[bytes, str]:
     """The /metrics body and its Content-Type, negotiated as prometheus_client negotiates."""
     writer, content_type = choose_encoder(accept)
-    params = parse_qs(query)
-    if "name[]" in params:
-        registry = registry.restricted_registry(params["name[]"])
     families = list(registry.collect())
+    names = parse_qs(query).get("name[]")
+    if names:
+        families = select_families(families, set(names))
     lean = _lean_writer(writer)
     if lean is not None:
         try:
