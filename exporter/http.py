@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 from socketserver import ThreadingMixIn
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -21,7 +21,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 
 from exporter import __version__
 from exporter.collector import Runner
-from exporter.exposition import Unsupported, openmetrics_page, text_page
+from exporter.exposition import ESCAPINGS, Unsupported, openmetrics_page, text_page
 
 log = logging.getLogger("exporter.http")
 
@@ -149,13 +149,53 @@ class _Collected:
         return self.families
 
 
+def by_preference(accept: str | None) -> str:
+    """The Accept header's media ranges, the client's most preferred first.
+
+    client_python takes the first range it can serve, whatever its q-value;
+    sorted by q (a stable sort: ties keep the client's order), that first one
+    is the one the client prefers. A range at q=0 (or an unreadable q) is one
+    the client does not want, and is left out.
+    """
+    ranked = []
+    for position, media_range in enumerate((accept or "").split(",")):
+        q = 1.0
+        for param in media_range.split(";")[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if q > 0 and media_range.strip():
+            ranked.append((-q, position, media_range.strip()))
+    return ",".join(media_range for _, _, media_range in sorted(ranked))
+
+
+class Negotiated(NamedTuple):
+    writer: Callable  # client_python's writer of the format chosen
+    lean: Callable | None  # ours, when it writes the same bytes
+    content_type: str
+
+
+def negotiate(accept: str | None) -> Negotiated:
+    """The format of a /metrics answer: client_python's choice, in the client's order of preference."""
+    writer, content_type = choose_encoder(by_preference(accept))
+    return Negotiated(writer, _lean_writer(writer), content_type)
+
+
 def _lean_writer(writer: Callable) -> Callable | None:
     """Our writer for what prometheus_client's choose_encoder chose, when we write the same bytes."""
     if writer is generate_latest:
         return text_page
-    if (isinstance(writer, functools.partial) and writer.func is openmetrics.generate_latest
-            and writer.keywords == {"escaping": openmetrics.UNDERSCORES, "version": "1.0.0"}):
-        return openmetrics_page
+    if not isinstance(writer, functools.partial) or writer.keywords.get("escaping") not in ESCAPINGS:
+        return None
+    escaping = writer.keywords["escaping"]
+    if writer.func is generate_latest and writer.keywords.keys() == {"escaping"}:
+        return functools.partial(text_page, escaping=escaping)  # text 1.0.0: the 0.0.4 lines
+    if (writer.func is openmetrics.generate_latest and writer.keywords.keys() == {"escaping", "version"}
+            and writer.keywords["version"] == "1.0.0"):
+        return functools.partial(openmetrics_page, escaping=escaping)
     return None
 
 
@@ -182,19 +222,18 @@ def select_families(families: Iterable[Metric], names: set[str]) -> list[Metric]
 
 
 def metrics_page(registry: CollectorRegistry, accept: str | None, query: str = "") -> tuple[bytes, str]:
-    """The /metrics body and its Content-Type, negotiated as prometheus_client negotiates."""
-    writer, content_type = choose_encoder(accept)
+    """The /metrics body and its Content-Type, negotiated as ``negotiate`` says."""
+    chosen = negotiate(accept)
     families = list(registry.collect())
     names = parse_qs(query).get("name[]")
     if names:
         families = select_families(families, set(names))
-    lean = _lean_writer(writer)
-    if lean is not None:
+    if chosen.lean is not None:
         try:
-            return lean(families), content_type
+            return chosen.lean(families), chosen.content_type
         except Unsupported:
             pass
-    return writer(_Collected(families)), content_type
+    return chosen.writer(_Collected(families)), chosen.content_type
 
 
 def make_metrics_app(registry: CollectorRegistry) -> Callable:
