@@ -5,14 +5,17 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import io
 import logging
 import socket
 import ssl
 import threading
+import time
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import Callable, Iterable, NamedTuple
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -35,17 +38,186 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _QuietHandler(WSGIRequestHandler):
+@dataclass(frozen=True)
+class ServerLimits:
+    """What bounds the server, as Go's net/http with exporter-toolkit is bounded.
+
+    Each connection holds a thread; these keep clients from holding them at will.
+    One request per connection (wsgiref answers HTTP/1.0 and closes), so no
+    connection idles between requests: idle keep-alive is bounded at zero.
+    """
+
+    # From accept to the end of the request headers (and the TLS handshake before
+    # them): a silent or dripping client is let go after this (Go: ReadHeaderTimeout).
+    header_timeout: float = 10.0
+    # The whole answer's send to a client that reads it slowly (Go: WriteTimeout);
+    # a Prometheus scrape times out well before.
+    response_timeout: float = 60.0
+    # Connections served at once; one more is answered 503 by the accepting thread.
+    max_connections: int = 64
+    # The listen backlog: socketserver's 5 overflowed under 50 concurrent scrapers.
+    # The kernel caps it at net.core.somaxconn, as it does Go's listener.
+    backlog: int = socket.SOMAXCONN
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's bytes, every read bounded by what is left of one deadline.
+
+    A socket timeout bounds each read alone: a client dripping a byte at a time
+    would hold the connection for ever. With ``deadline`` None, reads take the
+    socket's own timeout.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float | None) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request did not come in time")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class _ServerHandler(ServerHandler):
+    """wsgiref's, answering HEAD with GET's status and headers and no body, and logging
+    through our logger (a client gone mid-answer is no traceback on stderr)."""
+
+    def __init__(self, *args, head: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head = head
+
+    def write(self, data: bytes) -> None:
+        if not self.head:
+            return super().write(data)
+        if not self.headers_sent:
+            self.bytes_sent = len(data)  # Content-Length stays the GET body's
+            self.send_headers()
+        return None
+
+    def log_exception(self, exc_info) -> None:
+        if isinstance(exc_info[1], OSError):
+            log.debug("answering %s failed: %s", self.environ.get("REMOTE_ADDR"), exc_info[1])
+        else:
+            log.error("answering %s %s failed", self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"),
+                      exc_info=exc_info)
+
+
+class _Handler(WSGIRequestHandler):
+    # Before a request line is read its version is unknown and http.server answers
+    # errors as HTTP/0.9: a bare body, no status line. Answer them as HTTP/1.0.
+    default_request_version = "HTTP/1.0"
+    error_content_type = "text/plain; charset=utf-8"
+    error_message_format = "%(code)d %(message)s: %(explain)s\n"
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The status line keeps its standard reason ("400 Bad Request"); the detail goes in the body.
+        super().send_error(code, None, explain or message)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # ours reads with the header deadline instead
+        limits: ServerLimits = self.server.limits
+        self.reader = _DeadlineReader(self.connection, time.monotonic() + limits.header_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def parse_request(self) -> bool:
+        words = self.raw_requestline.split()
+        if self.raw_requestline and len(words) != 3:
+            # Method, target and version, or nothing: not HTTP/0.9 ("GET /"), not garbage.
+            self.command, self.request_version = None, self.default_request_version
+            self.requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
+            self.close_connection = True
+            self.send_error(400, "malformed request line")
+            return False
+        return super().parse_request()
+
+    def handle(self) -> None:
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.request_version, self.command = "", self.default_request_version, ""
+                self.send_error(414)
+                return
+            if not self.parse_request():
+                return
+        except OSError as err:  # the header deadline, or a client gone
+            log.debug("%s sent no request: %s", self.client_address[0], err)
+            return
+        self.reader.deadline = None
+        self.connection.settimeout(self.server.limits.response_timeout)
+        environ = self.get_environ()
+        head = environ["REQUEST_METHOD"] == "HEAD"
+        if head:
+            environ["REQUEST_METHOD"] = "GET"  # the same answer, its body left unsent
+        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), environ, multithread=False, head=head)
+        handler.request_handler = self  # wsgiref logs the request through it
+        handler.run(self.server.get_app())
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature from stdlib
         log.debug("%s %s", self.address_string(), format % args)
+
+
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Connection: close\r\nContent-Length: 21\r\n\r\ntoo many connections\n")
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    limits = ServerLimits()
+
+    def server_activate(self) -> None:
+        self.request_queue_size = self.limits.backlog
+        self.slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self.refusing = False  # said once while at the bound, again after it clears
+        super().server_activate()
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            if not self.refusing:
+                self.refusing = True
+                log.warning("%d connections open, the most served at once: answering 503 until one ends",
+                            self.limits.max_connections)
+            self.refuse(request)
+            self.shutdown_request(request)
+            return
+        self.refusing = False
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def refuse(self, request: socket.socket) -> None:
+        """503 from the accepting thread, which must not wait: the request, if
+        already in, is drained first (closing on unread bytes would reset the
+        connection and lose the answer), then the answer goes in one send."""
+        try:
+            request.setblocking(False)
+            try:
+                while request.recv(65536):
+                    pass
+            except BlockingIOError:
+                pass
+            request.send(_BUSY)
+        except OSError:
+            pass
 
 
-def _server_class(host: str) -> type[_Server]:
+def _server_class(host: str, limits: ServerLimits) -> type[_Server]:
     family = socket.AF_INET
     if ":" in host or host == "":
         # An empty host serves on every address, v4 and v6, like node_exporter.
@@ -59,6 +231,7 @@ def _server_class(host: str) -> type[_Server]:
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             super().server_bind()
 
+    Server.limits = limits
     return Server
 
 
@@ -68,16 +241,15 @@ def _server_class(host: str) -> type[_Server]:
 UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
 
 
-# Seconds a connection may take to finish the TLS handshake or send its request.
-CONNECTION_TIMEOUT = 30.0
-
-
 def _tls_server_class(base: type[_Server], ssl_context, allowed_sans: tuple[str, ...]) -> type[_Server]:
     from exporter.webconfig import peer_matches_sans
 
     class TLSServer(base):
+        def refuse(self, request) -> None:
+            pass  # a plain-text 503 would be garbage to a TLS client: closing says it
+
         def finish_request(self, request, client_address) -> None:
-            request.settimeout(CONNECTION_TIMEOUT)
+            request.settimeout(self.limits.header_timeout)
             try:
                 tls = ssl_context.wrap_socket(request, server_side=True)
             except (OSError, ssl.SSLError) as err:
@@ -289,12 +461,12 @@ class MetricsServer:
     """
 
     def __init__(self, app: Callable, address: str, ssl_context=None,
-                 allowed_sans: tuple[str, ...] = ()) -> None:
+                 allowed_sans: tuple[str, ...] = (), **limits) -> None:
         host, port = parse_listen_address(address)
-        server_class = _server_class(host)
+        server_class = _server_class(host, ServerLimits(**limits))
         if ssl_context is not None:
             server_class = _tls_server_class(server_class, ssl_context, tuple(allowed_sans))
-        self.httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+        self.httpd = make_server(host, port, app, server_class=server_class, handler_class=_Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
 
     @property
