@@ -19,14 +19,15 @@ scrapes got before).
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 from prometheus_client.openmetrics.exposition import ALLOWUTF8
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
+from bench.bench_ipset import PROMETHEUS_3_ACCEPT, _Fixed, _scraper
 from bench.bench_ipset import PROMETHEUS_ACCEPT as PROMETHEUS_2_ACCEPT
-from bench.bench_ipset import _Fixed, _scraper
 from bench.bench_ipvs import interleaved
 from bench.common import Row
 from exporter.cli import settings_from_args
@@ -38,11 +39,6 @@ from exporter.http import make_app, negotiate
 from exporter.paths import Paths
 from exporter.readers.ipvs import kernel_hz
 from tests.ipvs_text import format_ip_vs
-
-PROMETHEUS_3_ACCEPT = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
-                       "application/openmetrics-text;version=0.0.1;q=0.5,"
-                       "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2")
-
 
 def uniform_table(services: int, reals: int = 5) -> dict:
     """TCP ClusterIP virtual servers of ``reals`` masq real servers each (the bench_ipvs shape)."""
@@ -60,7 +56,7 @@ def uniform_table(services: int, reals: int = 5) -> dict:
 
 def run(args) -> list[Row]:
     services = 2_700 if args.quick else 10_000
-    with tempfile.TemporaryDirectory(prefix=f"kubenode-bench-http-{__import__('os').getpid()}-") as procfs:
+    with tempfile.TemporaryDirectory(prefix=f"kubenode-bench-http-{os.getpid()}-") as procfs:
         (Path(procfs) / "net").mkdir()
         (Path(procfs) / "net" / "ip_vs").write_text(format_ip_vs(uniform_table(services), kernel_hz()))
         return _measure(procfs, services)
