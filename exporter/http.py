@@ -47,8 +47,9 @@ class ServerLimits:
     connection idles between requests: idle keep-alive is bounded at zero.
     """
 
-    # From accept to the end of the request headers (and the TLS handshake before
-    # them): a silent or dripping client is let go after this (Go: ReadHeaderTimeout).
+    # For the request line and headers, from the connection's start (and as long
+    # again for a TLS handshake before them, which Python's ssl bounds as a whole):
+    # a silent or dripping client is let go after this (Go: ReadHeaderTimeout).
     header_timeout: float = 10.0
     # The whole answer's send to a client that reads it slowly (Go: WriteTimeout);
     # a Prometheus scrape times out well before.
@@ -164,6 +165,8 @@ class _Handler(WSGIRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+REFUSAL_WARNING_INTERVAL = 60.0
+
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
          b"Connection: close\r\nContent-Length: 21\r\n\r\ntoo many connections\n")
 
@@ -176,19 +179,21 @@ class _Server(ThreadingMixIn, WSGIServer):
     def server_activate(self) -> None:
         self.request_queue_size = self.limits.backlog
         self.slots = threading.BoundedSemaphore(self.limits.max_connections)
-        self.refusing = False  # said once while at the bound, again after it clears
+        self.refused_since_warning = 0
+        self.warned_at = float("-inf")
         super().server_activate()
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
-            if not self.refusing:
-                self.refusing = True
-                log.warning("%d connections open, the most served at once: answering 503 until one ends",
-                            self.limits.max_connections)
+            self.refused_since_warning += 1
+            now = time.monotonic()
+            if now - self.warned_at >= REFUSAL_WARNING_INTERVAL:  # said at most once a minute
+                log.warning("%d connections open, the most served at once: %d answered 503",
+                            self.limits.max_connections, self.refused_since_warning)
+                self.warned_at, self.refused_since_warning = now, 0
             self.refuse(request)
             self.shutdown_request(request)
             return
-        self.refusing = False
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -208,8 +213,9 @@ class _Server(ThreadingMixIn, WSGIServer):
         try:
             request.setblocking(False)
             try:
-                while request.recv(65536):
-                    pass
+                for _ in range(4):  # a request, not whatever a client keeps sending
+                    if not request.recv(65536):
+                        break
             except BlockingIOError:
                 pass
             request.send(_BUSY)
