@@ -126,6 +126,16 @@ def _closed_by_server(conn: socket.socket, within: float) -> bool:
         return False
 
 
+def _threads_reach(condition, within: float = 5) -> bool:
+    """Whether this process's thread count meets ``condition`` within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition(threading.active_count()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_listen_backlog_holds_a_burst_of_scrapers(server):
     # Connections the kernel completes while the server accepts none: the listen backlog.
     srv = MetricsServer(make_app(_runner()), "127.0.0.1:0")
@@ -188,17 +198,13 @@ def test_silent_and_dripping_clients_are_let_go_after_the_header_timeout(server)
     dripping = threading.Thread(target=drip, daemon=True)
     dripping.start()
     try:
-        time.sleep(0.3)
-        assert threading.active_count() >= threads_before + 30  # each silent socket holds a thread
+        assert _threads_reach(lambda n: n >= threads_before + 30)  # each silent socket holds a thread
         # A real scrape meanwhile is answered.
         assert get(f"http://127.0.0.1:{srv.port}/healthz")[0] == 200
         # Wide bounds: a hang check, not a timing test.
         assert all(_closed_by_server(conn, within=15) for conn in silent)
         assert _closed_by_server(dripper, within=15)
-        deadline = time.monotonic() + 10
-        while threading.active_count() > threads_before + 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert threading.active_count() <= threads_before + 1  # + the dripping thread
+        assert _threads_reach(lambda n: n <= threads_before + 1, within=10)  # + the dripping thread
     finally:
         stop.set()
         for conn in silent + [dripper]:
@@ -282,9 +288,7 @@ def test_a_client_that_never_reads_the_answer_is_let_go(server):
     with socket.create_connection(("127.0.0.1", srv.port)) as conn:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert _threads_reach(lambda n: n == threads_before + 1)  # its thread, stuck in the send
         time.sleep(0.3)
-        assert threading.active_count() == threads_before + 1  # its thread, stuck in the send
-        deadline = time.monotonic() + 15  # wide: a hang check
-        while threading.active_count() > threads_before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert threading.active_count() == threads_before
+        assert threading.active_count() == threads_before + 1
+        assert _threads_reach(lambda n: n == threads_before, within=15)  # wide: a hang check
