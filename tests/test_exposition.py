@@ -297,7 +297,7 @@ ACCEPTS = [
     None,
     "text/plain",
     "text/plain; version=0.0.4",
-    "text/plain;version=1.0.0",  # client_python's own 1.0.0 text writer: left to it
+    "text/plain;version=1.0.0",  # text 1.0.0, underscores: the 0.0.4 lines, its own Content-Type
     "text/plain;version=1.0.0;escaping=allow-utf-8",
     "application/openmetrics-text",
     "application/openmetrics-text; version=1.0.0",
