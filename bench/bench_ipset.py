@@ -12,6 +12,7 @@ are then timed against prometheus_client's on the same families.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import statistics
@@ -21,6 +22,7 @@ import time
 from wsgiref.util import setup_testing_defaults
 
 from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import ALLOWUTF8
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from bench.common import Row, best_of
@@ -94,6 +96,10 @@ def _ipset_terse() -> float:
 # What Prometheus 2.42 (this machine's) sends: OpenMetrics first, gzip.
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
                      "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+# What Prometheus 3 sends by default (scrape/scrape.go acceptHeader over config.DefaultScrapeProtocols).
+PROMETHEUS_3_ACCEPT = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+                       "application/openmetrics-text;version=0.0.1;q=0.5,"
+                       "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2")
 
 
 def _scraper(app, accept: str | None = None, encoding: str | None = None):
@@ -122,7 +128,10 @@ def _writer_rows(families) -> list[Row]:
     n = sum(len(f.samples) for f in families)
     rows = []
     for what, ours, theirs in [("text 0.0.4", text_page, generate_latest),
-                               ("OpenMetrics 1.0.0", openmetrics_page, openmetrics_latest)]:
+                               ("OpenMetrics 1.0.0", openmetrics_page, openmetrics_latest),
+                               ("OpenMetrics 1.0.0 allow-utf-8 (Prometheus 3)",
+                                functools.partial(openmetrics_page, escaping=ALLOWUTF8),
+                                functools.partial(openmetrics_latest, escaping=ALLOWUTF8))]:
         if ours(families) != theirs(_Fixed(families)):
             raise SystemExit(f"the {what} writer's page differs from prometheus_client's")
         ours_cpu, theirs_cpu = _interleaved([_in_thread(lambda: ours(families)),
@@ -152,12 +161,14 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
     runner = Runner([IpsetCollector(ctx)])
     app = make_app(runner)
     text, prometheus = _scraper(app), _scraper(app, PROMETHEUS_ACCEPT, "gzip")
+    prometheus_3 = _scraper(app, PROMETHEUS_3_ACCEPT, "gzip")
     page = text()
     if b'kubenode_collector_success{collector="ipset"} 1.0' not in page:
         raise SystemExit("the ipset collector failed in the bench namespace")
 
-    reference, scrape, scrape_prometheus, reader = _interleaved(
-        [_ipset_terse, _in_thread(text), _in_thread(prometheus), _in_thread(read_headers)], rounds=21)
+    reference, scrape, scrape_prometheus, scrape_prometheus_3, reader = _interleaved(
+        [_ipset_terse, _in_thread(text), _in_thread(prometheus), _in_thread(prometheus_3),
+         _in_thread(read_headers)], rounds=21)
     what = f"{n_sets} sets, {n_entries} entries"
     terse = "ipset list -t"
     rows = [
@@ -169,6 +180,8 @@ def _measure(n_sets: int, n_entries: int) -> list[Row]:
         Row("full scrape, OpenMetrics + gzip as Prometheus asks, best wall", scrape_prometheus["best"],
             reference["best"], terse, limit=3.0),
         Row("full scrape, OpenMetrics + gzip, CPU", scrape_prometheus["cpu"], reference["cpu"], terse, limit=3.0),
+        Row("full scrape as Prometheus 3 asks (allow-utf-8), CPU", scrape_prometheus_3["cpu"],
+            scrape_prometheus["cpu"], "as Prometheus 2 asks"),
         Row("reader alone (netlink header dump + parse), best wall", reader["best"], reference["best"], terse),
         Row("reader alone, CPU", reader["cpu"], reference["cpu"], terse),
     ]

@@ -8,14 +8,20 @@ sample is one %-format of it: on the ipset page of 2,000 sets, ~1.7 us a
 sample in either format, against client_python's ~4.3 (text) and ~8.5
 (OpenMetrics).
 
-Two formats, the two a Prometheus server gets by default:
-- ``text_page``: the text format 0.0.4, as ``prometheus_client.generate_latest``.
-- ``openmetrics_page``: OpenMetrics 1.0.0 with underscore name escaping, as
+Two formats, those Prometheus 2 and 3 get by default:
+- ``text_page``: the text format 0.0.4 (and 1.0.0, the same lines), as
+  ``prometheus_client.generate_latest``.
+- ``openmetrics_page``: OpenMetrics 1.0.0, as
   ``prometheus_client.openmetrics.exposition.generate_latest``.
+Each in two name escapings: ``underscores`` (what Prometheus 2 gets) and
+``allow-utf-8`` (what Prometheus 3 asks for). A name in the legacy charset is
+written the same under both, but for one client_python quirk: OpenMetrics
+sample names lose their ":" under underscores only. Under allow-utf-8 a name
+outside that charset would be quoted; this writer does not quote, it declines.
 The text format, like client_python's, leaves exemplars out. Anything else
-(OpenMetrics exemplars, native histograms, other escapings or versions) is
-left to prometheus_client: ``Unsupported`` says so, the page is dropped, and
-``exporter.http`` hands the same families over to client_python.
+(OpenMetrics exemplars, native histograms, quoted names, other escapings or
+versions) is left to prometheus_client: ``Unsupported`` says so, the page is
+dropped, and ``exporter.http`` hands the same families over to client_python.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ import re
 from typing import Iterable
 
 from prometheus_client.core import Metric
+from prometheus_client.openmetrics.exposition import ALLOWUTF8, UNDERSCORES
+
+# The name escapings these writers write; any other is client_python's.
+ESCAPINGS = (UNDERSCORES, ALLOWUTF8)
 
 
 class Unsupported(Exception):
@@ -73,6 +83,20 @@ def label_name(name: str) -> str:
     return _NOT_LABEL_RUNE.sub("_", name)
 
 
+def _legacy_metric_name(name: str) -> str:
+    """A name written as it is under allow-utf-8; any other would be quoted, left to client_python."""
+    if _LEGACY_METRIC_NAME.fullmatch(name) is None:
+        raise Unsupported(f"metric name {name!r} needs quoting under allow-utf-8")
+    return name
+
+
+def _legacy_label_name(name: str) -> str:
+    # client_python quotes reserved ("__") label names under allow-utf-8 too.
+    if _LEGACY_LABEL_NAME.fullmatch(name) is None or name.startswith("__"):
+        raise Unsupported(f"label name {name!r} needs quoting under allow-utf-8")
+    return name
+
+
 # Label values are UTF-8 as they are, but for these three.
 _NEEDS_ESCAPE = re.compile(r'[\\\n"]')
 
@@ -95,15 +119,16 @@ class _Lines:
     tried first: same number of labels and every name found means same set.
     """
 
-    def __init__(self, escape_sample_name) -> None:
+    def __init__(self, escape_sample_name, escape_label_name=label_name) -> None:
         self.escape_sample_name = escape_sample_name
+        self.escape_label_name = escape_label_name
         self.last: dict[str, tuple[tuple[str, ...], str]] = {}
 
     def _template(self, name: str, labels: dict) -> tuple[tuple[str, ...], str]:
         ordered = tuple(sorted(labels))
         head = self.escape_sample_name(name)
         if ordered:
-            head += "{" + ",".join(f'{label_name(k)}="%s"' for k in ordered) + "}"
+            head += "{" + ",".join(f'{self.escape_label_name(k)}="%s"' for k in ordered) + "}"
         found = self.last[name] = (ordered, head + " %s")
         return found
 
@@ -130,9 +155,18 @@ _TEXT_TYPES = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogra
 _SIDE_SUFFIXES = ("_created", "_gcount", "_gsum")
 
 
-def text_page(families: Iterable[Metric]) -> bytes:
-    """The text format 0.0.4 page of ``families``."""
-    lines = _Lines(metric_name)
+def _check_escaping(escaping: str) -> None:
+    if escaping not in ESCAPINGS:
+        raise Unsupported(f"escaping {escaping!r}")
+
+
+def text_page(families: Iterable[Metric], escaping: str = UNDERSCORES) -> bytes:
+    """The text format page of ``families`` (0.0.4, or 1.0.0 with ``escaping``)."""
+    _check_escaping(escaping)
+    if escaping == ALLOWUTF8:
+        name_of, lines = _legacy_metric_name, _Lines(_legacy_metric_name, _legacy_label_name)
+    else:
+        name_of, lines = metric_name, _Lines(metric_name)
     out: list[str] = []
     for metric in families:
         name, kind = metric.name, metric.type
@@ -143,7 +177,7 @@ def text_page(families: Iterable[Metric]) -> bytes:
         else:
             shown = name
         doc = _text_help(metric.documentation)
-        out.append(f"# HELP {metric_name(shown)} {doc}\n# TYPE {metric_name(shown)} {_TEXT_TYPES.get(kind, kind)}\n")
+        out.append(f"# HELP {name_of(shown)} {doc}\n# TYPE {name_of(shown)} {_TEXT_TYPES.get(kind, kind)}\n")
         side_names = {name + suffix: suffix for suffix in _SIDE_SUFFIXES}
         side: dict[str, list[str]] = {}
         for s in metric.samples:
@@ -155,7 +189,7 @@ def text_page(families: Iterable[Metric]) -> bytes:
                 side.setdefault(suffix, []).append(lines.line(s, timestamp))
         for suffix in _SIDE_SUFFIXES:
             if suffix in side:
-                side_name = metric_name(name + suffix)
+                side_name = name_of(name + suffix)
                 out.append(f"# HELP {side_name} {doc}\n# TYPE {side_name} gauge\n")
                 out.extend(side[suffix])
     return "".join(out).encode("utf-8")
@@ -166,12 +200,16 @@ def _openmetrics_sample_name(name: str) -> str:
     return _NOT_LABEL_RUNE.sub("_", name)
 
 
-def openmetrics_page(families: Iterable[Metric]) -> bytes:
-    """The OpenMetrics 1.0.0 page (underscore escaping) of ``families``."""
-    lines = _Lines(_openmetrics_sample_name)
+def openmetrics_page(families: Iterable[Metric], escaping: str = UNDERSCORES) -> bytes:
+    """The OpenMetrics 1.0.0 page of ``families`` under ``escaping``."""
+    _check_escaping(escaping)
+    if escaping == ALLOWUTF8:
+        family_name, lines = _legacy_metric_name, _Lines(_legacy_metric_name, _legacy_label_name)
+    else:
+        family_name, lines = metric_name, _Lines(_openmetrics_sample_name)
     out: list[str] = []
     for metric in families:
-        shown = metric_name(metric.name)
+        shown = family_name(metric.name)
         out.append(f"# HELP {shown} {label_value(metric.documentation)}\n# TYPE {shown} {metric.type}\n")
         if metric.unit:
             out.append(f"# UNIT {shown} {metric.unit}\n")

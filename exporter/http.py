@@ -5,22 +5,26 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import io
 import logging
 import socket
 import ssl
 import threading
+import time
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from exporter import __version__
 from exporter.collector import Runner
-from exporter.exposition import Unsupported, openmetrics_page, text_page
+from exporter.exposition import ESCAPINGS, Unsupported, openmetrics_page, text_page
 from exporter.own_metrics import register_own_metrics
 
 log = logging.getLogger("exporter.http")
@@ -35,17 +39,192 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _QuietHandler(WSGIRequestHandler):
+@dataclass(frozen=True)
+class ServerLimits:
+    """What bounds the server, as Go's net/http with exporter-toolkit is bounded.
+
+    Each connection holds a thread; these keep clients from holding them at will.
+    One request per connection (wsgiref answers HTTP/1.0 and closes), so no
+    connection idles between requests: idle keep-alive is bounded at zero.
+    """
+
+    # For the request line and headers, from the connection's start (and as long
+    # again for a TLS handshake before them, which Python's ssl bounds as a whole):
+    # a silent or dripping client is let go after this (Go: ReadHeaderTimeout).
+    header_timeout: float = 10.0
+    # The whole answer's send to a client that reads it slowly (Go: WriteTimeout);
+    # a Prometheus scrape times out well before.
+    response_timeout: float = 60.0
+    # Connections served at once; one more is answered 503 by the accepting thread.
+    max_connections: int = 64
+    # The listen backlog: socketserver's 5 overflowed under 50 concurrent scrapers.
+    # The kernel caps it at net.core.somaxconn, as it does Go's listener.
+    backlog: int = socket.SOMAXCONN
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's bytes, every read bounded by what is left of one deadline.
+
+    A socket timeout bounds each read alone: a client dripping a byte at a time
+    would hold the connection for ever. With ``deadline`` None, reads take the
+    socket's own timeout.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float | None) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request did not come in time")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class _ServerHandler(ServerHandler):
+    """wsgiref's, answering HEAD with GET's status and headers and no body, and logging
+    through our logger (a client gone mid-answer is no traceback on stderr)."""
+
+    def __init__(self, *args, head: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head = head
+
+    def write(self, data: bytes) -> None:
+        if not self.head:
+            return super().write(data)
+        if not self.headers_sent:
+            self.bytes_sent = len(data)  # Content-Length stays the GET body's
+            self.send_headers()
+        return None
+
+    def log_exception(self, exc_info) -> None:
+        if isinstance(exc_info[1], OSError):
+            log.debug("answering %s failed: %s", self.environ.get("REMOTE_ADDR"), exc_info[1])
+        else:
+            log.error("answering %s %s failed", self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"),
+                      exc_info=exc_info)
+
+
+class _Handler(WSGIRequestHandler):
+    # Before a request line is read its version is unknown and http.server answers
+    # errors as HTTP/0.9: a bare body, no status line. Answer them as HTTP/1.0.
+    default_request_version = "HTTP/1.0"
+    error_content_type = "text/plain; charset=utf-8"
+    error_message_format = "%(code)d %(message)s: %(explain)s\n"
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The status line keeps its standard reason ("400 Bad Request"); the detail goes in the body.
+        super().send_error(code, None, explain or message)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # ours reads with the header deadline instead
+        limits: ServerLimits = self.server.limits
+        self.reader = _DeadlineReader(self.connection, time.monotonic() + limits.header_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def parse_request(self) -> bool:
+        words = self.raw_requestline.split()
+        if self.raw_requestline and len(words) != 3:
+            # Method, target and version, or nothing: not HTTP/0.9 ("GET /"), not garbage.
+            self.command, self.request_version = None, self.default_request_version
+            self.requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
+            self.close_connection = True
+            self.send_error(400, "malformed request line")
+            return False
+        return super().parse_request()
+
+    def handle(self) -> None:
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.request_version, self.command = "", self.default_request_version, ""
+                self.send_error(414)
+                return
+            if not self.parse_request():
+                return
+        except OSError as err:  # the header deadline, or a client gone
+            log.debug("%s sent no request: %s", self.client_address[0], err)
+            return
+        self.reader.deadline = None
+        self.connection.settimeout(self.server.limits.response_timeout)
+        environ = self.get_environ()
+        head = environ["REQUEST_METHOD"] == "HEAD"
+        if head:
+            environ["REQUEST_METHOD"] = "GET"  # the same answer, its body left unsent
+        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), environ, multithread=False, head=head)
+        handler.request_handler = self  # wsgiref logs the request through it
+        handler.run(self.server.get_app())
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature from stdlib
         log.debug("%s %s", self.address_string(), format % args)
+
+
+REFUSAL_WARNING_INTERVAL = 60.0
+
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Connection: close\r\nContent-Length: 21\r\n\r\ntoo many connections\n")
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    limits = ServerLimits()
+
+    def server_activate(self) -> None:
+        self.request_queue_size = self.limits.backlog
+        self.slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self.refused_since_warning = 0
+        self.warned_at = float("-inf")
+        super().server_activate()
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused_since_warning += 1
+            now = time.monotonic()
+            if now - self.warned_at >= REFUSAL_WARNING_INTERVAL:  # said at most once a minute
+                log.warning("%d connections open, the most served at once: %d answered 503",
+                            self.limits.max_connections, self.refused_since_warning)
+                self.warned_at, self.refused_since_warning = now, 0
+            self.refuse(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def refuse(self, request: socket.socket) -> None:
+        """503 from the accepting thread, which must not wait: the request, if
+        already in, is drained first (closing on unread bytes would reset the
+        connection and lose the answer), then the answer goes in one send."""
+        try:
+            request.setblocking(False)
+            try:
+                for _ in range(4):  # a request, not whatever a client keeps sending
+                    if not request.recv(65536):
+                        break
+            except BlockingIOError:
+                pass
+            request.send(_BUSY)
+        except OSError:
+            pass
 
 
-def _server_class(host: str) -> type[_Server]:
+def _server_class(host: str, limits: ServerLimits) -> type[_Server]:
     family = socket.AF_INET
     if ":" in host or host == "":
         # An empty host serves on every address, v4 and v6, like node_exporter.
@@ -59,6 +238,7 @@ def _server_class(host: str) -> type[_Server]:
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             super().server_bind()
 
+    Server.limits = limits
     return Server
 
 
@@ -68,16 +248,15 @@ def _server_class(host: str) -> type[_Server]:
 UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
 
 
-# Seconds a connection may take to finish the TLS handshake or send its request.
-CONNECTION_TIMEOUT = 30.0
-
-
 def _tls_server_class(base: type[_Server], ssl_context, allowed_sans: tuple[str, ...]) -> type[_Server]:
     from exporter.webconfig import peer_matches_sans
 
     class TLSServer(base):
+        def refuse(self, request) -> None:
+            pass  # a plain-text 503 would be garbage to a TLS client: closing says it
+
         def finish_request(self, request, client_address) -> None:
-            request.settimeout(CONNECTION_TIMEOUT)
+            request.settimeout(self.limits.header_timeout)
             try:
                 tls = ssl_context.wrap_socket(request, server_side=True)
             except (OSError, ssl.SSLError) as err:
@@ -150,30 +329,91 @@ class _Collected:
         return self.families
 
 
+def by_preference(accept: str | None) -> str:
+    """The Accept header's media ranges, the client's most preferred first.
+
+    client_python takes the first range it can serve, whatever its q-value;
+    sorted by q (a stable sort: ties keep the client's order), that first one
+    is the one the client prefers. A range at q=0 (or an unreadable q) is one
+    the client does not want, and is left out.
+    """
+    ranked = []
+    for position, media_range in enumerate((accept or "").split(",")):
+        q = 1.0
+        for param in media_range.split(";")[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if q > 0 and media_range.strip():
+            ranked.append((-q, position, media_range.strip()))
+    return ",".join(media_range for _, _, media_range in sorted(ranked))
+
+
+class Negotiated(NamedTuple):
+    writer: Callable  # client_python's writer of the format chosen
+    lean: Callable | None  # ours, when it writes the same bytes
+    content_type: str
+
+
+def negotiate(accept: str | None) -> Negotiated:
+    """The format of a /metrics answer: client_python's choice, in the client's order of preference."""
+    writer, content_type = choose_encoder(by_preference(accept))
+    return Negotiated(writer, _lean_writer(writer), content_type)
+
+
 def _lean_writer(writer: Callable) -> Callable | None:
     """Our writer for what prometheus_client's choose_encoder chose, when we write the same bytes."""
     if writer is generate_latest:
         return text_page
-    if (isinstance(writer, functools.partial) and writer.func is openmetrics.generate_latest
-            and writer.keywords == {"escaping": openmetrics.UNDERSCORES, "version": "1.0.0"}):
-        return openmetrics_page
+    if not isinstance(writer, functools.partial) or writer.keywords.get("escaping") not in ESCAPINGS:
+        return None
+    escaping = writer.keywords["escaping"]
+    if writer.func is generate_latest and writer.keywords.keys() == {"escaping"}:
+        return functools.partial(text_page, escaping=escaping)  # text 1.0.0: the 0.0.4 lines
+    if (writer.func is openmetrics.generate_latest and writer.keywords.keys() == {"escaping", "version"}
+            and writer.keywords["version"] == "1.0.0"):
+        return functools.partial(openmetrics_page, escaping=escaping)
     return None
 
 
+def select_families(families: Iterable[Metric], names: set[str]) -> list[Metric]:
+    """What ``?name[]=`` asks for: a family named whole, else the samples named.
+
+    Filtered here, on what was collected, not through the registry's
+    restricted_registry: that finds collectors by the names they describe, and
+    the Runner (one collector for every family, its set known only by running
+    it) describes none, so it found nothing. The families may be shared with an
+    overlapping scrape (the Runner reuses a fresh result), so none is changed.
+    """
+    selected = []
+    for family in families:
+        if family.name in names:
+            selected.append(family)
+            continue
+        kept = [s for s in family.samples if s.name in names]
+        if kept:
+            part = Metric(family.name, family.documentation, family.type, family.unit)
+            part.samples = kept
+            selected.append(part)
+    return selected
+
+
 def metrics_page(registry: CollectorRegistry, accept: str | None, query: str = "") -> tuple[bytes, str]:
-    """The /metrics body and its Content-Type, negotiated as prometheus_client negotiates."""
-    writer, content_type = choose_encoder(accept)
-    params = parse_qs(query)
-    if "name[]" in params:
-        registry = registry.restricted_registry(params["name[]"])
+    """The /metrics body and its Content-Type, negotiated as ``negotiate`` says."""
+    chosen = negotiate(accept)
     families = list(registry.collect())
-    lean = _lean_writer(writer)
-    if lean is not None:
+    names = parse_qs(query).get("name[]")
+    if names:
+        families = select_families(families, set(names))
+    if chosen.lean is not None:
         try:
-            return lean(families), content_type
+            return chosen.lean(families), chosen.content_type
         except Unsupported:
             pass
-    return writer(_Collected(families)), content_type
+    return chosen.writer(_Collected(families)), chosen.content_type
 
 
 def make_metrics_app(registry: CollectorRegistry) -> Callable:
@@ -229,12 +469,12 @@ class MetricsServer:
     """
 
     def __init__(self, app: Callable, address: str, ssl_context=None,
-                 allowed_sans: tuple[str, ...] = ()) -> None:
+                 allowed_sans: tuple[str, ...] = (), **limits) -> None:
         host, port = parse_listen_address(address)
-        server_class = _server_class(host)
+        server_class = _server_class(host, ServerLimits(**limits))
         if ssl_context is not None:
             server_class = _tls_server_class(server_class, ssl_context, tuple(allowed_sans))
-        self.httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+        self.httpd = make_server(host, port, app, server_class=server_class, handler_class=_Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
 
     @property

@@ -29,10 +29,12 @@ from prometheus_client.core import (
     UnknownMetricFamily,
 )
 from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import ALLOWUTF8
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.samples import Exemplar, Sample, Timestamp
 
 from exporter.exposition import Unsupported, go_float, openmetrics_page, text_page
+from exporter import http as exporter_http
 from exporter.http import MetricsServer, make_metrics_app, metrics_page
 from tests.helpers import make_runner
 from tests.ipset_ns import NetNS
@@ -50,12 +52,28 @@ class Fixed:
         return self.families
 
 
-def assert_same_pages(families: list[Metric], openmetrics: bool = True) -> None:
-    theirs = generate_latest(Fixed(families))
-    assert text_page(families) == theirs, _first_difference(text_page(families), theirs)
+def assert_same_pages(families: list[Metric], openmetrics: bool = True, utf8_declined_ok: bool = False) -> int:
+    """Our pages against client_python's, under both escapings; how many allow-utf-8 pages we wrote.
+
+    Under allow-utf-8 our writers decline (Unsupported) a name that would need
+    quoting; ``utf8_declined_ok`` says whether ``families`` may hold one.
+    """
+    written = 0
+    writers = [(text_page, generate_latest)]
     if openmetrics:
-        theirs = openmetrics_latest(Fixed(families))
-        assert openmetrics_page(families) == theirs, _first_difference(openmetrics_page(families), theirs)
+        writers.append((openmetrics_page, openmetrics_latest))
+    for ours, theirs in writers:
+        expected = theirs(Fixed(families))
+        assert ours(families) == expected, _first_difference(ours(families), expected)
+        expected = theirs(Fixed(families), escaping=ALLOWUTF8)
+        try:
+            page = ours(families, escaping=ALLOWUTF8)
+        except Unsupported:
+            assert utf8_declined_ok, "our writer declined allow-utf-8 on legacy names"
+            continue
+        assert page == expected, _first_difference(page, expected)
+        written += 1
+    return written
 
 
 def _first_difference(ours: bytes, theirs: bytes) -> str:
@@ -231,8 +249,10 @@ def random_family(rng: random.Random) -> Metric:
 @pytest.mark.parametrize("seed", range(40))
 def test_random_families(seed):
     rng = random.Random(seed)
+    written = 0
     for _ in range(25):
-        assert_same_pages([random_family(rng) for _ in range(rng.randint(0, 6))])
+        written += assert_same_pages([random_family(rng) for _ in range(rng.randint(0, 6))], utf8_declined_ok=True)
+    assert written > 0  # allow-utf-8 pages of legacy names were written, not all declined
 
 
 def test_empty_page_and_empty_families():
@@ -266,20 +286,35 @@ def test_exemplars_left_out_of_text_and_left_to_client_python_in_openmetrics():
 
 # -- the HTTP layer ------------------------------------------------------------------
 
+# What Prometheus 2.42 (this machine's) sends by default: OpenMetrics first.
+PROMETHEUS_2_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                       "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+PROMETHEUS_3_ACCEPT = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+                       "application/openmetrics-text;version=0.0.1;q=0.5,"
+                       "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2")
+
 ACCEPTS = [
     None,
     "text/plain",
     "text/plain; version=0.0.4",
-    "text/plain;version=1.0.0",  # client_python's own 1.0.0 text writer: left to it
+    "text/plain;version=1.0.0",  # text 1.0.0, underscores: the 0.0.4 lines, its own Content-Type
     "text/plain;version=1.0.0;escaping=allow-utf-8",
     "application/openmetrics-text",
     "application/openmetrics-text; version=1.0.0",
     "application/openmetrics-text; version=0.0.1",
     "application/openmetrics-text; version=1.0.0; escaping=dots",
-    # What Prometheus 2.42 (this machine's) sends by default: OpenMetrics first.
-    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
-    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    PROMETHEUS_2_ACCEPT,
     "*/*",
+    "text/plain;version=1.0.0;escaping=underscores",
+    # What Prometheus 3 sends by default (scrape/scrape.go acceptHeader over config.go's
+    # DefaultScrapeProtocols, escaping allow-utf-8 on the 1.0.0 formats) ...
+    PROMETHEUS_3_ACCEPT,
+    # ... and 3.0's first form (config.UTF8NamesHeader on every protocol), and its text-only setting.
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;escaping=allow-utf-8;q=0.5,"
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;escaping=allow-utf-8;q=0.3,"
+    "*/*;q=0.2",
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;version=0.0.4;q=0.5,*/*;q=0.4",
 ]
 
 
@@ -336,8 +371,73 @@ def test_over_a_real_socket_text_gzip_and_openmetrics():
         assert "Content-Encoding" not in headers and body == generate_latest(registry)
         headers, body = fetch({"Accept-Encoding": "gzip"})
         assert headers["Content-Encoding"] == "gzip" and gzip.decompress(body) == generate_latest(registry)
-        headers, body = fetch({"Accept": ACCEPTS[-2], "Accept-Encoding": "gzip"})
+        headers, body = fetch({"Accept": PROMETHEUS_2_ACCEPT, "Accept-Encoding": "gzip"})
         assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
         assert gzip.decompress(body) == openmetrics_latest(registry)
     finally:
         server.stop()
+
+
+def _no_client_python_writer(monkeypatch) -> None:
+    """client_python's writers are only ever handed _Collected: make that fail loudly."""
+    def refuse(self):
+        raise AssertionError("the page was written by client_python's writer, not the lean one")
+    monkeypatch.setattr(exporter_http._Collected, "collect", refuse)
+
+
+def _families_lean_writes(registry) -> list[Metric]:
+    kept = []
+    for family in registry.collect():
+        try:
+            openmetrics_page([family], escaping=ALLOWUTF8)
+            text_page([family], escaping=ALLOWUTF8)
+        except Unsupported:
+            continue
+        kept.append(family)
+    return kept
+
+
+@pytest.mark.parametrize("accept, theirs, content_type", [
+    (PROMETHEUS_3_ACCEPT, lambda r: openmetrics_latest(r, escaping=ALLOWUTF8),
+     "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=allow-utf-8"),
+    ("text/plain;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;version=0.0.4;q=0.5,*/*;q=0.4",
+     lambda r: generate_latest(r, escaping=ALLOWUTF8), "text/plain; version=1.0.0; charset=utf-8; escaping=allow-utf-8"),
+    ("text/plain;version=1.0.0", generate_latest, "text/plain; version=1.0.0; charset=utf-8; escaping=underscores"),
+])
+def test_prometheus_3_gets_the_lean_writer(monkeypatch, accept, theirs, content_type):
+    legacy = _families_lean_writes(_sample_registry())
+    assert len(legacy) >= 10
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed(legacy))
+    expected = theirs(registry)
+    _no_client_python_writer(monkeypatch)
+    assert metrics_page(registry, accept) == (expected, content_type)
+
+
+def test_a_name_that_needs_quoting_is_left_to_client_python():
+    family = GaugeMetricFamily("kubenode_x", "X.", labels=["a"])
+    family.add_metric(["1"], 1)
+    odd = GaugeMetricFamily("kubenode.dotted", "Dotted.", labels=["__reserved"])
+    odd.add_metric(["2"], 2)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed([family, odd]))
+    body, content_type = metrics_page(registry, PROMETHEUS_3_ACCEPT)
+    assert body == openmetrics_latest(registry, escaping=ALLOWUTF8)
+    assert b'{"kubenode.dotted","__reserved"="2"} 2.0' in body
+    assert content_type.endswith("escaping=allow-utf-8")
+
+
+@pytest.mark.parametrize("accept, expected", [
+    # Out of order: the client's q-values decide, not the order it wrote them in.
+    ("text/plain;version=0.0.4;q=0.3,application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6",
+     "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=allow-utf-8"),
+    ("application/openmetrics-text;version=1.0.0;q=0.2,text/plain;version=1.0.0;q=0.9",
+     "text/plain; version=1.0.0; charset=utf-8; escaping=underscores"),
+    # A range at q=0 is refused: the next one is served.
+    ("application/openmetrics-text;version=1.0.0;q=0,text/plain;version=0.0.4", "text/plain; version=0.0.4; charset=utf-8"),
+    # Ties keep the client's order.
+    ("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=1.0.0;q=0.5",
+     "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"),
+])
+def test_negotiation_follows_the_clients_q_values(accept, expected):
+    assert exporter_http.negotiate(accept).content_type == expected
