@@ -29,6 +29,11 @@ name is what makes a first read expensive in the kernel. In large tables a numge
 map is asked for by its keys 0..N-1 instead of dumped, which spares the kernel two
 more walks of the table's set list per map.
 
+One resolver, two sources: ``_Resolver`` alone says what a table means, over a
+``FamilyRules`` (plain ``Rule`` / ``Element`` / ``SetInfo`` data, element keys in the
+kernel's byte layout) that this module's netlink dumps fill for the live reader
+and ``exporter.readers.nftables_json`` fills from `nft -j` output for `diff --rules`.
+
 Not decoded: the source ranges inside a firewall chain (``firewalled`` says which
 frontends have one, not which ranges it allows).
 """
