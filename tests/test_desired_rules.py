@@ -24,6 +24,7 @@ from exporter.readers.nftables import SCHEDULER as READER_SCHEDULER
 from exporter.readers.nftables import NftablesReader
 from tests import nft_rulesets
 from tests.kube_builders import NODE, endpoint, endpoint_slice, service
+from tests.kube_helpers import api, apiserver  # noqa: F401 (fixtures)
 from tests.nft_rulesets import NftNS, ServicePort, ruleset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nftables"
@@ -439,3 +440,37 @@ def test_bench_sized_dual_stack_rules_read_live_equal_the_model(ns):
     assert len(want.table) == 350 + 200 + 35
     assert len(want.table[tcp(None, 30000)].real_servers) == 10
 
+
+def test_kube_store_picks_the_model_by_proxy_and_mode(apiserver, api, tmp_path):  # noqa: F811
+    from exporter.cli import settings_from_args
+    from exporter.kube.store import KubeStore
+
+    called = []
+
+    def host():
+        called.append(1)
+        return ("203.0.113.1",)
+
+    def flags_of_a_service_without_endpoints(store):
+        store.state.replace("services", {"ns1/svc1": service()})
+        store.state.replace("endpointslices", {})
+        store.state.replace("nodes", {})
+        return store.state.snapshot().table[tcp("10.20.30.41", 80)].flags
+
+    nft = KubeStore(api, "node-a", "kube-proxy", mode="nftables", host_addresses=host)
+    assert nft.mode == "nftables" and not called  # NodePorts match every node-port address
+    assert flags_of_a_service_without_endpoints(nft) == (REJECT, UNMAPPED)
+    ipvs = KubeStore(api, "node-a", "kube-proxy", host_addresses=host)
+    assert ipvs.mode == "ipvs" and called
+    assert flags_of_a_service_without_endpoints(ipvs) == ()
+
+    path = apiserver.write_kubeconfig(str(tmp_path / "kc"))
+    settings = settings_from_args(["--kubeconfig", path, "--node-name", "n1", "--node-ip", "10.0.0.9"])
+    store = KubeStore.from_settings(settings, mode="iptables")
+    try:
+        assert store.mode == "iptables" and flags_of_a_service_without_endpoints(store) == (REJECT, UNMAPPED)
+    finally:
+        store.stop()
+    router = settings_from_args(["--kubeconfig", path, "--proxy", "kube-router"])
+    with pytest.raises(ValueError, match="kube-router programs IPVS only"):
+        KubeStore.from_settings(router, mode="nftables")
