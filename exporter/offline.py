@@ -1,11 +1,23 @@
 """Offline tools: ``desired`` and ``diff`` (the command an on-call engineer runs).
 
-    kubenode-exporter desired --objects FILE [--node-name N] [--node-ip IP ...] [--proxy P] [--output json|text]
-    kubenode-exporter diff    --objects FILE [--ipvs FILE] [--node-name N] [--node-ip IP ...] [--proxy P] [--output json|text]
+    kubenode-exporter desired --objects FILE [--proxy-mode M] [--node-name N] [--node-ip IP ...] [--proxy P] [--output json|text]
+    kubenode-exporter diff    --objects FILE [--ipvs FILE | --rules FILE ...] [--proxy-mode M] [...] [--output json|text]
 
-They read files and touch nothing live, except ``diff`` without ``--ipvs``
-(reads this host's /proc/net/ip_vs) and, with no ``--objects`` but a
-kubeconfig, a list of the live cluster (``_cluster_objects``).
+They read files and touch nothing live, except ``diff`` without ``--ipvs`` or
+``--rules`` (reads this host's dataplane: the mode found as ``detect_live_mode``
+says, or ``--proxy-mode``) and, with no ``--objects`` but a kubeconfig, a list
+of the live cluster (``_cluster_objects``).
+
+Every kube-proxy mode gives the same JSON (the contract's "Every kube-proxy
+mode"): a frontend is a virtual server, an endpoint a real server of weight 1 in
+nftables and iptables modes, plus ``rejected_virtual_servers``: in ``diff`` (every
+mode; always empty for IPVS), frontends whose Service has usable endpoints but
+that the rules reject or drop; in ``desired`` (nftables/iptables only, the IPVS
+output stays the contract's example), the frontends the rules should reject or
+drop, with the verdict.
+Mode on files: ``--ipvs`` is IPVS, ``--rules`` the mode its text is from (`nft -j`
+JSON: nftables; `iptables-save` text: iptables, not supported yet); ``desired``
+defaults to ipvs.
 
 Exit status: 0 fine (``diff``: no drift), 1 drift found (any list but
 ``draining_real_servers`` non-empty), 2 bad input: one line on stderr, never a
@@ -19,14 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
 from typing import Any, NoReturn
 
 from exporter.config import PROXIES
-from exporter.dataplane import Table, sorted_real_servers, sorted_virtual_servers
+from exporter.dataplane import MODES, Table, VirtualServerKey, sorted_real_servers, sorted_virtual_servers
 from exporter.kube import desired as model
-from exporter.kube.diff import KINDS, Diff, diff_tables
+from exporter.kube import desired_rules
+from exporter.kube.diff import KINDS, Diff, DriftItem, diff_tables
 from exporter.kube.objects import ObjectSet, canonical_ip, MalformedObject, parse_objects
 
 PROG = "kubenode-exporter"
@@ -43,23 +57,35 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    what = {"desired": "print the IPVS table the proxy should have programmed on this node",
-            "diff": "compare that table with an IPVS table and list each difference by kind"}[command]
+    what = {"desired": "print the table (IPVS, or nftables/iptables frontends) the proxy should have "
+                       "programmed on this node",
+            "diff": "compare that table with the live one (an IPVS table or kube-proxy's rules) and list each "
+                    "difference by kind"}[command]
     epilog = None
     if command == "diff":
         epilog = ("kinds: missing/stale virtual servers; missing real servers; stale real servers (not desired, "
                   "weight > 0); zero-weight real servers (desired, weight 0); draining real servers (not "
                   "desired, weight 0: graceful termination); mismatched virtual servers (scheduler or "
-                  "persistence differs). No grace period here. Exit status: 0 no drift, 1 drift (any kind "
-                  "but draining), 2 bad input (an IPVS table not read whole: the first line not read is named).")
+                  "persistence differs); rejected virtual servers (nftables/iptables: the Service has usable endpoints "
+                  "but the rules reject or drop its traffic). No grace period here. Exit status: 0 no drift, "
+                  "1 drift (any kind but draining), 2 bad input (a table or rules not read whole: the first "
+                  "thing not read is named).")
     parser = _Parser(prog=f"{PROG} {command}", description=what + ".", epilog=epilog)
     parser.add_argument("--objects", metavar="FILE",
                         help="YAML or JSON as `kubectl get services,endpointslices,nodes -A -o yaml` prints it "
                              "(a List; Nodes optional). Without it, the live cluster is listed when a kubeconfig "
                              "is available (--kubeconfig, $KUBECONFIG, or in-cluster)")
+    parser.add_argument("--proxy-mode", dest="proxy_mode", choices=("auto", *MODES), default=None,
+                        help="the proxy's dataplane: auto finds this node's (the kube-proxy nftables table, "
+                             "else /proc/net/ip_vs, else kube-proxy's iptables chains). Default: ipvs for "
+                             "desired and diff --ipvs, the rules' own mode for diff --rules, auto for a live diff")
     if command == "diff":
         parser.add_argument("--ipvs", metavar="FILE",
                             help="the text of /proc/net/ip_vs; default: this host's live table")
+        parser.add_argument("--rules", metavar="FILE", action="append", default=[],
+                            help="the rules as the node's tools print them (repeatable, one file per family): "
+                                 "nftables mode, `nft -j list ruleset` (or `nft -j list table ip kube-proxy` and "
+                                 "`... ip6 kube-proxy`); iptables mode, `iptables-save` (not supported yet)")
         parser.add_argument("--path.procfs", dest="procfs", metavar="PATH", default="/proc",
                             help="procfs root for the live table (default /proc)")
     parser.add_argument("--node-name", metavar="NAME",
@@ -210,6 +236,174 @@ def _read_whole(table, source: str) -> Table:
     raise BadInput(f"{source}: {reason}; nothing compared")
 
 
+# --- the proxy mode and kube-proxy's rules -----------------------------------
+
+IPTABLES_NOT_SUPPORTED = "iptables mode is not supported yet"
+# iptables-save's first line or a table header (`*nat`): text of iptables mode, not `nft -j` JSON.
+_IPTABLES_SAVE = re.compile(rb"^(?:# Generated by ip6?tables-save|\*(?:nat|filter|mangle|raw|security)\s*$)", re.M)
+
+
+def rules_file_mode(raw: bytes) -> str:
+    """The mode a ``--rules`` file is from: iptables for `iptables-save` text, else
+    nftables (whose parser says why a file is not `nft -j` JSON)."""
+    return "iptables" if _IPTABLES_SAVE.search(raw[:4096]) else "nftables"
+
+
+def _read_rules_files(paths: list[str]) -> list[tuple[str, bytes]]:
+    from exporter.readers.nftables_json import MAX_JSON_BYTES
+
+    files = []
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_JSON_BYTES + 1)  # the parser says when a file is larger
+        except OSError as err:
+            raise BadInput(f"cannot read {path}: {err.strerror or err}") from None
+        files.append((path, raw))
+    return files
+
+
+def detect_live_mode(procfs: str) -> tuple[str, str]:
+    """This node's kube-proxy mode from the tables present, and how it was found.
+
+    kube-proxy removes the other modes' leftovers when it starts, so its nftables
+    table means nftables mode; IPVS mode also programs iptables chains, so
+    /proc/net/ip_vs is asked before KUBE-SERVICES.
+    """
+    from exporter.paths import Paths
+    from exporter.readers.ipvs import PROC_IP_VS
+    from exporter.readers.nftables import FAMILIES, TABLE_NAME
+    from exporter.readers.nftables_netlink import NFPROTO_IPV4, NftNetlink, NftReadError
+
+    ip_vs = Paths(procfs=procfs).proc(*PROC_IP_VS)
+    try:
+        with NftNetlink() as nl:
+            for family_name, family, _ in FAMILIES:
+                if nl.table(family, TABLE_NAME) is not None:
+                    return "nftables", f"table {family_name} {TABLE_NAME} exists"
+            if os.path.exists(ip_vs):
+                return "ipvs", f"{ip_vs} exists"
+            if nl.table(NFPROTO_IPV4, "nat") is not None and any(
+                    c.name == "KUBE-SERVICES" for c in nl.chains(NFPROTO_IPV4, "nat")):
+                return "iptables", "chain KUBE-SERVICES exists in table ip nat"
+    except NftReadError as err:
+        if os.path.exists(ip_vs):
+            return "ipvs", f"{ip_vs} exists (nf_tables not readable: {err})"
+        raise BadInput(f"cannot tell this node's proxy mode: {err}; pass --proxy-mode") from None
+    if os.path.exists(ip_vs):
+        return "ipvs", f"{ip_vs} exists"
+    raise BadInput(f"cannot tell this node's proxy mode (no kube-proxy nftables table, no {ip_vs}, "
+                   "no KUBE-SERVICES chain): pass --proxy-mode")
+
+
+def _proxy_mode(args: argparse.Namespace, command: str, rules_files: list[tuple[str, bytes]]
+                ) -> tuple[str, str | None]:
+    """The mode to model and read, and how auto found it (None when not detected)."""
+    mode = args.proxy_mode
+    procfs = getattr(args, "procfs", "/proc")
+    if command == "desired":
+        return detect_live_mode(procfs) if mode == "auto" else (mode or "ipvs", None)
+    if args.ipvs and rules_files:
+        raise BadInput("--ipvs and --rules are two dataplanes: give one")
+    if args.ipvs:
+        if mode not in (None, "auto", "ipvs"):
+            raise BadInput(f"--ipvs is an IPVS table; in --proxy-mode {mode} give the rules with --rules")
+        return "ipvs", None
+    if rules_files:
+        found = {rules_file_mode(raw) for _, raw in rules_files}
+        if mode in (None, "auto"):
+            if len(found) > 1:
+                raise BadInput("--rules files of two modes (nft -j JSON and iptables-save text): give one mode's")
+            return found.pop(), None
+        if mode == "ipvs":
+            raise BadInput("--rules takes nftables or iptables rules; an IPVS table is given with --ipvs")
+        return mode, None
+    if mode in (None, "auto"):
+        return detect_live_mode(procfs)
+    return mode, None
+
+
+def _live_rules(mode: str, rules_files: list[tuple[str, bytes]]):
+    """kube-proxy's rules (an ``NftablesRead``) from the files, or from this host; every
+    frontend read, or bad input naming the first thing not read."""
+    if mode == "iptables":
+        raise BadInput(IPTABLES_NOT_SUPPORTED)
+    from exporter.readers.nftables_netlink import NftReadError
+
+    if rules_files:
+        from exporter.readers.nftables_json import read_rules_json
+
+        source = ", ".join(path for path, _ in rules_files)
+        try:
+            read = read_rules_json(rules_files)
+        except NftReadError as err:
+            raise BadInput(str(err)) from None
+    else:
+        from exporter.readers.nftables import NftablesReader
+
+        source = "the live nftables rules"
+        try:
+            read = NftablesReader().read()
+        except NftReadError as err:
+            raise BadInput(f"cannot read {source}: {err}") from None
+    if read.unread:
+        more = f" (and {len(read.unread) - 1} more)" if len(read.unread) > 1 else ""
+        raise BadInput(f"{source}: not read whole: {read.unread[0]}{more}; nothing compared")
+    return read
+
+
+# Until diff.py has the ``rejected_virtual_server`` kind (t-drift), the offline diff
+# computes it here, in one pure function that can move there unchanged.
+REJECTED_VS = "rejected_virtual_servers"
+
+
+def rejected_virtual_servers(desired: desired_rules.DesiredRules, live_rejected: dict[VirtualServerKey, str]
+                             ) -> list[DriftItem]:
+    """Frontends whose Service has usable endpoints (the desired rules map them and do
+    not reject them) but that the live rules reject or drop (a no-endpoint verdict).
+
+    Not drift: a frontend kube-proxy itself would reject or drop (in
+    ``desired.rejected``), nor a verdict left for a frontend nothing desires.
+    """
+    items = []
+    for key, verdict in live_rejected.items():
+        want = desired.table.get(key)
+        if want is not None and key not in desired.rejected:
+            items.append(DriftItem(REJECTED_VS, key, service=want.service,
+                                   details=(("verdict", verdict), ("real_servers", len(want.real_servers)))))
+    return sorted(items, key=lambda item: item.vs.sort_key())
+
+
+class _Desired:
+    """The desired side in any mode: the table, and (nftables/iptables) what the rules
+    should reject or drop, with the Service of each frontend."""
+
+    def __init__(self, table: Table, rules: desired_rules.DesiredRules | None = None,
+                 services: dict[VirtualServerKey, str | None] | None = None) -> None:
+        self.table, self.rules, self.services = table, rules, services or {}
+
+    def rejected_json(self) -> list[dict]:
+        if self.rules is None:
+            return []
+        return [{"protocol": key.protocol, "address": key.address, "port": key.port, "fwmark": key.fwmark,
+                 "service": self.services.get(key), "verdict": verdict}
+                for key, verdict in sorted(self.rules.rejected.items(), key=lambda kv: kv[0].sort_key())]
+
+
+def _desired(mode: str, objects: ObjectSet, node: model.NodeFacts, proxy: str, kube_router_flags) -> _Desired:
+    slices = model.slices_by_service(objects.slices.values())
+    try:
+        per_service = desired_rules.model_for(proxy, mode, kube_router_flags)  # kube-router: IPVS only
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    if mode == "ipvs":
+        return _Desired(model.desired_table(objects.services.values(), slices, node, proxy,
+                                            kube_router_flags=kube_router_flags))
+    frontends = model.desired_table(objects.services.values(), slices, node, model=per_service)
+    rules = desired_rules.rules_view(frontends.values())
+    return _Desired(rules.table, rules, {key: vs.service for key, vs in frontends.items()})
+
+
 # --- output -------------------------------------------------------------------
 
 
@@ -244,7 +438,15 @@ def table_text(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def diff_text(diff: Diff) -> str:
+def _rejected_text(title: str, rows: list[dict]) -> list[str]:
+    lines = [f"{title}: {len(rows)}"]
+    for row in rows:
+        key = VirtualServerKey(row["protocol"], row["address"], row["port"], row["fwmark"])
+        lines.append(f"  {str(key):<44} {row['verdict']:<6}  {row.get('service') or ''}".rstrip())
+    return lines
+
+
+def diff_text(diff: Diff, rejected: list[DriftItem] = ()) -> str:
     lines = []
     ordered = diff.sorted()
     for kind in KINDS:
@@ -263,7 +465,8 @@ def diff_text(diff: Diff) -> str:
                         f" persistent {extra['live_persistent_timeout']} (want {extra['persistent_timeout']})")
             row += f"  {item.service or ''}"
             lines.append(row.rstrip())
-    lines.append("drift found" if diff.has_drift else "no drift")
+    lines += _rejected_text(REJECTED_VS.replace("_", " "), [item.to_json() for item in rejected])
+    lines.append("drift found" if diff.has_drift or rejected else "no drift")
     return "\n".join(lines) + "\n"
 
 
@@ -280,27 +483,49 @@ def run(command: str, argv: list[str]) -> int:
     # Every input is read and checked before anything is printed, so bad input
     # is exactly one line on stderr.
     node_name = _node_name(args.node_name)
+    rules_files = _read_rules_files(vars(args).get("rules") or [])
+    mode, found_by = _proxy_mode(args, command, rules_files)
     objects = _objects(args, node_name)
     node = _node_facts(args, objects, node_name)
-    live = _live_table(args) if command == "diff" else None
+    want = _desired(mode, objects, node, args.proxy, kube_router_flags)
+    live = live_rules = None
+    if command == "diff":
+        if mode == "ipvs":
+            live = _live_table(args)
+        else:
+            live_rules = _live_rules(mode, rules_files)
+            live = live_rules.table
 
     for reason in objects.errors:
         print(f"{PROG}: skipped {reason}", file=sys.stderr)
-    if not node.addresses and any(p.node_port for s in objects.services.values() for p in s.ports):
+    if found_by:
+        print(f"{PROG}: proxy mode {mode} ({found_by})", file=sys.stderr)
+    if (mode == "ipvs" and not node.addresses
+            and any(p.node_port for s in objects.services.values() for p in s.ports)):
         print(f"{PROG}: no NodePort addresses: no --node-ip and no Node {node_name!r} with addresses "
               "in the objects; NodePort virtual servers are left out", file=sys.stderr)
-    desired = model.desired_table(objects.services.values(), model.slices_by_service(objects.slices.values()),
-                                  node, args.proxy, kube_router_flags=kube_router_flags)
     if live is None:
-        out = json.dumps(table_json(desired), indent=1) + "\n" if args.output == "json" else table_text(desired)
+        if args.output == "json":
+            doc = table_json(want.table)
+            if want.rules is not None:  # IPVS has no verdicts: its output stays the contract's own
+                doc[REJECTED_VS] = want.rejected_json()
+            out = json.dumps(doc, indent=1) + "\n"
+        else:
+            out = table_text(want.table)
+            if want.rules is not None:
+                out += "\n".join(_rejected_text("frontends the rules should reject or drop",
+                                                 want.rejected_json())) + "\n"
         sys.stdout.write(out)
         return 0
-    result = diff_tables(desired, live)
+    result = diff_tables(want.table, live)
+    rejected = rejected_virtual_servers(want.rules, live_rules.rejected) if live_rules is not None else []
     if args.output == "json":
-        sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
+        doc = result.to_json()
+        doc[REJECTED_VS] = [item.to_json() for item in rejected]
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
     else:
-        sys.stdout.write(diff_text(result))
-    return 1 if result.has_drift else 0
+        sys.stdout.write(diff_text(result, rejected))
+    return 1 if result.has_drift or rejected else 0
 
 
 def main(command: str, argv: list[str]) -> int:

@@ -29,6 +29,11 @@ name is what makes a first read expensive in the kernel. In large tables a numge
 map is asked for by its keys 0..N-1 instead of dumped, which spares the kernel two
 more walks of the table's set list per map.
 
+One resolver, two sources: ``_Resolver`` alone says what a table means, over a
+``FamilyRules`` (plain ``Rule`` / ``Element`` / ``SetInfo`` data, element keys in the
+kernel's byte layout) that this module's netlink dumps fill for the live reader
+and ``exporter.readers.nftables_json`` fills from `nft -j` output for `diff --rules`.
+
 Not decoded: the source ranges inside a firewall chain (``firewalled`` says which
 frontends have one, not which ranges it allows).
 """
@@ -96,20 +101,55 @@ class _Resolved(NamedTuple):
     problems: tuple[str, ...]
 
 
-class _FamilyState:
-    """What one family's previous read leaves for the next (owned by the reader)."""
+class ResolverCache:
+    """What one family's previous resolution leaves for the next (owned by a reader)."""
 
-    def __init__(self, table_handle: int) -> None:
-        self.table_handle = table_handle
-        self.rules: dict[tuple[str, int], Rule] = {}
-        self.anonymous: dict[tuple[str, int], list[Element]] = {}  # by the owning rule
-        self.elements: dict[bytes, Element] = {}  # named maps' elements by raw bytes
+    def __init__(self) -> None:
         # A chain that follows no other: its result while its rules keep their handles.
         self.leaves: dict[str, tuple[tuple[int, ...], "_Resolved"]] = {}
         # Each frontend's last virtual server, reused while what it resolves to is equal.
         self.frontends: dict[VirtualServerKey, tuple["_Resolved", str | None, VirtualServer]] = {}
         # Chain name -> "ns/name" of its Service, or None when not a kube-proxy chain name.
         self.services: dict[str, str | None] = {}
+
+
+class FamilyRules:
+    """One family's kube-proxy table as plain data, whatever it was read from.
+
+    The netlink reader (below) and the reader of `nft -j` JSON
+    (``exporter.readers.nftables_json``) each fill one; ``resolve_family`` alone
+    says what it means. Elements keep the kernel's raw key and data bytes, so
+    both sources decode them the same way.
+    """
+
+    name: str  # "ip" or "ip6"
+    addr_len: int  # 4 or 16
+    sets: dict[str, SetInfo]  # named sets and maps
+    chain_names: set[str]
+    by_chain: dict[str, list[Rule]]  # every rule, in chain order
+    rule_count: int
+
+    def named(self, name: str) -> list[Element]:
+        """The elements of a named set or map."""
+        raise NotImplementedError
+
+    def anonymous(self, rule: Rule, set_name: str) -> list[Element]:
+        """The elements of an anonymous set that ``rule`` uses (a numgen map)."""
+        raise NotImplementedError
+
+    def release(self, rules: list[Rule]) -> None:
+        """The result of a chain of these rules is kept: their anonymous sets are not needed again."""
+
+
+class _NetlinkCache:
+    """What one family's previous netlink read leaves for the next (owned by the reader)."""
+
+    def __init__(self, table_handle: int) -> None:
+        self.table_handle = table_handle
+        self.rules: dict[tuple[str, int], Rule] = {}
+        self.anonymous: dict[tuple[str, int], list[Element]] = {}  # by the owning rule
+        self.elements: dict[bytes, Element] = {}  # named maps' elements by raw bytes
+        self.resolver = ResolverCache()
 
 
 class NftablesReader:
@@ -123,7 +163,7 @@ class NftablesReader:
         self.clock = clock
         self._last: NftablesRead | None = None
         self._last_at = 0.0
-        self._families: dict[str, _FamilyState] = {}
+        self._families: dict[str, _NetlinkCache] = {}
         self.decoded_rules = 0  # rules decoded by the last full read (tests, bench)
         self.anonymous_sets_read = 0  # anonymous sets fetched by the last full read
 
@@ -153,69 +193,137 @@ class NftablesReader:
         return result._replace(read_seconds=time.perf_counter() - start)
 
     def _read_all(self, nl: NftNetlink, generation: int) -> NftablesRead:
-        table: Table = {}
-        rejected: dict[VirtualServerKey, str] = {}
-        firewalled: set[VirtualServerKey] = set()
-        unread: list[str] = []
-        sizes: dict[str, NftablesSizes] = {}
+        resolved = Resolution()
         self.decoded_rules = self.anonymous_sets_read = 0
-        present = []
         for family_name, family, addr_len in FAMILIES:
             handle = nl.table(family, TABLE_NAME)
             if handle is None:
                 self._families.pop(family_name, None)
                 continue
-            present.append(family_name)
-            state = self._families.get(family_name)
-            if state is None or state.table_handle != handle.handle:
-                state = self._families[family_name] = _FamilyState(handle.handle)
-            try:
-                sizes[family_name] = _FamilyReader(nl, family_name, family, addr_len, state, self).read(
-                    table, rejected, firewalled, unread)
-            except NftReadError as err:
+            cache = self._families.get(family_name)
+            if cache is None or cache.table_handle != handle.handle:
+                cache = self._families[family_name] = _NetlinkCache(handle.handle)
+            if not resolved.add(family_name, lambda: _NetlinkFamily(nl, family_name, family, addr_len, cache, self),
+                                cache.resolver):
                 self._families.pop(family_name, None)
-                unread.append(f"{family_name} {TABLE_NAME}: {err}")
-        if not present:
+        return resolved.result(generation)
+
+
+class Resolution:
+    """The frontends of every family read, gathered into one ``NftablesRead``.
+
+    A dual-stack Service's NodePort is in both families' tables: one frontend (address
+    None) whose endpoints are both families', so families resolve into one table.
+    """
+
+    def __init__(self) -> None:
+        self.table: Table = {}
+        self.rejected: dict[VirtualServerKey, str] = {}
+        self.firewalled: set[VirtualServerKey] = set()
+        self.unread: list[str] = []
+        self.sizes: dict[str, NftablesSizes] = {}
+        self.present: list[str] = []
+
+    def add(self, family_name: str, open_rules, cache: ResolverCache) -> bool:
+        """Resolve one family present on the node (``open_rules()`` -> ``FamilyRules``);
+        False when it could not be read (an ``unread`` line says why)."""
+        self.present.append(family_name)
+        try:
+            rules = open_rules()
+            self.sizes[family_name] = _Resolver(rules, cache).read(self.table, self.rejected, self.firewalled,
+                                                                   self.unread)
+        except NftReadError as err:
+            self.unread.append(f"{family_name} {TABLE_NAME}: {err}")
+            return False
+        return True
+
+    def result(self, generation: int = 0) -> NftablesRead:
+        if not self.present:
             raise NftReadError(f"no kube-proxy nftables table (ip or ip6 {TABLE_NAME}) in this network namespace")
-        if not sizes:
-            raise NftReadError("; ".join(unread))
-        return NftablesRead(table, rejected, frozenset(firewalled), tuple(unread), sizes, generation, 0.0, True)
+        if not self.sizes:
+            raise NftReadError("; ".join(self.unread))
+        return NftablesRead(self.table, self.rejected, frozenset(self.firewalled), tuple(self.unread), self.sizes,
+                            generation, 0.0, True)
 
 
-class _FamilyReader:
-    """One read of one family's table: dumps, then frontends resolved through the chains."""
+class _NetlinkFamily(FamilyRules):
+    """One family's table dumped over netlink; rules and anonymous sets kept from the
+    last read are reused while their handles stay (``_NetlinkCache``)."""
 
     def __init__(self, nl: NftNetlink, name: str, family: int, addr_len: int,
-                 state: _FamilyState, owner: NftablesReader) -> None:
+                 cache: _NetlinkCache, owner: NftablesReader) -> None:
         self.nl, self.name, self.family, self.addr_len = nl, name, family, addr_len
-        self.state, self.owner = state, owner
-        self.resolved: dict[str, _Resolved] = {}
-
-    def read(self, table: Table, rejected: dict, firewalled: set, unread: list) -> NftablesSizes:
-        nl, family = self.nl, self.family
+        self.cache, self.owner = cache, owner
         named, anonymous = nl.sets(family, TABLE_NAME)
-        sets = {s.name: s for s in named}
-        self.by_key = anonymous >= self.owner.by_key_from_sets
-        missing = [m for m in REQUIRED_MAPS if m not in sets]
-        if missing:
-            raise NftReadError(f"map {', '.join(missing)} missing (a half-programmed table, or not kube-proxy's)")
-        self.sets = sets
+        self.sets = {s.name: s for s in named}
+        self.by_key = anonymous >= owner.by_key_from_sets
+        check_required_maps(self.sets)  # before the larger dumps
         chains = nl.chains(family, TABLE_NAME)
         self.chain_names = {c.name for c in chains}
-        rules, decoded = nl.rules(family, TABLE_NAME, self.state.rules)
-        self.owner.decoded_rules += decoded
-        self.by_chain: dict[str, list[Rule]] = {}
+        rules, decoded = nl.rules(family, TABLE_NAME, cache.rules)
+        owner.decoded_rules += decoded
+        self.rule_count = len(rules)
+        self.by_chain = {}
         for rule in rules:
             self.by_chain.setdefault(rule.chain, []).append(rule)
         # Keep only what this read saw, so the caches stay the size of the table.
-        self.state.rules = {(r.chain, r.handle): r for r in rules}
-        self.old_anonymous, self.state.anonymous = self.state.anonymous, {}
-        self.old_leaves, self.state.leaves = self.state.leaves, {}
-        self.old_frontends, self.state.frontends = self.state.frontends, {}
-        if len(self.state.elements) > 4 * (len(rules) + 1000):
-            self.state.elements = {}
+        cache.rules = {(r.chain, r.handle): r for r in rules}
+        self.old_anonymous, cache.anonymous = cache.anonymous, {}
+        if len(cache.elements) > 4 * (len(rules) + 1000):
+            cache.elements = {}
 
-        maps = {name: self._named(name) for name in (*REQUIRED_MAPS, FIREWALL_IPS) if name in sets}
+    def named(self, name: str) -> list[Element]:
+        return self.nl.elements(self.family, TABLE_NAME, name, self.cache.elements)
+
+    def anonymous(self, rule: Rule, set_name: str) -> list[Element]:
+        """An anonymous set's elements, fetched once for the rule that owns it."""
+        key = (rule.chain, rule.handle)
+        elements = self.old_anonymous.get(key)
+        if elements is None:
+            if self.by_key and rule.modulus and rule.modulus <= MAX_NUMGEN_KEYS:
+                # numgen's map: ask for keys 0..N-1, the only ones traffic can hit,
+                # which spares the kernel the dump's walks of the set list.
+                try:
+                    elements = self.nl.elements_by_keys(self.family, TABLE_NAME, set_name,
+                                                        [_HOST_U32.pack(i) for i in range(rule.modulus)])
+                except NftReadError as err:
+                    if err.errno != errno.ENOENT:
+                        raise
+            if elements is None:  # a key missing (not kube-proxy's map), or no numgen: all of it
+                elements = self.nl.elements(self.family, TABLE_NAME, set_name)
+            self.owner.anonymous_sets_read += 1
+        self.cache.anonymous[key] = elements
+        return elements
+
+    def release(self, rules: list[Rule]) -> None:
+        # A leaf is re-read only with new rules: its sets are not needed again.
+        for rule in rules:
+            self.cache.anonymous.pop((rule.chain, rule.handle), None)
+
+
+def check_required_maps(sets) -> None:
+    missing = [m for m in REQUIRED_MAPS if m not in sets]
+    if missing:
+        raise NftReadError(f"map {', '.join(missing)} missing (a half-programmed table, or not kube-proxy's)")
+
+
+class _Resolver:
+    """One family's frontends resolved through its chains: kube-proxy's rules read as a
+    table, from any ``FamilyRules`` (netlink or `nft -j` JSON)."""
+
+    def __init__(self, rules: FamilyRules, cache: ResolverCache) -> None:
+        self.source, self.name, self.addr_len = rules, rules.name, rules.addr_len
+        self.sets, self.chain_names, self.by_chain = rules.sets, rules.chain_names, rules.by_chain
+        self.cache = cache
+        self.resolved: dict[str, _Resolved] = {}
+
+    def read(self, table: Table, rejected: dict, firewalled: set, unread: list) -> NftablesSizes:
+        check_required_maps(self.sets)
+        cache = self.cache
+        self.old_leaves, cache.leaves = cache.leaves, {}
+        self.old_frontends, cache.frontends = cache.frontends, {}
+
+        maps = {name: self.source.named(name) for name in (*REQUIRED_MAPS, FIREWALL_IPS) if name in self.sets}
         where = f"{self.name} {TABLE_NAME}"
         for element in maps[SERVICE_IPS]:
             key = self._service_ip_key(element.key)
@@ -239,32 +347,9 @@ class _FamilyReader:
                 firewalled.add(key)
         return NftablesSizes(len(maps[SERVICE_IPS]), len(maps[SERVICE_NODEPORTS]),
                              len(maps[NO_ENDPOINT_SERVICES]), len(maps[NO_ENDPOINT_NODEPORTS]),
-                             len(chains), len(rules))
+                             len(self.chain_names), self.source.rule_count)
 
     # -- elements ------------------------------------------------------------------
-
-    def _named(self, name: str) -> list[Element]:
-        return self.nl.elements(self.family, TABLE_NAME, name, self.state.elements)
-
-    def _anonymous(self, rule: Rule, set_name: str) -> list[Element]:
-        """An anonymous set's elements, fetched once for the rule that owns it."""
-        key = (rule.chain, rule.handle)
-        elements = self.old_anonymous.get(key)
-        if elements is None:
-            if self.by_key and rule.modulus and rule.modulus <= MAX_NUMGEN_KEYS:
-                # numgen's map: ask for keys 0..N-1, the only ones traffic can hit,
-                # which spares the kernel the dump's walks of the set list.
-                try:
-                    elements = self.nl.elements_by_keys(self.family, TABLE_NAME, set_name,
-                                                        [_HOST_U32.pack(i) for i in range(rule.modulus)])
-                except NftReadError as err:
-                    if err.errno != errno.ENOENT:
-                        raise
-            if elements is None:  # a key missing (not kube-proxy's map), or no numgen: all of it
-                elements = self.nl.elements(self.family, TABLE_NAME, set_name)
-            self.owner.anonymous_sets_read += 1
-        self.state.anonymous[key] = elements
-        return elements
 
     def _address(self, raw: bytes) -> str:
         return str(ipaddress.ip_address(raw[:self.addr_len]))
@@ -319,7 +404,7 @@ class _FamilyReader:
             service = self._service_of(chain)
             real_servers = {rs: RealServer(rs[0], rs[1]) for rs in sorted(resolved.real_servers)}
             virtual_server = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, real_servers, service)
-        self.state.frontends[key] = (resolved, chain, virtual_server)
+        self.cache.frontends[key] = (resolved, chain, virtual_server)
         other = table.get(key)
         if other is not None:
             # A NodePort (address None) of a dual-stack Service is in both families'
@@ -329,7 +414,7 @@ class _FamilyReader:
         table[key] = virtual_server
 
     def _service_of(self, chain: str) -> str | None:
-        services = self.state.services
+        services = self.cache.services
         if chain in services:
             return services[chain]
         if len(services) > 4 * len(self.chain_names) + 1000:
@@ -360,7 +445,7 @@ class _FamilyReader:
         if leaf is not None and leaf[0] == handles:
             # Same rules, same anonymous sets (they live and die with their rule):
             # nothing to fetch again, and no need to keep the sets' elements.
-            self.state.leaves[chain] = leaf
+            self.cache.leaves[chain] = leaf
             return leaf[1]
         followed = False
         endpoints: set[tuple[str, int]] = set()
@@ -389,7 +474,7 @@ class _FamilyReader:
             if rule.dnat is not None:
                 endpoints.update(self._dnat_targets(rule, problems))
             if rule.vmap is not None:
-                for element in self._anonymous(rule, rule.vmap):
+                for element in self.source.anonymous(rule, rule.vmap):
                     if isinstance(element.data, Verdict) and element.data.code in (NFT_GOTO, NFT_JUMP):
                         follow(element.data.chain)
                     else:
@@ -404,9 +489,8 @@ class _FamilyReader:
                 break
         result = _Resolved(frozenset(endpoints), affinity, tuple(problems))
         if not followed and affinity is None and not problems:
-            self.state.leaves[chain] = (handles, result)
-            for rule in rules:  # a leaf is re-read only with new rules: its sets are not needed again
-                self.state.anonymous.pop((rule.chain, rule.handle), None)
+            self.cache.leaves[chain] = (handles, result)
+            self.source.release(rules)
         return result
 
     def _dnat_targets(self, rule: Rule, problems: list) -> list[tuple[str, int]]:
@@ -419,7 +503,7 @@ class _FamilyReader:
                 return []
             return [(self._address(addr), int.from_bytes(port, "big"))]
         out = []
-        for element in self._anonymous(rule, rule.dnat[1]):
+        for element in self.source.anonymous(rule, rule.dnat[1]):
             data = element.data
             if not isinstance(data, bytes) or len(data) != a + 4:
                 problems.append(f"chain {rule.chain}: a dnat map element this reader cannot decode")

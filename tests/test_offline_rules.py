@@ -1,0 +1,417 @@
+"""`desired` and `diff` in kube-proxy's nftables mode, end to end, on real `nft -j` output.
+
+The rules are loaded with `nft -f` into a network namespace of the test's own
+(kube-proxy's TestOverallNFTablesRules fixture, tests/fixtures/nftables/overall-v1.31.nft,
+and tests/nft_rulesets.py's generated rulesets in both families), then printed there by
+`nft -j list ruleset` (or `nft -j list table ip kube-proxy` and `... ip6 kube-proxy`):
+what an on-call engineer would copy off a node. The JSON reader must read exactly
+what the netlink reader reads in the same namespace.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from exporter.dataplane import VirtualServerKey
+from exporter.readers.nftables import NftablesReader
+from exporter.readers.nftables_json import read_rules_json
+from tests.nft_rulesets import NftNS, ServicePort, endpoints_changed, ruleset
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "nftables"
+NODE_NAME = "node-a"
+
+
+@pytest.fixture
+def ns():
+    with NftNS() as namespace:
+        yield namespace
+
+
+@pytest.fixture
+def workdir():
+    path = tempfile.mkdtemp(prefix=f"kubenode-rules-offline-{os.getpid()}-")
+    try:
+        yield Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def nft_json(ns: NftNS, *what: str) -> bytes:
+    """`nft -j list ...` inside the namespace, as a user would save it."""
+    done = subprocess.run(["nsenter", f"--net={ns.path}", "nft", "-j", "list", *(what or ("ruleset",))],
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def run(*args: str, netns: NftNS | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "NODE_NAME")}
+    prefix = ["nsenter", f"--net={netns.path}"] if netns else []
+    return subprocess.run([*prefix, sys.executable, "-m", "exporter", *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=60)
+
+
+def assert_bad_input(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+# --- the Services and EndpointSlices the generated rules stand for ----------------------------
+
+
+def services_v4() -> list[ServicePort]:
+    return [
+        ServicePort("ns1", "svc1", "172.30.0.41", [("10.180.0.1", 80), ("10.180.0.9", 80)]),
+        ServicePort("ns2", "svc2", "172.30.0.42", [("10.180.0.2", 80)], node_port=3001,
+                    lb_ips=["1.2.3.4"], external_ips=["192.168.99.22"], local=True),
+        ServicePort("ns5", "svc5", "172.30.0.45", [("10.180.0.3", 80), ("10.180.0.4", 80)], node_port=3002,
+                    lb_ips=["5.6.7.8"], source_ranges=["203.0.113.0/25"], affinity_timeout=10800),
+        ServicePort("ns7", "dns", "172.30.0.47", [("10.180.0.7", 53), ("10.180.0.8", 53)], protocol="udp",
+                    port=53, port_name="dns", node_port=3007, local=True, local_endpoints=[("10.180.0.7", 53)]),
+        ServicePort("ns6", "svc6", "172.30.0.46", []),
+    ]
+
+
+def services_v6() -> list[ServicePort]:
+    return [ServicePort("ns11", "svc11", "fd00:10:96::41", [("fd00:10::1", 80), ("fd00:10::2", 80)],
+                        external_ips=["2001:db8::99"], affinity_timeout=60),
+            ServicePort("ns9", "svc9", "fd00:10:96::49", [("fd00:10::9", 8080)], node_port=3009, local=True,
+                        local_endpoints=[("fd00:10::9", 8080)])]
+
+
+def objects_list(ports: list[ServicePort]) -> dict:
+    """kubectl's List of the Services and EndpointSlices: ports of one namespace/name in
+    both families are one dual-stack Service; local endpoints are on NODE_NAME."""
+    by_name: dict[tuple[str, str], list[ServicePort]] = {}
+    for sp in ports:
+        by_name.setdefault((sp.namespace, sp.name), []).append(sp)
+    items = []
+    for (namespace, name), family_ports in by_name.items():
+        sp = family_ports[0]
+        spec = {"type": "LoadBalancer" if sp.lb_ips else "NodePort" if sp.node_port else "ClusterIP",
+                "clusterIP": sp.cluster_ip, "clusterIPs": [p.cluster_ip for p in family_ports],
+                "ports": [{"name": sp.port_name, "protocol": sp.protocol.upper(), "port": sp.port,
+                           **({"nodePort": sp.node_port} if sp.node_port else {})}],
+                "externalIPs": [ip for p in family_ports for ip in p.external_ips],
+                "loadBalancerSourceRanges": list(sp.source_ranges)}
+        if sp.local:
+            spec["externalTrafficPolicy"] = "Local"
+        if sp.affinity_timeout is not None:
+            spec.update(sessionAffinity="ClientIP",
+                        sessionAffinityConfig={"clientIP": {"timeoutSeconds": sp.affinity_timeout}})
+        items.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+                      "spec": spec,
+                      "status": {"loadBalancer": {"ingress": [{"ip": ip} for p in family_ports for ip in p.lb_ips]}}})
+        for p in family_ports:
+            family = "IPv6" if ":" in p.cluster_ip else "IPv4"
+            by_port: dict[int, list] = {}
+            for address, port in p.endpoints:
+                by_port.setdefault(port, []).append(
+                    {"addresses": [address], "conditions": {"ready": True},
+                     "nodeName": NODE_NAME if (address, port) in p.local_endpoints else "other-node"})
+            for port, endpoints in by_port.items():
+                items.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                              "metadata": {"name": f"{name}-{family.lower()}-{port}", "namespace": namespace,
+                                           "labels": {"kubernetes.io/service-name": name}},
+                              "addressType": family,
+                              "ports": [{"name": p.port_name, "protocol": p.protocol.upper(), "port": port}],
+                              "endpoints": endpoints})
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+@pytest.fixture
+def cluster(ns, workdir):
+    """The generated rules of both families loaded in ``ns``; the objects file they stand for."""
+    v4, v6 = services_v4(), services_v6()
+    objects = workdir / "objects.json"
+    objects.write_text(json.dumps(objects_list(v4 + v6)))
+    ns.nft(ruleset(copy.deepcopy(v4), "ip"))
+    ns.nft(ruleset(copy.deepcopy(v6), "ip6"))
+    return str(objects), v4, v6
+
+
+def diff(objects: str, *rules: bytes, workdir: Path, extra=()) -> subprocess.CompletedProcess:
+    args = ["diff", "--objects", objects, "--node-name", NODE_NAME, "--output", "json", *extra]
+    for i, raw in enumerate(rules):
+        path = workdir / f"rules-{i}.json"
+        path.write_bytes(raw)
+        args += ["--rules", str(path)]
+    return run(*args)
+
+
+def nonempty(doc: dict) -> dict:
+    return {kind: items for kind, items in doc.items() if items}
+
+
+# --- the JSON reader against the netlink reader, same namespace -----------------------------
+
+
+def assert_same_read(ns: NftNS, *json_outputs: bytes) -> None:
+    live = ns.run(NftablesReader().read)
+    read = read_rules_json([(f"rules-{i}.json", raw) for i, raw in enumerate(json_outputs)])
+    assert live.unread == () and read.unread == ()
+    assert read.table == live.table
+    assert read.rejected == live.rejected
+    assert read.firewalled == live.firewalled
+    assert read.sizes == live.sizes
+
+
+def test_json_reader_equals_netlink_on_kube_proxys_overall_rules(ns):
+    ns.nft((FIXTURES / "overall-v1.31.nft").read_text())
+    assert_same_read(ns, nft_json(ns))
+    assert_same_read(ns, nft_json(ns, "table", "ip", "kube-proxy"))
+
+
+@pytest.mark.parametrize("layout", ["newest", "v1.31"])
+def test_json_reader_equals_netlink_on_generated_rules_both_families(ns, layout):
+    ns.nft(ruleset(services_v4(), "ip", layout))
+    ns.nft(ruleset(services_v6(), "ip6", layout))
+    # Another agent's table beside kube-proxy's changes nothing.
+    ns.nft("add table inet other-agent\nadd chain inet other-agent c\nadd rule inet other-agent c drop\n")
+    assert_same_read(ns, nft_json(ns))
+    assert_same_read(ns, nft_json(ns, "table", "ip", "kube-proxy"), nft_json(ns, "table", "ip6", "kube-proxy"))
+    read = read_rules_json([("r", nft_json(ns))])
+    assert len(read.table) == 14 and set(read.sizes) == {"ip", "ip6"}
+
+
+def test_json_not_kube_proxys_shape_is_unread_not_dropped(ns):
+    ns.nft(ruleset(services_v4(), "ip"))
+    doc = json.loads(nft_json(ns))
+    svc1 = services_v4()[0].chain("service")
+    for obj in doc["nftables"]:
+        rule = obj.get("rule")
+        if rule and rule["chain"] == svc1:
+            for expr in rule["expr"]:
+                if "dnat" in expr:
+                    expr["dnat"] = {"addr": {"something": "new"}}
+        elem_map = obj.get("map")
+        if elem_map and elem_map["name"] == "service-nodeports":
+            elem_map["elem"].append([{"concat": ["tcp", "not-a-port"]}, {"goto": {"target": "x"}}])
+    read = read_rules_json([("r", json.dumps(doc).encode())])
+    assert any("172.30.0.41:80" in line and "dnat" in line for line in read.unread), read.unread
+    assert any("cannot decode" in line for line in read.unread)
+    assert read.table and VirtualServerKey("TCP", "172.30.0.41", 80) not in read.table
+    assert VirtualServerKey("TCP", "172.30.0.42", 80) in read.table
+
+
+# --- desired in nftables mode -------------------------------------------------------------
+
+
+def test_desired_nftables_json_shape(workdir):
+    objects = workdir / "objects.json"
+    objects.write_text(json.dumps(objects_list(services_v4() + services_v6())))
+    proc = run("desired", "--objects", str(objects), "--node-name", NODE_NAME, "--proxy-mode", "nftables",
+               "--output", "json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    by_key = {(v["protocol"], v["address"], v["port"]): v for v in doc["virtual_servers"]}
+    node_port = by_key[("TCP", None, 3002)]  # matched on every node-port address
+    assert node_port["scheduler"] == "random" and node_port["persistent_timeout"] == 10800
+    assert node_port["service"] == "ns5/svc5" and node_port["fwmark"] is None
+    assert node_port["real_servers"] == [{"address": "10.180.0.3", "port": 80, "weight": 1},
+                                         {"address": "10.180.0.4", "port": 80, "weight": 1}]
+    assert by_key[("TCP", "fd00:10:96::41", 80)]["real_servers"][0] == {"address": "fd00:10::1", "port": 80,
+                                                                         "weight": 1}
+    assert ("TCP", "172.30.0.46", 80) not in by_key  # no endpoints: rejected, not mapped
+    assert doc["rejected_virtual_servers"] == [
+        {"protocol": "TCP", "address": None, "port": 3001, "fwmark": None, "service": "ns2/svc2", "verdict": "drop"},
+        {"protocol": "TCP", "address": "1.2.3.4", "port": 80, "fwmark": None, "service": "ns2/svc2",
+         "verdict": "drop"},
+        {"protocol": "TCP", "address": "172.30.0.46", "port": 80, "fwmark": None, "service": "ns6/svc6",
+         "verdict": "reject"},
+        {"protocol": "TCP", "address": "192.168.99.22", "port": 80, "fwmark": None, "service": "ns2/svc2",
+         "verdict": "drop"},
+    ]
+    text = run("desired", "--objects", str(objects), "--node-name", NODE_NAME, "--proxy-mode", "nftables")
+    assert text.returncode == 0 and "TCP 172.30.0.46:80" in text.stdout and "reject" in text.stdout
+
+
+# --- diff --rules: drift cases ---------------------------------------------------------------
+
+
+def test_diff_rules_in_sync_is_exit_0(ns, cluster, workdir):
+    objects, _, _ = cluster
+    proc = diff(objects, nft_json(ns), workdir=workdir)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    doc = json.loads(proc.stdout)
+    assert "rejected_virtual_servers" in doc and nonempty(doc) == {}
+    # One file per family, as `nft -j list table ip kube-proxy` and `... ip6` print them.
+    proc = diff(objects, nft_json(ns, "table", "ip", "kube-proxy"), nft_json(ns, "table", "ip6", "kube-proxy"),
+                workdir=workdir)
+    assert proc.returncode == 0 and nonempty(json.loads(proc.stdout)) == {}
+    text = run("diff", "--objects", objects, "--node-name", NODE_NAME, "--rules", str(workdir / "rules-0.json"),
+               "--rules", str(workdir / "rules-1.json"))
+    assert text.returncode == 0 and "rejected virtual servers: 0" in text.stdout and "no drift" in text.stdout
+
+
+def test_diff_rules_element_removed_from_a_service_map(ns, cluster, workdir):
+    objects, _, _ = cluster
+    ns.nft("delete element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 }\n"
+           "delete element ip6 kube-proxy service-ips { fd00:10:96::41 . tcp . 80 }\n")
+    proc = diff(objects, nft_json(ns), workdir=workdir)
+    assert proc.returncode == 1, proc.stderr
+    doc = nonempty(json.loads(proc.stdout))
+    assert set(doc) == {"missing_virtual_servers"}
+    assert [(i["address"], i["port"], i["service"]) for i in doc["missing_virtual_servers"]] == [
+        ("172.30.0.41", 80, "ns1/svc1"), ("fd00:10:96::41", 80, "ns11/svc11")]
+
+
+def test_diff_rules_endpoint_removed_from_a_service_chain(ns, cluster, workdir):
+    objects, v4, _ = cluster
+    svc1 = copy.deepcopy(v4[0])
+    ns.nft(endpoints_changed(svc1, [("10.180.0.1", 80)]))  # 10.180.0.9 is still ready in its slice
+    proc = diff(objects, nft_json(ns), workdir=workdir)
+    assert proc.returncode == 1, proc.stderr
+    doc = nonempty(json.loads(proc.stdout))
+    assert set(doc) == {"missing_real_servers"}
+    (item,) = doc["missing_real_servers"]
+    assert (item["address"], item["real_address"], item["real_port"], item["weight"], item["service"]) == (
+        "172.30.0.41", "10.180.0.9", 80, 1, "ns1/svc1")
+
+
+def test_diff_rules_stale_endpoint_still_in_a_service_chain(ns, cluster, workdir):
+    objects, v4, _ = cluster
+    svc1 = copy.deepcopy(v4[0])
+    ns.nft(endpoints_changed(svc1, [("10.180.0.1", 80), ("10.180.0.9", 80), ("10.180.0.66", 80)]))
+    proc = diff(objects, nft_json(ns), workdir=workdir)
+    assert proc.returncode == 1
+    (item,) = json.loads(proc.stdout)["stale_real_servers"]
+    assert (item["address"], item["real_address"]) == ("172.30.0.41", "10.180.0.66")
+
+
+def test_diff_rules_service_left_in_the_no_endpoint_map_with_ready_endpoints(ns, cluster, workdir):
+    objects, _, _ = cluster
+    ns.nft('add element ip kube-proxy no-endpoint-services { 172.30.0.41 . tcp . 80 comment "ns1/svc1:p80" '
+           ': goto reject-chain }\n'
+           'add element ip6 kube-proxy no-endpoint-services { fd00:10:96::41 . tcp . 80 : drop }\n')
+    proc = diff(objects, nft_json(ns), workdir=workdir)
+    assert proc.returncode == 1, proc.stderr
+    doc = nonempty(json.loads(proc.stdout))
+    assert set(doc) == {"rejected_virtual_servers"}
+    assert [(i["address"], i["port"], i["service"], i["verdict"], i["real_servers"])
+            for i in doc["rejected_virtual_servers"]] == [
+        ("172.30.0.41", 80, "ns1/svc1", "reject", 2), ("fd00:10:96::41", 80, "ns11/svc11", "drop", 2)]
+    text = run("diff", "--objects", objects, "--node-name", NODE_NAME, "--rules", str(workdir / "rules-0.json"))
+    assert text.returncode == 1
+    assert "rejected virtual servers: 2" in text.stdout and "TCP 172.30.0.41:80" in text.stdout
+
+
+def test_diff_rules_a_service_without_endpoints_that_rejects_is_not_drift(ns, cluster, workdir):
+    """ns6/svc6 has no endpoints and ns2/svc2 none on this node (Local): their verdicts are kube-proxy's own."""
+    objects, _, _ = cluster
+    read = read_rules_json([("r", nft_json(ns))])
+    assert read.rejected[VirtualServerKey("TCP", "172.30.0.46", 80)] == "reject"
+    assert read.rejected[VirtualServerKey("TCP", "1.2.3.4", 80)] == "drop"
+    assert diff(objects, nft_json(ns), workdir=workdir).returncode == 0
+
+
+def test_diff_rules_flushed_table_is_drift(ns, cluster, workdir):
+    objects, _, _ = cluster
+    ns.nft("flush table ip kube-proxy\n")  # the firewalld case: chains emptied, the maps' elements stay
+    proc = diff(objects, nft_json(ns), workdir=workdir)
+    assert proc.returncode == 1, proc.stderr
+    doc = nonempty(json.loads(proc.stdout))
+    assert set(doc) == {"missing_real_servers", "mismatched_virtual_servers"}
+    # svc5's affinity rules went with its chains: stickiness lost on each of its frontends.
+    assert {i["service"] for i in doc["mismatched_virtual_servers"]} == {"ns5/svc5"}
+    missing = {(i["address"], i["port"], i["real_address"]) for i in doc["missing_real_servers"]}
+    assert {("172.30.0.41", 80, "10.180.0.1"), ("172.30.0.41", 80, "10.180.0.9")} <= missing
+    assert not any(":" in real for _, _, real in missing)  # the ip6 table is whole
+
+
+def test_diff_live_in_the_namespace_finds_nftables_mode(ns, cluster, workdir):
+    """No --ipvs, no --rules: the host's own rules, mode found by the tables present."""
+    objects, _, _ = cluster
+    args = ("diff", "--objects", objects, "--node-name", NODE_NAME, "--output", "json")
+    proc = run(*args, netns=ns)
+    assert proc.returncode == 0, proc.stderr
+    assert nonempty(json.loads(proc.stdout)) == {}
+    assert "proxy mode nftables (table ip kube-proxy exists)" in proc.stderr
+    ns.nft("delete element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 }\n")
+    proc = run(*args, netns=ns)
+    assert proc.returncode == 1 and len(json.loads(proc.stdout)["missing_virtual_servers"]) == 1
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def objects_file(workdir):
+    path = workdir / "objects.json"
+    path.write_text(json.dumps(objects_list(services_v4())))
+    return str(path)
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"hello, world\n", ["not JSON"]),
+    (b'{"apiVersion": "v1", "kind": "List", "items": []}', ["not `nft -j` output"]),
+    (b"[1, 2, 3]", ["not `nft -j` output"]),
+    (b"", ["not JSON"]),
+])
+def test_diff_rules_not_nft_json_is_exit_2(workdir, objects_file, content, words):
+    assert_bad_input(diff(objects_file, content, workdir=workdir), *words)
+
+
+def test_diff_rules_truncated_and_without_kube_proxys_tables_are_exit_2(ns, workdir, objects_file):
+    ns.nft(ruleset(services_v4(), "ip"))
+    whole = nft_json(ns)
+    assert_bad_input(diff(objects_file, whole[:len(whole) // 2], workdir=workdir), "not JSON", "cut short")
+    ns.nft("delete table ip kube-proxy\nadd table inet other-agent\n")
+    assert_bad_input(diff(objects_file, nft_json(ns), workdir=workdir), "no kube-proxy table")
+
+
+def test_diff_rules_same_family_twice_is_exit_2(ns, workdir, objects_file):
+    ns.nft(ruleset(services_v4(), "ip"))
+    whole = nft_json(ns)
+    assert_bad_input(diff(objects_file, whole, whole, workdir=workdir), "table ip kube-proxy is in both")
+
+
+def test_diff_rules_half_programmed_table_is_exit_2(ns, workdir, objects_file):
+    ns.nft('add table ip kube-proxy { comment "rules for kube-proxy" ; }\n'
+           "add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n")
+    assert_bad_input(diff(objects_file, nft_json(ns), workdir=workdir), "ip kube-proxy", "service-nodeports",
+                     "missing")
+    # The other family whole beside it: still not the node's whole rules.
+    ns.nft(ruleset(services_v6(), "ip6"))
+    assert_bad_input(diff(objects_file, nft_json(ns), workdir=workdir), "not read whole", "service-nodeports",
+                     "nothing compared")
+
+
+def test_diff_rules_not_read_whole_is_exit_2(ns, workdir, objects_file):
+    ns.nft(ruleset(services_v4(), "ip"))
+    doc = json.loads(nft_json(ns))
+    for obj in doc["nftables"]:
+        if obj.get("map", {}).get("name") == "service-ips":
+            obj["map"]["elem"][0][1] = {"queue": {"num": 1}}
+    assert_bad_input(diff(objects_file, json.dumps(doc).encode(), workdir=workdir), "not read whole",
+                     "nothing compared")
+
+
+def test_iptables_rules_and_mode_conflicts_are_exit_2(workdir, objects_file):
+    saved = (b"# Generated by iptables-save v1.8.9 on Sun Dec  6 10:00:00 2026\n*nat\n:KUBE-SERVICES - [0:0]\n"
+             b"COMMIT\n")
+    assert_bad_input(diff(objects_file, saved, workdir=workdir), "iptables mode is not supported yet")
+    assert_bad_input(diff(objects_file, saved, workdir=workdir, extra=("--proxy-mode", "iptables")),
+                     "iptables mode is not supported yet")
+    assert_bad_input(diff(objects_file, saved, workdir=workdir, extra=("--proxy-mode", "nftables")), "not JSON")
+    assert_bad_input(diff(objects_file, b"{}", workdir=workdir, extra=("--proxy-mode", "ipvs")), "--ipvs")
+    ipvs = workdir / "ip_vs"
+    ipvs.write_text("IP Virtual Server version 1.2.1 (size=4096)\n")
+    assert_bad_input(run("diff", "--objects", objects_file, "--ipvs", str(ipvs), "--proxy-mode", "nftables"),
+                     "--rules")
+    assert_bad_input(run("desired", "--objects", objects_file, "--proxy", "kube-router", "--proxy-mode",
+                         "nftables"), "kube-router")
