@@ -235,7 +235,7 @@ def test_two_services_claiming_one_virtual_server():
     assert snap.table[shared].service == "ns/s2" and model.total() == calls
     assert set(snap.table[shared].real_servers) == {("10.244.0.3", 8080)}
     assert snap.real_servers == 1 and len(snap.table) == 1
-    offline = desired_table(st._services.values(), {k: list(v.values()) for k, v in st._slices_by_service.items()},
+    offline = desired_table(st._services.values(), {k: list(v) for k, v in st._slices_by_service.items()},
                             st.node())
     assert offline == dict(snap.table)
 
@@ -396,3 +396,46 @@ def test_memory_per_thousand_services_and_slices():
     # Whole API objects as a client library's models cost kilobytes each; the compact form must not.
     assert kept_objects / 1000 < 3000, kept_objects
     assert kept_all / 1000 < 8000, kept_all
+
+
+def test_the_store_keeps_one_tuple_per_distinct_port_and_endpoint_state(apiserver, api):
+    """At 50,000 endpoints a tuple per endpoint's conditions/node/zone and per slice's port
+    spec is megabytes: the store's parse shares equal ones across every object it keeps."""
+    apiserver.create("nodes", node("node-a", zone="zone-1"))
+    for i in range(40):
+        apiserver.create("services", service("ns", f"s{i}", f"10.96.0.{i + 1}"))
+        apiserver.create("endpointslices", endpoint_slice("ns", f"s{i}-abc", f"s{i}",
+                                                          [f"10.244.{i}.1", f"10.244.{i}.2"],
+                                                          node_name=f"node-{i % 2}"))
+    store = KubeStore(api, "node-a", node_ips=["192.0.2.1"], page_size=7)
+    store.start()
+    try:
+        assert store.wait_synced(10)
+        slices = list(store.state._slices.values())
+        services = list(store.state._services.values())
+    finally:
+        store.stop()
+    assert len(slices) == 40 and len(services) == 40
+    assert len({id(p) for es in slices for p in es.ports}) == 1
+    assert len({id(p) for s in services for p in s.ports}) == 1
+    states = {id(ep.state) for es in slices for ep in es.endpoints}
+    assert len(states) == 2  # ready on node-0, ready on node-1
+    ep = slices[0].endpoints[0]
+    assert (ep.ready, ep.serving, ep.terminating, ep.node_name) == (True, True, False, ep.state.node_name)
+    assert ep.node_name in ("node-0", "node-1") and ep.hint_zones is None and ep.stated_ready_or_serving
+    # And the desired table still has every endpoint.
+    assert store.snapshot().real_servers == 80
+
+
+def test_interner_shares_equal_values_and_starts_over_past_its_limit():
+    from exporter.dataplane import Interner
+
+    intern = Interner(limit=3)
+    a = intern(("http", "TCP", 80))
+    assert intern(("http", "TCP", 80)) is a and len(intern) == 1
+    for port in (81, 82):
+        intern(("http", "TCP", port))
+    assert len(intern) == 3
+    fresh = ("http", "TCP", 83)
+    assert intern(fresh) is fresh and len(intern) == 1  # started over: bounded, still correct
+    assert intern(("http", "TCP", 80)) == a
