@@ -115,26 +115,35 @@ class EndpointState(NamedTuple):
     stated_ready_or_serving: bool = True
 
 
-class Endpoint(NamedTuple):
-    """Addresses and a shared ``EndpointState``: two slots per endpoint instead of ten
-    (at 50,000 endpoints, 3 MB). The state's fields read as the endpoint's own."""
+class Endpoint(tuple):
+    """An endpoint as one flat tuple ``(state, address, ...)``: a shared ``EndpointState``
+    and its addresses, two slots for the usual one address where a tuple of ten fields and
+    an addresses tuple took 168 bytes (at 50,000 endpoints, 5 MB). The state's fields
+    read as the endpoint's own; ``addresses`` is a tuple, as before."""
 
-    addresses: tuple[str, ...]
-    state: EndpointState = EndpointState()
+    __slots__ = ()
+
+    def __new__(cls, addresses: Iterable[str], state: EndpointState = EndpointState()) -> "Endpoint":
+        return tuple.__new__(cls, (state, *addresses))
 
     @classmethod
-    def of(cls, addresses: tuple[str, ...], **state: Any) -> "Endpoint":
+    def of(cls, addresses: Iterable[str], **state: Any) -> "Endpoint":
         """An endpoint from the state's fields by name (tests, tools)."""
-        return cls(tuple(addresses), EndpointState(**state))
+        return cls(addresses, EndpointState(**state))
 
-    ready = property(lambda self: self[1][0])
-    serving = property(lambda self: self[1][1])
-    terminating = property(lambda self: self[1][2])
-    node_name = property(lambda self: self[1][3])
-    zone = property(lambda self: self[1][4])
-    hint_zones = property(lambda self: self[1][5])
-    hint_nodes = property(lambda self: self[1][6])
-    stated_ready_or_serving = property(lambda self: self[1][7])
+    def __repr__(self) -> str:
+        return f"Endpoint(addresses={self[1:]!r}, state={self[0]!r})"
+
+    addresses = property(lambda self: self[1:])
+    state = property(lambda self: self[0])
+    ready = property(lambda self: self[0][0])
+    serving = property(lambda self: self[0][1])
+    terminating = property(lambda self: self[0][2])
+    node_name = property(lambda self: self[0][3])
+    zone = property(lambda self: self[0][4])
+    hint_zones = property(lambda self: self[0][5])
+    hint_nodes = property(lambda self: self[0][6])
+    stated_ready_or_serving = property(lambda self: self[0][7])
 
 
 class EndpointSlice(NamedTuple):
