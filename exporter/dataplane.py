@@ -65,6 +65,34 @@ class VirtualServer(NamedTuple):
 Table = dict[VirtualServerKey, VirtualServer]
 
 
+class Interner:
+    """One shared object for each distinct value handed to it: at 10,000 Services the same
+    port spec or endpoint state repeats tens of thousands of times, and a tuple each is
+    megabytes. The owner (a store, a parse) keeps it; nothing here is module-level.
+
+    Past ``limit`` distinct values it starts over: later equal values share a new object,
+    earlier ones keep theirs. Sharing is lost, never correctness (values are immutable and
+    compared by value), and the table cannot grow with churn.
+    """
+
+    __slots__ = ("_values", "limit")
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self._values: dict = {}
+        self.limit = limit
+
+    def __call__(self, value):
+        found = self._values.get(value)
+        if found is None:
+            if len(self._values) >= self.limit:
+                self._values.clear()
+            self._values[value] = found = value
+        return found
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 def _address_order(address: str | None) -> tuple:
     """Sort IPv4 before IPv6 and numerically within each, not as strings."""
     import ipaddress

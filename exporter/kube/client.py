@@ -23,6 +23,7 @@ reflector. Handlers receive only compact objects (see ``Handler``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -254,13 +255,16 @@ def _cluster_key(obj: Any) -> str | None:
     return meta["name"]
 
 
-def services_resource() -> Resource:
-    return Resource("services", "/api/v1/services", objects.parse_service, _namespaced_key)
+def services_resource(intern: objects.Intern | None = None) -> Resource:
+    """``intern``: the owner's (the store's) sharing of equal port specs across objects."""
+    return Resource("services", "/api/v1/services", functools.partial(objects.parse_service, intern=intern),
+                    _namespaced_key)
 
 
-def endpointslices_resource() -> Resource:
+def endpointslices_resource(intern: objects.Intern | None = None) -> Resource:
+    """``intern``: the owner's sharing of equal ports and endpoint states across slices."""
     return Resource("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices",
-                    objects.parse_endpoint_slice, _namespaced_key)
+                    functools.partial(objects.parse_endpoint_slice, intern=intern), _namespaced_key)
 
 
 def node_resource(node_name: str) -> Resource:
