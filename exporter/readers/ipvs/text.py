@@ -17,8 +17,7 @@ from __future__ import annotations
 import gc
 import re
 import socket
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
 from exporter.readers.ipvs.netlink import kernel_hz
@@ -158,18 +157,13 @@ def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
     """
     if hz is None:
         hz = kernel_hz()
-    with gc_paused():
-        return parse_whole(text, hz, Conversions(), {})[0]
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """A parse makes thousands of tuples and no reference cycle: the cyclic
-    collector would only walk them again and again."""
+    # A parse makes thousands of tuples and no reference cycle: the cyclic collector
+    # would only walk them again and again. Turned off inline, before anything is
+    # allocated (a helper's arguments would give it a run inside the parse).
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        return parse_whole(text, hz, Conversions(), {})[0]
     finally:
         if gc_was_enabled:
             gc.enable()
