@@ -284,8 +284,6 @@ def merge_service_flags(table: IPVSTable,
     return table
 
 
-
-
 def hz_from_netlink(persistent_jiffies: dict[VirtualServerKey, int]) -> int | None:
     """HZ = a persistence timeout in jiffies (/proc) / the same in seconds (netlink).
 

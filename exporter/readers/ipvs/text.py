@@ -23,8 +23,8 @@ from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
 from exporter.readers.ipvs.netlink import kernel_hz
 from exporter.readers.ipvs.table import IPVSTable, Layout
 
-
 _CACHE_LIMIT = 500_000  # entries of one conversion cache before it is cleared
+
 
 class _Numbers(dict):
     """Counter bytes -> int. The same values recur across real servers and reads,
@@ -112,7 +112,8 @@ def _fwmark_mask_is_ipv6(printed: int) -> bool:
     return printed & 0x00FFFFFF == 0 and 1 <= printed >> 24 <= 128 and printed not in _SHORT_IPV4_MASKS
 
 
-def _service(parts: list[str], hz: int, conv: Conversions) -> tuple[VirtualServerKey, str, int | None, str | None, tuple, int | None]:
+def _service(parts: list[str], hz: int,
+             conv: Conversions) -> tuple[VirtualServerKey, str, int | None, str | None, tuple, int | None]:
     """One service line, split. Raises ValueError/IndexError on anything malformed.
 
     TCP  0A000001:0050 rr [ops] [persistent <jiffies> <netmask hex>]
@@ -199,7 +200,6 @@ class Shape(NamedTuple):
     # is 3.3 MB: this state holds about four times that.)
     blank_value: int | None
     mask: int | None
-
 
 
 # A counter byte XOR a space: a digit becomes 0x10-0x19 (back to "0"-"9" here), a
