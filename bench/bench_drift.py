@@ -33,8 +33,7 @@ from exporter.dataplane import RealServer
 from exporter.kube import desired as model
 from exporter.kube.diff import DriftTracker, TableDiffer, diff_tables
 from exporter.kube.objects import parse_objects
-from exporter.readers import ipvs as ipvs_reader
-from exporter.readers.ipvs import parse_ip_vs
+from exporter.readers.ipvs import IncrementalParser
 from tests.ipvs_text import format_ip_vs
 
 NODE = model.NodeFacts("node-0", "zone-a", ("192.168.0.10", "10.0.0.10"))
@@ -133,19 +132,20 @@ def scale(services: int, quick: bool) -> list[Row]:
     # Two readings of one table on a busy node: the same virtual and real servers,
     # other connection counters.
     texts = [format_ip_vs(faulty, HZ, counters(faulty, seed)) for seed in (1, 2)]
-    lives = [parse_ip_vs(text, HZ) for text in texts]
+    parser = IncrementalParser()  # what the live reader keeps from scrape to scrape
+    lives = [parser.parse(text, HZ) for text in texts]
     live = lives[0]
     repeat = 2 if quick else 5
     turn = [0]
 
     def parse_moved():
         turn[0] ^= 1
-        return parse_ip_vs(texts[turn[0]], HZ)
+        return parser.parse(texts[turn[0]], HZ)
 
     # Per scrape on a busy node: counters moved, nothing else; the reader reuses
     # every virtual server, ``TableDiffer`` every comparison.
     parse_s = best_of(parse_moved, repeat)
-    lives = [parse_ip_vs(text, HZ) for text in texts]  # the objects the parses above keep
+    lives = [parser.parse(text, HZ) for text in texts]  # the objects the parses above keep
     differ = TableDiffer()
 
     def diff_moved():
@@ -155,9 +155,8 @@ def scale(services: int, quick: bool) -> list[Row]:
     diff_s = best_of(diff_moved, repeat)
 
     def parse_anew():
-        ipvs_reader._SHAPES.clear()  # nothing reused: as if every record had changed
-        ipvs_reader._RECORD_CACHES.clear()
-        parse_ip_vs(texts[0], HZ)
+        parser.forget()  # nothing reused: as if every record had changed
+        parser.parse(texts[0], HZ)
 
     full_parse_s = best_of(parse_anew, repeat)
     full_diff_s = best_of(lambda: diff_tables(table, live), repeat)

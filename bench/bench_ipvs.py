@@ -134,15 +134,18 @@ def measure(sizes) -> list[Row]:
             def cat():
                 subprocess.run(["cat", "/proc/net/ip_vs"], stdout=subprocess.DEVNULL, check=True)
 
+            # The parser a live reader owns, kept from read to read.
+            parser = reader.IncrementalParser()
+
             def ours():
-                reader.read_ip_vs(hz=250)
+                parser.parse(reader.read_ip_vs_text(), 250)
 
             def ours_counters_moved():
                 # Only connection counters changed since the last read: a busy node.
-                last = reader._SHAPES[250]
+                last = parser._last
                 # As if the last read's text differed in its counters only.
-                reader._SHAPES[250] = last._replace(text=" " + last.text[1:])
-                reader.read_ip_vs(hz=250)
+                parser._last = last._replace(text=" " + last.text[1:])
+                parser.parse(reader.read_ip_vs_text(), 250)
 
             # One real server's weight flips between two reads, in a virtual server
             # in the middle of the table (an endpoint turning ready or not).
@@ -156,7 +159,7 @@ def measure(sizes) -> list[Row]:
                 ipvs_tables.ipvsadm("-e", "-t", vip, "-r", rip, "-m", "-w", str(weight[0]))
 
             def ours_shape_changed():
-                reader.read_ip_vs(hz=250)
+                parser.parse(reader.read_ip_vs_text(), 250)
 
             # A real server added to / removed from that virtual server: the lines after
             # it move, so the layout after it is shifted.
@@ -172,14 +175,10 @@ def measure(sizes) -> list[Row]:
 
             def ours_cold():
                 # The first read of a process: nothing converted yet.
-                reader._SHAPES.clear()
-                reader._RECORD_CACHES.clear()
-                reader._ENDPOINT_CACHE.clear()
-                reader._SERVICE_CACHES.clear()
-                reader.read_ip_vs(hz=250)
+                reader.IncrementalParser().parse(reader.read_ip_vs_text(), 250)
 
             def ours_exact():
-                reader.merge_service_flags(reader.read_ip_vs(hz=250), reader.dump_service_flags())
+                reader.merge_service_flags(parser.parse(reader.read_ip_vs_text(), 250), reader.dump_service_flags())
 
             def ipvsadm_list():
                 subprocess.run(["ipvsadm", "-Ln"], stdout=subprocess.DEVNULL, check=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from exporter.cli import settings_from_args
 from exporter.collector import Context, Runner, build_collectors
-from exporter.collectors.drift import KUBE_SERVICE, SHARED_READ_MAX_AGE, KubeAccess
+from exporter.collectors.drift import KUBE_SERVICE, KubeAccess
+from exporter.collectors.ipvs import SCRAPE_WINDOW
 from exporter.dataplane import Table
 from exporter.http import MetricsServer, make_app
 from exporter.paths import Paths
@@ -103,8 +104,8 @@ class DriftRig:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(format_ip_vs(table, kernel_hz(), connections))
         os.replace(tmp, path)
-        # Past the shared LiveTable's reuse window, so the next scrape reads this file.
-        time.sleep(SHARED_READ_MAX_AGE + 0.05)
+        # Past the shared IPVSReader's reuse window, so the next scrape reads this file.
+        time.sleep(SCRAPE_WINDOW + 0.05)
 
     def scrape(self) -> dict:
         status, _, body = get(self.url)

@@ -7,7 +7,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from exporter.collector import Collector, Runner
 from exporter.collectors.ipvs import table_metrics
-from exporter.readers.ipvs import parse_ip_vs
+from exporter.readers.ipvs import IncrementalParser, parse_ip_vs
 from tests.helpers import make_runner, samples, value
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ipvs"
@@ -122,14 +122,15 @@ def test_counts_are_walked_once_per_shape(monkeypatch):
     text = (FIXTURES / "kube.txt").read_text()
     line = "  -> 0AF40105:0035      Masq    1      0          0 "
     assert line in text
-    first = collector.counts(parse_ip_vs(text, hz=250))
+    parse = IncrementalParser().parse  # as the reader parses from scrape to scrape
+    first = collector.counts(parse(text, hz=250))
     # Counters moved (a busy node): same shape, the counts of the last walk.
-    moved = parse_ip_vs(text.replace(line, "  -> 0AF40105:0035      Masq    1      3          9 ", 1), hz=250)
+    moved = parse(text.replace(line, "  -> 0AF40105:0035      Masq    1      3          9 ", 1), hz=250)
     assert collector.counts(moved) is first and len(walks) == 1
     s = samples(iter_families(table_metrics(moved, first)))
     assert value(s, "kubenode_ipvs_connections", state="active") == 3  # counters are still today's
     # A weight changed: walked again.
-    reweighted = parse_ip_vs(text.replace(line, "  -> 0AF40105:0035      Masq    0      3          9 ", 1), hz=250)
+    reweighted = parse(text.replace(line, "  -> 0AF40105:0035      Masq    0      3          9 ", 1), hz=250)
     assert collector.counts(reweighted).zero_weight == first.zero_weight + 1 and len(walks) == 2
     # A table of unknown shape is always walked.
     built = IPVSTable.of(dict(reweighted))
@@ -141,9 +142,6 @@ def test_counts_are_walked_once_per_shape(monkeypatch):
 def test_connections_sum_what_the_text_says_on_every_scrape(tmp_path):
     """A negative ActiveConn (IPVS accounting bugs) reads the same on the first scrape and
     on the next ones, whose reads take the fast incremental paths."""
-    import exporter.readers.ipvs as reader
-
-    reader._SHAPES.clear()
     text = (FIXTURES / "kube.txt").read_text()
     line = "  -> 0AF40105:0035      Masq    1      0          0         \n"
     assert line in text
@@ -154,7 +152,7 @@ def test_connections_sum_what_the_text_says_on_every_scrape(tmp_path):
             text.replace(line, f"  -> 0AF40105:0035      Masq    1      {active:<10} {inactive:<10}\n", 1))
         for collector in runner.collectors:
             if getattr(collector, "live", None) is not None:
-                collector.live._table = None  # it reads at most once a second: make it read now
+                collector.live._table = None  # it reuses a read within a scrape: make it read now
         s = samples(runner)
         assert value(s, "kubenode_ipvs_connections", state="active") == active
         assert value(s, "kubenode_ipvs_connections", state="inactive") == inactive

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.dataplane import RealServer, VirtualServerKey
 from exporter.paths import Paths
-from exporter.readers.ipvs import IPVSUnavailable, LiveTable, parse_ip_vs, read_ip_vs, with_hz
+from exporter.readers.ipvs import IPVSReader, IPVSUnavailable, IncrementalParser, parse_ip_vs, read_ip_vs, with_hz
 from tests.ipvsadm import comparable, parse_list_counters, parse_save
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ipvs"
@@ -63,20 +63,22 @@ def test_fields_one_by_one():
 
 
 def test_hz_converts_jiffies_and_can_be_corrected_later():
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     text = fixture("kube.txt")
-    wrong = parse_ip_vs(text, hz=1000)
+    wrong = parse(text, hz=1000)
     assert wrong[VirtualServerKey("TCP", "fd00:10:96::a", 443)].persistent_timeout == 2700
     fixed = with_hz(wrong, HZ)
     assert fixed[VirtualServerKey("TCP", "fd00:10:96::a", 443)].persistent_timeout == 10800
-    assert comparable(fixed) == comparable(parse_ip_vs(text, hz=HZ))
+    assert comparable(fixed) == comparable(parse(text, hz=HZ))
 
 
 def test_torn_text_never_raises_and_never_yields_a_partial_entry():
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     text = fixture("kube.txt")
-    full = parse_ip_vs(text, hz=HZ)
+    full = parse(text, hz=HZ)
     line_ends = {i + 1 for i, ch in enumerate(text) if ch == "\n"}
     for cut in range(len(text) + 1):
-        part = parse_ip_vs(text[:cut], hz=HZ)
+        part = parse(text[:cut], hz=HZ)
         entries = list(part.items())
         for i, (key, vs) in enumerate(entries):
             if cut in line_ends and i == len(entries) - 1:
@@ -92,28 +94,30 @@ def test_torn_text_never_raises_and_never_yields_a_partial_entry():
 
 
 def test_garbage_line_drops_only_its_virtual_server():
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     lines = fixture("kube.txt").splitlines(keepends=True)
-    full = parse_ip_vs("".join(lines), hz=HZ)
+    full = parse("".join(lines), hz=HZ)
     # Break the first real server of TCP 10.96.0.10:53 (the 5th line).
     assert lines[4].startswith("  -> 0AF40207")
     broken = lines[:4] + ["  -> 0AF4ZZ05:0035      Masq    1      0\n"] + lines[5:]
-    t = parse_ip_vs("".join(broken), hz=HZ)
+    t = parse("".join(broken), hz=HZ)
     assert VirtualServerKey("TCP", "10.96.0.10", 53) not in t
     assert {k: v for k, v in full.items() if k != VirtualServerKey("TCP", "10.96.0.10", 53)} == dict(t)
     assert t.skipped_lines == 3  # the whole record: its service line and two real servers
     # A broken service line: its real servers are not given to the service before it.
     broken = lines[:3] + ["TCP  0A60000A:00 rr\n"] + lines[4:]
-    t = parse_ip_vs("".join(broken), hz=HZ)
+    t = parse("".join(broken), hz=HZ)
     assert VirtualServerKey("TCP", "10.96.0.10", 53) not in t
     assert t.skipped_lines == 3  # the service line and its two real servers
     assert all(t[k] == full[k] for k in t) and len(t) == len(full) - 1
 
 
 def test_random_garbage_never_raises_and_leaves_no_partial_entry():
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     rng = random.Random(3)
     base = fixture("kube.txt").splitlines(keepends=True)
     alphabet = "TCPUDSFWM0123456789ABCDEF:[]->. \tpersistentMasqRouteops\x00é"
-    full = parse_ip_vs("".join(base), hz=HZ)
+    full = parse("".join(base), hz=HZ)
     for _ in range(500):
         lines = list(base)
         for _ in range(rng.randint(1, 4)):
@@ -121,16 +125,17 @@ def test_random_garbage_never_raises_and_leaves_no_partial_entry():
             if rng.random() < 0.3:
                 junk = "  -> " + junk
             lines.insert(rng.randrange(3, len(lines) + 1), junk + "\n")
-        t = parse_ip_vs("".join(lines), hz=HZ)
+        t = parse("".join(lines), hz=HZ)
         assert t.skipped_lines >= 1
         for key, vs in t.items():
             assert vs == full[key]
 
 
 def test_empty_and_header_only():
-    assert parse_ip_vs("", hz=HZ) == {}
+    parse = IncrementalParser().parse  # what a reader keeps between reads
+    assert parse("", hz=HZ) == {}
     header = "".join(fixture("kube.txt").splitlines(keepends=True)[:3])
-    t = parse_ip_vs(header, hz=HZ)
+    t = parse(header, hz=HZ)
     assert t == {} and t.skipped_lines == 0
 
 
@@ -147,7 +152,7 @@ def test_live_table_reads_once_per_max_age(tmp_path):
     (tmp_path / "net").mkdir()
     proc = tmp_path / "net" / "ip_vs"
     proc.write_text(fixture("kube.txt"))
-    live = LiveTable(Paths(procfs=str(tmp_path)))
+    live = IPVSReader(Paths(procfs=str(tmp_path)))
     first = live.get(max_age=60)
     proc.write_text(fixture("mixed.txt"))
     assert live.get(max_age=60) is first  # still fresh: no second read
@@ -156,13 +161,62 @@ def test_live_table_reads_once_per_max_age(tmp_path):
     assert live.read_seconds >= 0
 
 
+def test_reader_answers_the_dataplane_interface(tmp_path):
+    """read() gives the LiveRead every mode's reader gives, from the same shared read as get()."""
+    from exporter.dataplane import DataplaneUnavailable, LiveRead
+
+    reader = IPVSReader(Paths(procfs=str(tmp_path)), max_age=60)
+    with pytest.raises(DataplaneUnavailable, match="ip_vs module not loaded"):
+        reader.read()
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "ip_vs").write_text(fixture("kube.txt"))
+    live = reader.read()
+    assert isinstance(live, LiveRead) and live.rejected == {} and live.unread == ()
+    assert live.table is reader.get() and len(live.table) == 8  # one read within the owner's window
+    assert live.read_seconds == reader.read_seconds > 0
+    lines = fixture("kube.txt").splitlines(keepends=True)
+    (tmp_path / "net" / "ip_vs").write_text("".join(lines[:6] + ["hello world\n"] + lines[6:]))
+    assert reader.read().table is live.table  # still within the window
+    broken = reader.read(max_age=0)
+    assert broken.unread == (broken.table.unread_reason(),) and "line 7 is not IPVS text" in broken.unread[0]
+
+
+def test_two_readers_keep_their_own_state(tmp_path):
+    """What a reader keeps between reads (last shape, records, conversions, HZ) is its own:
+    two readers of different tables, read in turn, each re-read its own table the
+    cheap way, with its own counters, whatever the other read in between."""
+    texts = {"a": fixture("kube.txt"), "b": fixture("mixed.txt")}
+    readers, last = {}, {}
+    for name in texts:
+        (tmp_path / name / "net").mkdir(parents=True)
+        readers[name] = IPVSReader(Paths(procfs=str(tmp_path / name)))
+    for step in range(4):
+        for name, text in texts.items():
+            # Counters move on the first real server of the table, as on a busy node.
+            line = next(line for line in text.splitlines() if line.startswith("  -> ") and "Remote" not in line)
+            moved = text.replace(line, f"{line[:-22]} {step:<10} {step + 1:<10}", 1)
+            (tmp_path / name / "net" / "ip_vs").write_text(moved)
+            got = readers[name].get(max_age=0)
+            want = parse_ip_vs(moved)  # as the reader parses it: this machine's HZ
+            assert dict(got) == dict(want) and got.skipped_lines == 0, (name, step)
+            assert {k: got.connections(k) for k in got} == {k: want.connections(k) for k in want}, (name, step)
+            assert step in {a for k in got for a, _ in got.connections(k).values()}, (name, step)
+            if name in last:
+                # Only counters moved since this reader's last read: the same virtual
+                # servers and shape, not a parse from nothing because the other read.
+                assert got.shape is last[name].shape, (name, step)
+                assert all(got[k] is last[name][k] for k in got), (name, step)
+            last[name] = got
+
+
 def test_reused_records_never_hide_a_change():
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     text = fixture("kube.txt")
-    first = parse_ip_vs(text, hz=HZ)
+    first = parse(text, hz=HZ)
     changed = text.replace("  -> 0AF40105:0035      Masq    1      0          0 ",
                            "  -> 0AF40105:0035      Masq    1      4          9 ", 1)
     assert changed != text
-    second = parse_ip_vs(changed, hz=HZ)
+    second = parse(changed, hz=HZ)
     dns = VirtualServerKey("TCP", "10.96.0.10", 53)
     assert second.connections(dns)[("10.244.1.5", 53)] == (4, 9)
     assert first.connections(dns)[("10.244.1.5", 53)] == (0, 0)  # an earlier table keeps its own
@@ -171,42 +225,44 @@ def test_reused_records_never_hide_a_change():
     # A weight is not a counter: that virtual server is parsed anew, and only it.
     reweighted = changed.replace("  -> 0AF40105:0035      Masq    1      4 ",
                                  "  -> 0AF40105:0035      Masq    0      4 ", 1)
-    third = parse_ip_vs(reweighted, hz=HZ)
+    third = parse(reweighted, hz=HZ)
     assert third[dns].real_servers[("10.244.1.5", 53)].weight == 0
     assert third.connections(dns)[("10.244.1.5", 53)] == (4, 9)
     assert all(third[k] is first[k] for k in first if k != dns) and third[dns] is not first[dns]
     # Same text again: the same objects and counters.
-    again = parse_ip_vs(reweighted, hz=HZ)
+    again = parse(reweighted, hz=HZ)
     assert again == third and again[dns] is third[dns] and again.connections(dns) == third.connections(dns)
     # A different HZ never reuses a parse made with another.
-    assert parse_ip_vs(changed, hz=1000)[VirtualServerKey("TCP", "fd00:10:96::a", 443)].persistent_timeout == 2700
+    assert parse(changed, hz=1000)[VirtualServerKey("TCP", "fd00:10:96::a", 443)].persistent_timeout == 2700
 
 
 def test_a_counter_that_is_not_a_number_drops_only_its_virtual_server():
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     text = fixture("kube.txt")
-    full = parse_ip_vs(text, hz=HZ)
+    full = parse(text, hz=HZ)
     line = "  -> 0AF40105:0035      Masq    1      0          0 "
     assert line in text
     broken = text.replace(line, "  -> 0AF40105:0035      Masq    1      0x5        0 ", 1)
-    t = parse_ip_vs(broken, hz=HZ)
+    t = parse(broken, hz=HZ)
     dns = VirtualServerKey("TCP", "10.96.0.10", 53)
     assert dns not in t and t.connections(dns) == {}
     assert t.skipped_lines == 3  # its service line and two real servers
     assert dict(t) == {k: v for k, v in full.items() if k != dns}
     assert all(t.connections(k) == full.connections(k) for k in t)
     # Three numbers where two belong: the same.
-    t = parse_ip_vs(text.replace(line, "  -> 0AF40105:0035      Masq    1      0 5        0 ", 1), hz=HZ)
+    t = parse(text.replace(line, "  -> 0AF40105:0035      Masq    1      0 5        0 ", 1), hz=HZ)
     assert dns not in t and t.skipped_lines == 3 and len(t) == len(full) - 1
 
 
 def test_a_repeated_record_counts_once_with_its_last_counters():
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     # seq_file may print a record twice when the table changes between two read() calls.
     lines = fixture("kube.txt").splitlines(keepends=True)
-    full = parse_ip_vs("".join(lines), hz=HZ)
+    full = parse("".join(lines), hz=HZ)
     assert lines[3].startswith("TCP  0A60000A:0035") and lines[6].startswith("UDP")
     first = [line.replace("0          0 ", "1          2 ") for line in lines[4:6]]
     again = [lines[3]] + [line.replace("0          0 ", "7          8 ") for line in lines[4:6]]
-    t = parse_ip_vs("".join(lines[:4] + first + again + lines[6:]), hz=HZ)
+    t = parse("".join(lines[:4] + first + again + lines[6:]), hz=HZ)
     dns = VirtualServerKey("TCP", "10.96.0.10", 53)
     assert dict(t) == dict(full) and t.skipped_lines == 0
     assert list(t) == list(full)  # in the place of its first printing
@@ -217,17 +273,9 @@ def test_a_repeated_record_counts_once_with_its_last_counters():
 
 def test_cached_parses_equal_a_fresh_parse_over_random_changes():
     """The caches (whole text, shape, records, conversions) never change a result."""
-    import exporter.readers.ipvs as reader
-
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     def fresh(text):
-        saved = (dict(reader._SHAPES), dict(reader._RECORD_CACHES))
-        reader._SHAPES.clear()
-        reader._RECORD_CACHES.clear()
-        try:
-            return parse_ip_vs(text, hz=HZ)
-        finally:
-            reader._SHAPES.update(saved[0])
-            reader._RECORD_CACHES.update(saved[1])
+        return parse_ip_vs(text, hz=HZ)  # one-shot: nothing kept from the parses before
 
     rng = random.Random(11)
     lines = fixture("kube.txt").splitlines(keepends=True)
@@ -241,7 +289,7 @@ def test_cached_parses_equal_a_fresh_parse_over_random_changes():
             head, weight_and_counters = lines[i][:-29], lines[i][-29:]
             lines[i] = f"{head}{rng.randrange(0, 3):<6}{weight_and_counters[6:]}"
         text = "".join(lines)
-        got = parse_ip_vs(text, hz=HZ)
+        got = parse(text, hz=HZ)
         want = fresh(text)
         assert dict(got) == dict(want), step
         assert {k: got.connections(k) for k in got} == {k: want.connections(k) for k in want}, step
@@ -253,8 +301,8 @@ def test_reads_of_a_changing_table_equal_the_table_over_random_changes(monkeypat
     """Services and real servers added, removed and changed between reads, counters
     moving: each read equals the table written and a parse from nothing, whichever
     way it was parsed (whole text, shape, patch of the records that changed)."""
-    import exporter.readers.ipvs as reader
     from exporter.dataplane import VirtualServer
+    from exporter.readers.ipvs import incremental, text as one_shot
     from tests.ipvs_text import format_ip_vs
 
     rng = random.Random(5)
@@ -270,7 +318,7 @@ def test_reads_of_a_changing_table_equal_the_table_over_random_changes(monkeypat
         return VirtualServer(key, "rr", timeout, reals, persistent_netmask=timeout and "255.255.255.255")
 
     paths = {"patched": 0, "whole": 0}
-    patch, whole = reader._patch_shape, reader._parse_shape
+    patch, whole = incremental._patch_shape, one_shot._parse_shape
 
     def counted_patch(*args):
         out = patch(*args)
@@ -281,9 +329,9 @@ def test_reads_of_a_changing_table_equal_the_table_over_random_changes(monkeypat
         paths["whole"] += 1
         return whole(*args)
 
-    monkeypatch.setattr(reader, "_patch_shape", counted_patch)
-    monkeypatch.setattr(reader, "_parse_shape", counted_whole)
-    reader._SHAPES.clear()
+    monkeypatch.setattr(incremental, "_patch_shape", counted_patch)
+    monkeypatch.setattr(one_shot, "_parse_shape", counted_whole)
+    parse = IncrementalParser().parse  # what a reader keeps between reads
 
     table = {}
     for _ in range(40):
@@ -319,7 +367,7 @@ def test_reads_of_a_changing_table_equal_the_table_over_random_changes(monkeypat
                 if moving and rng.random() < 0.7:
                     connections[(key, rkey)] = (rng.randrange(100), rng.randrange(10**rng.randint(1, 8)))
         text = format_ip_vs(table, HZ, connections)
-        got = parse_ip_vs(text, hz=HZ)
+        got = parse(text, hz=HZ)
         assert dict(got) == table, step
         for key, vs in table.items():
             assert got.connections(key) == {r: connections.get((key, r), (0, 0)) for r in vs.real_servers}, step
@@ -334,10 +382,6 @@ def test_reads_of_a_changing_table_equal_the_table_over_random_changes(monkeypat
 
 def _fresh_parse(text, hz=HZ):
     """A parse with no memory of earlier ones (the first read of a process)."""
-    import exporter.readers.ipvs as reader
-
-    reader._SHAPES.clear()
-    reader._RECORD_CACHES.clear()
     return parse_ip_vs(text, hz=hz)
 
 
@@ -351,6 +395,7 @@ def _same_table(got, want):
                                  "leading blanks", "blank lines around", "no final newline"])
 def test_any_run_of_blanks_between_fields_reads_the_same_table(how):
     """What a terminal copy, a chat paste or procfs' own fixture holds is the same table."""
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     text = fixture("kube.txt").replace("0          0 ", "7          -1 ", 1)
     want = _fresh_parse(text)
     assert want.total_connections() == (7, -1) and len(want) == 8
@@ -366,12 +411,13 @@ def test_any_run_of_blanks_between_fields_reads_the_same_table(how):
     }[how]
     if how == "no final newline":
         pasted += "\n"  # what `diff` does to a file: it is whole (tested in test_offline)
-    for got in (_fresh_parse(pasted), parse_ip_vs(pasted, hz=HZ)):  # first read, then a re-read
+    for got in (_fresh_parse(pasted), parse(pasted, hz=HZ)):  # first read, then a re-read
         _same_table(got, want)
         assert got.skipped_lines == 0 and got.first_unread is None
 
 
 def test_a_line_that_is_no_ipvs_text_is_counted_and_named():
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     lines = fixture("kube.txt").splitlines(keepends=True)
     assert lines[5].startswith("  -> 0AF40105:0035")
     cases = {
@@ -386,7 +432,7 @@ def test_a_line_that_is_no_ipvs_text_is_counted_and_named():
                       6, lines[5].replace(" 0          0", " +5         0").rstrip("\n")),
     }
     for name, (broken, number, line) in cases.items():
-        for got in (_fresh_parse("".join(broken)), parse_ip_vs("".join(broken), hz=HZ)):
+        for got in (_fresh_parse("".join(broken)), parse("".join(broken), hz=HZ)):
             assert got.skipped_lines >= 1, name
             assert got.first_unread == (number, line), name
     assert _fresh_parse("".join(lines)).first_unread is None
@@ -402,14 +448,15 @@ def test_counters_read_the_same_on_every_path(monkeypatch):
     """Negative and > 2^31 counters, read first, re-read with the same shape, re-read
     after a change elsewhere (a patch), with a bad line elsewhere (the slow way), and
     with non-ASCII text (the whole text again): the same numbers every time."""
-    import exporter.readers.ipvs as reader
+    parse = IncrementalParser().parse  # what a reader keeps between reads
     from exporter.dataplane import VirtualServer
+    from exporter.readers.ipvs import incremental
     from tests.ipvs_text import format_ip_vs
 
     taken = {"patch": 0, "same shape": 0}
-    patch, counters = reader._patch_shape, reader._counters
-    monkeypatch.setattr(reader, "_patch_shape", lambda *a: taken.__setitem__("patch", taken["patch"] + 1) or patch(*a))
-    monkeypatch.setattr(reader, "_counters", lambda *a: taken.__setitem__("same shape", taken["same shape"] + 1)
+    patch, counters = incremental._patch_shape, incremental.counters_of
+    monkeypatch.setattr(incremental, "_patch_shape", lambda *a: taken.__setitem__("patch", taken["patch"] + 1) or patch(*a))
+    monkeypatch.setattr(incremental, "counters_of", lambda *a: taken.__setitem__("same shape", taken["same shape"] + 1)
                         or counters(*a))
 
     table = {}
@@ -425,16 +472,16 @@ def test_counters_read_the_same_on_every_path(monkeypatch):
         assert got.total_connections() == tuple(sum(connections.get(c, (0, 0))[i] for c in cells) for i in (0, 1)), what
 
     small = {c: (n, 2 * n) for n, c in enumerate(cells)}
-    _fresh_parse(format_ip_vs(table, HZ, small))
+    parse(format_ip_vs(table, HZ, small), hz=HZ)  # the reader's first read
     # The 10-character ones: same text width, so the same shape as the last read.
     fitting = dict(small)
     for cell, odd in zip(cells[::3], [o for o in ODD_COUNTERS if all(len(str(v)) <= 10 for v in o)]):
         fitting[cell] = odd
     text = format_ip_vs(table, HZ, fitting)
     before = taken["same shape"]
-    check(parse_ip_vs(text, hz=HZ), fitting, "same shape")
+    check(parse(text, hz=HZ), fitting, "same shape")
     assert taken["same shape"] > before
-    check(parse_ip_vs(text, hz=HZ), fitting, "same text")
+    check(parse(text, hz=HZ), fitting, "same text")
     check(_fresh_parse(text), fitting, "first read")
     # Every odd counter, the wide ones too, as a change elsewhere is patched in.
     odd = dict(small)
@@ -445,16 +492,16 @@ def test_counters_read_the_same_on_every_path(monkeypatch):
     reweighted[key] = table[key]._replace(real_servers={r: rs._replace(weight=0) for r, rs in table[key].real_servers.items()})
     saved, table = table, reweighted
     before = taken["patch"]
-    check(parse_ip_vs(format_ip_vs(table, HZ, odd), hz=HZ), odd, "patch")
+    check(parse(format_ip_vs(table, HZ, odd), hz=HZ), odd, "patch")
     assert taken["patch"] > before
     check(_fresh_parse(format_ip_vs(table, HZ, odd)), odd, "first read, wide")
     # Counters moved again, every odd one still there (same shape or patch, whichever fits).
     moved = {c: (v[0], v[1]) if c in dict(zip(cells[1::3], ODD_COUNTERS)) else (v[0] + 1, v[1]) for c, v in odd.items()}
-    check(parse_ip_vs(format_ip_vs(table, HZ, moved), hz=HZ), moved, "moved")
+    check(parse(format_ip_vs(table, HZ, moved), hz=HZ), moved, "moved")
     # The trailing blanks stripped: the slow way of finding counters.
     stripped = "\n".join(line.rstrip() for line in format_ip_vs(table, HZ, odd).split("\n"))
     check(_fresh_parse(stripped), odd, "stripped")
-    check(parse_ip_vs(stripped, hz=HZ), odd, "stripped, read again")
+    check(parse(stripped, hz=HZ), odd, "stripped, read again")
     # A bad line in another virtual server: the one-by-one way for the rest.
     text = format_ip_vs(table, HZ, odd)
     last_line = text.rstrip("\n").rsplit("\n", 1)[1]
@@ -466,7 +513,7 @@ def test_counters_read_the_same_on_every_path(monkeypatch):
     # Not ASCII (the header, say): no fast path, the whole text every time.
     text = format_ip_vs(table, HZ, odd).replace("(size=4096)", "(size=4096) é", 1)
     for _ in range(2):
-        got = parse_ip_vs(text, hz=HZ)
+        got = parse(text, hz=HZ)
         assert got.skipped_lines == 0
         check(got, odd, "not ASCII")
     table = saved

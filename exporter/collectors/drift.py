@@ -2,7 +2,7 @@
 
 The desired table comes from the shared ``KubeStore`` (Services and
 EndpointSlices listed and watched in the background, the table kept
-incrementally); the live one from the ``LiveTable`` the ``ipvs`` collector
+incrementally); the live one from the ``IPVSReader`` the ``ipvs`` collector
 also reads, so /proc/net/ip_vs is read once per scrape. Per scrape: one O(n)
 diff, then the ``DriftTracker`` applies the grace period (``drift.grace-period``):
 a healthy proxy's normal delay never counts.
@@ -29,7 +29,7 @@ from typing import Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.collector import NAMESPACE, Collector, CollectorError, Unavailable, register
-from exporter.collectors.ipvs import shared_live_table
+from exporter.collectors.ipvs import shared_ipvs_reader
 from exporter.kube.diff import KINDS, DriftReport, DriftTracker, TableDiffer, singular
 from exporter.kube.client import RateLimitedLog
 from exporter.kube.store import watch_up_family
@@ -41,7 +41,6 @@ log = logging.getLogger("exporter.collectors.drift")
 KUBE_SERVICE = "kube-store"
 LATENCY_SERVICE = "ipvs-programming-latency"
 LATENCY_METRIC = f"{NAMESPACE}_ipvs_programming_latency_seconds"
-SHARED_READ_MAX_AGE = 0.5  # seconds; scrapes are further apart than that
 
 
 class KubeAccess:
@@ -154,7 +153,7 @@ class DriftCollector(Collector):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        self.live = shared_live_table(ctx)
+        self.live = shared_ipvs_reader(ctx)
         self.kube = shared_kube(ctx)
         self.latency = shared_latency(ctx, self.kube, self.live)
         settings = ctx.settings
@@ -189,7 +188,7 @@ class DriftCollector(Collector):
         yield from desired_metrics(len(snap.table), snap.real_servers)
         try:
             # Within one scrape the ipvs collector has just read it: shared, not read twice.
-            live = self.live.get(SHARED_READ_MAX_AGE)
+            live = self.live.get()
         except IPVSUnavailable as err:
             raise Unavailable(str(err)) from None
         except OSError as err:

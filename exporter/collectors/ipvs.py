@@ -12,15 +12,19 @@ from typing import Iterable, NamedTuple
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collector import NAMESPACE, Collector, CollectorError, Unavailable, register
-from exporter.readers.ipvs import IPVSTable, IPVSUnavailable, LiveTable
+from exporter.readers.ipvs import IPVSReader, IPVSTable, IPVSUnavailable
 
-TABLE_SERVICE = "ipvs-table"
+READER_SERVICE = "ipvs-reader"
 PROTOCOLS = ("TCP", "UDP", "SCTP", "FWM")
+# How long one read of the table is reused: the collectors of one scrape run side by
+# side within milliseconds of each other, and scrapes are further apart than that.
+# Decided here, by the reader's owner, for every collector that shares it.
+SCRAPE_WINDOW = 0.5  # seconds
 
 
-def shared_live_table(ctx) -> LiveTable:
-    """The one LiveTable of this exporter, shared with the drift collector."""
-    return ctx.service(TABLE_SERVICE, lambda: LiveTable(ctx.paths))
+def shared_ipvs_reader(ctx) -> IPVSReader:
+    """The one IPVS reader of this exporter, shared with the drift collector: one read per scrape."""
+    return ctx.service(READER_SERVICE, lambda: IPVSReader(ctx.paths, max_age=SCRAPE_WINDOW))
 
 
 class ShapeCounts(NamedTuple):
@@ -101,7 +105,7 @@ class IPVSCollector(Collector):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        self.live = shared_live_table(ctx)
+        self.live = shared_ipvs_reader(ctx)
         # Counts of the last shape: a busy node's table changes only its counters from
         # scrape to scrape, so the walk over every real server is done once per shape.
         self._counted: tuple[object, ShapeCounts] | None = None

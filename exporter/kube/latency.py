@@ -110,7 +110,7 @@ class LatencyFollower:
     """Follows changed Services until IPVS matches them; one background thread.
 
     ``snapshot()`` returns the store's ``DesiredSnapshot``; ``read_table(max_age)``
-    the live table (a shared ``LiveTable.get``); ``read_one(keys)`` reads a few
+    the live table (a shared ``IPVSReader.get``); ``read_one(keys)`` reads a few
     virtual servers directly ({key: VirtualServer or None}) or is None when
     there is no such reader (a fixture procfs).
     """

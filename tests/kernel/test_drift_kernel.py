@@ -18,7 +18,7 @@ from exporter.dataplane import Table, VirtualServerKey
 from exporter.kube import desired as model
 from exporter.kube.diff import KINDS, diff_tables
 from exporter.kube.objects import parse_objects
-from exporter.readers.ipvs import LiveTable
+from exporter.readers.ipvs import IPVSReader
 from tests.kernel import ipvs_tables
 
 FIXTURE = "tests/fixtures/cluster.yaml"
@@ -62,7 +62,7 @@ def rules(table: Table) -> list[str]:
 
 
 def live() -> Table:
-    return LiveTable().get(max_age=0)
+    return IPVSReader().get(max_age=0)
 
 
 @pytest.mark.parametrize("proxy", ["kube-proxy", "kube-router"])

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from exporter.dataplane import VirtualServerKey
-from exporter.readers.ipvs import (IPVSNetlink, LiveTable, dump_service_flags, parse_ip_vs,
+from exporter.readers.ipvs import (IPVSNetlink, IPVSReader, dump_service_flags, parse_ip_vs,
                                    read_ip_vs, read_ip_vs_text, read_virtual_server)
 from tests.ipvsadm import comparable, parse_list_counters, parse_save
 from tests.kernel import ipvs_tables
@@ -56,16 +56,16 @@ def test_random_table_equals_ipvsadm_field_by_field(ipvs):
     assert any(vs.persistent_timeout for vs in want.values())
     assert any(vs.flags for vs in want.values())
 
-    # LiveTable: /proc for the table, HZ learned exactly over netlink; with
+    # IPVSReader: /proc for the table, HZ learned exactly over netlink; with
     # scheduler_flags, one netlink service dump for what /proc does not print.
-    live = LiveTable(scheduler_flags=True).get()
+    live = IPVSReader(scheduler_flags=True).get()
     assert live.skipped_lines == 0
     assert_same(live, want)
     got = {(key, rkey): c for key in live for rkey, c in live.connections(key).items()}
     assert got == counters
 
     # Without the netlink dump: everything but the scheduler flags, from /proc alone.
-    plain = LiveTable().get()
+    plain = IPVSReader().get()
     assert_same(plain, want, sched_flags=False)
 
 
@@ -81,7 +81,7 @@ def test_flags_dump_equals_ipvsadm(ipvs):
 def test_single_service_over_netlink_equals_proc(ipvs):
     ipvs.restore(ipvs.random_table(random.Random(7), 400))
     want, _ = reference()
-    proc = LiveTable(scheduler_flags=True).get()
+    proc = IPVSReader(scheduler_flags=True).get()
     rng = random.Random(8)
     keys = rng.sample(sorted(proc, key=lambda k: k.sort_key()), 80)
     keys += [k for k in proc if k.fwmark is not None][:5] + [k for k in proc if k.address and ":" in k.address][:5]
@@ -165,8 +165,8 @@ def test_collector_on_the_live_kernel(ipvs):
     assert value(s, "kubenode_ipvs_real_servers") == sum(len(v.real_servers) for v in want.values())
     zero = sum(1 for v in want.values() for r in v.real_servers.values() if r.weight == 0)
     assert value(s, "kubenode_ipvs_real_servers_zero_weight") == zero
-    # The same LiveTable is what the drift collector gets from the context.
-    assert ctx.services["ipvs-table"].get() is ctx.services["ipvs-table"].get()
+    # The same IPVSReader is what the drift collector gets from the context: one read per scrape.
+    assert ctx.services["ipvs-reader"].get() is ctx.services["ipvs-reader"].get()
     runner.close()
     ctx.close()
 

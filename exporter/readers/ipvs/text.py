@@ -1,0 +1,583 @@
+"""The text of /proc/net/ip_vs, parsed: one whole parse, pure apart from what it is given.
+
+One record per virtual server: its service line and its real-server lines. A
+line that does not parse drops its virtual server, never raises; the table
+counts such lines (``skipped_lines``) and names the first (``first_unread``).
+Fields are separated by any run of blanks: the kernel's fixed widths are only
+the fast way to find the counters.
+
+What may be kept between parses is handed in, never kept here: the
+``Conversions`` (hex tokens, service lines, counters) and the last parse's
+records; ``IncrementalParser`` owns them for a reader, ``parse_ip_vs`` makes
+fresh ones for a one-shot parse.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import socket
+from typing import NamedTuple
+
+from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
+from exporter.readers.ipvs.netlink import kernel_hz
+from exporter.readers.ipvs.table import IPVSTable, Layout
+
+_CACHE_LIMIT = 500_000  # entries of one conversion cache before it is cleared
+
+
+class _Numbers(dict):
+    """Counter bytes -> int. The same values recur across real servers and reads,
+    and a lookup costs a fifth of int() (measured in the emulated VM)."""
+
+    def __missing__(self, text: bytes) -> int:
+        # The kernel's "%d" only: int() alone would also take "+5", "1_000" or " 5".
+        if not (text.isdigit() or text[:1] == b"-" and text[1:].isdigit()):
+            raise ValueError(text)
+        value = self[text] = int(text)
+        return value
+
+
+class Conversions:
+    """Hex tokens, service lines and counter bytes already converted, for one owner.
+
+    Conversions repeat heavily between scrapes and between services (the same pod
+    address:port is a real server of its ClusterIP and of every NodePort entry),
+    so each is converted once. Bounded: a cache is cleared when it grows too big.
+    A one-shot parse makes its own; a reader keeps one from read to read.
+    """
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, tuple[str, int]] = {}
+        self.numbers = _Numbers()
+        self._service_lines: dict[str, tuple] = {}
+        self._service_hz: int | None = None
+
+    def service_lines(self, hz: int) -> dict[str, tuple]:
+        """Service line -> parsed, at this HZ (a persistence timeout is converted with it)."""
+        if hz != self._service_hz:
+            self._service_lines, self._service_hz = {}, hz
+        return self._service_lines
+
+    def endpoint(self, token: str) -> tuple[str, int]:
+        """'0A000001:0050' or '[fd00:...:0001]:0050' -> ('10.0.0.1', 80). Raises ValueError."""
+        found = self.endpoints.get(token)
+        if found is not None:
+            return found
+        host, sep, port_hex = token.rpartition(":")
+        if not sep or len(port_hex) != 4:
+            raise ValueError(token)
+        if host.startswith("["):
+            if not host.endswith("]"):
+                raise ValueError(token)
+            try:
+                address = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, host[1:-1]))
+            except OSError:
+                raise ValueError(token) from None
+        else:
+            if len(host) != 8:
+                raise ValueError(token)
+            address = socket.inet_ntoa(bytes.fromhex(host))
+        found = (address, int(port_hex, 16))
+        if len(self.endpoints) >= _CACHE_LIMIT:
+            self.endpoints.clear()
+        self.endpoints[token] = found
+        return found
+
+
+_PROTOCOLS = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
+_new_tuple = tuple.__new__
+
+
+def _netmask(text: str, ipv6: bool) -> str:
+    value = int(text, 16)
+    if ipv6:
+        # The kernel prints ntohl() of an IPv6 prefix length kept in host order.
+        return str(int.from_bytes(value.to_bytes(4, "big"), "little"))
+    return socket.inet_ntoa(value.to_bytes(4, "big"))
+
+
+# IPv4 masks whose low 24 bits are zero (/0 to /8): all but /1 are kept as IPv4.
+_SHORT_IPV4_MASKS = {0x00000000, 0xC0000000, 0xE0000000, 0xF0000000, 0xF8000000,
+                     0xFC000000, 0xFE000000, 0xFF000000}
+
+
+def _fwmark_mask_is_ipv6(printed: int) -> bool:
+    """Whether a fwmark service's printed persistence mask is an IPv6 prefix length.
+
+    A fwmark line does not name its family. An IPv6 prefix length p (1..128) is
+    printed byte-swapped, as p << 24; of those, only 0x80000000 (p=128, the default)
+    is also an IPv4 mask (/1), which no one uses for persistence: read it as IPv6.
+    """
+    return printed & 0x00FFFFFF == 0 and 1 <= printed >> 24 <= 128 and printed not in _SHORT_IPV4_MASKS
+
+
+def _service(parts: list[str], hz: int,
+             conv: Conversions) -> tuple[VirtualServerKey, str, int | None, str | None, tuple, int | None]:
+    """One service line, split. Raises ValueError/IndexError on anything malformed.
+
+    TCP  0A000001:0050 rr [ops] [persistent <jiffies> <netmask hex>]
+    TCP  [fd00:...:0001]:0050 wlc [persistent <jiffies> <prefix hex>]
+    FWM  00000007 sh [ops] [persistent ...]
+    """
+    proto = parts[0]
+    if proto == "FWM":
+        if len(parts[1]) != 8:
+            raise ValueError(parts[1])
+        key = VirtualServerKey.for_fwmark(int(parts[1], 16))
+        ipv6 = False  # the fwmark line does not say; see _fwmark_mask_is_ipv6
+    else:
+        address, port = conv.endpoint(parts[1])
+        key = VirtualServerKey(_PROTOCOLS[proto], address, port)
+        ipv6 = ":" in address
+    scheduler = parts[2]
+    rest = parts[3:]
+    flags: tuple = ()
+    if rest and rest[0] == "ops":
+        flags = ("ops",)
+        rest = rest[1:]
+    timeout = netmask = jiffies = None
+    if rest:
+        if rest[0] != "persistent" or len(rest) != 3 or len(rest[2]) != 8:
+            raise ValueError(" ".join(rest))
+        jiffies = int(rest[1])
+        timeout = jiffies // hz
+        if proto == "FWM":
+            ipv6 = _fwmark_mask_is_ipv6(int(rest[2], 16))
+        netmask = _netmask(rest[2], ipv6)
+    return key, scheduler, timeout, netmask, flags, jiffies
+
+
+def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
+    """Parse the text of /proc/net/ip_vs into a table, from nothing. Never raises on bad lines.
+
+    ``hz`` is the kernel's CONFIG_HZ, used to turn persistence timeouts from
+    jiffies into seconds; default: this machine's (``kernel_hz()``). One-shot:
+    nothing is kept for a next parse (a reader that reads again owns an
+    ``IncrementalParser``).
+    """
+    if hz is None:
+        hz = kernel_hz()
+    # A parse makes thousands of tuples and no reference cycle: the cyclic collector
+    # would only walk them again and again. Turned off inline, before anything is
+    # allocated (a helper's arguments would give it a run inside the parse).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return parse_whole(text, hz, Conversions(), {})[0]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+# One record per virtual server: its service line and the real-server lines after it
+# (the kernel indents them "  -> "; any blanks before the arrow are accepted).
+_RECORD_BOUNDARY = re.compile(r"\n(?![ \t]*->)")
+# The kernel ends a real-server line with its two counters, "%-10d %-10d": the
+# active and inactive connections, 21 characters while each fits in 10. That fixed
+# width is only the fast way to find them: what defines them is the line's last two
+# fields, whatever blanks separate them (a copy with trailing blanks stripped, a
+# counter of 11 characters such as -2147483648).
+_COUNTERS = 21
+
+
+class Shape(NamedTuple):
+    """What a parse learned, for the next one (``IncrementalParser`` keeps it)."""
+
+    text: str
+    # The records of its blank (the text with its counters blanked: its shape,
+    # position for position), the last, empty piece left out.
+    records: list[str]
+    lead: int  # header records before the first virtual server
+    clean: bool  # every record after the headers kept, none twice, none torn
+    skeleton: IPVSTable  # the table without counters: copied, never handed out
+    layout: Layout
+    active: list[int]
+    inactive: list[int]
+    # The blank's bytes as one int, and a mask: 0 on the counters of every kept real
+    # server, 0xFF elsewhere. None when the text does not allow them (not clean, not
+    # ASCII): the next read then parses the whole text. (At 10,000 services the text
+    # is 3.3 MB: this state holds about four times that.)
+    blank_value: int | None
+    mask: int | None
+
+
+# A counter byte XOR a space: a digit becomes 0x10-0x19 (back to "0"-"9" here), a
+# padding space 0 and a tab 0x29 (blanks here), a minus sign 0x0D (back to "-": IPVS
+# has printed negative counts). The bytes that would otherwise turn into ASCII
+# whitespace and split a number silently (from ")*+,") become "x", which fails.
+_COUNTER_BYTES = bytes.maketrans(bytes(range(0x10, 0x1A)) + b"\0\x29\x0d\x09\x0a\x0b\x0c",
+                                 b"0123456789  -xxxx")
+_MASK_BYTES = bytes.maketrans(b"\0" + bytes(range(1, 256)), b"\0" + b"\xff" * 255)
+
+
+def with_counters(skeleton: IPVSTable, active: list[int], inactive: list[int]) -> IPVSTable:
+    table = skeleton.copy()
+    table._active, table._inactive = active, inactive
+    table.shape = skeleton
+    return table
+
+
+def counters_of(value: int, blank_value: int, mask: int, length: int, layout: Layout,
+                numbers: _Numbers) -> tuple[list[int], list[int]] | None:
+    """Every counter of a text whose shape is the blank's; None if one is not a number."""
+    digits = ((value ^ blank_value) & ~mask).to_bytes(length, "little").translate(_COUNTER_BYTES)
+    return _numbers(digits.split(), layout.starts[-1], numbers)
+
+
+def _numbers(numbers: list, real_servers: int, cache: _Numbers) -> tuple[list[int], list[int]] | None:
+    if len(numbers) != 2 * real_servers:
+        return None  # not two counters per real server: not the kernel's text
+    if len(cache) > _CACHE_LIMIT:
+        cache.clear()
+    try:
+        values = list(map(cache.__getitem__, numbers))
+    except ValueError:
+        return None
+    return values[0::2], values[1::2]
+
+
+def _fixed_width(line: str) -> bool:
+    """Whether a real-server line ends with the kernel's two 10-wide counter fields.
+
+    A field starts at each of the last 21 and the last 10 characters, after a blank:
+    then those 21 characters hold the last two fields (at least two, and the count of
+    all counters checks there are not more). The same test is inlined in ``_marked``.
+    """
+    return (len(line) > _COUNTERS and line[-22] == " " and line[-11] == " "
+            and line[-21] > " " and line[-10] > " ")
+
+
+def _counter_start(line: str) -> int:
+    """Where the counters of a real-server line start: its last two fields.
+
+    ``len(line)`` when it has no two fields after the arrow (nothing to read).
+    """
+    if _fixed_width(line):
+        return len(line) - _COUNTERS
+    fields = line.rsplit(None, 2)
+    if len(fields) != 3:
+        return len(line)
+    before_last = line.rstrip()[:-len(fields[2])].rstrip()
+    return len(before_last) - len(fields[1])
+
+
+def _counter_end(line: str) -> int:
+    """Where the counters end: the line's end (kernel widths), else the last field's end."""
+    return len(line) if _fixed_width(line) else len(line.rstrip())
+
+
+def _is_real_server_line(line: str) -> bool:
+    """An arrow line, not the header's "-> RemoteAddress"."""
+    body = line.lstrip()
+    return body[:2] == "->" and not body[2:].lstrip().startswith("RemoteAddress")
+
+
+def _marked_slowly(line: str, mark: str) -> str:
+    """``_marked`` for a line not in the kernel's fixed widths (stripped, tabs, wide counters)."""
+    if not _is_real_server_line(line):
+        return line
+    start, end = _counter_start(line), _counter_end(line)
+    if start >= end:
+        return line
+    return line[:start] + mark * (end - start) + line[end:]
+
+
+def _marked(lines: list[str], mark: str = "\0") -> str:
+    """Lines, the counters of real-server lines replaced by ``mark`` (one character each), joined.
+
+    The fast test is the kernel's: "  -> " then an address (hex or "["), not the
+    header's "RemoteAddress", ending in the fixed widths (``_fixed_width``, inlined:
+    1-character slices make no new string). Service lines start with a letter and
+    are kept as they are; any other line goes the slow way.
+    """
+    fixed = mark * _COUNTERS
+    return "\n".join([
+        line[:-_COUNTERS] + fixed
+        if line[2:3] == "-" and line[5:6] != "R" and line[-22:-21] == " " and line[-11:-10] == " "
+        and line[-21:-20] > " " and line[-10:-9] > " " and len(line) > _COUNTERS
+        else line if line[:1] > " " else _marked_slowly(line, mark)
+        for line in lines])
+
+
+def parse_whole(text: str, hz: int, conv: Conversions, previous: dict[str, tuple]
+                ) -> tuple[IPVSTable, Shape | None, dict[str, tuple]]:
+    """The whole text, record by record (the first read, or after anything unusual).
+
+    ``previous``: the last parse's records (record text -> parsed), reused where the
+    same. Returns the table, what a next parse may start from (None when nothing
+    may be), and this parse's records.
+    """
+    lines = text.split("\n")
+    torn = lines[-1]  # "" after the final newline; else a cut line, kept as cut
+    marked = _marked(lines[:-1]) + "\n" + torn if len(lines) > 1 else torn
+    if "\0" not in text:
+        blank = marked.replace("\0", " ")
+    else:  # NULs of its own (never the kernel's): blank it apart
+        blank = _marked(lines[:-1], " ") + "\n" + torn if len(lines) > 1 else torn
+    records = _RECORD_BOUNDARY.split(blank)
+    current: dict[str, tuple] = {}
+    parsed = _parse_shape(records, hz, conv, previous, current)
+    clean, skeleton, layout = parsed[2:]
+    blank_value = mask = counters = None
+    if clean and text.isascii() and "\0" not in text:
+        # Clean: every marked line is a kept real server, so the marks are its counters,
+        # all taken in two C-level passes as a re-read takes them (``_counters``).
+        blank_value = int.from_bytes(blank.encode("ascii"), "little")
+        mask = int.from_bytes(marked.encode("ascii").translate(_MASK_BYTES), "little")
+        counters = counters_of(int.from_bytes(text.encode("ascii"), "little"), blank_value, mask, len(text),
+                               layout, conv.numbers)
+    else:
+        counted = list(map(lines.__getitem__, layout.counter_lines))
+        # All counters in one split: two numbers per line, or the text is not the kernel's.
+        numbers = " ".join([line[-_COUNTERS:] if _fixed_width(line) else line[_counter_start(line):]
+                            for line in counted]).encode("ascii", "replace").split()
+        counters = _numbers(numbers, len(counted), conv.numbers)
+    if counters is None:
+        # A counter that is not a number (never from the kernel): drop its virtual
+        # server, as for any other line that does not parse.
+        table = _drop_bad_counters(skeleton.copy(), lines, layout, conv.numbers)
+        return _with_first_unread(table, lines), None, current
+    _with_first_unread(skeleton, lines)
+    state = Shape(text, *parsed, *counters, blank_value, mask)
+    return with_counters(skeleton, state.active, state.inactive), state, current
+
+
+def _with_first_unread(table: IPVSTable, lines: list[str]) -> IPVSTable:
+    """Name the first line the parse could not read (index -> number and text)."""
+    index = table.first_unread_index
+    table.first_unread = (index + 1, lines[index]) if index is not None and index < len(lines) else None
+    return table
+
+
+def _parse_shape(records: list[str], hz: int, conv: Conversions, previous: dict[str, tuple],
+                 current: dict[str, tuple]) -> tuple[list[str], int, bool, IPVSTable, Layout]:
+    """The table of a text without counters, record by record, and its layout.
+
+    Each record parsed is put in ``current`` (record text -> parsed).
+    """
+    table = IPVSTable()
+    table.hz = hz
+    jiffies_by_key: dict[VirtualServerKey, int] = {}
+    keys: list[VirtualServerKey] = []
+    first_lines: list[int] = []
+    starts: list[int] = []
+    counter_lines: list[int] = []
+
+    def drop_last() -> None:
+        # The record before a bad line may have lost lines to it: drop it whole.
+        table.pop(keys[-1], None)
+        jiffies_by_key.pop(keys[-1], None)
+        del keys[-1], first_lines[-1], counter_lines[starts.pop():]
+
+    # A record whose shape is the one of the last parse is the same virtual server:
+    # reuse its parse (a dict lookup instead of a line-by-line parse). Only the last
+    # parse's records are kept, so the cache never outgrows one table.
+    records = list(records)
+    # The kernel ends every line with "\n", so the last piece is "" unless the text
+    # was cut: then the last record is torn and dropped whole.
+    torn = records.pop()
+    skipped = torn.count("\n") + 1 if torn else 0
+    clean = not torn
+    lead = 0  # header records before the first virtual server
+    kept_last = False  # whether the record before was kept (and may still be dropped)
+    line_no = 0  # of the record's first line
+    first_unread: int | None = None  # index of the first line not read
+    for record in records:
+        try:
+            cached = known_or_parsed(previous, record, hz, conv)
+        except (ValueError, IndexError, KeyError):
+            # A line that is not a service (garbage, or a header) starts a record
+            # of its own; it may sit among the real servers of the record before
+            # it, so drop that one too: no entry is ever half-read.
+            lines = record.split("\n")
+            if not keys and clean:
+                lead += 1
+            else:
+                clean = False
+            if not record.strip():
+                # An empty line (a paste's): nothing to read, nothing lost. Not the
+                # kernel's text, so no fast path for the next read (not clean).
+                clean = False
+                line_no += len(lines)
+                continue
+            extra = _header_extra_lines(lines)
+            if extra >= 0:
+                skipped += extra
+                clean = clean and not extra
+                if extra and first_unread is None:
+                    first_unread = line_no + len(lines) - extra
+            else:
+                skipped += len(lines)
+                clean = False
+                if first_unread is None:
+                    first_unread = line_no + _first_bad_line(lines, hz, conv)
+                if kept_last:
+                    drop_last()
+            line_no += len(lines)
+            kept_last = False
+            continue
+        current[record] = cached
+        vs, jiffies = cached
+        key = vs.key
+        if key in table:
+            clean = False  # printed twice (seq_file): the last printing counts
+        table[key] = vs
+        keys.append(key)
+        first_lines.append(line_no)
+        starts.append(len(counter_lines))
+        # The record is its service line and one line per real server (never two for one).
+        real_servers = len(vs.real_servers)
+        counter_lines.extend(range(line_no + 1, line_no + 1 + real_servers))
+        line_no += 1 + real_servers
+        if jiffies is not None:
+            jiffies_by_key[key] = jiffies
+        kept_last = True
+    if torn and torn[:1] not in "TUSF" and kept_last:
+        # A cut within "  -> " splits off as a piece of its own: the record before is short.
+        drop_last()
+    if torn and first_unread is None:
+        first_unread = line_no + torn.count("\n")  # the cut line
+    starts.append(len(counter_lines))
+    table.skipped_lines = skipped
+    table.first_unread_index = first_unread
+    table.persistent_jiffies = jiffies_by_key
+    if clean:
+        layout = Layout.build(keys, first_lines, starts, counter_lines, line_no)
+    else:
+        layout = _compact(table, Layout(keys, {}, first_lines, starts, counter_lines, line_no))
+    table._layout = layout
+    return records, lead, clean, table, layout
+
+
+def _header_extra_lines(lines: list[str]) -> int:
+    """Lines of a header record beyond the kernel's header; -1 when it is no header."""
+    first = lines[0].split()
+    if first[:3] == ["IP", "Virtual", "Server"]:
+        return len(lines) - 1
+    if first[:1] == ["Prot"] and first[1:2] and first[1].startswith("LocalAddress"):
+        second = lines[1].split()[:2] if len(lines) > 1 else []
+        return len(lines) - 1 - (second[:1] == ["->"] and second[1:2] != [] and second[1].startswith("RemoteAddress"))
+    return -1
+
+
+def _first_bad_line(lines: list[str], hz: int, conv: Conversions) -> int:
+    """Which line of a record that did not parse is the first one not understood.
+
+    The error path only (``_record`` raises for the record as a whole): the
+    service line is checked, then each real-server line as ``_record`` reads it.
+    """
+    try:
+        _service(lines[0].split(), hz, conv)
+    except (ValueError, IndexError, KeyError):
+        return 0
+    seen = set()
+    for n, line in enumerate(lines[1:], 1):
+        parts = line.split()
+        try:
+            if len(parts) != 4 or parts[0] != "->":
+                raise ValueError(line)
+            endpoint = conv.endpoint(parts[1])
+            int(parts[3])
+        except (ValueError, IndexError):
+            return n
+        if endpoint in seen:
+            return n
+        seen.add(endpoint)
+    return 0
+
+
+def _compact(table: IPVSTable, layout: Layout) -> Layout:
+    """Each kept virtual server once, at its last printing; none the table dropped."""
+    last = dict(zip(layout.keys, range(len(layout.keys))))
+    keys: list[VirtualServerKey] = []
+    first_lines: list[int] = []
+    starts: list[int] = []
+    counter_lines: list[int] = []
+    for place, key in enumerate(layout.keys):
+        if key in table and last[key] == place:
+            keys.append(key)
+            first_lines.append(layout.first_lines[place])
+            starts.append(len(counter_lines))
+            counter_lines += layout.counter_lines[layout.starts[place]:layout.starts[place + 1]]
+    starts.append(len(counter_lines))
+    return Layout.build(keys, first_lines, starts, counter_lines, layout.lines)
+
+
+def known_or_parsed(previous: dict[str, tuple[VirtualServer, int | None]], record: str,
+                    hz: int, conv: Conversions) -> tuple[VirtualServer, int | None]:
+    """The last parse's virtual server for this record, or a new parse (raises as ``_record``)."""
+    cached = previous.get(record)
+    return cached if cached is not None else _record(record, hz, conv)
+
+
+def _drop_bad_counters(table: IPVSTable, lines: list[str], layout: Layout, cache: _Numbers) -> IPVSTable:
+    """The slow way: counters virtual server by virtual server, dropping bad ones."""
+    active: list[int] = []
+    inactive: list[int] = []
+    keys: list[VirtualServerKey] = []
+    starts: list[int] = []
+    table.persistent_jiffies = dict(table.persistent_jiffies)
+    for place, key in enumerate(layout.keys):
+        numbers = layout.counter_lines[layout.starts[place]:layout.starts[place + 1]]
+        try:
+            got = [_two_counters(lines[n], cache) for n in numbers]
+        except ValueError:
+            bad = next(n for n in numbers if not _reads_as_counters(lines[n], cache))
+            if table.first_unread_index is None or bad < table.first_unread_index:
+                table.first_unread_index = bad
+            del table[key]
+            table.persistent_jiffies.pop(key, None)
+            table.skipped_lines += len(numbers) + 1
+            continue
+        keys.append(key)
+        starts.append(len(active))
+        active += [a for a, _ in got]
+        inactive += [i for _, i in got]
+    starts.append(len(active))
+    table._layout = Layout.build(keys, [], starts, [], layout.lines)
+    table._active, table._inactive = active, inactive
+    return table
+
+
+def _two_counters(line: str, cache: _Numbers) -> tuple[int, int]:
+    """(active, inactive) of one real-server line, read as every other path reads them."""
+    fields = line[_counter_start(line):].encode("ascii").split()
+    if len(fields) != 2:
+        raise ValueError(line)
+    return cache[fields[0]], cache[fields[1]]
+
+
+def _reads_as_counters(line: str, cache: _Numbers) -> bool:
+    try:
+        _two_counters(line, cache)
+    except ValueError:
+        return False
+    return True
+
+
+def _record(record: str, hz: int, conv: Conversions) -> tuple[VirtualServer, int | None]:
+    """One virtual server's record, counters cut. Raises ValueError/IndexError/KeyError if any line is bad."""
+    lines = record.split("\n")
+    service_line = lines[0]
+    service_cache = conv.service_lines(hz)
+    parsed = service_cache.get(service_line)
+    if parsed is None:
+        parsed = _service(service_line.split(), hz, conv)
+        if len(service_cache) >= _CACHE_LIMIT:
+            service_cache.clear()
+        service_cache[service_line] = parsed
+    key, scheduler, timeout, netmask, flags, jiffies = parsed
+    reals = {}
+    endpoint_cache = conv.endpoints
+    new_tuple = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
+    for line in lines[1:]:
+        parts = line.split()
+        if len(parts) != 4 or parts[0] != "->":
+            raise ValueError(line)
+        token = parts[1]
+        ep = endpoint_cache.get(token) or conv.endpoint(token)
+        if ep in reals:
+            raise ValueError(line)  # the kernel never lists a real server twice
+        reals[ep] = new_tuple(RealServer, (ep[0], ep[1], int(parts[3]), parts[2]))
+    return new_tuple(VirtualServer, (key, scheduler, timeout, reals, None, flags, netmask)), jiffies
