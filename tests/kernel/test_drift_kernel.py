@@ -37,7 +37,11 @@ def desired_of(proxy: str) -> Table:
     with open(FIXTURE) as fh:
         objs = parse_objects(yaml.safe_load_all(fh))
     node = model.node_facts("node-a", objs.nodes["node-a"], proxy=proxy)
-    return model.desired_table(objs.services.values(), model.slices_by_service(objs.slices.values()), node, proxy)
+    # kube-router admits no externalIP under its default flags, so no DSR fwmark service would be
+    # programmed; without strict validation the fixture's externalIPs (and DSR) are kept.
+    flags = model.KubeRouterFlags(strict_external_ip_validation=False)
+    return model.desired_table(objs.services.values(), model.slices_by_service(objs.slices.values()), node, proxy,
+                               kube_router_flags=flags)
 
 
 def service_flag(key: VirtualServerKey) -> str:
