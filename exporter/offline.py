@@ -27,6 +27,7 @@ from exporter.dataplane import Table, sorted_real_servers, sorted_virtual_server
 from exporter.kube import desired as model
 from exporter.kube.diff import KINDS, Diff, diff_tables
 from exporter.kube.objects import ObjectSet, canonical_ip, MalformedObject, parse_objects
+from exporter.yamlload import YAMLInputError, decode_utf8, load_all, paused_gc
 
 PROG = "kubenode-exporter"
 
@@ -81,31 +82,26 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 def load_documents(path: str) -> list[Any]:
-    """The documents of a YAML or JSON file. BadInput when unreadable or not YAML."""
+    """The documents of a YAML or JSON file. BadInput when unreadable, not YAML, or refused."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
     except OSError as err:
         raise BadInput(f"cannot read {path}: {err.strerror or err}") from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadInput(f"{path} is not UTF-8 text") from None
-    stripped = text.lstrip()
-    if stripped.startswith(("{", "[")):
-        try:
-            return [json.loads(text)]
-        except ValueError:
-            pass  # YAML flow style also starts with { or [: let YAML decide
-    import yaml
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        return [doc for doc in yaml.load_all(text, Loader=loader) if doc is not None]
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise BadInput(f"{path} is not valid YAML or JSON{where}") from None
+        text = decode_utf8(raw)
+        del raw  # the text alone from here: a dump can be tens of megabytes
+        if text.lstrip().startswith(("{", "[")):
+            try:
+                with paused_gc():
+                    return [json.loads(text)]
+            except ValueError:
+                pass  # YAML flow style also starts with { or [: let YAML decide
+            except RecursionError:
+                raise YAMLInputError("nested too deep") from None
+        return [doc for doc in load_all(text) if doc is not None]
+    except YAMLInputError as err:
+        raise BadInput(f"{path}: {err}") from None
 
 
 def load_objects(path: str) -> ObjectSet:
@@ -117,7 +113,8 @@ def load_objects(path: str) -> ObjectSet:
             kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
             raise BadInput(f"{path} is not a List (found {kind or 'an object without items'}); "
                            "use `kubectl get services,endpointslices -A -o yaml`")
-    return parse_objects(docs)
+    with paused_gc():  # tens of thousands of small tuples, no cycle among them
+        return parse_objects(docs)
 
 
 def _kubeconfig_available(flag: str | None) -> bool:
