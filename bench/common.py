@@ -16,6 +16,7 @@ class Row:
     reference_name: str = ""
     unit: str = "s"
     limit: float | None = None  # the largest ratio the issue allows, when it sets one
+    ceiling: float | None = None  # the largest figure (in ``unit``) the issue allows, when it sets one
 
     @property
     def ratio(self) -> float | None:
@@ -30,6 +31,9 @@ class Row:
             text += f"   ratio {self.ratio:6.2f}x"
             if self.limit is not None:
                 text += "  OK" if self.ratio <= self.limit else f"  OVER the {self.limit}x limit"
+        if self.ceiling is not None:
+            text += (f"   limit {self.ceiling:g} {self.unit}  OK" if self.ours <= self.ceiling
+                     else f"   OVER the {self.ceiling:g} {self.unit} limit")
         return text
 
 

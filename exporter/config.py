@@ -10,11 +10,13 @@ values of the wrong type are a ``ConfigError`` with a one-line reason.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import yaml
+from exporter.yamlload import YAMLInputError, decode_utf8, load_all
 
 DEFAULT_LISTEN_ADDRESS = ":9815"
 PROXIES = ("kube-proxy", "kube-router")
@@ -50,8 +52,12 @@ def _as_seconds(value: Any) -> float:
         seconds = float(value)
     except (TypeError, ValueError):
         raise ValueError("must be a number of seconds") from None
+    if not math.isfinite(seconds):  # nan compares false with everything; inf never expires
+        raise ValueError("must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("must not be negative")
+    if seconds > threading.TIMEOUT_MAX:  # the longest wait Python's sockets and locks accept (292 years)
+        raise ValueError(f"must be at most {threading.TIMEOUT_MAX:.0f} seconds")
     return seconds
 
 
@@ -72,11 +78,15 @@ def _as_log_format(value: Any) -> str:
 def _as_count(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("must be a whole number")
+    if isinstance(value, float):  # YAML's 1000.0, .inf, .nan
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        value = int(value)
     try:
         number = int(value)
     except (TypeError, ValueError):
         raise ValueError("must be a whole number") from None
-    if number < 0 or number != float(value):
+    if number < 0:
         raise ValueError("must be a whole number, not negative")
     return number
 
@@ -104,6 +114,17 @@ def _as_cluster_cidrs(value: Any) -> list[str]:
     if not 1 <= len(items) <= 2:
         raise ValueError("must be one or two CIDRs (one per family)")
     return items
+
+
+def _as_http_url(value: Any) -> str:
+    from exporter.readers.proxymetrics import check_url  # the reader's own rule of what it can fetch
+
+    text = _as_str(value)
+    try:
+        check_url(text)
+    except ValueError as err:
+        raise ValueError(f"is not usable: {err}") from None
+    return text
 
 
 def _as_regex(value: Any) -> str:
@@ -215,7 +236,7 @@ OPTIONS: list[Option] = [
            "processes to account (config file only)", flag=False),
     Option("ipset.include", _as_regex, "", "only sets whose name matches (default all)", "REGEX"),
     Option("ipset.exclude", _as_regex, "", "skip sets whose name matches", "REGEX"),
-    Option("proxy.metrics-url", _as_str, None,
+    Option("proxy.metrics-url", _as_http_url, None,
            "the proxy's own metrics page (default for kube-proxy http://127.0.0.1:10249/metrics; "
            "kube-router has none: it serves metrics only when run with --metrics-port)", "URL"),
     Option("proxy.timeout", _as_seconds, 2.0, "timeout reading the proxy's metrics page", "SECONDS"),
@@ -270,16 +291,19 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def read_yaml(path: str, what: str) -> Any:
-    """One YAML document from ``path``; a ConfigError naming ``what`` and the line."""
+    """One YAML document from ``path`` (None when empty); a ConfigError naming ``what`` and the line."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read()
     except OSError as err:
         raise ConfigError(f"{what} {path}: cannot read it: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{what} {path}: not valid YAML{where}") from None
+    try:
+        docs = load_all(decode_utf8(raw))
+    except YAMLInputError as err:
+        raise ConfigError(f"{what} {path}: {err}") from None
+    if len(docs) > 1:
+        raise ConfigError(f"{what} {path}: holds {len(docs)} YAML documents, expected one")
+    return docs[0] if docs else None
 
 
 def load_file(path: str) -> dict[str, Any]:

@@ -333,10 +333,13 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
             ctx.load_verify_locations(cafile=tls.client_ca_file)
         elif tls.client_ca_pem:
             ctx.load_verify_locations(cadata=tls.client_ca_pem)
+    except _EncryptedKey:
+        raise ValueError(f"{_key_source(tls)} is encrypted; give an unencrypted key "
+                         "(exporter-toolkit reads no passphrase)") from None
     except ssl.SSLError as err:  # before OSError: it is one
-        raise ValueError(f"certificate or key is not usable: {err.reason or err}") from None
+        raise ValueError(_unusable(tls, err)) from None
     except OSError as err:
-        raise ValueError(f"cannot read {err.filename or 'a certificate'}: {err.strerror or err}") from None
+        raise ValueError(_unreadable(tls, err)) from None
     ctx.verify_mode = {
         "NoClientCert": ssl.CERT_NONE,
         "RequestClientCert": ssl.CERT_NONE,
@@ -356,6 +359,65 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     return ctx
 
 
+class _EncryptedKey(Exception):
+    """The key asks for a passphrase (OpenSSL would otherwise prompt on the terminal)."""
+
+
+def _refuse_passphrase() -> bytes:
+    raise _EncryptedKey()
+
+
+def _cert_source(tls: TLSSettings) -> str:
+    return f"cert_file {tls.cert_file}" if tls.cert_file else "the inline cert"
+
+
+def _key_source(tls: TLSSettings) -> str:
+    return f"key_file {tls.key_file}" if tls.key_file else "the inline key"
+
+
+def _unreadable(tls: TLSSettings, err: OSError) -> str:
+    """OpenSSL's file errors carry no file name: find the file that cannot be opened."""
+    for key, name in (("cert_file", tls.cert_file), ("key_file", tls.key_file), ("client_ca_file", tls.client_ca_file)):
+        if name:
+            try:
+                with open(name, "rb"):
+                    pass
+            except OSError as own:
+                return f"cannot read {key} {name}: {own.strerror or own}"
+    return f"cannot read a certificate or key: {err.strerror or err}"
+
+
+def _unusable(tls: TLSSettings, err: ssl.SSLError) -> str:
+    """Which file OpenSSL refused: it says only "PEM lib" for a bad certificate and a bad key alike."""
+    reason = err.reason or str(err)
+    if err.reason == "KEY_VALUES_MISMATCH":
+        return f"{_key_source(tls)} does not match the certificate in {_cert_source(tls)}"
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        if tls.cert_file:
+            probe.load_verify_locations(cafile=tls.cert_file)
+        else:
+            probe.load_verify_locations(cadata=tls.cert_pem)
+    except (ssl.SSLError, ValueError):
+        return f"{_cert_source(tls)} holds no usable PEM certificate ({reason})"
+    except OSError:
+        pass
+    ca = tls.client_ca_file or ("the inline client_ca" if tls.client_ca_pem else None)
+    key_ok = _key_loads(tls)
+    if key_ok and ca:
+        return f"client_ca_file {ca} holds no usable PEM certificate ({reason})"
+    return f"{_key_source(tls)} holds no usable PEM private key ({reason})"
+
+
+def _key_loads(tls: TLSSettings) -> bool:
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        _load_cert_chain(probe, tls)
+    except (ssl.SSLError, OSError, _EncryptedKey):
+        return False
+    return True
+
+
 def _load_cert_chain(ctx: ssl.SSLContext, tls: TLSSettings) -> None:
     """Files as they are; inline PEM through memory-only files (no writable disk needed)."""
     opened = []
@@ -369,7 +431,7 @@ def _load_cert_chain(ctx: ssl.SSLContext, tls: TLSSettings) -> None:
             return f"/proc/self/fd/{fd}"
 
         ctx.load_cert_chain(source(tls.cert_file, tls.cert_pem, "cert"),
-                            source(tls.key_file, tls.key_pem, "key"))
+                            source(tls.key_file, tls.key_pem, "key"), password=_refuse_passphrase)
     finally:
         for fd in opened:
             os.close(fd)

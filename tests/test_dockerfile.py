@@ -268,3 +268,13 @@ def test_replayed_image_serves_metrics_as_its_user(built_image):
         proc.wait(timeout=10)
     assert snapshot(venv) == before, "the exporter wrote into its own files (the root file system is read-only)"
     assert port and replay.exposed == 9815
+
+
+def test_replayed_image_reads_yaml_with_libyaml(built_image):
+    # `desired --objects` on a dump of tens of megabytes needs libyaml's parser (exporter/yamlload.py);
+    # PyYAML's manylinux wheels link it in statically, so the image needs no system package for it.
+    python = Path(built_image.path("/opt/kubenode-exporter")) / "bin" / "python"
+    out = subprocess.run([str(python), "-c", "import yaml; from exporter.yamlload import LOADER; "
+                          "print(yaml.__with_libyaml__, LOADER.__name__)"],
+                         capture_output=True, text=True, timeout=60, env=built_image.env)
+    assert out.stdout.split() == ["True", "CSafeLoader"], out.stderr

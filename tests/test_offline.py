@@ -363,3 +363,53 @@ def test_diff_of_a_table_not_read_whole_is_exit_2_naming_the_line(workdir, where
         source = args[1]
     proc = run("diff", "--objects", FIXTURE, "--node-name", "node-a", *args)
     assert_bad_input(proc, f"line {row + 1} is not IPVS text", source, repr(bad.rstrip("\n")))
+
+
+# --- hostile objects files ----------------------------------------------------------------------
+
+SERVICE_FLOW = "{kind: Service, metadata: {name: s, namespace: n}, spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}}"
+
+
+def alias_bomb(levels: int = 8, width: int = 9) -> str:
+    """A List whose items expand to width**levels Services through nested aliases (about 700 bytes)."""
+    lines = [f"base: &s0 {SERVICE_FLOW}"]
+    for i in range(1, levels + 1):
+        lines.append(f"l{i}: &s{i} [{', '.join([f'*s{i - 1}'] * width)}]")
+    return "\n".join(lines) + f"\napiVersion: v1\nkind: List\nitems: [*s{levels}]\n"
+
+
+@pytest.mark.parametrize("content, words", [
+    ("apiVersion: v1\nkind: List\nitems: &a [*a]\n", ["cycle", "line 3"]),
+    ("kind: List\nitems:\n- &s {kind: Service, metadata: {name: a, namespace: b, labels: *s}}\n", ["cycle"]),
+    (alias_bomb(), ["more than 10000 nodes"]),
+    ("kind: List\nitems: " + "[" * 5000 + "]" * 5000 + "\n", ["nested deeper than 100"]),
+    ('{"kind": "List", "items": ' + "[" * 100000 + "]" * 100000 + "}", ["nested too deep"]),
+])
+def test_hostile_objects_file_is_exit_2_with_one_line(workdir, content, words):
+    assert len(alias_bomb()) < 800
+    path = workdir / "hostile.yaml"
+    path.write_text(content)
+    for command in ("desired", "diff"):
+        extra = ["--ipvs", write(workdir / "empty_ipvs", format_ip_vs({}, 250))] if command == "diff" else []
+        assert_bad_input(run(command, "--objects", str(path), *extra), str(path), *words)
+
+
+def test_yaml_objects_read_as_safe_load_reads_them(workdir):
+    # The event-built loader gives what yaml.safe_load gives, anchors and merge keys included.
+    import yaml
+
+    from exporter.yamlload import load_all
+
+    text = Path(FIXTURE).read_text() + "---\n" + (
+        "defaults: &d {protocol: TCP, port: 80}\nkind: List\nitems:\n"
+        "- kind: Service\n  metadata: {name: m, namespace: n}\n"
+        "  spec: {clusterIP: 10.0.0.9, ports: [{<<: *d, name: http}, {<<: *d, port: 8080, name: alt}]}\n"
+        "- {kind: Service, metadata: {name: v, namespace: n}, spec: {clusterIP: 10.0.0.8, ports: [*d]}}\n"
+        "numbers: [0x1f, 1:30, 0o17, 1_000, .inf, ~, yes, 2026-01-01, !!str 12, '12', \"\\x41\"]\n")
+    assert load_all(text) == list(yaml.safe_load_all(text))
+    path = workdir / "anchored.yaml"
+    path.write_text(text)
+    proc = run("desired", "--objects", str(path), "--output", "json")
+    assert proc.returncode == 0, proc.stderr
+    vss = {(v["address"], v["port"]) for v in json.loads(proc.stdout)["virtual_servers"]}
+    assert {("10.0.0.9", 80), ("10.0.0.9", 8080), ("10.0.0.8", 80)} <= vss

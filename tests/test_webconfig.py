@@ -382,7 +382,7 @@ BAD_CONFIGS = {
     "CA without policy": ("tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
                           "  client_ca_file: {pki}/client-ca.crt\n", "NoClientCert"),
     "key mismatch": ("tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/client.key\n",
-                     "not usable"),
+                     "client.key does not match the certificate"),
     "bad version": ("tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
                     "  min_version: TLS14\n", "min_version"),
     "bad cipher": ("tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
@@ -453,3 +453,53 @@ def test_relative_file_names_are_resolved_against_the_config_folder(pki, start_e
     config = read_web_config(str(folder / "web.yml"))
     assert config.tls.cert_file == str(folder / "server.crt")
     assert config.ssl_context() is not None
+
+
+# --- a key or certificate file that cannot be used is named ------------------------------------
+
+
+def _key_file_cases(pki: Path, d: Path) -> dict:
+    (d / "garbage.key").write_text("not a key\n")
+    (d / "garbage.crt").write_text("not a certificate\n")
+    key = serialization.load_pem_private_key((pki / "server.key").read_bytes(), password=None)
+    (d / "encrypted.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    return {  # case: (cert file, key file, client CA file, the file the message must name, words)
+        "garbage key": (pki / "server.crt", d / "garbage.key", None, d / "garbage.key", "private key"),
+        "garbage cert": (d / "garbage.crt", pki / "server.key", None, d / "garbage.crt", "certificate"),
+        "mismatched key": (pki / "server.crt", pki / "client.key", None, pki / "client.key", "does not match"),
+        "encrypted key": (pki / "server.crt", d / "encrypted.key", None, d / "encrypted.key", "encrypted"),
+        "absent key": (pki / "server.crt", d / "absent.key", None, d / "absent.key", "cannot read"),
+        "garbage CA": (pki / "server.crt", pki / "server.key", d / "garbage.crt", d / "garbage.crt", "client_ca_file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["garbage key", "garbage cert", "mismatched key", "encrypted key", "absent key",
+                                  "garbage CA"])
+def test_key_file_errors_name_the_file(case, pki, tmp_path):
+    cert, key, ca, named, words = _key_file_cases(pki, tmp_path)[case]
+    cfg = tmp_path / "web.yml"
+    extra = f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca}\n" if ca else ""
+    cfg.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n{extra}")
+    with pytest.raises(ConfigError) as err:
+        read_web_config(str(cfg))
+    assert str(named) in str(err.value) and words in str(err.value), err.value
+    out = subprocess.run([sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{free_port()}",
+                          "--web.config.file", str(cfg)], capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL, start_new_session=True,  # no terminal to prompt on
+                         env={**os.environ, "KUBECONFIG": str(tmp_path / "none")})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(named) in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def test_web_config_not_utf8_exits_2_with_one_line(tmp_path):
+    cfg = tmp_path / "web.yml"
+    cfg.write_bytes(b"basic_auth_users:\n  caf\xe9: x\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_web_config(str(cfg))
+    out = subprocess.run([sys.executable, "-m", "exporter", "--web.config.file", str(cfg)],
+                         capture_output=True, text=True, timeout=30)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and str(cfg) in lines[0] and "line 2" in lines[0], out.stderr
