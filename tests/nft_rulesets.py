@@ -207,8 +207,12 @@ def service_rules(svc: ServicePort, family: str = "ip", layout: str = "newest") 
     if svc.has_external:
         ext = svc.chain("external")
         usable = svc.local_endpoints if svc.local else svc.endpoints
-        out["chains"].append(f"add chain {F} kube-proxy {ext}")
-        if svc.local:
+        # Without any endpoint kube-proxy writes no external chain and maps no external
+        # frontend (usesExternalTrafficChain / hasEndpoints): they are only rejected.
+        mapped = bool(svc.endpoints)
+        if mapped:
+            out["chains"].append(f"add chain {F} kube-proxy {ext}")
+        if svc.local and mapped:
             out["rules"] += [
                 f'add rule {F} kube-proxy {ext} {F} saddr {pod} goto {svc_chain} comment "short-circuit pod traffic"',
                 f'add rule {F} kube-proxy {ext} fib saddr type local jump mark-for-masquerade comment "masquerade local traffic"',
@@ -218,17 +222,19 @@ def service_rules(svc: ServicePort, family: str = "ip", layout: str = "newest") 
                 local_chain = svc.chain("local")
                 dispatch(local_chain, usable)
                 out["rules"].append(f"add rule {F} kube-proxy {ext} goto {local_chain}")
-        else:
+        elif mapped:
             out["rules"] += [f"add rule {F} kube-proxy {ext} jump mark-for-masquerade",
                              f"add rule {F} kube-proxy {ext} goto {svc_chain}"]
         verdict = "goto reject-chain" if not svc.endpoints else "drop"
         for ip in (*svc.external_ips, *svc.lb_ips):
-            out["elements"].append(f"add element {F} kube-proxy service-ips {{ {ip} . {proto} . {svc.port} : goto {ext} }}")
+            if mapped:
+                out["elements"].append(f"add element {F} kube-proxy service-ips {{ {ip} . {proto} . {svc.port} : goto {ext} }}")
             if not usable:
                 out["elements"].append(f"add element {F} kube-proxy no-endpoint-services {{ {ip} . {proto} . "
                                        f"{svc.port} {comment} : {verdict} }}")
         if svc.node_port:
-            out["elements"].append(f"add element {F} kube-proxy service-nodeports {{ {proto} . {svc.node_port} : goto {ext} }}")
+            if mapped:
+                out["elements"].append(f"add element {F} kube-proxy service-nodeports {{ {proto} . {svc.node_port} : goto {ext} }}")
             if not usable:
                 out["elements"].append(f"add element {F} kube-proxy no-endpoint-nodeports {{ {proto} . "
                                        f"{svc.node_port} {comment} : {verdict} }}")

@@ -294,3 +294,13 @@ def test_fixture_file_as_kube_proxy_sees_it():
     assert table[VirtualServerKey("TCP", "198.51.100.7", 5432)].persistent_timeout == 600
     assert not any("10.96.10.10" in k or "10.96.999" in k for k in got)
     assert len(table) == 20
+
+
+def test_real_servers_compare_equal_to_the_live_readers():
+    # The model once built six-field tuples after RealServer lost its counters: they
+    # neither printed nor compared equal to a live RealServer of the same endpoint.
+    from exporter.dataplane import RealServer
+
+    (vs,) = model(service(), endpoint_slice("svc1", endpoint("10.180.0.1")))
+    assert vs.real_servers == {("10.180.0.1", 80): RealServer("10.180.0.1", 80)}
+    assert repr(vs.real_servers[("10.180.0.1", 80)]) == "RealServer(address='10.180.0.1', port=80, weight=1, forward='Masq')"

@@ -29,6 +29,10 @@ default flags), not a reading of the docs:
     Local set for Local policies (internal for the cluster IP, external for
     the rest) and falls back to the Cluster set when no local endpoint
     exists (kubernetes PR 97081). Weight 1, masquerade.
+  - ``kube_proxy_port_plans`` (which Services, families, addresses, policies)
+    and ``categorize_endpoints`` are kube-proxy's for every mode: the nftables
+    and iptables model (``exporter.kube.desired_rules``) builds on the same
+    two; only what each mode programs from them differs.
 
 ``kube-router`` (cloudnativelabs/kube-router pkg/controllers/proxy; read at
 v2.8.0's a1f0b2eea3ee, service_endpoints_sync.go also at the later 87d2bcd9fdd9):
@@ -68,7 +72,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
 from exporter.kube.objects import (
@@ -221,46 +225,77 @@ def _available(ep: _Endpoint, mode: str, node_name: str, zone: str) -> bool:
     return True
 
 
-def _categorize(endpoints: list[_Endpoint], uses_cluster: bool, uses_local: bool, node: NodeFacts
-                ) -> tuple[list[_Endpoint], list[_Endpoint]]:
-    """topology.go CategorizeEndpoints: (cluster endpoints, local endpoints)."""
+class Categorized(NamedTuple):
+    """topology.go CategorizeEndpoints for one service port: what every mode builds on."""
+
+    cluster: list[_Endpoint]  # usable under Cluster policy (topology applied); [] if never used
+    local: list[_Endpoint]  # this node's usable endpoints; [] if Local policy is never used
+    has_any: bool  # a usable endpoint exists anywhere (hasAnyEndpoints), even if neither list has one
+
+
+def categorize_endpoints(endpoints: list[_Endpoint], uses_cluster: bool, uses_local: bool, node: NodeFacts
+                         ) -> Categorized:
+    """topology.go CategorizeEndpoints: ready endpoints, else serving+terminating ones,
+    independently for the Cluster and the Local list; hints only under a topology mode."""
     cluster: list[_Endpoint] = []
     local: list[_Endpoint] = []
     if not endpoints:
-        return cluster, local
+        return Categorized(cluster, local, False)
     zone = node.zone or ""
     if uses_cluster:
         mode = _topology_mode(endpoints, node.name, zone)
         cluster = [ep for ep in endpoints if ep.ready and _available(ep, mode, node.name, zone)]
         if not cluster:
             cluster = [ep for ep in endpoints if ep.serving and ep.terminating]
+    has_any = bool(cluster)
     if uses_local:
+        # The pre-scan: any ready or serving+terminating endpoint anywhere counts.
+        has_any = has_any or any(ep.ready or (ep.serving and ep.terminating) for ep in endpoints)
         local = [ep for ep in endpoints if ep.local and ep.ready]
         if not local:
             local = [ep for ep in endpoints if ep.local and ep.serving and ep.terminating]
-    return cluster, local
+    return Categorized(cluster, local, has_any)
 
 
 _new_tuple = tuple.__new__  # NamedTuple construction without its Python-level __new__ (hot at 50k endpoints)
 
 
-def _real_servers(endpoints: Iterable[tuple[str, int]], forward: str = "Masq") -> dict[tuple[str, int], RealServer]:
-    return {(ip, port): _new_tuple(RealServer, (ip, port, 1, forward, 0, 0)) for ip, port in endpoints}
+def real_servers_for(endpoints: Iterable[tuple[str, int]], forward: str = "Masq"
+                     ) -> dict[tuple[str, int], RealServer]:
+    """Weight-1 real servers by (ip, port). Exactly RealServer's four fields: a tuple of
+    any other length would not compare equal to the live reader's real servers."""
+    return {(ip, port): _new_tuple(RealServer, (ip, port, 1, forward)) for ip, port in endpoints}
 
 
-def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: NodeFacts,
-                        scheduler: str) -> list[VirtualServer]:
+class PortPlan(NamedTuple):
+    """One service port as one of kube-proxy's per-family proxiers sees it
+    (newBaseServiceInfo in pkg/proxy/serviceport.go), with its endpoints categorised."""
+
+    family: int
+    cluster_ip: str
+    port: ServicePort
+    external_ips: list[str]  # spec.externalIPs of this family
+    lb_vips: list[str]  # LoadBalancer ingress IPs of this family, ipMode VIP or unset
+    source_ranges: list[str]  # loadBalancerSourceRanges of this family
+    internal_local: bool  # InternalPolicyLocal
+    external_local: bool  # ExternalPolicyLocal (only for an externally accessible service)
+    endpoints: Categorized
+
+
+def kube_proxy_port_plans(service: Service, slices: list[EndpointSlice], node: NodeFacts) -> Iterator[PortPlan]:
+    """Every (family, service port) kube-proxy programs for ``service``, in every mode.
+
+    Which services: the informer's label selector and ServiceChangeTracker (see the
+    module docstring); one cluster IP per family (GetClusterIPByFamily).
+    """
     if (service.label(SERVICE_PROXY_NAME_LABEL) is not None or service.label(HEADLESS_LABEL) is not None
             or service.type == "ExternalName" or not service.cluster_ips):
-        return []
+        return
     # apiservice.ExternallyAccessible / ExternalPolicyLocal: the external policy
     # only counts for a service that takes external traffic at all.
     external_capable = service.type in ("NodePort", "LoadBalancer") or bool(service.external_ips)
     external_local = service.external_traffic_local and external_capable
     internal_local = service.internal_traffic_local
-    timeout = service.session_affinity_timeout
-    service_key = service.key  # one string shared by all its virtual servers
-    out: list[VirtualServer] = []
     seen_families: set[int] = set()
     for cluster_ip in service.cluster_ips:
         family = _family(cluster_ip)
@@ -268,31 +303,50 @@ def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: Nod
             continue  # one cluster IP per family (GetClusterIPByFamily)
         seen_families.add(family)
         external_ips = [ip for ip in service.external_ips if _family(ip) == family]
-        lb_vips = [ip for ip, mode in service.load_balancer_ingress
-                   if _family(ip) == family and mode in (None, "VIP")]
-        node_ips = [ip for ip in node.addresses if _family(ip) == family and _node_port_address_ok(ip)]
+        lb_vips = list(_unique(ip for ip, mode in service.load_balancer_ingress
+                               if _family(ip) == family and mode in (None, "VIP")))
+        source_ranges = [cidr for cidr in service.load_balancer_source_ranges if _family(cidr) == family]
         for port in service.ports:
+            # BaseServicePortInfo.ExternallyAccessible / UsesClusterEndpoints / UsesLocalEndpoints
             accessible = bool(port.node_port or lb_vips or external_ips)
             uses_cluster = not internal_local or accessible
             uses_local = internal_local or (external_local and accessible)
             endpoints = _kube_proxy_endpoints(port, slices, family, node.name)
-            cluster_eps, local_eps = _categorize(endpoints, uses_cluster, uses_local, node)
+            yield PortPlan(family, cluster_ip, port, external_ips, lb_vips, source_ranges, internal_local,
+                           external_local, categorize_endpoints(endpoints, uses_cluster, uses_local, node))
 
-            def chosen(only_local: bool) -> dict:
-                eps = (local_eps or cluster_eps) if only_local else cluster_eps
-                return _real_servers((ep.ip, ep.port) for ep in eps)
 
-            def vs(address: str, vport: int, real_servers: dict) -> VirtualServer:
-                return VirtualServer(VirtualServerKey(port.protocol, address, vport), scheduler, timeout,
-                                     real_servers, service_key)
+def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: NodeFacts,
+                        scheduler: str) -> list[VirtualServer]:
+    """IPVS mode's virtual servers for one Service (pkg/proxy/ipvs/proxier.go)."""
+    timeout = service.session_affinity_timeout
+    service_key = service.key  # one string shared by all its virtual servers
+    out: list[VirtualServer] = []
+    node_ips_by_family: dict[int, list[str]] = {}
+    for plan in kube_proxy_port_plans(service, slices, node):
+        port = plan.port
+        node_ips = node_ips_by_family.get(plan.family)
+        if node_ips is None:
+            node_ips = node_ips_by_family[plan.family] = [
+                ip for ip in node.addresses if _family(ip) == plan.family and _node_port_address_ok(ip)]
+        cluster_eps, local_eps = plan.endpoints.cluster, plan.endpoints.local
 
-            out.append(vs(cluster_ip, port.port, chosen(internal_local)))
-            external_rs = chosen(external_local)
-            for ip in _unique(external_ips + lb_vips):
-                out.append(vs(ip, port.port, dict(external_rs)))
-            if port.node_port:
-                for ip in node_ips:
-                    out.append(vs(ip, port.node_port, dict(external_rs)))
+        def chosen(only_local: bool) -> dict:
+            # syncEndpoint: a Local policy without a local endpoint falls back to the Cluster set.
+            eps = (local_eps or cluster_eps) if only_local else cluster_eps
+            return real_servers_for((ep.ip, ep.port) for ep in eps)
+
+        def vs(address: str, vport: int, real_servers: dict) -> VirtualServer:
+            return VirtualServer(VirtualServerKey(port.protocol, address, vport), scheduler, timeout,
+                                 real_servers, service_key)
+
+        out.append(vs(plan.cluster_ip, port.port, chosen(plan.internal_local)))
+        external_rs = chosen(plan.external_local)
+        for ip in _unique(plan.external_ips + plan.lb_vips):
+            out.append(vs(ip, port.port, dict(external_rs)))
+        if port.node_port:
+            for ip in node_ips:
+                out.append(vs(ip, port.node_port, dict(external_rs)))
     return out
 
 
@@ -398,7 +452,7 @@ def _kube_router_service(service: Service, slices: list[EndpointSlice], node: No
         has_local = any(ep.local for ep in endpoints)  # hasActiveEndpoints
 
         def rs_for(family: int, only_local: bool, forward: str = "Masq") -> dict:
-            return _real_servers(((ep.ip, ep.port) for ep in endpoints
+            return real_servers_for(((ep.ip, ep.port) for ep in endpoints
                                   if ep.family == family and (ep.local or not only_local)), forward)
 
         def vs(key: VirtualServerKey, real_servers: dict) -> VirtualServer:
@@ -457,15 +511,18 @@ def slices_by_service(slices: Iterable[EndpointSlice]) -> dict[str, list[Endpoin
 
 def desired_table(services: Iterable[Service], slices_by_service: Mapping[str, list[EndpointSlice]],
                   node: NodeFacts, proxy: str = KUBE_PROXY, scheduler: str = "rr",
-                  kube_router_flags: KubeRouterFlags = KUBE_ROUTER_DEFAULT_FLAGS) -> Table:
+                  kube_router_flags: KubeRouterFlags = KUBE_ROUTER_DEFAULT_FLAGS,
+                  model: Callable[..., list[VirtualServer]] | None = None) -> Table:
     """The whole table. Services are visited in key order so that, where two
     claim the same virtual server (a shared externalIP:port), the result does
     not depend on dict order: the first claim keeps it, as the proxy's own
-    later add fails with "exists"."""
+    later add fails with "exists". ``model``: another per-Service model with
+    ``virtual_servers_for_service``'s signature (``desired_rules.model_for``)."""
     table: Table = {}
     fwmarks: dict[int, str] = {}
+    model = model or virtual_servers_for_service
     for service in sorted(services, key=lambda s: s.key):
-        for vs in virtual_servers_for_service(service, slices_by_service.get(service.key, ()), node, proxy,
-                                              scheduler, fwmarks, kube_router_flags):
+        for vs in model(service, slices_by_service.get(service.key, ()), node, proxy,
+                        scheduler, fwmarks, kube_router_flags):
             table.setdefault(vs.key, vs)
     return table

@@ -56,6 +56,8 @@ class Service(NamedTuple):
     external_ips: tuple[str, ...] = ()
     # status.loadBalancer.ingress IPs with their ipMode ("VIP", "Proxy" or None)
     load_balancer_ingress: tuple[tuple[str, str | None], ...] = ()
+    # spec.loadBalancerSourceRanges as network text ("203.0.113.0/25"); unparsable ones dropped
+    load_balancer_source_ranges: tuple[str, ...] = ()
     session_affinity_timeout: int | None = None  # seconds, when sessionAffinity is ClientIP
     external_traffic_local: bool = False
     internal_traffic_local: bool = False
@@ -224,6 +226,21 @@ def parse_time(text: Any) -> float | None:
     return seconds + (float("0." + frac) if frac else 0.0)
 
 
+def _source_ranges(values: list) -> tuple[str, ...]:
+    """loadBalancerSourceRanges as kube-proxy reads them (newBaseServiceInfo, serviceport.go):
+    blanks trimmed (validation once let them through), a value that is not a CIDR ignored
+    (MapCIDRsByIPFamily skips it) rather than the whole Service refused."""
+    out = []
+    for value in values:
+        if not isinstance(value, str):
+            continue
+        try:
+            out.append(_intern(str(ipaddress.ip_network(value.strip(), strict=False))))
+        except ValueError:
+            continue
+    return tuple(dict.fromkeys(out))
+
+
 def parse_service(obj: dict) -> Service:
     namespace, name, meta = _meta(obj, "Service")
     what = f"Service {namespace}/{name}"
@@ -258,6 +275,9 @@ def parse_service(obj: dict) -> Service:
         if ing.get("ip"):  # hostname-only ingress programs nothing
             ingress.append((canonical_ip(ing["ip"], f"{what} ingress"), ing.get("ipMode")))
 
+    source_ranges = _source_ranges(_list(spec.get("loadBalancerSourceRanges"),
+                                         f"{what} spec.loadBalancerSourceRanges"))
+
     affinity_timeout = None
     if spec.get("sessionAffinity") == "ClientIP":
         cfg = _mapping(spec.get("sessionAffinityConfig"), f"{what} sessionAffinityConfig")
@@ -275,6 +295,7 @@ def parse_service(obj: dict) -> Service:
         ports=tuple(ports),
         external_ips=external_ips,
         load_balancer_ingress=tuple(ingress),
+        load_balancer_source_ranges=source_ranges,
         session_affinity_timeout=affinity_timeout,
         external_traffic_local=spec.get("externalTrafficPolicy") == "Local",
         internal_traffic_local=spec.get("internalTrafficPolicy") == "Local",

@@ -37,7 +37,6 @@ claimant takes over without a recompute.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -52,7 +51,7 @@ from exporter.dataplane import VirtualServer, VirtualServerKey
 from exporter.kube import objects
 from exporter.kube.client import (ApiClient, Backoff, RateLimitedLog, Reflector, WatchStatus,
                                   endpointslices_resource, node_resource, services_resource)
-from exporter.kube import desired
+from exporter.kube import desired, desired_rules
 from exporter.readers import netaddrs
 
 log = logging.getLogger("exporter.kube.store")
@@ -60,7 +59,9 @@ log = logging.getLogger("exporter.kube.store")
 SERVICES, ENDPOINTSLICES, NODES = "services", "endpointslices", "nodes"
 RESOURCES = (SERVICES, ENDPOINTSLICES, NODES)
 
-# desired.virtual_servers_for_service(service, slices, node_facts, proxy, fwmarks=...) -> list[VirtualServer]
+# model(service, slices, node_facts, proxy, fwmarks=...) -> list[VirtualServer], the proxy's in its
+# mode: desired_rules.model_for(proxy, mode). In nftables/iptables mode the virtual servers carry
+# rule flags; desired_rules.rules_view(snapshot.table.values()) is the live reader's shape.
 Model = Callable[..., list]
 
 
@@ -377,6 +378,12 @@ class ClusterState:
                     log.exception("change subscriber failed")
 
 
+def _configured_mode(settings: Any) -> str:
+    values = getattr(settings, "values", {})
+    mode = values.get("proxy-mode") if isinstance(values, dict) else None
+    return mode if mode in desired_rules.MODES else desired_rules.MODE_IPVS
+
+
 def _same_version(old: Any, new: Any) -> bool:
     rv_old, rv_new = getattr(old, "resource_version", ""), getattr(new, "resource_version", "")
     if rv_old and rv_new:
@@ -387,21 +394,30 @@ def _same_version(old: Any, new: Any) -> bool:
 class KubeStore:
     """ClusterState fed by three reflectors: Services, EndpointSlices and this node's Node.
 
+    The model is the proxy's in its mode (``desired_rules.model_for(proxy, mode)``;
+    mode ipvs, nftables or iptables); one table per store whatever the mode.
+
     NodePort addresses: ``node_ips`` (``--node-ip``) when given; else for
-    kube-proxy this host's addresses (``readers.netaddrs``), re-read every
-    ``address_refresh`` seconds; else for kube-router the Node's primary IP
-    (``desired.node_facts``).
+    kube-proxy in IPVS mode this host's addresses (``readers.netaddrs``), re-read
+    every ``address_refresh`` seconds; else the Node's (kube-router: its primary
+    IP, ``desired.node_facts``). The nftables and iptables models match NodePorts
+    on every node-port address and need none of them.
     """
 
     def __init__(self, api: ApiClient, node_name: str, proxy: str = "kube-proxy",
-                 node_ips: Iterable[str] = (), *, model: Model = desired.virtual_servers_for_service,
+                 node_ips: Iterable[str] = (), *, mode: str = desired_rules.MODE_IPVS,
+                 model: Model | None = None,
                  page_size: int = 500,
                  watch_timeout: int = 300, backoff_base: float = 0.5, backoff_cap: float = 30.0,
                  down_after: float = 60.0, address_refresh: float = 30.0,
                  host_addresses: Callable[[], tuple[str, ...]] = netaddrs.host_nodeport_addresses) -> None:
         self.api = api
+        self.mode = mode
+        if model is None:
+            model = desired_rules.model_for(proxy, mode)
         node_ips = tuple(node_ips)
-        self._host_addresses = host_addresses if not node_ips and proxy == "kube-proxy" else None
+        self._host_addresses = (host_addresses if not node_ips and proxy == "kube-proxy"
+                                and mode == desired_rules.MODE_IPVS else None)
         initial = node_ips
         if self._host_addresses is not None:
             # Unreadable interfaces leave it empty: the model then falls back to the Node's addresses.
@@ -421,11 +437,20 @@ class KubeStore:
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> "KubeStore":
-        """Built from the exporter's settings; KubeConfigError when there is no API access."""
+        """Built from the exporter's settings; KubeConfigError when there is no API access.
+
+        ``mode``: the proxy mode found on this node; without it, the settings' concrete
+        ``proxy-mode`` (ipvs, nftables, iptables), else ipvs. An ``auto`` mode is the
+        caller's to resolve before building the store.
+        """
+        proxy = settings.get("proxy")
+        mode = kwargs.pop("mode", None) or _configured_mode(settings)
+        if "model" not in kwargs:
+            flags = (desired.kube_router_flags_from(settings.get) if proxy == desired.KUBE_ROUTER
+                     else desired.KUBE_ROUTER_DEFAULT_FLAGS)
+            kwargs["model"] = desired_rules.model_for(proxy, mode, flags)
+        kwargs["mode"] = mode
         api = ApiClient.from_settings(settings.get("kubeconfig"))
-        if settings.get("proxy") == desired.KUBE_ROUTER and "model" not in kwargs:
-            kwargs["model"] = functools.partial(desired.virtual_servers_for_service,
-                                                kube_router_flags=desired.kube_router_flags_from(settings.get))
         return cls(api, resolve_node_name(settings.get("node-name")), settings.get("proxy"),
                    settings.get("node-ip") or (), **kwargs)
 
