@@ -130,7 +130,7 @@ def test_json_has_every_kind_and_sorted_items():
     want = table(vs("TCP", "10.0.0.2", 80, [("10.1.0.10", 80), ("10.1.0.9", 80)]),
                  vs("TCP", "10.0.0.10", 80, []))
     j = d.diff_tables(want, {}).to_json()
-    assert list(j)[:6] == list(d.CONTRACT_KINDS) and set(j) == set(d.KINDS)
+    assert list(j)[:7] == list(d.CONTRACT_KINDS) and set(j) == set(d.KINDS)
     assert [i["address"] for i in j["missing_virtual_servers"]] == ["10.0.0.2", "10.0.0.10"]  # numeric order
     have = table(vs("TCP", "10.0.0.2", 80, [], service=None))
     rs = d.diff_tables(want, have).to_json()["missing_real_servers"]

@@ -90,14 +90,15 @@ def table_metrics(table: IPVSTable, counts: ShapeCounts | None = None) -> list[M
               unavailable),
         connections,
         gauge("unparsed_lines", "Lines of /proc/net/ip_vs the last read could not parse (their virtual "
-              "servers are left out, and ipvs_drift reports no drift while any).", table.skipped_lines),
+              "servers are left out, and the drift collector reports no drift while any).", table.skipped_lines),
     ]
 
 
 @register
 class IPVSCollector(Collector):
     name = "ipvs"
-    help = "size and health of the live IPVS table, from /proc/net/ip_vs"
+    help = "size and health of the live IPVS table, from /proc/net/ip_vs (IPVS nodes only)"
+    proxy_modes = ("ipvs",)
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)

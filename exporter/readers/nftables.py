@@ -68,6 +68,10 @@ BY_KEY_FROM_SETS = 3000
 _HOST_U32 = struct.Struct("=I")  # numgen writes its register in host byte order
 
 
+class NoKubeProxyTable(NftReadError):
+    """Neither `ip` nor `ip6 kube-proxy` exists (never programmed, or deleted behind its back)."""
+
+
 class NftablesSizes(NamedTuple):
     """One family's table sizes, for `kubenode_nftables_*`."""
 
@@ -176,7 +180,7 @@ class NftablesReader:
                 self._families.pop(family_name, None)
                 unread.append(f"{family_name} {TABLE_NAME}: {err}")
         if not present:
-            raise NftReadError(f"no kube-proxy nftables table (ip or ip6 {TABLE_NAME}) in this network namespace")
+            raise NoKubeProxyTable(f"no kube-proxy nftables table (ip or ip6 {TABLE_NAME}) in this network namespace")
         if not sizes:
             raise NftReadError("; ".join(unread))
         return NftablesRead(table, rejected, frozenset(firewalled), tuple(unread), sizes, generation, 0.0, True)
