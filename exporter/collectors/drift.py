@@ -115,17 +115,18 @@ def shared_kube(ctx, mode: str) -> KubeAccess:
     return current
 
 
-def start_latency(ctx, access: KubeAccess, dataplane: DataplaneReader) -> LatencyFollower | None:
+def start_latency(ctx, access: KubeAccess, dataplane: DataplaneReader):
+    """A latency follower of the store's changes against ``dataplane``, and how to unsubscribe it."""
     if access.store is None:
-        return None
+        return None, None
     # IPVS over netlink reads one virtual server at a time, but only of this host's
     # kernel: with a fixture procfs the fixture is the table.
     direct = netlink_reader() if dataplane.mode == "ipvs" and ctx.paths.procfs == "/proc" else None
     follower = LatencyFollower(access.store.snapshot, dataplane.read, direct,
                                interval=max(0.05, ctx.settings.get("drift.follow-interval")))
-    follower.unsubscribe = access.store.subscribe(follower.on_change)
+    unsubscribe = access.store.subscribe(follower.on_change)
     follower.start()
-    return follower
+    return follower, unsubscribe
 
 
 def _gauge(name: str, help_text: str, labels: list[str] | None = None, value: float | None = None):
@@ -213,6 +214,7 @@ class DriftCollector(Collector):
         self.dataplane: DataplaneReader | None = None
         self.kube: KubeAccess | None = None
         self.latency: LatencyFollower | None = None
+        self._unsubscribe_latency = None
         self.tracker = DriftTracker(*self._tracker_settings)
         self.differ = TableDiffer()  # per scrape, only what changed is compared again
         self._said_waiting = False
@@ -229,15 +231,15 @@ class DriftCollector(Collector):
         self.mode = mode
         self.kube = shared_kube(self.ctx, mode)
         self.dataplane = dataplane_for(self.ctx, mode)
-        self.latency = start_latency(self.ctx, self.kube, self.dataplane)
+        self.latency, self._unsubscribe_latency = start_latency(self.ctx, self.kube, self.dataplane)
         self.tracker = DriftTracker(*self._tracker_settings)
         self.differ = TableDiffer()
 
     def _stop_latency(self) -> None:
         if self.latency is not None:
-            self.latency.unsubscribe()
+            self._unsubscribe_latency()
             self.latency.stop()
-            self.latency = None
+            self.latency = self._unsubscribe_latency = None
 
     def close(self) -> None:
         self._stop_latency()
