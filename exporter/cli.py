@@ -23,6 +23,16 @@ def _collector_defaults() -> dict[str, bool]:
     return {name: cls.default_enabled for name, cls in load_collectors().items()}
 
 
+def collector_option_table() -> dict[str, Option]:
+    """Every option, with those the collectors declare beside themselves."""
+    from exporter.collector import load_collectors
+
+    collectors = load_collectors()
+    options = [opt for cls in collectors.values() for opt in cls.options]
+    aliases = {old: name for name, cls in collectors.items() for old in cls.old_names}
+    return option_table(_collector_defaults(), options, aliases)
+
+
 def _help_text(opt: Option) -> str:
     """The option's help with its default; '%' escaped, since argparse formats help."""
     text = opt.help
@@ -63,7 +73,7 @@ def serve_parser(table: dict[str, Option]) -> argparse.ArgumentParser:
 
 
 def settings_from_args(argv: list[str]) -> Settings:
-    table = option_table(_collector_defaults())
+    table = collector_option_table()
     args = vars(serve_parser(table).parse_args(argv))
     config_path = args.pop("config.file", None)
     file_values = load_file(config_path) if config_path else {}

@@ -22,7 +22,7 @@ from typing import Callable, ClassVar, Iterable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from exporter.config import DEFAULT_SCRAPE_TIMEOUT, Settings
+from exporter.config import DEFAULT_SCRAPE_TIMEOUT, Option, Settings
 from exporter.paths import Paths
 
 log = logging.getLogger("exporter.collector")
@@ -82,9 +82,24 @@ class Collector:
     name: ClassVar[str]
     default_enabled: ClassVar[bool] = True
     help: ClassVar[str] = ""
+    # Options of this collector, declared beside it (flags and config keys like any other).
+    options: ClassVar[tuple[Option, ...]] = ()
+    # Earlier names whose --collector.<old> flag still enables or disables it.
+    old_names: ClassVar[tuple[str, ...]] = ()
+    # The proxy modes whose dataplane it reads (empty: any node). On a node running
+    # another mode it is off: not run, no series at all, so nothing to alert on.
+    proxy_modes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+
+    def active(self) -> bool:
+        """Whether this node runs a dataplane this collector reads (asked every scrape)."""
+        if not self.proxy_modes:
+            return True
+        from exporter.proxymode import shared_proxy_mode
+
+        return shared_proxy_mode(self.ctx).current() in self.proxy_modes
 
     def collect(self) -> Iterable[Metric]:
         raise NotImplementedError
@@ -320,7 +335,8 @@ class Runner:
             "How long the collector's run for this scrape took (so far, for a run past the deadline).",
             labels=["collector"])
         # Every run is started before any is waited for: side by side, not one after another.
-        runs = [(slot, self._start_or_join(slot, asked_at)) for slot in self.slots]
+        # A collector of another proxy mode than this node's is off: not run, no series.
+        runs = [(slot, self._start_or_join(slot, asked_at)) for slot in self.slots if slot.collector.active()]
         for slot, run in runs:
             finished = run.done.wait(max(0.0, run.started + self.timeout - time.monotonic()))
             outcome = run.outcome if finished else self._overdue(slot, run)

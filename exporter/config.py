@@ -14,12 +14,14 @@ import math
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from exporter.yamlload import YAMLInputError, decode_utf8, load_all
 
 DEFAULT_LISTEN_ADDRESS = ":9815"
 PROXIES = ("kube-proxy", "kube-router")
+# kube-proxy's --proxy-mode values, and ours: find the node's mode (exporter/proxymode.py).
+PROXY_MODES = ("auto", "ipvs", "nftables", "iptables")
 # Seconds a collector's run may take before a scrape answers without it. Prometheus'
 # default scrape_timeout is 10 s; 8 s leaves 2 s to write and send the page (21.5 ms
 # for the largest measured, 2,000 ipsets, README Benchmarks) and for the network, and
@@ -143,6 +145,13 @@ def _as_proxy(value: Any) -> str:
     return text
 
 
+def _as_proxy_mode(value: Any) -> str:
+    text = _as_str(value)
+    if text not in PROXY_MODES:
+        raise ValueError(f"must be one of {', '.join(PROXY_MODES)}")
+    return text
+
+
 def _as_log_level(value: Any) -> str:
     text = _as_str(value).lower()
     if text not in ("debug", "info", "warn", "warning", "error"):
@@ -180,6 +189,7 @@ class Option:
     metavar: str | None = None
     repeat: bool = False  # flag may be given more than once (a list)
     flag: bool = True  # also a command-line flag (structured values are file-only)
+    alias_of: str | None = None  # another name of that option (an old name, the contract's spelling)
 
 
 OPTIONS: list[Option] = [
@@ -195,6 +205,12 @@ OPTIONS: list[Option] = [
            "address NodePort virtual servers are expected on (repeatable; default: this host's addresses)",
            "IP", repeat=True),
     Option("proxy", _as_proxy, "kube-proxy", "whose IPVS rules to expect: kube-proxy or kube-router", "PROXY"),
+    Option("proxy-mode", _as_proxy_mode, "auto",
+           "the dataplane the proxy programs: ipvs, nftables, iptables, or auto (ask kube-proxy's "
+           "GET /proxyMode on the proxy.metrics-url address, else look at which tables exist; "
+           "kube-router is IPVS only)", "MODE"),
+    Option("proxy_mode", _as_proxy_mode, None, "the contract's spelling of proxy-mode (config file)",
+           flag=False, alias_of="proxy-mode"),
     # kube-router's own flags of these names, when it does not run with their defaults
     # (exporter/kube/desired.py KubeRouterFlags): which externalIPs / LoadBalancer IPs it programs.
     Option("kube-router.strict-external-ip-validation", _as_bool, True,
@@ -207,17 +223,6 @@ OPTIONS: list[Option] = [
     Option("kube-router.service-cluster-ip-range", _as_cluster_cidrs, ["10.96.0.0/12"],
            "kube-router's --service-cluster-ip-range (repeatable, one per family): externalIPs and "
            "LoadBalancer IPs inside it are refused under strict validation", "CIDR", repeat=True),
-    Option("drift.grace-period", _as_seconds, 60.0,
-           "seconds a difference may last before it counts as drift (default 60: covers one late "
-           "sync of either proxy at thousands of services; see exporter/kube/diff.py)", "SECONDS"),
-    Option("drift.max-service-series", _as_count, 200,
-           "cap on kubenode_ipvs_service_drift series", "N"),
-    Option("drift.stuck-draining-after", _as_seconds, 180.0,
-           "seconds a weight-0 real server with no connections may stay before it counts as "
-           "stuck graceful termination (kubernetes issue 71071; kube-proxy checks every 60 s)", "SECONDS"),
-    Option("drift.follow-interval", _as_seconds, 1.0,
-           "seconds between checks of the virtual servers of changed Services, for "
-           "kubenode_ipvs_programming_latency_seconds (its resolution)", "SECONDS"),
     Option("path.procfs", _as_str, "/proc", "procfs mountpoint", "PATH"),
     Option("path.sysfs", _as_str, "/sys", "sysfs mountpoint", "PATH"),
     Option("log.level", _as_log_level, "info", "debug, info, warn or error", "LEVEL"),
@@ -248,11 +253,22 @@ OPTIONS: list[Option] = [
 COLLECTOR_PREFIX = "collector."
 
 
-def option_table(collector_defaults: dict[str, bool]) -> dict[str, Option]:
+def option_table(collector_defaults: dict[str, bool], collector_options: Iterable[Option] = (),
+                 collector_aliases: dict[str, str] | None = None) -> dict[str, Option]:
+    """Every option: the table above, the options collectors declare beside themselves
+    (``Collector.options``), ``collector.<name>`` per collector and per old name of one."""
     table = {opt.key: opt for opt in OPTIONS}
+    for opt in collector_options:
+        if opt.key in table and table[opt.key] is not opt:
+            raise RuntimeError(f"option {opt.key!r} declared twice")
+        table[opt.key] = opt
     for name, enabled in sorted(collector_defaults.items()):
         key = COLLECTOR_PREFIX + name
         table[key] = Option(key, _as_bool, enabled, f"enable the {name} collector")
+    for old, name in sorted((collector_aliases or {}).items()):
+        key = COLLECTOR_PREFIX + old
+        table[key] = Option(key, _as_bool, None, f"old name of --collector.{name}",
+                            alias_of=COLLECTOR_PREFIX + name)
     return table
 
 
@@ -318,15 +334,17 @@ def load_file(path: str) -> dict[str, Any]:
 def resolve(table: dict[str, Option], file_values: dict[str, Any],
             flag_values: dict[str, Any], source: str = "config file") -> Settings:
     """Defaults, then the file, then flags; each value parsed by its option."""
-    values = {key: opt.default for key, opt in table.items()}
+    values = {key: opt.default for key, opt in table.items() if opt.alias_of is None}
     for origin, given in ((source, file_values), ("flag", flag_values)):
-        for key, raw in given.items():
+        # An option's own name wins over another name of it given in the same place.
+        for key, raw in sorted(given.items(), key=lambda kv: table.get(kv[0]) is None
+                               or table[kv[0]].alias_of is None):
             opt = table.get(key)
             if opt is None:
                 hint = _closest(key, table)
                 raise ConfigError(f"unknown {origin} key {key!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
             try:
-                values[key] = opt.parse(raw)
+                values[opt.alias_of or key] = opt.parse(raw)
             except ValueError as err:
                 raise ConfigError(f"{origin} key {key!r}: {raw!r} {err}") from None
     return Settings(values)

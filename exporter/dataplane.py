@@ -118,6 +118,10 @@ def sorted_real_servers(vs: VirtualServer) -> list[RealServer]:
 
 MODES = ("ipvs", "nftables", "iptables")
 
+# A live read this recent is this scrape's: collectors of one scrape (run side by side)
+# share it, and scrapes are further apart than this.
+SCRAPE_WINDOW = 0.5  # seconds
+
 
 class DataplaneUnavailable(Exception):
     """This node does not run that dataplane (no ip_vs module, no kube-proxy table)."""
@@ -147,7 +151,7 @@ class DataplaneReader:
 
     mode: str = ""
 
-    def read(self, max_age: float = 0.5) -> LiveRead:
+    def read(self, max_age: float = SCRAPE_WINDOW) -> LiveRead:
         raise NotImplementedError
 
     def close(self) -> None:

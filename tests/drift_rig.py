@@ -30,7 +30,8 @@ NAMESPACE = "drift"
 NODE = "node-drift"
 NODE_IP = "192.0.2.10"
 KINDS = ("missing_virtual_server", "stale_virtual_server", "missing_real_server", "stale_real_server",
-         "zero_weight_real_server", "draining_real_server")
+         "zero_weight_real_server", "draining_real_server")  # IPVS's; rejected_virtual_server is the rules modes'
+
 
 
 def rfc3339(ts: float) -> str:
@@ -67,13 +68,13 @@ class DriftRig:
 
     def __init__(self, tmp_path: Path, kubeconfig: str | None, *, procfs: str | None = None,
                  grace: float = 1.0, follow: float = 0.1, extra: tuple[str, ...] = (),
-                 store_options: dict | None = None) -> None:
+                 store_options: dict | None = None, mode: str = "ipvs") -> None:
         self.procfs = Path(procfs) if procfs else tmp_path / f"proc-drift-{os.getpid()}"
         if procfs is None:
             (self.procfs / "net").mkdir(parents=True, exist_ok=True)
         argv = ["--node-name", NODE, "--node-ip", NODE_IP, "--path.procfs", str(self.procfs),
                 "--drift.grace-period", str(grace), "--drift.follow-interval", str(follow),
-                "--no-collector.proxy", *extra]
+                "--no-collector.proxy", "--proxy-mode", mode, *extra]
         if kubeconfig:
             argv += ["--kubeconfig", kubeconfig]
         self.settings = settings_from_args(argv)
@@ -82,7 +83,7 @@ class DriftRig:
         options = {"backoff_base": 0.05, "backoff_cap": 0.3, "down_after": 0.5}
         options.update(store_options or {})
         if kubeconfig:
-            self.ctx.service(KUBE_SERVICE, lambda: KubeAccess(self.settings, **options))
+            self.ctx.service(KUBE_SERVICE, lambda: KubeAccess(self.settings, mode, **options))
         self.runner = Runner(build_collectors(self.ctx))
         self.server = MetricsServer(make_app(self.runner), "127.0.0.1:0")
         self.server.start()
@@ -119,12 +120,12 @@ class DriftRig:
 
 
 def drift(s: dict, kind: str) -> float | None:
-    return value(s, "kubenode_ipvs_drift", kind=kind)
+    return value(s, "kubenode_dataplane_drift", kind=kind)
 
 
 def drifted_services(s: dict) -> dict[tuple[str, str, str], float]:
     return {tuple(dict(labels)[k] for k in ("namespace", "service", "kind")): v
-            for (name, labels), v in s.items() if name == "kubenode_ipvs_service_drift"}
+            for (name, labels), v in s.items() if name == "kubenode_dataplane_service_drift"}
 
 
 def wait_until(condition, timeout: float = 10.0, what: str = "condition", step: float = 0.05):

@@ -130,7 +130,7 @@ def test_json_has_every_kind_and_sorted_items():
     want = table(vs("TCP", "10.0.0.2", 80, [("10.1.0.10", 80), ("10.1.0.9", 80)]),
                  vs("TCP", "10.0.0.10", 80, []))
     j = d.diff_tables(want, {}).to_json()
-    assert list(j)[:6] == list(d.CONTRACT_KINDS) and set(j) == set(d.KINDS)
+    assert list(j)[:7] == list(d.CONTRACT_KINDS) and set(j) == set(d.KINDS)
     assert [i["address"] for i in j["missing_virtual_servers"]] == ["10.0.0.2", "10.0.0.10"]  # numeric order
     have = table(vs("TCP", "10.0.0.2", 80, [], service=None))
     rs = d.diff_tables(want, have).to_json()["missing_real_servers"]
@@ -325,3 +325,40 @@ def test_tracker_caps_services_at_scale():
 @pytest.mark.parametrize("kind", d.KINDS)
 def test_singular_label_values(kind):
     assert d.singular(kind) + "s" == kind
+
+
+# --- the rules modes' no-endpoint verdicts (rejected_virtual_servers) ---------------------
+
+def _key(address, port=80):
+    return VirtualServerKey("TCP", address, port)
+
+
+def test_a_frontend_with_usable_endpoints_refused_by_the_rules_is_rejected_not_missing():
+    """A Service left in kube-proxy's no-endpoint map while it has ready endpoints: its
+    traffic meets the verdict, so it is rejected (and not also missing)."""
+    want = table(vs("TCP", "10.0.0.1", 80, [("10.1.0.1", 8080)]), vs("TCP", "10.0.0.2", 80, [("10.1.0.2", 8080)]))
+    have = {k: v for k, v in want.items() if k != _key("10.0.0.1")}
+    for differ in (d.diff_tables, d.TableDiffer().diff):
+        result = differ(want, have, {}, {_key("10.0.0.1"): "reject", _key("10.0.0.2"): "drop"})
+        assert only(result) == {"rejected_virtual_servers": [("TCP 10.0.0.1:80", None), ("TCP 10.0.0.2:80", None)]}
+        assert [dict(i.details)["verdict"] for i in result.rejected_virtual_servers] == ["reject", "drop"]
+        assert result.has_drift and result.to_json()["rejected_virtual_servers"][0]["verdict"] == "reject"
+
+
+def test_kube_proxys_own_verdicts_are_not_drift():
+    """No usable endpoint: reject; Local policy with none on this node: mapped to nothing and
+    dropped. A verdict left for a frontend nothing desires refuses traffic no Service wants."""
+    local = vs("TCP", "192.0.2.1", 80, [])
+    want = table(local)
+    desired_rejected = {_key("10.0.0.3"): "reject", _key("192.0.2.1"): "drop"}
+    live_rejected = {**desired_rejected, _key("10.0.0.9"): "reject"}
+    result = d.diff_tables(want, dict(want), desired_rejected, live_rejected)
+    assert only(result) == {} and not result.has_drift
+
+
+def test_a_desired_verdict_absent_from_the_rules_is_a_missing_frontend():
+    services = {_key("10.0.0.3"): vs("TCP", "10.0.0.3", 80, [], service="ns1/gone")}
+    result = d.diff_tables({}, {}, {_key("10.0.0.3"): "reject"}, {}, services)
+    assert only(result) == {"missing_virtual_servers": [("TCP 10.0.0.3:80", None)]}
+    assert result.missing_virtual_servers[0].service == "ns1/gone"
+    assert dict(result.missing_virtual_servers[0].details)["verdict"] == "reject"

@@ -1,4 +1,4 @@
-"""ipvs_drift end to end on the host: the production client against the API stand-in, the live
+"""The drift collector (IPVS mode) end to end on the host: the production client against the API stand-in, the live
 table from a fixture procfs, the real Runner and HTTP server; every check is a scrape."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def rig(apiserver, tmp_path):
         r.close()
 
 
-def success(s, collector="ipvs_drift"):
+def success(s, collector="drift"):
     return value(s, "kubenode_collector_success", collector=collector)
 
 
@@ -60,9 +60,9 @@ def test_each_fault_reported_with_its_kind_and_service_after_grace(apiserver, ri
     assert len(good) == 7 and sum(len(vs.real_servers) for vs in good.values()) == 14
     r.write_table(good)
     s = r.scrape()
-    assert success(s) == 1 and value(s, "kubenode_ipvs_drift_synced") == 1
-    assert value(s, "kubenode_ipvs_desired_virtual_servers") == 7
-    assert value(s, "kubenode_ipvs_desired_real_servers") == 14
+    assert success(s) == 1 and value(s, "kubenode_dataplane_drift_synced") == 1
+    assert value(s, "kubenode_dataplane_desired_virtual_servers") == 7
+    assert value(s, "kubenode_dataplane_desired_real_servers") == 14
     assert all_zero(s) and drifted_services(s) == {}
     for resource in ("services", "endpointslices", "nodes"):
         assert value(s, "kubenode_kube_watch_up", resource=resource) == 1
@@ -81,7 +81,7 @@ def test_each_fault_reported_with_its_kind_and_service_after_grace(apiserver, ri
     s = r.scrape()
     first_seen_by = time.monotonic()  # the scrape that first saw the faults ended by now
     assert all_zero(s), "within the grace period nothing counts"
-    assert sum(value(s, "kubenode_ipvs_drift_pending", kind=k) for k in KINDS) == 7  # six kinds, the stale one twice
+    assert sum(value(s, "kubenode_dataplane_drift_pending", kind=k) for k in KINDS) == 7  # six kinds, the stale one twice
 
     time.sleep(max(0.0, GRACE - (time.monotonic() - first_seen_by)))
     s = r.scrape()  # the first scrape after the grace period
@@ -95,7 +95,7 @@ def test_each_fault_reported_with_its_kind_and_service_after_grace(apiserver, ri
         (NAMESPACE, "svc-5", "draining_real_server"): 1,
     }  # the stale virtual server belongs to no Service: counted, no per-Service series
     for k in KINDS:
-        assert GRACE <= value(s, "kubenode_ipvs_drift_oldest_seconds", kind=k) < GRACE + 5
+        assert GRACE <= value(s, "kubenode_dataplane_drift_oldest_seconds", kind=k) < GRACE + 5
     assert value(s, "kubenode_ipvs_stuck_graceful_termination_real_servers") == 0
 
     # Put right: everything clears on the next scrape.
@@ -137,12 +137,12 @@ def test_normal_churn_within_grace_raises_nothing(apiserver, rig):
         while time.monotonic() < deadline:
             s = r.scrape()
             assert success(s) == 1 and all_zero(s), s
-            seen_pending = max(seen_pending, sum(value(s, "kubenode_ipvs_drift_pending", kind=k) for k in KINDS))
+            seen_pending = max(seen_pending, sum(value(s, "kubenode_dataplane_drift_pending", kind=k) for k in KINDS))
             time.sleep(0.1)
         r.write_table(r.desired())
         time.sleep(1.05)
         s = r.scrape()
-        assert all_zero(s) and sum(value(s, "kubenode_ipvs_drift_pending", kind=k) for k in KINDS) == 0
+        assert all_zero(s) and sum(value(s, "kubenode_dataplane_drift_pending", kind=k) for k in KINDS) == 0
     assert seen_pending > 0, "the churn was seen (pending), just not counted"
 
 
@@ -160,7 +160,7 @@ def test_per_service_series_are_capped_and_the_rest_counted(apiserver, rig):
     s = r.scrape()
     assert drift(s, "missing_virtual_server") == 10
     assert len(drifted_services(s)) == 3
-    assert value(s, "kubenode_ipvs_service_drift_series_dropped") == 7
+    assert value(s, "kubenode_dataplane_service_drift_series_dropped") == 7
 
 
 def test_watch_down_sets_watch_up_zero_and_back(apiserver, rig):
@@ -186,7 +186,7 @@ def test_no_api_access_is_one_collector_down_others_serve(apiserver, rig, tmp_pa
     s = r.scrape()
     assert success(s) == 0
     assert success(s, "ipvs") == 1 and value(s, "kubenode_ipvs_virtual_servers") == 0
-    assert not any(name.startswith("kubenode_ipvs_drift") for name, _ in s)
+    assert not any(name.startswith("kubenode_dataplane_drift") for name, _ in s)
 
 
 def test_unauthorized_is_no_api_access_with_watch_up_zero(apiserver, rig, tmp_path, caplog):
@@ -195,7 +195,7 @@ def test_unauthorized_is_no_api_access_with_watch_up_zero(apiserver, rig, tmp_pa
     r.write_table({})
     s = wait_until(lambda: (lambda s: s if success(s) == 0 else None)(r.scrape()), what="collector down")
     assert value(s, "kubenode_kube_watch_up", resource="services") == 0
-    assert value(s, "kubenode_ipvs_drift_synced") == 0
+    assert value(s, "kubenode_dataplane_drift_synced") == 0
     assert drift(s, "missing_virtual_server") is None
     assert any("no Kubernetes API access" in rec.getMessage() for rec in caplog.records)
     assert success(s, "ipvs") == 1
@@ -207,17 +207,17 @@ def test_no_drift_figures_before_the_first_full_list(apiserver, rig):
     r = rig(grace=0.0)
     r.write_table({VirtualServerKey("TCP", "10.96.50.50", 80): VirtualServer(VirtualServerKey("TCP", "10.96.50.50", 80))})
     s = r.scrape()
-    assert success(s) == 1 and value(s, "kubenode_ipvs_drift_synced") == 0
+    assert success(s) == 1 and value(s, "kubenode_dataplane_drift_synced") == 0
     assert drift(s, "stale_virtual_server") is None and drift(s, "missing_virtual_server") is None
     apiserver.delay = 0.0
     r.wait_synced()
     s = r.scrape()
-    assert value(s, "kubenode_ipvs_drift_synced") == 1
+    assert value(s, "kubenode_dataplane_drift_synced") == 1
     assert drift(s, "stale_virtual_server") == 1 and drift(s, "missing_virtual_server") == 1
 
 
 def bucket(s, le):
-    return value(s, "kubenode_ipvs_programming_latency_seconds_bucket", le=le)
+    return value(s, "kubenode_dataplane_programming_latency_seconds_bucket", le=le)
 
 
 def test_programming_latency_observed_when_the_table_arrives(apiserver, rig):
@@ -228,24 +228,24 @@ def test_programming_latency_observed_when_the_table_arrives(apiserver, rig):
     r.wait_synced()
     r.write_table(r.desired())
     s = r.scrape()
-    assert value(s, "kubenode_ipvs_programming_latency_seconds_count") == 0
+    assert value(s, "kubenode_dataplane_programming_latency_seconds_count") == 0
 
     # The slice changes with a trigger time 0.5 s in the past; the table arrives 1.5 s later.
     trigger = time.time() - 0.5
     set_endpoints(apiserver, 1, ["10.244.1.1", "10.244.1.2", "10.244.1.3"], trigger)
     wait_until(lambda: len(r.desired()[VirtualServerKey("TCP", cluster_ip(1), 80)].real_servers) == 3,
                what="change applied")
-    assert value(r.scrape(), "kubenode_ipvs_programming_latency_pending") == 1
+    assert value(r.scrape(), "kubenode_dataplane_programming_latency_pending") == 1
     time.sleep(1.5)
     arrived = time.time() - trigger  # the file is replaced right after this
     r.write_table(r.desired())
-    wait_until(lambda: value(r.scrape(), "kubenode_ipvs_programming_latency_seconds_count") == 1,
+    wait_until(lambda: value(r.scrape(), "kubenode_dataplane_programming_latency_seconds_count") == 1,
                what="latency observed")
     s = r.scrape()
-    observed = value(s, "kubenode_ipvs_programming_latency_seconds_sum")
+    observed = value(s, "kubenode_dataplane_programming_latency_seconds_sum")
     assert arrived <= observed <= arrived + follow + 0.3, (arrived, observed)
     assert bucket(s, "1.0") == 0 and bucket(s, "3.0") == 1 and bucket(s, "+Inf") == 1
-    assert value(s, "kubenode_ipvs_programming_latency_pending") == 0
+    assert value(s, "kubenode_dataplane_programming_latency_pending") == 0
 
     # A change already programmed when seen: observed at once; kept across scrapes (cumulative).
     trigger = time.time()
@@ -253,7 +253,7 @@ def test_programming_latency_observed_when_the_table_arrives(apiserver, rig):
     wait_until(lambda: len(r.desired()[VirtualServerKey("TCP", cluster_ip(2), 80)].real_servers) == 1,
                what="second change applied")
     r.write_table(r.desired())
-    wait_until(lambda: value(r.scrape(), "kubenode_ipvs_programming_latency_seconds_count") == 2,
+    wait_until(lambda: value(r.scrape(), "kubenode_dataplane_programming_latency_seconds_count") == 2,
                what="second latency observed")
     s = r.scrape()
     assert bucket(s, "1.0") == 1 and bucket(s, "+Inf") == 2
@@ -262,7 +262,7 @@ def test_programming_latency_observed_when_the_table_arrives(apiserver, rig):
 def test_collector_listed_and_on_by_default():
     from exporter.collector import load_collectors
 
-    assert load_collectors()["ipvs_drift"].default_enabled
+    assert load_collectors()["drift"].default_enabled
 
 
 def test_ip_vs_not_loaded_is_collector_down_with_what_is_known(apiserver, rig):
@@ -271,8 +271,8 @@ def test_ip_vs_not_loaded_is_collector_down_with_what_is_known(apiserver, rig):
     r.wait_synced()  # no net/ip_vs in the fixture procfs: the module is not loaded
     s = r.scrape()
     assert success(s) == 0 and success(s, "ipvs") == 0
-    assert value(s, "kubenode_ipvs_desired_virtual_servers") == 1
-    assert value(s, "kubenode_ipvs_desired_real_servers") == 3
+    assert value(s, "kubenode_dataplane_desired_virtual_servers") == 1
+    assert value(s, "kubenode_dataplane_desired_real_servers") == 3
     assert value(s, "kubenode_kube_watch_up", resource="services") == 1
     assert drift(s, "missing_virtual_server") is None, "no live table, no drift figures"
 
@@ -295,7 +295,7 @@ def test_a_table_not_read_whole_gives_no_drift_figures_and_says_why(apiserver, r
     assert success(s) == 0 and success(s, "ipvs") == 1
     assert value(s, "kubenode_ipvs_unparsed_lines") == 4  # the record it sits in: service, 2 real servers, it
     assert drift(s, "missing_virtual_server") is None, "no drift figures over a table not read whole"
-    assert value(s, "kubenode_ipvs_desired_virtual_servers") == 1
+    assert value(s, "kubenode_dataplane_desired_virtual_servers") == 1
     n = len(text.splitlines()) + 1
     assert f"not read whole, no drift figures: line {n} is not IPVS text" in caplog.text
     r.write_table(good)

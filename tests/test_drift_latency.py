@@ -223,5 +223,5 @@ def test_histogram_is_cumulative_with_the_documented_buckets():
     assert [le for le, _ in buckets] == [repr(float(b)) for b in BUCKETS] + ["+Inf"]
     got = dict(buckets)
     assert (got["0.1"], got["0.5"], got["300.0"], got["+Inf"]) == (2, 3, 4, 5) and count == 5
-    fam = h.metric("kubenode_ipvs_programming_latency_seconds", "help")
+    fam = h.metric("kubenode_dataplane_programming_latency_seconds", "help")
     assert fam.type == "histogram" and abs(total - 600.45) < 1e-9

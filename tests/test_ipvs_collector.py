@@ -31,7 +31,7 @@ def proc_tree(tmp_path, ip_vs_text=None) -> str:
 
 
 def ipvs_runner(procfs: str) -> Runner:
-    runner, ctx = make_runner(["--path.procfs", procfs])
+    runner, ctx = make_runner(["--path.procfs", procfs, "--proxy-mode", "ipvs"])
     ipvs = [c for c in runner.collectors if c.name == "ipvs"]
     assert ipvs, "collector ipvs is not registered or not enabled by default"
     return Runner(ipvs + [AlwaysUp()])

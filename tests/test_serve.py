@@ -146,14 +146,14 @@ def test_a_memory_stat_that_never_returns_does_not_stall_the_scrape(exporter, tm
 
 def test_missing_ip_vs_and_api_are_said_once(exporter):
     # This host has no ip_vs module and the exporter no Kubernetes API.
-    base, proc = exporter("--log.format", "json")
+    base, proc = exporter("--log.format", "json", "--proxy-mode", "ipvs")
     for _ in range(9):
         s = samples(get(base + "/metrics")[2].decode())
         assert value(s, "kubenode_collector_success", collector="ipvs") == 0.0
-        assert value(s, "kubenode_collector_success", collector="ipvs_drift") == 0.0
+        assert value(s, "kubenode_collector_success", collector="drift") == 0.0
     records = parse_lines(stop_and_read_log(proc), "json")
-    about = {name: [r for r in records if r.get("collector") == name] for name in ("ipvs", "ipvs_drift")}
+    about = {name: [r for r in records if r.get("collector") == name] for name in ("ipvs", "drift")}
     assert len(about["ipvs"]) == 1 and about["ipvs"][0]["level"] == "INFO", about["ipvs"]
     assert "ip_vs module not loaded" in about["ipvs"][0]["msg"]
-    assert len(about["ipvs_drift"]) == 1, about["ipvs_drift"]
+    assert len(about["drift"]) == 1, about["drift"]
     assert not [r for r in records if r["level"] == "ERROR" and "module not loaded" in r["msg"]]

@@ -12,6 +12,7 @@ from typing import Iterable, NamedTuple
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collector import NAMESPACE, Collector, CollectorError, Unavailable, register
+from exporter.dataplane import SCRAPE_WINDOW
 from exporter.readers.ipvs import IPVSReader, IPVSTable, IPVSUnavailable
 
 READER_SERVICE = "ipvs-reader"
@@ -19,7 +20,6 @@ PROTOCOLS = ("TCP", "UDP", "SCTP", "FWM")
 # How long one read of the table is reused: the collectors of one scrape run side by
 # side within milliseconds of each other, and scrapes are further apart than that.
 # Decided here, by the reader's owner, for every collector that shares it.
-SCRAPE_WINDOW = 0.5  # seconds
 
 
 def shared_ipvs_reader(ctx) -> IPVSReader:
@@ -94,14 +94,15 @@ def table_metrics(table: IPVSTable, counts: ShapeCounts | None = None) -> list[M
               unavailable),
         connections,
         gauge("unparsed_lines", "Lines of /proc/net/ip_vs the last read could not parse (their virtual "
-              "servers are left out, and ipvs_drift reports no drift while any).", table.skipped_lines),
+              "servers are left out, and the drift collector reports no drift while any).", table.skipped_lines),
     ]
 
 
 @register
 class IPVSCollector(Collector):
     name = "ipvs"
-    help = "size and health of the live IPVS table, from /proc/net/ip_vs"
+    help = "size and health of the live IPVS table, from /proc/net/ip_vs (IPVS nodes only)"
+    proxy_modes = ("ipvs",)
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)

@@ -1,4 +1,4 @@
-"""The desired IPVS table against the live one: what differs, and for how long.
+"""The desired dataplane table against the live one, in any proxy mode: what differs, and for how long.
 
 ``diff_tables`` is pure and O(desired + live): one dict lookup per virtual
 server and per real server, never a scan of one table per entry of the other
@@ -23,12 +23,28 @@ The contract's six kinds, plus one of ours:
 - ``draining_real_servers``: in IPVS, not desired, weight 0: graceful
   termination. Normal while connections drain; stuck when it lasts with no
   connections left (kubernetes issue 71071), which ``DriftTracker`` reports.
+- ``rejected_virtual_servers``: a frontend whose Service has usable endpoints
+  but whose traffic the rules reject or drop (a kube-proxy no-endpoint verdict
+  left in place: nftables `no-endpoint-services` / `-nodeports`). Counted instead
+  of ``missing_virtual_servers`` when the frontend is also absent from the
+  service maps: the verdict is what its traffic meets. Not drift: the verdict
+  kube-proxy itself gives a frontend without usable endpoints (reject, or drop
+  under a Local traffic policy with no endpoint on this node), and a verdict
+  left for a frontend nothing desires any more (it refuses traffic to an address
+  no Service uses). A desired verdict absent from the rules, with the frontend
+  not mapped either, is a missing virtual server. IPVS has no verdicts: the
+  kind stays empty there.
 - ``mismatched_virtual_servers`` (ours; the contract allows additions): a
   present virtual server whose scheduler or persistence timeout is not the
   desired one, e.g. ClientIP affinity set on the Service but the live virtual
   server not persistent. It is drift (session stickiness silently lost), so
   it counts for ``diff``'s exit status. The item carries both values. Real
   servers of a mismatched virtual server are still compared one by one.
+
+Modes without weights (nftables, iptables) give every real server weight 1, so
+``zero_weight_real_servers`` and ``draining_real_servers`` stay empty there.
+Chains of a deleted Service that nothing references any more are not read at
+all (the readers start from the service maps): they are never drift.
 
 Real server weights other than 0 are not compared (both proxies use 1; an
 operator's hand-tuned weight is not a fault the incidents were about), nor is
@@ -37,7 +53,8 @@ the forwarding method.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple
+from types import MappingProxyType
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey, _address_order
 
@@ -47,10 +64,11 @@ MISSING_RS = "missing_real_servers"
 STALE_RS = "stale_real_servers"
 ZERO_WEIGHT_RS = "zero_weight_real_servers"
 DRAINING_RS = "draining_real_servers"
+REJECTED_VS = "rejected_virtual_servers"
 MISMATCHED_VS = "mismatched_virtual_servers"
 
-# The contract's six, in its order; then ours.
-CONTRACT_KINDS = (MISSING_VS, STALE_VS, MISSING_RS, STALE_RS, ZERO_WEIGHT_RS, DRAINING_RS)
+# The contract's seven, in its order; then ours.
+CONTRACT_KINDS = (MISSING_VS, STALE_VS, MISSING_RS, STALE_RS, ZERO_WEIGHT_RS, DRAINING_RS, REJECTED_VS)
 KINDS = CONTRACT_KINDS + (MISMATCHED_VS,)
 # Kinds that are drift as soon as they are seen by `diff` (draining is drift only if it lasts).
 DRIFT_KINDS = tuple(k for k in KINDS if k != DRAINING_RS)
@@ -102,6 +120,7 @@ class Diff(NamedTuple):
     stale_real_servers: list[DriftItem]
     zero_weight_real_servers: list[DriftItem]
     draining_real_servers: list[DriftItem]
+    rejected_virtual_servers: list[DriftItem]
     mismatched_virtual_servers: list[DriftItem]
 
     def of(self, kind: str) -> list[DriftItem]:
@@ -216,19 +235,59 @@ def _stale_items(desired: Table, live: Table) -> tuple[DriftItem, ...]:
 
 
 def _collect(per_vs: Iterable[tuple[DriftItem, ...]]) -> Diff:
-    out = Diff([], [], [], [], [], [], [])
+    out = Diff(*([] for _ in KINDS))
     for items in per_vs:
         for item in items:
             out.of(item.kind).append(item)
     return out
 
 
-def diff_tables(desired: Table, live: Table) -> Diff:
-    """Classify every difference between the desired and the live table."""
+def _with_verdicts(out: Diff, desired: Table, desired_rejected: Mapping[VirtualServerKey, str],
+                   live: Table, live_rejected: Mapping[VirtualServerKey, str],
+                   services: Mapping[VirtualServerKey, VirtualServer] | None) -> Diff:
+    """Add what the rules' no-endpoint verdicts say (module docstring). Work: one lookup
+    per verdict on either side; both are usually a handful (Services without endpoints)."""
+    if not live_rejected and not desired_rejected:
+        return out
+    rejected = []
+    for key, verdict in live_rejected.items():
+        if key in desired_rejected:
+            continue  # kube-proxy's own verdict for a frontend without usable endpoints
+        want = desired.get(key)
+        if want is None:
+            continue  # refuses traffic to a frontend nothing desires: harmless, not drift
+        rejected.append(DriftItem(REJECTED_VS, key, service=want.service,
+                                  details=(("verdict", verdict), ("real_servers", len(want.real_servers)))))
+    if rejected:
+        out.of(REJECTED_VS).extend(rejected)
+        said = {item.vs for item in rejected}
+        missing = out.of(MISSING_VS)
+        missing[:] = [item for item in missing if item.vs not in said]
+    for key, verdict in desired_rejected.items():
+        if key not in live_rejected and key not in live and key not in desired:
+            owner = services.get(key) if services is not None else None
+            out.of(MISSING_VS).append(DriftItem(MISSING_VS, key, service=owner.service if owner else None,
+                                                details=(("verdict", verdict), ("real_servers", 0))))
+    return out
+
+
+_NONE: Mapping = MappingProxyType({})
+
+
+def diff_tables(desired: Table, live: Table, desired_rejected: Mapping[VirtualServerKey, str] = _NONE,
+                live_rejected: Mapping[VirtualServerKey, str] = _NONE,
+                services: Mapping[VirtualServerKey, VirtualServer] | None = None) -> Diff:
+    """Classify every difference between the desired and the live table.
+
+    ``desired_rejected`` / ``live_rejected``: the frontends the rules should and do
+    refuse ("reject" or "drop"; empty for IPVS). ``services``: every desired frontend,
+    verdict-only ones included, to name the Service of a missing verdict.
+    """
     get = live.get
     per_vs = [_compare(key, want, get(key)) for key, want in desired.items()]
     per_vs.append(_stale_items(desired, live))
-    return _with_connections(_collect(per_vs), live)
+    out = _with_connections(_collect(per_vs), live)
+    return _with_verdicts(out, desired, desired_rejected, live, live_rejected, services)
 
 
 class TableDiffer:
@@ -249,7 +308,9 @@ class TableDiffer:
         self._memo: dict[int, tuple[VirtualServer, VirtualServer | None, tuple[DriftItem, ...]]] = {}
         self.compared = 0  # virtual servers compared for real in the last call (the rest reused)
 
-    def diff(self, desired: Table, live: Table) -> Diff:
+    def diff(self, desired: Table, live: Table, desired_rejected: Mapping[VirtualServerKey, str] = _NONE,
+             live_rejected: Mapping[VirtualServerKey, str] = _NONE,
+             services: Mapping[VirtualServerKey, VirtualServer] | None = None) -> Diff:
         memo = self._memo
         get = live.get
         remembered = memo.get
@@ -272,7 +333,8 @@ class TableDiffer:
                 del memo[gone]
         per_vs.append(_stale_items(desired, live))  # cheap to describe: nothing to remember
         self.compared = compared
-        return _with_connections(_collect(per_vs), live)
+        out = _with_connections(_collect(per_vs), live)
+        return _with_verdicts(out, desired, desired_rejected, live, live_rejected, services)
 
 
 # --- over time ----------------------------------------------------------------

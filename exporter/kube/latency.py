@@ -3,8 +3,8 @@
 When an EndpointSlice changes, the store sends a ``ChangeEvent`` carrying the
 slice's ``endpoints.kubernetes.io/last-change-trigger-time``. The follower
 keeps that Service pending and, every ``interval`` seconds, checks only the
-pending Services' virtual servers against the live table; when they match
-the desired ones it observes ``now - trigger time`` into a cumulative
+pending Services' virtual servers (frontends) against the live dataplane, in
+any proxy mode; when they match the desired ones it observes ``now - trigger time`` into a cumulative
 histogram (the sig-scalability SLI kube-proxy measures on itself).
 
 Cost is bounded whatever the churn:
@@ -14,12 +14,17 @@ Cost is bounded whatever the churn:
   the oldest (counted);
 - a Service not matched after ``timeout`` seconds is given up (counted);
 - one tick reads each pending virtual server over netlink when few are
-  pending, else the whole table once from /proc (shared with the scrapes).
+  pending (IPVS), else the whole live table once through the mode's
+  ``DataplaneReader`` (shared with the scrapes; nftables' generation check
+  makes a read with nothing changed cost one netlink round trip).
 
 "Matches" means: every desired virtual server present with the desired
 scheduler and persistence, every desired real server present at weight > 0,
 any other real server at weight 0 (graceful termination is the proxy having
-applied the removal), and virtual servers the change removed gone.
+applied the removal), and virtual servers the change removed gone. In the
+rules modes also: a frontend with usable endpoints no longer refused by a
+no-endpoint verdict, and one kube-proxy should refuse (``unmapped`` with a
+verdict, ``desired_rules``) out of the service maps and refused as desired.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 from prometheus_client.core import HistogramMetricFamily
 
-from exporter.dataplane import VirtualServer, VirtualServerKey
+from exporter.dataplane import LiveRead, VirtualServer, VirtualServerKey
+from exporter.kube.desired_rules import UNMAPPED, VERDICTS
 
 log = logging.getLogger("exporter.kube.latency")
 
@@ -80,15 +86,31 @@ class Pending(NamedTuple):
     since: float  # monotonic time it started being followed
 
 
+_NO_VERDICTS: Mapping = {}
+
+
 def service_programmed(keys: Iterable[VirtualServerKey], desired: Mapping[VirtualServerKey, VirtualServer],
                        removed: Iterable[VirtualServerKey],
-                       live: Callable[[VirtualServerKey], VirtualServer | None]) -> bool:
-    """Whether the live table holds what is desired for one Service (pure; see module doc)."""
+                       live: Callable[[VirtualServerKey], VirtualServer | None],
+                       rejected: Mapping[VirtualServerKey, str] = _NO_VERDICTS) -> bool:
+    """Whether the live dataplane holds what is desired for one Service (pure; see module doc).
+
+    ``rejected``: the live rules' no-endpoint verdicts (empty for IPVS, whose desired
+    virtual servers carry no rule flags)."""
     for key in keys:
         want = desired.get(key)
         if want is None:
             continue  # changed again meanwhile; the next event covers it
+        verdict = next((flag for flag in want.flags if flag in VERDICTS), None) if want.flags else None
+        if verdict is None and key in rejected:
+            return False  # usable endpoints, still refused
+        if verdict is not None and rejected.get(key) != verdict:
+            return False
         have = live(key)
+        if want.flags and UNMAPPED in want.flags:
+            if have is not None:
+                return False  # still mapped to the endpoints it lost
+            continue
         if have is None or have.scheduler != want.scheduler \
                 or have.persistent_timeout != want.persistent_timeout:
             return False
@@ -107,12 +129,13 @@ def service_programmed(keys: Iterable[VirtualServerKey], desired: Mapping[Virtua
 
 
 class LatencyFollower:
-    """Follows changed Services until IPVS matches them; one background thread.
+    """Follows changed Services until the live dataplane matches them; one background thread.
 
     ``snapshot()`` returns the store's ``DesiredSnapshot``; ``read_table(max_age)``
-    the live table (a shared ``IPVSReader.get``); ``read_one(keys)`` reads a few
-    virtual servers directly ({key: VirtualServer or None}) or is None when
-    there is no such reader (a fixture procfs).
+    the live dataplane: a ``LiveRead`` (a ``DataplaneReader.read``, any mode) or a
+    plain table; ``read_one(keys)`` reads a few IPVS virtual servers directly
+    ({key: VirtualServer or None}) or is None when there is no such reader (a
+    fixture procfs, another mode).
     """
 
     def __init__(self, snapshot: Callable[[], object], read_table: Callable[[float], Mapping],
@@ -190,7 +213,7 @@ class LatencyFollower:
         wanted: dict[str, tuple] = {p.service: by_service.get(p.service, ()) for p in pending}
         keys = [k for p in pending for k in (*wanted[p.service], *p.removed)]
         try:
-            live = self._live(keys)
+            live, rejected = self._live(keys)
         except Exception as err:  # noqa: BLE001 - keep following; say why once per change of reason
             self.read_errors += 1
             if str(err) != self.last_error:
@@ -202,7 +225,7 @@ class LatencyFollower:
         done: list[Pending] = []
         expired: list[Pending] = []
         for item in pending:
-            if service_programmed(wanted[item.service], desired, item.removed, live):
+            if service_programmed(wanted[item.service], desired, item.removed, live, rejected):
                 done.append(item)
             elif now_mono - item.since >= self.timeout:
                 expired.append(item)
@@ -216,12 +239,18 @@ class LatencyFollower:
             self.histogram.observe(max(0.0, now - item.trigger_time))
         return len(done)
 
-    def _live(self, keys: list[VirtualServerKey]) -> Callable[[VirtualServerKey], VirtualServer | None]:
+    def _live(self, keys: list[VirtualServerKey]) -> tuple[Callable[[VirtualServerKey], VirtualServer | None],
+                                                          Mapping[VirtualServerKey, str]]:
         if self.read_one is not None and len(keys) <= self.direct_limit:
             found = self.read_one(keys)
-            return found.get
-        table = self.read_table(self.interval / 2)
-        return table.get
+            return found.get, _NO_VERDICTS
+        live = self.read_table(self.interval / 2)
+        if isinstance(live, LiveRead):
+            if live.unread:
+                # A table not read whole could match by accident: not "programmed".
+                raise RuntimeError(f"live rules not read whole: {live.unread[0]}")
+            return live.table.get, live.rejected
+        return live.get, _NO_VERDICTS
 
     # --- thread ------------------------------------------------------------------
 

@@ -73,6 +73,10 @@ BY_KEY_FROM_SETS = 3000
 _HOST_U32 = struct.Struct("=I")  # numgen writes its register in host byte order
 
 
+class NoKubeProxyTable(NftReadError):
+    """Neither `ip` nor `ip6 kube-proxy` exists (never programmed, or deleted behind its back)."""
+
+
 class NftablesSizes(NamedTuple):
     """One family's table sizes, for `kubenode_nftables_*`."""
 
@@ -239,7 +243,7 @@ class Resolution:
 
     def result(self, generation: int = 0) -> NftablesRead:
         if not self.present:
-            raise NftReadError(f"no kube-proxy nftables table (ip or ip6 {TABLE_NAME}) in this network namespace")
+            raise NoKubeProxyTable(f"no kube-proxy nftables table (ip or ip6 {TABLE_NAME}) in this network namespace")
         if not self.sizes:
             raise NftReadError("; ".join(self.unread))
         return NftablesRead(self.table, self.rejected, frozenset(self.firewalled), tuple(self.unread), self.sizes,

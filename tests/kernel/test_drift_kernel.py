@@ -115,6 +115,7 @@ def test_faults_injected_behind_the_proxy_are_reported_by_kind_and_service(ipvs)
                                ("10.96.200.1", "10.244.7.1", None)],
         "zero_weight_real_servers": [("10.96.1.1", "10.244.1.10", "default/web")],
         "draining_real_servers": [("10.96.1.1", "10.244.2.99", "default/web"), ("10.96.200.1", "10.244.7.2", None)],
+        "rejected_virtual_servers": [],  # IPVS has no no-endpoint verdicts
         "mismatched_virtual_servers": [("10.96.3.3", None, "default/sticky")],
     }
     mismatch = doc["mismatched_virtual_servers"][0]

@@ -142,9 +142,9 @@ def scrape_fresh(rig: DriftRig) -> dict:
 def test_faults_behind_the_proxy_are_reported_with_kind_and_service_after_grace(world):
     server, proxy, rig = world
     s = scrape_fresh(rig)
-    assert value(s, "kubenode_collector_success", collector="ipvs_drift") == 1, s
-    assert value(s, "kubenode_ipvs_desired_virtual_servers") == SERVICES
-    assert value(s, "kubenode_ipvs_desired_real_servers") == 3 * SERVICES
+    assert value(s, "kubenode_collector_success", collector="drift") == 1, s
+    assert value(s, "kubenode_dataplane_desired_virtual_servers") == SERVICES
+    assert value(s, "kubenode_dataplane_desired_real_servers") == 3 * SERVICES
     assert value(s, "kubenode_ipvs_virtual_servers") == SERVICES
     assert all(drift(s, k) == 0 for k in KINDS) and drifted_services(s) == {}
 
@@ -158,7 +158,7 @@ def test_faults_behind_the_proxy_are_reported_with_kind_and_service_after_grace(
     s = scrape_fresh(rig)
     first_seen_by = time.monotonic()  # the scrape that first saw the faults ended by now
     assert all(drift(s, k) == 0 for k in KINDS), "within grace nothing counts"
-    assert sum(value(s, "kubenode_ipvs_drift_pending", kind=k) for k in KINDS) == 4
+    assert sum(value(s, "kubenode_dataplane_drift_pending", kind=k) for k in KINDS) == 4
     time.sleep(max(0.0, GRACE - (time.monotonic() - first_seen_by)))
     s = rig.scrape()  # the first scrape after the grace period
     assert drifted_services(s) == {
@@ -177,8 +177,8 @@ def test_faults_behind_the_proxy_are_reported_with_kind_and_service_after_grace(
 def test_churn_within_grace_raises_nothing_and_latency_matches_the_delays(world):
     server, proxy, rig = world
     base = scrape_fresh(rig)
-    count0 = value(base, "kubenode_ipvs_programming_latency_seconds_count")
-    sum0 = value(base, "kubenode_ipvs_programming_latency_seconds_sum")
+    count0 = value(base, "kubenode_dataplane_programming_latency_seconds_count")
+    sum0 = value(base, "kubenode_dataplane_programming_latency_seconds_sum")
     assert count0 == 0
     expected = []
     for n, delay in enumerate((0.5, 1.5, 2.5)):
@@ -192,9 +192,9 @@ def test_churn_within_grace_raises_nothing_and_latency_matches_the_delays(world)
         s = rig.scrape()
         assert all(drift(s, k) == 0 for k in KINDS), s
         done = proxy.wait_programmed(generation + 1)
-        s = wait_until(lambda: (lambda s: s if value(s, "kubenode_ipvs_programming_latency_seconds_count")
+        s = wait_until(lambda: (lambda s: s if value(s, "kubenode_dataplane_programming_latency_seconds_count")
                                 == count0 + n + 1 else None)(rig.scrape()), 15, "latency observed")
-        total = value(s, "kubenode_ipvs_programming_latency_seconds_sum")
+        total = value(s, "kubenode_dataplane_programming_latency_seconds_sum")
         observed = total - (sum0 if n == 0 else expected[-1][2])
         expected.append((delay, done - trigger, total))
         # From the trigger to IPVS matching: at least the injected delay, at most the
@@ -205,6 +205,6 @@ def test_churn_within_grace_raises_nothing_and_latency_matches_the_delays(world)
         s = scrape_fresh(rig)
         assert all(drift(s, k) == 0 for k in KINDS) and drifted_services(s) == {}
     s = rig.scrape()
-    assert value(s, "kubenode_ipvs_programming_latency_seconds_bucket", le="0.25") == 0
-    assert value(s, "kubenode_ipvs_programming_latency_seconds_bucket", le="+Inf") == 3
-    assert value(s, "kubenode_ipvs_programming_latency_timeouts_total") == 0
+    assert value(s, "kubenode_dataplane_programming_latency_seconds_bucket", le="0.25") == 0
+    assert value(s, "kubenode_dataplane_programming_latency_seconds_bucket", le="+Inf") == 3
+    assert value(s, "kubenode_dataplane_programming_latency_timeouts_total") == 0
