@@ -125,3 +125,48 @@ def test_cluster_dashboard_has_a_row_for_the_exporters_own_cost():
     for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
                  "process_max_fds", "kubenode_exporter_build_info"):
         assert name in exprs, name
+
+
+def rows(model: dict) -> dict[str, list[dict]]:
+    """{row title: the panels under it} of a dashboard whose rows are not collapsed."""
+    out: dict[str, list[dict]] = {}
+    current = None
+    for panel in model["panels"]:
+        if panel["type"] == "row":
+            current = out.setdefault(panel["title"], [])
+        elif current is not None:
+            current.append(panel)
+    return out
+
+
+def exprs(panels: list[dict]) -> list[str]:
+    return [t["expr"] for p in panels for t in p.get("targets", [])]
+
+
+def test_node_dashboard_drift_row_is_the_same_for_every_mode():
+    """The drift row reads only mode-neutral series and shows the mode; IPVS table panels sit in
+    their own row, read IPVS series only, and say why they are empty on other modes."""
+    by_row = rows(load("kubenode-node.json"))
+    drift = by_row["Dataplane drift"]
+    assert drift and all("kubenode_dataplane_" in e or "kube_watch_up" in e for e in exprs(drift)), exprs(drift)
+    assert not [e for e in exprs(drift) if "kubenode_ipvs_" in e]
+    (mode,) = [p for p in drift if p["title"] == "Proxy mode"]
+    assert "kubenode_dataplane_info" in mode["targets"][0]["expr"] and "{{mode}}" in mode["targets"][0]["legendFormat"]
+    assert mode["options"]["textMode"] == "name"
+    ipvs = by_row["IPVS table (IPVS mode only)"]
+    assert ipvs
+    for panel in ipvs:
+        assert "No IPVS table" in panel["fieldConfig"]["defaults"]["noValue"], panel["title"]
+        # Each query is empty where no IPVS table is read, so the panel shows the text above.
+        assert all("kubenode_ipvs_" in e for e in exprs([panel])), panel["title"]
+    latency = next(p for p in by_row["Proxy programming and sync"] if p["title"] == "Network programming latency")
+    assert "kubenode_dataplane_programming_latency_seconds_bucket" in latency["targets"][0]["expr"]
+
+
+def test_cluster_dashboard_counts_nodes_per_mode_and_drift_in_any_mode():
+    model = load("kubenode-cluster.json")
+    by_title = {p["title"]: p for p in model["panels"]}
+    assert by_title["Nodes per proxy mode"]["targets"][0]["expr"].startswith("count by (mode) (kubenode_dataplane_info{")
+    for title in ("Nodes with dataplane drift", "Dataplane drift items", "Dataplane drift, five worst nodes"):
+        assert "node:kubenode_dataplane_drift:sum" in by_title[title]["targets"][0]["expr"], title
+    assert "kubenode_ipvs_" not in json.dumps(model)

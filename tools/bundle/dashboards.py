@@ -123,7 +123,8 @@ def _bars(ids: _Layout, title: str, description: str, expr: str, legend: str, un
 
 
 def _stat(ids: _Layout, title: str, description: str, expr: str, unit: str = "short",
-          span: int = 6, steps: list[tuple[float | None, str]] | None = None) -> stat.Panel:
+          span: int = 6, steps: list[tuple[float | None, str]] | None = None, legend: str = "",
+          text_mode: cm.BigValueTextMode | None = None, no_value: str | None = None) -> stat.Panel:
     panel = (stat.Panel().id(ids.id()).title(title).description(description)
              .datasource(DATASOURCE).height(4).span(span).unit(unit)
              .color_mode(cm.BigValueColorMode.BACKGROUND)
@@ -132,7 +133,15 @@ def _stat(ids: _Layout, title: str, description: str, expr: str, unit: str = "sh
     if steps:
         panel = panel.thresholds(db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(
             [dm.Threshold(value=v, color=c) for v, c in steps]))
-    return _targets(panel, [_query(expr)])
+    if text_mode is not None:
+        panel = panel.text_mode(text_mode)
+    if no_value is not None:
+        panel = panel.no_value(no_value)
+    return _targets(panel, [_query(expr, legend)])
+
+
+# What a panel of the IPVS row says on a node whose proxy runs another mode.
+NOT_IPVS = "No IPVS table: this node's proxy runs another mode (see Proxy mode)"
 
 
 def _variables(d: db.Dashboard, cfg: dict, multi_node: bool) -> db.Dashboard:
@@ -167,39 +176,68 @@ def node_dashboard(cfg: dict) -> db.Dashboard:
     ids = _Layout()
     j = f'{cfg["jobLabel"]}=~"$job", {cfg["nodeLabel"]}=~"$node"'
     d = _variables(_base(cfg, "node", "kubenode-exporter / Node",
-                         "One node's Kubernetes dataplane: IPVS drift, proxy programming and sync, "
+                         "One node's Kubernetes dataplane: drift of the proxy's rules (any mode), "
+                         "proxy programming and sync, "
                          "ipsets, kubelet and proxy CPU, memory.stat reads."), cfg, multi_node=False)
-    d = d.with_row(db.Row("IPVS drift").id(ids.id()))
-    d = d.with_panel(_stat(ids, "Drifted items", "IPVS items that differ from the Services and "
-                           "EndpointSlices past the grace period (all kinds but draining).",
-                           f'sum(kubenode_ipvs_drift{{{j}, kind!="draining_real_server"}}) or vector(0)',
+    # Drift reads only mode-neutral kubenode_dataplane_* series: the same panels on every mode.
+    d = d.with_row(db.Row("Dataplane drift").id(ids.id()))
+    d = d.with_panel(_stat(ids, "Proxy mode", "The proxy and the dataplane mode it runs on this node "
+                           "(kubenode_dataplane_info): IPVS, nftables or iptables.",
+                           f"max by (proxy, mode) (kubenode_dataplane_info{{{j}}})", legend="{{proxy}}: {{mode}}",
+                           text_mode=cm.BigValueTextMode.NAME, steps=[(None, "blue")],
+                           no_value="unknown (no kubenode_dataplane_info)"))
+    d = d.with_panel(_stat(ids, "Drifted items", "Frontends and endpoints of the proxy's rules that differ "
+                           "from the Services and EndpointSlices past the grace period (all kinds but draining).",
+                           f'sum(kubenode_dataplane_drift{{{j}, kind!="draining_real_server"}}) or vector(0)',
                            steps=[(None, "green"), (1, "red")]))
     d = d.with_panel(_stat(ids, "Oldest drift", "Age of the oldest item still drifted, any kind but draining.",
-                           f'max(kubenode_ipvs_drift_oldest_seconds{{{j}, kind!="draining_real_server"}})',
+                           f'max(kubenode_dataplane_drift_oldest_seconds{{{j}, kind!="draining_real_server"}})',
                            unit="s", steps=[(None, "green"), (120, "orange"), (600, "red")]))
-    d = d.with_panel(_stat(ids, "Virtual servers: IPVS minus desired",
-                           "Negative: virtual servers missing; positive: stale ones left behind.",
-                           f"sum(kubenode_ipvs_virtual_servers{{{j}}}) - sum(kubenode_ipvs_desired_virtual_servers{{{j}}})",
-                           steps=[(None, "green")]))
     d = d.with_panel(_stat(ids, "Kubernetes watch", "1 when every watched resource is up.",
                            f"min(kubenode_kube_watch_up{{{j}}})", steps=[(None, "red"), (1, "green")]))
-    d = d.with_panel(_graph(ids, "Drift by kind", "Drifted IPVS items per kind.",
-                            [_query(f"sum by (kind) (kubenode_ipvs_drift{{{j}}})", "{{kind}}")], "short"))
+    d = d.with_panel(_graph(ids, "Drift by kind", "Drifted items of the proxy's rules per kind.",
+                            [_query(f"sum by (kind) (kubenode_dataplane_drift{{{j}}})", "{{kind}}")], "short"))
     d = d.with_panel(_graph(ids, "Drift age by kind", "Age of the oldest drifted item per kind.",
-                            [_query(f"max by (kind) (kubenode_ipvs_drift_oldest_seconds{{{j}}})", "{{kind}}")], "s"))
-    d = d.with_panel(_table(ids, "Drifted services", "Services with drifted IPVS items now (capped).",
-                            f"max by (namespace, service, kind) (kubenode_ipvs_service_drift{{{j}}})", span=12))
-    d = d.with_panel(_graph(ids, "IPVS table size", "What is programmed against what should be.", [
+                            [_query(f"max by (kind) (kubenode_dataplane_drift_oldest_seconds{{{j}}})", "{{kind}}")], "s"))
+    d = d.with_panel(_table(ids, "Drifted services", "Services with drifted frontends or endpoints now (capped).",
+                            f"max by (namespace, service, kind) (kubenode_dataplane_service_drift{{{j}}})", span=12))
+    d = d.with_panel(_graph(ids, "Differences within the grace period", "Differences not yet drift: a proxy "
+                            "doing its job shows short spikes here.",
+                            [_query(f"sum by (kind) (kubenode_dataplane_drift_pending{{{j}}})", "{{kind}}")], "short"))
+    d = d.with_panel(_graph(ids, "Desired frontends and endpoints", "What the Services and EndpointSlices ask "
+                            "of this node's proxy, in any mode.", [
+                                _query(f"sum(kubenode_dataplane_desired_virtual_servers{{{j}}})", "frontends"),
+                                _query(f"sum(kubenode_dataplane_desired_real_servers{{{j}}})", "endpoints"),
+                            ], "short"))
+    d = d.with_panel(_graph(ids, "Live rules read time", "How long each scrape's read of the live rules took "
+                            "(a cheap generation check when nothing changed).",
+                            [_query(f"max(kubenode_dataplane_read_seconds{{{j}}})", "read")], "s"))
+
+    # IPVS-only panels, apart, saying so on nodes of other modes rather than showing an empty graph.
+    d = d.with_row(db.Row("IPVS table (IPVS mode only)").id(ids.id()))
+    d = d.with_panel(_stat(ids, "Virtual servers: IPVS minus desired",
+                           "Negative: virtual servers missing; positive: stale ones left behind.",
+                           f"sum(kubenode_ipvs_virtual_servers{{{j}}}) - sum(kubenode_dataplane_desired_virtual_servers{{{j}}})",
+                           span=12, steps=[(None, "green")], no_value=NOT_IPVS))
+    d = d.with_panel(_stat(ids, "Stuck graceful terminations", "Real servers at weight 0 with no connections "
+                           "that kube-proxy should have deleted.",
+                           f"sum(kubenode_ipvs_stuck_graceful_termination_real_servers{{{j}}}) "
+                           f"and sum(kubenode_ipvs_virtual_servers{{{j}}})",
+                           span=12, steps=[(None, "green"), (1, "red")], no_value=NOT_IPVS))
+    d = d.with_panel(_graph(ids, "IPVS table size", "What is programmed in IPVS against what should be.", [
         _query(f"sum(kubenode_ipvs_virtual_servers{{{j}}})", "virtual servers"),
-        _query(f"sum(kubenode_ipvs_desired_virtual_servers{{{j}}})", "desired virtual servers"),
+        _query(f"sum(kubenode_dataplane_desired_virtual_servers{{{j}}}) and sum(kubenode_ipvs_virtual_servers{{{j}}})",
+               "desired virtual servers"),
         _query(f"sum(kubenode_ipvs_real_servers{{{j}}})", "real servers"),
-        _query(f"sum(kubenode_ipvs_desired_real_servers{{{j}}})", "desired real servers"),
-    ], "short"))
+        _query(f"sum(kubenode_dataplane_desired_real_servers{{{j}}}) and sum(kubenode_ipvs_real_servers{{{j}}})",
+               "desired real servers"),
+    ], "short", span=24).no_value(NOT_IPVS))
 
     d = d.with_row(db.Row("Proxy programming and sync").id(ids.id()))
     d = d.with_panel(_heatmap(ids, "Network programming latency",
-                              "From an EndpointSlice change to IPVS matching it, measured from outside the proxy.",
-                              f"sum by (le) (rate(kubenode_ipvs_programming_latency_seconds_bucket{{{j}}}[$__rate_interval]))"))
+                              "From an EndpointSlice change to the proxy's rules matching it (any mode), "
+                              "measured from outside the proxy.",
+                              f"sum by (le) (rate(kubenode_dataplane_programming_latency_seconds_bucket{{{j}}}[$__rate_interval]))"))
     d = d.with_panel(_heatmap(ids, "Proxy sync duration", "The proxy's own rule-sync histogram.",
                               f"sum by (le) (rate(kubenode_proxy_sync_duration_seconds_bucket{{{j}}}[$__rate_interval]))"))
     d = d.with_panel(_graph(ids, "Since last proxy sync", "Seconds since the proxy last synced its rules, and "
@@ -269,25 +307,32 @@ def cluster_dashboard(cfg: dict) -> db.Dashboard:
                .tags(list(cfg["grafana"]["tags"])).as_dropdown(True).include_vars(True).keep_time(True))
     d = d.with_row(db.Row("Now").id(ids.id()))
     d = d.with_panel(_stat(ids, "Nodes scraped", "Exporter targets that answered.",
-                           f"count(up{{{j}}} == 1) or vector(0)", steps=[(None, "blue")]))
+                           f"count(up{{{j}}} == 1) or vector(0)", span=4, steps=[(None, "blue")]))
     d = d.with_panel(_stat(ids, "Nodes down", "Exporter targets that did not answer.",
-                           f"count(up{{{j}}} == 0) or vector(0)", steps=[(None, "green"), (1, "red")]))
-    d = d.with_panel(_stat(ids, "Nodes with IPVS drift", "Nodes with any drifted item but draining ones.",
-                           f"count(sum by ({node}) (node:kubenode_ipvs_drift:sum{{{j}}}) > 0) or vector(0)",
-                           steps=[(None, "green"), (1, "red")]))
+                           f"count(up{{{j}}} == 0) or vector(0)", span=4, steps=[(None, "green"), (1, "red")]))
+    d = d.with_panel(_stat(ids, "Nodes per proxy mode", "How many nodes run each dataplane mode "
+                           "(kubenode_dataplane_info): a migration from IPVS to nftables shows both.",
+                           f"count by (mode) (kubenode_dataplane_info{{{j}}})", span=6, legend="{{mode}}",
+                           text_mode=cm.BigValueTextMode.VALUE_AND_NAME, steps=[(None, "blue")],
+                           no_value="unknown (no kubenode_dataplane_info)"))
+    d = d.with_panel(_stat(ids, "Nodes with dataplane drift", "Nodes with any drifted item but draining ones, "
+                           "in any proxy mode.",
+                           f"count(sum by ({node}) (node:kubenode_dataplane_drift:sum{{{j}}}) > 0) or vector(0)",
+                           span=5, steps=[(None, "green"), (1, "red")]))
     d = d.with_panel(_stat(ids, "Firing kubenode alerts", "Alerts of this bundle firing now.",
                            'count(ALERTS{alertname=~"KubeNode.*", alertstate="firing"}) or vector(0)',
-                           steps=[(None, "green"), (1, "orange")]))
+                           span=5, steps=[(None, "green"), (1, "orange")]))
 
     d = d.with_row(db.Row("Worst nodes").id(ids.id()))
-    d = d.with_panel(_bars(ids, "IPVS drift items", "Drifted items per node, all kinds but draining.",
-                           f"sort_desc(sum by ({node}) (node:kubenode_ipvs_drift:sum{{{j}}}))",
+    d = d.with_panel(_bars(ids, "Dataplane drift items", "Drifted items per node, all kinds but draining, "
+                           "any proxy mode.",
+                           f"sort_desc(sum by ({node}) (node:kubenode_dataplane_drift:sum{{{j}}}))",
                            f"{{{{{node}}}}}", link=to_node, unit="short", steps=[(None, "green"), (1, "red")]))
-    d = d.with_panel(_bars(ids, "Oldest drift", "Age of the oldest drifted item per node.",
-                           f'sort_desc(max by ({node}) (kubenode_ipvs_drift_oldest_seconds{{{j}}}))',
+    d = d.with_panel(_bars(ids, "Oldest drift", "Age of the oldest drifted item per node, all kinds but draining.",
+                           f'sort_desc(max by ({node}) (kubenode_dataplane_drift_oldest_seconds{{{j}, kind!="draining_real_server"}}))',
                            f"{{{{{node}}}}}", link=to_node, unit="s", steps=[(None, "green"), (120, "orange"), (600, "red")]))
     d = d.with_panel(_bars(ids, "Network programming latency p99", "Over the last 5 minutes.",
-                           f"sort_desc(max by ({node}) (node:kubenode_ipvs_programming_latency_seconds:p99_rate5m{{{j}}}))",
+                           f"sort_desc(max by ({node}) (node:kubenode_dataplane_programming_latency_seconds:p99_rate5m{{{j}}}))",
                            f"{{{{{node}}}}}", link=to_node, unit="s", steps=[(None, "green"), (10, "orange"), (30, "red")]))
     d = d.with_panel(_bars(ids, "Fullest ipset", "Fill of the fullest set on each node.",
                            f"sort_desc(max by ({node}) (set:kubenode_ipset_fill:ratio{{{j}}}))",
@@ -312,8 +357,8 @@ def cluster_dashboard(cfg: dict) -> db.Dashboard:
                            f"{{{{{node}}}}}", link=to_node, unit="short", steps=[(None, "green"), (2000, "orange"), (10000, "red")]))
 
     d = d.with_row(db.Row("Trends").id(ids.id()))
-    d = d.with_panel(_graph(ids, "IPVS drift, five worst nodes", "Drifted items over time.",
-                            [_query(f"topk(5, sum by ({node}) (node:kubenode_ipvs_drift:sum{{{j}}}))",
+    d = d.with_panel(_graph(ids, "Dataplane drift, five worst nodes", "Drifted items over time, any proxy mode.",
+                            [_query(f"topk(5, sum by ({node}) (node:kubenode_dataplane_drift:sum{{{j}}}))",
                                     f"{{{{{node}}}}}")], "short"))
     d = d.with_panel(_table(ids, "Failing collectors", "Collectors failing now, and on how many nodes.",
                             f"count by (collector) (kubenode_collector_success{{{j}}} == 0)"))

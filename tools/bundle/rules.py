@@ -1,7 +1,9 @@
 """Prometheus recording and alerting rules for kubenode-exporter, from the bundle config.
 
 Every expression selects the exporter's series with ``exporterSelector`` and keeps
-the target labels (job, instance and the node label) so each alert names its node.
+the target labels (job, instance and the node label) so each alert names its node;
+the drift and programming-latency alerts also carry the ``proxy`` and ``mode`` of
+``kubenode_dataplane_info``, so a page says which dataplane the node runs.
 Thresholds, ``for`` and severity come from ``config.yaml``; why each value was chosen
 is in ``docs/runbooks/<AlertName>.md``.
 """
@@ -32,12 +34,12 @@ def recording_rules(cfg: dict) -> list[tuple[str, dict]]:
     rules = [
         {"record": "set:kubenode_ipset_fill:ratio",
          "expr": f"sum without (type) (kubenode_ipset_entries{s()}) / (kubenode_ipset_max_entries{s()} > 0)"},
-        {"record": "node:kubenode_ipvs_drift:sum",
-         # Draining real servers are graceful termination at work, not drift, unless it lasts
-         # (KubeNodeIPVSGracefulTerminationStuck watches that on its own).
-         "expr": "sum without (kind) (kubenode_ipvs_drift" + s('kind!="draining_real_server"') + ")"},
-        {"record": "node:kubenode_ipvs_programming_latency_seconds:p99_rate5m",
-         "expr": "histogram_quantile(0.99, rate(kubenode_ipvs_programming_latency_seconds_bucket"
+        {"record": "node:kubenode_dataplane_drift:sum",
+         # Draining real servers are graceful termination at work (IPVS only), not drift, unless
+         # it lasts (KubeNodeIPVSGracefulTerminationStuck watches that on its own).
+         "expr": "sum without (kind) (kubenode_dataplane_drift" + s('kind!="draining_real_server"') + ")"},
+        {"record": "node:kubenode_dataplane_programming_latency_seconds:p99_rate5m",
+         "expr": "histogram_quantile(0.99, rate(kubenode_dataplane_programming_latency_seconds_bucket"
                  f"{s()}[5m]))"},
         {"record": "proxy:kubenode_proxy_sync_duration_seconds:p99_rate10m",
          "expr": f"histogram_quantile(0.99, rate(kubenode_proxy_sync_duration_seconds_bucket{s()}[10m]))"},
@@ -48,8 +50,8 @@ def recording_rules(cfg: dict) -> list[tuple[str, dict]]:
         {"record": "node:kubenode_memcg_stat_read_seconds:max",
          "expr": f"max without (cgroup) (kubenode_memcg_stat_read_seconds{s()})"},
     ]
-    group_of = {"set": "kubenode-ipset", "node:kubenode_ipvs_drift": "kubenode-ipvs",
-                "node:kubenode_ipvs_programming": "kubenode-proxy", "proxy": "kubenode-proxy",
+    group_of = {"set": "kubenode-ipset", "node:kubenode_dataplane_drift": "kubenode-dataplane",
+                "node:kubenode_dataplane_programming": "kubenode-proxy", "proxy": "kubenode-proxy",
                 "component": "kubenode-node", "node:kubenode_memcg": "kubenode-node"}
     out = []
     for rule in rules:
@@ -59,7 +61,8 @@ def recording_rules(cfg: dict) -> list[tuple[str, dict]]:
 
 
 # (group, name, expr builder, summary, description). In descriptions, NODE stands for
-# the node label's template and THRESHOLD for the configured threshold.
+# the node label's template, RULES for the node's rules and their mode, and THRESHOLD for
+# the configured threshold.
 def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
     s = lambda extra="": _sel(cfg, extra)  # noqa: E731
     k = cfg["alerts"]
@@ -67,30 +70,47 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
     proxies = _alternation(cfg["proxyComponents"])
     kubelet = cfg["kubeletComponent"]
 
+    def with_mode(expr: str) -> str:
+        # The page says which dataplane the node runs: the proxy and mode labels of
+        # kubenode_dataplane_info joined on the target's own labels. A node whose exporter does
+        # not say (an older build, the info series missing) still pages, without them.
+        info = f"kubenode_dataplane_info{s()}"
+        return (f"({expr}) * ignoring (proxy, mode) group_left (proxy, mode) {info} "
+                f"or ignoring (proxy, mode) ({expr})")
+
     def drift(kind: str) -> str:
         matcher = 'kind="%s"' % kind
-        return f"sum without (kind) (kubenode_ipvs_drift{s(matcher)}) > 0"
+        return with_mode(f"sum without (kind) (kubenode_dataplane_drift{s(matcher)}) > 0")
 
+    # Every drift kind is the same question in every kube-proxy mode: a frontend (ClusterIP,
+    # NodePort, externalIP or load-balancer address and port) is a virtual server, an endpoint
+    # a real server. RULES names the node's rules and, where the exporter says it, their mode.
     return [
-        ("kubenode-ipvs", "KubeNodeIPVSStaleRealServers", drift("stale_real_server"),
-         "IPVS still sends traffic to endpoints that are gone.",
-         "{{ $value | humanize }} IPVS real servers on node NODE have weight > 0 but no ready "
-         "endpoint behind them, past the exporter's drift grace period: connections to them fail."),
-        ("kubenode-ipvs", "KubeNodeIPVSMissingVirtualServers", drift("missing_virtual_server"),
-         "Service addresses are not programmed in IPVS.",
-         "{{ $value | humanize }} virtual servers that Services need are missing from IPVS on node NODE, "
-         "past the drift grace period: traffic to those Service addresses from this node is lost."),
-        ("kubenode-ipvs", "KubeNodeIPVSMissingRealServers", drift("missing_real_server"),
-         "Ready endpoints are missing from IPVS.",
-         "{{ $value | humanize }} ready endpoints are missing as IPVS real servers on node NODE, "
-         "past the drift grace period: their Services run on fewer backends from this node."),
-        ("kubenode-ipvs", "KubeNodeIPVSStaleVirtualServers", drift("stale_virtual_server"),
-         "IPVS keeps virtual servers of deleted Services.",
-         "{{ $value | humanize }} IPVS virtual servers on node NODE belong to no Service, past the "
-         "drift grace period: the proxy is not cleaning up, and a reused address would be misrouted."),
-        ("kubenode-ipvs", "KubeNodeIPVSZeroWeightRealServers", drift("zero_weight_real_server"),
+        ("kubenode-dataplane", "KubeNodeDataplaneStaleRealServers", drift("stale_real_server"),
+         "The proxy's rules still send traffic to endpoints that are gone.",
+         "{{ $value | humanize }} addresses that are no longer ready endpoints still take traffic in "
+         "RULES on node NODE, past the exporter's drift grace period: connections to them fail."),
+        ("kubenode-dataplane", "KubeNodeDataplaneMissingVirtualServers", drift("missing_virtual_server"),
+         "Service frontends are not programmed in the proxy's rules.",
+         "{{ $value | humanize }} Service frontends (address, protocol and port) are missing from RULES "
+         "on node NODE, past the drift grace period: traffic to them from this node is lost."),
+        ("kubenode-dataplane", "KubeNodeDataplaneRejectedVirtualServers", drift("rejected_virtual_server"),
+         "The proxy's rules refuse traffic to Services that have endpoints.",
+         "{{ $value | humanize }} frontends of Services with usable endpoints hit a reject or drop "
+         "verdict in RULES on node NODE, past the drift grace period: clients are refused although "
+         "the Service has endpoints."),
+        ("kubenode-dataplane", "KubeNodeDataplaneMissingRealServers", drift("missing_real_server"),
+         "Ready endpoints are missing from the proxy's rules.",
+         "{{ $value | humanize }} ready endpoints are missing from RULES on node NODE, past the drift "
+         "grace period: their Services run on fewer backends from this node."),
+        ("kubenode-dataplane", "KubeNodeDataplaneStaleVirtualServers", drift("stale_virtual_server"),
+         "The proxy's rules keep frontends of deleted Services.",
+         "{{ $value | humanize }} frontends in RULES on node NODE belong to no Service, past the drift "
+         "grace period: the proxy is not cleaning up, and a reused address would be misrouted."),
+        # Weights exist only in IPVS: in the other modes this kind stays 0.
+        ("kubenode-dataplane", "KubeNodeDataplaneZeroWeightRealServers", drift("zero_weight_real_server"),
          "Ready endpoints have IPVS weight 0.",
-         "{{ $value | humanize }} ready endpoints on node NODE are in IPVS with weight 0, past the "
+         "{{ $value | humanize }} ready endpoints are in RULES on node NODE with IPVS weight 0, past the "
          "drift grace period: no new connection reaches them."),
         # The exporter counts a real server as stuck only at weight 0 with no connections
         # left for drift.stuck-draining-after: a long-lived connection still draining is
@@ -102,18 +122,19 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
          "{{ $value | humanize }} real servers of removed endpoints on node NODE are at weight 0 "
          "with no connections left, yet still in IPVS: the proxy's graceful termination is not "
          "deleting them (kubernetes issue 71071)."),
-        # The drift collector reports nothing over a table it did not read whole (success 0):
-        # without this alert the drift alerts would only fall silent.
+        # The drift collector reports nothing over a table it did not read whole (success 0,
+        # in every mode: KubeNodeCollectorFailing); this says why, early, on IPVS nodes.
         ("kubenode-ipvs", "KubeNodeIPVSTableUnreadable", f"kubenode_ipvs_unparsed_lines{s()} > 0",
          "The IPVS table is not read whole; drift is not reported.",
          "{{ $value | humanize }} lines of /proc/net/ip_vs on node NODE are not IPVS text the exporter "
          "understands: it reports no IPVS drift there rather than a clean table it did not read whole, "
          "so the drift alerts of this node are blind."),
         ("kubenode-proxy", "KubeNodeProxyProgrammingLatencyHigh",
-         f"node:kubenode_ipvs_programming_latency_seconds:p99_rate5m > {t('KubeNodeProxyProgrammingLatencyHigh')}",
-         "Endpoint changes take long to reach IPVS.",
+         with_mode("node:kubenode_dataplane_programming_latency_seconds:p99_rate5m"
+                   f" > {t('KubeNodeProxyProgrammingLatencyHigh')}"),
+         "Endpoint changes take long to reach the proxy's rules.",
          "99th percentile of network programming latency on node NODE is {{ $value | humanizeDuration }} "
-         "(threshold THRESHOLDs): new and removed endpoints take that long to reach IPVS."),
+         "(threshold THRESHOLDs): new and removed endpoints take that long to reach RULES."),
         ("kubenode-proxy", "KubeNodeProxySyncSlow",
          f"proxy:kubenode_proxy_sync_duration_seconds:p99_rate10m > {t('KubeNodeProxySyncSlow')}",
          "The proxy's rule syncs are slow.",
@@ -179,8 +200,8 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
          "its metrics are missing or partial."),
         ("kubenode-exporter", "KubeNodeKubeWatchDown", f"kubenode_kube_watch_up{s()} == 0",
          "kubenode-exporter cannot watch the Kubernetes API.",
-         "kubenode-exporter on node NODE has no working watch on {{ $labels.resource }}: IPVS drift "
-         "cannot be computed there."),
+         "kubenode-exporter on node NODE has no working watch on {{ $labels.resource }}: dataplane "
+         "drift cannot be computed there."),
         ("kubenode-exporter", "KubeNodeExporterDown", f"up{s()} == 0",
          "kubenode-exporter cannot be scraped.",
          "Prometheus cannot scrape kubenode-exporter on node NODE ({{ $labels.instance }}): "
@@ -188,10 +209,14 @@ def _alert_table(cfg: dict) -> list[tuple[str, str, str, str, str]]:
     ]
 
 
+# The node's rules, and their mode where kubenode_dataplane_info says it.
+RULES_TEMPLATE = "the proxy's rules{{ with $labels.mode }} ({{ . }} mode){{ end }}"
+
 ALERT_NAMES = [
-    "KubeNodeIPVSStaleRealServers", "KubeNodeIPVSMissingRealServers",
-    "KubeNodeIPVSMissingVirtualServers", "KubeNodeIPVSStaleVirtualServers",
-    "KubeNodeIPVSZeroWeightRealServers", "KubeNodeIPVSGracefulTerminationStuck", "KubeNodeIPVSTableUnreadable",
+    "KubeNodeDataplaneStaleRealServers", "KubeNodeDataplaneMissingRealServers",
+    "KubeNodeDataplaneMissingVirtualServers", "KubeNodeDataplaneStaleVirtualServers",
+    "KubeNodeDataplaneZeroWeightRealServers", "KubeNodeDataplaneRejectedVirtualServers",
+    "KubeNodeIPVSGracefulTerminationStuck", "KubeNodeIPVSTableUnreadable",
     "KubeNodeProxyProgrammingLatencyHigh", "KubeNodeProxySyncSlow", "KubeNodeProxySyncStale",
     "KubeNodeProxyMetricsDown", "KubeNodeIpsetNearlyFull", "KubeNodeIpsetFull",
     "KubeNodeKubeletCPUHigh", "KubeNodeProxyCPUHigh", "KubeNodeProxyExecStorm",
@@ -219,9 +244,9 @@ def rule_groups(cfg: dict) -> list[dict[str, Any]]:
             "labels": {"severity": knobs["severity"]},
             "annotations": {
                 "summary": summary,
-                "description": description.replace("NODE", node_tmpl),
+                "description": description.replace("NODE", node_tmpl).replace("RULES", RULES_TEMPLATE),
                 "runbook_url": cfg["runbookURLBase"] + name + ".md",
             },
         })
-    order = ["kubenode-ipvs", "kubenode-proxy", "kubenode-ipset", "kubenode-node", "kubenode-exporter"]
+    order = ["kubenode-dataplane", "kubenode-ipvs", "kubenode-proxy", "kubenode-ipset", "kubenode-node", "kubenode-exporter"]
     return [{"name": name, "rules": groups[name]} for name in order]
