@@ -40,7 +40,7 @@ from exporter.config import PROXIES
 from exporter.dataplane import MODES, Table, VirtualServerKey, sorted_real_servers, sorted_virtual_servers
 from exporter.kube import desired as model
 from exporter.kube import desired_rules
-from exporter.kube.diff import KINDS, Diff, DriftItem, diff_tables
+from exporter.kube.diff import KINDS, REJECTED_VS, Diff, diff_tables
 from exporter.kube.objects import ObjectSet, canonical_ip, MalformedObject, parse_objects
 from exporter.yamlload import YAMLInputError, decode_utf8, load_all, paused_gc
 
@@ -258,37 +258,22 @@ def _read_rules_files(paths: list[str]) -> list[tuple[str, bytes]]:
     return files
 
 
-def detect_live_mode(procfs: str) -> tuple[str, str]:
-    """This node's kube-proxy mode from the tables present, and how it was found.
+# How long `diff` waits for kube-proxy's /proxyMode before it looks at the tables.
+DETECT_TIMEOUT = 2.0
 
-    kube-proxy removes the other modes' leftovers when it starts, so its nftables
-    table means nftables mode; IPVS mode also programs iptables chains, so
-    /proc/net/ip_vs is asked before KUBE-SERVICES.
-    """
+
+def detect_live_mode(proxy: str, procfs: str) -> tuple[str, str]:
+    """This node's proxy mode and how it was found, as the running exporter's ``auto``
+    finds it (``exporter.proxymode.find_mode``: kube-proxy's ``/proxyMode`` on its default
+    metrics address, else the kube-proxy tables present)."""
     from exporter.paths import Paths
-    from exporter.readers.ipvs import PROC_IP_VS
-    from exporter.readers.nftables import FAMILIES, TABLE_NAME
-    from exporter.readers.nftables_netlink import NFPROTO_IPV4, NftNetlink, NftReadError
+    from exporter.proxymode import find_mode
 
-    ip_vs = Paths(procfs=procfs).proc(*PROC_IP_VS)
-    try:
-        with NftNetlink() as nl:
-            for family_name, family, _ in FAMILIES:
-                if nl.table(family, TABLE_NAME) is not None:
-                    return "nftables", f"table {family_name} {TABLE_NAME} exists"
-            if os.path.exists(ip_vs):
-                return "ipvs", f"{ip_vs} exists"
-            if nl.table(NFPROTO_IPV4, "nat") is not None and any(
-                    c.name == "KUBE-SERVICES" for c in nl.chains(NFPROTO_IPV4, "nat")):
-                return "iptables", "chain KUBE-SERVICES exists in table ip nat"
-    except NftReadError as err:
-        if os.path.exists(ip_vs):
-            return "ipvs", f"{ip_vs} exists (nf_tables not readable: {err})"
-        raise BadInput(f"cannot tell this node's proxy mode: {err}; pass --proxy-mode") from None
-    if os.path.exists(ip_vs):
-        return "ipvs", f"{ip_vs} exists"
-    raise BadInput(f"cannot tell this node's proxy mode (no kube-proxy nftables table, no {ip_vs}, "
-                   "no KUBE-SERVICES chain): pass --proxy-mode")
+    found = find_mode({"proxy": proxy, "proxy.metrics-url": None, "proxy.timeout": DETECT_TIMEOUT},
+                      Paths(procfs=procfs))
+    if found.mode is None:
+        raise BadInput(f"cannot tell this node's proxy mode ({found.how}): pass --proxy-mode")
+    return found.mode, found.how
 
 
 def _proxy_mode(args: argparse.Namespace, command: str, rules_files: list[tuple[str, bytes]]
@@ -297,7 +282,7 @@ def _proxy_mode(args: argparse.Namespace, command: str, rules_files: list[tuple[
     mode = args.proxy_mode
     procfs = getattr(args, "procfs", "/proc")
     if command == "desired":
-        return detect_live_mode(procfs) if mode == "auto" else (mode or "ipvs", None)
+        return detect_live_mode(args.proxy, procfs) if mode == "auto" else (mode or "ipvs", None)
     if args.ipvs and rules_files:
         raise BadInput("--ipvs and --rules are two dataplanes: give one")
     if args.ipvs:
@@ -314,7 +299,7 @@ def _proxy_mode(args: argparse.Namespace, command: str, rules_files: list[tuple[
             raise BadInput("--rules takes nftables or iptables rules; an IPVS table is given with --ipvs")
         return mode, None
     if mode in (None, "auto"):
-        return detect_live_mode(procfs)
+        return detect_live_mode(args.proxy, procfs)
     return mode, None
 
 
@@ -349,24 +334,6 @@ def _live_rules(mode: str, rules_files: list[tuple[str, bytes]]):
 
 # Until diff.py has the ``rejected_virtual_server`` kind (t-drift), the offline diff
 # computes it here, in one pure function that can move there unchanged.
-REJECTED_VS = "rejected_virtual_servers"
-
-
-def rejected_virtual_servers(desired: desired_rules.DesiredRules, live_rejected: dict[VirtualServerKey, str]
-                             ) -> list[DriftItem]:
-    """Frontends whose Service has usable endpoints (the desired rules map them and do
-    not reject them) but that the live rules reject or drop (a no-endpoint verdict).
-
-    Not drift: a frontend kube-proxy itself would reject or drop (in
-    ``desired.rejected``), nor a verdict left for a frontend nothing desires.
-    """
-    items = []
-    for key, verdict in live_rejected.items():
-        want = desired.table.get(key)
-        if want is not None and key not in desired.rejected:
-            items.append(DriftItem(REJECTED_VS, key, service=want.service,
-                                   details=(("verdict", verdict), ("real_servers", len(want.real_servers)))))
-    return sorted(items, key=lambda item: item.vs.sort_key())
 
 
 class _Desired:
@@ -441,7 +408,7 @@ def _rejected_text(title: str, rows: list[dict]) -> list[str]:
     return lines
 
 
-def diff_text(diff: Diff, rejected: list[DriftItem] = ()) -> str:
+def diff_text(diff: Diff) -> str:
     lines = []
     ordered = diff.sorted()
     for kind in KINDS:
@@ -460,8 +427,7 @@ def diff_text(diff: Diff, rejected: list[DriftItem] = ()) -> str:
                         f" persistent {extra['live_persistent_timeout']} (want {extra['persistent_timeout']})")
             row += f"  {item.service or ''}"
             lines.append(row.rstrip())
-    lines += _rejected_text(REJECTED_VS.replace("_", " "), [item.to_json() for item in rejected])
-    lines.append("drift found" if diff.has_drift or rejected else "no drift")
+    lines.append("drift found" if diff.has_drift else "no drift")
     return "\n".join(lines) + "\n"
 
 
@@ -512,15 +478,13 @@ def run(command: str, argv: list[str]) -> int:
                                                  want.rejected_json())) + "\n"
         sys.stdout.write(out)
         return 0
-    result = diff_tables(want.table, live)
-    rejected = rejected_virtual_servers(want.rules, live_rules.rejected) if live_rules is not None else []
+    result = diff_tables(want.table, live, want.rules.rejected if want.rules is not None else {},
+                         live_rules.rejected if live_rules is not None else {})
     if args.output == "json":
-        doc = result.to_json()
-        doc[REJECTED_VS] = [item.to_json() for item in rejected]
-        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+        sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
     else:
-        sys.stdout.write(diff_text(result, rejected))
-    return 1 if result.has_drift or rejected else 0
+        sys.stdout.write(diff_text(result))
+    return 1 if result.has_drift else 0
 
 
 def main(command: str, argv: list[str]) -> int:

@@ -105,10 +105,14 @@ def find_mode(settings, paths) -> Found:
         return asked
     found = (["ipvs"] if ipvs_has_virtual_servers(paths) else []) + rule_tables_found()
     if not found:
-        return Found(None, f"{asked.how}; and no kube-proxy table on this node (no IPVS virtual server, "
+        return Found(None, f"{asked.how}; and no kube-proxy table on this node (no IPVS virtual server in "
+                           f"{paths.proc('net', 'ip_vs')}, "
                            f"no {KUBE_PROXY_TABLE} nftables table, no iptables {IPTABLES_SERVICES_CHAIN} chain)")
+    seen = {"ipvs": f"IPVS virtual servers in {paths.proc('net', 'ip_vs')}",
+            "nftables": f"the {KUBE_PROXY_TABLE} nftables table",
+            "iptables": f"iptables' {IPTABLES_SERVICES_CHAIN} chain"}
     others = f" (also found: {', '.join(found[1:])})" if len(found) > 1 else ""
-    return Found(found[0], f"{asked.how}; found its tables{others}")
+    return Found(found[0], f"{asked.how}; found {seen[found[0]]}{others}")
 
 
 class ProxyMode:

@@ -67,7 +67,7 @@ def test_an_unknown_answer_falls_back_to_the_tables(tmp_path, ns):
     finally:
         proxy.stop()
     assert found.mode == "nftables"
-    assert "answered" in found.how and "'kernelspace', not a mode" in found.how and "found its tables" in found.how
+    assert "answered" in found.how and "'kernelspace', not a mode" in found.how and "found the kube-proxy nftables table" in found.how
 
 
 def test_tables_say_the_mode_when_kube_proxy_does_not(tmp_path, ns):
