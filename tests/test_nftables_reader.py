@@ -249,3 +249,25 @@ def test_a_flushed_table_is_read_as_empty_and_a_deleted_one_is_an_error(ns):
     ns.nft("delete table ip kube-proxy\n")
     with pytest.raises(NftReadError, match="no kube-proxy nftables table"):
         ns.run(reader.read)
+
+
+def test_what_the_reader_keeps_per_chain_is_a_sorted_tuple(ns):
+    """A resolved chain is kept between reads (reused while its rules keep their handles):
+    its endpoints as one sorted tuple, not a set (a frozenset of five is nine times the
+    bytes). Equal endpoints are still recognised: an unchanged frontend is the same object
+    on a re-read, and a changed one has its new endpoints."""
+    services = newest_services()
+    ns.nft(ruleset(services))
+    reader = NftablesReader(safety_interval=0.0)  # every read reads the rules again
+    first = ns.run(reader.read)
+    kept = [resolved for cache in reader._families.values()
+            for resolved, _chain, _vs in cache.resolver.frontends.values()]
+    kept += [resolved for cache in reader._families.values() for _handles, resolved in cache.resolver.leaves.values()]
+    assert kept and any(resolved.real_servers for resolved in kept)
+    assert all(type(r.real_servers) is tuple and list(r.real_servers) == sorted(set(r.real_servers)) for r in kept)
+    again = ns.run(reader.read)
+    assert again.reread and all(again.table[k] is v for k, v in first.table.items())
+    ns.nft(endpoints_changed(services[0], [("10.180.0.1", 80), ("10.180.0.10", 80)]))
+    changed = ns.run(reader.read)
+    assert changed.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {
+        ("10.180.0.1", 80), ("10.180.0.10", 80)}

@@ -100,7 +100,9 @@ class NftablesRead(NamedTuple):
 
 
 class _Resolved(NamedTuple):
-    real_servers: frozenset[tuple[str, int]]
+    # Sorted and each once: equal sets are equal tuples. Kept per chain between reads,
+    # and a tuple of five is 80 bytes where a frozenset is 728 (7 MB at 10,000 Services).
+    real_servers: tuple[tuple[str, int], ...]
     affinity_timeout: int | None
     problems: tuple[str, ...]
 
@@ -406,7 +408,7 @@ class _Resolver:
             virtual_server = last[2]
         else:
             service = self._service_of(chain)
-            real_servers = {rs: RealServer(rs[0], rs[1]) for rs in sorted(resolved.real_servers)}
+            real_servers = {rs: RealServer(rs[0], rs[1]) for rs in resolved.real_servers}
             virtual_server = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, real_servers, service)
         self.cache.frontends[key] = (resolved, chain, virtual_server)
         other = table.get(key)
@@ -438,11 +440,11 @@ class _Resolver:
 
     def _walk(self, chain: str | None, depth: int) -> _Resolved:
         if not chain or self._service_of(chain) is None:
-            return _Resolved(frozenset(), None, (f"chain {chain!r} is not one of kube-proxy's",))
+            return _Resolved((), None, (f"chain {chain!r} is not one of kube-proxy's",))
         if chain not in self.chain_names:
-            return _Resolved(frozenset(), None, (f"chain {chain} is missing",))
+            return _Resolved((), None, (f"chain {chain} is missing",))
         if depth > MAX_CHAIN_DEPTH:
-            return _Resolved(frozenset(), None, (f"chain {chain} nests deeper than kube-proxy's",))
+            return _Resolved((), None, (f"chain {chain} nests deeper than kube-proxy's",))
         rules = self.by_chain.get(chain, ())
         handles = tuple(r.handle for r in rules)
         leaf = self.old_leaves.get(chain)
@@ -491,7 +493,7 @@ class _Resolver:
                 break
             if verdict.code == NF_DROP or rule.rejects:
                 break
-        result = _Resolved(frozenset(endpoints), affinity, tuple(problems))
+        result = _Resolved(tuple(sorted(endpoints)), affinity, tuple(problems))
         if not followed and affinity is None and not problems:
             self.cache.leaves[chain] = (handles, result)
             self.source.release(rules)

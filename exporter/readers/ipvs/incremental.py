@@ -51,6 +51,7 @@ class IncrementalParser:
         try:
             return self._parse(text, hz)
         finally:
+            self.conversions.after_parse()
             if gc_was_enabled:
                 gc.enable()
 
