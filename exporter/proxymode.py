@@ -146,6 +146,8 @@ class ProxyMode:
         except Exception as err:  # noqa: BLE001 - a bug in a probe must not stop the exporter
             found = Found(None, f"looking for the proxy mode failed: {type(err).__name__}: {err}")
         if found.mode is None:
+            if self._mode is None:
+                self.how = found.how  # why there is none, for whoever asks
             if self._mode is None and not self._said_nothing:
                 log.warning("proxy mode not found (%s): drift is not reported until it is; "
                             "set --proxy-mode to say it", found.how)

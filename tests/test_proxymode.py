@@ -177,3 +177,11 @@ def test_old_and_contract_names_of_options(tmp_path):
     with pytest.raises(ConfigError, match="must be one of auto, ipvs, nftables, iptables"):
         settings("--config.file", str(config))
     assert settings()["proxy-mode"] == "auto"
+
+
+def test_auto_that_finds_nothing_says_why_to_whoever_asks():
+    from exporter.proxymode import Found, ProxyMode
+
+    mode = ProxyMode({"proxy-mode": "auto"}, None, find=lambda: Found(None, "no table here"), recheck=0)
+    assert mode.current() is None
+    assert mode.how == "no table here"
