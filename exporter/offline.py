@@ -77,8 +77,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
                              "(a List; Nodes optional). Without it, the live cluster is listed when a kubeconfig "
                              "is available (--kubeconfig, $KUBECONFIG, or in-cluster)")
     parser.add_argument("--proxy-mode", dest="proxy_mode", choices=("auto", *MODES), default=None,
-                        help="the proxy's dataplane: auto finds this node's (the kube-proxy nftables table, "
-                             "else /proc/net/ip_vs, else kube-proxy's iptables chains). Default: ipvs for "
+                        help="the proxy's dataplane: auto finds this node's as the exporter does (kube-proxy's "
+                             "GET /proxyMode on 127.0.0.1:10249, else the tables present: IPVS virtual servers, "
+                             "the kube-proxy nftables table, iptables' KUBE-SERVICES chain). Default: ipvs for "
                              "desired and diff --ipvs, the rules' own mode for diff --rules, auto for a live diff")
     if command == "diff":
         parser.add_argument("--ipvs", metavar="FILE",
