@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from exporter.readers.nftables import NftablesReader
 from exporter.readers.nftables_json import read_rules_json
 from tests.nft_rulesets import (NftNS, ServicePort, endpoints_changed, generated_services, generated_services_v6,
                                 kube_objects, ruleset)
-from tests.test_offline import assert_bad_input, run
+from tests.test_offline import assert_bad_input, run, workdir  # noqa: F401 - workdir: the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "nftables"
@@ -36,15 +33,6 @@ NODE_NAME = "node-a"
 def ns():
     with NftNS() as namespace:
         yield namespace
-
-
-@pytest.fixture
-def workdir():
-    path = tempfile.mkdtemp(prefix=f"kubenode-rules-offline-{os.getpid()}-")
-    try:
-        yield Path(path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def nft_json(ns: NftNS, *what: str) -> bytes:
