@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.request
 
-from bench.common import Row, best_of, rss_bytes
+from bench.common import Row, best_of, main, rss_bytes
 
 SCRAPES = 100
 RSS_LIMIT = 60 * 1024 * 1024
@@ -117,9 +117,4 @@ def run(args) -> list[Row]:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    for row in run(parser.parse_args()):
-        print(row)
+    main(run)

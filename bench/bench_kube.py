@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import Row
+from bench.common import Row, main
 
 ENDPOINTS_PER_SLICE = 5
 
@@ -156,12 +156,4 @@ def run(args) -> list[Row]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        _child(sys.argv[2])
-    else:
-        import argparse
-
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--quick", action="store_true")
-        for row in run(parser.parse_args()):
-            print(row)
+    main(run, {"--child": _child})

@@ -36,7 +36,7 @@ import time
 import urllib.request
 
 from bench.bench_kube import _populate
-from bench.common import Row
+from bench.common import Row, main
 
 LIMIT_MB = 80.0
 NODE_NAME, NODE_IP = "bench-node", "192.0.2.10"
@@ -262,12 +262,4 @@ def run(args) -> list[Row]:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    if len(sys.argv) == 4 and sys.argv[1] == "--nft-child":
-        _nft_child(sys.argv[2], sys.argv[3])
-        sys.exit(0)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    for row in run(parser.parse_args()):
-        print(row)
+    main(run, {"--nft-child": _nft_child})

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from bench.bench_kube import ENDPOINTS_PER_SLICE
-from bench.common import Row
+from bench.common import Row, main
 
 SERVICES = 24_000
 LIMIT_SECONDS = 15.0
@@ -145,12 +145,4 @@ def run(args) -> list[Row]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        _measure_child(sys.argv[2])
-    else:
-        import argparse
-
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--quick", action="store_true")
-        for row in run(parser.parse_args()):
-            print(row)
+    main(run, {"--child": _measure_child})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 
 @dataclass
@@ -54,3 +56,17 @@ def rss_bytes(pid: int | str = "self") -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def main(run: Callable[[Any], list[Row]], children: dict[str, Callable[..., object]] | None = None) -> None:
+    """A bench module run on its own: its rows printed (``--quick`` for smaller tables).
+    ``FLAG ARG...`` naming one of ``children`` runs that part instead: the part a module
+    measures in a fresh process of its own, started by its ``run``."""
+    argv = sys.argv[1:]
+    if argv and children and argv[0] in children:
+        children[argv[0]](*argv[1:])
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    for row in run(parser.parse_args(argv)):
+        print(row)

@@ -70,11 +70,14 @@ def _as_deadline(value: Any) -> float:
     return seconds
 
 
-def _as_log_format(value: Any) -> str:
-    text = _as_str(value)
-    if text not in LOG_FORMATS:
-        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
-    return text
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    """A parser of a string that must be one of ``choices``."""
+    def parse(value: Any) -> str:
+        text = _as_str(value)
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+    return parse
 
 
 def _as_count(value: Any) -> int:
@@ -138,20 +141,6 @@ def _as_regex(value: Any) -> str:
     return text
 
 
-def _as_proxy(value: Any) -> str:
-    text = _as_str(value)
-    if text not in PROXIES:
-        raise ValueError(f"must be one of {', '.join(PROXIES)}")
-    return text
-
-
-def _as_proxy_mode(value: Any) -> str:
-    text = _as_str(value)
-    if text not in PROXY_MODES:
-        raise ValueError(f"must be one of {', '.join(PROXY_MODES)}")
-    return text
-
-
 def _as_log_level(value: Any) -> str:
     text = _as_str(value).lower()
     if text not in ("debug", "info", "warn", "warning", "error"):
@@ -204,12 +193,12 @@ OPTIONS: list[Option] = [
     Option("node-ip", _as_str_list, [],
            "address NodePort virtual servers are expected on (repeatable; default: this host's addresses)",
            "IP", repeat=True),
-    Option("proxy", _as_proxy, "kube-proxy", "whose IPVS rules to expect: kube-proxy or kube-router", "PROXY"),
-    Option("proxy-mode", _as_proxy_mode, "auto",
+    Option("proxy", _one_of(PROXIES), "kube-proxy", "whose IPVS rules to expect: kube-proxy or kube-router", "PROXY"),
+    Option("proxy-mode", _one_of(PROXY_MODES), "auto",
            "the dataplane the proxy programs: ipvs, nftables, iptables, or auto (ask kube-proxy's "
            "GET /proxyMode on the proxy.metrics-url address, else look at which tables exist; "
            "kube-router is IPVS only)", "MODE"),
-    Option("proxy_mode", _as_proxy_mode, None, "the contract's spelling of proxy-mode (config file)",
+    Option("proxy_mode", _one_of(PROXY_MODES), None, "the contract's spelling of proxy-mode (config file)",
            flag=False, alias_of="proxy-mode"),
     # kube-router's own flags of these names, when it does not run with their defaults
     # (exporter/kube/desired.py KubeRouterFlags): which externalIPs / LoadBalancer IPs it programs.
@@ -226,7 +215,7 @@ OPTIONS: list[Option] = [
     Option("path.procfs", _as_str, "/proc", "procfs mountpoint", "PATH"),
     Option("path.sysfs", _as_str, "/sys", "sysfs mountpoint", "PATH"),
     Option("log.level", _as_log_level, "info", "debug, info, warn or error", "LEVEL"),
-    Option("log.format", _as_log_format, "logfmt", "logfmt or json (one record a line)", "FORMAT"),
+    Option("log.format", _one_of(LOG_FORMATS), "logfmt", "logfmt or json (one record a line)", "FORMAT"),
     Option("scrape.timeout", _as_deadline, DEFAULT_SCRAPE_TIMEOUT,
            "seconds each collector's run may take; past it the scrape answers without it "
            "(success 0, the reason) and the run goes on alone, not restarted until it returns "

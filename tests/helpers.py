@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +34,21 @@ def samples(runner_or_text) -> dict[tuple[str, tuple], float]:
 
 def value(samples_: dict, name: str, **labels) -> float | None:
     return samples_.get((name, tuple(sorted(labels.items()))))
+
+
+def scrape_within(runner, seconds):
+    """One scrape in a thread; the samples, or an assertion error if it hangs past ``seconds``."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(samples(runner)), daemon=True)
+    t.start()
+    t.join(timeout=seconds)
+    assert not t.is_alive() and out, f"the scrape did not answer within {seconds}s"
+    return out[0]
+
+
+def collector_threads(name: str) -> list[threading.Thread]:
+    """The Runner's worker threads of collector ``name``."""
+    return [t for t in threading.enumerate() if t.name == f"collector-{name}"]
 
 
 def get(url: str, headers: dict | None = None, timeout: float = 10) -> tuple[int, dict, bytes]:

@@ -147,6 +147,72 @@ class ServicePort:
         return bool(self.node_port or self.external_ips or self.lb_ips)
 
 
+def generated_services() -> list[ServicePort]:
+    """The IPv4 Service ports the generated-rules tests share: Cluster and Local
+    external traffic, a LoadBalancer with source ranges and affinity, UDP with a local
+    endpoint, one Service without endpoints."""
+    return [
+        ServicePort("ns1", "svc1", "172.30.0.41", [("10.180.0.1", 80), ("10.180.0.9", 80)]),
+        ServicePort("ns2", "svc2", "172.30.0.42", [("10.180.0.2", 80)], node_port=3001,
+                    lb_ips=["1.2.3.4"], external_ips=["192.168.99.22"], local=True),
+        ServicePort("ns5", "svc5", "172.30.0.45", [("10.180.0.3", 80), ("10.180.0.4", 80)], node_port=3002,
+                    lb_ips=["5.6.7.8"], source_ranges=["203.0.113.0/25", "198.51.100.0/24"],
+                    affinity_timeout=10800),
+        ServicePort("ns7", "dns", "172.30.0.47", [("10.180.0.7", 53), ("10.180.0.8", 53)], protocol="udp",
+                    port=53, port_name="dns", node_port=3007, local=True, local_endpoints=[("10.180.0.7", 53)]),
+        ServicePort("ns6", "svc6", "172.30.0.46", []),
+    ]
+
+
+def generated_services_v6() -> list[ServicePort]:
+    """Their IPv6 companions: external IPs with affinity, a Local NodePort."""
+    return [ServicePort("ns11", "svc11", "fd00:10:96::41", [("fd00:10::1", 80), ("fd00:10::2", 80)],
+                        external_ips=["2001:db8::99"], affinity_timeout=60),
+            ServicePort("ns9", "svc9", "fd00:10:96::49", [("fd00:10::9", 8080)], node_port=3009, local=True,
+                        local_endpoints=[("fd00:10::9", 8080)])]
+
+
+def kube_objects(ports: list[ServicePort], node: str) -> list[dict]:
+    """The Services and EndpointSlices (as the API serves them) that rulesets of ``ports``
+    stand for: ports of one namespace/name in both families are one dual-stack Service;
+    local endpoints are on ``node``, the others elsewhere."""
+    by_name: dict[tuple[str, str], list[ServicePort]] = {}
+    for sp in ports:
+        by_name.setdefault((sp.namespace, sp.name), []).append(sp)
+    items = []
+    for (namespace, name), family_ports in by_name.items():
+        sp = family_ports[0]
+        spec = {"type": "LoadBalancer" if sp.lb_ips else "NodePort" if sp.node_port else "ClusterIP",
+                "clusterIP": sp.cluster_ip, "clusterIPs": [p.cluster_ip for p in family_ports],
+                "ports": [{"name": sp.port_name, "protocol": sp.protocol.upper(), "port": sp.port,
+                           **({"nodePort": sp.node_port} if sp.node_port else {})}],
+                "externalIPs": [ip for p in family_ports for ip in p.external_ips],
+                "loadBalancerSourceRanges": list(sp.source_ranges)}
+        if sp.local:
+            spec["externalTrafficPolicy"] = "Local"
+        if sp.affinity_timeout is not None:
+            spec.update(sessionAffinity="ClientIP",
+                        sessionAffinityConfig={"clientIP": {"timeoutSeconds": sp.affinity_timeout}})
+        items.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+                      "spec": spec,
+                      "status": {"loadBalancer": {"ingress": [{"ip": ip} for p in family_ports for ip in p.lb_ips]}}})
+        for p in family_ports:
+            family = "IPv6" if ":" in p.cluster_ip else "IPv4"
+            by_port: dict[int, list] = {}
+            for address, port in p.endpoints:
+                by_port.setdefault(port, []).append(
+                    {"addresses": [address], "conditions": {"ready": True},
+                     "nodeName": node if (address, port) in p.local_endpoints else "other-node"})
+            for port, endpoints in by_port.items():
+                items.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                              "metadata": {"name": f"{name}-{family.lower()}-{port}", "namespace": namespace,
+                                           "labels": {"kubernetes.io/service-name": name}},
+                              "addressType": family,
+                              "ports": [{"name": p.port_name, "protocol": p.protocol.upper(), "port": port}],
+                              "endpoints": endpoints})
+    return items
+
+
 def _addr(family: str, address: str) -> str:
     return str(ipaddress.ip_address(address))
 

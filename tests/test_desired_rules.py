@@ -18,7 +18,7 @@ import pytest
 from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
 from exporter.kube import desired, desired_rules
 from exporter.kube.desired_rules import DROP, FIREWALLED, REJECT, UNMAPPED, DesiredRules, rules_view
-from exporter.kube.objects import Node
+from exporter.kube.objects import Node, parse_endpoint_slice, parse_service
 from exporter.kube.store import ClusterState
 from exporter.readers.nftables import SCHEDULER as READER_SCHEDULER
 from exporter.readers.nftables import NftablesReader
@@ -352,67 +352,24 @@ def test_kube_proxy_overall_rules_read_live_equal_the_model(ns):
 
 
 def objects_of(ports: list[ServicePort], node: str = "node-a"):
-    """The Services and EndpointSlices tests/nft_rulesets.py rulesets stand for: ports of
-    the same namespace/name in both families are one dual-stack Service; local endpoints
-    are on ``node``, the others elsewhere."""
-    by_name: dict[tuple[str, str], list[ServicePort]] = {}
-    for sp in ports:
-        by_name.setdefault((sp.namespace, sp.name), []).append(sp)
-    services, slices = [], []
-    for (namespace, name), family_ports in by_name.items():
-        sp = family_ports[0]
-        kind = "LoadBalancer" if sp.lb_ips else "NodePort" if sp.node_port else "ClusterIP"
-        spec = {"externalIPs": [ip for p in family_ports for ip in p.external_ips],
-                "loadBalancerSourceRanges": list(sp.source_ranges)}
-        if sp.local:
-            spec["externalTrafficPolicy"] = "Local"
-        if sp.affinity_timeout is not None:
-            spec.update(sessionAffinity="ClientIP",
-                        sessionAffinityConfig={"clientIP": {"timeoutSeconds": sp.affinity_timeout}})
-        ingress = [{"ip": ip} for p in family_ports for ip in p.lb_ips]
-        services.append(service(name, namespace, cluster_ip=[p.cluster_ip for p in family_ports], type=kind,
-                                ports=((sp.port_name, sp.protocol.upper(), sp.port, sp.node_port),),
-                                status={"loadBalancer": {"ingress": ingress}}, **spec))
-        for p in family_ports:
-            family = "IPv6" if ":" in p.cluster_ip else "IPv4"
-            by_port: dict[int, list] = {}
-            for address, port in p.endpoints:
-                by_port.setdefault(port, []).append(
-                    endpoint(address, node if (address, port) in p.local_endpoints else "other-node"))
-            for port, endpoints in by_port.items():
-                slices.append(endpoint_slice(name, *endpoints, namespace=namespace, address_type=family,
-                                             name=f"{name}-{family.lower()}-{port}",
-                                             ports=((p.port_name, p.protocol.upper(), port),)))
-    return services, slices
+    """The parsed Services and EndpointSlices tests/nft_rulesets.py rulesets of ``ports``
+    stand for (nft_rulesets.kube_objects), local endpoints on ``node``."""
+    items = nft_rulesets.kube_objects(ports, node)
+    return ([parse_service(item) for item in items if item["kind"] == "Service"],
+            [parse_endpoint_slice(item) for item in items if item["kind"] == "EndpointSlice"])
 
 
 def generated_services() -> list[ServicePort]:
-    return [
-        ServicePort("ns1", "svc1", "172.30.0.41", [("10.180.0.1", 80), ("10.180.0.9", 80)]),
-        ServicePort("ns2", "svc2", "172.30.0.42", [("10.180.0.2", 80)], node_port=3001,
-                    lb_ips=["1.2.3.4"], external_ips=["192.168.99.22"], local=True),
-        ServicePort("ns5", "svc5", "172.30.0.45", [("10.180.0.3", 80), ("10.180.0.4", 80)], node_port=3002,
-                    lb_ips=["5.6.7.8"], source_ranges=["203.0.113.0/25", "198.51.100.0/24"],
-                    affinity_timeout=10800),
-        ServicePort("ns7", "dns", "172.30.0.47", [("10.180.0.7", 53), ("10.180.0.8", 53)], protocol="udp",
-                    port=53, port_name="dns", node_port=3007, local=True, local_endpoints=[("10.180.0.7", 53)]),
-        ServicePort("ns6", "svc6", "172.30.0.46", []),
+    return nft_rulesets.generated_services() + [
         # External frontends without any endpoint: only rejected (TestNoEndpointsReject).
         ServicePort("ns8", "svc8", "172.30.0.48", [], node_port=3008, lb_ips=["1.2.3.8"],
                     external_ips=["192.168.99.88"], source_ranges=["203.0.113.0/25"]),
     ]
 
 
-def v6_services() -> list[ServicePort]:
-    return [ServicePort("ns11", "svc11", "fd00:10:96::41", [("fd00:10::1", 80), ("fd00:10::2", 80)],
-                        external_ips=["2001:db8::99"], affinity_timeout=60),
-            ServicePort("ns9", "svc9", "fd00:10:96::49", [("fd00:10::9", 8080)], node_port=3009, local=True,
-                        local_endpoints=[("fd00:10::9", 8080)])]
-
-
 @pytest.mark.parametrize("layout", ["newest", "v1.31"])
 def test_generated_rules_read_live_equal_the_model(ns, layout):
-    v4, v6 = generated_services(), v6_services()
+    v4, v6 = generated_services(), nft_rulesets.generated_services_v6()
     ns.nft(ruleset(v4, "ip", layout))
     ns.nft(ruleset(v6, "ip6", layout))
     live = ns.run(NftablesReader().read)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from exporter.readers import cgroups
-from tests.helpers import make_runner, samples, value
+from tests.helpers import collector_threads, make_runner, samples, scrape_within, value
 from tests.memcg_fixtures import MEMORY_STAT, SlowFifo, StuckFifo, memcg_runner, v1_tree, v2_tree
 
 
@@ -212,18 +212,6 @@ def test_no_memory_hierarchy_fails_only_memcg(tmp_path, caplog):
 
 # --- a read that never returns, and reads spaced by their cost --------------------------
 
-def collector_threads(name="memcg"):
-    return [t for t in threading.enumerate() if t.name == f"collector-{name}"]
-
-
-def scrape_within(runner, seconds):
-    out = []
-    t = threading.Thread(target=lambda: out.append(samples(runner)), daemon=True)
-    t.start()
-    t.join(timeout=seconds)
-    assert not t.is_alive() and out, f"the scrape did not answer within {seconds}s"
-    return out[0]
-
 
 def test_a_stuck_memory_stat_read_is_served_with_its_elapsed_time(tmp_path):
     sysfs, procfs = v1_tree(tmp_path, ["kubepods"], 2)
@@ -239,7 +227,7 @@ def test_a_stuck_memory_stat_read_is_served_with_its_elapsed_time(tmp_path):
         s = scrape_within(runner, 5)
         assert value(s, "kubenode_memcg_stat_read_seconds", cgroup="/") >= first + 0.2, "the read's time so far"
         assert value(s, "kubenode_memcg_stat_read_in_flight", cgroup="/") == 1.0
-        assert len(collector_threads()) == 1, "no second read while the first hangs"
+        assert len(collector_threads("memcg")) == 1, "no second read while the first hangs"
     finally:
         fifo.release()
     assert runner.slots[0].run.done.wait(timeout=5), "the released read returns"

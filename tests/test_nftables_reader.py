@@ -15,7 +15,7 @@ import pytest
 from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
 from exporter.readers.nftables import SCHEDULER, NftablesReader
 from exporter.readers.nftables_netlink import NftReadError
-from tests.nft_rulesets import NftNS, ServicePort, endpoints_changed, ruleset
+from tests.nft_rulesets import NftNS, ServicePort, endpoints_changed, generated_services, ruleset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nftables"
 
@@ -70,24 +70,9 @@ def test_kube_proxy_overall_fixture(ns):
     assert set(read.sizes) == {"ip"}
 
 
-def newest_services() -> list[ServicePort]:
-    return [
-        ServicePort("ns1", "svc1", "172.30.0.41", [("10.180.0.1", 80), ("10.180.0.9", 80)]),
-        ServicePort("ns2", "svc2", "172.30.0.42", [("10.180.0.2", 80)], node_port=3001,
-                    lb_ips=["1.2.3.4"], external_ips=["192.168.99.22"], local=True),
-        ServicePort("ns5", "svc5", "172.30.0.45", [("10.180.0.3", 80), ("10.180.0.4", 80)], node_port=3002,
-                    lb_ips=["5.6.7.8"], source_ranges=["203.0.113.0/25", "198.51.100.0/24"],
-                    affinity_timeout=10800),
-        ServicePort("ns7", "dns", "172.30.0.47", [("10.180.0.7", 53), ("10.180.0.8", 53)], protocol="udp",
-                    port=53, port_name="dns", node_port=3007, local=True,
-                    local_endpoints=[("10.180.0.7", 53)]),
-        ServicePort("ns6", "svc6", "172.30.0.46", []),
-    ]
-
-
 @pytest.mark.parametrize("by_key_from_sets", [0, 10**9], ids=["by-key", "dump"])
 def test_newest_layout_both_families(ns, by_key_from_sets):
-    ns.nft(ruleset(newest_services(), "ip"))
+    ns.nft(ruleset(generated_services(), "ip"))
     ns.nft(ruleset([ServicePort("ns1", "svc1", "fd00:10:96::41", [("fd00:10::1", 80), ("fd00:10::2", 80)],
                                 external_ips=["2001:db8::99"], affinity_timeout=60)], "ip6"))
     read = ns.run(NftablesReader(by_key_from_sets=by_key_from_sets).read)
@@ -120,7 +105,7 @@ def test_newest_layout_both_families(ns, by_key_from_sets):
 
 
 def test_generation_check_skips_work_and_notices_a_change(ns):
-    services = newest_services()
+    services = generated_services()
     ns.nft(ruleset(services))
     reader = NftablesReader()
     first = ns.run(reader.read)
@@ -142,7 +127,7 @@ def test_generation_check_skips_work_and_notices_a_change(ns):
 
 
 def test_safety_interval_reads_again_without_a_change(ns):
-    ns.nft(ruleset(newest_services()))
+    ns.nft(ruleset(generated_services()))
     now = [0.0]
     reader = NftablesReader(safety_interval=60, clock=lambda: now[0])
     first = ns.run(reader.read)
@@ -154,7 +139,7 @@ def test_safety_interval_reads_again_without_a_change(ns):
 
 
 def test_another_agents_tables_beside_it_change_nothing(ns):
-    ns.nft(ruleset(newest_services()))
+    ns.nft(ruleset(generated_services()))
     alone = ns.run(NftablesReader().read)
     ns.nft("""
 add table inet firewalld
@@ -187,7 +172,7 @@ def test_half_programmed_table(ns):
 
 
 def test_unknown_chain_names_are_unread_not_dropped(ns):
-    ns.nft(ruleset(newest_services()))
+    ns.nft(ruleset(generated_services()))
     ns.nft("add chain ip kube-proxy someone-elses-chain\n"
            "add rule ip kube-proxy someone-elses-chain meta l4proto tcp dnat to 10.9.9.9:80\n"
            "add element ip kube-proxy service-ips { 172.30.9.9 . tcp . 80 : goto someone-elses-chain }\n")
@@ -198,7 +183,7 @@ def test_unknown_chain_names_are_unread_not_dropped(ns):
 
 
 def test_missing_comments_keep_the_verdict(ns):
-    text = ruleset(newest_services()).replace(' comment "ns6/svc6:p80"', "")
+    text = ruleset(generated_services()).replace(' comment "ns6/svc6:p80"', "")
     assert "ns6/svc6:p80" not in text
     ns.nft(text)
     read = ns.run(NftablesReader().read)
@@ -208,7 +193,7 @@ def test_missing_comments_keep_the_verdict(ns):
 
 def test_a_flushed_service_chain_reads_as_no_endpoints(ns):
     """The frontend still goes to the chain, the chain sends nowhere: empty, not missing."""
-    services = newest_services()
+    services = generated_services()
     ns.nft(ruleset(services))
     ns.nft(f"flush chain ip kube-proxy {services[0].chain('service')}\n")
     read = ns.run(NftablesReader().read)
@@ -217,7 +202,7 @@ def test_a_flushed_service_chain_reads_as_no_endpoints(ns):
 
 def test_a_numgen_map_missing_a_key_is_still_read_whole(ns):
     """Keys 0..N-1 are asked for by key; a map without one of them is dumped instead."""
-    services = newest_services()
+    services = generated_services()
     ns.nft(ruleset(services))
     chain = services[0].chain("service")
     ns.nft(f"flush chain ip kube-proxy {chain}\n"
@@ -234,7 +219,7 @@ def test_a_flushed_table_is_read_as_empty_and_a_deleted_one_is_an_error(ns):
     """firewalld's reload flushes or deletes other tables. `flush table` empties every
     chain but leaves the maps' elements: each frontend is read, and sends nowhere. A
     deleted table cannot be read at all."""
-    ns.nft(ruleset(newest_services()))
+    ns.nft(ruleset(generated_services()))
     reader = NftablesReader()
     before = ns.run(reader.read)
     assert any(vs.real_servers for vs in before.table.values())
@@ -256,7 +241,7 @@ def test_what_the_reader_keeps_per_chain_is_a_sorted_tuple(ns):
     its endpoints as one sorted tuple, not a set (a frozenset of five is nine times the
     bytes). Equal endpoints are still recognised: an unchanged frontend is the same object
     on a re-read, and a changed one has its new endpoints."""
-    services = newest_services()
+    services = generated_services()
     ns.nft(ruleset(services))
     reader = NftablesReader(safety_interval=0.0)  # every read reads the rules again
     first = ns.run(reader.read)

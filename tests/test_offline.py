@@ -15,6 +15,7 @@ import pytest
 from exporter.kube import desired as model
 from exporter.kube.objects import parse_objects
 from exporter.readers.ipvs import kernel_hz
+from tests.ipset_ns import NetNS
 from tests.ipvs_text import format_ip_vs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,10 +53,12 @@ def workdir():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, env: dict | None = None, netns: NetNS | None = None) -> subprocess.CompletedProcess:
+    """The command as a user runs it: no cluster in the environment, optionally inside `netns`."""
     environ = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "NODE_NAME")}
     environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "exporter", *args], cwd=ROOT, env=environ,
+    prefix = ["nsenter", f"--net={netns.path}"] if netns else []
+    return subprocess.run([*prefix, sys.executable, "-m", "exporter", *args], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=60)
 
 

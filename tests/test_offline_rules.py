@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +20,9 @@ import pytest
 from exporter.dataplane import VirtualServerKey
 from exporter.readers.nftables import NftablesReader
 from exporter.readers.nftables_json import read_rules_json
-from tests.nft_rulesets import NftNS, ServicePort, endpoints_changed, ruleset
+from tests.nft_rulesets import (NftNS, ServicePort, endpoints_changed, generated_services, generated_services_v6,
+                                kube_objects, ruleset)
+from tests.test_offline import assert_bad_input, run, workdir  # noqa: F401 - workdir: the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "nftables"
@@ -37,15 +35,6 @@ def ns():
         yield namespace
 
 
-@pytest.fixture
-def workdir():
-    path = tempfile.mkdtemp(prefix=f"kubenode-rules-offline-{os.getpid()}-")
-    try:
-        yield Path(path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def nft_json(ns: NftNS, *what: str) -> bytes:
     """`nft -j list ...` inside the namespace, as a user would save it."""
     done = subprocess.run(["nsenter", f"--net={ns.path}", "nft", "-j", "list", *(what or ("ruleset",))],
@@ -54,89 +43,15 @@ def nft_json(ns: NftNS, *what: str) -> bytes:
     return done.stdout
 
 
-def run(*args: str, netns: NftNS | None = None) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "NODE_NAME")}
-    prefix = ["nsenter", f"--net={netns.path}"] if netns else []
-    return subprocess.run([*prefix, sys.executable, "-m", "exporter", *args], cwd=ROOT, env=environ,
-                          capture_output=True, text=True, timeout=60)
-
-
-def assert_bad_input(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
-# --- the Services and EndpointSlices the generated rules stand for ----------------------------
-
-
-def services_v4() -> list[ServicePort]:
-    return [
-        ServicePort("ns1", "svc1", "172.30.0.41", [("10.180.0.1", 80), ("10.180.0.9", 80)]),
-        ServicePort("ns2", "svc2", "172.30.0.42", [("10.180.0.2", 80)], node_port=3001,
-                    lb_ips=["1.2.3.4"], external_ips=["192.168.99.22"], local=True),
-        ServicePort("ns5", "svc5", "172.30.0.45", [("10.180.0.3", 80), ("10.180.0.4", 80)], node_port=3002,
-                    lb_ips=["5.6.7.8"], source_ranges=["203.0.113.0/25"], affinity_timeout=10800),
-        ServicePort("ns7", "dns", "172.30.0.47", [("10.180.0.7", 53), ("10.180.0.8", 53)], protocol="udp",
-                    port=53, port_name="dns", node_port=3007, local=True, local_endpoints=[("10.180.0.7", 53)]),
-        ServicePort("ns6", "svc6", "172.30.0.46", []),
-    ]
-
-
-def services_v6() -> list[ServicePort]:
-    return [ServicePort("ns11", "svc11", "fd00:10:96::41", [("fd00:10::1", 80), ("fd00:10::2", 80)],
-                        external_ips=["2001:db8::99"], affinity_timeout=60),
-            ServicePort("ns9", "svc9", "fd00:10:96::49", [("fd00:10::9", 8080)], node_port=3009, local=True,
-                        local_endpoints=[("fd00:10::9", 8080)])]
-
-
 def objects_list(ports: list[ServicePort]) -> dict:
-    """kubectl's List of the Services and EndpointSlices: ports of one namespace/name in
-    both families are one dual-stack Service; local endpoints are on NODE_NAME."""
-    by_name: dict[tuple[str, str], list[ServicePort]] = {}
-    for sp in ports:
-        by_name.setdefault((sp.namespace, sp.name), []).append(sp)
-    items = []
-    for (namespace, name), family_ports in by_name.items():
-        sp = family_ports[0]
-        spec = {"type": "LoadBalancer" if sp.lb_ips else "NodePort" if sp.node_port else "ClusterIP",
-                "clusterIP": sp.cluster_ip, "clusterIPs": [p.cluster_ip for p in family_ports],
-                "ports": [{"name": sp.port_name, "protocol": sp.protocol.upper(), "port": sp.port,
-                           **({"nodePort": sp.node_port} if sp.node_port else {})}],
-                "externalIPs": [ip for p in family_ports for ip in p.external_ips],
-                "loadBalancerSourceRanges": list(sp.source_ranges)}
-        if sp.local:
-            spec["externalTrafficPolicy"] = "Local"
-        if sp.affinity_timeout is not None:
-            spec.update(sessionAffinity="ClientIP",
-                        sessionAffinityConfig={"clientIP": {"timeoutSeconds": sp.affinity_timeout}})
-        items.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
-                      "spec": spec,
-                      "status": {"loadBalancer": {"ingress": [{"ip": ip} for p in family_ports for ip in p.lb_ips]}}})
-        for p in family_ports:
-            family = "IPv6" if ":" in p.cluster_ip else "IPv4"
-            by_port: dict[int, list] = {}
-            for address, port in p.endpoints:
-                by_port.setdefault(port, []).append(
-                    {"addresses": [address], "conditions": {"ready": True},
-                     "nodeName": NODE_NAME if (address, port) in p.local_endpoints else "other-node"})
-            for port, endpoints in by_port.items():
-                items.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                              "metadata": {"name": f"{name}-{family.lower()}-{port}", "namespace": namespace,
-                                           "labels": {"kubernetes.io/service-name": name}},
-                              "addressType": family,
-                              "ports": [{"name": p.port_name, "protocol": p.protocol.upper(), "port": port}],
-                              "endpoints": endpoints})
-    return {"apiVersion": "v1", "kind": "List", "items": items}
+    """kubectl's List of the objects ``ports`` stand for, local endpoints on NODE_NAME."""
+    return {"apiVersion": "v1", "kind": "List", "items": kube_objects(ports, NODE_NAME)}
 
 
 @pytest.fixture
 def cluster(ns, workdir):
     """The generated rules of both families loaded in ``ns``; the objects file they stand for."""
-    v4, v6 = services_v4(), services_v6()
+    v4, v6 = generated_services(), generated_services_v6()
     objects = workdir / "objects.json"
     objects.write_text(json.dumps(objects_list(v4 + v6)))
     ns.nft(ruleset(copy.deepcopy(v4), "ip"))
@@ -178,8 +93,8 @@ def test_json_reader_equals_netlink_on_kube_proxys_overall_rules(ns):
 
 @pytest.mark.parametrize("layout", ["newest", "v1.31"])
 def test_json_reader_equals_netlink_on_generated_rules_both_families(ns, layout):
-    ns.nft(ruleset(services_v4(), "ip", layout))
-    ns.nft(ruleset(services_v6(), "ip6", layout))
+    ns.nft(ruleset(generated_services(), "ip", layout))
+    ns.nft(ruleset(generated_services_v6(), "ip6", layout))
     # Another agent's table beside kube-proxy's changes nothing.
     ns.nft("add table inet other-agent\nadd chain inet other-agent c\nadd rule inet other-agent c drop\n")
     assert_same_read(ns, nft_json(ns))
@@ -189,9 +104,9 @@ def test_json_reader_equals_netlink_on_generated_rules_both_families(ns, layout)
 
 
 def test_json_not_kube_proxys_shape_is_unread_not_dropped(ns):
-    ns.nft(ruleset(services_v4(), "ip"))
+    ns.nft(ruleset(generated_services(), "ip"))
     doc = json.loads(nft_json(ns))
-    svc1 = services_v4()[0].chain("service")
+    svc1 = generated_services()[0].chain("service")
     for obj in doc["nftables"]:
         rule = obj.get("rule")
         if rule and rule["chain"] == svc1:
@@ -213,7 +128,7 @@ def test_json_not_kube_proxys_shape_is_unread_not_dropped(ns):
 
 def test_desired_nftables_json_shape(workdir):
     objects = workdir / "objects.json"
-    objects.write_text(json.dumps(objects_list(services_v4() + services_v6())))
+    objects.write_text(json.dumps(objects_list(generated_services() + generated_services_v6())))
     proc = run("desired", "--objects", str(objects), "--node-name", NODE_NAME, "--proxy-mode", "nftables",
                "--output", "json")
     assert proc.returncode == 0, proc.stderr
@@ -357,7 +272,7 @@ def test_diff_live_in_the_namespace_finds_nftables_mode(ns, cluster, workdir):
 @pytest.fixture
 def objects_file(workdir):
     path = workdir / "objects.json"
-    path.write_text(json.dumps(objects_list(services_v4())))
+    path.write_text(json.dumps(objects_list(generated_services())))
     return str(path)
 
 
@@ -372,7 +287,7 @@ def test_diff_rules_not_nft_json_is_exit_2(workdir, objects_file, content, words
 
 
 def test_diff_rules_truncated_and_without_kube_proxys_tables_are_exit_2(ns, workdir, objects_file):
-    ns.nft(ruleset(services_v4(), "ip"))
+    ns.nft(ruleset(generated_services(), "ip"))
     whole = nft_json(ns)
     assert_bad_input(diff(objects_file, whole[:len(whole) // 2], workdir=workdir), "not JSON", "cut short")
     ns.nft("delete table ip kube-proxy\nadd table inet other-agent\n")
@@ -380,7 +295,7 @@ def test_diff_rules_truncated_and_without_kube_proxys_tables_are_exit_2(ns, work
 
 
 def test_diff_rules_same_family_twice_is_exit_2(ns, workdir, objects_file):
-    ns.nft(ruleset(services_v4(), "ip"))
+    ns.nft(ruleset(generated_services(), "ip"))
     whole = nft_json(ns)
     assert_bad_input(diff(objects_file, whole, whole, workdir=workdir), "table ip kube-proxy is in both")
 
@@ -391,13 +306,13 @@ def test_diff_rules_half_programmed_table_is_exit_2(ns, workdir, objects_file):
     assert_bad_input(diff(objects_file, nft_json(ns), workdir=workdir), "ip kube-proxy", "service-nodeports",
                      "missing")
     # The other family whole beside it: still not the node's whole rules.
-    ns.nft(ruleset(services_v6(), "ip6"))
+    ns.nft(ruleset(generated_services_v6(), "ip6"))
     assert_bad_input(diff(objects_file, nft_json(ns), workdir=workdir), "not read whole", "service-nodeports",
                      "nothing compared")
 
 
 def test_diff_rules_not_read_whole_is_exit_2(ns, workdir, objects_file):
-    ns.nft(ruleset(services_v4(), "ip"))
+    ns.nft(ruleset(generated_services(), "ip"))
     doc = json.loads(nft_json(ns))
     for obj in doc["nftables"]:
         if obj.get("map", {}).get("name") == "service-ips":

@@ -18,15 +18,7 @@ from exporter.proxymode import Found, ProxyMode, find_mode, proxy_mode_url
 from tests.helpers import value
 from tests.nft_rulesets import NftNS, ServicePort, ruleset
 from tests.proxy_server import Answer, FakeProxy
-
-
-@pytest.fixture
-def proxy():
-    server = FakeProxy().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+from tests.test_proxy import fake  # noqa: F401 - the fixture: a kube-proxy stand-in
 
 
 @pytest.fixture
@@ -52,9 +44,9 @@ def test_proxy_mode_url_is_on_the_metrics_address():
 
 
 @pytest.mark.parametrize("answer", [b"nftables", b"nftables\n", b"ipvs", b"iptables"])
-def test_kube_proxy_says_its_mode(proxy, tmp_path, answer):
-    proxy.answers["/proxyMode"] = Answer(answer, content_type="text/plain; charset=utf-8")
-    found = find_mode(settings("--proxy.metrics-url", proxy.url()), empty_procfs(tmp_path))
+def test_kube_proxy_says_its_mode(fake, tmp_path, answer):
+    fake.answers["/proxyMode"] = Answer(answer, content_type="text/plain; charset=utf-8")
+    found = find_mode(settings("--proxy.metrics-url", fake.url()), empty_procfs(tmp_path))
     assert found.mode == answer.decode().strip() and "kube-proxy answered" in found.how
 
 

@@ -6,7 +6,7 @@ import time
 from prometheus_client.core import GaugeMetricFamily
 
 from exporter.collector import Collector, CollectorError, Runner, Unavailable
-from tests.helpers import samples, value
+from tests.helpers import collector_threads, samples, scrape_within, value
 
 
 class Fixed(Collector):
@@ -116,20 +116,6 @@ class Stuck(Collector):
 
     def while_running(self):
         yield GaugeMetricFamily("kubenode_test_stuck_in_flight", "what is known meanwhile", value=1)
-
-
-def scrape_within(runner, seconds):
-    """One scrape in a thread; the samples, or an assertion error if it hangs past ``seconds``."""
-    out = []
-    t = threading.Thread(target=lambda: out.append(samples(runner)), daemon=True)
-    t.start()
-    t.join(timeout=seconds)
-    assert not t.is_alive() and out, f"the scrape did not answer within {seconds}s"
-    return out[0]
-
-
-def collector_threads(name):
-    return [t for t in threading.enumerate() if t.name == f"collector-{name}"]
 
 
 def test_a_stuck_collector_is_served_as_failed_within_the_deadline(caplog):

@@ -26,7 +26,7 @@ import socket
 import struct
 from typing import Iterator, NamedTuple
 
-from exporter.readers.ipset import (NETLINK_NETFILTER, NFNETLINK_V0, NLM_F_DUMP, NLM_F_MULTI,
+from exporter.readers.ipset import (NETLINK_NETFILTER, NFNETLINK_V0, NLA_F_NESTED, NLM_F_DUMP, NLM_F_MULTI,
                                     NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, _NLA, _NLMSGHDR, _nla)
 
 # <linux/netfilter/nfnetlink.h>, <linux/netfilter/nf_tables.h>
@@ -56,7 +56,6 @@ NFT_SET_ANONYMOUS, NFT_SET_INTERVAL, NFT_SET_MAP, NFT_SET_TIMEOUT = 0x1, 0x4, 0x
 NFT_SET_ELEM_INTERVAL_END = 0x1
 NFT_REG_VERDICT = 0
 NLM_F_ACK = 0x4
-NLA_F_NESTED = 0x8000
 NFTA_NG_MODULUS = 2
 # Verdict codes (netfilter.h, nf_tables.h).
 NF_DROP, NF_ACCEPT = 0, 1
