@@ -110,7 +110,7 @@ def measure(services: int, scrapes: int = 3, timeout: float = 300.0) -> dict:
             del recorder
             port = _free_port()
             cmd = [sys.executable, "-m", "exporter", "serve", "--kubeconfig", kubeconfig,
-                   "--node-name", NODE_NAME, "--node-ip", NODE_IP, "--path.procfs", procfs,
+                   "--node-name", NODE_NAME, "--node-ip", NODE_IP, "--path.procfs", procfs, "--proxy-mode", "ipvs",
                    "--web.listen-address", f"127.0.0.1:{port}"]
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             url = f"http://127.0.0.1:{port}/metrics"
@@ -124,8 +124,8 @@ def measure(services: int, scrapes: int = 3, timeout: float = 300.0) -> dict:
                     page = _scrape(url)
                 except OSError:
                     page = ""
-                if (_value(page, r'kubenode_collector_success\{collector="ipvs_drift"\}') == 1
-                        and _value(page, "kubenode_ipvs_drift_synced") == 1):
+                if (_value(page, r'kubenode_collector_success\{collector="drift"\}') == 1
+                        and _value(page, "kubenode_dataplane_drift_synced") == 1):
                     break
                 time.sleep(0.5)
             else:
@@ -133,9 +133,9 @@ def measure(services: int, scrapes: int = 3, timeout: float = 300.0) -> dict:
             synced_after = time.monotonic() - start
             for _ in range(scrapes):
                 page = _scrape(url)
-            desired_vs = _value(page, "kubenode_ipvs_desired_virtual_servers")
+            desired_vs = _value(page, "kubenode_dataplane_desired_virtual_servers")
             live_vs = _value(page, "kubenode_ipvs_virtual_servers")
-            drift = sum(float(v) for v in re.findall(r'^kubenode_ipvs_drift\{kind="[a-z_]+"\} (\S+)$', page, re.M))
+            drift = sum(float(v) for v in re.findall(r'^kubenode_dataplane_drift\{kind="[a-z_]+"\} (\S+)$', page, re.M))
             if not desired_vs or desired_vs != live_vs or drift:
                 raise SystemExit(f"the exporter's tables differ (desired {desired_vs}, live {live_vs}, "
                                  f"drift {drift}): the bench would not measure a full read")
