@@ -11,6 +11,10 @@ namespace of this test's own, with an exact capability set made by setpriv:
 - uid 65534 with NET_RAW or SYS_ADMIN instead: refused (nothing else stands in);
 - uid 0 with every capability dropped but NET_ADMIN (the DaemonSet's setting): lists them;
 - uid 0 with every capability dropped: refused (root alone is not enough).
+
+The nftables-mode reads (``exporter.readers.nftables.NftablesReader``: the ruleset
+generation, kube-proxy's tables, chains, rules, sets and elements) are the same kind of
+NETLINK_NETFILTER dump: the same capability, and only it, lets them through.
 """
 
 from __future__ import annotations
@@ -33,7 +37,17 @@ LIST_SETS = textwrap.dedent("""
     except IpsetReadError as err:
         print("ERROR", err.errno, err)
 """)
+READ_KUBE_PROXY_RULES = textwrap.dedent("""
+    from exporter.readers.nftables import NftablesReader
+    from exporter.readers.nftables_netlink import NftReadError
+    try:
+        read = NftablesReader().read()
+        print("FRONTENDS", len(read.table), "REJECTED", len(read.rejected), "UNREAD", len(read.unread))
+    except (NftReadError, OSError) as err:
+        print("ERROR", err)
+""")
 REPO = Path(__file__).resolve().parents[1]
+NFT_FIXTURE = REPO / "tests" / "fixtures" / "nftables" / "overall-v1.31.nft"
 
 
 def need(tool: str) -> str:
@@ -54,6 +68,8 @@ def netns_with_sets():
         for set_name in ("KUBE-CLUSTER-IP", "kube-router-svip"):
             subprocess.run(["ip", "netns", "exec", name, "ipset", "create", set_name, "hash:ip,port",
                             "maxelem", "1024"], check=True)
+        # kube-proxy's nftables rules too (its TestOverallNFTablesRules), for the nftables-mode reads.
+        subprocess.run(["ip", "netns", "exec", name, need("nft"), "-f", str(NFT_FIXTURE)], check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
@@ -71,13 +87,13 @@ def _interpreter() -> str:
     pytest.fail("no Python 3.11 interpreter that uid 65534 can run (/usr/bin/python3)")
 
 
-def list_as(netns: str, uid: int, caps: list[str]) -> str:
+def list_as(netns: str, uid: int, caps: list[str], script: str = LIST_SETS) -> str:
     cap_args = ["--bounding-set", "-all" + "".join(f",+{c}" for c in caps)]
     if caps and uid != 0:
         wanted = ",".join(f"+{c}" for c in caps)
         cap_args += ["--inh-caps", wanted, "--ambient-caps", wanted]
     cmd = ["nsenter", f"--net=/run/netns/{netns}", "setpriv", "--reuid", str(uid), "--regid", str(uid),
-           "--clear-groups", *cap_args, "env", f"PYTHONPATH={REPO}", _interpreter(), "-c", LIST_SETS]
+           "--clear-groups", *cap_args, "env", f"PYTHONPATH={REPO}", _interpreter(), "-c", script]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -106,3 +122,13 @@ def test_root_with_only_net_admin_lists_ipsets(netns_with_sets):
 
 def test_root_without_capabilities_cannot_list_ipsets(netns_with_sets):
     assert list_as(netns_with_sets, 0, []).startswith("ERROR 1 ")
+
+
+def test_reading_kube_proxy_nftables_rules_needs_net_admin_and_nothing_else(netns_with_sets):
+    as_daemonset = list_as(netns_with_sets, 0, ["net_admin"], READ_KUBE_PROXY_RULES)
+    assert as_daemonset.startswith("FRONTENDS ") and as_daemonset.endswith("UNREAD 0"), as_daemonset
+    assert int(as_daemonset.split()[1]) > 0
+    assert list_as(netns_with_sets, 65534, ["net_admin"], READ_KUBE_PROXY_RULES) == as_daemonset
+    for uid, caps in ((0, []), (65534, []), (65534, ["net_raw"]), (65534, ["sys_admin"])):
+        refused = list_as(netns_with_sets, uid, caps, READ_KUBE_PROXY_RULES)
+        assert refused.startswith("ERROR permission denied"), (uid, caps, refused)
