@@ -431,3 +431,29 @@ def test_kube_store_picks_the_model_by_proxy_and_mode(apiserver, api, tmp_path):
     router = settings_from_args(["--kubeconfig", path, "--proxy", "kube-router"])
     with pytest.raises(ValueError, match="kube-router programs IPVS only"):
         KubeStore.from_settings(router, mode="nftables")
+
+
+def test_rules_view_is_built_again_only_when_the_store_changed():
+    """A scrape with nothing changed reuses the view, copies of flagged frontends included,
+    so the drift diff compares nothing again; a change of the store makes a new view."""
+    from exporter.kube.diff import TableDiffer
+    from exporter.kube.store import DesiredSnapshot
+
+    key = VirtualServerKey("TCP", "10.0.0.1", 80)
+    flagged = VirtualServerKey("TCP", "1.2.3.4", 80)
+    reals = {("10.1.0.1", 80): RealServer("10.1.0.1", 80)}
+    table = {key: VirtualServer(key, READER_SCHEDULER, None, reals, "ns/a"),
+             flagged: VirtualServer(flagged, READER_SCHEDULER, None, reals, "ns/b", (FIREWALLED,))}
+    views = desired_rules.RulesViews()
+    first = views.of(DesiredSnapshot(table, {}, 2, 7, True))
+    again = views.of(DesiredSnapshot(dict(table), {}, 2, 7, True))
+    assert again is first and first.firewalled == {flagged}
+    live = {k: vs._replace(flags=()) for k, vs in table.items()}
+    differ = TableDiffer()
+    differ.diff(first.table, live)
+    assert differ.compared == 2
+    differ.diff(again.table, live)
+    assert differ.compared == 0, "an unchanged store's view is compared again"
+    table[flagged] = table[flagged]._replace(flags=(DROP,))
+    changed = views.of(DesiredSnapshot(table, {}, 2, 8, True))
+    assert changed is not first and changed.rejected == {flagged: DROP} and not changed.firewalled

@@ -41,7 +41,7 @@ from exporter.collector import NAMESPACE, Collector, CollectorError, Unavailable
 from exporter.config import Option, _as_count, _as_seconds
 from exporter.dataplane import DataplaneReader, DataplaneUnavailable
 from exporter.kube.client import RateLimitedLog
-from exporter.kube.desired_rules import RULES_MODES, rules_view
+from exporter.kube.desired_rules import RULES_MODES, RulesViews
 from exporter.kube.diff import KINDS, DriftReport, DriftTracker, TableDiffer, singular
 from exporter.kube.latency import LatencyFollower, netlink_reader
 from exporter.kube.store import watch_up_family
@@ -216,6 +216,7 @@ class DriftCollector(Collector):
         self._unsubscribe_latency = None
         self.tracker = DriftTracker(*self._tracker_settings)
         self.differ = TableDiffer()  # per scrape, only what changed is compared again
+        self.rules_views = RulesViews()  # nftables/iptables: the desired side in the readers' shape
         self._said_waiting = False
         self._stuck_log = RateLimitedLog(log, burst=1, period=600.0)  # once per 10 min while it lasts
         mode = self.proxy_mode.current()
@@ -233,6 +234,7 @@ class DriftCollector(Collector):
         self.latency, self._unsubscribe_latency = start_latency(self.ctx, self.kube, self.dataplane)
         self.tracker = DriftTracker(*self._tracker_settings)
         self.differ = TableDiffer()
+        self.rules_views = RulesViews()  # of this mode's store
 
     def _stop_latency(self) -> None:
         if self.latency is not None:
@@ -270,7 +272,7 @@ class DriftCollector(Collector):
                 self._said_waiting = True
             return
         if mode in RULES_MODES:
-            want = rules_view(snap.table.values())
+            want = self.rules_views.of(snap)
             desired_table, desired_rejected = want.table, want.rejected
         else:
             desired_table, desired_rejected = snap.table, {}

@@ -213,6 +213,27 @@ def rules_view(frontends: Iterable[VirtualServer]) -> DesiredRules:
     return DesiredRules(table, rejected, frozenset(firewalled))
 
 
+class RulesViews:
+    """``rules_view`` of one store's snapshots, built again only when the store has applied
+    a change (its snapshot ``generation`` moved).
+
+    Owned by the collector that diffs against it, one per store. A scrape with nothing
+    changed then does no O(table) work here, and the view's objects (the copies of
+    flagged frontends too) are the ones of the last scrape, so ``TableDiffer`` compares
+    none of them again.
+    """
+
+    def __init__(self) -> None:
+        self._generation: int | None = None
+        self._view: DesiredRules | None = None
+
+    def of(self, snapshot) -> DesiredRules:
+        if self._view is None or snapshot.generation != self._generation:
+            self._view = rules_view(snapshot.table.values())
+            self._generation = snapshot.generation
+        return self._view
+
+
 def desired_rules(services: Iterable[Service], slices_by_service: Mapping[str, list[EndpointSlice]],
                   node: desired.NodeFacts) -> DesiredRules:
     """The whole node's desired rules (offline tools, tests), the first claim of a shared
