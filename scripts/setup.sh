@@ -17,6 +17,9 @@ if [ "$mode" = "--test" ]; then
     pkgs+=(openssl)
     # nftables: `nft -f` loads kube-proxy rulesets into test namespaces; the bench compares with `nft list table`.
     pkgs+=(nftables)
+    # iptables (legacy and nft backends): kube-proxy's iptables rules restored into test namespaces;
+    # the bench compares with `iptables-save`.
+    pkgs+=(iptables)
 fi
 
 missing=()
