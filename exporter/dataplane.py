@@ -10,7 +10,8 @@ how ``ipaddress`` prints them, so desired and live keys hash the same.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Iterable, Iterator, NamedTuple
 
 
 class VirtualServerKey(NamedTuple):
@@ -51,11 +52,103 @@ class RealServer(NamedTuple):
         return (self.address, self.port)
 
 
+_new_tuple = tuple.__new__  # NamedTuple construction without its Python-level __new__
+
+
+class RealServers(Mapping):
+    """Real servers of one virtual server, all of one weight and forwarding method, read as
+    the mapping ``(address, port) -> RealServer`` a live table holds.
+
+    The desired table's shape: at 50,000 endpoints a dict of key tuples and RealServer
+    tuples per virtual server cost 11.75 MiB, where one flat tuple
+    ``(address, port, address, port, ...)`` per virtual server costs a fifth of it, and
+    virtual servers of one Service share one (its NodePorts and external IPs). The
+    ``RealServer`` values and key tuples are made when read. Immutable.
+
+    Walking it (``for key in``, ``items()``, ``values()``, ``len``) is what the diff does;
+    a lookup by key scans a small one and indexes a large one once (kept: only a reader
+    that asks pays for it). Equal to any mapping with the same items, a dict included.
+    """
+
+    __slots__ = ("_flat", "weight", "forward", "_index")
+
+    def __init__(self, endpoints: Iterable[tuple[str, int]] = (), weight: int = 1,
+                 forward: str = "Masq") -> None:
+        flat: list = []
+        for address, port in dict.fromkeys(endpoints):  # the first of duplicates, in order
+            flat += (address, port)
+        self._flat = tuple(flat)
+        self.weight = weight
+        self.forward = forward
+        self._index: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self._flat) >> 1
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        flat = self._flat
+        return zip(flat[::2], flat[1::2])
+
+    keys = __iter__  # type: ignore[assignment]
+
+    def values(self) -> Iterator[RealServer]:  # type: ignore[override]
+        flat, tail = self._flat, (self.weight, self.forward)
+        return (_new_tuple(RealServer, (flat[i], flat[i + 1]) + tail) for i in range(0, len(flat), 2))
+
+    def items(self) -> Iterator[tuple[tuple[str, int], RealServer]]:  # type: ignore[override]
+        return ((rs[:2], rs) for rs in self.values())
+
+    def _find(self, key) -> int:
+        """Position of ``key``'s address in the flat tuple, or -1."""
+        flat = self._flat
+        if len(flat) <= 16:
+            for i in range(0, len(flat), 2):
+                if flat[i + 1] == key[1] and flat[i] == key[0]:
+                    return i
+            return -1
+        if self._index is None:
+            self._index = {k: 2 * i for i, k in enumerate(zip(flat[::2], flat[1::2]))}
+        return self._index.get(key, -1)
+
+    def __getitem__(self, key) -> RealServer:
+        i = self._find(key) if isinstance(key, tuple) and len(key) == 2 else -1
+        if i < 0:
+            raise KeyError(key)
+        return _new_tuple(RealServer, (self._flat[i], self._flat[i + 1], self.weight, self.forward))
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, tuple) and len(key) == 2 and self._find(key) >= 0
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, RealServers) and self._flat == other._flat:
+            return self.weight == other.weight and self.forward == other.forward
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        return all(other.get(key) == rs for key, rs in self.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RealServers({dict(self.items())!r})"
+
+
+NO_REAL_SERVERS = RealServers()
+
+
 class VirtualServer(NamedTuple):
     key: VirtualServerKey
     scheduler: str = "rr"
     persistent_timeout: int | None = None  # seconds; None when not persistent
-    real_servers: dict[tuple[str, int], RealServer] = {}
+    # A live table's: a dict by (address, port); a desired table's: RealServers.
+    real_servers: Mapping[tuple[str, int], RealServer] = {}
     service: str | None = None  # "namespace/name" where known (desired tables)
     flags: tuple[str, ...] = ()  # extra scheduler/service flags as the kernel names them
     persistent_netmask: str | None = None

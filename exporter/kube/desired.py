@@ -74,7 +74,7 @@ import functools
 import ipaddress
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
-from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServers, Table, VirtualServer, VirtualServerKey
 from exporter.kube.objects import (
     HEADLESS_LABEL,
     SERVICE_PROXY_NAME_LABEL,
@@ -257,14 +257,10 @@ def categorize_endpoints(endpoints: list[_Endpoint], uses_cluster: bool, uses_lo
     return Categorized(cluster, local, has_any)
 
 
-_new_tuple = tuple.__new__  # NamedTuple construction without its Python-level __new__ (hot at 50k endpoints)
-
-
-def real_servers_for(endpoints: Iterable[tuple[str, int]], forward: str = "Masq"
-                     ) -> dict[tuple[str, int], RealServer]:
-    """Weight-1 real servers by (ip, port). Exactly RealServer's four fields: a tuple of
-    any other length would not compare equal to the live reader's real servers."""
-    return {(ip, port): _new_tuple(RealServer, (ip, port, 1, forward)) for ip, port in endpoints}
+def real_servers_for(endpoints: Iterable[tuple[str, int]], forward: str = "Masq") -> RealServers:
+    """Weight-1 real servers by (ip, port), the first of duplicates kept; one compact
+    ``RealServers`` that virtual servers of the same endpoints may share (immutable)."""
+    return RealServers(endpoints, 1, forward)
 
 
 class PortPlan(NamedTuple):
@@ -331,22 +327,24 @@ def _kube_proxy_service(service: Service, slices: list[EndpointSlice], node: Nod
                 ip for ip in node.addresses if _family(ip) == plan.family and _node_port_address_ok(ip)]
         cluster_eps, local_eps = plan.endpoints.cluster, plan.endpoints.local
 
-        def chosen(only_local: bool) -> dict:
+        def chosen(only_local: bool) -> RealServers:
             # syncEndpoint: a Local policy without a local endpoint falls back to the Cluster set.
             eps = (local_eps or cluster_eps) if only_local else cluster_eps
             return real_servers_for((ep.ip, ep.port) for ep in eps)
 
-        def vs(address: str, vport: int, real_servers: dict) -> VirtualServer:
+        def vs(address: str, vport: int, real_servers: RealServers) -> VirtualServer:
             return VirtualServer(VirtualServerKey(port.protocol, address, vport), scheduler, timeout,
                                  real_servers, service_key)
 
-        out.append(vs(plan.cluster_ip, port.port, chosen(plan.internal_local)))
-        external_rs = chosen(plan.external_local)
+        internal_rs = chosen(plan.internal_local)
+        out.append(vs(plan.cluster_ip, port.port, internal_rs))
+        # The same endpoints behind every external frontend: one shared (immutable) RealServers.
+        external_rs = internal_rs if plan.external_local == plan.internal_local else chosen(plan.external_local)
         for ip in _unique(plan.external_ips + plan.lb_vips):
-            out.append(vs(ip, port.port, dict(external_rs)))
+            out.append(vs(ip, port.port, external_rs))
         if port.node_port:
             for ip in node_ips:
-                out.append(vs(ip, port.node_port, dict(external_rs)))
+                out.append(vs(ip, port.node_port, external_rs))
     return out
 
 
@@ -451,11 +449,11 @@ def _kube_router_service(service: Service, slices: list[EndpointSlice], node: No
         endpoints = _kube_router_endpoints(port.name, slices, node.name)
         has_local = any(ep.local for ep in endpoints)  # hasActiveEndpoints
 
-        def rs_for(family: int, only_local: bool, forward: str = "Masq") -> dict:
+        def rs_for(family: int, only_local: bool, forward: str = "Masq") -> RealServers:
             return real_servers_for(((ep.ip, ep.port) for ep in endpoints
                                   if ep.family == family and (ep.local or not only_local)), forward)
 
-        def vs(key: VirtualServerKey, real_servers: dict) -> VirtualServer:
+        def vs(key: VirtualServerKey, real_servers: RealServers) -> VirtualServer:
             return VirtualServer(key, scheduler, timeout, real_servers, service_key)
 
         if not (internal_local and not has_local):

@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
-from exporter.dataplane import Table, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServers, Table, VirtualServer, VirtualServerKey
 from exporter.kube import desired
 from exporter.kube.objects import EndpointSlice, Service
 
@@ -111,7 +111,7 @@ def _port_frontends(plan: desired.PortPlan) -> list[_Frontend]:
     return out
 
 
-def _virtual_server(frontend: _Frontend, real_servers: dict, service: Service) -> VirtualServer:
+def _virtual_server(frontend: _Frontend, real_servers: RealServers, service: Service) -> VirtualServer:
     flags = tuple(flag for flag, on in ((frontend.verdict, frontend.verdict is not None),
                                         (UNMAPPED, not frontend.mapped), (FIREWALLED, frontend.firewalled)) if on)
     timeout = service.session_affinity_timeout if real_servers else None
@@ -139,7 +139,7 @@ def frontends_for_service(service: Service, slices: Iterable[EndpointSlice], nod
     return out
 
 
-def _endpoints_as_real_servers(endpoints: Iterable) -> dict:
+def _endpoints_as_real_servers(endpoints: Iterable) -> RealServers:
     return desired.real_servers_for((ep.ip, ep.port) for ep in endpoints)
 
 
@@ -150,9 +150,7 @@ def _merged(frontends: list[_Frontend], service: Service) -> VirtualServer:
     frontends = sorted(frontends, key=lambda f: f.family)  # the reader reads ip, then ip6
     mapped = [f for f in frontends if f.mapped]
     verdicts = [f.verdict for f in frontends if f.verdict]
-    real_servers: dict = {}
-    for f in mapped:
-        real_servers.update(_endpoints_as_real_servers(f.endpoints))
+    real_servers = desired.real_servers_for((ep.ip, ep.port) for f in mapped for ep in f.endpoints)
     timeout_from = mapped[-1] if mapped else frontends[-1]
     merged = frontends[-1]._replace(verdict=verdicts[-1] if verdicts else None, mapped=bool(mapped),
                                     firewalled=any(f.firewalled for f in frontends))

@@ -200,16 +200,23 @@ def _compare(key: VirtualServerKey, want: VirtualServer, have: VirtualServer | N
                      ("persistent_timeout", want.persistent_timeout),
                      ("live_persistent_timeout", have.persistent_timeout))))
     have_rs = have.real_servers
-    for rkey, rs in want_rs.items():
+    present = 0
+    for rkey in want_rs:
         found = have_rs.get(rkey)
         if found is None:
-            items.append(DriftItem(MISSING_RS, key, rkey, rs.weight, service))
-        elif found.weight == 0:
-            items.append(_rs_item(ZERO_WEIGHT_RS, want, found, service, 0))
-    for rkey, found in have_rs.items():
-        if rkey not in want_rs:
-            kind = DRAINING_RS if found.weight == 0 else STALE_RS
-            items.append(_rs_item(kind, want, found, service, found.weight))
+            items.append(DriftItem(MISSING_RS, key, rkey, want_rs[rkey].weight, service))
+        else:
+            present += 1
+            if found.weight == 0:
+                items.append(_rs_item(ZERO_WEIGHT_RS, want, found, service, 0))
+    if present != len(have_rs):
+        # Live real servers nothing desires. Looked up in a set of the desired keys made
+        # here (hashing, O(n)): a desired table's RealServers keeps no index of its own.
+        wanted = want_rs if isinstance(want_rs, dict) else set(want_rs)
+        for rkey, found in have_rs.items():
+            if rkey not in wanted:
+                kind = DRAINING_RS if found.weight == 0 else STALE_RS
+                items.append(_rs_item(kind, want, found, service, found.weight))
     return tuple(items)
 
 

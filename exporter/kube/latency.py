@@ -119,9 +119,11 @@ def service_programmed(keys: Iterable[VirtualServerKey], desired: Mapping[Virtua
             found = have_rs.get(rkey)
             if found is None or found.weight <= 0:
                 return False
-        for rkey, found in have_rs.items():
-            if rkey not in want_rs and found.weight > 0:
-                return False
+        if len(have_rs) != len(want_rs):  # more live ones: only those at weight 0 may stay
+            wanted = want_rs if isinstance(want_rs, dict) else set(want_rs)
+            for rkey, found in have_rs.items():
+                if rkey not in wanted and found.weight > 0:
+                    return False
     for key in removed:
         if key not in desired and live(key) is not None:
             return False

@@ -1,0 +1,73 @@
+"""The compact shapes the desired side keeps (issue 13, memory): same answers, fewer bytes.
+
+At 10,000 Services / 50,000 endpoints what is kept per virtual server, real server
+and endpoint decides the exporter's footprint: these tests pin the shapes (shared,
+flat) and what they must still answer exactly as the plain dicts and tuples did.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.dataplane import RealServer, RealServers, VirtualServer, VirtualServerKey
+from exporter.kube import desired, diff
+from tests.kube_builders import NODE, endpoint, endpoint_slice, service
+
+
+def test_real_servers_read_as_the_mapping_a_live_table_holds():
+    rs = RealServers([("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.1", 80)])  # a duplicate: kept once
+    plain = {("10.0.0.1", 80): RealServer("10.0.0.1", 80), ("10.0.0.2", 80): RealServer("10.0.0.2", 80)}
+    assert len(rs) == 2 and list(rs) == list(plain) and list(rs.keys()) == list(plain)
+    assert list(rs.values()) == list(plain.values()) and list(rs.items()) == list(plain.items())
+    assert rs == plain and plain == rs and not rs != plain
+    assert rs[("10.0.0.2", 80)] == RealServer("10.0.0.2", 80, 1, "Masq")
+    assert ("10.0.0.2", 80) in rs and ("10.0.0.2", 81) not in rs and "10.0.0.2" not in rs
+    assert rs.get(("10.0.0.3", 80)) is None
+    with pytest.raises(KeyError):
+        rs[("10.0.0.3", 80)]
+    assert dict(rs) == plain and {**rs} == plain
+    assert rs != {("10.0.0.1", 80): RealServer("10.0.0.1", 80)}
+    assert rs != {**plain, ("10.0.0.2", 80): RealServer("10.0.0.2", 80, 0)}  # another weight
+    assert RealServers([("10.0.0.2", 80), ("10.0.0.1", 80)]) == rs  # order is not identity
+    assert RealServers([("10.0.0.1", 80)], forward="Tunnel") != RealServers([("10.0.0.1", 80)])
+    assert "RealServer(address='10.0.0.1', port=80, weight=1, forward='Masq')" in repr(rs)
+    assert not RealServers() and RealServers() == {}
+
+
+def test_real_servers_lookups_in_a_large_one_are_by_hash():
+    pairs = [(f"10.1.{i // 256}.{i % 256}", 8080) for i in range(2000)]
+    rs = RealServers(pairs)
+    assert all(rs[p].address == p[0] for p in pairs[::97]) and ("10.1.0.0", 8081) not in rs
+    assert rs._index is not None and len(rs._index) == 2000  # indexed once, when first asked
+
+
+def test_virtual_servers_of_one_service_share_one_real_servers():
+    # ClusterIP, externalIP and NodePort frontends of the same endpoints: one container,
+    # not a dict copy each (1,000 NodePort Services at 10k: thousands of dicts).
+    svc = service(type="NodePort", ports=(("p80", "TCP", 80, 30080),), externalIPs=["192.0.2.1"])
+    es = endpoint_slice("svc1", endpoint("10.180.0.1", "node-a"), endpoint("10.180.0.2", "node-b"))
+    out = desired.virtual_servers_for_service(svc, [es], NODE)
+    assert len(out) == 3
+    assert all(type(vs.real_servers) is RealServers for vs in out)
+    assert out[1].real_servers is out[0].real_servers and out[2].real_servers is out[0].real_servers
+    assert out[0].real_servers == {("10.180.0.1", 80): RealServer("10.180.0.1", 80),
+                                   ("10.180.0.2", 80): RealServer("10.180.0.2", 80)}
+
+
+def test_diff_of_compact_desired_against_a_live_dict_finds_every_kind():
+    key = VirtualServerKey("TCP", "10.96.0.1", 80)
+    pairs = [(f"10.2.0.{i}", 8080) for i in range(1, 21)]  # past the small-scan size
+    want = {key: VirtualServer(key, real_servers=RealServers(pairs), service="ns/a")}
+    live_rs = {p: RealServer(*p) for p in pairs[1:]}  # the first is missing
+    live_rs[pairs[2]] = RealServer(*pairs[2], 0)  # zero weight
+    live_rs[("10.2.9.9", 8080)] = RealServer("10.2.9.9", 8080, 1)  # stale
+    live_rs[("10.2.9.8", 8080)] = RealServer("10.2.9.8", 8080, 0)  # draining
+    live = {key: VirtualServer(key, real_servers=live_rs)}
+    for found in (diff.diff_tables(want, live), diff.TableDiffer().diff(want, live)):
+        assert [i.real for i in found.missing_real_servers] == [pairs[0]]
+        assert found.missing_real_servers[0].weight == 1
+        assert [i.real for i in found.zero_weight_real_servers] == [pairs[2]]
+        assert [i.real for i in found.stale_real_servers] == [("10.2.9.9", 8080)]
+        assert [i.real for i in found.draining_real_servers] == [("10.2.9.8", 8080)]
+    same = {key: VirtualServer(key, real_servers={p: RealServer(*p) for p in pairs})}
+    assert not diff.diff_tables(want, same).has_drift
