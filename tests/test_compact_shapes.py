@@ -71,3 +71,40 @@ def test_diff_of_compact_desired_against_a_live_dict_finds_every_kind():
         assert [i.real for i in found.draining_real_servers] == [("10.2.9.8", 8080)]
     same = {key: VirtualServer(key, real_servers={p: RealServer(*p) for p in pairs})}
     assert not diff.diff_tables(want, same).has_drift
+
+
+def test_a_parsed_slice_keeps_its_endpoints_flat_and_reads_them_as_before():
+    from exporter.kube.objects import Endpoint, EndpointList, EndpointState
+
+    es = endpoint_slice("svc1", endpoint("10.180.0.1", "node-a"), endpoint(["10.180.0.2", "10.180.0.3"], "node-b"),
+                        endpoint("10.180.0.4", "node-a", ready=False, serving=True, terminating=True))
+    flat = tuple.__iter__(es.endpoints)
+    assert type(es.endpoints) is EndpointList
+    # One state, then that endpoint's addresses; no tuple per endpoint.
+    assert [type(x).__name__ for x in flat] == ["EndpointState", "str", "EndpointState", "str", "str",
+                                               "EndpointState", "str"]
+    eps = list(es.endpoints)
+    assert len(es.endpoints) == 3 and all(type(ep) is Endpoint for ep in eps)
+    assert [ep.addresses for ep in eps] == [("10.180.0.1",), ("10.180.0.2", "10.180.0.3"), ("10.180.0.4",)]
+    assert [ep.node_name for ep in eps] == ["node-a", "node-b", "node-a"]
+    assert (eps[2].ready, eps[2].serving, eps[2].terminating) == (False, True, True)
+    assert es.endpoints[1] == eps[1] and es.endpoints[-1] == eps[2] and es.endpoints[1:] == tuple(eps[1:])
+    assert eps[0] in es.endpoints and es.endpoints == tuple(eps) and es.endpoints == EndpointList.of(eps)
+    assert EndpointList.of(()) == () and not EndpointList.of(()) and len(EndpointList.of(())) == 0
+    assert isinstance(eps[1].state, EndpointState)
+
+
+def test_equal_port_lists_are_one_tuple():
+    from exporter.dataplane import Interner
+    from exporter.kube.objects import parse_endpoint_slice, parse_service
+
+    intern = Interner()
+    raw = {"metadata": {"name": "x", "namespace": "n"},
+           "spec": {"clusterIP": "10.0.0.1", "ports": [{"name": "http", "port": 80}]}}
+    one, two = parse_service(raw, intern), parse_service({**raw, "metadata": {"name": "y", "namespace": "n"}}, intern)
+    assert one.ports is two.ports and one.ports == (("http", "TCP", 80, None),)
+    raw = {"metadata": {"name": "x-1", "namespace": "n"}, "addressType": "IPv4",
+           "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": ["10.0.0.1"]}]}
+    one = parse_endpoint_slice(raw, intern)
+    two = parse_endpoint_slice({**raw, "metadata": {"name": "x-2", "namespace": "n"}}, intern)
+    assert one.ports is two.ports

@@ -146,13 +146,67 @@ class Endpoint(tuple):
     stated_ready_or_serving = property(lambda self: self[0][7])
 
 
+class EndpointList(tuple):
+    """A slice's endpoints as one flat tuple ``(state, address, ..., state, address, ...)``:
+    each ``EndpointState`` followed by that endpoint's addresses. Read as a sequence of
+    ``Endpoint`` (made when read): a tuple per endpoint on top of the slice's own was 72
+    bytes each, 3.2 MB at 50,000 endpoints. Immutable; compares equal to a tuple of the
+    same endpoints."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, endpoints: Iterable[Endpoint]) -> "EndpointList":
+        flat: list = []
+        for ep in endpoints:
+            flat += ep
+        return tuple.__new__(cls, flat)
+
+    def __iter__(self) -> Iterator[Endpoint]:
+        new, one = tuple.__new__, None
+        for item in tuple.__iter__(self):
+            if type(item) is EndpointState:
+                if one is not None:
+                    yield new(Endpoint, one)
+                one = [item]
+            else:
+                one.append(item)
+        if one is not None:
+            yield new(Endpoint, one)
+
+    def __len__(self) -> int:
+        return sum(1 for item in tuple.__iter__(self) if type(item) is EndpointState)
+
+    def __getitem__(self, index):
+        return tuple(self)[index]
+
+    def __contains__(self, endpoint) -> bool:
+        return any(ep == endpoint for ep in self)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, EndpointList):
+            return tuple.__eq__(self, other)
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __ne__(self, other) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = tuple.__hash__
+
+    def __repr__(self) -> str:
+        return f"EndpointList({list(self)!r})"
+
+
 class EndpointSlice(NamedTuple):
     namespace: str
     name: str
     service_name: str | None  # the kubernetes.io/service-name label
     address_type: str  # IPv4, IPv6, FQDN
     ports: tuple[EndpointPort, ...] = ()
-    endpoints: tuple[Endpoint, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()  # an EndpointList when parsed
     trigger_time: float | None = None  # last-change-trigger-time, Unix seconds
     resource_version: str = ""
 
@@ -336,7 +390,7 @@ def parse_service(obj: dict, intern: Intern | None = None) -> Service:
         name=name,
         type=svc_type,
         cluster_ips=cluster_ips,
-        ports=tuple(ports),
+        ports=intern(tuple(ports)),
         external_ips=external_ips,
         load_balancer_ingress=tuple(ingress),
         load_balancer_source_ranges=source_ranges,
@@ -398,7 +452,7 @@ def parse_endpoint_slice(obj: dict, intern: Intern | None = None) -> EndpointSli
             if "forNodes" in hints:
                 hint_nodes = tuple(_intern(str(n.get("name"))) for n in _list(hints["forNodes"], f"{what} hints")
                                    if isinstance(n, dict))
-        endpoints.append(Endpoint(addresses, intern(EndpointState(
+        endpoints.append(intern(EndpointState(
             ready=ready,
             serving=_condition(conditions, "serving", ready),
             terminating=_condition(conditions, "terminating", False),
@@ -407,15 +461,16 @@ def parse_endpoint_slice(obj: dict, intern: Intern | None = None) -> EndpointSli
             hint_zones=hint_zones,
             hint_nodes=hint_nodes,
             stated_ready_or_serving=bool(conditions.get("ready")) or bool(conditions.get("serving")),
-        ))))
+        )))
+        endpoints += addresses
 
     return EndpointSlice(
         namespace=namespace,
         name=name,
         service_name=labels[SERVICE_NAME_LABEL] if isinstance(labels.get(SERVICE_NAME_LABEL), str) else None,
         address_type=_intern(address_type),
-        ports=tuple(ports),
-        endpoints=tuple(endpoints),
+        ports=intern(tuple(ports)),
+        endpoints=tuple.__new__(EndpointList, endpoints),
         trigger_time=parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
         resource_version=str(meta.get("resourceVersion") or ""),
     )
