@@ -105,7 +105,7 @@ def _child(kubeconfig: str) -> None:
         state.upsert("endpointslices", item.key, item)
     per_change = (time.process_time() - cpu_start) / len(raw_events)
 
-    by_service = {k: list(v) for k, v in state._slices_by_service.items()}
+    by_service = state.slices_by_service()
     cpu_start = time.process_time()
     full = desired.desired_table(state._services.values(), by_service, state.node(), "kube-proxy")
     full_rebuild = time.process_time() - cpu_start

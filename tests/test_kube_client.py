@@ -75,7 +75,8 @@ def test_dropped_stream_resumes_from_last_resource_version_without_relist(apiser
     watches = apiserver.watches("services")
     assert len(watches) >= 2
     # The first stream delivered b and c, then broke; the second resumed after c.
-    rv_of_c = rec.items["services"]["default/c"].resource_version
+    assert "default/c" in rec.items["services"]
+    rv_of_c = apiserver.objects["services"][("default", "c")]["metadata"]["resourceVersion"]
     assert watches[1].params["resourceVersion"] == rv_of_c
     assert len(apiserver.lists("services")) == 1
 

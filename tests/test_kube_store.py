@@ -235,7 +235,7 @@ def test_two_services_claiming_one_virtual_server():
     assert snap.table[shared].service == "ns/s2" and model.total() == calls
     assert set(snap.table[shared].real_servers) == {("10.244.0.3", 8080)}
     assert snap.real_servers == 1 and len(snap.table) == 1
-    offline = desired_table(st._services.values(), {k: list(v) for k, v in st._slices_by_service.items()},
+    offline = desired_table(st._services.values(), st.slices_by_service(),
                             st.node())
     assert offline == dict(snap.table)
 

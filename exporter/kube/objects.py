@@ -29,6 +29,8 @@ KEPT_ANNOTATION_PREFIXES = ("service.kubernetes.io/", "kube-router.io/")
 
 
 _PROTOCOL_CONSTANTS = {p: p for p in PROTOCOLS}
+# One string each, not the decoder's copy per Service.
+_SERVICE_TYPES = {t: t for t in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")}
 
 
 def _intern(text: str) -> str:
@@ -72,12 +74,12 @@ class Service(NamedTuple):
     traffic_distribution: str | None = None
     labels: tuple[tuple[str, str], ...] = ()  # only the labels proxies act on
     annotations: tuple[tuple[str, str], ...] = ()  # only KEPT_ANNOTATION_PREFIXES
-    resource_version: str = ""
 
     @property
     def key(self) -> str:
-        # Interned: the store keys several maps and every virtual server by it.
-        return f"{self.namespace}/{self.name}"
+        # Interned: the store keys several maps and every virtual server by it, and a
+        # slice's ``service_key`` is this same string: one per Service, not one per use.
+        return _intern(f"{self.namespace}/{self.name}")
 
     def annotation(self, name: str) -> str | None:
         for key, value in self.annotations:  # a handful at most: a scan beats building a dict
@@ -208,7 +210,6 @@ class EndpointSlice(NamedTuple):
     ports: tuple[EndpointPort, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()  # an EndpointList when parsed
     trigger_time: float | None = None  # last-change-trigger-time, Unix seconds
-    resource_version: str = ""
 
     @property
     def key(self) -> str:
@@ -217,7 +218,7 @@ class EndpointSlice(NamedTuple):
     @property
     def service_key(self) -> str | None:
         # The same string object as the Service's key (both interned).
-        return f"{self.namespace}/{self.service_name}" if self.service_name else None
+        return _intern(f"{self.namespace}/{self.service_name}") if self.service_name else None
 
 
 class Node(NamedTuple):
@@ -344,9 +345,10 @@ def parse_service(obj: dict, intern: Intern | None = None) -> Service:
     what = f"Service {namespace}/{name}"
     spec = _mapping(obj.get("spec"), f"{what} spec")
     status = _mapping(obj.get("status"), f"{what} status")
-    svc_type = spec.get("type") or "ClusterIP"
-    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
-        raise MalformedObject(f"{what}: unknown type {svc_type!r}")
+    raw_type = spec.get("type") or "ClusterIP"
+    svc_type = _SERVICE_TYPES.get(raw_type) if isinstance(raw_type, str) else None
+    if svc_type is None:
+        raise MalformedObject(f"{what}: unknown type {raw_type!r}")
 
     raw_ips = _list(spec.get("clusterIPs"), f"{what} spec.clusterIPs") or (
         [spec["clusterIP"]] if spec.get("clusterIP") else [])
@@ -371,8 +373,10 @@ def parse_service(obj: dict, intern: Intern | None = None) -> Service:
     for ing in _list(lb.get("ingress"), f"{what} status.loadBalancer.ingress"):
         ing = _mapping(ing, f"{what} ingress")
         if ing.get("ip"):  # hostname-only ingress programs nothing
-            ingress.append((canonical_ip(ing["ip"], f"{what} ingress"), ing.get("ipMode")))
+            mode = ing.get("ipMode")
+            ingress.append((canonical_ip(ing["ip"], f"{what} ingress"), _intern(mode) if isinstance(mode, str) else mode))
 
+    distribution = spec.get("trafficDistribution")
     source_ranges = _source_ranges(_list(spec.get("loadBalancerSourceRanges"),
                                          f"{what} spec.loadBalancerSourceRanges"))
 
@@ -398,11 +402,10 @@ def parse_service(obj: dict, intern: Intern | None = None) -> Service:
         external_traffic_local=spec.get("externalTrafficPolicy") == "Local",
         internal_traffic_local=spec.get("internalTrafficPolicy") == "Local",
         health_check_node_port=_port(spec.get("healthCheckNodePort"), f"{what} healthCheckNodePort", optional=True),
-        traffic_distribution=spec.get("trafficDistribution"),
+        traffic_distribution=_intern(distribution) if isinstance(distribution, str) else distribution,
         labels=_kept(_mapping(meta.get("labels"), f"{what} labels"), None,
                      (SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL)),
         annotations=_kept(_mapping(meta.get("annotations"), f"{what} annotations"), KEPT_ANNOTATION_PREFIXES),
-        resource_version=str(meta.get("resourceVersion") or ""),
     )
 
 
@@ -472,7 +475,6 @@ def parse_endpoint_slice(obj: dict, intern: Intern | None = None) -> EndpointSli
         ports=intern(tuple(ports)),
         endpoints=tuple.__new__(EndpointList, endpoints),
         trigger_time=parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
-        resource_version=str(meta.get("resourceVersion") or ""),
     )
 
 
