@@ -108,3 +108,52 @@ def test_equal_port_lists_are_one_tuple():
     one = parse_endpoint_slice(raw, intern)
     two = parse_endpoint_slice({**raw, "metadata": {"name": "x-2", "namespace": "n"}}, intern)
     assert one.ports is two.ports
+
+
+def _state_of(n: int, model):
+    from exporter.kube import objects
+    from exporter.kube.store import ClusterState
+    from tests.apiserver import endpoint_slice as raw_slice, service as raw_service
+
+    def slice_of(i: int, rv: str, address: str | None = None):
+        raw = raw_slice("ns", f"s{i}-x", f"s{i}", [address or f"10.244.0.{i + 1}"], ports=(("http", "TCP", 8080),))
+        raw["metadata"]["resourceVersion"] = rv
+        return objects.parse_endpoint_slice(raw)
+
+    st = ClusterState("node-a", "kube-proxy", ("192.0.2.1",), model=model)
+    # Keyed as the reflectors key them: by each object's own key.
+    services = [objects.parse_service(raw_service("ns", f"s{i}", f"10.96.0.{i + 1}")) for i in range(n)]
+    st.replace("services", {s.key: s for s in services})
+    st.replace("endpointslices", {es.key: es for es in (slice_of(i, "1") for i in range(n))})
+    st.replace("nodes", {"node-a": objects.Node("node-a", "zone-1")})
+    return st, slice_of
+
+
+def test_a_relist_recomputes_a_service_only_when_what_is_kept_changed():
+    # No resourceVersion is kept (a string per object): a relist whose objects moved on in
+    # resourceVersion but not in what the model reads recomputes nothing.
+    from tests.kube_helpers import CountingModel
+
+    model = CountingModel()
+    st, slice_of = _state_of(10, model)
+    assert model.total() == 10
+    st.replace("endpointslices", {f"ns/s{i}-x": slice_of(i, "2") for i in range(10)})
+    assert model.total() == 10
+    relisted = {f"ns/s{i}-x": slice_of(i, "3") for i in range(10)}
+    relisted["ns/s4-x"] = slice_of(4, "3", "10.244.9.9")
+    st.replace("endpointslices", relisted)
+    assert model.calls["ns/s4"] == 2 and model.total() == 11
+    vs = st.snapshot().table[VirtualServerKey("TCP", "10.96.0.5", 80)]
+    assert set(vs.real_servers) == {("10.244.9.9", 8080)}
+
+
+def test_one_key_string_per_service_in_the_store_and_its_table():
+    from tests.kube_helpers import CountingModel
+
+    st, _ = _state_of(5, CountingModel())
+    (service_key,) = [k for k in st._services if k == "ns/s2"]
+    vs = st.snapshot().table[VirtualServerKey("TCP", "10.96.0.3", 80)]
+    assert vs.service is service_key
+    assert next(k for k in st._vs_keys if k == "ns/s2") is service_key
+    assert next(k for k in st._slices_by_service if k == "ns/s2") is service_key
+    assert st._slices["ns/s2-x"].service_key is service_key
