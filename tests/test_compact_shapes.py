@@ -157,3 +157,29 @@ def test_one_key_string_per_service_in_the_store_and_its_table():
     assert next(k for k in st._vs_keys if k == "ns/s2") is service_key
     assert next(k for k in st._slices_by_service if k == "ns/s2") is service_key
     assert st._slices["ns/s2-x"].service_key is service_key
+
+
+def test_the_rules_view_of_a_table_without_rule_flags_is_that_table_not_a_copy():
+    from types import MappingProxyType, SimpleNamespace
+
+    from exporter.kube.desired_rules import REJECT, RulesViews
+
+    plain = VirtualServer(VirtualServerKey("TCP", "10.96.0.1", 80), "random", real_servers=RealServers([("10.1.0.1", 80)]))
+    table = MappingProxyType({plain.key: plain})
+    views = RulesViews()
+    view = views.of(SimpleNamespace(table=table, generation=1))
+    assert view.table is table and view.rejected == {} and view.firewalled == frozenset()
+    refused = VirtualServer(VirtualServerKey("TCP", "10.96.0.2", 80), "random", flags=(REJECT,))
+    flagged = MappingProxyType({plain.key: plain, refused.key: refused})
+    view = views.of(SimpleNamespace(table=flagged, generation=2))
+    assert view.table is not flagged and view.rejected == {refused.key: REJECT}
+    assert view.table[refused.key].flags == () and view.table[plain.key] is plain
+
+
+def test_names_are_read_from_the_one_key_string_each_object_keeps():
+    svc = service("web", "shop")
+    es = endpoint_slice("web", endpoint("10.180.0.1"), namespace="shop", name="web-abcde")
+    assert (svc.namespace, svc.name, svc.key) == ("shop", "web", "shop/web")
+    assert (es.namespace, es.name, es.key, es.service_name) == ("shop", "web-abcde", "shop/web-abcde", "web")
+    assert es.service_key is svc.key
+    assert "name" not in svc._fields and "name" not in es._fields and "service_name" not in es._fields

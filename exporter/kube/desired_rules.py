@@ -227,7 +227,11 @@ class RulesViews:
 
     def of(self, snapshot) -> DesiredRules:
         if self._view is None or snapshot.generation != self._generation:
-            self._view = rules_view(snapshot.table.values())
+            table = snapshot.table
+            if any(vs.flags for vs in table.values()):
+                self._view = rules_view(table.values())
+            else:  # nothing to take apart: the snapshot's own table, not a copy of it
+                self._view = DesiredRules(table, {}, frozenset())
             self._generation = snapshot.generation
         return self._view
 

@@ -58,7 +58,10 @@ class ServicePort(NamedTuple):
 
 class Service(NamedTuple):
     namespace: str
-    name: str
+    # "namespace/name", interned: the store keys several maps and every virtual server by it,
+    # and a slice's ``service_key`` is this same string. The name alone is read from it (one
+    # string per Service kept, not three).
+    key: str
     type: str = "ClusterIP"  # ClusterIP, NodePort, LoadBalancer, ExternalName
     cluster_ips: tuple[str, ...] = ()  # empty when headless or ExternalName
     ports: tuple[ServicePort, ...] = ()
@@ -76,10 +79,8 @@ class Service(NamedTuple):
     annotations: tuple[tuple[str, str], ...] = ()  # only KEPT_ANNOTATION_PREFIXES
 
     @property
-    def key(self) -> str:
-        # Interned: the store keys several maps and every virtual server by it, and a
-        # slice's ``service_key`` is this same string: one per Service, not one per use.
-        return _intern(f"{self.namespace}/{self.name}")
+    def name(self) -> str:
+        return self.key[len(self.namespace) + 1:]
 
     def annotation(self, name: str) -> str | None:
         for key, value in self.annotations:  # a handful at most: a scan beats building a dict
@@ -204,21 +205,22 @@ class EndpointList(tuple):
 
 class EndpointSlice(NamedTuple):
     namespace: str
-    name: str
-    service_name: str | None  # the kubernetes.io/service-name label
+    key: str  # "namespace/name": the name alone is read from it
+    # "namespace/<the kubernetes.io/service-name label>", the same interned string as that
+    # Service's key; None without the label.
+    service_key: str | None
     address_type: str  # IPv4, IPv6, FQDN
     ports: tuple[EndpointPort, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()  # an EndpointList when parsed
     trigger_time: float | None = None  # last-change-trigger-time, Unix seconds
 
     @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+    def name(self) -> str:
+        return self.key[len(self.namespace) + 1:]
 
     @property
-    def service_key(self) -> str | None:
-        # The same string object as the Service's key (both interned).
-        return _intern(f"{self.namespace}/{self.service_name}") if self.service_name else None
+    def service_name(self) -> str | None:
+        return None if self.service_key is None else self.service_key[len(self.namespace) + 1:]
 
 
 class Node(NamedTuple):
@@ -391,7 +393,7 @@ def parse_service(obj: dict, intern: Intern | None = None) -> Service:
 
     return Service(
         namespace=namespace,
-        name=name,
+        key=_intern(f"{namespace}/{name}"),
         type=svc_type,
         cluster_ips=cluster_ips,
         ports=intern(tuple(ports)),
@@ -467,10 +469,11 @@ def parse_endpoint_slice(obj: dict, intern: Intern | None = None) -> EndpointSli
         )))
         endpoints += addresses
 
+    service_name = labels.get(SERVICE_NAME_LABEL)
     return EndpointSlice(
         namespace=namespace,
-        name=name,
-        service_name=labels[SERVICE_NAME_LABEL] if isinstance(labels.get(SERVICE_NAME_LABEL), str) else None,
+        key=f"{namespace}/{name}",
+        service_key=_intern(f"{namespace}/{service_name}") if isinstance(service_name, str) and service_name else None,
         address_type=_intern(address_type),
         ports=intern(tuple(ports)),
         endpoints=tuple.__new__(EndpointList, endpoints),
