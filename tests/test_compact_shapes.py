@@ -164,7 +164,8 @@ def test_the_rules_view_of_a_table_without_rule_flags_is_that_table_not_a_copy()
 
     from exporter.kube.desired_rules import REJECT, RulesViews
 
-    plain = VirtualServer(VirtualServerKey("TCP", "10.96.0.1", 80), "random", real_servers=RealServers([("10.1.0.1", 80)]))
+    plain = VirtualServer(VirtualServerKey("TCP", "10.96.0.1", 80), "random",
+                          real_servers=RealServers([("10.1.0.1", 80)]))
     table = MappingProxyType({plain.key: plain})
     views = RulesViews()
     view = views.of(SimpleNamespace(table=table, generation=1))

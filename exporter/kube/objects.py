@@ -376,7 +376,8 @@ def parse_service(obj: dict, intern: Intern | None = None) -> Service:
         ing = _mapping(ing, f"{what} ingress")
         if ing.get("ip"):  # hostname-only ingress programs nothing
             mode = ing.get("ipMode")
-            ingress.append((canonical_ip(ing["ip"], f"{what} ingress"), _intern(mode) if isinstance(mode, str) else mode))
+            mode = _intern(mode) if isinstance(mode, str) else mode
+            ingress.append((canonical_ip(ing["ip"], f"{what} ingress"), mode))
 
     distribution = spec.get("trafficDistribution")
     source_ranges = _source_ranges(_list(spec.get("loadBalancerSourceRanges"),
