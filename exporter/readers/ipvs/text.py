@@ -230,7 +230,8 @@ class KnownRecords(NamedTuple):
     Parallel, in the text's order: the hash of each record and its virtual server
     (None where it did not parse). A persistence timeout's jiffies come from the
     last table's ``persistent_jiffies``. Kept instead of the records themselves (a
-    few bytes per record, not the record's text).
+    few bytes per record, not the record's text). A record is matched by its 64-bit
+    hash alone: at 10,000 records, two that differ collide once in about 10^11 parses.
     """
 
     hashes: array
