@@ -144,7 +144,7 @@ def measure(sizes) -> list[Row]:
                 # Only connection counters changed since the last read: a busy node.
                 last = parser._last
                 # As if the last read's text differed in its counters only.
-                parser._last = last._replace(text=" " + last.text[1:])
+                parser._last = last._replace(text_hash=last.text_hash ^ 1)
                 parser.parse(reader.read_ip_vs_text(), 250)
 
             # One real server's weight flips between two reads, in a virtual server

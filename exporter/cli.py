@@ -88,9 +88,13 @@ def serve(argv: list[str]) -> int:
         return 2
     setup_logging(settings["log.level"], settings["log.format"])
 
+    from exporter import allocator
     from exporter.collector import Context, Runner, build_collectors
     from exporter.http import MetricsServer, make_app
     from exporter.paths import Paths
+
+    # Before any thread starts: glibc makes arenas per thread (exporter/allocator.py says what it saves).
+    allocator.tune()
 
     # Every input is checked before anything starts (collectors start watches and threads).
     web = None

@@ -301,3 +301,22 @@ def test_a_table_not_read_whole_gives_no_drift_figures_and_says_why(apiserver, r
     r.write_table(good)
     s = r.scrape()
     assert success(s) == 1 and all_zero(s)
+
+
+def test_malloc_gives_pages_back_once_after_the_first_diff(apiserver, rig, monkeypatch):
+    """The list's decode, the first whole read and the first full diff are transients: once
+    they are freed, malloc's free pages go back to the kernel (exporter/allocator.py), once,
+    not on every scrape, and not before the store has synced."""
+    from exporter import allocator
+
+    trims = []
+    monkeypatch.setattr(allocator, "trim", lambda: trims.append(time.monotonic()) or True)
+    for i in range(1, 4):
+        add_service(apiserver, i)
+    r = rig(grace=GRACE)
+    r.wait_synced()
+    r.write_table(r.desired())
+    for _ in range(3):
+        s = r.scrape()
+        assert success(s) == 1 and all_zero(s)
+    assert len(trims) == 1

@@ -37,6 +37,7 @@ from typing import Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from exporter import allocator
 from exporter.collector import NAMESPACE, Collector, CollectorError, Unavailable, register
 from exporter.config import Option, _as_count, _as_seconds
 from exporter.dataplane import DataplaneReader, DataplaneUnavailable
@@ -218,6 +219,7 @@ class DriftCollector(Collector):
         self.differ = TableDiffer()  # per scrape, only what changed is compared again
         self.rules_views = RulesViews()  # nftables/iptables: the desired side in the readers' shape
         self._said_waiting = False
+        self._trimmed = False  # whether malloc's free pages went back after this mode's first diff
         self._stuck_log = RateLimitedLog(log, burst=1, period=600.0)  # once per 10 min while it lasts
         mode = self.proxy_mode.current()
         if mode is not None:
@@ -235,6 +237,7 @@ class DriftCollector(Collector):
         self.tracker = DriftTracker(*self._tracker_settings)
         self.differ = TableDiffer()
         self.rules_views = RulesViews()  # of this mode's store
+        self._trimmed = False
 
     def _stop_latency(self) -> None:
         if self.latency is not None:
@@ -296,6 +299,11 @@ class DriftCollector(Collector):
                                  f"{live.unread[0]}{more}")
         diff = self.differ.diff(desired_table, live.table, desired_rejected, live.rejected, snap.table)
         report = self.tracker.update(diff, time.monotonic())
+        if not self._trimmed:
+            # The first diff against a synced store: the list's decode, the first whole read of
+            # the live table and the first full diff are freed by now; their pages go back once.
+            allocator.trim()
+            self._trimmed = True
         yield from report_metrics(report, mode)
         if report.stuck_draining:
             # Names the first few so the log says which endpoints, without a series per item.

@@ -414,13 +414,14 @@ class NftNetlink:
                             out.append(_element(buf, es, ee))
         return out
 
-    def rules(self, family: int, table: str, known: dict[tuple[str, int], Rule] | None = None,
+    def rules(self, family: int, table: str, known: dict[int, Rule] | None = None,
               ) -> tuple[list[Rule], int]:
         """Every rule of the table, in chain order, and how many were decoded anew.
 
         A rule's expressions never change under its handle (a rewritten rule gets
-        a new one), so ``known`` ((chain, handle) -> Rule, owned by the caller and
-        filled here) lets a re-read decode only the rules that are new.
+        a new one), so ``known`` (handle -> Rule: a table numbers its rules from one
+        counter; owned by the caller and filled here) lets a re-read decode only the
+        rules that are new.
         """
         attrs = _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
         out = []
@@ -448,8 +449,8 @@ class NftNetlink:
                 elif t == NFTA_RULE_USERDATA:
                     udata = (s, e)
             if known is not None:
-                rule = known.get((chain, handle))
-                if rule is not None:
+                rule = known.get(handle)
+                if rule is not None and rule.chain == chain:
                     out.append(rule)
                     continue
             raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
@@ -462,7 +463,7 @@ class NftNetlink:
                 rule = _rule(buf, chain, handle, exprs, udata, family)
             decoded += 1
             if known is not None:
-                known[(chain, handle)] = rule
+                known[handle] = rule
             out.append(rule)
         return out, decoded
 

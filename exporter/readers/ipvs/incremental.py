@@ -2,12 +2,13 @@
 
 A running exporter reads the same table every scrape, and what changes between
 two reads is mostly connection counters, sometimes a record or two. So the
-parser remembers the last text: the same text is the same table; the same shape
-(the text without its fixed-width counters) is the same virtual servers with new
-counters; another shape re-parses only the records between the unchanged ones
-before and after. Counters live beside the virtual servers
-(``IPVSTable.connections``), so a virtual server stays the same object while only
-its counters move.
+parser remembers the last text's hash and its shape (the text with its counters
+as NULs, bytes, once): the same text is the same table; the same shape is the
+same virtual servers with new counters; another shape re-parses only the records
+between the unchanged ones before and after, found through where each record
+starts (a compact array), not through copies of the records. Counters live beside
+the virtual servers (``IPVSTable.connections``), so a virtual server stays the
+same object while only its counters move.
 
 What is remembered belongs to one ``IncrementalParser``: two readers never share
 it (nor a one-shot parse, which starts from nothing).
@@ -16,10 +17,12 @@ it (nor a one-shot parse, which starts from nothing).
 from __future__ import annotations
 
 import gc
+from array import array
+from bisect import bisect_left, bisect_right
 
 from exporter.readers.ipvs.table import IPVSTable, Layout
-from exporter.readers.ipvs.text import (_MASK_BYTES, _RECORD_BOUNDARY, Conversions, Shape, _marked,
-                                        counters_of, known_or_parsed, parse_whole,
+from exporter.readers.ipvs.text import (_MASK_BYTES, _RECORD_BOUNDARY, NO_RECORDS, Conversions, KnownRecords, Shape,
+                                        _marked, counter_chars, counters_of, known_or_parsed, parse_whole,
                                         with_counters)
 
 
@@ -36,13 +39,12 @@ class IncrementalParser:
         self.conversions = Conversions()
         self._hz: int | None = None
         self._last: Shape | None = None  # what the last parse learned, at ``_hz``
-        # The last parse's records (record text -> parsed): only those, so this
-        # never outgrows one table.
-        self._records: dict[str, tuple] = {}
+        # The last parse's records, by hash: only those, so this never outgrows one table.
+        self._known: KnownRecords = NO_RECORDS
 
     def forget(self) -> None:
         """Parse the next text from nothing (conversions aside: they never go stale)."""
-        self._last, self._records = None, {}
+        self._last, self._known = None, NO_RECORDS
 
     def parse(self, text: str, hz: int) -> IPVSTable:
         # The cyclic collector off, inline, as parse_ip_vs does (and why).
@@ -60,110 +62,151 @@ class IncrementalParser:
             self.forget()  # timeouts were converted with another HZ
             self._hz = hz
         last = self._last
-        if last is not None and text == last.text:
+        text_hash = hash(text)
+        if last is not None and text_hash == last.text_hash and len(text) == last.length:
             return with_counters(last.skeleton, last.active, last.inactive)
-        if last is not None and last.mask is not None and text.isascii() and "\0" not in text:
-            # The text as one int: one C-level pass compares its shape with the last one
-            # (XOR, then the mask hides the counters), another takes all its counters.
+        if last is not None and last.marked is not None and text.isascii() and "\0" not in text:
+            # The text as one int: one C-level XOR with the last shape tells whether only
+            # counters moved, and gives them all in place.
             value = int.from_bytes(text.encode("ascii"), "little")
             state = None
-            if len(text) == len(last.text) and (value ^ last.blank_value) & last.mask == 0:
-                counters = counters_of(value, last.blank_value, last.mask, len(text), last.layout,
-                                       self.conversions.numbers)
+            chars = counter_chars(value, last.marked, last.marked_counters) if len(text) == last.length else None
+            if chars is not None:
+                counters = counters_of(chars, last.layout, self.conversions.numbers)
                 if counters is not None:
-                    state = last._replace(text=text, active=counters[0], inactive=counters[1])
+                    state = last._replace(text_hash=text_hash, active=counters[0], inactive=counters[1])
             else:
-                patched = _patch_text(last, text, value, hz, self.conversions, self._records)
+                del chars
+                patched = _patch_text(last, self._known, text, value, hz, self.conversions)
                 if patched is not None:
-                    state, self._records = patched
+                    state, self._known = patched
+                    state = state._replace(text_hash=text_hash)
             if state is not None:
                 self._last = state
                 return with_counters(state.skeleton, state.active, state.inactive)
-        table, self._last, self._records = parse_whole(text, hz, self.conversions, self._records)
+        # Dropped first: the last shape is not needed beside the new one.
+        known, self._last, self._known = self._known, None, NO_RECORDS
+        table, self._last, self._known = parse_whole(text, hz, self.conversions, known, text_hash)
         return table
 
 
-def _patch_text(last: Shape, text: str, value: int, hz: int, conv: Conversions,
-                previous: dict[str, tuple]) -> tuple[Shape, dict[str, tuple]] | None:
+def _patch_text(last: Shape, known: KnownRecords, text: str, value: int, hz: int, conv: Conversions,
+                ) -> tuple[Shape, KnownRecords] | None:
     """The last parse with the records that changed replaced; None if it cannot be.
 
     The shape before the first change and after the last one is the last text's:
-    found with two C-level passes over the text as an int. Only the lines in
-    between are blanked and masked one by one, and only the records that changed
-    are parsed again (``_patch_shape``). None when the text is cut or the change
-    is not a clean one: the caller parses the whole text. Else the new shape and
-    its records (record text -> parsed).
+    found with two C-level passes over the text as an int against the last marked
+    text. Only the lines in between are marked again, only the records around them
+    are split out (``last.starts`` says where they are), and only those that changed
+    are parsed again (``_patch_shape``). None when the text is cut or the change is
+    not a clean one: the caller parses the whole text.
     """
     if not text.endswith("\n"):
         return None
-    old_length, new_length = len(last.text), len(text)
+    old_length, new_length = last.length, len(text)
     common = min(old_length, new_length)
     shift = new_length - old_length
+    old_marked = last.marked
+    old_value = int.from_bytes(old_marked, "little")
+    # 0 on the counters, 0xFF elsewhere: made for this read only, never kept.
+    mask = int.from_bytes(old_marked.translate(_MASK_BYTES), "little")
     # Shape differences (byte i of the int is text position i): the lowest set bit is
     # the first one. (The mask is as long as the last text: beyond it, nothing counts.)
-    differ = (value ^ last.blank_value) & last.mask
+    differ = (value ^ old_value) & mask
     first = min(common, ((differ & -differ).bit_length() - 1) // 8) if differ else common
     # Then the ends aligned (new[i + shift] against old[i]): the highest set bit is
     # the last difference, and what follows it is the same at the end of both.
     if shift > 0:
-        differ = ((value >> 8 * shift) ^ last.blank_value) & last.mask
+        differ = ((value >> 8 * shift) ^ old_value) & mask
     elif shift < 0:
-        differ = (value ^ (last.blank_value >> -8 * shift)) & (last.mask >> -8 * shift)
+        differ = (value ^ (old_value >> -8 * shift)) & (mask >> -8 * shift)
+    del mask, old_value
     same_end = common - 1 - (differ.bit_length() - 1) // 8 if differ else common
+    del differ
     same_end = min(same_end, old_length - first, new_length - first)
-    # Widen to whole lines (blanks and marks are made line by line).
+    # Widen to whole lines (marks are made line by line).
     start = text.rfind("\n", 0, first) + 1
     stop = new_length - same_end
     if stop > 0 and text[stop - 1] != "\n":
         stop = text.find("\n", stop) + 1
     old_stop = stop - shift
-    marked = _marked(text[start:stop].split("\n"))
-    old_blank = "\n".join(last.records) + "\n"
-    blank = old_blank[:start] + marked.replace("\0", " ") + old_blank[old_stop:]
-    records = _RECORD_BOUNDARY.split(blank)
-    if records[-1] != "":
+    middle = _marked(text[start:stop].split("\n")).encode("ascii")
+    marked = old_marked[:start] + middle + old_marked[old_stop:]
+    marked_counters = last.marked_counters - old_marked.count(0, start, old_stop) + middle.count(0)
+    # The records touched: from the one before the first changed line (a real server
+    # added at a record's end is that record's) to the first one wholly after the change.
+    starts = last.starts
+    head = max(0, bisect_right(starts, max(start - 1, 0)) - 1)
+    tail = bisect_left(starts, old_stop, head)
+    if tail >= len(starts):
         return None
-    patched = _patch_shape(last, records[:-1], hz, conv, previous)
+    window = old_marked[starts[head]:starts[tail]].decode("ascii").replace("\0", " ")
+    base = starts[head]
+    old_window = [window[starts[i] - base:starts[i + 1] - base - 1] for i in range(head, tail)]
+    del window
+    pieces = _RECORD_BOUNDARY.split(marked[starts[head]:starts[tail] + shift].decode("ascii").replace("\0", " "))
+    if pieces[-1] != "":
+        return None
+    new_window = pieces[:-1]
+    patched = _patch_shape(last, known, old_window, new_window, head, hz, conv)
     if patched is None:
         return None
-    parsed, current = patched
-    old_mask = last.mask.to_bytes(old_length, "little")
-    mask = int.from_bytes(old_mask[:start] + marked.encode("ascii").translate(_MASK_BYTES) + old_mask[old_stop:],
-                          "little")
-    blank_value = int.from_bytes(blank.encode("ascii"), "little")
-    counters = counters_of(value, blank_value, mask, new_length, parsed[4], conv.numbers)
+    table, window_servers = patched
+    layout = table._layout
+    chars = counter_chars(value, marked, marked_counters)
+    if chars is None:
+        return None
+    counters = counters_of(chars, layout, conv.numbers)
     if counters is None:
         return None
-    return Shape(text, *parsed, *counters, blank_value, mask), current
+    record_starts = []
+    at = starts[head]
+    for record in new_window:
+        record_starts.append(at)
+        at += len(record) + 1
+    new_starts = starts[:head] + array("q", record_starts) + array("q", map(shift.__add__, starts[tail:]))
+    kept = KnownRecords(known.hashes[:head] + array("q", map(hash, new_window)) + known.hashes[tail:],
+                        known.virtual_servers[:head] + window_servers + known.virtual_servers[tail:],
+                        table.persistent_jiffies)
+    state = Shape(last.text_hash, new_length, last.lead, True, table, layout, *counters, marked, marked_counters,
+                  new_starts)
+    return state, kept
 
 
-def _patch_shape(last: Shape, records: list[str], hz: int, conv: Conversions, previous: dict[str, tuple],
-                 ) -> tuple[tuple[list[str], int, bool, IPVSTable, Layout], dict[str, tuple]] | None:
-    """The last parse with the records that changed since replaced; None if it cannot be.
+def _patch_shape(last: Shape, known: KnownRecords, old_window: list[str], new_window: list[str], head: int,
+                 hz: int, conv: Conversions) -> tuple[IPVSTable, list] | None:
+    """The last table with the records that changed replaced; None if it cannot be.
 
     A Service or an endpoint changes one record or a few, somewhere in the text:
-    the records before and after the change are the last parse's, so only the
-    middle is parsed and only the middle's entries are replaced (the rest of the
-    layout is shifted, not rebuilt). Anything unusual (garbage, a header, a record
-    printed twice) gives None, and the whole text is parsed record by record.
-    ``previous`` is the last parse's records; the new ones are returned beside.
+    ``old_window`` (the last parse's records ``head`` on) became ``new_window``, and
+    every record outside is the last parse's. The records equal at both ends of the
+    window are kept as they are, only the middle is parsed and only the middle's
+    entries are replaced (the rest of the layout is shifted, not rebuilt). Anything
+    unusual (garbage, a header, a record printed twice) gives None, and the whole
+    text is parsed record by record. Returns the table (its layout set) and the
+    virtual server of each record of the new window.
     """
-    old = last.records
-    same = list(map(str.__eq__, old, records))  # C-level: one comparison per record
-    head = same.index(False) if False in same else len(same)
-    same = list(map(str.__eq__, reversed(old), reversed(records)))
-    tail = same.index(False) if False in same else len(same)
-    tail = min(tail, len(old) - head, len(records) - head)
-    if head < last.lead:
+    same = list(map(str.__eq__, old_window, new_window))  # C-level: one comparison per record
+    front = same.index(False) if False in same else len(same)
+    same = list(map(str.__eq__, reversed(old_window), reversed(new_window)))
+    back = same.index(False) if False in same else len(same)
+    back = min(back, len(old_window) - front, len(new_window) - front)
+    first, old_end = head + front, head + len(old_window) - back
+    if first < last.lead:
         return None
-    old_middle = old[head:len(old) - tail]
-    new_middle = records[head:len(records) - tail]
+    old_servers = known.virtual_servers[first:old_end]
+    if None in old_servers:
+        return None
+    skeleton = last.skeleton
+    # The old middle's records, for a new one equal to one of them (moved, say).
+    previous = {record: (vs, skeleton.persistent_jiffies.get(vs.key))
+                for record, vs in zip(old_window[front:len(old_window) - back], old_servers)}
+    new_middle = new_window[front:len(new_window) - back]
     try:
         added = [known_or_parsed(previous, record, hz, conv) for record in new_middle]
     except (ValueError, IndexError, KeyError):
         return None  # garbage: the full parse says what to drop
-    skeleton = last.skeleton
-    gone = {previous[record][0].key for record in old_middle}
+    gone = {vs.key for vs in old_servers}
     new_keys = [vs.key for vs, _ in added]
     if len(set(new_keys)) != len(new_keys) or any(k in skeleton and k not in gone for k in new_keys):
         return None  # a record printed twice: the full parse says which counts
@@ -179,14 +222,12 @@ def _patch_shape(last: Shape, records: list[str], hz: int, conv: Conversions, pr
         else:
             jiffies_by_key[vs.key] = jiffies
     table.persistent_jiffies = jiffies_by_key
-    current = dict(previous)
-    for record in old_middle:
-        del current[record]
-    current.update(zip(new_middle, added))
+    window_servers = (known.virtual_servers[head:first] + [vs for vs, _ in added]
+                      + known.virtual_servers[old_end:old_end + back])
 
     # The layout: entries [start, stop) of the last one make way for the middle's.
     layout = last.layout
-    start, stop = head - last.lead, len(old) - tail - last.lead
+    start, stop = first - last.lead, old_end - last.lead
     line_no = layout.first_lines[start] if start < len(layout.keys) else layout.lines
     counter = layout.starts[start]
     first_lines, starts = [], []
@@ -202,10 +243,10 @@ def _patch_shape(last: Shape, records: list[str], hz: int, conv: Conversions, pr
             and starts == layout.starts[start:stop] and first_lines == layout.first_lines[start:stop]:
         # The same virtual servers on the same lines (a weight changed, say): same layout.
         table._layout = layout
-        return (records, last.lead, True, table, layout), current
+        return table, window_servers
     table._layout = Layout.build(
         layout.keys[:start] + new_keys + layout.keys[stop:],
         layout.first_lines[:start] + first_lines + list(map(line_shift.__add__, layout.first_lines[stop:])),
         layout.starts[:start] + starts + list(map(counter_shift.__add__, layout.starts[stop:])),
         None, layout.lines + line_shift)
-    return (records, last.lead, True, table, table._layout), current
+    return table, window_servers

@@ -17,6 +17,8 @@ from __future__ import annotations
 import gc
 import re
 import socket
+from array import array
+from itertools import accumulate
 from typing import NamedTuple
 
 from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
@@ -177,7 +179,7 @@ def parse_ip_vs(text: str, hz: int | None = None) -> IPVSTable:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return parse_whole(text, hz, Conversions(), {})[0]
+        return parse_whole(text, hz, Conversions())[0]
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -195,32 +197,79 @@ _COUNTERS = 21
 
 
 class Shape(NamedTuple):
-    """What a parse learned, for the next one (``IncrementalParser`` keeps it)."""
+    """What a parse learned, for the next one (``IncrementalParser`` keeps it).
 
-    text: str
-    # The records of its blank (the text with its counters blanked: its shape,
-    # position for position), the last, empty piece left out.
-    records: list[str]
+    Kept small: at 10,000 services the text is about 4 MB, and this holds one
+    text-sized thing (``marked``, bytes) besides compact arrays; neither the text
+    nor its records are kept.
+    """
+
+    # hash() and length of the text: the same text is the same table. (SipHash with
+    # this process's random key: two texts that differ hash alike once in 2**64.)
+    text_hash: int
+    length: int
     lead: int  # header records before the first virtual server
     clean: bool  # every record after the headers kept, none twice, none torn
     skeleton: IPVSTable  # the table without counters: copied, never handed out
     layout: Layout
     active: list[int]
     inactive: list[int]
-    # The blank's bytes as one int, and a mask: 0 on the counters of every kept real
-    # server, 0xFF elsewhere. None when the text does not allow them (not clean, not
-    # ASCII): the next read then parses the whole text. (At 10,000 services the text
-    # is 3.3 MB: this state holds about four times that.)
-    blank_value: int | None
-    mask: int | None
+    # The text with the counters of every kept real server as NUL bytes: its shape,
+    # position for position. None when the text does not allow it (not clean, not
+    # ASCII, NULs of its own): the next read then parses the whole text.
+    marked: bytes | None
+    marked_counters: int  # NUL bytes in ``marked``: counter characters of the text
+    # Where each record (headers first) starts in the text, then the text's length:
+    # the records a change touches are found from these, not from copies of them.
+    starts: array | None
 
 
-# A counter byte XOR a space: a digit becomes 0x10-0x19 (back to "0"-"9" here), a
-# padding space 0 and a tab 0x29 (blanks here), a minus sign 0x0D (back to "-": IPVS
-# has printed negative counts). The bytes that would otherwise turn into ASCII
-# whitespace and split a number silently (from ")*+,") become "x", which fails.
-_COUNTER_BYTES = bytes.maketrans(bytes(range(0x10, 0x1A)) + b"\0\x29\x0d\x09\x0a\x0b\x0c",
-                                 b"0123456789  -xxxx")
+class KnownRecords(NamedTuple):
+    """The last parse's records by the hash of their blank text, for a whole parse to reuse.
+
+    Parallel, in the text's order: the hash of each record and its virtual server
+    (None where it did not parse). A persistence timeout's jiffies come from the
+    last table's ``persistent_jiffies``. Kept instead of the records themselves (a
+    few bytes per record, not the record's text). A record is matched by its 64-bit
+    hash alone: at 10,000 records, two that differ collide once in about 10^11 parses.
+    """
+
+    hashes: array
+    virtual_servers: list
+    jiffies: dict
+
+    def index(self) -> "_KnownIndex":
+        return _KnownIndex(self)
+
+
+class _KnownIndex:
+    """``known_or_parsed``'s view of ``KnownRecords``: record text -> parsed, or None."""
+
+    def __init__(self, known: KnownRecords) -> None:
+        self.known = known
+        self.places = dict(zip(known.hashes, range(len(known.hashes))))
+
+    def get(self, record: str) -> tuple | None:
+        place = self.places.get(hash(record))
+        if place is None:
+            return None
+        vs = self.known.virtual_servers[place]
+        if vs is None:
+            return None
+        if vs.persistent_timeout is None:
+            return vs, None
+        jiffies = self.known.jiffies.get(vs.key)
+        return None if jiffies is None else (vs, jiffies)
+
+
+NO_RECORDS = KnownRecords(array("q"), [], {})
+
+
+# The XOR of a text with its marked shape, at counter positions: the counter
+# character itself; elsewhere NUL, which is a blank here. A tab is a blank too (a
+# counter field's separator); other ASCII whitespace would split a number silently,
+# so it becomes "x", which fails.
+_COUNTER_CHARS = bytes.maketrans(b"\0\t\n\v\f\r", b"  xxxx")
 _MASK_BYTES = bytes.maketrans(b"\0" + bytes(range(1, 256)), b"\0" + b"\xff" * 255)
 
 
@@ -231,11 +280,22 @@ def with_counters(skeleton: IPVSTable, active: list[int], inactive: list[int]) -
     return table
 
 
-def counters_of(value: int, blank_value: int, mask: int, length: int, layout: Layout,
-                numbers: _Numbers) -> tuple[list[int], list[int]] | None:
-    """Every counter of a text whose shape is the blank's; None if one is not a number."""
-    digits = ((value ^ blank_value) & ~mask).to_bytes(length, "little").translate(_COUNTER_BYTES)
-    return _numbers(digits.split(), layout.starts[-1], numbers)
+def counter_chars(value: int, marked: bytes, marked_counters: int) -> bytes | None:
+    """The text's counter characters in place, NUL elsewhere; None if its shape is not ``marked``'s.
+
+    ``value`` is the text's bytes as one int, as long as ``marked``. One C-level XOR:
+    where the marked text has a NUL, the text's own (never NUL) byte; elsewhere NUL
+    if and only if the two agree. So the shape is the same exactly when the NULs
+    number the text's length less the counter characters.
+    """
+    length = len(marked)
+    chars = (value ^ int.from_bytes(marked, "little")).to_bytes(length, "little")
+    return chars if chars.count(0) == length - marked_counters else None
+
+
+def counters_of(chars: bytes, layout: Layout, numbers: _Numbers) -> tuple[list[int], list[int]] | None:
+    """Every counter of ``counter_chars``' result; None if one is not a number."""
+    return _numbers(chars.translate(_COUNTER_CHARS).split(), layout.starts[-1], numbers)
 
 
 def _numbers(numbers: list, real_servers: int, cache: _Numbers) -> tuple[list[int], list[int]] | None:
@@ -313,13 +373,13 @@ def _marked(lines: list[str], mark: str = "\0") -> str:
         for line in lines])
 
 
-def parse_whole(text: str, hz: int, conv: Conversions, previous: dict[str, tuple]
-                ) -> tuple[IPVSTable, Shape | None, dict[str, tuple]]:
+def parse_whole(text: str, hz: int, conv: Conversions, known: KnownRecords = NO_RECORDS,
+                text_hash: int | None = None) -> tuple[IPVSTable, Shape | None, KnownRecords]:
     """The whole text, record by record (the first read, or after anything unusual).
 
-    ``previous``: the last parse's records (record text -> parsed), reused where the
-    same. Returns the table, what a next parse may start from (None when nothing
-    may be), and this parse's records.
+    ``known``: the last parse's records, reused where the same. Returns the table,
+    what a next parse may start from (None when nothing may be), and this parse's
+    records. ``text_hash``: ``hash(text)`` if the caller has it.
     """
     lines = text.split("\n")
     torn = lines[-1]  # "" after the final newline; else a cut line, kept as cut
@@ -329,33 +389,44 @@ def parse_whole(text: str, hz: int, conv: Conversions, previous: dict[str, tuple
     else:  # NULs of its own (never the kernel's): blank it apart
         blank = _marked(lines[:-1], " ") + "\n" + torn if len(lines) > 1 else torn
     records = _RECORD_BOUNDARY.split(blank)
+    del blank
     current: dict[str, tuple] = {}
-    parsed = _parse_shape(records, hz, conv, previous, current)
-    clean, skeleton, layout = parsed[2:]
-    blank_value = mask = counters = None
+    parsed = _parse_shape(records, hz, conv, known.index() if known.hashes else {}, current)
+    records, lead, clean, skeleton, layout = parsed
+    # What a next whole parse may reuse: the hash of each record and its parse.
+    hashes = array("q", map(hash, records))
+    virtual_servers = [got[0] if got is not None else None for got in map(current.get, records)]
+    del current
+    marked_bytes = starts = counters = None
+    marked_counters = 0
     if clean and text.isascii() and "\0" not in text:
         # Clean: every marked line is a kept real server, so the marks are its counters,
-        # all taken in two C-level passes as a re-read takes them (``_counters``).
-        blank_value = int.from_bytes(blank.encode("ascii"), "little")
-        mask = int.from_bytes(marked.encode("ascii").translate(_MASK_BYTES), "little")
-        counters = counters_of(int.from_bytes(text.encode("ascii"), "little"), blank_value, mask, len(text),
-                               layout, conv.numbers)
+        # all taken in a few C-level passes as a re-read takes them.
+        marked_bytes = marked.encode("ascii")
+        marked_counters = marked_bytes.count(0)
+        chars = counter_chars(int.from_bytes(text.encode("ascii"), "little"), marked_bytes, marked_counters)
+        if chars is not None:
+            counters = counters_of(chars, layout, conv.numbers)
+        starts = array("q", accumulate(map(len, records), lambda at, size: at + size + 1, initial=0))
     else:
         counted = list(map(lines.__getitem__, layout.counter_lines))
         # All counters in one split: two numbers per line, or the text is not the kernel's.
         numbers = " ".join([line[-_COUNTERS:] if _fixed_width(line) else line[_counter_start(line):]
                             for line in counted]).encode("ascii", "replace").split()
         counters = _numbers(numbers, len(counted), conv.numbers)
+    del marked, records
+    kept = KnownRecords(hashes, virtual_servers, skeleton.persistent_jiffies)
     if counters is None:
         # A counter that is not a number (never from the kernel): drop its virtual
         # server, as for any other line that does not parse.
         table = _drop_bad_counters(skeleton.copy(), lines, layout, conv.numbers)
-        return _with_first_unread(table, lines), None, current
+        return _with_first_unread(table, lines), None, kept
     _with_first_unread(skeleton, lines)
     # The counters are read: their line numbers (an int per real server) are not kept.
     skeleton._layout = layout = layout._replace(counter_lines=None)
-    state = Shape(text, *parsed[:4], layout, *counters, blank_value, mask)
-    return with_counters(skeleton, state.active, state.inactive), state, current
+    state = Shape(hash(text) if text_hash is None else text_hash, len(text), lead, clean, skeleton, layout,
+                  *counters, marked_bytes, marked_counters, starts)
+    return with_counters(skeleton, state.active, state.inactive), state, kept
 
 
 def _with_first_unread(table: IPVSTable, lines: list[str]) -> IPVSTable:
