@@ -1,0 +1,321 @@
+"""kube-proxy's rules in the iptables-legacy backend (x_tables, ``ip_tables`` / ``ip6_tables``).
+
+Legacy rules live in the kernel's x_tables blobs, which only a getsockopt
+dumps whole and only libiptc decodes (every match and target extension has its
+own C struct). So, as issue 14 asks:
+
+- the change signal is ``IPT_SO_GET_INFO`` / ``IP6T_SO_GET_INFO`` (SOL_IP /
+  SOL_IPV6, option 64): a table's entry count and blob size, answered in
+  microseconds. It is asked on a UDP socket: the kernel serves these options on
+  any inet socket and checks CAP_NET_ADMIN only, whereas the raw socket iptables
+  uses would need CAP_NET_RAW as well. Without CAP_NET_ADMIN the answer is EPERM.
+- Only tables the kernel lists in ``/proc/thread-self/net/ip_tables_names``
+  (``ip6_tables_names``) are asked about: asking for a table that does not exist
+  yet makes the kernel create it, empty, in this network namespace, and then
+  iptables-nft warns "iptables-legacy tables present" on every listing. The
+  exporter never writes to the dataplane, and creating a table would be one.
+  (thread-self, not self: the reader may run in a thread that joined another
+  network namespace, and /proc/self/net is the thread group leader's.)
+- the rules are read by ``iptables-legacy-save -t TABLE`` and
+  ``ip6tables-legacy-save -t TABLE``, run as child processes (never in the
+  exporter's own: an iptables crash must not take it down) under one deadline
+  and an address-space limit, their text parsed by
+  ``exporter.readers.iptables_save.parse_save``.
+- A change can keep a table's count and size (one endpoint's address swapped
+  for another), so the rules are also read every ``reread_interval`` seconds
+  even when the signal did not move; otherwise the last read is reused and no
+  child runs.
+
+Every failure is ``LegacyReadError`` with one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from typing import NamedTuple
+
+from exporter.paths import Paths
+from exporter.readers.iptables_rules import IptablesRuleset
+
+SOL_IPV6 = 41  # socket.SOL_IPV6 is missing from Python's socket module
+SO_GET_INFO = 64  # IPT_SO_GET_INFO and IP6T_SO_GET_INFO (linux/netfilter_ipv4/ip_tables.h)
+SO_GET_ENTRIES = 65  # IPT_SO_GET_ENTRIES / IP6T_SO_GET_ENTRIES
+TABLE_NAME_LEN = 32  # XT_TABLE_MAXNAMELEN
+NF_HOOKS = 5
+# struct ipt_getinfo / ip6t_getinfo: name[32], valid_hooks, hook_entry[5], underflow[5], num_entries, size.
+_GETINFO = struct.Struct(f"={TABLE_NAME_LEN}sI{NF_HOOKS}I{NF_HOOKS}III")
+# struct ipt_get_entries: name[32], size, then the entries.
+_GET_ENTRIES_HEAD = struct.Struct(f"={TABLE_NAME_LEN}sI")
+# A user chain starts with an entry whose target is ERROR with the chain's name as its data
+# (struct xt_error_target: xt_entry_target header {u16 size, char name[29], u8 rev}, errorname[32]).
+_ERROR_TARGET = struct.Struct("=H29sB32s")
+
+TABLES = ("nat", "filter")  # kube-proxy writes only these two
+FAMILIES = (4, 6)
+SAVE_COMMANDS = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+NAMES_FILES = {4: "ip_tables_names", 6: "ip6_tables_names"}
+SERVICES_CHAIN = "KUBE-SERVICES"
+
+# Why 60 s: a change that keeps entry count and blob size (an endpoint's address replaced
+# by one of the same length) moves no signal; a minute bounds how long such drift hides,
+# well inside the drift grace period's order of magnitude, while a 10,000-Service table
+# (seconds of iptables-save) is then read at most once a minute.
+REREAD_SECONDS = 60.0
+# Under the default scrape timeout (10 s): the collector must fail with this reason, not
+# be abandoned by the runner. Both families' children share it.
+SAVE_TIMEOUT_SECONDS = 5.0
+# iptables-legacy-save of 10,000 Services x 5 endpoints peaks near 100 MB of address space
+# over its ~60 MB of libc and libxtables mappings; twice that bounds a runaway child.
+SAVE_MEMORY_BYTES = 512 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LegacyReadError(Exception):
+    """The legacy rules could not be read; the message is one line."""
+
+
+class TableInfo(NamedTuple):
+    """What ``IPT_SO_GET_INFO`` says of one table: a change of either number is a change of rules."""
+
+    family: int
+    table: str
+    entries: int
+    size: int
+
+
+def _getsockopt(sock: socket.socket, level: int, option: int, request: bytes, size: int) -> bytes:
+    """getsockopt(2) whose buffer carries a request in (the table's name): Python's own
+    ``socket.getsockopt`` sends no bytes in, hence ctypes."""
+    buf = ctypes.create_string_buffer(request.ljust(size, b"\0"), size)
+    length = ctypes.c_uint32(size)
+    if _libc.getsockopt(sock.fileno(), level, option, buf, ctypes.byref(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return buf.raw[:length.value]
+
+
+def _socket(family: int) -> socket.socket:
+    return socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+
+
+def _level(family: int) -> int:
+    return socket.SOL_IP if family == 4 else SOL_IPV6
+
+
+def _why(err: OSError, family: int, table: str) -> str:
+    what = f"{'ip' if family == 4 else 'ip6'}_tables table {table}"
+    if err.errno == errno.EPERM:
+        return f"{what}: permission denied (the table info getsockopt needs CAP_NET_ADMIN)"
+    if err.errno in (errno.ENOPROTOOPT, errno.ENOENT):
+        return f"{what}: not in the kernel ({'ip' if family == 4 else 'ip6'}_tables module not loaded)"
+    if err.errno == errno.EAGAIN:
+        return f"{what}: it kept changing while being read"
+    return f"{what}: {err.strerror or err}"
+
+
+def table_info(sock: socket.socket, family: int, table: str) -> TableInfo:
+    raw = _getsockopt(sock, _level(family), SO_GET_INFO, table.encode(), _GETINFO.size)
+    fields = _GETINFO.unpack(raw)
+    return TableInfo(family, table, fields[-2], fields[-1])
+
+
+def has_chain(sock: socket.socket, family: int, table: str, chain: str, tries: int = 3) -> bool:
+    """Whether ``table`` holds a user chain named ``chain``, from the kernel's blob itself
+    (``IPT_SO_GET_ENTRIES``, no child). A user chain's head is an ERROR target carrying its
+    name: one byte search for that target finds it without decoding any entry."""
+    wanted = _ERROR_TARGET.pack(_ERROR_TARGET.size, b"ERROR", 0, chain.encode())
+    for _ in range(tries):
+        info = table_info(sock, family, table)
+        request = _GET_ENTRIES_HEAD.pack(table.encode(), info.size)
+        try:
+            blob = _getsockopt(sock, _level(family), SO_GET_ENTRIES, request, _GET_ENTRIES_HEAD.size + info.size)
+        except OSError as err:
+            if err.errno == errno.EAGAIN:  # the table changed between the two calls (its size moved)
+                continue
+            raise
+        return blob.find(wanted, _GET_ENTRIES_HEAD.size) >= 0
+    raise OSError(errno.EAGAIN, "the table kept changing while being read")
+
+
+class SaveRun(NamedTuple):
+    """One child's work, for tests and the bench."""
+
+    command: str
+    seconds: float
+    output_bytes: int
+
+
+class IptablesLegacySource:
+    """The iptables-legacy rules of the calling thread's network namespace.
+
+    ``present()`` says whether kube-proxy's rules are here; ``change_signal()`` is the
+    cheap check; ``read()`` returns the rules, reusing the last ones when the signal did
+    not move and ``reread_interval`` has not passed (no child runs then). The object
+    owns what it keeps between reads.
+    """
+
+    def __init__(self, paths: Paths | None = None, timeout: float = SAVE_TIMEOUT_SECONDS,
+                 memory_limit: int = SAVE_MEMORY_BYTES, reread_interval: float = REREAD_SECONDS,
+                 clock=time.monotonic, commands: dict[int, str] | None = None) -> None:
+        self.paths = paths or Paths()
+        self.timeout = timeout
+        self.memory_limit = memory_limit
+        self.reread_interval = reread_interval
+        self.clock = clock
+        self.commands = dict(commands or SAVE_COMMANDS)
+        self._lock = threading.Lock()
+        self._last: list[IptablesRuleset] | None = None
+        self._last_signal: tuple[TableInfo, ...] | None = None
+        self._last_at = float("-inf")
+        self._present: tuple[tuple[TableInfo, ...], bool] | None = None  # (signal, answer)
+        self.runs: list[SaveRun] = []  # the children of the last read that ran any
+        self.reread = False  # the last read() ran the children
+
+    # -- the kernel's own answers (no child) -------------------------------------------
+
+    def table_names(self, family: int) -> frozenset[str] | None:
+        """The tables this network namespace has in that family; None when the kernel has no
+        ip_tables (ip6_tables) at all."""
+        path = self.paths.proc("thread-self", "net", NAMES_FILES[family])
+        try:
+            with open(path, encoding="ascii", errors="replace") as fh:
+                return frozenset(line.strip() for line in fh if line.strip())
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise LegacyReadError(f"{path}: {err.strerror or err}") from None
+
+    def change_signal(self) -> tuple[TableInfo, ...]:
+        """Entry count and size of every nat and filter table there is, both families.
+        Empty when there is none (no legacy rules at all)."""
+        out = []
+        for family in FAMILIES:
+            names = self.table_names(family)
+            tables = [t for t in TABLES if names and t in names]
+            if not tables:
+                continue
+            with _socket(family) as sock:
+                for table in tables:
+                    try:
+                        out.append(table_info(sock, family, table))
+                    except OSError as err:
+                        if err.errno == errno.ENOENT:
+                            continue  # deleted since listed (the module unloaded)
+                        raise LegacyReadError(_why(err, family, table)) from None
+        return tuple(out)
+
+    def present(self) -> bool:
+        """A legacy nat table (either family) holds kube-proxy's KUBE-SERVICES chain.
+        Answered from the kernel's blob, and only again when the signal moved."""
+        signal_now = self.change_signal()
+        with self._lock:
+            if self._present is not None and self._present[0] == signal_now:
+                return self._present[1]
+        found = False
+        for info in signal_now:
+            if info.table != "nat":
+                continue
+            with _socket(info.family) as sock:
+                try:
+                    found = has_chain(sock, info.family, "nat", SERVICES_CHAIN)
+                except OSError as err:
+                    if err.errno == errno.ENOENT:
+                        continue
+                    raise LegacyReadError(_why(err, info.family, "nat")) from None
+            if found:
+                break
+        with self._lock:
+            self._present = (signal_now, found)
+        return found
+
+    # -- the rules (children) -------------------------------------------------------------
+
+    def read(self, known=None) -> list[IptablesRuleset]:
+        """Every family's nat and filter rules (a family without legacy tables is left out).
+        ``known`` is accepted for the nft source's interface and not used."""
+        with self._lock:
+            signal_now = self.change_signal()
+            if (self._last is not None and signal_now == self._last_signal
+                    and self.clock() - self._last_at < self.reread_interval):
+                self.reread = False
+                return self._last
+            rulesets = self._read_all(signal_now)
+            # The rules moved while the children read them: the tables may be from two
+            # moments. Once more; a proxy busy past that is read again on the next call.
+            after = self.change_signal()
+            if after != signal_now:
+                signal_now = after
+                rulesets = self._read_all(signal_now)
+            self._last, self._last_signal, self._last_at = rulesets, signal_now, self.clock()
+            self.reread = True
+            return rulesets
+
+    def _read_all(self, signal_now: tuple[TableInfo, ...]) -> list[IptablesRuleset]:
+        from exporter.readers.iptables_save import IptablesSaveError, parse_save
+
+        deadline = time.monotonic() + self.timeout
+        self.runs = []
+        out = []
+        for family in FAMILIES:
+            tables: dict = {}
+            for info in signal_now:
+                if info.family != family:
+                    continue
+                text = self._save(family, info.table, deadline)
+                try:
+                    parsed = parse_save(text, family)
+                except IptablesSaveError as err:
+                    raise LegacyReadError(f"{self.commands[family]} -t {info.table}: output not understood: "
+                                          f"{err}") from None
+                for ruleset in parsed:
+                    if ruleset.family == family and info.table in ruleset.tables:
+                        tables[info.table] = ruleset.tables[info.table]
+            if tables:
+                out.append(IptablesRuleset(family, tables))
+        return out
+
+    def _save(self, family: int, table: str, deadline: float) -> str:
+        command = self.commands[family]
+        path = shutil.which(command)
+        if path is None:
+            raise LegacyReadError(f"{command} not found in PATH (the iptables package's legacy tools "
+                                  f"read kube-proxy's iptables-legacy rules)")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LegacyReadError(f"{command} not run: {self.timeout:g} s spent on the tables before it")
+        start = time.monotonic()
+        try:
+            done = subprocess.run(
+                [path, "-t", table], stdin=subprocess.DEVNULL, capture_output=True, timeout=left,
+                env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"}, close_fds=True,
+                # A builtin bound to its arguments before the fork: no Python code runs in the
+                # child between fork and exec (preexec_fn's hazard with threads).
+                preexec_fn=functools.partial(resource.setrlimit, resource.RLIMIT_AS,
+                                             (self.memory_limit, self.memory_limit)))
+        except subprocess.TimeoutExpired:
+            raise LegacyReadError(f"{command} timed out after {self.timeout:g} s (killed)") from None
+        except OSError as err:
+            raise LegacyReadError(f"{command} could not be run: {err.strerror or err}") from None
+        self.runs.append(SaveRun(command, time.monotonic() - start, len(done.stdout)))
+        if done.returncode < 0:
+            name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else \
+                str(-done.returncode)
+            raise LegacyReadError(f"{command} -t {table} died of {name} (memory limit "
+                                  f"{self.memory_limit >> 20} MiB)")
+        if done.returncode != 0:
+            said = done.stderr.decode("utf-8", "replace").strip().splitlines()
+            said = said[-1] if said else "no message"
+            raise LegacyReadError(f"{command} -t {table} exited {done.returncode}: {said}")
+        return done.stdout.decode("utf-8", "replace")
