@@ -55,8 +55,9 @@ TABLE_NAME_LEN = 32  # XT_TABLE_MAXNAMELEN
 NF_HOOKS = 5
 # struct ipt_getinfo / ip6t_getinfo: name[32], valid_hooks, hook_entry[5], underflow[5], num_entries, size.
 _GETINFO = struct.Struct(f"={TABLE_NAME_LEN}sI{NF_HOOKS}I{NF_HOOKS}III")
-# struct ipt_get_entries: name[32], size, then the entries.
-_GET_ENTRIES_HEAD = struct.Struct(f"={TABLE_NAME_LEN}sI")
+# struct ipt_get_entries: name[32], size, then the entries, which hold u64 counters: the
+# header is padded to 8 bytes, and the kernel wants exactly sizeof(header) + size.
+_GET_ENTRIES_HEAD = struct.Struct(f"={TABLE_NAME_LEN}sI4x")
 # A user chain starts with an entry whose target is ERROR with the chain's name as its data
 # (struct xt_error_target: xt_entry_target header {u16 size, char name[29], u8 rev}, errorname[32]).
 _ERROR_TARGET = struct.Struct("=H29sB32s")
@@ -263,8 +264,6 @@ class IptablesLegacySource:
             return rulesets
 
     def _read_all(self, signal_now: tuple[TableInfo, ...]) -> list[IptablesRuleset]:
-        from exporter.readers.iptables_save import IptablesSaveError, parse_save
-
         deadline = time.monotonic() + self.timeout
         self.runs = []
         out = []
@@ -274,6 +273,8 @@ class IptablesLegacySource:
                 if info.family != family:
                     continue
                 text = self._save(family, info.table, deadline)
+                from exporter.readers.iptables_save import IptablesSaveError, parse_save
+
                 try:
                     parsed = parse_save(text, family)
                 except IptablesSaveError as err:
