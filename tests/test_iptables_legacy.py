@@ -163,3 +163,57 @@ def test_without_cap_net_admin_the_signal_says_so(legacy_ns):
                      "CAP_NET_ADMIN)")
     assert run("net_raw") == run()
     assert run("net_admin") == "READ"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_read_parses_both_families_and_reuses_them_until_the_signal_moves(ns):
+    ns.load(generated_services(), 4, backend="legacy")
+    ns.load(generated_services_v6(), 6, backend="legacy")
+    clock = Clock()
+    source = IptablesLegacySource(Paths(), clock=clock)
+    first = ns.run(source.read)
+    assert source.reread and [r.family for r in first] == [4, 6]
+    assert [set(r.tables) for r in first] == [{"nat", "filter"}, {"nat", "filter"}]
+    assert [run.command for run in source.runs] == ["iptables-legacy-save"] * 2 + ["ip6tables-legacy-save"] * 2
+    nat = first[0].tables["nat"]
+    assert "KUBE-SERVICES" in nat and any(name.startswith("KUBE-SEP-") for name in nat)
+    # Nothing moved: the same rulesets, no child.
+    assert ns.run(source.read) is first and not source.reread
+    # A rule added: the signal moved, the children run again.
+    ns.iptables("-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.0.0.99/32", "-j", "RETURN", backend="legacy")
+    second = ns.run(source.read)
+    assert source.reread and second is not first
+    assert second[0].tables["nat"]["KUBE-SERVICES"][-1].destination == "10.0.0.99/32"
+
+
+def test_a_change_that_keeps_count_and_size_is_read_at_the_bounded_rate(ns):
+    """An endpoint's address replaced by another: the table info does not move, so the
+    source reads again only once ``reread_interval`` has passed."""
+    ns.load(generated_services(), 4, backend="legacy")
+    clock = Clock()
+    source = IptablesLegacySource(Paths(), clock=clock, reread_interval=60.0)
+    first = ns.run(source.read)
+    signal = ns.run(source.change_signal)
+    sep = next(name for name in first[0].tables["nat"] if name.startswith("KUBE-SEP-")
+               and first[0].tables["nat"][name][-1].to_destination == "10.180.0.1:80")
+    rules = ns.save(4, "legacy", "nat")
+    ns.iptables(backend="legacy", tool="-restore", input=rules.replace("10.180.0.1:80", "10.180.0.5:80"))
+    assert ns.run(source.change_signal) == signal, "the swap moved the signal: this test proves nothing"
+    clock.now += 59
+    assert ns.run(source.read) is first and not source.reread
+    clock.now += 2
+    again = ns.run(source.read)
+    assert source.reread and again[0].tables["nat"][sep][-1].to_destination == "10.180.0.5:80"
+
+
+def test_output_that_is_not_iptables_save_is_one_line(legacy_ns, tmp_path):
+    babble = _script(tmp_path, "babble-save", "echo 'Usage: something else entirely'")
+    said = _read_error(legacy_ns, IptablesLegacySource(Paths(), commands={4: babble, 6: babble}))
+    assert said.startswith(f"{babble} -t nat: output not understood: ")
