@@ -141,13 +141,15 @@ def test_the_child_runs_under_the_memory_limit(legacy_ns, tmp_path):
 
 def test_without_cap_net_admin_the_signal_says_so(legacy_ns):
     """As the DaemonSet runs (uid 0, capabilities dropped): the getsockopt is refused with
-    EPERM, and the reason names the capability."""
+    EPERM, and the reason names the capability; the save child needs NET_RAW besides."""
     code = textwrap.dedent("""
         from exporter.paths import Paths
         from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
+        source = IptablesLegacySource(Paths())
         try:
-            IptablesLegacySource(Paths()).change_signal()
-            print("READ")
+            source.change_signal()
+            print("SIGNAL")
+            print("READ", len(source.read()))
         except LegacyReadError as err:
             print("ERROR", err)
     """)
@@ -162,7 +164,10 @@ def test_without_cap_net_admin_the_signal_says_so(legacy_ns):
     assert run() == ("ERROR ip_tables table nat: permission denied (the table info getsockopt needs "
                      "CAP_NET_ADMIN)")
     assert run("net_raw") == run()
-    assert run("net_admin") == "READ"
+    # The signal needs NET_ADMIN alone; iptables-legacy-save's raw socket NET_RAW too.
+    assert run("net_admin") == ("SIGNAL\nERROR iptables-legacy-save -t nat exited 1: iptables-save v1.8.9 "
+                                "(legacy): Cannot initialize: Permission denied (you must be root)")
+    assert run("net_admin", "net_raw") == "SIGNAL\nREAD 1"
 
 
 class Clock:
