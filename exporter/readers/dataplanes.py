@@ -221,7 +221,9 @@ class IptablesDataplane(DataplaneReader):
                 rulesets = self.nft.read()
             except NftReadError as err:
                 raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
-            self._nft_read_generation, self._nft_read_at = generation, self.clock()
+            # The source reads the generation again around its dumps: the rules are that one's.
+            self._nft_read_generation = getattr(self.nft, "last_generation", None) or generation
+            self._nft_read_at = self.clock()
         else:
             rulesets = self.legacy.read()
             if last is not None and last.backend == LEGACY and not self.legacy.reread:
