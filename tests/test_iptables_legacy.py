@@ -222,3 +222,35 @@ def test_output_that_is_not_iptables_save_is_one_line(legacy_ns, tmp_path):
     babble = _script(tmp_path, "babble-save", "echo 'Usage: something else entirely'")
     said = _read_error(legacy_ns, IptablesLegacySource(Paths(), commands={4: babble, 6: babble}))
     assert said.startswith(f"{babble} -t nat: output not understood: ")
+
+
+# --- IptablesDataplane over the legacy backend -------------------------------------------------
+
+def test_the_dataplane_runs_no_child_while_nothing_changed(legacy_ns):
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    clock = Clock()
+    legacy = IptablesLegacySource(Paths(), clock=clock)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
+    first = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert first.backend == "legacy" and first.reread and len(legacy.runs) == 2
+    assert first.read.table and not first.read.unread
+    legacy.runs = []
+    clock.now += 30
+    again = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert not again.reread and legacy.runs == [], "a child ran with nothing changed"
+    assert again.read is first.read and again.tables == first.tables
+    assert again.read_seconds < first.read_seconds
+    # A change: read and resolved again.
+    legacy_ns.iptables("-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.0.0.99/32", "-j", "RETURN", backend="legacy")
+    clock.now += 1  # past the scrape window, well within the re-read interval
+    moved = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert moved.reread and len(legacy.runs) == 2 and moved.read is not first.read
+
+
+def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    dataplane = ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths()), nft=None))
+    live = ns.run(dataplane.read)
+    assert (live.table, live.rejected, live.unread) == ({}, {}, ())
