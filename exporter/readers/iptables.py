@@ -55,6 +55,7 @@ they reach, each chain resolved once (dicts, no scan per frontend).
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 from typing import Iterable, NamedTuple
 
@@ -66,6 +67,7 @@ SCHEDULER = "random"
 SERVICES, NODEPORTS, EXTERNAL_SERVICES = "KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-EXTERNAL-SERVICES"
 PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 MARK_MASQ, MARK_DROP = "KUBE-MARK-MASQ", "KUBE-MARK-DROP"  # set a mark and return: not a path
+_MARKS = frozenset((MARK_MASQ, MARK_DROP, ""))  # "": a rule without -j only counts
 SVC, SVL, EXT, FW, SEP = "KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"
 SERVICE_CHAIN_PREFIXES = (SVC, SVL, EXT, FW)
 PROTOCOLS = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP"}
@@ -264,39 +266,21 @@ class _Family:
         return result
 
     def _walk(self, chain: str, depth: int) -> _Resolved:
+        if chain.startswith(SEP):
+            return self._endpoint(chain)
         endpoints: set[tuple[str, int]] = set()
         problems: list[str] = []
         affinity: int | None = None
-
-        def follow(target: str) -> None:
-            nonlocal affinity
-            sub = self.resolve(target, depth + 1)
-            endpoints.update(sub.real_servers)
-            problems.extend(sub.problems)
-            if sub.affinity_timeout is not None:
-                affinity = sub.affinity_timeout
-
-        is_sep, is_ext, is_fw = chain.startswith(SEP), chain.startswith(EXT), chain.startswith(FW)
-        dnat_seen = False
+        is_ext, is_fw = chain.startswith(EXT), chain.startswith(FW)
         for index, rule in enumerate(self.nat[chain], 1):
             target = rule.target
-            if target in (MARK_MASQ, MARK_DROP, ""):
+            if target in _MARKS:
                 continue  # a mark (or a counter), then back to the next rule
-            bad = _problems_of(rule)
-            if bad:
-                problems.extend(f"chain {chain} rule {index}: {b}" for b in bad)
-                continue
-            if is_sep:
-                if target == "DNAT":
-                    found = _destination(rule.to_destination) if rule.to_destination else None
-                    if found is None:
-                        problems.append(f"chain {chain} rule {index}: a DNAT this reader cannot decode")
-                    else:
-                        endpoints.add(found)
-                    dnat_seen = True
-                    break
-                problems.append(f"chain {chain} rule {index}: -j {target} in an endpoint chain")
-                break
+            if rule.unknown:
+                bad = _problems_of(rule)
+                if bad:
+                    problems.extend(f"chain {chain} rule {index}: {b}" for b in bad)
+                    continue
             if not target.startswith("KUBE-"):
                 problems.append(f"chain {chain} rule {index}: -j {target} is not one of kube-proxy's paths")
                 break
@@ -307,12 +291,32 @@ class _Family:
                 continue  # a short-circuit (pod or node-local sources): not this frontend's endpoints
             if rule.recent_mode == "rcheck" and rule.recent_seconds is not None:
                 affinity = rule.recent_seconds
-            follow(target)
+            sub = self.resolve(target, depth + 1)
+            endpoints.update(sub.real_servers)
+            if sub.problems:
+                problems.extend(sub.problems)
+            if sub.affinity_timeout is not None:
+                affinity = sub.affinity_timeout
             if not conditional and not is_fw:
                 break  # an unconditional jump ends this chain's choice
-        if is_sep and not dnat_seen and not problems:
-            problems.append(f"chain {chain} has no DNAT")
         return _Resolved(tuple(sorted(endpoints)), affinity, tuple(problems))
+
+    def _endpoint(self, chain: str) -> _Resolved:
+        """A KUBE-SEP- chain: hairpin masquerade, then DNAT to its endpoint."""
+        for index, rule in enumerate(self.nat[chain], 1):
+            target = rule.target
+            if target in _MARKS:
+                continue
+            bad = _problems_of(rule) if rule.unknown else ()
+            if bad:
+                return _Resolved((), None, tuple(f"chain {chain} rule {index}: {b}" for b in bad))
+            if target != "DNAT":
+                return _Resolved((), None, (f"chain {chain} rule {index}: -j {target} in an endpoint chain",))
+            found = _destination(rule.to_destination) if rule.to_destination else None
+            if found is None:
+                return _Resolved((), None, (f"chain {chain} rule {index}: a DNAT this reader cannot decode",))
+            return _Resolved((found,), None, ())
+        return _Resolved((), None, (f"chain {chain} has no DNAT",))
 
 
 def resolve_rulesets(rulesets: list[IptablesRuleset], chain_services: dict[str, str] | None = None,
@@ -325,7 +329,16 @@ def resolve_rulesets(rulesets: list[IptablesRuleset], chain_services: dict[str, 
     to the last call's is then the same object, which ``TableDiffer`` compares no more.
     Raises ``NoKubeProxyRules`` when no family holds any KUBE- chain.
     """
-    chain_services = chain_services or {}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # tens of thousands of small objects, no cycles: nothing for the collector to find
+    try:
+        return _resolve(rulesets, chain_services or {}, cache)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _resolve(rulesets: list[IptablesRuleset], chain_services: dict[str, str], cache: dict | None) -> IptablesRead:
     if not any(name.startswith("KUBE-") for rs in rulesets for table in rs.tables.values() for name in table):
         raise NoKubeProxyRules("no kube-proxy iptables rules (no KUBE- chain in any table)")
     table: Table = {}
