@@ -135,6 +135,8 @@ def test_rules_as_kube_proxy_writes_them_are_no_drift(ipt_drift):
     assert value(s, "kubenode_iptables_endpoints") == 6
     assert value(s, "kubenode_iptables_rejected_frontends") == 1
     assert value(s, "kubenode_iptables_unread") == 0
+    assert value(s, "kubenode_iptables_hooked", family="ip") == 1
+    assert value(s, "kubenode_iptables_service_chains", family="ip") == 2
     for family in ("ip", "ip6"):
         assert value(s, "kubenode_iptables_kube_chains", family=family, table="nat") > 0
         assert value(s, "kubenode_iptables_rules", family=family, table="filter") > 0
@@ -243,8 +245,11 @@ def test_size_metrics_are_per_family_and_table_with_the_backend():
                 IptablesRuleset(6, {"nat": {"KUBE-SERVICES": ()}})]
     key = VirtualServerKey("TCP", "10.96.0.1", 443)
     table = {key: VirtualServer(key, "random", None, {("10.0.0.1", 6443): RealServer("10.0.0.1", 6443)})}
+    from exporter.readers.iptables import IptablesSizes
+
     read = SimpleNamespace(table=table, rejected={VirtualServerKey("TCP", "10.96.0.2", 80): "reject"},
-                           unread=(), firewalled=frozenset(), sizes={})
+                           unread=(), firewalled=frozenset(),
+                           sizes={"ipv4": IptablesSizes(4, 3, 2, 1, 1, True), "ipv6": IptablesSizes(1, 0, 1, 0, 0, False)})
     metrics = {m.name: m for m in size_metrics(IptablesLive(read, "legacy", ruleset_sizes(rulesets), 0.1, True))}
     samples = {(m.name, tuple(s.labels.values())): s.value for m in metrics.values() for s in m.samples}
     assert samples[("kubenode_iptables_backend_info", ("iptables-legacy",))] == 1
@@ -257,4 +262,8 @@ def test_size_metrics_are_per_family_and_table_with_the_backend():
     assert samples[("kubenode_iptables_endpoints", ())] == 1
     assert samples[("kubenode_iptables_rejected_frontends", ())] == 1
     assert samples[("kubenode_iptables_unread", ())] == 0
+    assert samples[("kubenode_iptables_service_chains", ("ip",))] == 1
+    assert samples[("kubenode_iptables_endpoint_chains", ("ip6",))] == 0
+    assert samples[("kubenode_iptables_hooked", ("ip",))] == 1
+    assert samples[("kubenode_iptables_hooked", ("ip6",))] == 0
     assert all(m.documentation for m in metrics.values())

@@ -1,8 +1,9 @@
 """Collector ``iptables``: the size of kube-proxy's iptables rules, in bounded series.
 
 Counts per family (`ip`, `ip6`) and table (`nat`, `filter`): chains, rules and
-KUBE- chains; frontends and endpoints the rules resolve to; which backend holds
-them (iptables-nft or iptables-legacy). The rules are read by the drift
+KUBE- chains; per family the Service and endpoint chains and whether the built-in
+chains jump to KUBE-SERVICES; frontends and endpoints the rules resolve to; which
+backend holds them (iptables-nft or iptables-legacy). The rules are read by the drift
 collector's reader (``exporter.readers.dataplanes.IptablesDataplane``), once per
 scrape for both. On only where kube-proxy runs in iptables mode
 (``--proxy-mode``, or found by ``auto``): elsewhere it is off and silent.
@@ -18,6 +19,7 @@ from exporter.collector import NAMESPACE, Collector, CollectorError, register
 from exporter.readers.dataplanes import BACKEND_NAMES, IptablesLive, ReadFailed, shared_iptables
 
 FAMILY_NAMES = {4: "ip", 6: "ip6"}  # as the nftables collector's family label
+RESOLVER_FAMILIES = {"ipv4": "ip", "ipv6": "ip6"}  # IptablesRead.sizes' keys
 
 
 def size_metrics(live: IptablesLive) -> list[Metric]:
@@ -49,7 +51,21 @@ def size_metrics(live: IptablesLive) -> list[Metric]:
                                  "endpoints).", value=len(read.rejected))
     unread = GaugeMetricFamily(f"{NAMESPACE}_iptables_unread", "Things in kube-proxy's rules the last read "
                                "could not follow (drift is not reported while any).", value=len(read.unread))
-    return [backend, chains, rules, kube_chains, frontends, endpoints, rejected, unread]
+    service_chains = GaugeMetricFamily(f"{NAMESPACE}_iptables_service_chains", "KUBE-SVC- and KUBE-SVL- chains "
+                                       "(service ports with endpoints), by family.", labels=["family"])
+    endpoint_chains = GaugeMetricFamily(f"{NAMESPACE}_iptables_endpoint_chains", "KUBE-SEP- chains, by family.",
+                                        labels=["family"])
+    hooked = GaugeMetricFamily(f"{NAMESPACE}_iptables_hooked", "1 when the nat table's PREROUTING and OUTPUT "
+                               "jump to KUBE-SERVICES (traffic reaches kube-proxy's rules), by family.",
+                               labels=["family"])
+    for family in sorted(read.sizes):
+        sizes = read.sizes[family]
+        label = [RESOLVER_FAMILIES.get(family, family)]
+        service_chains.add_metric(label, sizes.services)
+        endpoint_chains.add_metric(label, sizes.endpoints)
+        hooked.add_metric(label, 1.0 if sizes.hooked else 0.0)
+    return [backend, chains, rules, kube_chains, frontends, endpoints, rejected, unread, service_chains,
+            endpoint_chains, hooked]
 
 
 @register

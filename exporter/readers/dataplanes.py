@@ -153,6 +153,7 @@ class IptablesDataplane(DataplaneReader):
         self._nft_seen: tuple[int, float, bool] | None = None  # (generation, when, KUBE-SERVICES there)
         self._nft_read_generation: int | None = None  # the generation the last nft rules are from
         self._nft_read_at = float("-inf")
+        self._resolver_cache: dict = {}  # the resolver's, kept between reads: unchanged frontends stay the same objects
 
     def read_rules(self, max_age: float = SCRAPE_WINDOW) -> IptablesLive:
         """The last read if not older than ``max_age`` seconds, else a new one; ``ReadFailed``
@@ -236,7 +237,7 @@ class IptablesDataplane(DataplaneReader):
         from exporter.readers.iptables import IptablesRead, NoKubeProxyRules, resolve_rulesets
 
         try:
-            return resolve_rulesets(rulesets, self.chain_services)
+            return resolve_rulesets(rulesets, self.chain_services, self._resolver_cache)
         except NoKubeProxyRules:
             # No trace of kube-proxy in either backend: every desired frontend missing, as a
             # deleted nftables table is (the nat table flushed and its chains deleted too).
