@@ -249,7 +249,15 @@ def shared_nftables(ctx) -> NftablesDataplane:
 
 
 def shared_iptables(ctx) -> IptablesDataplane:
-    return ctx.service(IPTABLES_SERVICE, lambda: IptablesDataplane(ctx.paths))
+    def build() -> IptablesDataplane:
+        from exporter.readers.iptables_legacy import SAVE_TIMEOUT_SECONDS, IptablesLegacySource
+
+        # The children's deadline stays under the runner's, whatever --scrape.timeout is.
+        scrape_timeout = ctx.settings.get("scrape.timeout") or SAVE_TIMEOUT_SECONDS / 0.6
+        legacy = IptablesLegacySource(ctx.paths, timeout=min(SAVE_TIMEOUT_SECONDS, 0.6 * scrape_timeout))
+        return IptablesDataplane(ctx.paths, legacy=legacy)
+
+    return ctx.service(IPTABLES_SERVICE, build)
 
 
 def dataplane_for(ctx, mode: str) -> DataplaneReader:

@@ -73,8 +73,8 @@ SERVICES_CHAIN = "KUBE-SERVICES"
 # well inside the drift grace period's order of magnitude, while a 10,000-Service table
 # (seconds of iptables-save) is then read at most once a minute.
 REREAD_SECONDS = 60.0
-# Under the default scrape timeout (10 s): the collector must fail with this reason, not
-# be abandoned by the runner. Both families' children share it.
+# Well under the runner's deadline (--scrape.timeout, default 8 s): the collector must fail
+# with this reason, not be abandoned by the runner. Every child of one read shares it.
 SAVE_TIMEOUT_SECONDS = 5.0
 # iptables-legacy-save of 10,000 Services x 5 endpoints peaks near 100 MB of address space
 # over its ~60 MB of libc and libxtables mappings; twice that bounds a runaway child.
