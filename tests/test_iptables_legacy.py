@@ -230,7 +230,7 @@ def test_the_dataplane_runs_no_child_while_nothing_changed(legacy_ns):
     from exporter.readers.dataplanes import IptablesDataplane
 
     clock = Clock()
-    legacy = IptablesLegacySource(Paths(), clock=clock)
+    legacy = IptablesLegacySource(Paths(), clock=clock, keep=False)
     dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
     first = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
     assert first.backend == "legacy" and first.reread and len(legacy.runs) == 2

@@ -139,7 +139,8 @@ class IptablesDataplane(DataplaneReader):
                  safety_interval: float = 300.0) -> None:
         from exporter.readers.iptables_legacy import IptablesLegacySource
 
-        self.legacy = legacy if legacy is not None else IptablesLegacySource(paths)
+        # The source keeps no rules: this object keeps their resolution, reused while unchanged.
+        self.legacy = legacy if legacy is not None else IptablesLegacySource(paths, keep=False)
         self.nft = nft() if callable(nft) else nft
         self.clock = clock
         self.safety_interval = safety_interval
@@ -199,6 +200,14 @@ class IptablesDataplane(DataplaneReader):
 
     def _read(self, start: float) -> IptablesLive:
         generation, in_nft = self._nft_state()
+        last = self._last
+        legacy_rulesets = None
+        if not in_nft and self.legacy.change_signal() and (
+                self.legacy.due() or last is None or last.backend != LEGACY):
+            # The legacy rules are what this read needs unless nft holds kube-proxy's: read
+            # them first, and presence then comes from them rather than from a second copy
+            # of the table into this process.
+            legacy_rulesets = self.legacy.read()
         in_legacy = self.legacy.present()
         if in_nft and in_legacy:
             raise ReadFailed("kube-proxy's rules are in both iptables backends (KUBE-SERVICES in the nat table "
@@ -211,7 +220,6 @@ class IptablesDataplane(DataplaneReader):
             backend = LEGACY
         else:
             backend = self._backend or (NFT if self.nft is not None else LEGACY)
-        last = self._last
         if backend == NFT:
             if (last is not None and last.backend == NFT and self._nft_read_generation == generation
                     and self.clock() - self._nft_read_at < self.safety_interval):
@@ -226,9 +234,9 @@ class IptablesDataplane(DataplaneReader):
             self._nft_read_generation = getattr(self.nft, "last_generation", None) or generation
             self._nft_read_at = self.clock()
         else:
-            rulesets = self.legacy.read()
-            if last is not None and last.backend == LEGACY and not self.legacy.reread:
+            if legacy_rulesets is None and last is not None and last.backend == LEGACY and not self.legacy.due():
                 return last._replace(read_seconds=time.perf_counter() - start, reread=False)
+            rulesets = legacy_rulesets if legacy_rulesets is not None else self.legacy.read()
         self._backend = backend
         read = self._resolve(rulesets)
         return IptablesLive(read, backend, ruleset_sizes(rulesets), time.perf_counter() - start, True)
@@ -254,7 +262,8 @@ def shared_iptables(ctx) -> IptablesDataplane:
 
         # The children's deadline stays under the runner's, whatever --scrape.timeout is.
         scrape_timeout = ctx.settings.get("scrape.timeout") or SAVE_TIMEOUT_SECONDS / 0.6
-        legacy = IptablesLegacySource(ctx.paths, timeout=min(SAVE_TIMEOUT_SECONDS, 0.6 * scrape_timeout))
+        legacy = IptablesLegacySource(ctx.paths, timeout=min(SAVE_TIMEOUT_SECONDS, 0.6 * scrape_timeout),
+                                      keep=False)
         return IptablesDataplane(ctx.paths, legacy=legacy)
 
     return ctx.service(IPTABLES_SERVICE, build)

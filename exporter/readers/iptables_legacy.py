@@ -96,15 +96,23 @@ class TableInfo(NamedTuple):
     size: int
 
 
-def _getsockopt(sock: socket.socket, level: int, option: int, request: bytes, size: int) -> bytes:
+def _getsockopt(sock: socket.socket, level: int, option: int, request: bytes, size: int) -> bytearray:
     """getsockopt(2) whose buffer carries a request in (the table's name): Python's own
-    ``socket.getsockopt`` sends no bytes in, hence ctypes."""
-    buf = ctypes.create_string_buffer(request.ljust(size, b"\0"), size)
+    ``socket.getsockopt`` sends no bytes in, hence ctypes. The buffer is a bytearray the
+    kernel writes into directly: a table's blob (60 MB at 10,000 Services) is held once,
+    never copied."""
+    buf = bytearray(size)
+    buf[:len(request)] = request
     length = ctypes.c_uint32(size)
-    if _libc.getsockopt(sock.fileno(), level, option, buf, ctypes.byref(length)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return buf.raw[:length.value]
+    view = (ctypes.c_char * size).from_buffer(buf)
+    try:
+        if _libc.getsockopt(sock.fileno(), level, option, view, ctypes.byref(length)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        del view  # a bytearray with an exported buffer cannot be resized or freed early
+    del buf[length.value:]
+    return buf
 
 
 def _socket(family: int) -> socket.socket:
@@ -169,7 +177,7 @@ class IptablesLegacySource:
 
     def __init__(self, paths: Paths | None = None, timeout: float = SAVE_TIMEOUT_SECONDS,
                  memory_limit: int = SAVE_MEMORY_BYTES, reread_interval: float = REREAD_SECONDS,
-                 clock=time.monotonic, commands: dict[int, str] | None = None) -> None:
+                 clock=time.monotonic, commands: dict[int, str] | None = None, keep: bool = True) -> None:
         self.paths = paths or Paths()
         self.timeout = timeout
         self.memory_limit = memory_limit
@@ -177,8 +185,11 @@ class IptablesLegacySource:
         self.clock = clock
         self.commands = dict(commands or SAVE_COMMANDS)
         self._lock = threading.Lock()
+        # keep=False: the rules are not kept between reads (a caller that keeps what it made
+        # of them asks ``due()`` first); 10,000 Services' rules are ~100 MB of objects.
+        self.keep = keep
         self._last: list[IptablesRuleset] | None = None
-        self._last_signal: tuple[TableInfo, ...] | None = None
+        self._last_signal: tuple[TableInfo, ...] | None = None  # of the last read, kept or not
         self._last_at = float("-inf")
         self._present: tuple[tuple[TableInfo, ...], bool] | None = None  # (signal, answer)
         self.runs: list[SaveRun] = []  # the children of the last read that ran any
@@ -219,7 +230,9 @@ class IptablesLegacySource:
 
     def present(self) -> bool:
         """A legacy nat table (either family) holds kube-proxy's KUBE-SERVICES chain.
-        Answered from the kernel's blob, and only again when the signal moved."""
+        From the last read when its rules are the kernel's current ones, else from the
+        kernel's blob (a copy of the whole table into this process for a moment: only
+        when the signal moved since the last answer)."""
         signal_now = self.change_signal()
         with self._lock:
             if self._present is not None and self._present[0] == signal_now:
@@ -243,13 +256,22 @@ class IptablesLegacySource:
 
     # -- the rules (children) -------------------------------------------------------------
 
+    def due(self) -> bool:
+        """Whether ``read()`` would run the children: never read, the signal moved, or
+        ``reread_interval`` passed."""
+        with self._lock:
+            return self._due(self.change_signal())
+
+    def _due(self, signal_now: tuple[TableInfo, ...]) -> bool:
+        return (self._last_signal is None or signal_now != self._last_signal
+                or self.clock() - self._last_at >= self.reread_interval)
+
     def read(self, known=None) -> list[IptablesRuleset]:
         """Every family's nat and filter rules (a family without legacy tables is left out).
         ``known`` is accepted for the nft source's interface and not used."""
         with self._lock:
             signal_now = self.change_signal()
-            if (self._last is not None and signal_now == self._last_signal
-                    and self.clock() - self._last_at < self.reread_interval):
+            if self._last is not None and not self._due(signal_now):
                 self.reread = False
                 return self._last
             rulesets = self._read_all(signal_now)
@@ -259,7 +281,10 @@ class IptablesLegacySource:
             if after != signal_now:
                 signal_now = after
                 rulesets = self._read_all(signal_now)
-            self._last, self._last_signal, self._last_at = rulesets, signal_now, self.clock()
+            self._last = rulesets if self.keep else None
+            self._last_signal, self._last_at = signal_now, self.clock()
+            # Presence comes free with the rules: no copy of the table's blob for it.
+            self._present = (signal_now, any(SERVICES_CHAIN in r.tables.get("nat", {}) for r in rulesets))
             self.reread = True
             return rulesets
 
