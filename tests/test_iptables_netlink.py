@@ -294,7 +294,7 @@ def test_a_table_created_again_is_decoded_again(ns):
     ns.restore(EVERY_OPTION[4])
     read_tables(ns, source)
     subprocess_nft(ns, "delete table ip nat")
-    ns.restore("*nat\n:KUBE-TEST - [0:0]\n-A KUBE-TEST -j RETURN\nCOMMIT\n")
+    ns.restore("*nat\n:KUBE-TEST - [0:0]\n:KUBE-OTHER - [0:0]\n-A KUBE-TEST -j RETURN\nCOMMIT\n")
     # The new table numbers its handles from 1 again: a cache kept by handle alone
     # would hand back the old table's first rule here.
     assert read_tables(ns, source)[4].tables["nat"]["KUBE-TEST"] == (IptablesRule("RETURN"),)
