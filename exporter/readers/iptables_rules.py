@@ -46,6 +46,8 @@ class IptablesRule(NamedTuple):
     comment: str | None = None  # -m comment (kube-proxy drops them past 1,000 endpoints)
     to_destination: str | None = None  # -j DNAT --to-destination
     unknown: tuple[str, ...] = ()  # matches/options not understood, named ("-m foo", "-i eth0")
+    set_xmark: str | None = None  # -j MARK, as the kernel applies it: "value/mask" (--or-mark 0x4000 is 0x4000/0x4000)
+    reject_with: str | None = None  # -j REJECT --reject-with (icmp-port-unreachable, ...)
 
 
 # chain name -> its rules in order. Built-in chains are present too (with their rules).
