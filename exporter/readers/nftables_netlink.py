@@ -308,6 +308,18 @@ class NftNetlink:
             raise
         raise NftReadError(f"the kernel's answer for table {name} has no handle")
 
+    def chain_exists(self, family: int, table: str, name: str) -> bool:
+        """Whether ``table`` has chain ``name`` (one get, not a dump of every chain)."""
+        attrs = _nla(NFTA_CHAIN_TABLE, table.encode() + b"\0") + _nla(NFTA_CHAIN_NAME, name.encode() + b"\0")
+        try:
+            for _ in self._replies(NFT_MSG_GETCHAIN, family, 0, attrs, f"chain {name} of table {table}"):
+                return True
+        except NftReadError as err:
+            if err.errno == errno.ENOENT:
+                return False
+            raise
+        return False
+
     def chains(self, family: int, table: str) -> list[Chain]:
         out = []
         want = table.encode()
@@ -422,6 +434,23 @@ class NftNetlink:
         a new one), so ``known`` ((chain, handle) -> Rule, owned by the caller and
         filled here) lets a re-read decode only the rules that are new.
         """
+        def decode(buf, chain: str, handle: int, exprs, udata) -> Rule:
+            raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
+            if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
+                # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
+                # mark-for-masquerade``, half of a large table's rules): a conditional
+                # rule that sends no traffic anywhere a reader follows.
+                return Rule(chain, handle, None, True, None, None, (), (), False, None)
+            return _rule(buf, chain, handle, exprs, udata, family)
+
+        return self.each_rule(family, table, decode, known, known)
+
+    def each_rule(self, family: int, table: str, decode, known: dict | None = None,
+                  seen: dict | None = None) -> tuple[list, int]:
+        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table, in
+        chain order (``exprs``/``udata``: (start, end) in ``buf``, or None), and how many
+        rules were decoded anew. ``known`` ((chain, handle) -> decoded) is looked up
+        first; ``seen`` (may be ``known`` itself) gets every rule of this dump."""
         attrs = _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
         out = []
         decoded = 0
@@ -447,22 +476,12 @@ class NftNetlink:
                     exprs = (s, e)
                 elif t == NFTA_RULE_USERDATA:
                     udata = (s, e)
-            if known is not None:
-                rule = known.get((chain, handle))
-                if rule is not None:
-                    out.append(rule)
-                    continue
-            raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
-            if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
-                # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
-                # mark-for-masquerade``, half of a large table's rules): a conditional
-                # rule that sends no traffic anywhere a reader follows.
-                rule = Rule(chain, handle, None, True, None, None, (), (), False, None)
-            else:
-                rule = _rule(buf, chain, handle, exprs, udata, family)
-            decoded += 1
-            if known is not None:
-                known[(chain, handle)] = rule
+            rule = known.get((chain, handle)) if known is not None else None
+            if rule is None:
+                rule = decode(buf, chain, handle, exprs, udata)
+                decoded += 1
+            if seen is not None:
+                seen[(chain, handle)] = rule
             out.append(rule)
         return out, decoded
 
