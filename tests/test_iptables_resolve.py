@@ -274,3 +274,27 @@ def test_a_frontend_unchanged_between_calls_is_the_same_object():
     assert again.table[key] is first.table[key]
     changed = resolve_rulesets(_nat(FRONT, SVC_TO_SEP, SEP_DNAT.replace("8080", "9090"), chains=CHAINS), cache=cache)
     assert changed.table[key] is not first.table[key]
+
+
+# --- tests/ipt_rulesets.py's generated rules: every shape, both families, both backends -------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generated_rules_both_families_equal_the_model(backend):
+    from tests import ipt_rulesets
+    from tests.nft_rulesets import generated_services_v6
+    from tests.test_desired_rules import NODE, generated_services, objects_of
+
+    v4, v6 = generated_services(), generated_services_v6()
+    with ipt_rulesets.IptNS() as ns:
+        ns.load(v4, 4, backend)
+        ns.load(v6, 6, backend)
+        services, slices = objects_of(v4 + v6)
+        rulesets = parse_save(ns.save(4, backend)) + parse_save(ns.save(6, backend))
+    live = resolve_rulesets(rulesets, chain_services_for(services))
+    want = model(services, slices, NODE)
+    assert live.unread == ()
+    assert live.table == want.table and live.rejected == want.rejected and live.firewalled == want.firewalled
+    # iptables mode's own difference: a LoadBalancer without endpoints has no KUBE-FW chain.
+    assert tcp("1.2.3.8", 80) not in live.firewalled and live.rejected[tcp("1.2.3.8", 80)] == "reject"
+    assert all(size.hooked for size in live.sizes.values())
