@@ -298,3 +298,20 @@ def test_generated_rules_both_families_equal_the_model(backend):
     # iptables mode's own difference: a LoadBalancer without endpoints has no KUBE-FW chain.
     assert tcp("1.2.3.8", 80) not in live.firewalled and live.rejected[tcp("1.2.3.8", 80)] == "reject"
     assert all(size.hooked for size in live.sizes.values())
+
+
+def test_another_agents_rule_inside_kube_proxys_chains_is_unread_beside_it_is_not():
+    beside = resolve_rulesets(_nat(FRONT, SVC_TO_SEP, SEP_DNAT, "-A CNI-HOSTPORT-DNAT -j RETURN",
+                                   chains=CHAINS + ("CNI-HOSTPORT-DNAT",)))
+    assert beside.unread == () and len(beside.table) == 1
+    inside = resolve_rulesets(_nat("-A KUBE-SERVICES -j CNI-HOSTPORT-DNAT", FRONT, SVC_TO_SEP, SEP_DNAT,
+                                   chains=CHAINS + ("CNI-HOSTPORT-DNAT",)))
+    assert len(inside.unread) == 1 and "KUBE-SERVICES rule 1 (-j CNI-HOSTPORT-DNAT) is not kube-proxy's" \
+        in inside.unread[0]
+    old_chain = resolve_rulesets(_nat("-A KUBE-SERVICES -d 10.0.0.2/32 -p tcp -m tcp --dport 80 "
+                                      "-j KUBE-XLB-AAAAAAAAAAAAAAAA", chains=("KUBE-XLB-AAAAAAAAAAAAAAAA",)))
+    assert "is not kube-proxy's" in old_chain.unread[0]
+    filter_ = parse_save("*filter\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -d 10.0.0.1/32 -p tcp -m tcp "
+                         "--dport 80 -m conntrack --ctstate NEW -j REJECT\nCOMMIT\n")
+    assert "ipv4 filter: KUBE-SERVICES rule 1 (-j REJECT): -m conntrack --ctstate NEW" in \
+        resolve_rulesets(filter_).unread[0]
