@@ -326,6 +326,12 @@ def _iptables_rules(rules_files: list[tuple[str, bytes]], services) -> Any:
         if not found:
             raise BadInput(f"{path}: no table in it: not iptables-save output, or an empty one")
         for ruleset in found:
+            missing = [t for t in ("nat", "filter") if t not in ruleset.tables]
+            if missing:
+                # A save of one table (`iptables-save -t nat`) would show every frontend its
+                # rules reject as missing, or every frontend as missing: not the node's rules.
+                raise BadInput(f"{path}: the IPv{ruleset.family} rules have no {' and no '.join(missing)} table: "
+                               "save them whole (`iptables-save`, not `-t TABLE`)")
             if ruleset.family in seen_in:
                 raise BadInput(f"IPv{ruleset.family} rules are in both {seen_in[ruleset.family]} and {path}")
             seen_in[ruleset.family] = path
