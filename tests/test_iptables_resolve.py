@@ -315,3 +315,18 @@ def test_another_agents_rule_inside_kube_proxys_chains_is_unread_beside_it_is_no
                          "--dport 80 -m conntrack --ctstate NEW -j REJECT\nCOMMIT\n")
     assert "ipv4 filter: KUBE-SERVICES rule 1 (-j REJECT): -m conntrack --ctstate NEW" in \
         resolve_rulesets(filter_).unread[0]
+
+
+def test_chain_names_are_kube_proxys_hashes():
+    # The chains every cluster has (kube-dns over UDP and TCP, the API server's Service).
+    dns = service("kube-dns", "kube-system", cluster_ip="10.96.0.10",
+                  ports=(("dns", "UDP", 53, None), ("dns-tcp", "TCP", 53, None)))
+    api = service("kubernetes", "default", cluster_ip="10.96.0.1", ports=(("https", "TCP", 443, None),))
+    unnamed = service("web", "ns", ports=(("", "TCP", 80, None),))
+    names = chain_services_for([dns, api, unnamed])
+    assert names["KUBE-SVC-TCOU7JCQXEZGVUNU"] == names["KUBE-SVC-ERIFXISQEP7F7OF4"] == "kube-system/kube-dns"
+    assert names["KUBE-SVC-NPX46M4PTMTKRN6Y"] == "default/kubernetes"
+    assert len(names) == 4 * 4  # KUBE-SVC-, -SVL-, -EXT-, -FW- of each of the four ports
+    assert all(n.startswith(("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-")) for n in names)
+    from exporter.readers.iptables import port_proto_hash
+    assert f"KUBE-SVL-{port_proto_hash('ns/web', 'tcp')}" in names  # an unnamed port: `ns/name` alone
