@@ -30,23 +30,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-import itertools
-import os
 import shutil
-import socket
-import struct
 import subprocess
 
-from tests import ipset_ns
+from tests import ipt_ns
 from tests.nft_rulesets import (ServicePort, bench_services, generated_services,  # noqa: F401 - re-exported
                                 generated_services_v6, kube_objects)
 
-_counter = itertools.count()
-
 MASQ_MARK = "0x4000"
 LARGE_CLUSTER_ENDPOINTS = 1000  # kube-proxy's largeClusterEndpointsThreshold
-# The nfacct objects kube-proxy's rules name; `-m nfacct` refuses a rule whose object is absent.
-NFACCT_NAMES = ("localhost_nps_accepted_pkts", "ct_state_invalid_dropped_pkts")
+# The nfacct objects kube-proxy's rules name (`-m nfacct` refuses a rule whose object is
+# absent: IptNS makes them, as kube-proxy does at start).
+LOCALHOST_NODEPORTS_NFACCT, INVALID_DROPPED_NFACCT = "localhost_nps_accepted_pkts", "ct_state_invalid_dropped_pkts"
 FAMILY = {
     4: dict(POD="10.0.0.0/8", NODE="192.168.0.2"),
     6: dict(POD="fd00:10::/64", NODE="2001:db8::1"),
@@ -167,7 +162,7 @@ def service_rules(sp: ServicePort, filter_: _Rules, nat: _Rules, node_ip: str | 
         if has_endpoints:
             if family == 4 and localhost_nodeports:
                 nat.add("KUBE-NODEPORTS", "-m", "comment", "--comment", _quote(name), *match, "-d", "127.0.0.0/8",
-                        "--dport", str(sp.node_port), "-m", "nfacct", "--nfacct-name", NFACCT_NAMES[0], "-j", ext)
+                        "--dport", str(sp.node_port), "-m", "nfacct", "--nfacct-name", LOCALHOST_NODEPORTS_NFACCT, "-j", ext)
             nat.add("KUBE-NODEPORTS", "-m", "comment", "--comment", _quote(name), *match,
                     "--dport", str(sp.node_port), "-j", ext)
         if not has_external_endpoints:
@@ -258,7 +253,7 @@ def _tail(family: int, filter_: _Rules, nat: _Rules) -> None:
             '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"',
             "-m", "addrtype", "--dst-type", "LOCAL", *not_localhost, "-j", "KUBE-NODEPORTS")
     filter_.add("KUBE-FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-m", "nfacct",
-                "--nfacct-name", NFACCT_NAMES[1], "-j", "DROP")
+                "--nfacct-name", INVALID_DROPPED_NFACCT, "-j", "DROP")
     filter_.add("KUBE-FORWARD", "-m", "comment", "--comment", '"kubernetes forwarding rules"',
                 "-m", "mark", "--mark", f"{MASQ_MARK}/{MASQ_MARK}", "-j", "ACCEPT")
     filter_.add("KUBE-FORWARD", "-m", "comment", "--comment", '"kubernetes forwarding conntrack rule"',
@@ -357,17 +352,17 @@ def _service_top_level_only(sp: ServicePort, filter_: _Rules, nat: _Rules, node_
 
 # --- loading into a namespace -------------------------------------------------
 
-class IptNS(ipset_ns.NetNS):
-    """A network namespace of its own (`kn-ipt-<pid>-<n>`), iptables run inside it."""
+class IptNS(ipt_ns.IptNS):
+    """tests/ipt_ns.py's namespace (its name, kube-proxy's nfacct objects made on enter),
+    with the backend chosen per call rather than per namespace, and ``load``."""
 
     def __init__(self) -> None:
-        missing = [t for t in ("ip", "nsenter", *(f"{tool}-restore" for tool in TOOLS.values()))
-                   if shutil.which(t) is None]
+        super().__init__("nft")
+        missing = [f"{tool}{what}" for tool in TOOLS.values() for what in ("-save", "-restore")
+                   if shutil.which(f"{tool}{what}") is None]
         if missing:
             raise RuntimeError(f"missing tool(s) for the iptables tests: {', '.join(missing)} "
-                               "(scripts/setup.sh --test installs them)")
-        self.name = f"kn-ipt-{os.getpid()}-{next(_counter)}"
-        self.path = f"/run/netns/{self.name}"
+                               "(the iptables package; scripts/setup.sh installs it)")
 
     def iptables(self, *args: str, family: int = 4, backend: str = "nft", input: str | None = None,
                  tool: str = "", check: bool = True) -> subprocess.CompletedProcess:
@@ -380,8 +375,6 @@ class IptNS(ipset_ns.NetNS):
 
     def restore(self, text: str, family: int = 4, backend: str = "nft") -> None:
         """`iptables-restore --noflush` of ``text``, as kube-proxy runs it."""
-        if "nfacct" in text:
-            self.run(lambda: add_nfacct(NFACCT_NAMES))
         self.iptables("--noflush", family=family, backend=backend, input=text, tool="-restore")
 
     def save(self, family: int = 4, backend: str = "nft", table: str | None = None) -> str:
@@ -390,26 +383,3 @@ class IptNS(ipset_ns.NetNS):
     def load(self, services: list[ServicePort], family: int = 4, backend: str = "nft", **kwargs) -> None:
         """kube-proxy's rules for the ``family`` ports of ``services``, as a full sync writes them."""
         self.restore(ruleset(services, family, **kwargs), family, backend)
-
-
-NFNL_SUBSYS_ACCT = 7
-NFNL_MSG_ACCT_NEW = 0
-NFACCT_NAME = 1
-
-
-def add_nfacct(names) -> None:
-    """Create nfacct objects (nfnetlink_acct) in the calling thread's network namespace,
-    as kube-proxy does at start; an existing one is left as it is."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12) as sock:  # NETLINK_NETFILTER
-        sock.bind((0, 0))
-        for seq, name in enumerate(names, 1):
-            raw = name.encode() + b"\0"
-            attr = struct.pack("=HH", 4 + len(raw), NFACCT_NAME) + raw + b"\0" * (-len(raw) % 4)
-            body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0) + attr
-            header = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_ACCT << 8) | NFNL_MSG_ACCT_NEW,
-                                 0x1 | 0x4 | 0x400, seq, 0)  # REQUEST | ACK | CREATE
-            sock.send(header + body)
-            reply = sock.recv(65536)
-            error = struct.unpack_from("=i", reply, 16)[0]
-            if error not in (0, -16):  # EBUSY: already there
-                raise OSError(-error, f"nfacct add {name}: {os.strerror(-error)}")

@@ -3,16 +3,14 @@ rules in a network namespace of the test's own (loaded with iptables-nft-restore
 from a thread that joined the namespace).
 
 What the kernel holds is checked against what `iptables-nft-save` prints for the same
-rules: ``save_facts`` below reads the save text's options (not positions) into the same
-``IptablesRule`` shape, and every chain of both tables must read alike, rule by rule.
+rules, as ``parse_save`` (exporter/readers/iptables_save.py) reads it: every chain of
+both tables must read alike, rule by rule.
 Rulesets: tests/ipt_rulesets.py (kube-proxy's newest layout, both families) and
 ``EVERY_OPTION`` (each option the decoders know, and some they must name as unknown).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import shlex
 import struct
 
 import pytest
@@ -20,11 +18,9 @@ import pytest
 from exporter.readers import xtables
 from exporter.readers.iptables_netlink import IptablesNftSource
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
+from exporter.readers.iptables_save import parse_save
 from tests import ipt_rulesets
 from tests.ipt_rulesets import IptNS
-
-FULL_MASKS = ("255.255.255.255", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")
-
 
 @pytest.fixture
 def ns():
@@ -32,87 +28,7 @@ def ns():
         yield namespace
 
 
-# -- the save text's facts ----------------------------------------------------
-
-def save_facts(text: str, family: int) -> dict[str, dict[str, tuple[IptablesRule, ...]]]:
-    """table -> chain -> rules, from `iptables-save` text: a minimal reading of the
-    options kube-proxy's rules use (and the few this test names as unknown)."""
-    tables: dict[str, dict[str, list[IptablesRule]]] = {}
-    table = None
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = tables.setdefault(line[1:], {})
-        elif line.startswith(":"):
-            table.setdefault(line[1:].split()[0], [])
-        elif line.startswith("-A "):
-            words = shlex.split(line)
-            table.setdefault(words[1], []).append(_rule(words[2:], family))
-    return {name: {chain: tuple(rules) for chain, rules in chains.items()} for name, chains in tables.items()}
-
-
-def _network(text: str) -> str:
-    return str(ipaddress.ip_network(text, strict=False))
-
-
-def _rule(words: list[str], family: int) -> IptablesRule:
-    facts: dict = {"target": ""}
-    unknown: list[str] = []
-    negate = False
-    module = None
-    i = 0
-    while i < len(words):
-        word = words[i]
-        arg = words[i + 1] if i + 1 < len(words) else None
-        i += 1
-        if word == "!":
-            negate = True
-            continue
-        took_arg = True
-        if word == "-s":
-            facts.update(source=_network(arg), source_negated=negate)
-        elif word == "-d":
-            facts.update(destination=_network(arg), destination_negated=negate)
-        elif word == "-p":
-            facts["protocol"] = arg
-        elif word in ("-i", "-o"):
-            unknown.append(f"{'! ' if negate else ''}{word} {arg}")
-        elif word == "-m":
-            module = arg
-            if arg in ("mark", "conntrack"):
-                unknown.append(f"-m {arg}")
-        elif word in ("-j", "-g"):
-            facts.update(target=arg, goto=word == "-g")
-        elif word == "--comment":
-            facts["comment"] = arg
-        elif word == "--dport":
-            facts["dport"] = int(arg)
-        elif word == "--src-type":
-            facts.update(src_type=arg, src_type_negated=negate)
-        elif word == "--dst-type":
-            facts.update(dst_type=arg, dst_type_negated=negate)
-        elif word == "--probability":
-            facts["probability"] = float(arg)
-        elif word == "--name":
-            facts["recent_name"] = arg
-        elif word == "--seconds":
-            facts["recent_seconds"] = int(arg)
-        elif word == "--mask" and module == "recent":
-            if arg not in FULL_MASKS:
-                unknown.append(f"--mask {arg}")
-        elif word == "--to-destination":
-            facts["to_destination"] = arg
-        elif word in ("--set", "--rcheck"):
-            facts["recent_mode"] = word[2:]
-            took_arg = False
-        elif word in ("--mode", "--nfacct-name", "--reject-with", "--set-xmark", "--ctstate", "--mark"):
-            pass  # statistic's mode is random throughout; the others change nothing checked here
-        else:
-            took_arg = False  # flags: --reap, --rsource, --random-fully
-        if took_arg:
-            i += 1
-        negate = False
-    return IptablesRule(**facts, unknown=tuple(unknown))
-
+# -- the save text's rules -------------------------------------------------------
 
 def read_tables(ns: IptNS, source: IptablesNftSource | None = None) -> dict[int, IptablesRuleset]:
     source = source or IptablesNftSource()
@@ -120,7 +36,10 @@ def read_tables(ns: IptNS, source: IptablesNftSource | None = None) -> dict[int,
 
 
 def assert_reads_as_saved(ns: IptNS, family: int, read: IptablesRuleset) -> None:
-    saved = save_facts(ns.save(family=family), family)
+    """The netlink read equals t-iptcore's parse of `iptables-nft-save` on the same rules,
+    chain by chain, rule by rule."""
+    [parsed] = parse_save(ns.save(family=family), family)
+    saved = parsed.tables
     assert set(read.tables) == set(saved)
     for table, chains in saved.items():
         assert set(read.tables[table]) == set(chains), table
@@ -183,6 +102,14 @@ EVERY_OPTION = {4: """\
 -A KUBE-TEST -i eth0 -j RETURN
 -A KUBE-TEST -p tcp --dport 99 -j RETURN
 -A KUBE-TEST -m comment --comment "only a comment"
+-A KUBE-TEST -p tcp -m tcp --dport 80:90 -j RETURN
+-A KUBE-TEST -p tcp -m tcp ! --dport 80 -j RETURN
+-A KUBE-TEST -p udp -m udp --sport 53 -j RETURN
+-A KUBE-TEST -p icmp -j RETURN
+-A KUBE-TEST ! -i eth+ -o lo -j RETURN
+-A KUBE-TEST -m mark --mark 0x1 -j RETURN
+-A KUBE-TEST -p tcp -j DNAT --to-destination 10.180.0.3:80 --random
+-A KUBE-TEST -p tcp -j DNAT --to-destination 10.180.0.4:80-81
 COMMIT
 *filter
 :KUBE-F - [0:0]
@@ -216,12 +143,17 @@ def test_every_option_reads_as_iptables_save_prints_it(ns):
     assert test[2].destination_negated
     assert test[3].dport == 7777 and test[3].protocol == "sctp"
     assert [test[4].probability, test[5].probability] == [0.20000000019, 0.33333333349]
-    assert test[8].unknown == ("--mask 255.255.255.0",)
-    assert test[11].unknown == () and test[11].dport == 3001  # nfacct only counts
-    assert test[12].unknown == ("-m mark",)
+    assert test[8].unknown == ("-m recent --mask 255.255.255.0",)
+    assert test[11].dport == 3001 and test[11].unknown == ("-m nfacct --nfacct-name localhost_nps_accepted_pkts",)
+    assert test[12].unknown == ("-m mark ! --mark 0x4000/0x4000",)
+    assert [test[13].set_xmark, test[14].set_xmark] == ["0x4000/0x4000", "0x4000/0x0"]
+    assert test[15].unknown == ("-j MASQUERADE --random-fully",)
+    assert test[16].unknown == ("-j DNAT --to-destination 10.180.0.2",)
     assert test[17].unknown == ("-i eth0",)
     assert test[19] == IptablesRule("", comment="only a comment")
-    assert read[4].tables["filter"]["KUBE-F"][0].unknown == ("-m conntrack",)
+    reject = read[4].tables["filter"]["KUBE-F"]
+    assert reject[0].unknown == ("-m conntrack --ctstate NEW",) and reject[0].reject_with == "icmp-port-unreachable"
+    assert reject[1].reject_with == "icmp-host-unreachable"
 
 
 def test_expressions_no_iptables_option_writes_are_named_unknown(ns):
@@ -294,7 +226,7 @@ def test_a_table_created_again_is_decoded_again(ns):
     ns.restore(EVERY_OPTION[4])
     read_tables(ns, source)
     subprocess_nft(ns, "delete table ip nat")
-    ns.restore("*nat\n:KUBE-TEST - [0:0]\n-A KUBE-TEST -j RETURN\nCOMMIT\n")
+    ns.restore("*nat\n:KUBE-TEST - [0:0]\n:KUBE-OTHER - [0:0]\n-A KUBE-TEST -j RETURN\nCOMMIT\n")
     # The new table numbers its handles from 1 again: a cache kept by handle alone
     # would hand back the old table's first rule here.
     assert read_tables(ns, source)[4].tables["nat"]["KUBE-TEST"] == (IptablesRule("RETURN"),)
@@ -305,9 +237,9 @@ def test_generator_loads_alike_on_both_backends():
     for backend in ("nft", "legacy"):
         with IptNS() as namespace:
             namespace.load(ipt_rulesets.generated_services(), backend=backend)
-            text[backend] = save_facts(namespace.save(backend=backend), 4)
+            [text[backend]] = parse_save(namespace.save(backend=backend), 4)
     assert text["nft"] == text["legacy"]
-    assert len(text["nft"]["nat"]["KUBE-SERVICES"]) == 8
+    assert len(text["nft"].tables["nat"]["KUBE-SERVICES"]) == 8
 
 
 # -- the blob decoders on their own --------------------------------------------------

@@ -274,3 +274,59 @@ def test_a_frontend_unchanged_between_calls_is_the_same_object():
     assert again.table[key] is first.table[key]
     changed = resolve_rulesets(_nat(FRONT, SVC_TO_SEP, SEP_DNAT.replace("8080", "9090"), chains=CHAINS), cache=cache)
     assert changed.table[key] is not first.table[key]
+
+
+# --- tests/ipt_rulesets.py's generated rules: every shape, both families, both backends -------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generated_rules_both_families_equal_the_model(backend):
+    from tests import ipt_rulesets
+    from tests.nft_rulesets import generated_services_v6
+    from tests.test_desired_rules import NODE, generated_services, objects_of
+
+    v4, v6 = generated_services(), generated_services_v6()
+    with ipt_rulesets.IptNS() as ns:
+        ns.load(v4, 4, backend)
+        ns.load(v6, 6, backend)
+        services, slices = objects_of(v4 + v6)
+        rulesets = parse_save(ns.save(4, backend)) + parse_save(ns.save(6, backend))
+    live = resolve_rulesets(rulesets, chain_services_for(services))
+    want = model(services, slices, NODE)
+    assert live.unread == ()
+    assert live.table == want.table and live.rejected == want.rejected and live.firewalled == want.firewalled
+    # iptables mode's own difference: a LoadBalancer without endpoints has no KUBE-FW chain.
+    assert tcp("1.2.3.8", 80) not in live.firewalled and live.rejected[tcp("1.2.3.8", 80)] == "reject"
+    assert all(size.hooked for size in live.sizes.values())
+
+
+def test_another_agents_rule_inside_kube_proxys_chains_is_unread_beside_it_is_not():
+    beside = resolve_rulesets(_nat(FRONT, SVC_TO_SEP, SEP_DNAT, "-A CNI-HOSTPORT-DNAT -j RETURN",
+                                   chains=CHAINS + ("CNI-HOSTPORT-DNAT",)))
+    assert beside.unread == () and len(beside.table) == 1
+    inside = resolve_rulesets(_nat("-A KUBE-SERVICES -j CNI-HOSTPORT-DNAT", FRONT, SVC_TO_SEP, SEP_DNAT,
+                                   chains=CHAINS + ("CNI-HOSTPORT-DNAT",)))
+    assert len(inside.unread) == 1 and "KUBE-SERVICES rule 1 (-j CNI-HOSTPORT-DNAT) is not kube-proxy's" \
+        in inside.unread[0]
+    old_chain = resolve_rulesets(_nat("-A KUBE-SERVICES -d 10.0.0.2/32 -p tcp -m tcp --dport 80 "
+                                      "-j KUBE-XLB-AAAAAAAAAAAAAAAA", chains=("KUBE-XLB-AAAAAAAAAAAAAAAA",)))
+    assert "is not kube-proxy's" in old_chain.unread[0]
+    filter_ = parse_save("*filter\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -d 10.0.0.1/32 -p tcp -m tcp "
+                         "--dport 80 -m conntrack --ctstate NEW -j REJECT\nCOMMIT\n")
+    assert "ipv4 filter: KUBE-SERVICES rule 1 (-j REJECT): -m conntrack --ctstate NEW" in \
+        resolve_rulesets(filter_).unread[0]
+
+
+def test_chain_names_are_kube_proxys_hashes():
+    # The chains every cluster has (kube-dns over UDP and TCP, the API server's Service).
+    dns = service("kube-dns", "kube-system", cluster_ip="10.96.0.10",
+                  ports=(("dns", "UDP", 53, None), ("dns-tcp", "TCP", 53, None)))
+    api = service("kubernetes", "default", cluster_ip="10.96.0.1", ports=(("https", "TCP", 443, None),))
+    unnamed = service("web", "ns", ports=(("", "TCP", 80, None),))
+    names = chain_services_for([dns, api, unnamed])
+    assert names["KUBE-SVC-TCOU7JCQXEZGVUNU"] == names["KUBE-SVC-ERIFXISQEP7F7OF4"] == "kube-system/kube-dns"
+    assert names["KUBE-SVC-NPX46M4PTMTKRN6Y"] == "default/kubernetes"
+    assert len(names) == 4 * 4  # KUBE-SVC-, -SVL-, -EXT-, -FW- of each of the four ports
+    assert all(n.startswith(("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-")) for n in names)
+    from exporter.readers.iptables import port_proto_hash
+    assert f"KUBE-SVL-{port_proto_hash('ns/web', 'tcp')}" in names  # an unnamed port: `ns/name` alone

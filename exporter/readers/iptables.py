@@ -68,6 +68,7 @@ SERVICES, NODEPORTS, EXTERNAL_SERVICES = "KUBE-SERVICES", "KUBE-NODEPORTS", "KUB
 PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 MARK_MASQ, MARK_DROP = "KUBE-MARK-MASQ", "KUBE-MARK-DROP"  # set a mark and return: not a path
 _MARKS = frozenset((MARK_MASQ, MARK_DROP, ""))  # "": a rule without -j only counts
+_VERDICTS = {"REJECT": "reject", "DROP": "drop"}
 SVC, SVL, EXT, FW, SEP = "KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"
 SERVICE_CHAIN_PREFIXES = (SVC, SVL, EXT, FW)
 PROTOCOLS = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP"}
@@ -166,6 +167,7 @@ class _Family:
         self.chain_services = chain_services
         self.resolved: dict[str, _Resolved] = {}
         self.in_progress: set[str] = set()
+        self.unread: list[str] = []  # what this family's rules hold that was not read
 
     def sizes(self) -> IptablesSizes:
         chains = rules = kube = svc = sep = 0
@@ -185,9 +187,9 @@ class _Family:
     # -- frontends -------------------------------------------------------------
 
     def frontends(self) -> list[tuple[VirtualServerKey, str, str | None]]:
-        """(key, chain, comment) of every frontend, first rule first; problems as (None-key) lines."""
+        """(key, chain, comment) of every frontend, the first rule of a key first; what is not
+        understood goes to ``self.unread``."""
         out = []
-        self.unread: list[str] = []
         seen: set[VirtualServerKey] = set()
         nodeports_hooked = False
         for index, rule in enumerate(self.nat.get(SERVICES, ()), 1):
@@ -196,8 +198,14 @@ class _Family:
                 # `--dst-type LOCAL` (minus ::1 or 127.0.0.0/8), or `-d NODEIP` per node-port address.
                 nodeports_hooked = True
                 continue
+            if target in _MARKS:
+                continue
             if not target.startswith(SERVICE_CHAIN_PREFIXES):
-                continue  # another agent's rule, or a mark: not a frontend
+                # Not kube-proxy's (another agent's, an older kube-proxy's chain): what it
+                # catches never reaches the frontends after it, and this reader cannot say what.
+                self.unread.append(f"{self.where}: {SERVICES} rule {index} (-j {target}) is not kube-proxy's: "
+                                   "the frontends after it may not be reached")
+                continue
             key = _frontend_key(rule)
             problems = _problems_of(rule)
             if key is None or problems or rule.source is not None or rule.src_type or rule.dst_type:
@@ -212,7 +220,11 @@ class _Family:
                 target = rule.target
                 if rule.destination == LOCALHOST_NODEPORTS and not rule.destination_negated:
                     continue  # the localhost twin of the rule that follows it: the same frontend
+                if target in _MARKS:
+                    continue
                 if not target.startswith(SERVICE_CHAIN_PREFIXES):
+                    self.unread.append(f"{self.where}: {NODEPORTS} rule {index} (-j {target}) is not kube-proxy's: "
+                                       "the NodePorts after it may not be reached")
                     continue
                 protocol = PROTOCOLS.get(rule.protocol or "")
                 problems = _problems_of(rule)
@@ -228,10 +240,15 @@ class _Family:
         return out
 
     def verdicts(self, rejected: dict, firewalled: set) -> None:
+        where = self.where.replace(" nat", " filter")
         for chain in (SERVICES, EXTERNAL_SERVICES):
-            for rule in self.filter.get(chain, ()):
-                verdict = {"REJECT": "reject", "DROP": "drop"}.get(rule.target)
-                if verdict is None or _problems_of(rule):
+            for index, rule in enumerate(self.filter.get(chain, ()), 1):
+                verdict = _VERDICTS.get(rule.target)
+                if verdict is None:
+                    continue  # not a verdict: traffic goes on to the next rule
+                bad = _problems_of(rule) if rule.unknown else ()
+                if bad:
+                    self.unread.append(f"{where}: {chain} rule {index} (-j {rule.target}): {'; '.join(bad)}")
                     continue
                 key = _frontend_key(rule)
                 if key is None and rule.destination is None and rule.dst_type == "LOCAL" \

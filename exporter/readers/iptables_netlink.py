@@ -69,9 +69,11 @@ CMP_OPS = {0: "eq", 1: "neq", 2: "lt", 3: "lte", 4: "gt", 5: "gte"}
 # Where -s / -d sit in the network header, per family: (source offset, destination offset, length).
 ADDRESS_OFFSETS = {4: (12, 16, 4), 6: (8, 24, 16)}
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}
+FIELD_PROTOCOLS = ("tcp", "udp", "sctp")  # the ones kube-proxy writes; others are kept as "-p NAME"
 ANY_PORT = (0, 65535)
 FULL_MASKS = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
 _BE16 = struct.Struct(">H")
+_HOST_U32 = struct.Struct("=I")  # meta mark is in host byte order
 
 
 class _Decoding:
@@ -80,7 +82,7 @@ class _Decoding:
     __slots__ = ("family", "target", "goto", "source", "source_negated", "destination", "destination_negated",
                  "protocol", "dport", "src_type", "src_type_negated", "dst_type", "dst_type_negated",
                  "probability", "recent_name", "recent_mode", "recent_seconds", "comment", "to_destination",
-                 "unknown", "registers")
+                 "unknown", "registers", "set_xmark", "reject_with")
 
     def __init__(self, family: int) -> None:
         self.family = family
@@ -91,6 +93,7 @@ class _Decoding:
         self.src_type_negated = self.dst_type_negated = False
         self.probability = self.recent_name = self.recent_mode = self.recent_seconds = None
         self.comment = self.to_destination = None
+        self.set_xmark = self.reject_with = None
         self.unknown: list[str] = []
         self.registers: dict[int, tuple] = {}  # register -> what was loaded into it
 
@@ -99,7 +102,7 @@ class _Decoding:
                             self.destination_negated, self.protocol, self.dport, self.src_type,
                             self.src_type_negated, self.dst_type, self.dst_type_negated, self.probability,
                             self.recent_name, self.recent_mode, self.recent_seconds, self.comment,
-                            self.to_destination, tuple(self.unknown))
+                            self.to_destination, tuple(self.unknown), self.set_xmark, self.reject_with)
 
 
 def _fields(buf, start: int, end: int) -> dict[int, tuple[int, int]]:
@@ -158,14 +161,15 @@ def _compare(d: _Decoding, buf, fields: dict) -> None:
         key = loaded[1]
         if key == NFT_META_L4PROTO and len(value) == 1:
             name = PROTOCOLS.get(value[0], str(value[0]))
-            if negated:
-                d.unknown.append(f"! -p {name}")
+            if negated or name not in FIELD_PROTOCOLS:
+                d.unknown.append(f"{bang}-p {name}")
             else:
                 d.protocol = name
         elif key in (NFT_META_IIFNAME, NFT_META_OIFNAME):
             d.unknown.append(f"{bang}{'-i' if key == NFT_META_IIFNAME else '-o'} {_interface(value)}")
-        elif key == NFT_META_MARK:
-            d.unknown.append("-m mark")
+        elif key == NFT_META_MARK and len(value) == 4:
+            mask = loaded[2] if len(loaded) > 2 and loaded[2] is not None else b"\xff" * 4
+            d.unknown.append(_mark_text(_HOST_U32.unpack(value)[0], _HOST_U32.unpack(mask)[0], negated))
         else:
             d.unknown.append(f"meta {key}")
         return
@@ -193,60 +197,107 @@ def _compare(d: _Decoding, buf, fields: dict) -> None:
     d.unknown.append("expr cmp")
 
 
+def _range(d: _Decoding, buf, fields: dict) -> None:
+    """A ``range`` (iptables-nft's ``--dport LO:HI``): kept as iptables-save prints it."""
+    loaded = d.registers.get(_u32(buf, fields, NFTA_RANGE_SREG))
+    low, high = _value(buf, fields, NFTA_RANGE_FROM_DATA), _value(buf, fields, NFTA_RANGE_TO_DATA)
+    if (loaded is not None and loaded[0] == "payload" and loaded[1] == NFT_PAYLOAD_TRANSPORT_HEADER
+            and loaded[2] in (0, 2) and loaded[4] is None and len(low) == len(high) == 2):
+        bang = "! " if _u32(buf, fields, NFTA_RANGE_OP) == NFT_CMP_NEQ else ""
+        side = "sport" if loaded[2] == 0 else "dport"
+        d.unknown.append(f"{bang}--{side} {_BE16.unpack(low)[0]}:{_BE16.unpack(high)[0]}")
+    elif loaded is not None or not d.unknown:
+        d.unknown.append("expr range")
+
+
+def _ports(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}:{hi}"
+
+
 def _apply_match(d: _Decoding, match) -> None:
-    """A decoded compat match into the rule's facts (or its unknown list)."""
+    """A decoded compat match into the rule's facts; what has no field is kept in
+    ``unknown`` as iptables-save prints it (so both sources of a rule read alike)."""
+    unknown = d.unknown
     if isinstance(match, xtables.Comment):
         d.comment = match.text
     elif isinstance(match, xtables.Ports):
         if match.sport != ANY_PORT:
-            d.unknown.append(f"{'! ' if match.sport_inverted else ''}--sport {match.sport[0]}:{match.sport[1]}")
+            unknown.append(f"{'! ' if match.sport_inverted else ''}--sport {_ports(*match.sport)}")
         if match.dport != ANY_PORT:
             if match.dport[0] == match.dport[1] and not match.dport_inverted:
                 d.dport = match.dport[0]
             else:
-                d.unknown.append(f"{'! ' if match.dport_inverted else ''}--dport {match.dport[0]}:{match.dport[1]}")
-        d.unknown.extend(match.other)
+                unknown.append(f"{'! ' if match.dport_inverted else ''}--dport {_ports(*match.dport)}")
+        unknown.extend(f"-m {match.protocol} {option}" for option in match.other)
     elif isinstance(match, xtables.Statistic):
         if match.mode == "random" and not match.inverted:
             d.probability = match.probability
         else:
-            d.unknown.append(f"-m statistic --mode {match.mode}")
+            unknown.append(f"-m statistic --mode {match.mode}")
     elif isinstance(match, xtables.Recent):
         d.recent_name = match.name
         d.recent_mode = match.modes[0] if len(match.modes) == 1 else ",".join(match.modes) or None
         d.recent_seconds = match.seconds or None
         if match.inverted:
-            d.unknown.append("! -m recent")
+            unknown.append("-m recent ! --" + (match.modes[0] if match.modes else "rcheck"))
         if match.hit_count:
-            d.unknown.append(f"--hitcount {match.hit_count}")
+            unknown.append(f"-m recent --hitcount {match.hit_count}")
         if match.rttl:
-            d.unknown.append("--rttl")
-        if match.side != "rsource":
-            d.unknown.append("--rdest")
+            unknown.append("-m recent --rttl")
         if match.mask is not None and match.mask != FULL_MASKS[d.family]:
-            d.unknown.append(f"--mask {match.mask}")
+            unknown.append(f"-m recent --mask {match.mask}")
+        if match.side != "rsource":
+            unknown.append("-m recent --rdest")
     elif isinstance(match, xtables.Addrtype):
         if match.source is not None:
             d.src_type, d.src_type_negated = match.source, match.source_inverted
         if match.dest is not None:
             d.dst_type, d.dst_type_negated = match.dest, match.dest_inverted
         if match.limit_iface:
-            d.unknown.append(f"--limit-iface-{match.limit_iface}")
+            unknown.append(f"-m addrtype --limit-iface-{match.limit_iface}")
     elif isinstance(match, xtables.Nfacct):
-        pass  # counts packets, matches them all
+        unknown.append(f"-m nfacct --nfacct-name {match.name}")
     elif isinstance(match, xtables.Mark):
-        d.unknown.append("-m mark")
+        unknown.append(_mark_text(match.mark, match.mask, match.inverted))
     elif isinstance(match, xtables.Conntrack):
-        d.unknown.append("-m conntrack")
+        text = "-m conntrack"
+        if match.states is not None:
+            text += f" {'! ' if match.inverted else ''}--ctstate {match.states}"
+        unknown.append(text + (" (more)" if match.other else ""))
     else:
-        d.unknown.append(f"-m {match.name}")
+        unknown.append(f"-m {match.name}")
+
+
+def _mark_text(mark: int, mask: int, inverted: bool) -> str:
+    shown = f"{mark:#x}" if mask == 0xFFFFFFFF else f"{mark:#x}/{mask:#x}"
+    return f"-m mark {'! ' if inverted else ''}--mark {shown}"
 
 
 def _apply_target(d: _Decoding, name: str, target) -> None:
+    """A decoded compat target: DNAT's destination, MARK's mark, REJECT's kind; other
+    target options kept in ``unknown`` as iptables-save prints them."""
     d.target = name
-    if isinstance(target, xtables.NatRange) and name == "DNAT":
-        d.to_destination = target.to_destination(d.family)
-        d.unknown.extend(f"--{flag}" for flag in target.flags)
+    rest: list[str] = []
+    if isinstance(target, xtables.NatRange):
+        if name == "DNAT":
+            text = target.to_destination(d.family)
+            simple = (target.min_addr is not None and target.min_addr == target.max_addr
+                      and target.min_port is not None and target.min_port == target.max_port)
+            if simple:
+                d.to_destination = text
+            else:
+                rest += ["--to-destination", text]
+        elif target.min_port is not None:
+            rest += ["--to-ports", _ports(target.min_port, target.max_port).replace(":", "-")]
+        rest += [f"--{flag}" for flag in target.flags]
+    elif isinstance(target, xtables.MarkTarget):
+        d.set_xmark = f"{target.value:#x}/{target.mask:#x}"
+    elif isinstance(target, xtables.Reject):
+        d.reject_with = target.with_
+    elif isinstance(target, xtables.Unknown) and target.name != name:
+        rest.append(target.name[len(name):].strip())  # the decoder's complaint
+    if rest:
+        d.unknown.append(f"-j {name} {' '.join(rest)}")
 
 
 def _verdict(d: _Decoding, verdict: Verdict) -> None:
@@ -297,10 +348,13 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
             if loaded is not None and loaded[0] == "payload" and not any(xor):
                 d.registers[_u32(buf, fields, NFTA_BITWISE_DREG)] = loaded[:4] + (
                     _value(buf, fields, NFTA_BITWISE_MASK),)
-            elif loaded is not None and loaded[0] == "meta":
-                d.registers[_u32(buf, fields, NFTA_BITWISE_DREG)] = loaded
+            elif loaded is not None and loaded[0] == "meta" and not any(xor):
+                d.registers[_u32(buf, fields, NFTA_BITWISE_DREG)] = loaded[:2] + (
+                    _value(buf, fields, NFTA_BITWISE_MASK),)
             elif loaded is not None or not d.unknown:
                 d.unknown.append("expr bitwise")
+        elif name == b"range":
+            _range(d, buf, fields)
         elif name == b"immediate":
             value = _data(buf, *fields[NFTA_IMMEDIATE_DATA]) if NFTA_IMMEDIATE_DATA in fields else None
             if _u32(buf, fields, NFTA_IMMEDIATE_DREG) == NFT_REG_VERDICT and isinstance(value, Verdict):
@@ -326,8 +380,6 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
                 _apply_match(d, decoded)
             else:
                 _apply_target(d, xt_name, decoded)
-                if isinstance(decoded, xtables.Unknown) and decoded.name != xt_name:
-                    d.unknown.append(f"-j {decoded.name}")
         else:
             d.unknown.append(f"expr {name.decode('ascii', 'replace')}")
     if d.comment is None:

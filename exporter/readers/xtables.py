@@ -88,9 +88,11 @@ class Nfacct(NamedTuple):
 
 
 class Conntrack(NamedTuple):
-    """Named only: kube-proxy's ctstate tests are in chains that send no traffic to Services."""
+    """Its --ctstate only (what kube-proxy writes); any other test it makes is ``other``."""
 
-    revision: int
+    states: str | None  # "INVALID", "RELATED,ESTABLISHED,DNAT", ... in iptables' order
+    inverted: bool
+    other: bool  # tests besides the state (--ctstatus, --ctorigsrc, ...): not decoded
 
 
 class NatRange(NamedTuple):
@@ -286,6 +288,29 @@ def nfacct(blob: bytes) -> Nfacct:
     return Nfacct(_cstring(blob[:NFACCT_NAME_MAX]))
 
 
+XT_CONNTRACK_STATE = 0x1
+# iptables' printing order of --ctstate (libxt_conntrack), with each state's bit:
+# INVALID 1<<0; NEW, RELATED, ESTABLISHED 1 << (ctinfo + 1); UNTRACKED, SNAT, DNAT after IP_CT_NUMBER.
+CT_STATES = (("INVALID", 0x1), ("NEW", 0x8), ("RELATED", 0x4), ("ESTABLISHED", 0x2),
+             ("UNTRACKED", 0x100), ("SNAT", 0x40), ("DNAT", 0x80))
+# After 8 addresses/masks (128 bytes), expires_min/max (8), l4proto and 4 ports (10):
+# match_flags, invert_flags, state_mask (u16 each).
+_CONNTRACK_FLAGS_AT = 128 + 8 + 10
+
+
+def conntrack(blob: bytes, revision: int) -> Conntrack:
+    """xt_conntrack_mtinfo1..3 share the start of their layout up to state_mask; only
+    the state test is decoded (rev 3 is what iptables 1.8 writes)."""
+    if revision not in (1, 2, 3):
+        raise XtablesError(f"conntrack rev {revision} is not decoded")
+    _need(blob, _CONNTRACK_FLAGS_AT + 6, f"conntrack rev {revision}")
+    match_flags, invert_flags, state_mask = struct.unpack_from("=HHH", blob, _CONNTRACK_FLAGS_AT)
+    states = ",".join(name for name, bit in CT_STATES if state_mask & bit) \
+        if match_flags & XT_CONNTRACK_STATE else None
+    return Conntrack(states or None, bool(invert_flags & XT_CONNTRACK_STATE),
+                     bool(match_flags & ~XT_CONNTRACK_STATE))
+
+
 # -- targets ------------------------------------------------------------------
 
 NF_NAT_FLAGS = ((0x1, "map-ips"), (0x2, "proto-specified"), (0x4, "random"), (0x8, "persistent"),
@@ -374,7 +399,7 @@ def decode_match(name: str, revision: int, blob: bytes, family: int) -> Match:
     if name == "nfacct" and revision in (0, 1):
         return nfacct(blob)
     if name == "conntrack":
-        return Conntrack(revision)
+        return conntrack(blob, revision)
     return Unknown(name, revision)
 
 
