@@ -216,13 +216,14 @@ def test_a_missing_iptables_legacy_save_is_one_clear_line(ipt_drift, tmp_path, m
     """The exporter's PATH without the legacy tools: on a legacy node drift and the iptables
     collector fail with one line naming the tool; on an nft node nothing needs it."""
     wait_until(lambda: no_drift(ipt_drift.scrape()), what="no drift at first")
-    ipt_drift.iptables("-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.0.0.99/32", "-j", "RETURN")  # a change
+    ipt_drift.iptables("-t", "nat", "-N", f"OTHER-{os.getpid()}")  # a change, not kube-proxy's
     empty = tmp_path / f"empty-path-{os.getpid()}"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))  # after the test's own iptables run: the exporter's alone
     s = ipt_drift.scrape()
     if ipt_drift.backend == "nft":
-        assert value(s, "kubenode_collector_success", collector="drift") == 1
+        assert value(s, "kubenode_collector_success", collector="drift") == 1, \
+            ipt_drift.ns.run(lambda: _reason(ipt_drift.rig, "drift"))
         return
     assert value(s, "kubenode_collector_success", collector="drift") == 0
     assert value(s, "kubenode_collector_success", collector="iptables") == 0
