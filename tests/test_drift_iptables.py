@@ -140,6 +140,10 @@ def test_rules_as_kube_proxy_writes_them_are_no_drift(ipt_drift):
     for family in ("ip", "ip6"):
         assert value(s, "kubenode_iptables_kube_chains", family=family, table="nat") > 0
         assert value(s, "kubenode_iptables_rules", family=family, table="filter") > 0
+    if ipt_drift.backend == "nft":
+        # Looking for legacy rules created no legacy table (asking x_tables for one would).
+        assert ipt_drift.ns.run(lambda: [open(f"/proc/thread-self/net/{name}").read()
+                                         for name in ("ip_tables_names", "ip6_tables_names")]) == ["", ""]
 
 
 def test_a_deleted_sep_jump_drifts_after_the_grace_period_and_clears_when_fixed(ipt_drift):
