@@ -254,3 +254,18 @@ def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):
     dataplane = ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths()), nft=None))
     live = ns.run(dataplane.read)
     assert (live.table, live.rejected, live.unread) == ({}, {}, ())
+
+
+def test_a_legacy_nat_table_flushed_before_the_first_read_is_every_frontend_missing(legacy_ns):
+    """The exporter starts after firewalld flushed the nat table: kube-proxy's filter chains
+    in iptables-legacy say where its rules were, and nothing from iptables-nft hides that."""
+    from exporter.readers.dataplanes import IptablesDataplane
+    from exporter.readers.iptables_netlink import IptablesNftSource
+
+    legacy_ns.iptables("-t", "nat", "-F", backend="legacy")
+    legacy_ns.iptables("-t", "nat", "-X", backend="legacy")
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths(), keep=False),
+                                                        nft=IptablesNftSource()))
+    live = legacy_ns.run(lambda: dataplane.read_rules(0))
+    assert live.backend == "legacy"
+    assert live.read.table == {} and live.read.rejected, "the filter table's REJECTs are still read"

@@ -218,8 +218,13 @@ class IptablesDataplane(DataplaneReader):
             backend = NFT
         elif in_legacy:
             backend = LEGACY
+        elif self._backend is not None:
+            backend = self._backend  # kube-proxy's rules gone from where they were: read there
+        elif legacy_rulesets and any(name.startswith("KUBE-") for r in legacy_rulesets
+                                     for chains in r.tables.values() for name in chains):
+            backend = LEGACY  # its filter chains left, the nat ones flushed (firewalld)
         else:
-            backend = self._backend or (NFT if self.nft is not None else LEGACY)
+            backend = NFT if self.nft is not None else LEGACY
         if backend == NFT:
             if (last is not None and last.backend == NFT and self._nft_read_generation == generation
                     and self.clock() - self._nft_read_at < self.safety_interval):
