@@ -62,6 +62,8 @@ class IptNS(ipset_ns.NetNS):
 
     def restore(self, rules: str, family: int = 4, noflush: bool = False) -> None:
         """`iptables-<backend>-restore` of ``rules`` (iptables-restore input) in the namespace."""
+        if not rules.endswith("\n"):
+            rules += "\n"  # iptables-legacy-restore reads nothing past a last line without one
         self._exec([_tool(self.backend, family, "restore"), *(["--noflush"] if noflush else [])], rules)
 
     def save(self, family: int = 4, table: str | None = None) -> str:
