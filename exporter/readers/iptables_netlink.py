@@ -35,6 +35,7 @@ nftables reader's: tests read a namespace of their own from a thread that joined
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 from exporter.readers import xtables
@@ -123,6 +124,12 @@ def _value(buf, fields: dict, attr: int) -> bytes:
 def _network(family: int, value: bytes, mask: bytes | None) -> str | None:
     """The network a payload compare states, or None if its mask is not a prefix."""
     size = 4 if family == 4 else 16
+    if mask is None and len(value) == size:
+        # A whole address (most of them): inet_ntop prints as ipaddress does but for
+        # IPv4-mapped IPv6, which ipaddress judges below.
+        text = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, value)
+        if family == 4 or "." not in text:
+            return f"{text}/{size * 8}"
     if mask is None:
         prefix = len(value) * 8
     else:
@@ -144,11 +151,9 @@ def _interface(value: bytes) -> str:
     return name if b"\0" in value else name + "+"
 
 
-def _compare(d: _Decoding, buf, fields: dict) -> None:
+def _compare(d: _Decoding, sreg: int | None, op: int | None, value: bytes, memo: dict) -> None:
     """A ``cmp``: what it tests is what its source register holds."""
-    loaded = d.registers.get(_u32(buf, fields, NFTA_CMP_SREG))
-    op = _u32(buf, fields, NFTA_CMP_OP)
-    value = _value(buf, fields, NFTA_CMP_DATA)
+    loaded = d.registers.get(sreg)
     if loaded is None and d.unknown:
         return  # compares what an expression already named unknown loaded (``ct state``)
     if loaded is None or op not in (NFT_CMP_EQ, NFT_CMP_NEQ):
@@ -168,37 +173,39 @@ def _compare(d: _Decoding, buf, fields: dict) -> None:
         elif key in (NFT_META_IIFNAME, NFT_META_OIFNAME):
             d.unknown.append(f"{bang}{'-i' if key == NFT_META_IIFNAME else '-o'} {_interface(value)}")
         elif key == NFT_META_MARK and len(value) == 4:
-            mask = loaded[2] if len(loaded) > 2 and loaded[2] is not None else b"\xff" * 4
+            mask = loaded[2] if loaded[2] is not None else b"\xff" * 4
             d.unknown.append(_mark_text(_HOST_U32.unpack(value)[0], _HOST_U32.unpack(mask)[0], negated))
         else:
             d.unknown.append(f"meta {key}")
         return
-    if kind == "payload":
-        _, base, offset, length, mask = loaded
-        if base == NFT_PAYLOAD_NETWORK_HEADER:
-            source_at, destination_at, size = ADDRESS_OFFSETS[d.family]
-            network = _network(d.family, value, mask) if length <= size else None
-            if offset == source_at and network is not None:
+    _, base, offset, length, mask = loaded
+    if base == NFT_PAYLOAD_NETWORK_HEADER:
+        source_at, destination_at, size = ADDRESS_OFFSETS[d.family]
+        if offset in (source_at, destination_at) and length <= size:
+            key = (d.family, value, mask)
+            network = memo.get(key)
+            if network is None:
+                network = memo[key] = _network(d.family, value, mask) or ""
+            if network and offset == source_at:
                 d.source, d.source_negated = network, negated
                 return
-            if offset == destination_at and network is not None:
+            if network:
                 d.destination, d.destination_negated = network, negated
                 return
-        elif base == NFT_PAYLOAD_TRANSPORT_HEADER and length == 2 and mask is None:
-            port = _BE16.unpack(value)[0] if len(value) == 2 else None
-            if offset == 2 and port is not None and not negated:
-                d.dport = port
-                return
-            if offset in (0, 2) and port is not None:
-                d.unknown.append(f"{bang}--{'sport' if offset == 0 else 'dport'} {port}")
-                return
-        d.unknown.append(f"payload {base}+{offset}")
-        return
-    d.unknown.append("expr cmp")
+    elif base == NFT_PAYLOAD_TRANSPORT_HEADER and length == 2 and mask is None and len(value) == 2:
+        port = _BE16.unpack(value)[0]
+        if offset == 2 and not negated:
+            d.dport = port
+            return
+        if offset in (0, 2):
+            d.unknown.append(f"{bang}--{'sport' if offset == 0 else 'dport'} {port}")
+            return
+    d.unknown.append(f"payload {base}+{offset}")
 
 
-def _range(d: _Decoding, buf, fields: dict) -> None:
+def _range(d: _Decoding, expression: tuple[bytes, dict]) -> None:
     """A ``range`` (iptables-nft's ``--dport LO:HI``): kept as iptables-save prints it."""
+    buf, fields = expression
     loaded = d.registers.get(_u32(buf, fields, NFTA_RANGE_SREG))
     low, high = _value(buf, fields, NFTA_RANGE_FROM_DATA), _value(buf, fields, NFTA_RANGE_TO_DATA)
     if (loaded is not None and loaded[0] == "payload" and loaded[1] == NFT_PAYLOAD_TRANSPORT_HEADER
@@ -313,77 +320,102 @@ def _verdict(d: _Decoding, verdict: Verdict) -> None:
         d.unknown.append(f"verdict {verdict.name}")
 
 
+def _expression(raw: bytes, family: int) -> tuple:
+    """One expression (its NFTA_EXPR_NAME and NFTA_EXPR_DATA) as a small operation
+    tuple: a pure function of its bytes, so a read decodes each distinct one once."""
+    name, data = b"", (len(raw), len(raw))
+    for ps, pe, pt in _attrs(raw, 0, len(raw)):
+        if pt == NFTA_EXPR_NAME:
+            name = raw[ps:pe].rstrip(b"\0")
+        elif pt == NFTA_EXPR_DATA:
+            data = (ps, pe)
+    fields = _fields(raw, *data)
+    if name == b"cmp":
+        return ("cmp", _u32(raw, fields, NFTA_CMP_SREG), _u32(raw, fields, NFTA_CMP_OP),
+                _value(raw, fields, NFTA_CMP_DATA))
+    if name == b"payload":
+        return ("load", _u32(raw, fields, NFTA_PAYLOAD_DREG),
+                ("payload", _u32(raw, fields, NFTA_PAYLOAD_BASE), _u32(raw, fields, NFTA_PAYLOAD_OFFSET),
+                 _u32(raw, fields, NFTA_PAYLOAD_LEN), None))
+    if name == b"meta" and NFTA_META_DREG in fields:
+        return ("load", _u32(raw, fields, NFTA_META_DREG), ("meta", _u32(raw, fields, NFTA_META_KEY), None))
+    if name == b"bitwise":
+        return ("bitwise", _u32(raw, fields, NFTA_BITWISE_SREG), _u32(raw, fields, NFTA_BITWISE_DREG),
+                _value(raw, fields, NFTA_BITWISE_MASK), not any(_value(raw, fields, NFTA_BITWISE_XOR)))
+    if name == b"range":
+        return ("range", (raw, fields))  # rare (a port range): decoded where it is applied
+    if name == b"immediate":
+        value = _data(raw, *fields[NFTA_IMMEDIATE_DATA]) if NFTA_IMMEDIATE_DATA in fields else None
+        if _u32(raw, fields, NFTA_IMMEDIATE_DREG) == NFT_REG_VERDICT and isinstance(value, Verdict):
+            return ("verdict", value)
+        return ("unknown", "expr immediate")
+    if name in (b"match", b"target"):
+        xt_name = raw[slice(*fields[NFTA_COMPAT_NAME])].rstrip(b"\0").decode() if NFTA_COMPAT_NAME in fields else ""
+        revision = _u32(raw, fields, NFTA_COMPAT_REV) or 0
+        blob = raw[slice(*fields[NFTA_COMPAT_INFO])] if NFTA_COMPAT_INFO in fields else b""
+        decoder = xtables.decode_match if name == b"match" else xtables.decode_target
+        try:
+            decoded = decoder(xt_name, revision, blob, family)
+        except xtables.XtablesError as err:
+            decoded = xtables.Unknown(f"{xt_name} ({err})", revision)
+        return ("match", decoded) if name == b"match" else ("target", xt_name, decoded)
+    return ("unknown", f"expr {name.decode('ascii', 'replace')}")
+
+
+# An expression's name attribute as the kernel writes it first: counters are skipped
+# before anything else (their values differ from rule to rule).
+_COUNTER = _NLA.pack(12, NFTA_EXPR_NAME) + b"counter\0"
+
+
 def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | None, family: int,
                 memo: dict | None = None) -> IptablesRule:
     """One rule's expressions (``exprs``: (start, end) in ``buf``) as an ``IptablesRule``.
 
-    ``memo`` ((kind, name, revision, blob) -> decoded) spares decoding the same
-    compat blob twice in one read (a large table repeats a few thousand of them).
+    ``memo`` (expression bytes -> operation, and the networks of address compares)
+    spares decoding what a read already decoded once: a large table repeats the same
+    few thousand expressions (``meta l4proto tcp``, a comment, ``tcp dport 80``).
     """
+    if memo is None:
+        memo = {}
     d = _Decoding(family)
-    comment_in_udata = _comment(buf, *udata) if udata else None
-    for s, e, t in _attrs(buf, *exprs) if exprs else ():
-        if t != NFTA_LIST_ELEM:
+    registers = d.registers
+    unpack = _NLA.unpack_from
+    offset, end = exprs if exprs else (0, 0)
+    while offset + 4 <= end:
+        alen, t = unpack(buf, offset)
+        if alen < 4 or offset + alen > end:
+            raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+        s, e = offset + 4, offset + alen
+        offset += (alen + 3) & ~3
+        if t & 0x3FFF != NFTA_LIST_ELEM or buf[s:s + 12] == _COUNTER:
             continue
-        name, data = b"", (e, e)
-        for ps, pe, pt in _attrs(buf, s, e):
-            if pt == NFTA_EXPR_NAME:
-                name = bytes(buf[ps:pe]).rstrip(b"\0")
-            elif pt == NFTA_EXPR_DATA:
-                data = (ps, pe)
-        if name == b"counter":
-            continue
-        fields = _fields(buf, *data)
-        if name == b"cmp":
-            _compare(d, buf, fields)
-        elif name == b"payload":
-            d.registers[_u32(buf, fields, NFTA_PAYLOAD_DREG)] = (
-                "payload", _u32(buf, fields, NFTA_PAYLOAD_BASE), _u32(buf, fields, NFTA_PAYLOAD_OFFSET),
-                _u32(buf, fields, NFTA_PAYLOAD_LEN), None)
-        elif name == b"meta" and NFTA_META_DREG in fields:
-            d.registers[_u32(buf, fields, NFTA_META_DREG)] = ("meta", _u32(buf, fields, NFTA_META_KEY))
-        elif name == b"bitwise":
-            loaded = d.registers.get(_u32(buf, fields, NFTA_BITWISE_SREG))
-            xor = _value(buf, fields, NFTA_BITWISE_XOR)
-            if loaded is not None and loaded[0] == "payload" and not any(xor):
-                d.registers[_u32(buf, fields, NFTA_BITWISE_DREG)] = loaded[:4] + (
-                    _value(buf, fields, NFTA_BITWISE_MASK),)
-            elif loaded is not None and loaded[0] == "meta" and not any(xor):
-                d.registers[_u32(buf, fields, NFTA_BITWISE_DREG)] = loaded[:2] + (
-                    _value(buf, fields, NFTA_BITWISE_MASK),)
+        raw = bytes(buf[s:e])
+        op = memo.get(raw)
+        if op is None:
+            op = memo[raw] = _expression(raw, family)
+        kind = op[0]
+        if kind == "load":
+            registers[op[1]] = op[2]
+        elif kind == "cmp":
+            _compare(d, op[1], op[2], op[3], memo)
+        elif kind == "verdict":
+            _verdict(d, op[1])
+        elif kind == "match":
+            _apply_match(d, op[1])
+        elif kind == "target":
+            _apply_target(d, op[1], op[2])
+        elif kind == "bitwise":
+            loaded = registers.get(op[1])
+            if loaded is not None and op[4] and loaded[0] in ("payload", "meta"):
+                registers[op[2]] = loaded[:-1] + (op[3],)
             elif loaded is not None or not d.unknown:
                 d.unknown.append("expr bitwise")
-        elif name == b"range":
-            _range(d, buf, fields)
-        elif name == b"immediate":
-            value = _data(buf, *fields[NFTA_IMMEDIATE_DATA]) if NFTA_IMMEDIATE_DATA in fields else None
-            if _u32(buf, fields, NFTA_IMMEDIATE_DREG) == NFT_REG_VERDICT and isinstance(value, Verdict):
-                _verdict(d, value)
-            else:
-                d.unknown.append("expr immediate")
-        elif name in (b"match", b"target"):
-            xt_name = bytes(buf[slice(*fields[NFTA_COMPAT_NAME])]).rstrip(b"\0").decode() \
-                if NFTA_COMPAT_NAME in fields else ""
-            revision = _u32(buf, fields, NFTA_COMPAT_REV) or 0
-            blob = bytes(buf[slice(*fields[NFTA_COMPAT_INFO])]) if NFTA_COMPAT_INFO in fields else b""
-            key = (name, xt_name, revision, blob)
-            decoded = memo.get(key) if memo is not None else None
-            if decoded is None:
-                decoder = xtables.decode_match if name == b"match" else xtables.decode_target
-                try:
-                    decoded = decoder(xt_name, revision, blob, family)
-                except xtables.XtablesError as err:
-                    decoded = xtables.Unknown(f"{xt_name} ({err})", revision)
-                if memo is not None:
-                    memo[key] = decoded
-            if name == b"match":
-                _apply_match(d, decoded)
-            else:
-                _apply_target(d, xt_name, decoded)
+        elif kind == "range":
+            _range(d, op[1])
         else:
-            d.unknown.append(f"expr {name.decode('ascii', 'replace')}")
-    if d.comment is None:
-        d.comment = comment_in_udata
+            d.unknown.append(op[1])
+    if d.comment is None and udata:
+        d.comment = _comment(buf, *udata)
     return d.rule()
 
 
@@ -440,8 +472,9 @@ class IptablesNftSource:
                 rulesets = []
                 for family, nfproto in FAMILIES:
                     tables: dict[str, Chains] = {}
+                    chain_lists = nl.chains_by_table(nfproto, TABLES)
                     for table in TABLES:
-                        chains, count = self._table(nl, family, nfproto, table, memo)
+                        chains, count = self._table(nl, family, nfproto, table, chain_lists.get(table, []), memo)
                         decoded += count
                         if chains is not None:
                             tables[table] = chains
@@ -455,7 +488,7 @@ class IptablesNftSource:
         self._last, self.last_generation, self.decoded = rulesets, generation, decoded
         return rulesets
 
-    def _table(self, nl: NftNetlink, family: int, nfproto: int, table: str,
+    def _table(self, nl: NftNetlink, family: int, nfproto: int, table: str, chain_list: list,
                memo: dict) -> tuple[Chains | None, int]:
         found = nl.table(nfproto, table)
         if found is None:
@@ -465,7 +498,7 @@ class IptablesNftSource:
         if cache is None or cache.table_handle != found.handle:
             cache = _TableCache(found.handle)
         chains: dict[str, list[IptablesRule]] = {name: [] for name in BUILTIN_CHAINS[table]}
-        chains.update((chain.name, []) for chain in nl.chains(nfproto, table))
+        chains.update((chain.name, []) for chain in chain_list)
 
         def decode(buf, chain: str, handle: int, exprs, udata) -> IptablesRule:
             return decode_rule(buf, exprs, udata, family, memo)

@@ -321,21 +321,26 @@ class NftNetlink:
         return False
 
     def chains(self, family: int, table: str) -> list[Chain]:
-        out = []
-        want = table.encode()
+        return self.chains_by_table(family, (table,)).get(table, [])
+
+    def chains_by_table(self, family: int, tables: tuple[str, ...]) -> dict[str, list[Chain]]:
+        """The chains of ``tables`` (of one family), from one dump: the kernel dumps the
+        chains of every table of the family whatever the request names."""
+        wanted = {name.encode(): name for name in tables}
+        out: dict[str, list[Chain]] = {}
         for buf, start, end in self._replies(NFT_MSG_GETCHAIN, family, NLM_F_DUMP, b"", "the chains"):
-            name, handle, in_table, base = "", 0, False, False
+            name, handle, table, base = "", 0, None, False
             for s, e, t in _attrs(buf, start, end):
                 if t == NFTA_CHAIN_TABLE:
-                    in_table = bytes(buf[s:e]).rstrip(b"\0") == want
+                    table = wanted.get(bytes(buf[s:e]).rstrip(b"\0"))
                 elif t == NFTA_CHAIN_NAME:
                     name = _string(buf, s, e)
                 elif t == NFTA_CHAIN_HANDLE:
                     handle = _BE64.unpack_from(buf, s)[0]
                 elif t == NFTA_CHAIN_HOOK:
                     base = True
-            if in_table:
-                out.append(Chain(name, handle, base))
+            if table is not None:
+                out.setdefault(table, []).append(Chain(name, handle, base))
         return out
 
     def sets(self, family: int, table: str) -> tuple[list[SetInfo], int]:
