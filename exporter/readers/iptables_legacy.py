@@ -16,15 +16,17 @@ own C struct). So, as issue 14 asks:
   exporter never writes to the dataplane, and creating a table would be one.
   (thread-self, not self: the reader may run in a thread that joined another
   network namespace, and /proc/self/net is the thread group leader's.)
-- the rules are read by ``iptables-legacy-save -t TABLE`` and
-  ``ip6tables-legacy-save -t TABLE``, run as child processes (never in the
-  exporter's own: an iptables crash must not take it down) under one deadline
-  and an address-space limit, their text parsed by
-  ``exporter.readers.iptables_save.parse_save``.
+- the rules are read in this process from the same kernel: ``IPT_SO_GET_ENTRIES``
+  (``IP6T_SO_GET_ENTRIES``, option 65) copies a table's whole x_tables blob into
+  one buffer, and ``exporter.readers.iptables_blob`` decodes its ``ipt_entry``
+  records into the ``IptablesRuleset`` shapes every source fills (no child, no
+  iptables binary, no raw socket: CAP_NET_ADMIN alone). The blob is freed as soon
+  as it is decoded; what the source keeps is a memo of decoded shapes by their
+  bytes (``BlobMemo``), so a re-read decodes only entries it has not met.
 - A change can keep a table's count and size (one endpoint's address swapped
   for another), so the rules are also read every ``reread_interval`` seconds
-  even when the signal did not move; otherwise the last read is reused and no
-  child runs.
+  even when the signal did not move; otherwise the last read is reused and the
+  tables are not fetched.
 
 Every failure is ``LegacyReadError`` with one line that says what to do.
 """
@@ -33,19 +35,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import os
-import resource
-import shutil
-import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 from typing import NamedTuple
 
 from exporter.paths import Paths
+from exporter.readers.iptables_blob import BlobError, BlobMemo, decode_table
 from exporter.readers.iptables_rules import IptablesRuleset
 
 SOL_IPV6 = 41  # socket.SOL_IPV6 is missing from Python's socket module
@@ -64,21 +62,17 @@ _ERROR_TARGET = struct.Struct("=H29sB32s")
 
 TABLES = ("nat", "filter")  # kube-proxy writes only these two
 FAMILIES = (4, 6)
-SAVE_COMMANDS = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
 NAMES_FILES = {4: "ip_tables_names", 6: "ip6_tables_names"}
 SERVICES_CHAIN = "KUBE-SERVICES"
+FETCH_TRIES = 3  # a table replaced between its info and its entries is fetched again
 
-# Why 60 s: a change that keeps entry count and blob size (an endpoint's address replaced
-# by one of the same length) moves no signal; a minute bounds how long such drift hides,
-# well inside the drift grace period's order of magnitude, while a 10,000-Service table
-# (seconds of iptables-save) is then read at most once a minute.
-REREAD_SECONDS = 60.0
-# Well under the runner's deadline (--scrape.timeout, default 8 s): the collector must fail
-# with this reason, not be abandoned by the runner. Every child of one read shares it.
-SAVE_TIMEOUT_SECONDS = 5.0
-# iptables-legacy-save of 10,000 Services x 5 endpoints peaks near 100 MB of address space
-# over its ~60 MB of libc and libxtables mappings; twice that bounds a runaway child.
-SAVE_MEMORY_BYTES = 512 << 20
+# Why 30 s: a change that keeps entry count and blob size (an endpoint's address replaced
+# by one of the same length) moves no signal, so the rules are read again on this clock.
+# In-process, a re-read of 10,000 Services' tables is a fetch and a decode of only what
+# is new (see bench/bench_iptables_legacy.py), so half a minute (a scrape or two) bounds
+# how long such drift hides at a cost well under the children's old once-a-minute run;
+# reading on every scrape would spend that CPU all the time for a rare case.
+REREAD_SECONDS = 30.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -126,7 +120,7 @@ def _level(family: int) -> int:
 def _why(err: OSError, family: int, table: str) -> str:
     what = f"{'ip' if family == 4 else 'ip6'}_tables table {table}"
     if err.errno == errno.EPERM:
-        return f"{what}: permission denied (the table info getsockopt needs CAP_NET_ADMIN)"
+        return f"{what}: permission denied (the x_tables getsockopts need CAP_NET_ADMIN)"
     if err.errno in (errno.ENOPROTOOPT, errno.ENOENT):
         return f"{what}: not in the kernel ({'ip' if family == 4 else 'ip6'}_tables module not loaded)"
     if err.errno == errno.EAGAIN:
@@ -134,10 +128,45 @@ def _why(err: OSError, family: int, table: str) -> str:
     return f"{what}: {err.strerror or err}"
 
 
+class TableBlob(NamedTuple):
+    """One table as the kernel handed it over: its info and the buffer holding its entries."""
+
+    info: TableInfo
+    hooks: dict[int, int]  # hook number -> offset of the built-in chain's first entry
+    underflows: dict[int, int]  # hook number -> offset of the built-in chain's policy
+    buffer: bytearray  # struct ipt_get_entries: a header, then ``info.size`` bytes of entries
+
+
+def _info(sock: socket.socket, family: int, table: str) -> tuple:
+    return _GETINFO.unpack(_getsockopt(sock, _level(family), SO_GET_INFO, table.encode(), _GETINFO.size))
+
+
 def table_info(sock: socket.socket, family: int, table: str) -> TableInfo:
-    raw = _getsockopt(sock, _level(family), SO_GET_INFO, table.encode(), _GETINFO.size)
-    fields = _GETINFO.unpack(raw)
+    fields = _info(sock, family, table)
     return TableInfo(family, table, fields[-2], fields[-1])
+
+
+def fetch_table(sock: socket.socket, family: int, table: str, tries: int = FETCH_TRIES) -> TableBlob:
+    """The table's info and whole blob, from one version of the table: the info is asked
+    before and after, and the copy taken again if the table was replaced in between
+    (the kernel itself refuses a copy whose size moved: EAGAIN)."""
+    for _ in range(tries):
+        fields = _info(sock, family, table)
+        size = fields[-1]
+        request = _GET_ENTRIES_HEAD.pack(table.encode(), size)
+        try:
+            buffer = _getsockopt(sock, _level(family), SO_GET_ENTRIES, request, _GET_ENTRIES_HEAD.size + size)
+        except OSError as err:
+            if err.errno == errno.EAGAIN:
+                continue
+            raise
+        if _info(sock, family, table) != fields:
+            continue
+        valid = fields[1]
+        hooks = {h: fields[2 + h] for h in range(NF_HOOKS) if valid & (1 << h)}
+        underflows = {h: fields[2 + NF_HOOKS + h] for h in range(NF_HOOKS) if valid & (1 << h)}
+        return TableBlob(TableInfo(family, table, fields[-2], size), hooks, underflows, buffer)
+    raise OSError(errno.EAGAIN, "the table kept changing while being read")
 
 
 def has_chain(sock: socket.socket, family: int, table: str, chain: str, tries: int = 3) -> bool:
@@ -158,44 +187,35 @@ def has_chain(sock: socket.socket, family: int, table: str, chain: str, tries: i
     raise OSError(errno.EAGAIN, "the table kept changing while being read")
 
 
-class SaveRun(NamedTuple):
-    """One child's work, for tests and the bench."""
-
-    command: str
-    seconds: float
-    output_bytes: int
-
-
 class IptablesLegacySource:
     """The iptables-legacy rules of the calling thread's network namespace.
 
     ``present()`` says whether kube-proxy's rules are here; ``change_signal()`` is the
     cheap check; ``read()`` returns the rules, reusing the last ones when the signal did
-    not move and ``reread_interval`` has not passed (no child runs then). The object
-    owns what it keeps between reads.
+    not move and ``reread_interval`` has not passed (no table is fetched then). The object
+    owns what it keeps between reads: one ``BlobMemo`` per table, and the last rules
+    when ``keep``.
     """
 
-    def __init__(self, paths: Paths | None = None, timeout: float = SAVE_TIMEOUT_SECONDS,
-                 memory_limit: int = SAVE_MEMORY_BYTES, reread_interval: float = REREAD_SECONDS,
-                 clock=time.monotonic, commands: dict[int, str] | None = None, keep: bool = True) -> None:
+    def __init__(self, paths: Paths | None = None, reread_interval: float = REREAD_SECONDS,
+                 clock=time.monotonic, keep: bool = True) -> None:
         self.paths = paths or Paths()
-        self.timeout = timeout
-        self.memory_limit = memory_limit
         self.reread_interval = reread_interval
         self.clock = clock
-        self.commands = dict(commands or SAVE_COMMANDS)
         self._lock = threading.Lock()
         # keep=False: the rules are not kept between reads (a caller that keeps what it made
-        # of them asks ``due()`` first); 10,000 Services' rules are ~100 MB of objects.
+        # of them asks ``due()`` first).
         self.keep = keep
         self._last: list[IptablesRuleset] | None = None
         self._last_signal: tuple[TableInfo, ...] | None = None  # of the last read, kept or not
         self._last_at = float("-inf")
         self._present: tuple[tuple[TableInfo, ...], bool] | None = None  # (signal, answer)
-        self.runs: list[SaveRun] = []  # the children of the last read that ran any
-        self.reread = False  # the last read() ran the children
+        self._memos: dict[tuple[int, str], BlobMemo] = {}  # (family, table) -> decoded shapes
+        self.reread = False  # the last read() fetched and decoded the tables
+        self.decoded = 0  # entry parts the last read decoded anew (the rest came from the memos)
+        self.blob_bytes = 0  # the largest table blob the last read held at once
 
-    # -- the kernel's own answers (no child) -------------------------------------------
+    # -- the kernel's own answers -----------------------------------------------------
 
     def table_names(self, family: int) -> frozenset[str] | None:
         """The tables this network namespace has in that family; None when the kernel has no
@@ -254,10 +274,10 @@ class IptablesLegacySource:
             self._present = (signal_now, found)
         return found
 
-    # -- the rules (children) -------------------------------------------------------------
+    # -- the rules --------------------------------------------------------------------------
 
     def due(self) -> bool:
-        """Whether ``read()`` would run the children: never read, the signal moved, or
+        """Whether ``read()`` would fetch the tables: never read, the signal moved, or
         ``reread_interval`` passed."""
         with self._lock:
             return self._due(self.change_signal())
@@ -274,74 +294,63 @@ class IptablesLegacySource:
             if self._last is not None and not self._due(signal_now):
                 self.reread = False
                 return self._last
-            rulesets = self._read_all(signal_now)
-            # The rules moved while the children read them: the tables may be from two
-            # moments. Once more; a proxy busy past that is read again on the next call.
-            after = self.change_signal()
-            if after != signal_now:
-                signal_now = after
-                rulesets = self._read_all(signal_now)
+            rulesets, signal_now = self._read_all(signal_now)
             self._last = rulesets if self.keep else None
             self._last_signal, self._last_at = signal_now, self.clock()
-            # Presence comes free with the rules: no copy of the table's blob for it.
+            # Presence comes free with the rules: no second copy of the table's blob for it.
             self._present = (signal_now, any(SERVICES_CHAIN in r.tables.get("nat", {}) for r in rulesets))
             self.reread = True
             return rulesets
 
-    def _read_all(self, signal_now: tuple[TableInfo, ...]) -> list[IptablesRuleset]:
-        deadline = time.monotonic() + self.timeout
-        self.runs = []
-        out = []
-        for family in FAMILIES:
-            tables: dict = {}
-            for info in signal_now:
-                if info.family != family:
+    def _read_all(self, listed: tuple[TableInfo, ...]) -> tuple[list[IptablesRuleset], tuple[TableInfo, ...]]:
+        """Each listed table fetched and decoded, one at a time (one blob held at once).
+        The signal returned is the tables' info as fetched; when the tables moved while
+        being read (nat and filter from two moments), they are read once more."""
+        for _ in range(2):
+            out, infos = [], []
+            self.decoded = self.blob_bytes = 0
+            for family in FAMILIES:
+                tables: dict = {}
+                wanted = [info.table for info in listed if info.family == family]
+                if not wanted:
                     continue
-                text = self._save(family, info.table, deadline)
-                from exporter.readers.iptables_save import IptablesSaveError, parse_save
+                with _socket(family) as sock:
+                    for table in wanted:
+                        found = self._fetch_and_decode(sock, family, table)
+                        if found is not None:
+                            infos.append(found[0])
+                            tables[table] = found[1]
+                if tables:
+                    out.append(IptablesRuleset(family, tables))
+            after = self.change_signal()
+            if after == tuple(infos):
+                break
+            listed = after
+        return out, tuple(infos)
 
-                try:
-                    parsed = parse_save(text, family)
-                except IptablesSaveError as err:
-                    raise LegacyReadError(f"{self.commands[family]} -t {info.table}: output not understood: "
-                                          f"{err}") from None
-                for ruleset in parsed:
-                    if ruleset.family == family and info.table in ruleset.tables:
-                        tables[info.table] = ruleset.tables[info.table]
-            if tables:
-                out.append(IptablesRuleset(family, tables))
-        return out
-
-    def _save(self, family: int, table: str, deadline: float) -> str:
-        command = self.commands[family]
-        path = shutil.which(command)
-        if path is None:
-            raise LegacyReadError(f"{command} not found in PATH (the iptables package's legacy tools "
-                                  f"read kube-proxy's iptables-legacy rules)")
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise LegacyReadError(f"{command} not run: {self.timeout:g} s spent on the tables before it")
-        start = time.monotonic()
+    def _fetch_and_decode(self, sock: socket.socket, family: int, table: str):
+        """(info, chains) of one table, or None when it went away since listed. The blob
+        lives only in this call: 60 MB at 10,000 Services, freed before the next table."""
         try:
-            done = subprocess.run(
-                [path, "-t", table], stdin=subprocess.DEVNULL, capture_output=True, timeout=left,
-                env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"}, close_fds=True,
-                # A builtin bound to its arguments before the fork: no Python code runs in the
-                # child between fork and exec (preexec_fn's hazard with threads).
-                preexec_fn=functools.partial(resource.setrlimit, resource.RLIMIT_AS,
-                                             (self.memory_limit, self.memory_limit)))
-        except subprocess.TimeoutExpired:
-            raise LegacyReadError(f"{command} timed out after {self.timeout:g} s (killed)") from None
+            blob = fetch_table(sock, family, table)
         except OSError as err:
-            raise LegacyReadError(f"{command} could not be run: {err.strerror or err}") from None
-        self.runs.append(SaveRun(command, time.monotonic() - start, len(done.stdout)))
-        if done.returncode < 0:
-            name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else \
-                str(-done.returncode)
-            raise LegacyReadError(f"{command} -t {table} died of {name} (memory limit "
-                                  f"{self.memory_limit >> 20} MiB)")
-        if done.returncode != 0:
-            said = done.stderr.decode("utf-8", "replace").strip().splitlines()
-            said = said[-1] if said else "no message"
-            raise LegacyReadError(f"{command} -t {table} exited {done.returncode}: {said}")
-        return done.stdout.decode("utf-8", "replace")
+            if err.errno == errno.ENOENT:
+                return None
+            raise LegacyReadError(_why(err, family, table)) from None
+        info = blob.info
+        memo = self._memos.get((family, table))
+        if memo is None:
+            memo = self._memos[(family, table)] = BlobMemo()
+        self.blob_bytes = max(self.blob_bytes, len(blob.buffer))
+        memo.start_read()
+        try:
+            chains = decode_table(blob.buffer, _GET_ENTRIES_HEAD.size, info.size, family, blob.hooks,
+                                  blob.underflows, memo)
+        except BlobError as err:
+            raise LegacyReadError(f"{'ip' if family == 4 else 'ip6'}_tables table {table}: the kernel's blob "
+                                  f"not understood: {err}") from None
+        finally:
+            memo.end_read()
+            del blob
+        self.decoded += memo.decoded
+        return info, chains
