@@ -36,6 +36,7 @@ one read to the next makes a re-read decode only the parts it has not met.
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import sys
@@ -53,6 +54,7 @@ OFFSETS_AT = {4: 88, 6: 140}  # target_offset, next_offset
 XT_HEADER = 32  # xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision
 _XT_HEADER = struct.Struct("=H29sB")
 _VERDICT = struct.Struct("=i")
+_U16 = struct.Struct("=H")
 STANDARD_TARGET_SIZE = 40  # XT_ALIGN(sizeof(struct xt_standard_target))
 ERROR_TARGET_SIZE = 64  # XT_ALIGN(sizeof(struct xt_error_target))
 _ERROR_HEAD = _XT_HEADER.pack(ERROR_TARGET_SIZE, b"ERROR", 0)
@@ -64,6 +66,7 @@ _IP6 = struct.Struct("=16s16s16s16s16s16s16s16sHBBB")
 IPT_F_FRAG, IPT_F_GOTO = 0x01, 0x02
 IP6T_F_GOTO = 0x04
 INV_VIA_IN, INV_VIA_OUT, INV_SRCIP, INV_DSTIP, INV_FRAG, INV_PROTO = 0x01, 0x02, 0x08, 0x10, 0x20, 0x40
+_NO_INTERFACES = bytes(64)
 _FULL = {4: b"\xff" * 4, 6: b"\xff" * 16}
 _ZERO = {4: b"\0" * 4, 6: b"\0" * 16}
 # IptablesRule's fields after the ones the address part sets (target, goto, source, source_negated,
@@ -128,6 +131,17 @@ def _address(family: int, address: bytes, mask: bytes, negated: bool, option: st
 def decode_ip(raw: bytes, family: int) -> tuple:
     """The address part of one entry (a pure function of its bytes): (goto, source,
     source_negated, destination, destination_negated, protocol, unknown)."""
+    if family == 4 and raw[16:80] == _NO_INTERFACES and not raw[83]:
+        # No interface and nothing inverted (most of kube-proxy's rules): addresses with
+        # whole masks, a protocol, maybe a goto.
+        smsk, dmsk = raw[8:12], raw[12:16]
+        if (smsk == b"\xff\xff\xff\xff" or smsk == b"\0\0\0\0") and (dmsk == b"\xff\xff\xff\xff" or dmsk == b"\0\0\0\0") \
+                and not raw[82] & ~IPT_F_GOTO:
+            proto = raw[80] | raw[81] << 8
+            name = PROTOCOLS.get(proto, str(proto)) if proto else None
+            if name is None or name in FIELD_PROTOCOLS:
+                return (bool(raw[82]), f"{socket.inet_ntop(socket.AF_INET, raw[0:4])}/32" if smsk[0] else None, False,
+                        f"{socket.inet_ntop(socket.AF_INET, raw[4:8])}/32" if dmsk[0] else None, False, name, ())
     if family == 4:
         src, dst, smsk, dmsk, iniface, outiface, inmask, outmask, proto, flags, inv = _IP4.unpack_from(raw)
         goto = bool(flags & IPT_F_GOTO)
@@ -162,38 +176,80 @@ def decode_ip(raw: bytes, family: int) -> tuple:
     return goto, source, source_negated, destination, destination_negated, protocol, tuple(unknown)
 
 
-def _xt_piece(raw: bytes, at: int, end: int, what: str) -> tuple[str, int, bytes, int]:
-    """(name, revision, data, size) of the xt_entry_match / xt_entry_target at ``raw[at:]``."""
-    if at + XT_HEADER > end:
-        raise BlobError(f"a {what} header past the entry's end")
-    size, name, revision = _XT_HEADER.unpack_from(raw, at)
-    if size < XT_HEADER or at + size > end:
-        raise BlobError(f"a {what} of {size} bytes where {end - at} are left")
-    return name.split(b"\0", 1)[0].decode("ascii", "replace"), revision, raw[at + XT_HEADER:at + size], size
+_HEAD, _START, _END, _POLICY = "head", "start", "end", "policy"  # kinds of special offsets
+_DEFAULT = IptablesRule("")
+_TARGET, _TO_DESTINATION = 0, IptablesRule._fields.index("to_destination")
+_NAT_RANGE = struct.Struct("=I16s16s2s2s")  # nf_nat_range(2): flags, min_addr, max_addr, min_proto, max_proto
+_MAPPED_AND_PORTED = xtables.NF_NAT_RANGE_MAP_IPS | xtables.NF_NAT_RANGE_PROTO_SPECIFIED
 
 
-def decode_body(raw: bytes, matches_end: int, family: int) -> tuple:
-    """An entry's matches (``raw[:matches_end]``) and named target (the rest, if any) as
-    (target, the rule's fields between protocol and unknown, unknown, the fields after)."""
+def decode_piece(raw: bytes, is_target: bool, family: int) -> tuple[tuple, tuple]:
+    """One xt_entry_match / xt_entry_target (header and data) as what it sets:
+    ((field index, value), ...) and its unknown texts; a pure function of the bytes.
+    Applied in order, pieces make the rule the nft source makes of the same compat
+    expressions (its appliers only ever set fields and add unknowns)."""
+    if len(raw) < XT_HEADER:
+        raise BlobError(f"a {'target' if is_target else 'match'} of {len(raw)} bytes")
+    _size, name_raw, revision = _XT_HEADER.unpack_from(raw)
+    name = sys.intern(name_raw.split(b"\0", 1)[0].decode("ascii", "replace"))
+    data = raw[XT_HEADER:]
+    if is_target and name == "DNAT" and revision in (1, 2) and len(data) >= _NAT_RANGE.size:
+        flags, low, high, port_low, port_high = _NAT_RANGE.unpack_from(data)
+        if flags == _MAPPED_AND_PORTED and low == high and port_low == port_high:
+            # kube-proxy's one DNAT per endpoint (one address, one port, no flag): what the
+            # nft source's applier makes of it, in one step, since every endpoint has its own.
+            port = int.from_bytes(port_low, "big")
+            if family == 4:
+                text = f"{socket.inet_ntop(socket.AF_INET, low[:4])}:{port}"
+            else:
+                address = socket.inet_ntop(socket.AF_INET6, low)
+                if "." in address:
+                    address = xtables._addr(low, 6)
+                text = f"[{address}]:{port}"
+            return ((_TARGET, name), (_TO_DESTINATION, text)), ()
+    try:
+        if is_target:
+            decoded = xtables.decode_target(name, revision, data, family)
+        else:
+            decoded = xtables.decode_match(name, revision, data, family)
+    except xtables.XtablesError as err:
+        decoded = xtables.Unknown(f"{name} ({err})", revision)
     d = _Decoding(family)
-    at = 0
-    while at < matches_end:
-        name, revision, data, size = _xt_piece(raw, at, matches_end, "match")
-        try:
-            match = xtables.decode_match(name, revision, data, family)
-        except xtables.XtablesError as err:
-            match = xtables.Unknown(f"{name} ({err})", revision)
-        _apply_match(d, match)
-        at += size
-    if matches_end < len(raw):
-        name, revision, data, _size = _xt_piece(raw, matches_end, len(raw), "target")
-        try:
-            target = xtables.decode_target(name, revision, data, family)
-        except xtables.XtablesError as err:
-            target = xtables.Unknown(f"{name} ({err})", revision)
-        _apply_target(d, sys.intern(name), target)
+    if is_target:
+        _apply_target(d, name, decoded)
+    else:
+        _apply_match(d, decoded)
     rule = d.rule()
-    return rule.target, rule[7:_UNKNOWN], rule.unknown, rule[_UNKNOWN + 1:]
+    sets = tuple((i, value) for i, (value, default) in enumerate(zip(rule, _DEFAULT))
+                 if i != _UNKNOWN and value != default)
+    return sets, rule.unknown
+
+
+def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tuple:
+    """An entry's matches (``raw[:matches_end]``) and named target (the rest, if any) as
+    (target, the rule's fields between protocol and unknown, unknown, the fields after).
+    ``pieces``: the read's memo of ``decode_piece`` by bytes."""
+    fields = list(_DEFAULT)
+    unknown: tuple = ()
+    at, end = 0, len(raw)
+    while at < end:
+        if at + XT_HEADER > end:
+            raise BlobError("a match or target header past the entry's end")
+        size = _U16.unpack_from(raw, at)[0]
+        stop = at + size
+        if size < XT_HEADER or stop > end or (at < matches_end < stop):
+            raise BlobError(f"a match or target of {size} bytes where {end - at} are left")
+        is_target = at >= matches_end
+        key = raw[at:stop]
+        piece = pieces.get((key, is_target))
+        if piece is None:
+            piece = pieces[(key, is_target)] = decode_piece(key, is_target, family)
+        for index, value in piece[0]:
+            fields[index] = value
+        if piece[1]:
+            unknown += piece[1]
+        at = stop
+    return fields[_TARGET], tuple(fields[7:_UNKNOWN]), unknown, tuple(fields[_UNKNOWN + 1:])
 
 
 def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict[int, int],
@@ -204,6 +260,10 @@ def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict
     if len(blob) < base + size:
         raise BlobError(f"{len(blob) - base} bytes of entries where the table's info says {size}")
     view = memoryview(blob)[base:base + size]
+    # Hundreds of thousands of small objects and no cycles: the cyclic collector would walk
+    # them again and again for nothing (as in parse_save).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         return _decode(blob, base, view, size, family, hooks, underflows, memo or BlobMemo())
     except BlobError:
@@ -212,6 +272,8 @@ def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict
         raise BlobError(f"entries not understood: {err}") from None
     finally:
         view.release()  # the caller may free (or resize) its buffer at once
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _user_chain_heads(blob: bytearray, base: int, view: memoryview, size: int,
@@ -241,11 +303,22 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
         raise BlobError(f"{size} bytes: too short for a table")
     unpack_offsets = _OFFSETS.unpack_from
     unpack_verdict = _VERDICT.unpack_from
-    starts = {offset: HOOK_NAMES[hook] for hook, offset in hooks.items()}
-    policies = {offset: HOOK_NAMES[hook] for hook, offset in underflows.items()}
     heads = _user_chain_heads(blob, base, view, size, family)
     chain_at = {first: name for first, name in heads.values()}  # where a jump lands -> its chain
+    # Offsets where something other than a rule is, in one dict: the hot loop asks once.
+    special: dict[int, tuple] = {head: (_HEAD, name) for head, (_first, name) in heads.items()}
+    special[end_marker] = (_END, "")
+    for hook, offset in hooks.items():
+        special[offset] = (_START, HOOK_NAMES[hook])
+    policies = {offset: HOOK_NAMES[hook] for hook, offset in underflows.items()}
+    for offset, name in policies.items():
+        if offset not in special:
+            special[offset] = (_POLICY, name)
     ip_memo, body_memo, last_ip, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
+    pieces: dict = {}  # this read's matches and targets by bytes
+    # (address part, body) -> the rule's fields after its target (a standard rule: its target
+    # is its verdict, looked up apart), or a named target's whole rule (body key (body,)).
+    shapes: dict = {}
     chains: dict[str, list] = {}
     rules: list | None = None  # the open chain's rules; None between chains
     name = ""
@@ -256,50 +329,48 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
         if off + entry_size > size:
             raise BlobError(f"an entry at offset {off} runs past the table's end ({size} bytes)")
         target_offset, next_offset = unpack_offsets(view, off + offsets_at)
-        if (target_offset < entry_size or next_offset < target_offset + XT_HEADER
-                or off + next_offset > size or next_offset % 8):
+        nxt = off + next_offset
+        if target_offset < entry_size or next_offset < target_offset + XT_HEADER or nxt > size or next_offset & 7:
             raise BlobError(f"the entry at offset {off} has offsets no kernel writes "
                             f"(target at +{target_offset}, next at +{next_offset})")
-        nxt = off + next_offset
         target_at = off + target_offset
-        head = heads.get(off)
-        if head is not None:  # a user chain's ERROR head
-            if rules is not None:
-                raise BlobError(f"chain {name} has no end before chain {head[1]}")
-            name, user = head[1], True
-            if name in chains:
-                raise BlobError(f"chain {name} twice")
-            rules = chains[name] = []
-            met_heads += 1
-            off = nxt
-            continue
-        if off == end_marker:
-            if view[target_at + 2:target_at + 8] != b"ERROR\0":
-                raise BlobError("no end marker (the table is cut short)")
-            if rules is not None:
-                raise BlobError(f"chain {name} has no end before the table's")
-            off = nxt
-            break
-        if off in starts:
-            if rules is not None:
-                raise BlobError(f"chain {name} has no end before {starts[off]}")
-            name, user = starts[off], False
-            rules = chains[name] = []
-            met_starts += 1
+        mark = special.get(off)
+        if mark is not None:
+            kind = mark[0]
+            if kind is _HEAD or kind is _START:
+                if rules is not None:
+                    raise BlobError(f"chain {name} has no end before chain {mark[1]}")
+                name, user = mark[1], kind is _HEAD
+                if name in chains:
+                    raise BlobError(f"chain {name} twice")
+                rules = chains[name] = []
+                if user:
+                    met_heads += 1
+                    off = nxt
+                    continue
+                met_starts += 1
+            elif kind is _END:
+                if view[target_at + 2:target_at + 8] != b"ERROR\0":
+                    raise BlobError("no end marker (the table is cut short)")
+                if rules is not None:
+                    raise BlobError(f"chain {name} has no end before the table's")
+                off = nxt
+                break
         if rules is None:
             raise BlobError(f"an entry at offset {off} outside any chain")
         if view[target_at + 2] == 0:  # the standard target: a verdict
             if next_offset - target_offset != STANDARD_TARGET_SIZE:
                 raise BlobError(f"the standard target at offset {target_at} is not {STANDARD_TARGET_SIZE} bytes")
             verdict = unpack_verdict(view, target_at + XT_HEADER)[0]
-            if off in policies or (user and (nxt in heads or nxt == end_marker)):
-                # A built-in chain's policy, or a user chain's closing RETURN: the chain's end.
-                if off in policies:
-                    if policies[off] != name or verdict not in (-1, -2):
-                        raise BlobError(f"the policy of {policies[off]} at offset {off} is not one")
-                    met_policies += 1
-                elif verdict != -5 or target_offset != entry_size:
-                    raise BlobError(f"chain {name} does not end with its RETURN")
+            if user:
+                if verdict == -5 and target_offset == entry_size and (nxt in heads or nxt == end_marker):
+                    rules = None  # a user chain's closing RETURN: its end, not a rule
+                    off = nxt
+                    continue
+            elif off in policies:  # a built-in chain's policy: its end, not a rule
+                if policies[off] != name or verdict not in (-1, -2):
+                    raise BlobError(f"the policy of {policies[off]} at offset {off} is not one")
+                met_policies += 1
                 rules = None
                 off = nxt
                 continue
@@ -321,25 +392,30 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
             body_raw = bytes(view[off + entry_size:nxt])
             body_key = (body_raw,)  # apart from a standard rule's matches that happen to read alike
         ip_raw = bytes(view[off:off + ip_size])
-        ip = ip_memo.get(ip_raw)
-        if ip is None:
-            ip = last_ip.get(ip_raw)
+        shape = shapes.get((ip_raw, body_key))
+        if shape is None:
+            ip = ip_memo.get(ip_raw)
             if ip is None:
-                ip = decode_ip(ip_raw, family)
-                memo.decoded += 1
-            ip_memo[ip_raw] = ip
-        body = body_memo.get(body_key)
-        if body is None:
-            body = last_body.get(body_key)
+                ip = last_ip.get(ip_raw)
+                if ip is None:
+                    ip = decode_ip(ip_raw, family)
+                    memo.decoded += 1
+                ip_memo[ip_raw] = ip
+            body = body_memo.get(body_key)
             if body is None:
-                body = decode_body(body_raw, target_offset - entry_size, family)
-                memo.decoded += 1
-            body_memo[body_key] = body
-        goto, source, source_negated, destination, destination_negated, protocol, ip_unknown = ip
-        unknown = ip_unknown + body[2] if ip_unknown else body[2]
-        rules.append(_new_rule(IptablesRule, (target if target is not None else body[0], goto, source,
-                                              source_negated, destination, destination_negated, protocol)
-                               + body[1] + (unknown,) + body[3]))
+                body = last_body.get(body_key)
+                if body is None:
+                    body = decode_body(body_raw, target_offset - entry_size, family, pieces)
+                    memo.decoded += 1
+                body_memo[body_key] = body
+            goto, source, source_negated, destination, destination_negated, protocol, ip_unknown = ip
+            unknown = ip_unknown + body[2] if ip_unknown else body[2]
+            shape = (goto, source, source_negated, destination, destination_negated, protocol) + body[1] \
+                + (unknown,) + body[3]
+            if target is None:
+                shape = _new_rule(IptablesRule, (body[0],) + shape)
+            shapes[(ip_raw, body_key)] = shape
+        rules.append(shape if target is None else _new_rule(IptablesRule, (target,) + shape))
         off = nxt
     else:
         raise BlobError("no end marker (the table is cut short)")
@@ -347,6 +423,6 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
         raise BlobError(f"entries past the end marker ({size - off} bytes)")
     if met_heads != len(heads):
         raise BlobError(f"{len(heads) - met_heads} chain head(s) between entries")
-    if met_starts != len(starts) or met_policies != len(policies):
+    if met_starts != len(hooks) or met_policies != len(policies):
         raise BlobError("a built-in chain's start or policy is not where the table's info says")
     return {chain: tuple(chain_rules) for chain, chain_rules in chains.items()}

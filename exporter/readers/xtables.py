@@ -19,6 +19,7 @@ revision not known here comes back as ``Unknown``.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from typing import NamedTuple
 
@@ -155,7 +156,12 @@ def _cstring(raw: bytes) -> str:
 
 
 def _addr(raw: bytes, family: int) -> str:
-    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw[:16]))
+    """The address as ``ipaddress`` prints it. inet_ntop prints the same (RFC 5952) but for
+    IPv4-mapped IPv6, which ipaddress judges; one DNAT per endpoint makes this hot."""
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    text = socket.inet_ntop(socket.AF_INET6, raw[:16])
+    return text if "." not in text else str(ipaddress.IPv6Address(raw[:16]))
 
 
 # -- matches ------------------------------------------------------------------
