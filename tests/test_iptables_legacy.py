@@ -1,16 +1,17 @@
 """The iptables-legacy source on the real kernel: x_tables in a network namespace of the test's own.
 
-kube-proxy's rules (tests/ipt_rulesets.py, its newest iptables layout) are loaded with
+Rules (kube-proxy's own fixtures in tests/fixtures/iptables/, tests/ipt_rulesets.py's
+newest iptables layout, tests/test_iptables_netlink.py's every option) are loaded with
 `iptables-legacy-restore` inside the namespace; the source runs in a thread that joined
-it (``IptNS.run``), so its getsockopt socket, /proc/thread-self/net and its children are
-the namespace's. Each failure of the `iptables-legacy-save` child (missing, slow, killed,
-failing, over its memory limit, printing something else) is a stand-in script given as
-the command, and must come out as one line.
+it (``IptNS.run``), so its getsockopt socket and /proc/thread-self/net are the
+namespace's. What it decodes from the kernel's blob must equal ``parse_save`` of
+`iptables-legacy-save` on the same tables, rule by rule; a blob cut short or with bytes
+changed must come out as one line, never a traceback or a part of the table.
 """
 
 from __future__ import annotations
 
-import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -19,10 +20,16 @@ from pathlib import Path
 import pytest
 
 from exporter.paths import Paths
+from exporter.readers import iptables_legacy
+from exporter.readers.iptables_blob import BlobError, BlobMemo, decode_table
 from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
-from tests.ipt_rulesets import IptNS, generated_services, generated_services_v6
+from exporter.readers.iptables_rules import IptablesRule
+from exporter.readers.iptables_save import parse_save
+from tests.ipt_rulesets import IptNS, bench_services, chain_name, generated_services, generated_services_v6
+from tests.test_iptables_netlink import EVERY_OPTION
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "iptables"
 
 
 @pytest.fixture
@@ -79,13 +86,6 @@ def test_rules_of_the_nft_backend_or_other_chains_are_not_legacy_presence(ns):
     assert ns.run(source.present) is True
 
 
-def _script(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / f"{name}-{os.getpid()}"
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(0o755)
-    return str(path)
-
-
 def _read_error(ns: IptNS, source: IptablesLegacySource) -> str:
     def attempt():
         try:
@@ -106,42 +106,10 @@ def legacy_ns(ns):
     return ns
 
 
-def test_a_missing_save_binary_is_one_line(legacy_ns):
-    source = IptablesLegacySource(Paths(), commands={4: f"no-such-iptables-legacy-save-{os.getpid()}", 6: "x"})
-    assert _read_error(legacy_ns, source) == (f"no-such-iptables-legacy-save-{os.getpid()} not found in PATH (the "
-                                              "iptables package's legacy tools read kube-proxy's iptables-legacy "
-                                              "rules)")
-
-
-def test_a_slow_save_is_killed_at_the_deadline(legacy_ns, tmp_path):
-    slow = _script(tmp_path, "slow-save", "exec sleep 30")
-    source = IptablesLegacySource(Paths(), timeout=0.5, commands={4: slow, 6: slow})
-    assert _read_error(legacy_ns, source) == f"{slow} timed out after 0.5 s (killed)"
-
-
-def test_a_crashed_failing_or_babbling_save_is_one_line(legacy_ns, tmp_path):
-    crash = _script(tmp_path, "crash-save", "kill -SEGV $$")
-    fail = _script(tmp_path, "fail-save", "echo 'iptables-save v1.8.9 (legacy): Cannot initialize: Permission "
-                                          "denied (you must be root)' >&2; exit 1")
-    said = _read_error(legacy_ns, IptablesLegacySource(Paths(), commands={4: crash, 6: crash}))
-    assert said == f"{crash} -t nat died of SIGSEGV (memory limit 512 MiB)"
-    said = _read_error(legacy_ns, IptablesLegacySource(Paths(), commands={4: fail, 6: fail}))
-    assert said == (f"{fail} -t nat exited 1: iptables-save v1.8.9 (legacy): Cannot initialize: Permission "
-                    "denied (you must be root)")
-
-
-def test_the_child_runs_under_the_memory_limit(legacy_ns, tmp_path):
-    # The child asks for 256 MiB under a 128 MiB address-space limit: refused in the child,
-    # whose failure is then the read's; the exporter's own memory is untouched.
-    greedy = _script(tmp_path, "greedy-save", f"exec {sys.executable} -c 'bytearray(256 << 20)'")
-    said = _read_error(legacy_ns, IptablesLegacySource(Paths(), memory_limit=128 << 20,
-                                                       commands={4: greedy, 6: greedy}))
-    assert said == f"{greedy} -t nat exited 1: MemoryError"
-
-
 def test_without_cap_net_admin_the_signal_says_so(legacy_ns):
-    """As the DaemonSet runs (uid 0, capabilities dropped): the getsockopt is refused with
-    EPERM, and the reason names the capability; the save child needs NET_RAW besides."""
+    """As the DaemonSet runs (uid 0, capabilities dropped): the getsockopts are refused with
+    EPERM, and the reason names the capability; NET_ADMIN alone reads the rules (no raw
+    socket, so no NET_RAW)."""
     code = textwrap.dedent("""
         from exporter.paths import Paths
         from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
@@ -161,13 +129,10 @@ def test_without_cap_net_admin_the_signal_says_so(legacy_ns):
                               capture_output=True, text=True, cwd=REPO, check=True)
         return done.stdout.strip()
 
-    assert run() == ("ERROR ip_tables table nat: permission denied (the table info getsockopt needs "
+    assert run() == ("ERROR ip_tables table nat: permission denied (the x_tables getsockopts need "
                      "CAP_NET_ADMIN)")
     assert run("net_raw") == run()
-    # The signal needs NET_ADMIN alone; iptables-legacy-save's raw socket NET_RAW too.
-    assert run("net_admin") == ("SIGNAL\nERROR iptables-legacy-save -t nat exited 1: iptables-save v1.8.9 "
-                                "(legacy): Cannot initialize: Permission denied (you must be root)")
-    assert run("net_admin", "net_raw") == "SIGNAL\nREAD 1"
+    assert run("net_admin") == "SIGNAL\nREAD 1"
 
 
 class Clock:
@@ -186,12 +151,11 @@ def test_read_parses_both_families_and_reuses_them_until_the_signal_moves(ns):
     first = ns.run(source.read)
     assert source.reread and [r.family for r in first] == [4, 6]
     assert [set(r.tables) for r in first] == [{"nat", "filter"}, {"nat", "filter"}]
-    assert [run.command for run in source.runs] == ["iptables-legacy-save"] * 2 + ["ip6tables-legacy-save"] * 2
     nat = first[0].tables["nat"]
     assert "KUBE-SERVICES" in nat and any(name.startswith("KUBE-SEP-") for name in nat)
-    # Nothing moved: the same rulesets, no child.
+    # Nothing moved: the same rulesets, no table fetched.
     assert ns.run(source.read) is first and not source.reread
-    # A rule added: the signal moved, the children run again.
+    # A rule added: the signal moved, the tables are read again.
     ns.iptables("-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.0.0.99/32", "-j", "RETURN", backend="legacy")
     second = ns.run(source.read)
     assert source.reread and second is not first
@@ -218,34 +182,168 @@ def test_a_change_that_keeps_count_and_size_is_read_at_the_bounded_rate(ns):
     assert source.reread and again[0].tables["nat"][sep][-1].to_destination == "10.180.0.5:80"
 
 
-def test_output_that_is_not_iptables_save_is_one_line(legacy_ns, tmp_path):
-    babble = _script(tmp_path, "babble-save", "echo 'Usage: something else entirely'")
-    said = _read_error(legacy_ns, IptablesLegacySource(Paths(), commands={4: babble, 6: babble}))
-    assert said.startswith(f"{babble} -t nat: output not understood: ")
+# --- the kernel's blob, decoded ----------------------------------------------------------------
+
+def assert_decodes_as_saved(ns: IptNS, families=(4, 6)) -> dict:
+    """The source's read equals ``parse_save`` of `ip(6)tables-legacy-save`, chain by chain,
+    rule by rule; returns the read by family."""
+    read = {ruleset.family: ruleset for ruleset in ns.run(IptablesLegacySource(Paths()).read)}
+    assert sorted(read) == sorted(families)
+    for family in families:
+        [saved] = parse_save(ns.save(family, "legacy"), family)
+        assert set(read[family].tables) == set(saved.tables)
+        for table, chains in saved.tables.items():
+            assert set(read[family].tables[table]) == set(chains), table
+            for chain, rules in chains.items():
+                assert read[family].tables[table][chain] == rules, f"IPv{family} {table} {chain}"
+    return read
+
+
+def test_generated_rules_decode_as_iptables_legacy_save_prints_them(ns):
+    ns.load(generated_services(), 4, backend="legacy")
+    ns.load(generated_services_v6(), 6, backend="legacy")
+    read = assert_decodes_as_saved(ns)
+    svc5 = generated_services()[2]
+    sep = chain_name(svc5, "SEP", svc5.endpoints[0])
+    assert read[4].tables["nat"][sep][1] == IptablesRule(
+        "DNAT", protocol="tcp", recent_name=sep, recent_mode="set", comment="ns5/svc5:p80",
+        to_destination="10.180.0.3:80")
+    v6 = generated_services_v6()[0]
+    assert read[6].tables["nat"][chain_name(v6, "SEP", v6.endpoints[0])][1].to_destination == "[fd00:10::1]:80"
+
+
+def test_kube_proxys_fixtures_decode_as_saved(ns):
+    ns.restore((FIXTURES / "overall.rules").read_text(), 4, "legacy")
+    ns.restore((FIXTURES / "localhost-nodeports-ipv6.rules").read_text(), 6, "legacy")
+    read = assert_decodes_as_saved(ns)
+    assert len(read[4].tables["nat"]) > 20 and "KUBE-NODEPORTS" in read[6].tables["nat"]
+
+
+def test_nodeport_addresses_fixture_decodes_as_saved(ns):
+    ns.restore((FIXTURES / "nodeport-addresses.rules").read_text(), 4, "legacy")
+    assert_decodes_as_saved(ns, families=(4,))
+
+
+def test_every_option_and_a_large_cluster_decode_as_saved(ns):
+    for family, text in EVERY_OPTION.items():
+        ns.restore(text, family, "legacy")
+    read = assert_decodes_as_saved(ns)
+    test = read[4].tables["nat"]["KUBE-TEST"]
+    assert test[1].goto and test[1].source_negated and test[1].source == "10.0.0.0/8"
+    assert test[17].unknown == ("-i eth0",) and test[24].unknown == ("! -i eth+", "-o lo")
+    assert read[4].tables["filter"]["KUBE-F"][1].reject_with == "icmp-host-unreachable"
+
+
+def test_large_cluster_rules_without_comments_decode_as_saved(ns):
+    ns.load(bench_services(220, 5), 4, backend="legacy")  # 1,100 endpoints: kube-proxy drops the comments
+    assert_decodes_as_saved(ns, families=(4,))
+
+
+def test_an_unknown_match_lands_in_unknown(ns):
+    ns.iptables("-t", "nat", "-N", "KUBE-X", backend="legacy")
+    ns.iptables("-t", "nat", "-A", "KUBE-X", "-m", "length", "--length", "100:200", "-j", "RETURN", backend="legacy")
+    read = ns.run(IptablesLegacySource(Paths()).read)
+    assert read[0].tables["nat"]["KUBE-X"] == (IptablesRule("RETURN", unknown=("-m length",)),)
+
+
+def _fetch(ns: IptNS, table: str = "nat", family: int = 4) -> iptables_legacy.TableBlob:
+    def fetch():
+        with iptables_legacy._socket(family) as sock:
+            return iptables_legacy.fetch_table(sock, family, table)
+
+    return ns.run(fetch)
+
+
+def _decode(blob: iptables_legacy.TableBlob, buffer: bytes | bytearray | None = None, size: int | None = None):
+    head = iptables_legacy._GET_ENTRIES_HEAD.size
+    return decode_table(bytearray(blob.buffer if buffer is None else buffer), head,
+                        blob.info.size if size is None else size, blob.info.family, blob.hooks, blob.underflows)
+
+
+def test_a_cut_blob_is_one_reason_never_a_part_of_the_table(legacy_ns):
+    blob = _fetch(legacy_ns)
+    whole = _decode(blob)
+    assert "KUBE-SERVICES" in whole
+    head, size = iptables_legacy._GET_ENTRIES_HEAD.size, blob.info.size
+    for cut in (0, 1, 111, 112, size // 3, size // 2, size - 64, size - 1):
+        # Fewer bytes than the info says, or the info agreeing with the cut: both refused.
+        for buffer, claimed in ((blob.buffer[:head + cut], size), (blob.buffer[:head + cut], cut)):
+            with pytest.raises(BlobError) as caught:
+                _decode(blob, buffer, claimed)
+            assert "\n" not in str(caught.value) and str(caught.value), cut
+
+
+def test_a_corrupt_blob_is_one_reason_or_a_whole_table(legacy_ns):
+    """Bytes changed at random: either the decode says why in one line, or it reads a whole
+    table (a changed address or port still makes a table); nothing else escapes."""
+    blob = _fetch(legacy_ns)
+    rng = random.Random(14)
+    refused = 0
+    for _ in range(300):
+        buffer = bytearray(blob.buffer)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(iptables_legacy._GET_ENTRIES_HEAD.size, len(buffer))
+            buffer[at] = rng.randrange(256)
+        try:
+            chains = _decode(blob, buffer)
+        except BlobError as err:
+            refused += 1
+            assert str(err) and "\n" not in str(err)
+        else:
+            assert isinstance(chains, dict) and all(isinstance(rules, tuple) for rules in chains.values())
+    assert refused > 10  # offsets, sizes and verdicts were hit, and said so
+
+
+def test_the_source_names_a_blob_it_cannot_decode(legacy_ns, monkeypatch):
+    real = iptables_legacy.fetch_table
+
+    def cut(sock, family, table, tries=3):
+        blob = real(sock, family, table, tries)
+        return blob._replace(buffer=blob.buffer[:len(blob.buffer) // 2])
+
+    monkeypatch.setattr(iptables_legacy, "fetch_table", cut)
+    said = _read_error(legacy_ns, IptablesLegacySource(Paths()))
+    assert said.startswith("ip_tables table nat: the kernel's blob not understood: ")
+
+
+def test_a_reread_decodes_only_what_is_new(ns):
+    """One endpoint's address swapped: the next read decodes the few entries that changed,
+    the rest comes from the source's memo, and the result is the save's again."""
+    ns.load(generated_services(), 4, backend="legacy")
+    source = IptablesLegacySource(Paths(), reread_interval=0.0)
+    ns.run(source.read)
+    first = source.decoded
+    rules = ns.save(4, "legacy", "nat")
+    ns.iptables(backend="legacy", tool="-restore", input=rules.replace("10.180.0.1:80", "10.180.0.5:80"))
+    ns.run(source.read)
+    # Its DNAT, its -s, the comments naming it, the affinity rules naming its new chain.
+    assert first > 50 and 0 < source.decoded <= 10, (first, source.decoded)
+    assert_decodes_as_saved(ns, families=(4,))
+    ns.run(source.read)
+    assert source.decoded == 0
 
 
 # --- IptablesDataplane over the legacy backend -------------------------------------------------
 
-def test_the_dataplane_runs_no_child_while_nothing_changed(legacy_ns):
+def test_the_dataplane_reads_nothing_while_nothing_changed(legacy_ns):
     from exporter.readers.dataplanes import IptablesDataplane
 
     clock = Clock()
     legacy = IptablesLegacySource(Paths(), clock=clock, keep=False)
     dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
     first = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
-    assert first.backend == "legacy" and first.reread and len(legacy.runs) == 2
+    assert first.backend == "legacy" and first.reread and legacy.reread
     assert first.read.table and not first.read.unread
-    legacy.runs = []
-    clock.now += 30
+    clock.now += 20  # within the re-read interval
     again = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
-    assert not again.reread and legacy.runs == [], "a child ran with nothing changed"
+    assert not again.reread and not legacy_ns.run(legacy.due), "the tables were read with nothing changed"
     assert again.read is first.read and again.tables == first.tables
     assert again.read_seconds < first.read_seconds
     # A change: read and resolved again.
     legacy_ns.iptables("-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.0.0.99/32", "-j", "RETURN", backend="legacy")
     clock.now += 1  # past the scrape window, well within the re-read interval
     moved = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
-    assert moved.reread and len(legacy.runs) == 2 and moved.read is not first.read
+    assert moved.reread and legacy.reread and moved.read is not first.read
 
 
 def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):

@@ -9,7 +9,8 @@
 - iptables: ``IptablesDataplane``, owned here and shared by the drift and the
   ``iptables`` collectors: kube-proxy's rules from the iptables-nft backend
   (``exporter.readers.iptables_netlink``) or the iptables-legacy one
-  (``exporter.readers.iptables_legacy``), resolved by ``exporter.readers.iptables``.
+  (``exporter.readers.iptables_legacy``: the kernel's x_tables blob, decoded in
+  this process), resolved by ``exporter.readers.iptables``.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ def _nft_source():
 
 class IptablesDataplane(DataplaneReader):
     """kube-proxy's iptables rules of this network namespace, from whichever backend holds
-    them: iptables-nft (nf_tables, read over netlink) or iptables-legacy (x_tables, read
-    by iptables-legacy-save children). Owned once per exporter (``shared_iptables``) and
+    them: iptables-nft (nf_tables, read over netlink) or iptables-legacy (x_tables, the
+    kernel's table blobs fetched by getsockopt and decoded in this process). Owned once per exporter (``shared_iptables``) and
     shared by the drift and ``iptables`` collectors, so one scrape reads the rules once.
 
     The backend is the one whose nat table has KUBE-SERVICES. Both holding it is kube-proxy
@@ -263,13 +264,9 @@ def shared_nftables(ctx) -> NftablesDataplane:
 
 def shared_iptables(ctx) -> IptablesDataplane:
     def build() -> IptablesDataplane:
-        from exporter.readers.iptables_legacy import SAVE_TIMEOUT_SECONDS, IptablesLegacySource
+        from exporter.readers.iptables_legacy import IptablesLegacySource
 
-        # The children's deadline stays under the runner's, whatever --scrape.timeout is.
-        scrape_timeout = ctx.settings.get("scrape.timeout") or SAVE_TIMEOUT_SECONDS / 0.6
-        legacy = IptablesLegacySource(ctx.paths, timeout=min(SAVE_TIMEOUT_SECONDS, 0.6 * scrape_timeout),
-                                      keep=False)
-        return IptablesDataplane(ctx.paths, legacy=legacy)
+        return IptablesDataplane(ctx.paths, legacy=IptablesLegacySource(ctx.paths, keep=False))
 
     return ctx.service(IPTABLES_SERVICE, build)
 

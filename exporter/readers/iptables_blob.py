@@ -110,7 +110,9 @@ def _interface(name: bytes, mask: bytes) -> str:
     """iptables' ``-i`` argument: the name, ``+`` when the mask stops before its end (a prefix)."""
     text = name.split(b"\0", 1)[0].decode("utf-8", "replace")
     covered = len(mask) - len(mask.lstrip(b"\xff")) if mask[:1] == b"\xff" else 0
-    return text if covered > len(text) else text + "+"
+    if covered > len(text) or text.endswith("+"):
+        return text  # the whole name (its NUL matched too), or iptables kept the "+" it was given
+    return text + "+"
 
 
 def _address(family: int, address: bytes, mask: bytes, negated: bool, option: str) -> tuple[str | None, list]:
