@@ -27,11 +27,16 @@ Anything the blob holds that is not an x_tables table (a size past its end, an e
 between chains, a jump to no chain, no end marker) is ``BlobError`` with one line:
 never a traceback, never the part that was read reported as the whole table.
 
-Cost: the blob is walked with ``struct.unpack_from`` in place; counters are never
-read. An entry's address part and its matches-and-target part are decoded once per
-distinct bytes (``BlobMemo``: kube-proxy's rules repeat few shapes), verdicts apart
-(a jump's offset moves whenever anything before its chain does). A memo kept from
-one read to the next makes a re-read decode only the parts it has not met.
+Cost: the blob is walked once with ``struct.unpack_from`` in place (plus one byte
+search for the chain heads); counters are never read. Each distinct match or target
+is decoded once per read (by its bytes); verdicts are looked up apart (a jump's
+offset moves whenever anything before its chain does). Shapes that repeat (address
+parts without an address, matches-and-targets without a comment or DNAT) are kept
+in a ``BlobMemo`` from one read to the next and never decoded again; a rule's own
+parts (its Service's or endpoint's address, comment, DNAT) are composed from the
+read's pieces every read and not kept: at 10,000 Services keeping them cost more
+memory (~60 MB) than the rules themselves, for a re-read that walks every entry
+anyway (see bench/bench_iptables_legacy.py).
 """
 
 from __future__ import annotations
@@ -80,8 +85,8 @@ class BlobError(ValueError):
 
 
 class BlobMemo:
-    """What one source has decoded of one table, by bytes: address parts, and
-    matches-and-targets.
+    """What one source has decoded of one table, by bytes: the address parts and
+    matches-and-targets that repeat (see the module's cost note).
 
     ``start_read()`` begins a read: what it meets is taken over from the last read's
     dicts (not decoded again), ``end_read()`` drops what the table no longer holds, so
@@ -245,7 +250,9 @@ def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tupl
         key = raw[at:stop]
         piece = pieces.get((key, is_target))
         if piece is None:
-            piece = pieces[(key, is_target)] = decode_piece(key, is_target, family)
+            piece = decode_piece(key, is_target, family)
+            if not (is_target and key[2:7] == b"DNAT\0"):  # one per endpoint: nothing to share
+                pieces[(key, is_target)] = piece
         for index, value in piece[0]:
             fields[index] = value
         if piece[1]:
@@ -278,21 +285,20 @@ def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict
             gc.enable()
 
 
-def _user_chain_heads(blob: bytearray, base: int, view: memoryview, size: int,
-                      family: int) -> dict[int, tuple[int, str]]:
-    """Head offset -> (first entry offset, chain name) of every user chain, found by the
-    ERROR target that heads it (one byte search; the walk checks each lies on an entry).
-    The table's own end marker is an ERROR entry too, and heads nothing."""
+def _user_chain_heads(blob: bytearray, base: int, view: memoryview, size: int, family: int) -> dict[int, str]:
+    """Head offset -> chain name of every user chain, found by the ERROR target that heads
+    it (one byte search; the walk checks each lies on an entry). The table's own end
+    marker is an ERROR entry too, and heads nothing."""
     entry = ENTRY_SIZE[family]
-    heads: dict[int, tuple[int, str]] = {}
+    heads: dict[int, str] = {}
     end = base + size
+    last = size - entry - ERROR_TARGET_SIZE
     at = blob.find(_ERROR_HEAD, base, end)
     while at >= 0:
         head = at - base - entry
-        first = head + entry + ERROR_TARGET_SIZE
-        if head >= 0 and first < size:
-            name = bytes(view[head + entry + XT_HEADER:first]).split(b"\0", 1)[0]
-            heads[head] = (first, sys.intern(name.decode("utf-8", "replace")))
+        if 0 <= head < last:
+            name = bytes(view[head + entry + XT_HEADER:head + entry + ERROR_TARGET_SIZE]).split(b"\0", 1)[0]
+            heads[head] = sys.intern(name.decode("utf-8", "replace"))
         at = blob.find(_ERROR_HEAD, at + 1, end)
     return heads
 
@@ -305,10 +311,12 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
         raise BlobError(f"{size} bytes: too short for a table")
     unpack_offsets = _OFFSETS.unpack_from
     unpack_verdict = _VERDICT.unpack_from
-    heads = _user_chain_heads(blob, base, view, size, family)
-    chain_at = {first: name for first, name in heads.values()}  # where a jump lands -> its chain
-    # Offsets where something other than a rule is, in one dict: the hot loop asks once.
-    special: dict[int, tuple] = {head: (_HEAD, name) for head, (_first, name) in heads.items()}
+    # Offsets where something other than a rule is, in one dict the hot loop asks once: a user
+    # chain's head (its name), a built-in chain's start, its policy, the table's end.
+    special: dict[int, object] = _user_chain_heads(blob, base, view, size, family)
+    heads_count = len(special)
+    head_size = entry_size + ERROR_TARGET_SIZE
+    chain_at = {head + head_size: name for head, name in special.items()}  # where a jump lands -> its chain
     special[end_marker] = (_END, "")
     for hook, offset in hooks.items():
         special[offset] = (_START, HOOK_NAMES[hook])
@@ -317,10 +325,9 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
         if offset not in special:
             special[offset] = (_POLICY, name)
     ip_memo, body_memo, last_ip, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
-    pieces: dict = {}  # this read's matches and targets by bytes
-    # (address part, body) -> the rule's fields after its target (a standard rule: its target
-    # is its verdict, looked up apart), or a named target's whole rule (body key (body,)).
-    shapes: dict = {}
+    pieces: dict = {}  # this read's matches and targets by bytes, and the field tuples they make
+    masks_at, masks_end = (8, 16) if family == 4 else (32, 64)  # smsk, dmsk
+    no_masks = bytes(masks_end - masks_at)
     chains: dict[str, list] = {}
     rules: list | None = None  # the open chain's rules; None between chains
     name = ""
@@ -338,7 +345,10 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
         target_at = off + target_offset
         mark = special.get(off)
         if mark is not None:
-            kind = mark[0]
+            if mark.__class__ is str:  # a user chain's head
+                kind, mark = _HEAD, (_HEAD, mark)
+            else:
+                kind = mark[0]
             if kind is _HEAD or kind is _START:
                 if rules is not None:
                     raise BlobError(f"chain {name} has no end before chain {mark[1]}")
@@ -365,7 +375,7 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
                 raise BlobError(f"the standard target at offset {target_at} is not {STANDARD_TARGET_SIZE} bytes")
             verdict = unpack_verdict(view, target_at + XT_HEADER)[0]
             if user:
-                if verdict == -5 and target_offset == entry_size and (nxt in heads or nxt == end_marker):
+                if verdict == -5 and target_offset == entry_size and (nxt == end_marker or special.get(nxt).__class__ is str):
                     rules = None  # a user chain's closing RETURN: its end, not a rule
                     off = nxt
                     continue
@@ -394,8 +404,9 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
             body_raw = bytes(view[off + entry_size:nxt])
             body_key = (body_raw,)  # apart from a standard rule's matches that happen to read alike
         ip_raw = bytes(view[off:off + ip_size])
-        shape = shapes.get((ip_raw, body_key))
-        if shape is None:
+        if ip_raw[masks_at:masks_end] != no_masks:
+            ip = decode_ip(ip_raw, family)  # an address: this rule's own (a Service's, an endpoint's)
+        else:
             ip = ip_memo.get(ip_raw)
             if ip is None:
                 ip = last_ip.get(ip_raw)
@@ -403,6 +414,12 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
                     ip = decode_ip(ip_raw, family)
                     memo.decoded += 1
                 ip_memo[ip_raw] = ip
+        if b"comment\0" in body_raw or (target is None and body_raw[target_offset - entry_size + 2:
+                                                                     target_offset - entry_size + 7] == b"DNAT\0"):
+            # A comment or a DNAT: this rule's own (one per Service or endpoint), decoded from
+            # pieces each read and not kept; only shapes that repeat stay in the memo.
+            body = decode_body(body_raw, target_offset - entry_size, family, pieces)
+        else:
             body = body_memo.get(body_key)
             if body is None:
                 body = last_body.get(body_key)
@@ -410,21 +427,17 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
                     body = decode_body(body_raw, target_offset - entry_size, family, pieces)
                     memo.decoded += 1
                 body_memo[body_key] = body
-            goto, source, source_negated, destination, destination_negated, protocol, ip_unknown = ip
-            unknown = ip_unknown + body[2] if ip_unknown else body[2]
-            shape = (goto, source, source_negated, destination, destination_negated, protocol) + body[1] \
-                + (unknown,) + body[3]
-            if target is None:
-                shape = _new_rule(IptablesRule, (body[0],) + shape)
-            shapes[(ip_raw, body_key)] = shape
-        rules.append(shape if target is None else _new_rule(IptablesRule, (target,) + shape))
+        goto, source, source_negated, destination, destination_negated, protocol, ip_unknown = ip
+        rules.append(_new_rule(IptablesRule, (target if target is not None else body[0], goto, source,
+                                              source_negated, destination, destination_negated, protocol)
+                               + body[1] + ((ip_unknown + body[2] if ip_unknown else body[2]),) + body[3]))
         off = nxt
     else:
         raise BlobError("no end marker (the table is cut short)")
     if off != size:
         raise BlobError(f"entries past the end marker ({size - off} bytes)")
-    if met_heads != len(heads):
-        raise BlobError(f"{len(heads) - met_heads} chain head(s) between entries")
+    if met_heads != heads_count:
+        raise BlobError(f"{heads_count - met_heads} chain head(s) between entries")
     if met_starts != len(hooks) or met_policies != len(policies):
         raise BlobError("a built-in chain's start or policy is not where the table's info says")
     return {chain: tuple(chain_rules) for chain, chain_rules in chains.items()}

@@ -1,8 +1,8 @@
 """kube-proxy's rules in the iptables-legacy backend (x_tables, ``ip_tables`` / ``ip6_tables``).
 
-Legacy rules live in the kernel's x_tables blobs, which only a getsockopt
-dumps whole and only libiptc decodes (every match and target extension has its
-own C struct). So, as issue 14 asks:
+Legacy rules live in the kernel's x_tables blobs, which a getsockopt dumps
+whole: ``ipt_entry`` records whose matches and targets are each extension's C
+struct, the same structs iptables-nft hands nf_tables as compat expressions. So:
 
 - the change signal is ``IPT_SO_GET_INFO`` / ``IP6T_SO_GET_INFO`` (SOL_IP /
   SOL_IPV6, option 64): a table's entry count and blob size, answered in
@@ -21,8 +21,8 @@ own C struct). So, as issue 14 asks:
   one buffer, and ``exporter.readers.iptables_blob`` decodes its ``ipt_entry``
   records into the ``IptablesRuleset`` shapes every source fills (no child, no
   iptables binary, no raw socket: CAP_NET_ADMIN alone). The blob is freed as soon
-  as it is decoded; what the source keeps is a memo of decoded shapes by their
-  bytes (``BlobMemo``), so a re-read decodes only entries it has not met.
+  as it is decoded; what the source keeps is a memo of the shapes that repeat,
+  by their bytes (``BlobMemo``), which a re-read does not decode again.
 - A change can keep a table's count and size (one endpoint's address swapped
   for another), so the rules are also read every ``reread_interval`` seconds
   even when the signal did not move; otherwise the last read is reused and the
@@ -68,9 +68,9 @@ FETCH_TRIES = 3  # a table replaced between its info and its entries is fetched 
 
 # Why 30 s: a change that keeps entry count and blob size (an endpoint's address replaced
 # by one of the same length) moves no signal, so the rules are read again on this clock.
-# In-process, a re-read of 10,000 Services' tables is a fetch and a decode of only what
-# is new (see bench/bench_iptables_legacy.py), so half a minute (a scrape or two) bounds
-# how long such drift hides at a cost well under the children's old once-a-minute run;
+# In-process, a read of 10,000 Services' tables costs about a second of CPU (see
+# bench/bench_iptables_legacy.py), no more than the children's old once-a-minute run did
+# per minute, so half a minute (a scrape or two) halves how long such drift can hide;
 # reading on every scrape would spend that CPU all the time for a rare case.
 REREAD_SECONDS = 30.0
 
@@ -212,7 +212,7 @@ class IptablesLegacySource:
         self._present: tuple[tuple[TableInfo, ...], bool] | None = None  # (signal, answer)
         self._memos: dict[tuple[int, str], BlobMemo] = {}  # (family, table) -> decoded shapes
         self.reread = False  # the last read() fetched and decoded the tables
-        self.decoded = 0  # entry parts the last read decoded anew (the rest came from the memos)
+        self.decoded = 0  # repeated shapes the last read decoded anew (the rest came from the memos)
         self.blob_bytes = 0  # the largest table blob the last read held at once
 
     # -- the kernel's own answers -----------------------------------------------------
