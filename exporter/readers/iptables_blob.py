@@ -135,9 +135,23 @@ def _address(family: int, address: bytes, mask: bytes, negated: bool, option: st
                   f"{socket.inet_ntop(kind, mask)}"]
 
 
-def decode_ip(raw: bytes, family: int) -> tuple:
+def _masked(networks: dict, family: int, address: bytes, mask: bytes, negated: bool,
+            option: str) -> tuple[str | None, list]:
+    if mask == _FULL[family]:
+        return _address(family, address, mask, negated, option)
+    key = (address, mask, negated, option)
+    found = networks.get(key)
+    if found is None:
+        found = networks[key] = _address(family, address, mask, negated, option)
+    return found
+
+
+def decode_ip(raw: bytes, family: int, networks: dict | None = None) -> tuple:
     """The address part of one entry (a pure function of its bytes): (goto, source,
-    source_negated, destination, destination_negated, protocol, unknown)."""
+    source_negated, destination, destination_negated, protocol, unknown). ``networks``:
+    the read's memo of prefixes by (address, mask) (a pod CIDR, 127.0.0.0/8 repeat)."""
+    if networks is None:
+        networks = {}
     if family == 4 and raw[16:80] == _NO_INTERFACES and not raw[83]:
         # No interface and nothing inverted (most of kube-proxy's rules): addresses with
         # whole masks, a protocol, maybe a goto.
@@ -160,12 +174,12 @@ def decode_ip(raw: bytes, family: int) -> tuple:
     source_negated, destination_negated = bool(inv & INV_SRCIP), bool(inv & INV_DSTIP)
     zero = _ZERO[family]
     if smsk != zero:
-        source, more = _address(family, src, smsk, source_negated, "-s")
+        source, more = _masked(networks, family, src, smsk, source_negated, "-s")
         unknown += more
     else:
         source_negated = False
     if dmsk != zero:
-        destination, more = _address(family, dst, dmsk, destination_negated, "-d")
+        destination, more = _masked(networks, family, dst, dmsk, destination_negated, "-d")
         unknown += more
     else:
         destination_negated = False
@@ -405,13 +419,13 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
             body_key = (body_raw,)  # apart from a standard rule's matches that happen to read alike
         ip_raw = bytes(view[off:off + ip_size])
         if ip_raw[masks_at:masks_end] != no_masks:
-            ip = decode_ip(ip_raw, family)  # an address: this rule's own (a Service's, an endpoint's)
+            ip = decode_ip(ip_raw, family, pieces)  # an address: this rule's own (a Service's, an endpoint's)
         else:
             ip = ip_memo.get(ip_raw)
             if ip is None:
                 ip = last_ip.get(ip_raw)
                 if ip is None:
-                    ip = decode_ip(ip_raw, family)
+                    ip = decode_ip(ip_raw, family, pieces)
                     memo.decoded += 1
                 ip_memo[ip_raw] = ip
         if b"comment\0" in body_raw or (target is None and body_raw[target_offset - entry_size + 2:
