@@ -21,7 +21,7 @@ import pytest
 
 from exporter.paths import Paths
 from exporter.readers import iptables_legacy
-from exporter.readers.iptables_blob import BlobError, BlobMemo, decode_table
+from exporter.readers.iptables_blob import BlobError, decode_table
 from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
 from exporter.readers.iptables_rules import IptablesRule
 from exporter.readers.iptables_save import parse_save

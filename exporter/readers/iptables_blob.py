@@ -197,7 +197,7 @@ def decode_ip(raw: bytes, family: int, networks: dict | None = None) -> tuple:
     return goto, source, source_negated, destination, destination_negated, protocol, tuple(unknown)
 
 
-_HEAD, _START, _END, _POLICY = "head", "start", "end", "policy"  # kinds of special offsets
+_HEAD, _START, _END = "head", "start", "end"  # kinds of special offsets
 _DEFAULT = IptablesRule("")
 _TARGET, _TO_DESTINATION = 0, IptablesRule._fields.index("to_destination")
 _NAT_RANGE = struct.Struct("=I16s16s2s2s")  # nf_nat_range(2): flags, min_addr, max_addr, min_proto, max_proto
@@ -326,7 +326,8 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
     unpack_offsets = _OFFSETS.unpack_from
     unpack_verdict = _VERDICT.unpack_from
     # Offsets where something other than a rule is, in one dict the hot loop asks once: a user
-    # chain's head (its name), a built-in chain's start, its policy, the table's end.
+    # chain's head (its name), a built-in chain's start, the table's end. (A built-in chain's
+    # policy is looked up only on a verdict outside user chains.)
     special: dict[int, object] = _user_chain_heads(blob, base, view, size, family)
     heads_count = len(special)
     head_size = entry_size + ERROR_TARGET_SIZE
@@ -335,11 +336,8 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
     for hook, offset in hooks.items():
         special[offset] = (_START, HOOK_NAMES[hook])
     policies = {offset: HOOK_NAMES[hook] for hook, offset in underflows.items()}
-    for offset, name in policies.items():
-        if offset not in special:
-            special[offset] = (_POLICY, name)
     ip_memo, body_memo, last_ip, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
-    pieces: dict = {}  # this read's matches and targets by bytes, and the field tuples they make
+    pieces: dict = {}  # this read's decoded matches, targets and prefixes, by their bytes
     masks_at, masks_end = (8, 16) if family == 4 else (32, 64)  # smsk, dmsk
     no_masks = bytes(masks_end - masks_at)
     chains: dict[str, list] = {}
