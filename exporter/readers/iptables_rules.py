@@ -4,7 +4,9 @@ Three sources fill these shapes, and one resolver says what they mean for
 Services (frontends and their endpoints, reject/drop verdicts):
 
 - the text of ``iptables-save`` / ``ip6tables-save`` (``diff --rules``, and the
-  iptables-legacy backend, read by a child process);
+  tests' reference for the live sources);
+- the kernel's x_tables blobs for the iptables-legacy backend (``iptables_blob``:
+  ``ipt_entry`` records, decoded in-process);
 - nf_tables over netlink for the iptables-nft backend (the rules live in tables
   ``ip nat`` / ``ip6 nat`` / ``ip filter`` ..., with xtables "compat" match and
   target expressions beside native payload/cmp ones).

@@ -1,7 +1,7 @@
 """The text of ``iptables-save`` / ``ip6tables-save`` as ``IptablesRuleset`` plain data.
 
-Used by ``diff --rules`` and by the iptables-legacy source (which runs
-``iptables-legacy-save`` as a child and hands its output here).
+Used by ``diff --rules``, and by the tests as the reference every live source
+(iptables-nft over netlink, iptables-legacy from the kernel's blob) must equal.
 
 The format (iptables 1.8, ``iptables-save``'s own writer): ``*table``, then one
 ``:CHAIN POLICY [packets:bytes]`` line per chain, then ``-A CHAIN ...`` rules, then
