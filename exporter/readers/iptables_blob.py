@@ -200,6 +200,7 @@ def decode_ip(raw: bytes, family: int, networks: dict | None = None) -> tuple:
 _HEAD, _START, _END = "head", "start", "end"  # kinds of special offsets
 _DEFAULT = IptablesRule("")
 _TARGET, _TO_DESTINATION = 0, IptablesRule._fields.index("to_destination")
+_DESTINATION_IN_MIDDLE = _TO_DESTINATION - 7  # its place among the fields between protocol and unknown
 _NAT_RANGE = struct.Struct("=I16s16s2s2s")  # nf_nat_range(2): flags, min_addr, max_addr, min_proto, max_proto
 _MAPPED_AND_PORTED = xtables.NF_NAT_RANGE_MAP_IPS | xtables.NF_NAT_RANGE_PROTO_SPECIFIED
 
@@ -426,17 +427,36 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
                     ip = decode_ip(ip_raw, family, pieces)
                     memo.decoded += 1
                 ip_memo[ip_raw] = ip
-        if b"comment\0" in body_raw or (target is None and body_raw[target_offset - entry_size + 2:
-                                                                     target_offset - entry_size + 7] == b"DNAT\0"):
-            # A comment or a DNAT: this rule's own (one per Service or endpoint), decoded from
-            # pieces each read and not kept; only shapes that repeat stay in the memo.
-            body = decode_body(body_raw, target_offset - entry_size, family, pieces)
-        else:
+        matches_end = target_offset - entry_size
+        body = None
+        if b"comment\0" in body_raw:
+            # A comment: this rule's own (one per Service), composed from the read's pieces and
+            # not kept; only shapes that repeat stay in the memo.
+            body = decode_body(body_raw, matches_end, family, pieces)
+        elif target is None and body_raw[matches_end + 2:matches_end + 7] == b"DNAT\0":
+            # kube-proxy's DNAT, one per endpoint: its matches are a shape that repeats (kept as
+            # a standard rule's would be), its one address and port are set on them.
+            dnat = decode_piece(body_raw[matches_end:], True, family)
+            if len(dnat[0]) == 2 and not dnat[1]:  # (target, DNAT), (to_destination, text)
+                matches = body_raw[:matches_end]
+                body = body_memo.get(matches)
+                if body is None:
+                    body = last_body.get(matches)
+                    if body is None:
+                        body = decode_body(matches, matches_end, family, pieces)
+                        memo.decoded += 1
+                    body_memo[matches] = body
+                middle = body[1]
+                body = ("DNAT", middle[:_DESTINATION_IN_MIDDLE] + (dnat[0][1][1],)
+                        + middle[_DESTINATION_IN_MIDDLE + 1:], body[2], body[3])
+            else:
+                body = decode_body(body_raw, matches_end, family, pieces)
+        if body is None:
             body = body_memo.get(body_key)
             if body is None:
                 body = last_body.get(body_key)
                 if body is None:
-                    body = decode_body(body_raw, target_offset - entry_size, family, pieces)
+                    body = decode_body(body_raw, matches_end, family, pieces)
                     memo.decoded += 1
                 body_memo[body_key] = body
         goto, source, source_negated, destination, destination_negated, protocol, ip_unknown = ip
