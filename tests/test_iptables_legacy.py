@@ -224,7 +224,7 @@ def test_nodeport_addresses_fixture_decodes_as_saved(ns):
     assert_decodes_as_saved(ns, families=(4,))
 
 
-def test_every_option_and_a_large_cluster_decode_as_saved(ns):
+def test_every_option_decodes_as_saved(ns):
     for family, text in EVERY_OPTION.items():
         ns.restore(text, family, "legacy")
     read = assert_decodes_as_saved(ns)
