@@ -4,8 +4,9 @@
 address with its mode as plain text (cmd/kube-proxy/app/server.go). When it does
 not answer (not running yet, a metrics address bound elsewhere), the tables on
 the node say it: an IPVS table with virtual servers, an ``ip``/``ip6 kube-proxy``
-nftables table, or a ``KUBE-SERVICES`` chain in the nat table of iptables-nft
-(IPVS mode keeps one too, so IPVS is looked for first). kube-router programs IPVS
+nftables table, or a ``KUBE-SERVICES`` chain in the nat table of iptables-nft or
+of iptables-legacy, the log line saying which backend (IPVS mode keeps one too, so
+IPVS is looked for first). kube-router programs IPVS
 only: nothing to find.
 
 The mode is found once at start and again every ``recheck`` seconds on a thread of
@@ -31,6 +32,7 @@ PROXY_MODE_MAX_BYTES = 256
 KUBE_PROXY_METRICS_URL = "http://127.0.0.1:10249/metrics"  # as the proxy collector's default
 KUBE_PROXY_TABLE = "kube-proxy"
 IPTABLES_SERVICES_CHAIN = "KUBE-SERVICES"
+IPTABLES_LEGACY = "iptables-legacy"  # found by rule_tables_found, reported as mode iptables
 
 
 class Found(NamedTuple):
@@ -75,9 +77,11 @@ def ipvs_has_virtual_servers(paths) -> bool:
         return False
 
 
-def rule_tables_found() -> list[str]:
+def rule_tables_found(paths=None) -> list[str]:
     """``nftables`` when a kube-proxy nftables table exists, ``iptables`` when iptables-nft's
-    nat table has KUBE-SERVICES; read over nf_tables netlink in this network namespace."""
+    nat table has KUBE-SERVICES (read over nf_tables netlink in this network namespace), and
+    ``iptables-legacy`` when the legacy nat table has it (the kernel's x_tables blob, read
+    by getsockopt: no exec, and no table created where there is none)."""
     from exporter.readers.nftables_netlink import NFPROTO_IPV4, NFPROTO_IPV6, NftNetlink, NftReadError
 
     found = []
@@ -93,6 +97,14 @@ def rule_tables_found() -> list[str]:
                     break
     except (NftReadError, OSError) as err:
         log.debug("nf_tables not read for the proxy mode: %s", err)
+    if paths is not None:
+        from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
+
+        try:
+            if IptablesLegacySource(paths).present():
+                found.append(IPTABLES_LEGACY)
+        except (LegacyReadError, OSError) as err:
+            log.debug("iptables-legacy tables not read for the proxy mode: %s", err)
     return found
 
 
@@ -103,14 +115,22 @@ def find_mode(settings, paths) -> Found:
     asked = ask_kube_proxy(settings.get("proxy.metrics-url"), settings.get("proxy.timeout"))
     if asked.mode is not None:
         return asked
-    found = (["ipvs"] if ipvs_has_virtual_servers(paths) else []) + rule_tables_found()
+    found = (["ipvs"] if ipvs_has_virtual_servers(paths) else []) + rule_tables_found(paths)
+    if "iptables" in found and IPTABLES_LEGACY in found:
+        found.remove(IPTABLES_LEGACY)
+        backend = "in both iptables backends, nft and legacy"
+    elif IPTABLES_LEGACY in found:
+        found[found.index(IPTABLES_LEGACY)] = "iptables"
+        backend = "iptables-legacy"
+    else:
+        backend = "iptables-nft"
     if not found:
         return Found(None, f"{asked.how}; and no kube-proxy table on this node (no IPVS virtual server in "
                            f"{paths.proc('net', 'ip_vs')}, "
                            f"no {KUBE_PROXY_TABLE} nftables table, no iptables {IPTABLES_SERVICES_CHAIN} chain)")
     seen = {"ipvs": f"IPVS virtual servers in {paths.proc('net', 'ip_vs')}",
             "nftables": f"the {KUBE_PROXY_TABLE} nftables table",
-            "iptables": f"iptables' {IPTABLES_SERVICES_CHAIN} chain"}
+            "iptables": f"iptables' {IPTABLES_SERVICES_CHAIN} chain ({backend})"}
     others = f" (also found: {', '.join(found[1:])})" if len(found) > 1 else ""
     return Found(found[0], f"{asked.how}; found {seen[found[0]]}{others}")
 

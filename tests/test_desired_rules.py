@@ -224,6 +224,21 @@ def test_source_ranges_firewall_load_balancer_vips_of_their_family():
     assert rules(v6, endpoint_slice("svc1", endpoint("10.180.0.3"))).firewalled == {tcp("2001:db8::8", 80)}
 
 
+def test_iptables_mode_firewalls_only_a_service_with_endpoints():
+    # pkg/proxy/iptables/proxier.go: usesFWChain := hasEndpoints && LoadBalancerVIPs && SourceRanges.
+    # Without endpoints there is no KUBE-FW chain and no KUBE-PROXY-FIREWALL drop: the VIP is rejected.
+    svc = service(type="LoadBalancer", ports=(("p80", "TCP", 80, 3002),),
+                  status={"loadBalancer": {"ingress": [{"ip": "5.6.7.8"}]}}, loadBalancerSourceRanges=["203.0.113.0/25"])
+
+    def iptables_rules(*slices):
+        return rules_view(desired_rules.model_for("kube-proxy", "iptables")(svc, slices, NODE, "kube-proxy"))
+
+    assert iptables_rules(endpoint_slice("svc1", endpoint("10.180.0.3"))).firewalled == {tcp("5.6.7.8", 80)}
+    empty = iptables_rules(endpoint_slice("svc1"))
+    assert empty.firewalled == frozenset() and empty.rejected[tcp("5.6.7.8", 80)] == REJECT
+    assert rules(svc, endpoint_slice("svc1")).firewalled == {tcp("5.6.7.8", 80)}  # nftables mode: still
+
+
 # --- both families ------------------------------------------------------------------------
 
 
@@ -258,7 +273,7 @@ def test_dual_stack_node_port_with_one_family_empty():
 def test_model_for_proxy_and_mode():
     assert desired_rules.model_for("kube-proxy", "ipvs") is desired.virtual_servers_for_service
     assert desired_rules.model_for("kube-proxy", "nftables") is desired_rules.kube_proxy_rules_model
-    assert desired_rules.model_for("kube-proxy", "iptables") is desired_rules.kube_proxy_rules_model
+    assert desired_rules.model_for("kube-proxy", "iptables") is desired_rules.kube_proxy_iptables_model
     assert desired_rules.model_for("kube-router", "ipvs") is desired.virtual_servers_for_service
     with pytest.raises(ValueError, match="kube-router programs IPVS only"):
         desired_rules.model_for("kube-router", "nftables")

@@ -177,3 +177,20 @@ def test_auto_that_finds_nothing_says_why_to_whoever_asks():
     mode = ProxyMode({"proxy-mode": "auto"}, None, find=lambda: Found(None, "no table here"), recheck=0)
     assert mode.current() is None
     assert mode.how == "no table here"
+
+
+def test_auto_finds_iptables_legacy_and_says_which_backend(tmp_path):
+    """kube-proxy's KUBE-SERVICES in the legacy nat table (x_tables, read by getsockopt):
+    mode iptables, the log line naming the backend; both backends holding it, said too."""
+    from tests.ipt_rulesets import IptNS
+
+    s = settings("--proxy.metrics-url", "http://127.0.0.1:9/metrics", "--proxy.timeout", "0.5")
+    paths = Paths("/proc", "/sys")  # /proc/thread-self/net: the namespace's own x_tables
+    with IptNS() as ipt:
+        assert ipt.run(lambda: find_mode(s, paths)).mode is None
+        ipt.iptables("-t", "nat", "-N", "KUBE-SERVICES", backend="legacy")
+        found = ipt.run(lambda: find_mode(s, paths))
+        assert found.mode == "iptables" and "KUBE-SERVICES chain (iptables-legacy)" in found.how
+        ipt.iptables("-t", "nat", "-N", "KUBE-SERVICES", backend="nft")
+        found = ipt.run(lambda: find_mode(s, paths))
+        assert found.mode == "iptables" and "in both iptables backends" in found.how

@@ -11,8 +11,9 @@ delay never counts.
 
 The mode is ``--proxy-mode``, or found on the node (``exporter.proxymode``); when
 it changes, the store, reader and latency follower of the new mode replace the
-old ones. Without a mode (auto found none) or without a reader for it
-(iptables, for now) the collector is unavailable with the reason, said once.
+old ones. Without a mode (auto found none) the collector is unavailable with the
+reason, said once. iptables mode shares the ``iptables`` collector's read, from
+whichever backend (iptables-nft, iptables-legacy) holds kube-proxy's rules.
 
 Series: counts per kind always (0 when none); per Service only for drifted
 Services, at most ``drift.max-service-series`` of them (those with the most
@@ -201,8 +202,8 @@ class DriftCollector(Collector):
     name = "drift"
     old_names = ("ipvs_drift",)
     options = OPTIONS
-    help = ("drift between the dataplane Services/EndpointSlices call for and the live one (IPVS or "
-            "nftables, by proxy mode); programming latency")
+    help = ("drift between the dataplane Services/EndpointSlices call for and the live one (IPVS, "
+            "nftables or iptables, by proxy mode); programming latency")
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)

@@ -27,7 +27,11 @@ things the same way, into KUBE-SERVICES / KUBE-EXTERNAL-SERVICES instead of maps
   reader sees it with no endpoints) and dropped. No fallback to the Cluster endpoints,
   unlike IPVS mode's syncEndpoint.
 - LoadBalancer VIPs of a Service with source ranges of that family are in
-  `firewall-ips`, with or without endpoints.
+  `firewall-ips`, with or without endpoints. iptables mode differs here, and only
+  here: its `KUBE-FW-` chain and `KUBE-PROXY-FIREWALL` drop exist only while the
+  Service has endpoints (pkg/proxy/iptables/proxier.go: ``usesFWChain := hasEndpoints
+  && len(LoadBalancerVIPs) > 0 && len(LoadBalancerSourceRanges) > 0``); without
+  endpoints its VIPs are rejected like any other frontend, not firewalled.
 - A NodePort is matched on protocol and port alone, on every node-port address
   (`nodeport-ips`, the primary node IPs: the nftables mode's default
   `--nodeport-addresses`; or all local addresses, iptables mode's default): its frontend
@@ -85,7 +89,7 @@ class _Frontend(NamedTuple):
     firewalled: bool
 
 
-def _port_frontends(plan: desired.PortPlan) -> list[_Frontend]:
+def _port_frontends(plan: desired.PortPlan, mode: str = MODE_NFTABLES) -> list[_Frontend]:
     """One family's frontends of one service port (syncProxyRules, per service port)."""
     port, categorized = plan.port, plan.endpoints
     local = categorized.local
@@ -101,7 +105,9 @@ def _port_frontends(plan: desired.PortPlan) -> list[_Frontend]:
                      internal_eps if has_internal else [], None if has_internal else verdict, has_internal, False)]
     external = external_eps if has_external else []
     external_verdict = None if has_external else verdict
-    firewalled_vips = set(plan.lb_vips) if plan.source_ranges else set()
+    # iptables mode writes its firewall chain only for a Service with endpoints (module docstring).
+    firewall = plan.source_ranges and (has_endpoints or mode != MODE_IPTABLES)
+    firewalled_vips = set(plan.lb_vips) if firewall else set()
     for ip in dict.fromkeys(plan.external_ips + plan.lb_vips):
         out.append(_Frontend(family, VirtualServerKey(protocol, ip, port.port), external, external_verdict,
                              has_endpoints, ip in firewalled_vips))
@@ -118,8 +124,8 @@ def _virtual_server(frontend: _Frontend, real_servers: RealServers, service: Ser
     return VirtualServer(frontend.key, SCHEDULER, timeout, real_servers, service.key, flags)
 
 
-def frontends_for_service(service: Service, slices: Iterable[EndpointSlice], node: desired.NodeFacts
-                          ) -> list[VirtualServer]:
+def frontends_for_service(service: Service, slices: Iterable[EndpointSlice], node: desired.NodeFacts,
+                          mode: str = MODE_NFTABLES) -> list[VirtualServer]:
     """Every frontend one Service should have in kube-proxy's nftables or iptables rules.
 
     Flags say what else the rules hold for it (module docstring); ``rules_view`` of the
@@ -127,7 +133,7 @@ def frontends_for_service(service: Service, slices: Iterable[EndpointSlice], nod
     """
     by_key: dict[VirtualServerKey, list[_Frontend]] = {}
     for plan in desired.kube_proxy_port_plans(service, list(slices), node):
-        for frontend in _port_frontends(plan):
+        for frontend in _port_frontends(plan, mode):
             by_key.setdefault(frontend.key, []).append(frontend)
     out = []
     for frontends in by_key.values():
@@ -162,12 +168,17 @@ def _merged(frontends: list[_Frontend], service: Service) -> VirtualServer:
 
 def kube_proxy_rules_model(service: Service, slices: Iterable[EndpointSlice], node: desired.NodeFacts,
                            proxy: str = desired.KUBE_PROXY, scheduler: str | None = None,
-                           fwmarks: Any = None, kube_router_flags: Any = None) -> list[VirtualServer]:
+                           fwmarks: Any = None, kube_router_flags: Any = None,
+                           mode: str = MODE_NFTABLES) -> list[VirtualServer]:
     """``frontends_for_service`` with the store's model signature (``scheduler``, ``fwmarks``
     and ``kube_router_flags`` are IPVS and kube-router matters: not used here)."""
     if proxy != desired.KUBE_PROXY:
         raise ValueError(f"no {MODE_NFTABLES}/{MODE_IPTABLES} model for {proxy!r}: kube-proxy's modes only")
-    return frontends_for_service(service, slices, node)
+    return frontends_for_service(service, slices, node, mode)
+
+
+# iptables mode's model: nftables mode's but for firewalled frontends (module docstring).
+kube_proxy_iptables_model = functools.partial(kube_proxy_rules_model, mode=MODE_IPTABLES)
 
 
 def model_for(proxy: str, mode: str,
@@ -185,8 +196,11 @@ def model_for(proxy: str, mode: str,
         return functools.partial(desired.virtual_servers_for_service, kube_router_flags=kube_router_flags)
     if proxy != desired.KUBE_PROXY:
         raise ValueError(f"unknown proxy {proxy!r}")
-    # nftables and iptables modes decide frontends, endpoints and verdicts alike (module docstring).
-    return desired.virtual_servers_for_service if mode == MODE_IPVS else kube_proxy_rules_model
+    # nftables and iptables modes decide frontends, endpoints and verdicts alike, but for
+    # the firewall of a Service without endpoints (module docstring).
+    if mode == MODE_IPVS:
+        return desired.virtual_servers_for_service
+    return kube_proxy_iptables_model if mode == MODE_IPTABLES else kube_proxy_rules_model
 
 
 def rules_view(frontends: Iterable[VirtualServer]) -> DesiredRules:
@@ -237,8 +251,8 @@ class RulesViews:
 
 
 def desired_rules(services: Iterable[Service], slices_by_service: Mapping[str, list[EndpointSlice]],
-                  node: desired.NodeFacts) -> DesiredRules:
+                  node: desired.NodeFacts, mode: str = MODE_NFTABLES) -> DesiredRules:
     """The whole node's desired rules (offline tools, tests), the first claim of a shared
     frontend winning as in ``desired.desired_table``."""
-    table = desired.desired_table(services, slices_by_service, node, model=kube_proxy_rules_model)
+    table = desired.desired_table(services, slices_by_service, node, model=model_for(desired.KUBE_PROXY, mode))
     return rules_view(table.values())

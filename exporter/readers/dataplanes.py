@@ -6,17 +6,23 @@
   ``nftables`` collectors, so one scrape reads the rules once. No kube-proxy
   table at all is an empty table (every desired frontend missing: the nat
   table flushed or deleted behind the proxy's back), not an error.
-- iptables: no reader yet (the next issue); unavailable, with that reason.
+- iptables: ``IptablesDataplane``, owned here and shared by the drift and the
+  ``iptables`` collectors: kube-proxy's rules from the iptables-nft backend
+  (``exporter.readers.iptables_netlink``) or the iptables-legacy one
+  (``exporter.readers.iptables_legacy``: the kernel's x_tables blob, decoded in
+  this process), resolved by ``exporter.readers.iptables``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import NamedTuple
 
 from exporter.dataplane import SCRAPE_WINDOW, DataplaneReader, DataplaneUnavailable, LiveRead
 
 NFTABLES_SERVICE = "nftables-dataplane"
+IPTABLES_SERVICE = "iptables-dataplane"
 
 
 class ReadFailed(Exception):
@@ -63,16 +69,206 @@ class NftablesDataplane(DataplaneReader):
         return LiveRead(rules.table, rules.rejected, rules.unread, rules.read_seconds)
 
 
+class IptablesTableSize(NamedTuple):
+    """One family's table as read, for `kubenode_iptables_*`."""
+
+    family: int  # 4 or 6
+    table: str  # "nat", "filter"
+    chains: int
+    rules: int
+    kube_chains: int  # chains named KUBE-*
+
+
+def ruleset_sizes(rulesets) -> tuple[IptablesTableSize, ...]:
+    """Counts of every table of ``rulesets`` (``IptablesRuleset``s), sorted (pure)."""
+    out = []
+    for ruleset in rulesets:
+        for table, chains in ruleset.tables.items():
+            out.append(IptablesTableSize(ruleset.family, table, len(chains),
+                                         sum(len(rules) for rules in chains.values()),
+                                         sum(1 for name in chains if name.startswith("KUBE-"))))
+    return tuple(sorted(out))
+
+
+class IptablesLive(NamedTuple):
+    """One read of kube-proxy's iptables rules, whole: what the drift and the ``iptables``
+    collectors share."""
+
+    read: object  # the resolver's IptablesRead (table, rejected, firewalled, unread, sizes)
+    backend: str  # "nft" or "legacy": the backend read (the one holding KUBE-SERVICES, if any does)
+    tables: tuple[IptablesTableSize, ...]
+    read_seconds: float  # this call's own work (a change check only, when nothing moved)
+    reread: bool  # this call read the rules again
+
+
+NFT, LEGACY = "nft", "legacy"
+BACKEND_NAMES = {NFT: "iptables-nft", LEGACY: "iptables-legacy"}
+
+
+def _nft_source():
+    """t-iptnl's iptables-nft source, or None while this tree has none."""
+    try:
+        from exporter.readers.iptables_netlink import IptablesNftSource
+    except ImportError:
+        return None
+    return IptablesNftSource()
+
+
 class IptablesDataplane(DataplaneReader):
+    """kube-proxy's iptables rules of this network namespace, from whichever backend holds
+    them: iptables-nft (nf_tables, read over netlink) or iptables-legacy (x_tables, the
+    kernel's table blobs fetched by getsockopt and decoded in this process). Owned once per exporter (``shared_iptables``) and
+    shared by the drift and ``iptables`` collectors, so one scrape reads the rules once.
+
+    The backend is the one whose nat table has KUBE-SERVICES. Both holding it is kube-proxy
+    run with one backend and something (an old kube-proxy, an iptables wrapper) with the
+    other: traffic meets both sets of rules, so no drift figure can be honest, and the
+    read fails naming both. Neither: the backend read last (else iptables-nft, else
+    legacy) is read and resolved as it is: kube-proxy's filter chains without its nat
+    rules (firewalld flushed the nat table) is every frontend missing; no trace at all is
+    an empty table, as the nftables reader reports a deleted table.
+
+    Nothing changed (the nf_tables generation, the legacy table info) means the last
+    resolution is reused: a scrape then costs the change checks alone. iptables-nft is
+    read again after ``safety_interval`` anyway, as the nftables reader is; the legacy
+    source has its own bounded re-read (``IptablesLegacySource.reread_interval``).
+    """
+
     mode = "iptables"
 
+    def __init__(self, paths=None, legacy=None, nft=_nft_source, clock=time.monotonic,
+                 safety_interval: float = 300.0) -> None:
+        from exporter.readers.iptables_legacy import IptablesLegacySource
+
+        # The source keeps no rules: this object keeps their resolution, reused while unchanged.
+        self.legacy = legacy if legacy is not None else IptablesLegacySource(paths, keep=False)
+        self.nft = nft() if callable(nft) else nft
+        self.clock = clock
+        self.safety_interval = safety_interval
+        # Service port names by chain, from the desired model (the drift collector sets it):
+        # chain names are hashes, and kube-proxy drops comments past 1,000 endpoints.
+        self.chain_services: dict[str, str] | None = None
+        self._lock = threading.Lock()  # one read at a time; a second caller reuses it
+        self._last: IptablesLive | None = None
+        self._at = float("-inf")
+        self._backend: str | None = None  # where the last read found kube-proxy's rules
+        self._nft_seen: tuple[int, float, bool] | None = None  # (generation, when, KUBE-SERVICES there)
+        self._nft_read_generation: int | None = None  # the generation the last nft rules are from
+        self._nft_read_at = float("-inf")
+        self._resolver_cache: dict = {}  # the resolver's, kept between reads: unchanged frontends stay the same objects
+
+    def read_rules(self, max_age: float = SCRAPE_WINDOW) -> IptablesLive:
+        """The last read if not older than ``max_age`` seconds, else a new one; ``ReadFailed``
+        with one line when the rules cannot be read whole."""
+        from exporter.readers.iptables_legacy import LegacyReadError
+
+        with self._lock:
+            if self._last is not None and self.clock() - self._at <= max_age:
+                return self._last
+            start = time.perf_counter()
+            try:
+                live = self._read(start)
+            except LegacyReadError as err:
+                raise ReadFailed(f"kube-proxy's iptables-legacy rules not read: {err}") from None
+            except OSError as err:
+                raise ReadFailed(f"iptables rules: {err.strerror or err}") from None
+            self._last, self._at = live, self.clock()
+            return live
+
     def read(self, max_age: float = SCRAPE_WINDOW) -> LiveRead:
-        raise DataplaneUnavailable("no reader of kube-proxy's iptables rules yet (it comes with the next "
-                                   "issue): drift is not reported on iptables nodes")
+        live = self.read_rules(max_age)
+        return LiveRead(live.read.table, live.read.rejected, live.read.unread, live.read_seconds)
+
+    # -- one read ------------------------------------------------------------------------
+
+    def _nft_state(self) -> tuple[int | None, bool]:
+        """The nf_tables generation and whether iptables-nft's nat table has KUBE-SERVICES
+        (asked again only when the generation moved)."""
+        if self.nft is None:
+            return None, False
+        from exporter.readers.iptables_netlink import NftReadError
+
+        try:
+            generation = self.nft.generation()
+            seen = self._nft_seen
+            if seen is not None and seen[0] == generation:
+                return generation, seen[2]
+            present = self.nft.present()
+        except NftReadError as err:
+            raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
+        self._nft_seen = (generation, self.clock(), present)
+        return generation, present
+
+    def _read(self, start: float) -> IptablesLive:
+        generation, in_nft = self._nft_state()
+        last = self._last
+        legacy_rulesets = None
+        if not in_nft and self.legacy.change_signal() and (
+                self.legacy.due() or last is None or last.backend != LEGACY):
+            # The legacy rules are what this read needs unless nft holds kube-proxy's: read
+            # them first, and presence then comes from them rather than from a second copy
+            # of the table into this process.
+            legacy_rulesets = self.legacy.read()
+        in_legacy = self.legacy.present()
+        if in_nft and in_legacy:
+            raise ReadFailed("kube-proxy's rules are in both iptables backends (KUBE-SERVICES in the nat table "
+                             "of iptables-nft and of iptables-legacy): traffic meets both, so drift cannot be "
+                             "told; remove the stale backend's rules (`iptables-legacy-save` / "
+                             "`iptables-nft-save` show them)")
+        if in_nft:
+            backend = NFT
+        elif in_legacy:
+            backend = LEGACY
+        elif self._backend is not None:
+            backend = self._backend  # kube-proxy's rules gone from where they were: read there
+        elif legacy_rulesets and any(name.startswith("KUBE-") for r in legacy_rulesets
+                                     for chains in r.tables.values() for name in chains):
+            backend = LEGACY  # its filter chains left, the nat ones flushed (firewalld)
+        else:
+            backend = NFT if self.nft is not None else LEGACY
+        if backend == NFT:
+            if (last is not None and last.backend == NFT and self._nft_read_generation == generation
+                    and self.clock() - self._nft_read_at < self.safety_interval):
+                return last._replace(read_seconds=time.perf_counter() - start, reread=False)
+            from exporter.readers.iptables_netlink import NftReadError
+
+            try:
+                rulesets = self.nft.read()
+            except NftReadError as err:
+                raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
+            # The source reads the generation again around its dumps: the rules are that one's.
+            self._nft_read_generation = getattr(self.nft, "last_generation", None) or generation
+            self._nft_read_at = self.clock()
+        else:
+            if legacy_rulesets is None and last is not None and last.backend == LEGACY and not self.legacy.due():
+                return last._replace(read_seconds=time.perf_counter() - start, reread=False)
+            rulesets = legacy_rulesets if legacy_rulesets is not None else self.legacy.read()
+        self._backend = backend
+        read = self._resolve(rulesets)
+        return IptablesLive(read, backend, ruleset_sizes(rulesets), time.perf_counter() - start, True)
+
+    def _resolve(self, rulesets):
+        from exporter.readers.iptables import IptablesRead, NoKubeProxyRules, resolve_rulesets
+
+        try:
+            return resolve_rulesets(rulesets, self.chain_services, self._resolver_cache)
+        except NoKubeProxyRules:
+            # No trace of kube-proxy in either backend: every desired frontend missing, as a
+            # deleted nftables table is (the nat table flushed and its chains deleted too).
+            return IptablesRead({}, {}, frozenset(), (), {})
 
 
 def shared_nftables(ctx) -> NftablesDataplane:
     return ctx.service(NFTABLES_SERVICE, NftablesDataplane)
+
+
+def shared_iptables(ctx) -> IptablesDataplane:
+    def build() -> IptablesDataplane:
+        from exporter.readers.iptables_legacy import IptablesLegacySource
+
+        return IptablesDataplane(ctx.paths, legacy=IptablesLegacySource(ctx.paths, keep=False))
+
+    return ctx.service(IPTABLES_SERVICE, build)
 
 
 def dataplane_for(ctx, mode: str) -> DataplaneReader:
@@ -84,5 +280,5 @@ def dataplane_for(ctx, mode: str) -> DataplaneReader:
     if mode == "nftables":
         return shared_nftables(ctx)
     if mode == "iptables":
-        return IptablesDataplane()
+        return shared_iptables(ctx)
     raise ValueError(f"unknown proxy mode {mode!r}")

@@ -4,7 +4,9 @@ Three sources fill these shapes, and one resolver says what they mean for
 Services (frontends and their endpoints, reject/drop verdicts):
 
 - the text of ``iptables-save`` / ``ip6tables-save`` (``diff --rules``, and the
-  iptables-legacy backend, read by a child process);
+  tests' reference for the live sources);
+- the kernel's x_tables blobs for the iptables-legacy backend (``iptables_blob``:
+  ``ipt_entry`` records, decoded in-process);
 - nf_tables over netlink for the iptables-nft backend (the rules live in tables
   ``ip nat`` / ``ip6 nat`` / ``ip filter`` ..., with xtables "compat" match and
   target expressions beside native payload/cmp ones).
@@ -46,6 +48,8 @@ class IptablesRule(NamedTuple):
     comment: str | None = None  # -m comment (kube-proxy drops them past 1,000 endpoints)
     to_destination: str | None = None  # -j DNAT --to-destination
     unknown: tuple[str, ...] = ()  # matches/options not understood, named ("-m foo", "-i eth0")
+    set_xmark: str | None = None  # -j MARK, as the kernel applies it: "value/mask" (--or-mark 0x4000 is 0x4000/0x4000)
+    reject_with: str | None = None  # -j REJECT --reject-with (icmp-port-unreachable, ...)
 
 
 # chain name -> its rules in order. Built-in chains are present too (with their rules).

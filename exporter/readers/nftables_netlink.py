@@ -308,22 +308,39 @@ class NftNetlink:
             raise
         raise NftReadError(f"the kernel's answer for table {name} has no handle")
 
+    def chain_exists(self, family: int, table: str, name: str) -> bool:
+        """Whether ``table`` has chain ``name`` (one get, not a dump of every chain)."""
+        attrs = _nla(NFTA_CHAIN_TABLE, table.encode() + b"\0") + _nla(NFTA_CHAIN_NAME, name.encode() + b"\0")
+        try:
+            for _ in self._replies(NFT_MSG_GETCHAIN, family, 0, attrs, f"chain {name} of table {table}"):
+                return True
+        except NftReadError as err:
+            if err.errno == errno.ENOENT:
+                return False
+            raise
+        return False
+
     def chains(self, family: int, table: str) -> list[Chain]:
-        out = []
-        want = table.encode()
+        return self.chains_by_table(family, (table,)).get(table, [])
+
+    def chains_by_table(self, family: int, tables: tuple[str, ...]) -> dict[str, list[Chain]]:
+        """The chains of ``tables`` (of one family), from one dump: the kernel dumps the
+        chains of every table of the family whatever the request names."""
+        wanted = {name.encode(): name for name in tables}
+        out: dict[str, list[Chain]] = {}
         for buf, start, end in self._replies(NFT_MSG_GETCHAIN, family, NLM_F_DUMP, b"", "the chains"):
-            name, handle, in_table, base = "", 0, False, False
+            name, handle, table, base = "", 0, None, False
             for s, e, t in _attrs(buf, start, end):
                 if t == NFTA_CHAIN_TABLE:
-                    in_table = bytes(buf[s:e]).rstrip(b"\0") == want
+                    table = wanted.get(bytes(buf[s:e]).rstrip(b"\0"))
                 elif t == NFTA_CHAIN_NAME:
                     name = _string(buf, s, e)
                 elif t == NFTA_CHAIN_HANDLE:
                     handle = _BE64.unpack_from(buf, s)[0]
                 elif t == NFTA_CHAIN_HOOK:
                     base = True
-            if in_table:
-                out.append(Chain(name, handle, base))
+            if table is not None:
+                out.setdefault(table, []).append(Chain(name, handle, base))
         return out
 
     def sets(self, family: int, table: str) -> tuple[list[SetInfo], int]:
@@ -423,6 +440,25 @@ class NftNetlink:
         counter; owned by the caller and filled here) lets a re-read decode only the
         rules that are new.
         """
+        def decode(buf, chain: str, handle: int, exprs, udata) -> Rule:
+            raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
+            if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
+                # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
+                # mark-for-masquerade``, half of a large table's rules): a conditional
+                # rule that sends no traffic anywhere a reader follows.
+                return Rule(chain, handle, None, True, None, None, (), (), False, None)
+            return _rule(buf, chain, handle, exprs, udata, family)
+
+        return self.each_rule(family, table, decode, known, known, by_handle=True)
+
+    def each_rule(self, family: int, table: str, decode, known: dict | None = None,
+                  seen: dict | None = None, by_handle: bool = False) -> tuple[list, int]:
+        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table, in
+        chain order (``exprs``/``udata``: (start, end) in ``buf``, or None), and how many
+        rules were decoded anew. ``known`` ((chain, handle) -> decoded; with
+        ``by_handle``, handle -> decoded, whose ``.chain`` is checked: one tuple less per
+        rule) is looked up first; ``seen`` (may be ``known`` itself) gets every rule of
+        this dump."""
         attrs = _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
         out = []
         decoded = 0
@@ -448,22 +484,15 @@ class NftNetlink:
                     exprs = (s, e)
                 elif t == NFTA_RULE_USERDATA:
                     udata = (s, e)
-            if known is not None:
-                rule = known.get(handle)
-                if rule is not None and rule.chain == chain:
-                    out.append(rule)
-                    continue
-            raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
-            if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
-                # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
-                # mark-for-masquerade``, half of a large table's rules): a conditional
-                # rule that sends no traffic anywhere a reader follows.
-                rule = Rule(chain, handle, None, True, None, None, (), (), False, None)
-            else:
-                rule = _rule(buf, chain, handle, exprs, udata, family)
-            decoded += 1
-            if known is not None:
-                known[handle] = rule
+            key = handle if by_handle else (chain, handle)
+            rule = known.get(key) if known is not None else None
+            if rule is not None and by_handle and rule.chain != chain:
+                rule = None  # a handle of a deleted rule reused in another chain
+            if rule is None:
+                rule = decode(buf, chain, handle, exprs, udata)
+                decoded += 1
+            if seen is not None:
+                seen[key] = rule
             out.append(rule)
         return out, decoded
 

@@ -1,0 +1,475 @@
+"""An x_tables table blob (``IPT_SO_GET_ENTRIES`` / ``IP6T_SO_GET_ENTRIES``) as ``Chains``.
+
+The kernel hands an iptables-legacy table over as one blob of ``struct ipt_entry``
+(``ip6t_entry``) records (include/uapi/linux/netfilter_ipv4/ip_tables.h,
+netfilter_ipv6/ip6_tables.h, 64-bit layout): the entry's address part (``ipt_ip``:
+src, dst, masks, interfaces, protocol, flags, inverse flags), ``target_offset``,
+``next_offset``, counters, then its matches (``xt_entry_match``: u16 size, name[29],
+revision, the extension's struct) and its target (``xt_entry_target``, same header).
+The table's shape is what libiptc reads out of it:
+
+- a built-in chain starts at its hook's entry (``hook_entry`` of ``IPT_SO_GET_INFO``)
+  and its last entry is the policy (the hook's ``underflow``);
+- a user chain starts with an ``ERROR`` target whose data is the chain's name, and
+  its last entry is an unconditional RETURN; the table ends with an ``ERROR`` entry;
+- the standard target (name ``""``) holds a verdict: < 0 is ACCEPT (-2), DROP (-1),
+  RETURN (-5); >= 0 is the offset of the entry to go on at: the next entry (a rule
+  without ``-j``), or the first entry of a user chain (a jump; a goto when the
+  ``ipt_ip`` flags say IPT_F_GOTO / IP6T_F_GOTO).
+
+Matches and named targets are decoded by ``exporter.readers.xtables`` and applied
+exactly as the iptables-nft source applies its compat expressions
+(``iptables_netlink._apply_match`` / ``_apply_target``), so every source of the same
+rules gives the same ``IptablesRule``s (what ``parse_save`` makes of
+``iptables-legacy-save``'s text too).
+
+Anything the blob holds that is not an x_tables table (a size past its end, an entry
+between chains, a jump to no chain, no end marker) is ``BlobError`` with one line:
+never a traceback, never the part that was read reported as the whole table.
+
+Cost: the blob is walked once with ``struct.unpack_from`` in place (plus one byte
+search for the chain heads); counters are never read. Each distinct match or target
+is decoded once per read (by its bytes); verdicts are looked up apart (a jump's
+offset moves whenever anything before its chain does). Shapes that repeat (address
+parts without an address, matches-and-targets without a comment or DNAT) are kept
+in a ``BlobMemo`` from one read to the next and never decoded again; a rule's own
+parts (its Service's or endpoint's address, comment, DNAT) are composed from the
+read's pieces every read and not kept: at 10,000 Services keeping them cost more
+memory (~60 MB) than the rules themselves, for a re-read that walks every entry
+anyway (see bench/bench_iptables_legacy.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import struct
+import sys
+
+from exporter.readers import xtables
+from exporter.readers.iptables_netlink import (FIELD_PROTOCOLS, PROTOCOLS, _apply_match, _apply_target, _Decoding,
+                                               _network)
+from exporter.readers.iptables_rules import Chains, IptablesRule
+
+HOOK_NAMES = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")  # NF_INET_* order
+ENTRY_SIZE = {4: 112, 6: 168}  # sizeof(struct ipt_entry), sizeof(struct ip6t_entry)
+IP_PART = {4: 84, 6: 136}  # the ipt_ip / ip6t_ip6 part the rule's meaning is in (no counters, no offsets)
+_OFFSETS = struct.Struct("=HH")
+OFFSETS_AT = {4: 88, 6: 140}  # target_offset, next_offset
+XT_HEADER = 32  # xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision
+_XT_HEADER = struct.Struct("=H29sB")
+_VERDICT = struct.Struct("=i")
+_U16 = struct.Struct("=H")
+STANDARD_TARGET_SIZE = 40  # XT_ALIGN(sizeof(struct xt_standard_target))
+ERROR_TARGET_SIZE = 64  # XT_ALIGN(sizeof(struct xt_error_target))
+_ERROR_HEAD = _XT_HEADER.pack(ERROR_TARGET_SIZE, b"ERROR", 0)
+VERDICTS = {-1: "DROP", -2: "ACCEPT", -5: "RETURN"}  # -NF_DROP-1, -NF_ACCEPT-1, XT_RETURN
+# ipt_ip: src, dst, smsk, dmsk, iniface[16], outiface[16], iniface_mask[16], outiface_mask[16],
+# proto, flags, invflags; ip6t_ip6 has 16-byte addresses and a tos byte before flags.
+_IP4 = struct.Struct("=4s4s4s4s16s16s16s16sHBB")
+_IP6 = struct.Struct("=16s16s16s16s16s16s16s16sHBBB")
+IPT_F_FRAG, IPT_F_GOTO = 0x01, 0x02
+IP6T_F_GOTO = 0x04
+INV_VIA_IN, INV_VIA_OUT, INV_SRCIP, INV_DSTIP, INV_FRAG, INV_PROTO = 0x01, 0x02, 0x08, 0x10, 0x20, 0x40
+_NO_INTERFACES = bytes(64)
+_FULL = {4: b"\xff" * 4, 6: b"\xff" * 16}
+_ZERO = {4: b"\0" * 4, 6: b"\0" * 16}
+# IptablesRule's fields after the ones the address part sets (target, goto, source, source_negated,
+# destination, destination_negated, protocol) and around unknown.
+_UNKNOWN = IptablesRule._fields.index("unknown")
+_new_rule = tuple.__new__
+
+
+class BlobError(ValueError):
+    """Bytes that are not an x_tables table; the message is one line."""
+
+
+class BlobMemo:
+    """What one source has decoded of one table, by bytes: the address parts and
+    matches-and-targets that repeat (see the module's cost note).
+
+    ``start_read()`` begins a read: what it meets is taken over from the last read's
+    dicts (not decoded again), ``end_read()`` drops what the table no longer holds, so
+    the memo keeps only the current table's shapes. ``decoded`` counts the parts the
+    last read decoded anew."""
+
+    __slots__ = ("ip", "body", "last_ip", "last_body", "decoded")
+
+    def __init__(self) -> None:
+        self.ip: dict = {}
+        self.body: dict = {}
+        self.last_ip: dict = {}
+        self.last_body: dict = {}
+        self.decoded = 0
+
+    def start_read(self) -> None:
+        self.last_ip, self.last_body = self.ip, self.body
+        self.ip, self.body = {}, {}
+        self.decoded = 0
+
+    def end_read(self) -> None:
+        self.last_ip, self.last_body = {}, {}
+
+
+def _interface(name: bytes, mask: bytes) -> str:
+    """iptables' ``-i`` argument: the name, ``+`` when the mask stops before its end (a prefix)."""
+    text = name.split(b"\0", 1)[0].decode("utf-8", "replace")
+    covered = len(mask) - len(mask.lstrip(b"\xff")) if mask[:1] == b"\xff" else 0
+    if covered > len(text) or text.endswith("+"):
+        return text  # the whole name (its NUL matched too), or iptables kept the "+" it was given
+    return text + "+"
+
+
+def _address(family: int, address: bytes, mask: bytes, negated: bool, option: str) -> tuple[str | None, list]:
+    """(network text, []) or (None, [unknown text]) for a mask that is not a prefix."""
+    if mask == _FULL[family]:
+        text = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, address)
+        if family == 4 or "." not in text:
+            return f"{text}/{32 if family == 4 else 128}", []
+        return _network(family, address, None), []
+    network = _network(family, address, mask)
+    if network is not None:
+        return network, []
+    kind = socket.AF_INET if family == 4 else socket.AF_INET6
+    return None, [f"{'! ' if negated else ''}{option} {socket.inet_ntop(kind, address)}/"
+                  f"{socket.inet_ntop(kind, mask)}"]
+
+
+def _masked(networks: dict, family: int, address: bytes, mask: bytes, negated: bool,
+            option: str) -> tuple[str | None, list]:
+    if mask == _FULL[family]:
+        return _address(family, address, mask, negated, option)
+    key = (address, mask, negated, option)
+    found = networks.get(key)
+    if found is None:
+        found = networks[key] = _address(family, address, mask, negated, option)
+    return found
+
+
+def decode_ip(raw: bytes, family: int, networks: dict | None = None) -> tuple:
+    """The address part of one entry (a pure function of its bytes): (goto, source,
+    source_negated, destination, destination_negated, protocol, unknown). ``networks``:
+    the read's memo of prefixes by (address, mask) (a pod CIDR, 127.0.0.0/8 repeat)."""
+    if networks is None:
+        networks = {}
+    if family == 4 and raw[16:80] == _NO_INTERFACES and not raw[83]:
+        # No interface and nothing inverted (most of kube-proxy's rules): addresses with
+        # whole masks, a protocol, maybe a goto.
+        smsk, dmsk = raw[8:12], raw[12:16]
+        if (smsk == b"\xff\xff\xff\xff" or smsk == b"\0\0\0\0") and (dmsk == b"\xff\xff\xff\xff" or dmsk == b"\0\0\0\0") \
+                and not raw[82] & ~IPT_F_GOTO:
+            proto = raw[80] | raw[81] << 8
+            name = PROTOCOLS.get(proto, str(proto)) if proto else None
+            if name is None or name in FIELD_PROTOCOLS:
+                return (bool(raw[82]), f"{socket.inet_ntop(socket.AF_INET, raw[0:4])}/32" if smsk[0] else None, False,
+                        f"{socket.inet_ntop(socket.AF_INET, raw[4:8])}/32" if dmsk[0] else None, False, name, ())
+    if family == 4:
+        src, dst, smsk, dmsk, iniface, outiface, inmask, outmask, proto, flags, inv = _IP4.unpack_from(raw)
+        goto = bool(flags & IPT_F_GOTO)
+    else:
+        src, dst, smsk, dmsk, iniface, outiface, inmask, outmask, proto, _tos, flags, inv = _IP6.unpack_from(raw)
+        goto = bool(flags & IP6T_F_GOTO)
+    unknown: list[str] = []
+    source = destination = protocol = None
+    source_negated, destination_negated = bool(inv & INV_SRCIP), bool(inv & INV_DSTIP)
+    zero = _ZERO[family]
+    if smsk != zero:
+        source, more = _masked(networks, family, src, smsk, source_negated, "-s")
+        unknown += more
+    else:
+        source_negated = False
+    if dmsk != zero:
+        destination, more = _masked(networks, family, dst, dmsk, destination_negated, "-d")
+        unknown += more
+    else:
+        destination_negated = False
+    for name, mask, bit, option in ((iniface, inmask, INV_VIA_IN, "-i"), (outiface, outmask, INV_VIA_OUT, "-o")):
+        if mask[:1] != b"\0" or name[:1] != b"\0":
+            unknown.append(f"{'! ' if inv & bit else ''}{option} {_interface(name, mask)}")
+    if proto:
+        name = PROTOCOLS.get(proto, str(proto))
+        if inv & INV_PROTO or name not in FIELD_PROTOCOLS:
+            unknown.append(f"{'! ' if inv & INV_PROTO else ''}-p {name}")
+        else:
+            protocol = name
+    if family == 4 and flags & IPT_F_FRAG:
+        unknown.append(f"{'! ' if inv & INV_FRAG else ''}-f")
+    return goto, source, source_negated, destination, destination_negated, protocol, tuple(unknown)
+
+
+_HEAD, _START, _END = "head", "start", "end"  # kinds of special offsets
+_DEFAULT = IptablesRule("")
+_TARGET, _TO_DESTINATION = 0, IptablesRule._fields.index("to_destination")
+_DESTINATION_IN_MIDDLE = _TO_DESTINATION - 7  # its place among the fields between protocol and unknown
+_NAT_RANGE = struct.Struct("=I16s16s2s2s")  # nf_nat_range(2): flags, min_addr, max_addr, min_proto, max_proto
+_MAPPED_AND_PORTED = xtables.NF_NAT_RANGE_MAP_IPS | xtables.NF_NAT_RANGE_PROTO_SPECIFIED
+
+
+def decode_piece(raw: bytes, is_target: bool, family: int) -> tuple[tuple, tuple]:
+    """One xt_entry_match / xt_entry_target (header and data) as what it sets:
+    ((field index, value), ...) and its unknown texts; a pure function of the bytes.
+    Applied in order, pieces make the rule the nft source makes of the same compat
+    expressions (its appliers only ever set fields and add unknowns)."""
+    if len(raw) < XT_HEADER:
+        raise BlobError(f"a {'target' if is_target else 'match'} of {len(raw)} bytes")
+    _size, name_raw, revision = _XT_HEADER.unpack_from(raw)
+    name = sys.intern(name_raw.split(b"\0", 1)[0].decode("ascii", "replace"))
+    data = raw[XT_HEADER:]
+    if is_target and name == "DNAT" and revision in (1, 2) and len(data) >= _NAT_RANGE.size:
+        flags, low, high, port_low, port_high = _NAT_RANGE.unpack_from(data)
+        if flags == _MAPPED_AND_PORTED and low == high and port_low == port_high:
+            # kube-proxy's one DNAT per endpoint (one address, one port, no flag): what the
+            # nft source's applier makes of it, in one step, since every endpoint has its own.
+            port = int.from_bytes(port_low, "big")
+            if family == 4:
+                text = f"{socket.inet_ntop(socket.AF_INET, low[:4])}:{port}"
+            else:
+                address = socket.inet_ntop(socket.AF_INET6, low)
+                if "." in address:
+                    address = xtables._addr(low, 6)
+                text = f"[{address}]:{port}"
+            return ((_TARGET, name), (_TO_DESTINATION, text)), ()
+    try:
+        if is_target:
+            decoded = xtables.decode_target(name, revision, data, family)
+        else:
+            decoded = xtables.decode_match(name, revision, data, family)
+    except xtables.XtablesError as err:
+        decoded = xtables.Unknown(f"{name} ({err})", revision)
+    d = _Decoding(family)
+    if is_target:
+        _apply_target(d, name, decoded)
+    else:
+        _apply_match(d, decoded)
+    rule = d.rule()
+    sets = tuple((i, value) for i, (value, default) in enumerate(zip(rule, _DEFAULT))
+                 if i != _UNKNOWN and value != default)
+    return sets, rule.unknown
+
+
+def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tuple:
+    """An entry's matches (``raw[:matches_end]``) and named target (the rest, if any) as
+    (target, the rule's fields between protocol and unknown, unknown, the fields after).
+    ``pieces``: the read's memo of ``decode_piece`` by bytes."""
+    fields = list(_DEFAULT)
+    unknown: tuple = ()
+    at, end = 0, len(raw)
+    while at < end:
+        if at + XT_HEADER > end:
+            raise BlobError("a match or target header past the entry's end")
+        size = _U16.unpack_from(raw, at)[0]
+        stop = at + size
+        if size < XT_HEADER or stop > end or (at < matches_end < stop):
+            raise BlobError(f"a match or target of {size} bytes where {end - at} are left")
+        is_target = at >= matches_end
+        key = raw[at:stop]
+        piece = pieces.get((key, is_target))
+        if piece is None:
+            piece = decode_piece(key, is_target, family)
+            if not (is_target and key[2:7] == b"DNAT\0"):  # one per endpoint: nothing to share
+                pieces[(key, is_target)] = piece
+        for index, value in piece[0]:
+            fields[index] = value
+        if piece[1]:
+            unknown += piece[1]
+        at = stop
+    return fields[_TARGET], tuple(fields[7:_UNKNOWN]), unknown, tuple(fields[_UNKNOWN + 1:])
+
+
+def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict[int, int],
+                 underflows: dict[int, int], memo: BlobMemo | None = None) -> Chains:
+    """The chains of one table: its entries are ``blob[base:base + size]`` (the getsockopt's
+    buffer, read in place). ``hooks`` / ``underflows``: hook number -> entry offset, from
+    the table's info. Raises ``BlobError``."""
+    if len(blob) < base + size:
+        raise BlobError(f"{len(blob) - base} bytes of entries where the table's info says {size}")
+    view = memoryview(blob)[base:base + size]
+    # Hundreds of thousands of small objects and no cycles: the cyclic collector would walk
+    # them again and again for nothing (as in parse_save).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _decode(blob, base, view, size, family, hooks, underflows, memo or BlobMemo())
+    except BlobError:
+        raise
+    except (struct.error, IndexError, ValueError, UnicodeError) as err:  # bytes past any reason
+        raise BlobError(f"entries not understood: {err}") from None
+    finally:
+        view.release()  # the caller may free (or resize) its buffer at once
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _user_chain_heads(blob: bytearray, base: int, view: memoryview, size: int, family: int) -> dict[int, str]:
+    """Head offset -> chain name of every user chain, found by the ERROR target that heads
+    it (one byte search; the walk checks each lies on an entry). The table's own end
+    marker is an ERROR entry too, and heads nothing."""
+    entry = ENTRY_SIZE[family]
+    heads: dict[int, str] = {}
+    end = base + size
+    last = size - entry - ERROR_TARGET_SIZE
+    at = blob.find(_ERROR_HEAD, base, end)
+    while at >= 0:
+        head = at - base - entry
+        if 0 <= head < last:
+            name = bytes(view[head + entry + XT_HEADER:head + entry + ERROR_TARGET_SIZE]).split(b"\0", 1)[0]
+            heads[head] = sys.intern(name.decode("utf-8", "replace"))
+        at = blob.find(_ERROR_HEAD, at + 1, end)
+    return heads
+
+
+def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int, hooks: dict[int, int],
+            underflows: dict[int, int], memo: BlobMemo) -> Chains:
+    entry_size, ip_size, offsets_at = ENTRY_SIZE[family], IP_PART[family], OFFSETS_AT[family]
+    end_marker = size - entry_size - ERROR_TARGET_SIZE
+    if end_marker < 0:
+        raise BlobError(f"{size} bytes: too short for a table")
+    unpack_offsets = _OFFSETS.unpack_from
+    unpack_verdict = _VERDICT.unpack_from
+    # Offsets where something other than a rule is, in one dict the hot loop asks once: a user
+    # chain's head (its name), a built-in chain's start, the table's end. (A built-in chain's
+    # policy is looked up only on a verdict outside user chains.)
+    special: dict[int, object] = _user_chain_heads(blob, base, view, size, family)
+    heads_count = len(special)
+    head_size = entry_size + ERROR_TARGET_SIZE
+    chain_at = {head + head_size: name for head, name in special.items()}  # where a jump lands -> its chain
+    special[end_marker] = (_END, "")
+    for hook, offset in hooks.items():
+        special[offset] = (_START, HOOK_NAMES[hook])
+    policies = {offset: HOOK_NAMES[hook] for hook, offset in underflows.items()}
+    ip_memo, body_memo, last_ip, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
+    pieces: dict = {}  # this read's decoded matches, targets and prefixes, by their bytes
+    masks_at, masks_end = (8, 16) if family == 4 else (32, 64)  # smsk, dmsk
+    no_masks = bytes(masks_end - masks_at)
+    chains: dict[str, list] = {}
+    rules: list | None = None  # the open chain's rules; None between chains
+    name = ""
+    user = False
+    met_heads = met_starts = met_policies = 0
+    off = 0
+    while off < size:
+        if off + entry_size > size:
+            raise BlobError(f"an entry at offset {off} runs past the table's end ({size} bytes)")
+        target_offset, next_offset = unpack_offsets(view, off + offsets_at)
+        nxt = off + next_offset
+        if target_offset < entry_size or next_offset < target_offset + XT_HEADER or nxt > size or next_offset & 7:
+            raise BlobError(f"the entry at offset {off} has offsets no kernel writes "
+                            f"(target at +{target_offset}, next at +{next_offset})")
+        target_at = off + target_offset
+        mark = special.get(off)
+        if mark is not None:
+            if mark.__class__ is str:  # a user chain's head
+                kind, mark = _HEAD, (_HEAD, mark)
+            else:
+                kind = mark[0]
+            if kind is _HEAD or kind is _START:
+                if rules is not None:
+                    raise BlobError(f"chain {name} has no end before chain {mark[1]}")
+                name, user = mark[1], kind is _HEAD
+                if name in chains:
+                    raise BlobError(f"chain {name} twice")
+                rules = chains[name] = []
+                if user:
+                    met_heads += 1
+                    off = nxt
+                    continue
+                met_starts += 1
+            elif kind is _END:
+                if view[target_at + 2:target_at + 8] != b"ERROR\0":
+                    raise BlobError("no end marker (the table is cut short)")
+                if rules is not None:
+                    raise BlobError(f"chain {name} has no end before the table's")
+                off = nxt
+                break
+        if rules is None:
+            raise BlobError(f"an entry at offset {off} outside any chain")
+        if view[target_at + 2] == 0:  # the standard target: a verdict
+            if next_offset - target_offset != STANDARD_TARGET_SIZE:
+                raise BlobError(f"the standard target at offset {target_at} is not {STANDARD_TARGET_SIZE} bytes")
+            verdict = unpack_verdict(view, target_at + XT_HEADER)[0]
+            if user:
+                if verdict == -5 and target_offset == entry_size and (nxt == end_marker or special.get(nxt).__class__ is str):
+                    rules = None  # a user chain's closing RETURN: its end, not a rule
+                    off = nxt
+                    continue
+            elif off in policies:  # a built-in chain's policy: its end, not a rule
+                if policies[off] != name or verdict not in (-1, -2):
+                    raise BlobError(f"the policy of {policies[off]} at offset {off} is not one")
+                met_policies += 1
+                rules = None
+                off = nxt
+                continue
+            if verdict >= 0:
+                if verdict == nxt:
+                    target = ""  # no -j: the rule only counts
+                else:
+                    target = chain_at.get(verdict)
+                    if target is None:
+                        raise BlobError(f"the rule at offset {off} jumps to offset {verdict}, where no chain starts")
+            else:
+                target = VERDICTS.get(verdict)
+                if target is None:
+                    raise BlobError(f"the rule at offset {off} has verdict {verdict}, not one iptables writes")
+            body_raw = bytes(view[off + entry_size:target_at])
+            body_key = body_raw
+        else:
+            target = None
+            body_raw = bytes(view[off + entry_size:nxt])
+            body_key = (body_raw,)  # apart from a standard rule's matches that happen to read alike
+        ip_raw = bytes(view[off:off + ip_size])
+        if ip_raw[masks_at:masks_end] != no_masks:
+            ip = decode_ip(ip_raw, family, pieces)  # an address: this rule's own (a Service's, an endpoint's)
+        else:
+            ip = ip_memo.get(ip_raw)
+            if ip is None:
+                ip = last_ip.get(ip_raw)
+                if ip is None:
+                    ip = decode_ip(ip_raw, family, pieces)
+                    memo.decoded += 1
+                ip_memo[ip_raw] = ip
+        matches_end = target_offset - entry_size
+        body = None
+        if b"comment\0" in body_raw:
+            # A comment: this rule's own (one per Service), composed from the read's pieces and
+            # not kept; only shapes that repeat stay in the memo.
+            body = decode_body(body_raw, matches_end, family, pieces)
+        elif target is None and body_raw[matches_end + 2:matches_end + 7] == b"DNAT\0":
+            # kube-proxy's DNAT, one per endpoint: its matches are a shape that repeats (kept as
+            # a standard rule's would be), its one address and port are set on them.
+            dnat = decode_piece(body_raw[matches_end:], True, family)
+            if len(dnat[0]) == 2 and not dnat[1]:  # (target, DNAT), (to_destination, text)
+                matches = body_raw[:matches_end]
+                body = body_memo.get(matches)
+                if body is None:
+                    body = last_body.get(matches)
+                    if body is None:
+                        body = decode_body(matches, matches_end, family, pieces)
+                        memo.decoded += 1
+                    body_memo[matches] = body
+                middle = body[1]
+                body = ("DNAT", middle[:_DESTINATION_IN_MIDDLE] + (dnat[0][1][1],)
+                        + middle[_DESTINATION_IN_MIDDLE + 1:], body[2], body[3])
+            else:
+                body = decode_body(body_raw, matches_end, family, pieces)
+        if body is None:
+            body = body_memo.get(body_key)
+            if body is None:
+                body = last_body.get(body_key)
+                if body is None:
+                    body = decode_body(body_raw, matches_end, family, pieces)
+                    memo.decoded += 1
+                body_memo[body_key] = body
+        goto, source, source_negated, destination, destination_negated, protocol, ip_unknown = ip
+        rules.append(_new_rule(IptablesRule, (target if target is not None else body[0], goto, source,
+                                              source_negated, destination, destination_negated, protocol)
+                               + body[1] + ((ip_unknown + body[2] if ip_unknown else body[2]),) + body[3]))
+        off = nxt
+    else:
+        raise BlobError("no end marker (the table is cut short)")
+    if off != size:
+        raise BlobError(f"entries past the end marker ({size - off} bytes)")
+    if met_heads != heads_count:
+        raise BlobError(f"{heads_count - met_heads} chain head(s) between entries")
+    if met_starts != len(hooks) or met_policies != len(policies):
+        raise BlobError("a built-in chain's start or policy is not where the table's info says")
+    return {chain: tuple(chain_rules) for chain, chain_rules in chains.items()}

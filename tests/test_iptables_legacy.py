@@ -1,0 +1,372 @@
+"""The iptables-legacy source on the real kernel: x_tables in a network namespace of the test's own.
+
+Rules (kube-proxy's own fixtures in tests/fixtures/iptables/, tests/ipt_rulesets.py's
+newest iptables layout, tests/test_iptables_netlink.py's every option) are loaded with
+`iptables-legacy-restore` inside the namespace; the source runs in a thread that joined
+it (``IptNS.run``), so its getsockopt socket and /proc/thread-self/net are the
+namespace's. What it decodes from the kernel's blob must equal ``parse_save`` of
+`iptables-legacy-save` on the same tables, rule by rule; a blob cut short or with bytes
+changed must come out as one line, never a traceback or a part of the table.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from exporter.paths import Paths
+from exporter.readers import iptables_legacy
+from exporter.readers.iptables_blob import BlobError, decode_table
+from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
+from exporter.readers.iptables_rules import IptablesRule
+from exporter.readers.iptables_save import parse_save
+from tests.ipt_rulesets import IptNS, bench_services, chain_name, generated_services, generated_services_v6
+from tests.test_iptables_netlink import EVERY_OPTION
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "iptables"
+
+
+@pytest.fixture
+def ns():
+    with IptNS() as namespace:
+        yield namespace
+
+
+def legacy_tables(ns: IptNS) -> list[str]:
+    """The legacy tables the namespace's kernel lists, both families."""
+    return ns.run(lambda: [open(f"/proc/thread-self/net/{name}").read().split()
+                           for name in ("ip_tables_names", "ip6_tables_names")])
+
+
+def test_no_legacy_tables_is_no_signal_and_asking_creates_none(ns):
+    source = IptablesLegacySource(Paths())
+    assert ns.run(source.change_signal) == ()
+    assert ns.run(source.present) is False
+    assert ns.run(source.read) == []
+    # Asking the table info getsockopt for a table that is not there would create it
+    # (and make iptables-nft warn "iptables-legacy tables present" ever after).
+    assert legacy_tables(ns) == [[], []]
+
+
+def test_signal_and_presence_come_from_the_kernel(ns):
+    source = IptablesLegacySource(Paths())
+    ns.load(generated_services(), 4, backend="legacy")
+    signal = ns.run(source.change_signal)
+    assert [(i.family, i.table) for i in signal] == [(4, "nat"), (4, "filter")]
+    assert all(i.entries > 5 and i.size > 0 for i in signal)
+    assert ns.run(source.present) is True
+    # One more rule: the entry count and size move.
+    ns.iptables("-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.0.0.99/32", "-j", "RETURN", backend="legacy")
+    moved = ns.run(source.change_signal)
+    nat_before, nat_after = signal[0], moved[0]
+    assert nat_after.entries == nat_before.entries + 1 and nat_after.size > nat_before.size
+    ns.load(generated_services_v6(), 6, backend="legacy")
+    assert {(i.family, i.table) for i in ns.run(source.change_signal)} == {(4, "nat"), (4, "filter"),
+                                                                        (6, "nat"), (6, "filter")}
+
+
+def test_rules_of_the_nft_backend_or_other_chains_are_not_legacy_presence(ns):
+    source = IptablesLegacySource(Paths())
+    ns.load(generated_services(), 4, backend="nft")
+    assert ns.run(source.present) is False
+    assert legacy_tables(ns) == [[], []]
+    # A legacy nat table of someone else's (a CNI's chain) is there, but not kube-proxy's.
+    ns.iptables("-t", "nat", "-N", "CNI-HOSTPORT-DNAT", backend="legacy")
+    # Four built-in chains, the table's end, and a user chain's head and return: 7 entries.
+    (nat,) = [i for i in ns.run(source.change_signal) if i.table == "nat"]
+    assert (nat.family, nat.entries) == (4, 7)
+    assert ns.run(source.present) is False
+    ns.iptables("-t", "nat", "-N", "KUBE-SERVICES", backend="legacy")
+    assert ns.run(source.present) is True
+
+
+def _read_error(ns: IptNS, source: IptablesLegacySource) -> str:
+    def attempt():
+        try:
+            source.read()
+        except LegacyReadError as err:
+            return str(err)
+        return None
+
+    said = ns.run(attempt)
+    assert said is not None, "the read did not fail"
+    assert "\n" not in said and "Traceback" not in said
+    return said
+
+
+@pytest.fixture
+def legacy_ns(ns):
+    ns.load(generated_services(), 4, backend="legacy")
+    return ns
+
+
+def test_without_cap_net_admin_the_signal_says_so(legacy_ns):
+    """As the DaemonSet runs (uid 0, capabilities dropped): the getsockopts are refused with
+    EPERM, and the reason names the capability; NET_ADMIN alone reads the rules (no raw
+    socket, so no NET_RAW)."""
+    code = textwrap.dedent("""
+        from exporter.paths import Paths
+        from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
+        source = IptablesLegacySource(Paths())
+        try:
+            source.change_signal()
+            print("SIGNAL")
+            print("READ", len(source.read()))
+        except LegacyReadError as err:
+            print("ERROR", err)
+    """)
+
+    def run(*caps: str) -> str:
+        keep = ",".join(["-all", *(f"+{c}" for c in caps)])
+        done = subprocess.run(["nsenter", f"--net={legacy_ns.path}", "setpriv", f"--inh-caps={keep}",
+                               f"--ambient-caps={keep}", f"--bounding-set={keep}", sys.executable, "-c", code],
+                              capture_output=True, text=True, cwd=REPO, check=True)
+        return done.stdout.strip()
+
+    assert run() == ("ERROR ip_tables table nat: permission denied (the x_tables getsockopts need "
+                     "CAP_NET_ADMIN)")
+    assert run("net_raw") == run()
+    assert run("net_admin") == "SIGNAL\nREAD 1"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_read_parses_both_families_and_reuses_them_until_the_signal_moves(ns):
+    ns.load(generated_services(), 4, backend="legacy")
+    ns.load(generated_services_v6(), 6, backend="legacy")
+    clock = Clock()
+    source = IptablesLegacySource(Paths(), clock=clock)
+    first = ns.run(source.read)
+    assert source.reread and [r.family for r in first] == [4, 6]
+    assert [set(r.tables) for r in first] == [{"nat", "filter"}, {"nat", "filter"}]
+    nat = first[0].tables["nat"]
+    assert "KUBE-SERVICES" in nat and any(name.startswith("KUBE-SEP-") for name in nat)
+    # Nothing moved: the same rulesets, no table fetched.
+    assert ns.run(source.read) is first and not source.reread
+    # A rule added: the signal moved, the tables are read again.
+    ns.iptables("-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.0.0.99/32", "-j", "RETURN", backend="legacy")
+    second = ns.run(source.read)
+    assert source.reread and second is not first
+    assert second[0].tables["nat"]["KUBE-SERVICES"][-1].destination == "10.0.0.99/32"
+
+
+def test_a_change_that_keeps_count_and_size_is_read_at_the_bounded_rate(ns):
+    """An endpoint's address replaced by another: the table info does not move, so the
+    source reads again only once ``reread_interval`` has passed."""
+    ns.load(generated_services(), 4, backend="legacy")
+    clock = Clock()
+    source = IptablesLegacySource(Paths(), clock=clock, reread_interval=60.0)
+    first = ns.run(source.read)
+    signal = ns.run(source.change_signal)
+    sep = next(name for name in first[0].tables["nat"] if name.startswith("KUBE-SEP-")
+               and first[0].tables["nat"][name][-1].to_destination == "10.180.0.1:80")
+    rules = ns.save(4, "legacy", "nat")
+    ns.iptables(backend="legacy", tool="-restore", input=rules.replace("10.180.0.1:80", "10.180.0.5:80"))
+    assert ns.run(source.change_signal) == signal, "the swap moved the signal: this test proves nothing"
+    clock.now += 59
+    assert ns.run(source.read) is first and not source.reread
+    clock.now += 2
+    again = ns.run(source.read)
+    assert source.reread and again[0].tables["nat"][sep][-1].to_destination == "10.180.0.5:80"
+
+
+# --- the kernel's blob, decoded ----------------------------------------------------------------
+
+def assert_decodes_as_saved(ns: IptNS, families=(4, 6)) -> dict:
+    """The source's read equals ``parse_save`` of `ip(6)tables-legacy-save`, chain by chain,
+    rule by rule; returns the read by family."""
+    read = {ruleset.family: ruleset for ruleset in ns.run(IptablesLegacySource(Paths()).read)}
+    assert sorted(read) == sorted(families)
+    for family in families:
+        [saved] = parse_save(ns.save(family, "legacy"), family)
+        assert set(read[family].tables) == set(saved.tables)
+        for table, chains in saved.tables.items():
+            assert set(read[family].tables[table]) == set(chains), table
+            for chain, rules in chains.items():
+                assert read[family].tables[table][chain] == rules, f"IPv{family} {table} {chain}"
+    return read
+
+
+def test_generated_rules_decode_as_iptables_legacy_save_prints_them(ns):
+    ns.load(generated_services(), 4, backend="legacy")
+    ns.load(generated_services_v6(), 6, backend="legacy")
+    read = assert_decodes_as_saved(ns)
+    svc5 = generated_services()[2]
+    sep = chain_name(svc5, "SEP", svc5.endpoints[0])
+    assert read[4].tables["nat"][sep][1] == IptablesRule(
+        "DNAT", protocol="tcp", recent_name=sep, recent_mode="set", comment="ns5/svc5:p80",
+        to_destination="10.180.0.3:80")
+    v6 = generated_services_v6()[0]
+    assert read[6].tables["nat"][chain_name(v6, "SEP", v6.endpoints[0])][1].to_destination == "[fd00:10::1]:80"
+
+
+def test_kube_proxys_fixtures_decode_as_saved(ns):
+    ns.restore((FIXTURES / "overall.rules").read_text(), 4, "legacy")
+    ns.restore((FIXTURES / "localhost-nodeports-ipv6.rules").read_text(), 6, "legacy")
+    read = assert_decodes_as_saved(ns)
+    assert len(read[4].tables["nat"]) > 20 and "KUBE-NODEPORTS" in read[6].tables["nat"]
+
+
+def test_nodeport_addresses_fixture_decodes_as_saved(ns):
+    ns.restore((FIXTURES / "nodeport-addresses.rules").read_text(), 4, "legacy")
+    assert_decodes_as_saved(ns, families=(4,))
+
+
+def test_every_option_decodes_as_saved(ns):
+    for family, text in EVERY_OPTION.items():
+        ns.restore(text, family, "legacy")
+    read = assert_decodes_as_saved(ns)
+    test = read[4].tables["nat"]["KUBE-TEST"]
+    assert test[1].goto and test[1].source_negated and test[1].source == "10.0.0.0/8"
+    assert test[17].unknown == ("-i eth0",) and test[24].unknown == ("! -i eth+", "-o lo")
+    assert read[4].tables["filter"]["KUBE-F"][1].reject_with == "icmp-host-unreachable"
+
+
+def test_large_cluster_rules_without_comments_decode_as_saved(ns):
+    ns.load(bench_services(220, 5), 4, backend="legacy")  # 1,100 endpoints: kube-proxy drops the comments
+    assert_decodes_as_saved(ns, families=(4,))
+
+
+def test_an_unknown_match_lands_in_unknown(ns):
+    ns.iptables("-t", "nat", "-N", "KUBE-X", backend="legacy")
+    ns.iptables("-t", "nat", "-A", "KUBE-X", "-m", "length", "--length", "100:200", "-j", "RETURN", backend="legacy")
+    read = ns.run(IptablesLegacySource(Paths()).read)
+    assert read[0].tables["nat"]["KUBE-X"] == (IptablesRule("RETURN", unknown=("-m length",)),)
+
+
+def _fetch(ns: IptNS, table: str = "nat", family: int = 4) -> iptables_legacy.TableBlob:
+    def fetch():
+        with iptables_legacy._socket(family) as sock:
+            return iptables_legacy.fetch_table(sock, family, table)
+
+    return ns.run(fetch)
+
+
+def _decode(blob: iptables_legacy.TableBlob, buffer: bytes | bytearray | None = None, size: int | None = None):
+    head = iptables_legacy._GET_ENTRIES_HEAD.size
+    return decode_table(bytearray(blob.buffer if buffer is None else buffer), head,
+                        blob.info.size if size is None else size, blob.info.family, blob.hooks, blob.underflows)
+
+
+def test_a_cut_blob_is_one_reason_never_a_part_of_the_table(legacy_ns):
+    blob = _fetch(legacy_ns)
+    whole = _decode(blob)
+    assert "KUBE-SERVICES" in whole
+    head, size = iptables_legacy._GET_ENTRIES_HEAD.size, blob.info.size
+    for cut in (0, 1, 111, 112, size // 3, size // 2, size - 64, size - 1):
+        # Fewer bytes than the info says, or the info agreeing with the cut: both refused.
+        for buffer, claimed in ((blob.buffer[:head + cut], size), (blob.buffer[:head + cut], cut)):
+            with pytest.raises(BlobError) as caught:
+                _decode(blob, buffer, claimed)
+            assert "\n" not in str(caught.value) and str(caught.value), cut
+
+
+def test_a_corrupt_blob_is_one_reason_or_a_whole_table(legacy_ns):
+    """Bytes changed at random: either the decode says why in one line, or it reads a whole
+    table (a changed address or port still makes a table); nothing else escapes."""
+    blob = _fetch(legacy_ns)
+    rng = random.Random(14)
+    refused = 0
+    for _ in range(300):
+        buffer = bytearray(blob.buffer)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(iptables_legacy._GET_ENTRIES_HEAD.size, len(buffer))
+            buffer[at] = rng.randrange(256)
+        try:
+            chains = _decode(blob, buffer)
+        except BlobError as err:
+            refused += 1
+            assert str(err) and "\n" not in str(err)
+        else:
+            assert isinstance(chains, dict) and all(isinstance(rules, tuple) for rules in chains.values())
+    assert refused > 10  # offsets, sizes and verdicts were hit, and said so
+
+
+def test_the_source_names_a_blob_it_cannot_decode(legacy_ns, monkeypatch):
+    real = iptables_legacy.fetch_table
+
+    def cut(sock, family, table, tries=3):
+        blob = real(sock, family, table, tries)
+        return blob._replace(buffer=blob.buffer[:len(blob.buffer) // 2])
+
+    monkeypatch.setattr(iptables_legacy, "fetch_table", cut)
+    said = _read_error(legacy_ns, IptablesLegacySource(Paths()))
+    assert said.startswith("ip_tables table nat: the kernel's blob not understood: ")
+
+
+def test_a_reread_decodes_no_repeated_shape_again(ns):
+    """One endpoint's address swapped: the next read takes every repeated shape (the address
+    parts without an address, the matches-and-targets without a comment or DNAT) from the
+    source's memo, decodes the rest from its pieces, and is the save's again."""
+    ns.load(generated_services(), 4, backend="legacy")
+    source = IptablesLegacySource(Paths(), reread_interval=0.0)
+    ns.run(source.read)
+    first = source.decoded
+    rules = ns.save(4, "legacy", "nat")
+    ns.iptables(backend="legacy", tool="-restore", input=rules.replace("10.180.0.1:80", "10.180.0.5:80"))
+    ns.run(source.read)
+    assert first > 10 and source.decoded == 0, (first, source.decoded)
+    assert_decodes_as_saved(ns, families=(4,))
+    # A shape not met before (a new kind of rule) is decoded, once.
+    ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-p", "udp", "-m", "udp", "--sport", "4242", "-j", "RETURN",
+                backend="legacy")
+    ns.run(source.read)
+    assert source.decoded == 1  # its body (-m udp --sport 4242, a verdict); -p udp was met before
+
+
+# --- IptablesDataplane over the legacy backend -------------------------------------------------
+
+def test_the_dataplane_reads_nothing_while_nothing_changed(legacy_ns):
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    clock = Clock()
+    legacy = IptablesLegacySource(Paths(), clock=clock, keep=False)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
+    first = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert first.backend == "legacy" and first.reread and legacy.reread
+    assert first.read.table and not first.read.unread
+    clock.now += 20  # within the re-read interval
+    again = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert not again.reread and not legacy_ns.run(legacy.due), "the tables were read with nothing changed"
+    assert again.read is first.read and again.tables == first.tables
+    assert again.read_seconds < first.read_seconds
+    # A change: read and resolved again.
+    legacy_ns.iptables("-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.0.0.99/32", "-j", "RETURN", backend="legacy")
+    clock.now += 1  # past the scrape window, well within the re-read interval
+    moved = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert moved.reread and legacy.reread and moved.read is not first.read
+
+
+def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    dataplane = ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths()), nft=None))
+    live = ns.run(dataplane.read)
+    assert (live.table, live.rejected, live.unread) == ({}, {}, ())
+
+
+def test_a_legacy_nat_table_flushed_before_the_first_read_is_every_frontend_missing(legacy_ns):
+    """The exporter starts after firewalld flushed the nat table: kube-proxy's filter chains
+    in iptables-legacy say where its rules were, and nothing from iptables-nft hides that."""
+    from exporter.readers.dataplanes import IptablesDataplane
+    from exporter.readers.iptables_netlink import IptablesNftSource
+
+    legacy_ns.iptables("-t", "nat", "-F", backend="legacy")
+    legacy_ns.iptables("-t", "nat", "-X", backend="legacy")
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths(), keep=False),
+                                                        nft=IptablesNftSource()))
+    live = legacy_ns.run(lambda: dataplane.read_rules(0))
+    assert live.backend == "legacy"
+    assert live.read.table == {} and live.read.rejected, "the filter table's REJECTs are still read"
