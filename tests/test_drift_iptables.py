@@ -163,6 +163,20 @@ def test_a_deleted_sep_jump_drifts_after_the_grace_period_and_clears_when_fixed(
     wait_until(lambda: no_drift(ipt_drift.scrape()), what="drift cleared once the rules are right again")
 
 
+def test_a_stale_frontend_is_named_by_its_chain_hash_without_comments(ipt_drift):
+    """kube-proxy writes no comments past 1,000 endpoints: a frontend the API no longer has
+    (a's port at an address it never had) is named from the chain's hash, not a comment."""
+    wait_until(lambda: no_drift(ipt_drift.scrape()), what="no drift at first")
+    svc = chain_name(ipt_drift.port("a"), "SVC")
+    ipt_drift.iptables("-t", "nat", "-I", "KUBE-SERVICES", "1", "-d", "10.96.0.99/32", "-p", "tcp", "-m", "tcp",
+                       "--dport", "80", "-j", svc)
+    # The rule's own comment is absent: only the chain's hash can say whose it is.
+    want = {**dict.fromkeys(KINDS, 0.0), "stale_virtual_server": 1.0, "stale_real_server": 2.0}
+    s = wait_until(lambda: (lambda s: s if drift(s) == want else None)(ipt_drift.scrape()),
+                   timeout=GRACE + 10, what=f"drift {want}")
+    assert services_drifted(s) == {("a", "stale_virtual_server"): 1, ("a", "stale_real_server"): 2}
+
+
 def test_the_nat_table_flushed_is_every_frontend_missing(ipt_drift):
     """firewalld's reload (kubernetes 129128, rke2 10469): the nat table emptied, kube-proxy's
     filter chains left. Drift, loudly, not an unreadable table nor "no kube-proxy here"."""

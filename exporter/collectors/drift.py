@@ -219,6 +219,7 @@ class DriftCollector(Collector):
         self.tracker = DriftTracker(*self._tracker_settings)
         self.differ = TableDiffer()  # per scrape, only what changed is compared again
         self.rules_views = RulesViews()  # nftables/iptables: the desired side in the readers' shape
+        self._chain_names = None  # (store generation, iptables.ChainServices)
         self._said_waiting = False
         self._trimmed = False  # whether malloc's free pages went back after this mode's first diff
         self._stuck_log = RateLimitedLog(log, burst=1, period=600.0)  # once per 10 min while it lasts
@@ -238,7 +239,16 @@ class DriftCollector(Collector):
         self.tracker = DriftTracker(*self._tracker_settings)
         self.differ = TableDiffer()
         self.rules_views = RulesViews()  # of this mode's store
+        self._chain_names = None  # (store generation, iptables.ChainServices)
         self._trimmed = False
+
+    def _chain_services(self, store, generation: int):
+        """The iptables chain names of the store's Services, made again only after a change."""
+        from exporter.readers.iptables import chain_services_for
+
+        if self._chain_names is None or self._chain_names[0] != generation:
+            self._chain_names = (generation, chain_services_for(store.services()))
+        return self._chain_names[1]
 
     def _stop_latency(self) -> None:
         if self.latency is not None:
@@ -281,6 +291,10 @@ class DriftCollector(Collector):
         else:
             desired_table, desired_rejected = snap.table, {}
         yield from desired_metrics(len(desired_table), snap.real_servers)
+        if mode == "iptables":
+            # Its chain names are hashes of the service port names: named from the Services,
+            # never from comments (kube-proxy drops them past 1,000 endpoints).
+            self.dataplane.chain_services = lambda: self._chain_services(store, snap.generation)
         try:
             # Within one scrape the mode's table collector has just read it: shared, not read twice.
             live = self.dataplane.read()

@@ -195,6 +195,11 @@ class ClusterState:
         with self._lock:
             return {key: list(self._service_slices(key)) for key in self._slices_by_service}
 
+    def services(self) -> list[objects.Service]:
+        """Every Service now (a copy of the list; the objects are immutable)."""
+        with self._lock:
+            return list(self._services.values())
+
     def built(self) -> bool:
         return self._built
 
@@ -557,6 +562,9 @@ class KubeStore:
     def snapshot(self) -> DesiredSnapshot:
         snap = self.state.snapshot()
         return snap._replace(synced=snap.synced and self.synced())
+
+    def services(self) -> list[objects.Service]:
+        return self.state.services()
 
     def watch_status(self) -> dict[str, WatchStatus]:
         return {name: r.status() for name, r in self.reflectors.items()}

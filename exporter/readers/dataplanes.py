@@ -147,7 +147,9 @@ class IptablesDataplane(DataplaneReader):
         self.safety_interval = safety_interval
         # Service port names by chain, from the desired model (the drift collector sets it):
         # chain names are hashes, and kube-proxy drops comments past 1,000 endpoints.
-        self.chain_services: dict[str, str] | None = None
+        # A Mapping chain -> namespace/name (iptables.chain_services_for), or a function giving
+        # one, called only when the rules are resolved again.
+        self.chain_services = None
         self._lock = threading.Lock()  # one read at a time; a second caller reuses it
         self._last: IptablesLive | None = None
         self._at = float("-inf")
@@ -251,7 +253,8 @@ class IptablesDataplane(DataplaneReader):
         from exporter.readers.iptables import IptablesRead, NoKubeProxyRules, resolve_rulesets
 
         try:
-            return resolve_rulesets(rulesets, self.chain_services, self._resolver_cache)
+            names = self.chain_services() if callable(self.chain_services) else self.chain_services
+            return resolve_rulesets(rulesets, names, self._resolver_cache)
         except NoKubeProxyRules:
             # No trace of kube-proxy in either backend: every desired frontend missing, as a
             # deleted nftables table is (the nat table flushed and its chains deleted too).

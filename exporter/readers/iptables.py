@@ -57,6 +57,7 @@ from __future__ import annotations
 import base64
 import gc
 import hashlib
+from collections.abc import Mapping
 from typing import Iterable, NamedTuple
 
 from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
@@ -113,18 +114,39 @@ def service_port_name(namespace: str, name: str, port_name: str) -> str:
     return f"{namespace}/{name}:{port_name}" if port_name else f"{namespace}/{name}"
 
 
-def chain_services_for(services: Iterable) -> dict[str, str]:
+class ChainServices(Mapping):
+    """Chain name -> "namespace/name" for the per-Service chains (KUBE-SVC-, -SVL-, -EXT-,
+    -FW-), kept once per service port by its hash: the four chains of a port share it, so
+    a 10,000-Service cluster costs one small dict entry per port, not four names each."""
+
+    __slots__ = ("_by_hash",)
+
+    def __init__(self, by_hash: dict[str, str]) -> None:
+        self._by_hash = by_hash
+
+    def __getitem__(self, chain: str) -> str:
+        prefix, _, digest = chain.rpartition("-")
+        if prefix + "-" not in SERVICE_CHAIN_PREFIXES:
+            raise KeyError(chain)
+        return self._by_hash[digest]
+
+    def __iter__(self):
+        return (prefix + digest for digest in self._by_hash for prefix in SERVICE_CHAIN_PREFIXES)
+
+    def __len__(self) -> int:
+        return len(self._by_hash) * len(SERVICE_CHAIN_PREFIXES)
+
+
+def chain_services_for(services: Iterable) -> ChainServices:
     """Chain name -> "namespace/name" for every per-Service chain (KUBE-SVC-, -SVL-, -EXT-,
     -FW-) the given Services (``exporter.kube.objects.Service``) can have."""
-    out: dict[str, str] = {}
+    by_hash: dict[str, str] = {}
     for service in services:
         key = service.key
         for port in service.ports:
-            digest = port_proto_hash(service_port_name(service.namespace, service.name, port.name),
-                                     port.protocol.lower())
-            for prefix in SERVICE_CHAIN_PREFIXES:
-                out[prefix + digest] = key
-    return out
+            by_hash[port_proto_hash(service_port_name(service.namespace, service.name, port.name),
+                                    port.protocol.lower())] = key
+    return ChainServices(by_hash)
 
 
 class _Resolved(NamedTuple):
@@ -159,7 +181,7 @@ def _destination(text: str) -> tuple[str, int] | None:
 class _Family:
     """One family's rules resolved into the shared result."""
 
-    def __init__(self, ruleset: IptablesRuleset, chain_services: dict[str, str]) -> None:
+    def __init__(self, ruleset: IptablesRuleset, chain_services: Mapping[str, str]) -> None:
         self.family = ruleset.family
         self.where = f"{FAMILY_NAMES.get(ruleset.family, ruleset.family)} nat"
         self.nat: Chains = ruleset.tables.get("nat", {})
@@ -336,7 +358,7 @@ class _Family:
         return _Resolved((), None, (f"chain {chain} has no DNAT",))
 
 
-def resolve_rulesets(rulesets: list[IptablesRuleset], chain_services: dict[str, str] | None = None,
+def resolve_rulesets(rulesets: list[IptablesRuleset], chain_services: Mapping[str, str] | None = None,
                      cache: dict | None = None) -> IptablesRead:
     """What the rules of every family mean for Services.
 
@@ -355,7 +377,7 @@ def resolve_rulesets(rulesets: list[IptablesRuleset], chain_services: dict[str, 
             gc.enable()
 
 
-def _resolve(rulesets: list[IptablesRuleset], chain_services: dict[str, str], cache: dict | None) -> IptablesRead:
+def _resolve(rulesets: list[IptablesRuleset], chain_services: Mapping[str, str], cache: dict | None) -> IptablesRead:
     if not any(name.startswith("KUBE-") for rs in rulesets for table in rs.tables.values() for name in table):
         raise NoKubeProxyRules("no kube-proxy iptables rules (no KUBE- chain in any table)")
     table: Table = {}
