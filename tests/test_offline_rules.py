@@ -327,7 +327,9 @@ def test_iptables_rules_and_mode_conflicts_are_exit_2(workdir, objects_file):
              b"COMMIT\n")
     assert_bad_input(diff(objects_file, b"{}", workdir=workdir, extra=("--proxy-mode", "iptables")),
                      "not iptables-save output")
-    assert_bad_input(run("diff", "--objects", objects_file, "--proxy-mode", "iptables"), "--rules")
+    with IptNS() as empty:  # no kube-proxy rules in either backend: said, not every frontend missing
+        assert_bad_input(run("diff", "--objects", objects_file, "--proxy-mode", "iptables", netns=empty),
+                         "no kube-proxy iptables rules")
     assert_bad_input(diff(objects_file, saved, workdir=workdir, extra=("--proxy-mode", "nftables")), "not JSON")
     assert_bad_input(diff(objects_file, b"{}", workdir=workdir, extra=("--proxy-mode", "ipvs")), "--ipvs")
     ipvs = workdir / "ip_vs"
@@ -377,6 +379,18 @@ def drift_of(proc: subprocess.CompletedProcess) -> dict:
 def test_diff_iptables_save_in_sync_is_exit_0(ipt, workdir):
     done = ipt_diff(OVERALL_OBJECTS, ipt.save(), workdir=workdir)
     assert (done.returncode, drift_of(done)) == (0, {}), done.stderr
+
+
+def test_diff_live_reads_this_hosts_iptables_rules_in_either_backend(ipt):
+    """No --rules: the rules of the backend that holds kube-proxy's, read as the exporter reads
+    them (nf_tables netlink, or the x_tables blob), the mode found by the tables present."""
+    args = ("diff", "--objects", OVERALL_OBJECTS, "--node-name", "test-node", "--output", "json")
+    done = run(*args, netns=ipt)
+    assert (done.returncode, drift_of(done)) == (0, {}), done.stderr
+    assert "iptables" in done.stderr
+    ipt.iptables("-t", "nat", "-D", "KUBE-SERVICES", "1")
+    done = run(*args, netns=ipt)
+    assert (done.returncode, drift_of(done)) == (1, {"missing_virtual_servers": ["TCP 172.30.0.41:80"]}), done.stderr
 
 
 def test_diff_iptables_kube_sep_jump_deleted(ipt, workdir):
