@@ -31,6 +31,23 @@ NODE = "node-drift"
 NODE_IP = "192.0.2.10"
 KINDS = ("missing_virtual_server", "stale_virtual_server", "missing_real_server", "stale_real_server",
          "zero_weight_real_server", "draining_real_server")  # IPVS's; rejected_virtual_server is the rules modes'
+RULES_KINDS = KINDS + ("rejected_virtual_server",)  # nftables and iptables modes
+
+
+def rules_drift(s: dict) -> dict[str, float | None]:
+    """``kubenode_dataplane_drift`` of every kind of the nftables/iptables modes, from one scrape."""
+    return {k: value(s, "kubenode_dataplane_drift", kind=k) for k in RULES_KINDS}
+
+
+def rules_no_drift(s: dict) -> bool:
+    return value(s, "kubenode_collector_success", collector="drift") == 1 and \
+        rules_drift(s) == dict.fromkeys(RULES_KINDS, 0.0)
+
+
+def services_drifted(s: dict) -> dict[tuple[str, str], float]:
+    """(service, kind) -> value of ``kubenode_dataplane_service_drift``."""
+    return {(dict(labels)["service"], dict(labels)["kind"]): v for (name, labels), v in s.items()
+            if name == "kubenode_dataplane_service_drift"}
 
 
 

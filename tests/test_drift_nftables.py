@@ -20,14 +20,13 @@ import pytest
 from tests import apiserver as api_objects
 from tests.apiserver import FakeApiServer
 from exporter.dataplane import SCRAPE_WINDOW
-from tests.drift_rig import NODE, DriftRig, rfc3339, wait_until
+from tests.drift_rig import NODE, DriftRig, rfc3339, services_drifted, wait_until
+from tests.drift_rig import RULES_KINDS as KINDS, rules_drift as drift, rules_no_drift as no_drift
 from tests.helpers import value
 from tests.nft_rulesets import NftNS, ServicePort, endpoints_changed, ruleset
 
 NS = "nftdrift"
 GRACE = 1.0
-KINDS = ("missing_virtual_server", "stale_virtual_server", "missing_real_server", "stale_real_server",
-         "zero_weight_real_server", "draining_real_server", "rejected_virtual_server")
 
 
 def service_port(name: str, cluster_ip: str, endpoints: list[str]) -> ServicePort:
@@ -104,20 +103,6 @@ def nft_drift(tmp_path):
             yield world
         finally:
             world.close()
-
-
-def drift(s: dict) -> dict[str, float | None]:
-    return {k: value(s, "kubenode_dataplane_drift", kind=k) for k in KINDS}
-
-
-def no_drift(s: dict) -> bool:
-    return value(s, "kubenode_collector_success", collector="drift") == 1 and \
-        drift(s) == dict.fromkeys(KINDS, 0.0)
-
-
-def services_drifted(s: dict) -> dict[tuple[str, str], float]:
-    return {(dict(labels)["service"], dict(labels)["kind"]): v for (name, labels), v in s.items()
-            if name == "kubenode_dataplane_service_drift"}
 
 
 def test_rules_as_kube_proxy_writes_them_are_no_drift(nft_drift):
