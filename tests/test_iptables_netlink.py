@@ -12,10 +12,12 @@ Rulesets: tests/ipt_rulesets.py (kube-proxy's newest layout, both families) and
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
 from exporter.readers import xtables
+from exporter.readers.iptables import resolve_rulesets
 from exporter.readers.iptables_netlink import IptablesNftSource
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
 from exporter.readers.iptables_save import parse_save
@@ -65,6 +67,18 @@ def test_generated_rules_read_as_iptables_save_prints_them(ns):
     v6 = ipt_rulesets.generated_services_v6()[0]
     assert read[6].tables["nat"][ipt_rulesets.chain_name(v6, "SEP", v6.endpoints[0])][1].to_destination \
         == "[fd00:10::1]:80"
+
+
+def test_kube_proxys_own_overall_rules_read_and_resolve_as_the_save_text(ns):
+    # tests/fixtures/iptables/overall.rules: kube-proxy's TestOverallIPTablesRules (its header cites it).
+    ns.restore((Path(__file__).parent / "fixtures" / "iptables" / "overall.rules").read_text())
+    read = ns.run(IptablesNftSource().read)
+    assert_reads_as_saved(ns, 4, read[0])
+    resolved, from_text = resolve_rulesets(read), resolve_rulesets(parse_save(ns.save(), 4))
+    # The source gives both families (IPv6 without tables here), the text only IPv4.
+    assert resolved._replace(sizes=None) == from_text._replace(sizes=None)
+    assert resolved.sizes["ipv4"] == from_text.sizes["ipv4"]
+    assert len(resolved.table) == 12 and not resolved.unread
 
 
 def test_large_cluster_rules_without_comments_read_alike(ns):
