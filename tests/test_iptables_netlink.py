@@ -18,7 +18,7 @@ import pytest
 
 from exporter.readers import xtables
 from exporter.readers.iptables import resolve_rulesets
-from exporter.readers.iptables_netlink import IptablesNftSource
+from exporter.readers.iptables_netlink import PER_CHAIN_DUMPS_FROM, IptablesNftSource
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
 from exporter.readers.iptables_save import parse_save
 from tests import ipt_rulesets
@@ -51,10 +51,15 @@ def assert_reads_as_saved(ns: IptNS, family: int, read: IptablesRuleset) -> None
 
 # -- kube-proxy's rules ---------------------------------------------------------
 
-def test_generated_rules_read_as_iptables_save_prints_them(ns):
+# Small tables are dumped whole, large ones chain by chain: both ways on the same rules.
+WAYS = pytest.mark.parametrize("per_chain_dumps_from", [PER_CHAIN_DUMPS_FROM, 0], ids=["whole", "per-chain"])
+
+
+@WAYS
+def test_generated_rules_read_as_iptables_save_prints_them(ns, per_chain_dumps_from):
     ns.load(ipt_rulesets.generated_services(), family=4)
     ns.load(ipt_rulesets.generated_services_v6(), family=6)
-    read = read_tables(ns)
+    read = read_tables(ns, IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from))
     for family in (4, 6):
         assert_reads_as_saved(ns, family, read[family])
     nat4 = read[4].tables["nat"]
@@ -146,10 +151,11 @@ COMMIT
 """}
 
 
-def test_every_option_reads_as_iptables_save_prints_it(ns):
+@WAYS
+def test_every_option_reads_as_iptables_save_prints_it(ns, per_chain_dumps_from):
     for family, text in EVERY_OPTION.items():
         ns.restore(text, family=family)
-    read = read_tables(ns)
+    read = read_tables(ns, IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from))
     for family in (4, 6):
         assert_reads_as_saved(ns, family, read[family])
     test = read[4].tables["nat"]["KUBE-TEST"]
@@ -216,10 +222,11 @@ def test_generation_moves_on_a_change_and_a_known_one_skips_the_dump(ns):
     assert again[0].tables["nat"]["KUBE-MARK-MASQ"][-1] == IptablesRule("RETURN")
 
 
-def test_a_reread_after_one_service_changed_decodes_only_the_new_handles(ns):
+@WAYS
+def test_a_reread_after_one_service_changed_decodes_only_the_new_handles(ns, per_chain_dumps_from):
     services = ipt_rulesets.bench_services(60, 5)
     ns.load(services)
-    source = IptablesNftSource()
+    source = IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from)
     first = read_tables(ns, source)[4]
     total = sum(len(rules) for chains in first.tables.values() for rules in chains.values())
     assert source.decoded == total

@@ -34,6 +34,7 @@ nftables reader's: tests read a namespace of their own from a thread that joined
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -54,6 +55,11 @@ BUILTIN_CHAINS = {"nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"), "filt
 FAMILIES = ((4, NFPROTO_IPV4), (6, NFPROTO_IPV6))
 SERVICES_CHAIN = "KUBE-SERVICES"
 GENERATION_TRIES = 3  # dumps started again when the ruleset changed under one
+# From this many chains in a table its rules are dumped chain by chain: a whole-table dump
+# costs the kernel a quadratic walk (NftNetlink.each_rule), one request per chain costs us a
+# round trip each. Measured here: 1,000 Services x 5 (6,000 nat chains) 0.08 s whole vs
+# 0.23 s per chain; 10,000 (60,000 chains) about 12 s whole.
+PER_CHAIN_DUMPS_FROM = 15000
 
 # Expression attributes (linux/netfilter/nf_tables.h, nf_tables_compat.h).
 NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_BASE, NFTA_PAYLOAD_OFFSET, NFTA_PAYLOAD_LEN = 1, 2, 3, 4
@@ -438,8 +444,9 @@ class IptablesNftSource:
     says how many rules the last read decoded anew (the rest came from the cache).
     """
 
-    def __init__(self, timeout: float = 5.0) -> None:
+    def __init__(self, timeout: float = 5.0, per_chain_dumps_from: int = PER_CHAIN_DUMPS_FROM) -> None:
         self.timeout = timeout
+        self.per_chain_dumps_from = per_chain_dumps_from
         self._caches: dict[tuple[int, str], _TableCache] = {}
         self._last: list[IptablesRuleset] | None = None
         self.last_generation: int | None = None
@@ -497,20 +504,34 @@ class IptablesNftSource:
         cache = self._caches.get((family, table))
         if cache is None or cache.table_handle != found.handle:
             cache = _TableCache(found.handle)
-        chains: dict[str, list[IptablesRule]] = {name: [] for name in BUILTIN_CHAINS[table]}
-        chains.update((chain.name, []) for chain in chain_list)
+        chains: dict[str, tuple[IptablesRule, ...]] = {name: () for name in BUILTIN_CHAINS[table]}
 
         def decode(buf, chain: str, handle: int, exprs, udata) -> IptablesRule:
             return decode_rule(buf, exprs, udata, family, memo)
 
         seen: dict[tuple[str, int], IptablesRule] = {}
-        rules, decoded = nl.each_rule(nfproto, table, decode, cache.rules, seen)
-        # ``seen`` holds one key per rule, in dump order: each rule's chain.
-        for (chain, _handle), rule in zip(seen, rules):
-            listed = chains.get(chain)
-            if listed is None:  # a chain added between the two dumps: the generation check catches it
-                listed = chains[chain] = []
-            listed.append(rule)
+        if len(chain_list) < self.per_chain_dumps_from:
+            rules, decoded = nl.each_rule(nfproto, table, decode, cache.rules, seen)
+            grouped: dict[str, list[IptablesRule]] = {chain.name: [] for chain in chain_list}
+            # ``seen`` holds one key per rule, in dump order: each rule's chain.
+            for (name, _handle), rule in zip(seen, rules):
+                grouped.setdefault(name, []).append(rule)  # a chain new since the chain dump: read again
+            chains.update((name, tuple(listed)) for name, listed in grouped.items())
+            self._keep(family, table, cache, seen)
+            return chains, decoded
+        decoded = 0
+        for chain in chain_list:
+            try:
+                rules, count = nl.each_rule(nfproto, table, decode, cache.rules, seen, chain.name)
+            except NftReadError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+                rules, count = [], 0  # deleted since the chain dump: the generation check reads again
+            chains[chain.name] = tuple(rules)
+            decoded += count
+        self._keep(family, table, cache, seen)
+        return chains, decoded
+
+    def _keep(self, family: int, table: str, cache: _TableCache, seen: dict) -> None:
         cache.rules = seen  # handles gone with their rules leave the cache here
         self._caches[(family, table)] = cache
-        return {name: tuple(rules) for name, rules in chains.items()}, decoded

@@ -451,17 +451,25 @@ class NftNetlink:
         return self.each_rule(family, table, decode, known, known)
 
     def each_rule(self, family: int, table: str, decode, known: dict | None = None,
-                  seen: dict | None = None) -> tuple[list, int]:
-        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table, in
-        chain order (``exprs``/``udata``: (start, end) in ``buf``, or None), and how many
-        rules were decoded anew. ``known`` ((chain, handle) -> decoded) is looked up
-        first; ``seen`` (may be ``known`` itself) gets every rule of this dump."""
+                  seen: dict | None = None, chain_name: str | None = None) -> tuple[list, int]:
+        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table (or of
+        its chain ``chain_name`` alone), in chain order (``exprs``/``udata``: (start, end)
+        in ``buf``, or None), and how many rules were decoded anew. ``known`` ((chain,
+        handle) -> decoded) is looked up first; ``seen`` (may be ``known`` itself) gets
+        every rule of this dump.
+
+        A dump of a whole table costs the kernel a walk from its first rule again for
+        every message it fills (about 30 KB each): quadratic in the rules of a large
+        table. One dump per chain walks only that chain."""
         attrs = _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
+        if chain_name is not None:
+            attrs += _nla(NFTA_RULE_CHAIN, chain_name.encode() + b"\0")
         out = []
         decoded = 0
         unpack = _NLA.unpack_from
         chains: dict[bytes, str] = {}  # one str per chain name, not one per rule
-        for buf, start, end in self._replies(NFT_MSG_GETRULE, family, NLM_F_DUMP, attrs, "the rules"):
+        what = "the rules" if chain_name is None else f"the rules of chain {chain_name}"
+        for buf, start, end in self._replies(NFT_MSG_GETRULE, family, NLM_F_DUMP, attrs, what):
             chain, handle, exprs, udata = "", 0, None, None
             offset = start
             while offset + 4 <= end:  # flat: a large table has tens of thousands of rules
