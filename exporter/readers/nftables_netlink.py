@@ -479,6 +479,9 @@ class NftNetlink:
                 s, e, t = offset + 4, offset + alen, t & 0x3FFF
                 offset += (alen + 3) & ~3
                 if t == NFTA_RULE_CHAIN:
+                    if chain_name is not None:
+                        chain = chain_name  # asked for one chain: no name to decode per rule
+                        continue
                     raw_chain = bytes(buf[s:e])
                     chain = chains.get(raw_chain)
                     if chain is None:
