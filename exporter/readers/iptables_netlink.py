@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import operator
 import socket
 import struct
 
@@ -113,7 +114,16 @@ class _Decoding:
 
 
 def _fields(buf, start: int, end: int) -> dict[int, tuple[int, int]]:
-    return {t: (s, e) for s, e, t in _attrs(buf, start, end)}
+    """attribute type -> (payload start, end): a flat loop, once per distinct expression."""
+    out = {}
+    unpack = _NLA.unpack_from
+    while start + 4 <= end:
+        alen, t = unpack(buf, start)
+        if alen < 4 or start + alen > end:
+            raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+        out[t & 0x3FFF] = (start + 4, start + alen)
+        start += (alen + 3) & ~3
+    return out
 
 
 def _u32(buf, fields: dict, attr: int) -> int | None:
@@ -329,13 +339,9 @@ def _verdict(d: _Decoding, verdict: Verdict) -> None:
 def _expression(raw: bytes, family: int) -> tuple:
     """One expression (its NFTA_EXPR_NAME and NFTA_EXPR_DATA) as a small operation
     tuple: a pure function of its bytes, so a read decodes each distinct one once."""
-    name, data = b"", (len(raw), len(raw))
-    for ps, pe, pt in _attrs(raw, 0, len(raw)):
-        if pt == NFTA_EXPR_NAME:
-            name = raw[ps:pe].rstrip(b"\0")
-        elif pt == NFTA_EXPR_DATA:
-            data = (ps, pe)
-    fields = _fields(raw, *data)
+    outer = _fields(raw, 0, len(raw))
+    name = raw[slice(*outer[NFTA_EXPR_NAME])].rstrip(b"\0") if NFTA_EXPR_NAME in outer else b""
+    fields = _fields(raw, *outer.get(NFTA_EXPR_DATA, (len(raw), len(raw))))
     if name == b"cmp":
         return ("cmp", _u32(raw, fields, NFTA_CMP_SREG), _u32(raw, fields, NFTA_CMP_OP),
                 _value(raw, fields, NFTA_CMP_DATA))
@@ -353,7 +359,7 @@ def _expression(raw: bytes, family: int) -> tuple:
     if name == b"immediate":
         value = _data(raw, *fields[NFTA_IMMEDIATE_DATA]) if NFTA_IMMEDIATE_DATA in fields else None
         if _u32(raw, fields, NFTA_IMMEDIATE_DREG) == NFT_REG_VERDICT and isinstance(value, Verdict):
-            return ("verdict", value)
+            return _effects(family, _verdict, value)
         return ("unknown", "expr immediate")
     if name in (b"match", b"target"):
         xt_name = raw[slice(*fields[NFTA_COMPAT_NAME])].rstrip(b"\0").decode() if NFTA_COMPAT_NAME in fields else ""
@@ -364,8 +370,27 @@ def _expression(raw: bytes, family: int) -> tuple:
             decoded = decoder(xt_name, revision, blob, family)
         except xtables.XtablesError as err:
             decoded = xtables.Unknown(f"{xt_name} ({err})", revision)
-        return ("match", decoded) if name == b"match" else ("target", xt_name, decoded)
+        if name == b"match":
+            return _effects(family, _apply_match, decoded)
+        return _effects(family, _apply_target, xt_name, decoded)
     return ("unknown", f"expr {name.decode('ascii', 'replace')}")
+
+
+_RULE_FIELDS = tuple(name for name in _Decoding.__slots__ if name not in ("family", "unknown", "registers"))
+
+
+def _effects(family: int, apply, *args) -> tuple:
+    """A match, target or verdict as the fields it sets and the unknowns it names: ``apply``
+    run once on a blank rule, so each rule holding the same expression only copies them."""
+    blank = _Decoding(family)
+    apply(blank, *args)
+    fields = tuple((name, value) for name, value, unset in zip(_RULE_FIELDS, _rule_values(blank), _UNSET_VALUES)
+                   if value != unset)
+    return ("set", fields, tuple(blank.unknown))
+
+
+_rule_values = operator.attrgetter(*_RULE_FIELDS)
+_UNSET_VALUES = _rule_values(_Decoding(4))
 
 
 # An expression's name attribute as the kernel writes it first: counters are skipped
@@ -383,6 +408,8 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
     """
     if memo is None:
         memo = {}
+    # Per family: the effects of a match (a recent mask, a DNAT's brackets) depend on it.
+    memo = memo.get(family) or memo.setdefault(family, {})
     d = _Decoding(family)
     registers = d.registers
     unpack = _NLA.unpack_from
@@ -400,16 +427,15 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
         if op is None:
             op = memo[raw] = _expression(raw, family)
         kind = op[0]
-        if kind == "load":
+        if kind == "set":
+            for name, value in op[1]:
+                setattr(d, name, value)
+            if op[2]:
+                d.unknown.extend(op[2])
+        elif kind == "load":
             registers[op[1]] = op[2]
         elif kind == "cmp":
             _compare(d, op[1], op[2], op[3], memo)
-        elif kind == "verdict":
-            _verdict(d, op[1])
-        elif kind == "match":
-            _apply_match(d, op[1])
-        elif kind == "target":
-            _apply_target(d, op[1], op[2])
         elif kind == "bitwise":
             loaded = registers.get(op[1])
             if loaded is not None and op[4] and loaded[0] in ("payload", "meta"):

@@ -19,6 +19,7 @@ revision not known here comes back as ``Unknown``.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from typing import NamedTuple
 
@@ -155,7 +156,12 @@ def _cstring(raw: bytes) -> str:
 
 
 def _addr(raw: bytes, family: int) -> str:
-    return str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw[:16]))
+    # inet_ntop prints as ipaddress does (and is ~10x faster: one DNAT per endpoint), but for
+    # IPv4-mapped IPv6 addresses, which ipaddress prints.
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    text = socket.inet_ntop(socket.AF_INET6, raw[:16])
+    return str(ipaddress.IPv6Address(raw[:16])) if "." in text else text
 
 
 # -- matches ------------------------------------------------------------------
@@ -324,11 +330,13 @@ _NAT_RANGE2_SIZE = (_NAT_RANGE.size + 2 + 3) & ~3  # + base_proto, padded: 44
 def _nat(flags: int, min_addr: bytes, max_addr: bytes, min_port: bytes, max_port: bytes, family: int) -> NatRange:
     mapped = bool(flags & NF_NAT_RANGE_MAP_IPS)
     ported = bool(flags & NF_NAT_RANGE_PROTO_SPECIFIED)
-    extra = tuple(name for bit, name in NF_NAT_FLAGS
-                  if flags & bit and bit not in (NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED))
-    return NatRange(_addr(min_addr, family) if mapped else None, _addr(max_addr, family) if mapped else None,
-                    struct.unpack(">H", min_port)[0] if ported else None,
-                    struct.unpack(">H", max_port)[0] if ported else None, extra)
+    extra = () if not flags & ~(NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED) else tuple(
+        name for bit, name in NF_NAT_FLAGS
+        if flags & bit and bit not in (NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED))
+    low = _addr(min_addr, family) if mapped else None
+    high = (low if max_addr == min_addr else _addr(max_addr, family)) if mapped else None
+    return NatRange(low, high, int.from_bytes(min_port, "big") if ported else None,
+                    int.from_bytes(max_port, "big") if ported else None, extra)
 
 
 def nat_range(blob: bytes, revision: int, family: int, what: str = "DNAT") -> NatRange:
