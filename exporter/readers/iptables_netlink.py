@@ -167,8 +167,9 @@ def _interface(value: bytes) -> str:
     return name if b"\0" in value else name + "+"
 
 
-def _compare(d: _Decoding, sreg: int | None, op: int | None, value: bytes, memo: dict) -> None:
+def _compare(d: _Decoding, cmp: tuple, memo: dict) -> None:
     """A ``cmp``: what it tests is what its source register holds."""
+    _, sreg, op, value, whole_network = cmp
     loaded = d.registers.get(sreg)
     if loaded is None and d.unknown:
         return  # compares what an expression already named unknown loaded (``ct state``)
@@ -198,10 +199,12 @@ def _compare(d: _Decoding, sreg: int | None, op: int | None, value: bytes, memo:
     if base == NFT_PAYLOAD_NETWORK_HEADER:
         source_at, destination_at, size = ADDRESS_OFFSETS[d.family]
         if offset in (source_at, destination_at) and length <= size:
-            key = (d.family, value, mask)
-            network = memo.get(key)
+            network = whole_network if mask is None and length == size else None
             if network is None:
-                network = memo[key] = _network(d.family, value, mask) or ""
+                key = (d.family, value, mask)
+                network = memo.get(key)
+                if network is None:
+                    network = memo[key] = _network(d.family, value, mask) or ""
             if network and offset == source_at:
                 d.source, d.source_negated = network, negated
                 return
@@ -343,8 +346,11 @@ def _expression(raw: bytes, family: int) -> tuple:
     name = raw[slice(*outer[NFTA_EXPR_NAME])].rstrip(b"\0") if NFTA_EXPR_NAME in outer else b""
     fields = _fields(raw, *outer.get(NFTA_EXPR_DATA, (len(raw), len(raw))))
     if name == b"cmp":
-        return ("cmp", _u32(raw, fields, NFTA_CMP_SREG), _u32(raw, fields, NFTA_CMP_OP),
-                _value(raw, fields, NFTA_CMP_DATA))
+        value = _value(raw, fields, NFTA_CMP_DATA)
+        # What the value reads as when a whole source or destination address is compared
+        # (most compares): decided here once, not per rule.
+        network = _network(family, value, None) if len(value) == (4 if family == 4 else 16) else None
+        return ("cmp", _u32(raw, fields, NFTA_CMP_SREG), _u32(raw, fields, NFTA_CMP_OP), value, network)
     if name == b"payload":
         return ("load", _u32(raw, fields, NFTA_PAYLOAD_DREG),
                 ("payload", _u32(raw, fields, NFTA_PAYLOAD_BASE), _u32(raw, fields, NFTA_PAYLOAD_OFFSET),
@@ -376,21 +382,23 @@ def _expression(raw: bytes, family: int) -> tuple:
     return ("unknown", f"expr {name.decode('ascii', 'replace')}")
 
 
-_RULE_FIELDS = tuple(name for name in _Decoding.__slots__ if name not in ("family", "unknown", "registers"))
+class _Effects:
+    """What a match, target or verdict does to a rule, recorded once per distinct expression:
+    the ``_apply_*`` functions write their fields here (each rule then only copies them)."""
+
+    def __init__(self, family: int) -> None:
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "unknown", [])
+        object.__setattr__(self, "fields", {})
+
+    def __setattr__(self, name: str, value) -> None:
+        self.fields[name] = value
 
 
 def _effects(family: int, apply, *args) -> tuple:
-    """A match, target or verdict as the fields it sets and the unknowns it names: ``apply``
-    run once on a blank rule, so each rule holding the same expression only copies them."""
-    blank = _Decoding(family)
-    apply(blank, *args)
-    fields = tuple((name, value) for name, value, unset in zip(_RULE_FIELDS, _rule_values(blank), _UNSET_VALUES)
-                   if value != unset)
-    return ("set", fields, tuple(blank.unknown))
-
-
-_rule_values = operator.attrgetter(*_RULE_FIELDS)
-_UNSET_VALUES = _rule_values(_Decoding(4))
+    recorded = _Effects(family)
+    apply(recorded, *args)
+    return ("set", tuple(recorded.fields.items()), tuple(recorded.unknown))
 
 
 # An expression's name attribute as the kernel writes it first: counters are skipped
@@ -435,7 +443,7 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
         elif kind == "load":
             registers[op[1]] = op[2]
         elif kind == "cmp":
-            _compare(d, op[1], op[2], op[3], memo)
+            _compare(d, op, memo)
         elif kind == "bitwise":
             loaded = registers.get(op[1])
             if loaded is not None and op[4] and loaded[0] in ("payload", "meta"):
