@@ -62,6 +62,12 @@ GENERATION_TRIES = 3  # dumps started again when the ruleset changed under one
 # 0.23 s per chain; 10,000 (60,000 chains) about 12 s whole.
 PER_CHAIN_DUMPS_FROM = 15000
 
+# Distinct expressions kept decoded per family during one read, at most: the ones rules
+# share (``-p tcp``, ``-j KUBE-MARK-MASQ``, a probability) are a few hundred; most others
+# are one rule's own (its endpoint's address and DNAT, its jump to a KUBE-SEP chain) and
+# would be 20 MB of keys and operations at 3,000 Services x 5 were they all kept.
+MEMO_SIZE = 4096
+
 # Expression attributes (linux/netfilter/nf_tables.h, nf_tables_compat.h).
 NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_BASE, NFTA_PAYLOAD_OFFSET, NFTA_PAYLOAD_LEN = 1, 2, 3, 4
 NFTA_META_DREG, NFTA_META_KEY = 1, 2
@@ -398,7 +404,12 @@ class _Effects:
 def _effects(family: int, apply, *args) -> tuple:
     recorded = _Effects(family)
     apply(recorded, *args)
-    return ("set", tuple(recorded.fields.items()), tuple(recorded.unknown))
+    # A rule starts from the defaults: writing one again (``-j`` is not ``-g``) changes nothing.
+    return ("set", tuple((name, value) for name, value in recorded.fields.items() if value != _UNSET.get(name)),
+            tuple(recorded.unknown))
+
+
+_UNSET = {name: getattr(_Decoding(4), name) for name in _Decoding.__slots__}
 
 
 # An expression's name attribute as the kernel writes it first: counters are skipped
@@ -410,9 +421,10 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
                 memo: dict | None = None) -> IptablesRule:
     """One rule's expressions (``exprs``: (start, end) in ``buf``) as an ``IptablesRule``.
 
-    ``memo`` (expression bytes -> operation, and the networks of address compares)
-    spares decoding what a read already decoded once: a large table repeats the same
-    few thousand expressions (``meta l4proto tcp``, a comment, ``tcp dport 80``).
+    ``memo`` (per family: expression bytes -> operation, and the networks of masked
+    address compares; at most ``MEMO_SIZE`` each) spares decoding what a read already
+    decoded: a large table repeats the same few hundred expressions (``meta l4proto
+    tcp``, ``tcp dport 80``, ``jump KUBE-MARK-MASQ``).
     """
     if memo is None:
         memo = {}
@@ -433,7 +445,10 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
         raw = bytes(buf[s:e])
         op = memo.get(raw)
         if op is None:
-            op = memo[raw] = _expression(raw, family)
+            op = _expression(raw, family)
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()  # most distinct expressions are one rule's (its DNAT, its endpoint)
+            memo[raw] = op
         kind = op[0]
         if kind == "set":
             for name, value in op[1]:

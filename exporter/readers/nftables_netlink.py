@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import struct
+import sys
 from typing import Iterator, NamedTuple
 
 from exporter.readers.ipset import (NETLINK_NETFILTER, NFNETLINK_V0, NLA_F_NESTED, NLM_F_DUMP, NLM_F_MULTI,
@@ -178,7 +179,7 @@ def _verdict(buf, start: int, end: int) -> Verdict:
         if t == NFTA_VERDICT_CODE and e - s >= 4:
             code = _BE32S.unpack_from(buf, s)[0]
         elif t == NFTA_VERDICT_CHAIN:
-            chain = _string(buf, s, e)
+            chain = sys.intern(_string(buf, s, e))  # one str per chain name, with the chain dump's
     return Verdict(code, chain)
 
 
@@ -334,7 +335,7 @@ class NftNetlink:
                 if t == NFTA_CHAIN_TABLE:
                     table = wanted.get(bytes(buf[s:e]).rstrip(b"\0"))
                 elif t == NFTA_CHAIN_NAME:
-                    name = _string(buf, s, e)
+                    name = sys.intern(_string(buf, s, e))  # jumps to it share this str (_verdict)
                 elif t == NFTA_CHAIN_HANDLE:
                     handle = _BE64.unpack_from(buf, s)[0]
                 elif t == NFTA_CHAIN_HOOK:
