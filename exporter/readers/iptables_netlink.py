@@ -90,33 +90,32 @@ _BE16 = struct.Struct(">H")
 _HOST_U32 = struct.Struct("=I")  # meta mark is in host byte order
 
 
+# An IptablesRule's fields by place: a rule is decoded into a list of them (cheaper per
+# rule than one attribute each) and made a rule in one call.
+_PLACE = {name: place for place, name in enumerate(IptablesRule._fields)}
+_TARGET, _GOTO, _SOURCE, _SOURCE_NEGATED, _DESTINATION, _DESTINATION_NEGATED, _PROTOCOL, _DPORT, _COMMENT, \
+    _UNKNOWN = (_PLACE[name] for name in ("target", "goto", "source", "source_negated", "destination",
+                                          "destination_negated", "protocol", "dport", "comment", "unknown"))
+_BLANK = list(IptablesRule(""))
+_new_rule = tuple.__new__
+
+
 class _Decoding:
     """One rule's facts as its expressions state them, in order; ``rule()`` shapes them."""
 
-    __slots__ = ("family", "target", "goto", "source", "source_negated", "destination", "destination_negated",
-                 "protocol", "dport", "src_type", "src_type_negated", "dst_type", "dst_type_negated",
-                 "probability", "recent_name", "recent_mode", "recent_seconds", "comment", "to_destination",
-                 "unknown", "registers", "set_xmark", "reject_with")
+    __slots__ = ("family", "values", "unknown", "registers")
 
     def __init__(self, family: int) -> None:
         self.family = family
-        self.target, self.goto = "", False
-        self.source = self.destination = self.protocol = self.dport = None
-        self.source_negated = self.destination_negated = False
-        self.src_type = self.dst_type = None
-        self.src_type_negated = self.dst_type_negated = False
-        self.probability = self.recent_name = self.recent_mode = self.recent_seconds = None
-        self.comment = self.to_destination = None
-        self.set_xmark = self.reject_with = None
+        self.values = _BLANK.copy()  # IptablesRule's fields, by place
         self.unknown: list[str] = []
         self.registers: dict[int, tuple] = {}  # register -> what was loaded into it
 
     def rule(self) -> IptablesRule:
-        return IptablesRule(self.target, self.goto, self.source, self.source_negated, self.destination,
-                            self.destination_negated, self.protocol, self.dport, self.src_type,
-                            self.src_type_negated, self.dst_type, self.dst_type_negated, self.probability,
-                            self.recent_name, self.recent_mode, self.recent_seconds, self.comment,
-                            self.to_destination, tuple(self.unknown), self.set_xmark, self.reject_with)
+        values = self.values
+        if self.unknown:
+            values[_UNKNOWN] = tuple(self.unknown)
+        return _new_rule(IptablesRule, values)
 
 
 def _fields(buf, start: int, end: int) -> dict[int, tuple[int, int]]:
@@ -192,7 +191,7 @@ def _compare(d: _Decoding, cmp: tuple, memo: dict) -> None:
             if negated or name not in FIELD_PROTOCOLS:
                 d.unknown.append(f"{bang}-p {name}")
             else:
-                d.protocol = name
+                d.values[_PROTOCOL] = name
         elif key in (NFT_META_IIFNAME, NFT_META_OIFNAME):
             d.unknown.append(f"{bang}{'-i' if key == NFT_META_IIFNAME else '-o'} {_interface(value)}")
         elif key == NFT_META_MARK and len(value) == 4:
@@ -212,15 +211,15 @@ def _compare(d: _Decoding, cmp: tuple, memo: dict) -> None:
                 if network is None:
                     network = memo[key] = _network(d.family, value, mask) or ""
             if network and offset == source_at:
-                d.source, d.source_negated = network, negated
+                d.values[_SOURCE], d.values[_SOURCE_NEGATED] = network, negated
                 return
             if network:
-                d.destination, d.destination_negated = network, negated
+                d.values[_DESTINATION], d.values[_DESTINATION_NEGATED] = network, negated
                 return
     elif base == NFT_PAYLOAD_TRANSPORT_HEADER and length == 2 and mask is None and len(value) == 2:
         port = _BE16.unpack(value)[0]
         if offset == 2 and not negated:
-            d.dport = port
+            d.values[_DPORT] = port
             return
         if offset in (0, 2):
             d.unknown.append(f"{bang}--{'sport' if offset == 0 else 'dport'} {port}")
@@ -246,7 +245,7 @@ def _ports(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}:{hi}"
 
 
-def _apply_match(d: _Decoding, match) -> None:
+def _apply_match(d: _Effects, match) -> None:
     """A decoded compat match into the rule's facts; what has no field is kept in
     ``unknown`` as iptables-save prints it (so both sources of a rule read alike)."""
     unknown = d.unknown
@@ -305,7 +304,7 @@ def _mark_text(mark: int, mask: int, inverted: bool) -> str:
     return f"-m mark {'! ' if inverted else ''}--mark {shown}"
 
 
-def _apply_target(d: _Decoding, name: str, target) -> None:
+def _apply_target(d: _Effects, name: str, target) -> None:
     """A decoded compat target: DNAT's destination, MARK's mark, REJECT's kind; other
     target options kept in ``unknown`` as iptables-save prints them."""
     d.target = name
@@ -332,17 +331,17 @@ def _apply_target(d: _Decoding, name: str, target) -> None:
         d.unknown.append(f"-j {name} {' '.join(rest)}")
 
 
-def _verdict(d: _Decoding, verdict: Verdict) -> None:
+_VERDICT_TARGETS = {NFT_RETURN: "RETURN", NF_ACCEPT: "ACCEPT", NF_DROP: "DROP"}
+
+
+def _verdict(verdict: Verdict) -> tuple:
+    """An immediate verdict as the operation setting the rule's target (and -g)."""
     if verdict.code in (NFT_JUMP, NFT_GOTO):
-        d.target, d.goto = verdict.chain or "", verdict.code == NFT_GOTO
-    elif verdict.code == NFT_RETURN:
-        d.target = "RETURN"
-    elif verdict.code == NF_ACCEPT:
-        d.target = "ACCEPT"
-    elif verdict.code == NF_DROP:
-        d.target = "DROP"
-    else:
-        d.unknown.append(f"verdict {verdict.name}")
+        target = ((_TARGET, verdict.chain or ""),)
+        return ("set", target + ((_GOTO, True),) if verdict.code == NFT_GOTO else target, ())
+    if verdict.code in _VERDICT_TARGETS:
+        return ("set", ((_TARGET, _VERDICT_TARGETS[verdict.code]),), ())
+    return ("unknown", f"verdict {verdict.name}")
 
 
 def _expression(raw: bytes, family: int) -> tuple:
@@ -371,7 +370,7 @@ def _expression(raw: bytes, family: int) -> tuple:
     if name == b"immediate":
         value = _data(raw, *fields[NFTA_IMMEDIATE_DATA]) if NFTA_IMMEDIATE_DATA in fields else None
         if _u32(raw, fields, NFTA_IMMEDIATE_DREG) == NFT_REG_VERDICT and isinstance(value, Verdict):
-            return _effects(family, _verdict, value)
+            return _verdict(value)
         return ("unknown", "expr immediate")
     if name in (b"match", b"target"):
         xt_name = raw[slice(*fields[NFTA_COMPAT_NAME])].rstrip(b"\0").decode() if NFTA_COMPAT_NAME in fields else ""
@@ -405,11 +404,8 @@ def _effects(family: int, apply, *args) -> tuple:
     recorded = _Effects(family)
     apply(recorded, *args)
     # A rule starts from the defaults: writing one again (``-j`` is not ``-g``) changes nothing.
-    return ("set", tuple((name, value) for name, value in recorded.fields.items() if value != _UNSET.get(name)),
-            tuple(recorded.unknown))
-
-
-_UNSET = {name: getattr(_Decoding(4), name) for name in _Decoding.__slots__}
+    return ("set", tuple((_PLACE[name], value) for name, value in recorded.fields.items()
+                         if value != _BLANK[_PLACE[name]]), tuple(recorded.unknown))
 
 
 # An expression's name attribute as the kernel writes it first: counters are skipped
@@ -431,18 +427,23 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
     # Per family: the effects of a match (a recent mask, a DNAT's brackets) depend on it.
     memo = memo.get(family) or memo.setdefault(family, {})
     d = _Decoding(family)
-    registers = d.registers
+    registers, values = d.registers, d.values
     unpack = _NLA.unpack_from
     offset, end = exprs if exprs else (0, 0)
+    message = buf
+    if not isinstance(buf, bytes):
+        # One copy of the rule's expressions: each expression is then a bytes slice (one
+        # object) where a slice of the receive buffer would be a bytearray to copy again.
+        buf, offset, end = bytes(buf[offset:end]), 0, end - offset
     while offset + 4 <= end:
         alen, t = unpack(buf, offset)
         if alen < 4 or offset + alen > end:
             raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
         s, e = offset + 4, offset + alen
         offset += (alen + 3) & ~3
-        if t & 0x3FFF != NFTA_LIST_ELEM or buf[s:s + 12] == _COUNTER:
+        if t & 0x3FFF != NFTA_LIST_ELEM or buf.startswith(_COUNTER, s):
             continue
-        raw = bytes(buf[s:e])
+        raw = buf[s:e]
         op = memo.get(raw)
         if op is None:
             op = _expression(raw, family)
@@ -451,8 +452,8 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
             memo[raw] = op
         kind = op[0]
         if kind == "set":
-            for name, value in op[1]:
-                setattr(d, name, value)
+            for place, value in op[1]:
+                values[place] = value
             if op[2]:
                 d.unknown.extend(op[2])
         elif kind == "load":
@@ -469,8 +470,8 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
             _range(d, op[1])
         else:
             d.unknown.append(op[1])
-    if d.comment is None and udata:
-        d.comment = _comment(buf, *udata)
+    if values[_COMMENT] is None and udata:
+        values[_COMMENT] = _comment(message, *udata)
     return d.rule()
 
 
