@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import operator
 import socket
 import struct
+import sys
 
 from exporter.readers import xtables
 from exporter.readers.iptables_rules import Chains, IptablesRule, IptablesRuleset
@@ -373,7 +373,9 @@ def _expression(raw: bytes, family: int) -> tuple:
             return _verdict(value)
         return ("unknown", "expr immediate")
     if name in (b"match", b"target"):
-        xt_name = raw[slice(*fields[NFTA_COMPAT_NAME])].rstrip(b"\0").decode() if NFTA_COMPAT_NAME in fields else ""
+        # Interned: it is the target of every rule it ends ("DNAT" of each endpoint).
+        xt_name = sys.intern(raw[slice(*fields[NFTA_COMPAT_NAME])].rstrip(b"\0").decode()) \
+            if NFTA_COMPAT_NAME in fields else ""
         revision = _u32(raw, fields, NFTA_COMPAT_REV) or 0
         blob = raw[slice(*fields[NFTA_COMPAT_INFO])] if NFTA_COMPAT_INFO in fields else b""
         decoder = xtables.decode_match if name == b"match" else xtables.decode_target
