@@ -27,6 +27,10 @@ of the four tables; a rule's expressions never change under its handle (iptables
 restore flushes a rewritten chain and adds its rules anew), so decoded rules are
 kept by (family, table, chain, handle), per table handle (a table created again
 numbers its handles from 1 again), and a re-read decodes only the new handles.
+Within a read each distinct expression is decoded once into the operation it is
+(a match, target or verdict: the fields it sets), up to ``MEMO_SIZE`` of them: at
+10,000 Services x 5 most of them are one rule's own, and keeping them all had the
+peak of a first read at 170 MB RSS (95 MB bounded, most of it the rules themselves).
 
 The socket lives in the network namespace of the thread that opens it, as the
 nftables reader's: tests read a namespace of their own from a thread that joined it.
