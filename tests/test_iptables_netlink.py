@@ -12,11 +12,13 @@ Rulesets: tests/ipt_rulesets.py (kube-proxy's newest layout, both families) and
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
-from exporter.readers import xtables
-from exporter.readers.iptables_netlink import IptablesNftSource
+from exporter.readers import iptables_netlink, xtables
+from exporter.readers.iptables import resolve_rulesets
+from exporter.readers.iptables_netlink import PER_CHAIN_DUMPS_FROM, IptablesNftSource
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
 from exporter.readers.iptables_save import parse_save
 from tests import ipt_rulesets
@@ -49,10 +51,15 @@ def assert_reads_as_saved(ns: IptNS, family: int, read: IptablesRuleset) -> None
 
 # -- kube-proxy's rules ---------------------------------------------------------
 
-def test_generated_rules_read_as_iptables_save_prints_them(ns):
+# Small tables are dumped whole, large ones chain by chain: both ways on the same rules.
+WAYS = pytest.mark.parametrize("per_chain_dumps_from", [PER_CHAIN_DUMPS_FROM, 0], ids=["whole", "per-chain"])
+
+
+@WAYS
+def test_generated_rules_read_as_iptables_save_prints_them(ns, per_chain_dumps_from):
     ns.load(ipt_rulesets.generated_services(), family=4)
     ns.load(ipt_rulesets.generated_services_v6(), family=6)
-    read = read_tables(ns)
+    read = read_tables(ns, IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from))
     for family in (4, 6):
         assert_reads_as_saved(ns, family, read[family])
     nat4 = read[4].tables["nat"]
@@ -65,6 +72,18 @@ def test_generated_rules_read_as_iptables_save_prints_them(ns):
     v6 = ipt_rulesets.generated_services_v6()[0]
     assert read[6].tables["nat"][ipt_rulesets.chain_name(v6, "SEP", v6.endpoints[0])][1].to_destination \
         == "[fd00:10::1]:80"
+
+
+def test_kube_proxys_own_overall_rules_read_and_resolve_as_the_save_text(ns):
+    # tests/fixtures/iptables/overall.rules: kube-proxy's TestOverallIPTablesRules (its header cites it).
+    ns.restore((Path(__file__).parent / "fixtures" / "iptables" / "overall.rules").read_text())
+    read = ns.run(IptablesNftSource().read)
+    assert_reads_as_saved(ns, 4, read[0])
+    resolved, from_text = resolve_rulesets(read), resolve_rulesets(parse_save(ns.save(), 4))
+    # The source gives both families (IPv6 without tables here), the text only IPv4.
+    assert resolved._replace(sizes=None) == from_text._replace(sizes=None)
+    assert resolved.sizes["ipv4"] == from_text.sizes["ipv4"]
+    assert len(resolved.table) == 12 and not resolved.unread
 
 
 def test_large_cluster_rules_without_comments_read_alike(ns):
@@ -132,10 +151,21 @@ COMMIT
 """}
 
 
-def test_every_option_reads_as_iptables_save_prints_it(ns):
+def test_a_read_whose_expression_memo_is_cleared_reads_as_iptables_save(ns, monkeypatch):
+    # A memo of 8 expressions is cleared every few rules: what was decoded again reads alike.
+    monkeypatch.setattr(iptables_netlink, "MEMO_SIZE", 8)
+    ns.load(ipt_rulesets.generated_services(), family=4)
+    ns.load(ipt_rulesets.generated_services_v6(), family=6)
+    read = read_tables(ns)
+    for family in (4, 6):
+        assert_reads_as_saved(ns, family, read[family])
+
+
+@WAYS
+def test_every_option_reads_as_iptables_save_prints_it(ns, per_chain_dumps_from):
     for family, text in EVERY_OPTION.items():
         ns.restore(text, family=family)
-    read = read_tables(ns)
+    read = read_tables(ns, IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from))
     for family in (4, 6):
         assert_reads_as_saved(ns, family, read[family])
     test = read[4].tables["nat"]["KUBE-TEST"]
@@ -202,10 +232,11 @@ def test_generation_moves_on_a_change_and_a_known_one_skips_the_dump(ns):
     assert again[0].tables["nat"]["KUBE-MARK-MASQ"][-1] == IptablesRule("RETURN")
 
 
-def test_a_reread_after_one_service_changed_decodes_only_the_new_handles(ns):
+@WAYS
+def test_a_reread_after_one_service_changed_decodes_only_the_new_handles(ns, per_chain_dumps_from):
     services = ipt_rulesets.bench_services(60, 5)
     ns.load(services)
-    source = IptablesNftSource()
+    source = IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from)
     first = read_tables(ns, source)[4]
     total = sum(len(rules) for chains in first.tables.values() for rules in chains.values())
     assert source.decoded == total
@@ -278,3 +309,37 @@ def test_a_truncated_blob_is_an_error_and_the_rule_names_it():
     rule = decode_rule(match, (0, len(match)), None, 4)
     assert rule.probability is None
     assert rule.unknown == ("-m statistic (statistic info is 8 bytes, its struct needs 16)",)
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _endpoint_rule(index: int) -> bytes:
+    """``-s 10.x.y.z/32 -j KUBE-SEP-<index>`` as iptables-nft writes it: payload, cmp, counter,
+    immediate (every rule's address and jump differ, as a large table's endpoints do)."""
+    def expression(name: bytes, *fields: tuple[int, bytes]) -> bytes:
+        data = b"".join(_attr(kind, value) for kind, value in fields)
+        return _attr(1, _attr(1, name + b"\0") + _attr(2, data))
+
+    be32 = struct.Struct(">I").pack
+    address = bytes([10, index >> 16 & 255, index >> 8 & 255, index & 255])
+    verdict = _attr(2, _attr(1, struct.pack(">i", -3)) + _attr(2, f"KUBE-SEP-{index:016d}".encode() + b"\0"))
+    return (expression(b"payload", (1, be32(1)), (2, be32(1)), (3, be32(12)), (4, be32(4)))
+            + expression(b"cmp", (1, be32(1)), (2, be32(0)), (3, _attr(1, address)))
+            + expression(b"counter", (1, struct.pack(">Q", index)), (2, struct.pack(">Q", index * 60)))
+            + expression(b"immediate", (1, be32(0)), (2, verdict)))
+
+
+def test_the_expression_memo_of_a_read_stays_bounded():
+    # Most expressions of a large table are one rule's own (its endpoint, its jump): a memo of
+    # them all held ~20 MB at 3,000 Services x 5 at the peak of a first read.
+    memo: dict = {}
+    count = iptables_netlink.MEMO_SIZE * 2
+    for index in range(count):
+        raw = _endpoint_rule(index)
+        rule = iptables_netlink.decode_rule(raw, (0, len(raw)), None, 4, memo)
+        assert rule == IptablesRule(f"KUBE-SEP-{index:016d}", source=f"10.{index >> 16 & 255}.{index >> 8 & 255}."
+                                    f"{index & 255}/32")
+    held = sum(len(entries) if isinstance(entries, dict) else 1 for entries in memo.values())
+    assert 0 < held <= iptables_netlink.MEMO_SIZE

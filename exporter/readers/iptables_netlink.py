@@ -27,6 +27,10 @@ of the four tables; a rule's expressions never change under its handle (iptables
 restore flushes a rewritten chain and adds its rules anew), so decoded rules are
 kept by (family, table, chain, handle), per table handle (a table created again
 numbers its handles from 1 again), and a re-read decodes only the new handles.
+Within a read each distinct expression is decoded once into the operation it is
+(a match, target or verdict: the fields it sets), up to ``MEMO_SIZE`` of them: at
+10,000 Services x 5 most of them are one rule's own, and keeping them all had the
+peak of a first read at 170 MB RSS (95 MB bounded, most of it the rules themselves).
 
 The socket lives in the network namespace of the thread that opens it, as the
 nftables reader's: tests read a namespace of their own from a thread that joined it.
@@ -34,9 +38,11 @@ nftables reader's: tests read a namespace of their own from a thread that joined
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
+import sys
 
 from exporter.readers import xtables
 from exporter.readers.iptables_rules import Chains, IptablesRule, IptablesRuleset
@@ -54,6 +60,17 @@ BUILTIN_CHAINS = {"nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"), "filt
 FAMILIES = ((4, NFPROTO_IPV4), (6, NFPROTO_IPV6))
 SERVICES_CHAIN = "KUBE-SERVICES"
 GENERATION_TRIES = 3  # dumps started again when the ruleset changed under one
+# From this many chains in a table its rules are dumped chain by chain: a whole-table dump
+# costs the kernel a quadratic walk (NftNetlink.each_rule), one request per chain costs us a
+# round trip each. Measured here: 1,000 Services x 5 (6,000 nat chains) 0.08 s whole vs
+# 0.23 s per chain; 10,000 (60,000 chains) about 12 s whole.
+PER_CHAIN_DUMPS_FROM = 15000
+
+# Distinct expressions kept decoded per family during one read, at most: the ones rules
+# share (``-p tcp``, ``-j KUBE-MARK-MASQ``, a probability) are a few hundred; most others
+# are one rule's own (its endpoint's address and DNAT, its jump to a KUBE-SEP chain) and
+# would be 20 MB of keys and operations at 3,000 Services x 5 were they all kept.
+MEMO_SIZE = 4096
 
 # Expression attributes (linux/netfilter/nf_tables.h, nf_tables_compat.h).
 NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_BASE, NFTA_PAYLOAD_OFFSET, NFTA_PAYLOAD_LEN = 1, 2, 3, 4
@@ -77,37 +94,45 @@ _BE16 = struct.Struct(">H")
 _HOST_U32 = struct.Struct("=I")  # meta mark is in host byte order
 
 
+# An IptablesRule's fields by place: a rule is decoded into a list of them (cheaper per
+# rule than one attribute each) and made a rule in one call.
+_PLACE = {name: place for place, name in enumerate(IptablesRule._fields)}
+_TARGET, _GOTO, _SOURCE, _SOURCE_NEGATED, _DESTINATION, _DESTINATION_NEGATED, _PROTOCOL, _DPORT, _COMMENT, \
+    _UNKNOWN = (_PLACE[name] for name in ("target", "goto", "source", "source_negated", "destination",
+                                          "destination_negated", "protocol", "dport", "comment", "unknown"))
+_BLANK = list(IptablesRule(""))
+_new_rule = tuple.__new__
+
+
 class _Decoding:
     """One rule's facts as its expressions state them, in order; ``rule()`` shapes them."""
 
-    __slots__ = ("family", "target", "goto", "source", "source_negated", "destination", "destination_negated",
-                 "protocol", "dport", "src_type", "src_type_negated", "dst_type", "dst_type_negated",
-                 "probability", "recent_name", "recent_mode", "recent_seconds", "comment", "to_destination",
-                 "unknown", "registers", "set_xmark", "reject_with")
+    __slots__ = ("family", "values", "unknown", "registers")
 
     def __init__(self, family: int) -> None:
         self.family = family
-        self.target, self.goto = "", False
-        self.source = self.destination = self.protocol = self.dport = None
-        self.source_negated = self.destination_negated = False
-        self.src_type = self.dst_type = None
-        self.src_type_negated = self.dst_type_negated = False
-        self.probability = self.recent_name = self.recent_mode = self.recent_seconds = None
-        self.comment = self.to_destination = None
-        self.set_xmark = self.reject_with = None
+        self.values = _BLANK.copy()  # IptablesRule's fields, by place
         self.unknown: list[str] = []
         self.registers: dict[int, tuple] = {}  # register -> what was loaded into it
 
     def rule(self) -> IptablesRule:
-        return IptablesRule(self.target, self.goto, self.source, self.source_negated, self.destination,
-                            self.destination_negated, self.protocol, self.dport, self.src_type,
-                            self.src_type_negated, self.dst_type, self.dst_type_negated, self.probability,
-                            self.recent_name, self.recent_mode, self.recent_seconds, self.comment,
-                            self.to_destination, tuple(self.unknown), self.set_xmark, self.reject_with)
+        values = self.values
+        if self.unknown:
+            values[_UNKNOWN] = tuple(self.unknown)
+        return _new_rule(IptablesRule, values)
 
 
 def _fields(buf, start: int, end: int) -> dict[int, tuple[int, int]]:
-    return {t: (s, e) for s, e, t in _attrs(buf, start, end)}
+    """attribute type -> (payload start, end): a flat loop, once per distinct expression."""
+    out = {}
+    unpack = _NLA.unpack_from
+    while start + 4 <= end:
+        alen, t = unpack(buf, start)
+        if alen < 4 or start + alen > end:
+            raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+        out[t & 0x3FFF] = (start + 4, start + alen)
+        start += (alen + 3) & ~3
+    return out
 
 
 def _u32(buf, fields: dict, attr: int) -> int | None:
@@ -151,8 +176,9 @@ def _interface(value: bytes) -> str:
     return name if b"\0" in value else name + "+"
 
 
-def _compare(d: _Decoding, sreg: int | None, op: int | None, value: bytes, memo: dict) -> None:
+def _compare(d: _Decoding, cmp: tuple, memo: dict) -> None:
     """A ``cmp``: what it tests is what its source register holds."""
+    _, sreg, op, value, whole_network = cmp
     loaded = d.registers.get(sreg)
     if loaded is None and d.unknown:
         return  # compares what an expression already named unknown loaded (``ct state``)
@@ -169,7 +195,7 @@ def _compare(d: _Decoding, sreg: int | None, op: int | None, value: bytes, memo:
             if negated or name not in FIELD_PROTOCOLS:
                 d.unknown.append(f"{bang}-p {name}")
             else:
-                d.protocol = name
+                d.values[_PROTOCOL] = name
         elif key in (NFT_META_IIFNAME, NFT_META_OIFNAME):
             d.unknown.append(f"{bang}{'-i' if key == NFT_META_IIFNAME else '-o'} {_interface(value)}")
         elif key == NFT_META_MARK and len(value) == 4:
@@ -182,20 +208,22 @@ def _compare(d: _Decoding, sreg: int | None, op: int | None, value: bytes, memo:
     if base == NFT_PAYLOAD_NETWORK_HEADER:
         source_at, destination_at, size = ADDRESS_OFFSETS[d.family]
         if offset in (source_at, destination_at) and length <= size:
-            key = (d.family, value, mask)
-            network = memo.get(key)
+            network = whole_network if mask is None and length == size else None
             if network is None:
-                network = memo[key] = _network(d.family, value, mask) or ""
+                key = (d.family, value, mask)
+                network = memo.get(key)
+                if network is None:
+                    network = memo[key] = _network(d.family, value, mask) or ""
             if network and offset == source_at:
-                d.source, d.source_negated = network, negated
+                d.values[_SOURCE], d.values[_SOURCE_NEGATED] = network, negated
                 return
             if network:
-                d.destination, d.destination_negated = network, negated
+                d.values[_DESTINATION], d.values[_DESTINATION_NEGATED] = network, negated
                 return
     elif base == NFT_PAYLOAD_TRANSPORT_HEADER and length == 2 and mask is None and len(value) == 2:
         port = _BE16.unpack(value)[0]
         if offset == 2 and not negated:
-            d.dport = port
+            d.values[_DPORT] = port
             return
         if offset in (0, 2):
             d.unknown.append(f"{bang}--{'sport' if offset == 0 else 'dport'} {port}")
@@ -221,7 +249,7 @@ def _ports(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}:{hi}"
 
 
-def _apply_match(d: _Decoding, match) -> None:
+def _apply_match(d: _Effects, match) -> None:
     """A decoded compat match into the rule's facts; what has no field is kept in
     ``unknown`` as iptables-save prints it (so both sources of a rule read alike)."""
     unknown = d.unknown
@@ -280,7 +308,7 @@ def _mark_text(mark: int, mask: int, inverted: bool) -> str:
     return f"-m mark {'! ' if inverted else ''}--mark {shown}"
 
 
-def _apply_target(d: _Decoding, name: str, target) -> None:
+def _apply_target(d: _Effects, name: str, target) -> None:
     """A decoded compat target: DNAT's destination, MARK's mark, REJECT's kind; other
     target options kept in ``unknown`` as iptables-save prints them."""
     d.target = name
@@ -307,32 +335,31 @@ def _apply_target(d: _Decoding, name: str, target) -> None:
         d.unknown.append(f"-j {name} {' '.join(rest)}")
 
 
-def _verdict(d: _Decoding, verdict: Verdict) -> None:
+_VERDICT_TARGETS = {NFT_RETURN: "RETURN", NF_ACCEPT: "ACCEPT", NF_DROP: "DROP"}
+
+
+def _verdict(verdict: Verdict) -> tuple:
+    """An immediate verdict as the operation setting the rule's target (and -g)."""
     if verdict.code in (NFT_JUMP, NFT_GOTO):
-        d.target, d.goto = verdict.chain or "", verdict.code == NFT_GOTO
-    elif verdict.code == NFT_RETURN:
-        d.target = "RETURN"
-    elif verdict.code == NF_ACCEPT:
-        d.target = "ACCEPT"
-    elif verdict.code == NF_DROP:
-        d.target = "DROP"
-    else:
-        d.unknown.append(f"verdict {verdict.name}")
+        target = ((_TARGET, verdict.chain or ""),)
+        return ("set", target + ((_GOTO, True),) if verdict.code == NFT_GOTO else target, ())
+    if verdict.code in _VERDICT_TARGETS:
+        return ("set", ((_TARGET, _VERDICT_TARGETS[verdict.code]),), ())
+    return ("unknown", f"verdict {verdict.name}")
 
 
 def _expression(raw: bytes, family: int) -> tuple:
     """One expression (its NFTA_EXPR_NAME and NFTA_EXPR_DATA) as a small operation
     tuple: a pure function of its bytes, so a read decodes each distinct one once."""
-    name, data = b"", (len(raw), len(raw))
-    for ps, pe, pt in _attrs(raw, 0, len(raw)):
-        if pt == NFTA_EXPR_NAME:
-            name = raw[ps:pe].rstrip(b"\0")
-        elif pt == NFTA_EXPR_DATA:
-            data = (ps, pe)
-    fields = _fields(raw, *data)
+    outer = _fields(raw, 0, len(raw))
+    name = raw[slice(*outer[NFTA_EXPR_NAME])].rstrip(b"\0") if NFTA_EXPR_NAME in outer else b""
+    fields = _fields(raw, *outer.get(NFTA_EXPR_DATA, (len(raw), len(raw))))
     if name == b"cmp":
-        return ("cmp", _u32(raw, fields, NFTA_CMP_SREG), _u32(raw, fields, NFTA_CMP_OP),
-                _value(raw, fields, NFTA_CMP_DATA))
+        value = _value(raw, fields, NFTA_CMP_DATA)
+        # What the value reads as when a whole source or destination address is compared
+        # (most compares): decided here once, not per rule.
+        network = _network(family, value, None) if len(value) == (4 if family == 4 else 16) else None
+        return ("cmp", _u32(raw, fields, NFTA_CMP_SREG), _u32(raw, fields, NFTA_CMP_OP), value, network)
     if name == b"payload":
         return ("load", _u32(raw, fields, NFTA_PAYLOAD_DREG),
                 ("payload", _u32(raw, fields, NFTA_PAYLOAD_BASE), _u32(raw, fields, NFTA_PAYLOAD_OFFSET),
@@ -347,10 +374,12 @@ def _expression(raw: bytes, family: int) -> tuple:
     if name == b"immediate":
         value = _data(raw, *fields[NFTA_IMMEDIATE_DATA]) if NFTA_IMMEDIATE_DATA in fields else None
         if _u32(raw, fields, NFTA_IMMEDIATE_DREG) == NFT_REG_VERDICT and isinstance(value, Verdict):
-            return ("verdict", value)
+            return _verdict(value)
         return ("unknown", "expr immediate")
     if name in (b"match", b"target"):
-        xt_name = raw[slice(*fields[NFTA_COMPAT_NAME])].rstrip(b"\0").decode() if NFTA_COMPAT_NAME in fields else ""
+        # Interned: it is the target of every rule it ends ("DNAT" of each endpoint).
+        xt_name = sys.intern(raw[slice(*fields[NFTA_COMPAT_NAME])].rstrip(b"\0").decode()) \
+            if NFTA_COMPAT_NAME in fields else ""
         revision = _u32(raw, fields, NFTA_COMPAT_REV) or 0
         blob = raw[slice(*fields[NFTA_COMPAT_INFO])] if NFTA_COMPAT_INFO in fields else b""
         decoder = xtables.decode_match if name == b"match" else xtables.decode_target
@@ -358,8 +387,31 @@ def _expression(raw: bytes, family: int) -> tuple:
             decoded = decoder(xt_name, revision, blob, family)
         except xtables.XtablesError as err:
             decoded = xtables.Unknown(f"{xt_name} ({err})", revision)
-        return ("match", decoded) if name == b"match" else ("target", xt_name, decoded)
+        if name == b"match":
+            return _effects(family, _apply_match, decoded)
+        return _effects(family, _apply_target, xt_name, decoded)
     return ("unknown", f"expr {name.decode('ascii', 'replace')}")
+
+
+class _Effects:
+    """What a match, target or verdict does to a rule, recorded once per distinct expression:
+    the ``_apply_*`` functions write their fields here (each rule then only copies them)."""
+
+    def __init__(self, family: int) -> None:
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "unknown", [])
+        object.__setattr__(self, "fields", {})
+
+    def __setattr__(self, name: str, value) -> None:
+        self.fields[name] = value
+
+
+def _effects(family: int, apply, *args) -> tuple:
+    recorded = _Effects(family)
+    apply(recorded, *args)
+    # A rule starts from the defaults: writing one again (``-j`` is not ``-g``) changes nothing.
+    return ("set", tuple((_PLACE[name], value) for name, value in recorded.fields.items()
+                         if value != _BLANK[_PLACE[name]]), tuple(recorded.unknown))
 
 
 # An expression's name attribute as the kernel writes it first: counters are skipped
@@ -371,39 +423,49 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
                 memo: dict | None = None) -> IptablesRule:
     """One rule's expressions (``exprs``: (start, end) in ``buf``) as an ``IptablesRule``.
 
-    ``memo`` (expression bytes -> operation, and the networks of address compares)
-    spares decoding what a read already decoded once: a large table repeats the same
-    few thousand expressions (``meta l4proto tcp``, a comment, ``tcp dport 80``).
+    ``memo`` (per family: expression bytes -> operation, and the networks of masked
+    address compares; at most ``MEMO_SIZE`` each) spares decoding what a read already
+    decoded: a large table repeats the same few hundred expressions (``meta l4proto
+    tcp``, ``tcp dport 80``, ``jump KUBE-MARK-MASQ``).
     """
     if memo is None:
         memo = {}
+    # Per family: the effects of a match (a recent mask, a DNAT's brackets) depend on it.
+    memo = memo.get(family) or memo.setdefault(family, {})
     d = _Decoding(family)
-    registers = d.registers
+    registers, values = d.registers, d.values
     unpack = _NLA.unpack_from
     offset, end = exprs if exprs else (0, 0)
+    message = buf
+    if not isinstance(buf, bytes):
+        # One copy of the rule's expressions: each expression is then a bytes slice (one
+        # object) where a slice of the receive buffer would be a bytearray to copy again.
+        buf, offset, end = bytes(buf[offset:end]), 0, end - offset
     while offset + 4 <= end:
         alen, t = unpack(buf, offset)
         if alen < 4 or offset + alen > end:
             raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
         s, e = offset + 4, offset + alen
         offset += (alen + 3) & ~3
-        if t & 0x3FFF != NFTA_LIST_ELEM or buf[s:s + 12] == _COUNTER:
+        if t & 0x3FFF != NFTA_LIST_ELEM or buf.startswith(_COUNTER, s):
             continue
-        raw = bytes(buf[s:e])
+        raw = buf[s:e]
         op = memo.get(raw)
         if op is None:
-            op = memo[raw] = _expression(raw, family)
+            op = _expression(raw, family)
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()  # most distinct expressions are one rule's (its DNAT, its endpoint)
+            memo[raw] = op
         kind = op[0]
-        if kind == "load":
+        if kind == "set":
+            for place, value in op[1]:
+                values[place] = value
+            if op[2]:
+                d.unknown.extend(op[2])
+        elif kind == "load":
             registers[op[1]] = op[2]
         elif kind == "cmp":
-            _compare(d, op[1], op[2], op[3], memo)
-        elif kind == "verdict":
-            _verdict(d, op[1])
-        elif kind == "match":
-            _apply_match(d, op[1])
-        elif kind == "target":
-            _apply_target(d, op[1], op[2])
+            _compare(d, op, memo)
         elif kind == "bitwise":
             loaded = registers.get(op[1])
             if loaded is not None and op[4] and loaded[0] in ("payload", "meta"):
@@ -414,8 +476,8 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
             _range(d, op[1])
         else:
             d.unknown.append(op[1])
-    if d.comment is None and udata:
-        d.comment = _comment(buf, *udata)
+    if values[_COMMENT] is None and udata:
+        values[_COMMENT] = _comment(message, *udata)
     return d.rule()
 
 
@@ -438,8 +500,9 @@ class IptablesNftSource:
     says how many rules the last read decoded anew (the rest came from the cache).
     """
 
-    def __init__(self, timeout: float = 5.0) -> None:
+    def __init__(self, timeout: float = 5.0, per_chain_dumps_from: int = PER_CHAIN_DUMPS_FROM) -> None:
         self.timeout = timeout
+        self.per_chain_dumps_from = per_chain_dumps_from
         self._caches: dict[tuple[int, str], _TableCache] = {}
         self._last: list[IptablesRuleset] | None = None
         self.last_generation: int | None = None
@@ -497,20 +560,34 @@ class IptablesNftSource:
         cache = self._caches.get((family, table))
         if cache is None or cache.table_handle != found.handle:
             cache = _TableCache(found.handle)
-        chains: dict[str, list[IptablesRule]] = {name: [] for name in BUILTIN_CHAINS[table]}
-        chains.update((chain.name, []) for chain in chain_list)
+        chains: dict[str, tuple[IptablesRule, ...]] = {name: () for name in BUILTIN_CHAINS[table]}
 
         def decode(buf, chain: str, handle: int, exprs, udata) -> IptablesRule:
             return decode_rule(buf, exprs, udata, family, memo)
 
         seen: dict[tuple[str, int], IptablesRule] = {}
-        rules, decoded = nl.each_rule(nfproto, table, decode, cache.rules, seen)
-        # ``seen`` holds one key per rule, in dump order: each rule's chain.
-        for (chain, _handle), rule in zip(seen, rules):
-            listed = chains.get(chain)
-            if listed is None:  # a chain added between the two dumps: the generation check catches it
-                listed = chains[chain] = []
-            listed.append(rule)
+        if len(chain_list) < self.per_chain_dumps_from:
+            rules, decoded = nl.each_rule(nfproto, table, decode, cache.rules, seen)
+            grouped: dict[str, list[IptablesRule]] = {chain.name: [] for chain in chain_list}
+            # ``seen`` holds one key per rule, in dump order: each rule's chain.
+            for (name, _handle), rule in zip(seen, rules):
+                grouped.setdefault(name, []).append(rule)  # a chain new since the chain dump: read again
+            chains.update((name, tuple(listed)) for name, listed in grouped.items())
+            self._keep(family, table, cache, seen)
+            return chains, decoded
+        decoded = 0
+        for chain in chain_list:
+            try:
+                rules, count = nl.each_rule(nfproto, table, decode, cache.rules, seen, chain.name)
+            except NftReadError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+                rules, count = [], 0  # deleted since the chain dump: the generation check reads again
+            chains[chain.name] = tuple(rules)
+            decoded += count
+        self._keep(family, table, cache, seen)
+        return chains, decoded
+
+    def _keep(self, family: int, table: str, cache: _TableCache, seen: dict) -> None:
         cache.rules = seen  # handles gone with their rules leave the cache here
         self._caches[(family, table)] = cache
-        return {name: tuple(rules) for name, rules in chains.items()}, decoded

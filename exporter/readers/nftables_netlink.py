@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import struct
+import sys
 from typing import Iterator, NamedTuple
 
 from exporter.readers.ipset import (NETLINK_NETFILTER, NFNETLINK_V0, NLA_F_NESTED, NLM_F_DUMP, NLM_F_MULTI,
@@ -178,7 +179,7 @@ def _verdict(buf, start: int, end: int) -> Verdict:
         if t == NFTA_VERDICT_CODE and e - s >= 4:
             code = _BE32S.unpack_from(buf, s)[0]
         elif t == NFTA_VERDICT_CHAIN:
-            chain = _string(buf, s, e)
+            chain = sys.intern(_string(buf, s, e))  # one str per chain name, with the chain dump's
     return Verdict(code, chain)
 
 
@@ -334,7 +335,7 @@ class NftNetlink:
                 if t == NFTA_CHAIN_TABLE:
                     table = wanted.get(bytes(buf[s:e]).rstrip(b"\0"))
                 elif t == NFTA_CHAIN_NAME:
-                    name = _string(buf, s, e)
+                    name = sys.intern(_string(buf, s, e))  # jumps to it share this str (_verdict)
                 elif t == NFTA_CHAIN_HANDLE:
                     handle = _BE64.unpack_from(buf, s)[0]
                 elif t == NFTA_CHAIN_HOOK:
@@ -452,19 +453,27 @@ class NftNetlink:
         return self.each_rule(family, table, decode, known, known, by_handle=True)
 
     def each_rule(self, family: int, table: str, decode, known: dict | None = None,
-                  seen: dict | None = None, by_handle: bool = False) -> tuple[list, int]:
-        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table, in
-        chain order (``exprs``/``udata``: (start, end) in ``buf``, or None), and how many
-        rules were decoded anew. ``known`` ((chain, handle) -> decoded; with
-        ``by_handle``, handle -> decoded, whose ``.chain`` is checked: one tuple less per
-        rule) is looked up first; ``seen`` (may be ``known`` itself) gets every rule of
-        this dump."""
+                  seen: dict | None = None, chain_name: str | None = None,
+                  by_handle: bool = False) -> tuple[list, int]:
+        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table (or of
+        its chain ``chain_name`` alone), in chain order (``exprs``/``udata``: (start, end)
+        in ``buf``, or None), and how many rules were decoded anew. ``known`` ((chain,
+        handle) -> decoded; with ``by_handle``, handle -> decoded, whose ``.chain`` is
+        checked: one tuple less per rule) is looked up first; ``seen`` (may be ``known``
+        itself) gets every rule of this dump.
+
+        A dump of a whole table costs the kernel a walk from its first rule again for
+        every message it fills (about 30 KB each): quadratic in the rules of a large
+        table. One dump per chain walks only that chain."""
         attrs = _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
+        if chain_name is not None:
+            attrs += _nla(NFTA_RULE_CHAIN, chain_name.encode() + b"\0")
         out = []
         decoded = 0
         unpack = _NLA.unpack_from
         chains: dict[bytes, str] = {}  # one str per chain name, not one per rule
-        for buf, start, end in self._replies(NFT_MSG_GETRULE, family, NLM_F_DUMP, attrs, "the rules"):
+        what = "the rules" if chain_name is None else f"the rules of chain {chain_name}"
+        for buf, start, end in self._replies(NFT_MSG_GETRULE, family, NLM_F_DUMP, attrs, what):
             chain, handle, exprs, udata = "", 0, None, None
             offset = start
             while offset + 4 <= end:  # flat: a large table has tens of thousands of rules
@@ -474,6 +483,9 @@ class NftNetlink:
                 s, e, t = offset + 4, offset + alen, t & 0x3FFF
                 offset += (alen + 3) & ~3
                 if t == NFTA_RULE_CHAIN:
+                    if chain_name is not None:
+                        chain = chain_name  # asked for one chain: no name to decode per rule
+                        continue
                     raw_chain = bytes(buf[s:e])
                     chain = chains.get(raw_chain)
                     if chain is None:

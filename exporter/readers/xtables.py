@@ -330,11 +330,13 @@ _NAT_RANGE2_SIZE = (_NAT_RANGE.size + 2 + 3) & ~3  # + base_proto, padded: 44
 def _nat(flags: int, min_addr: bytes, max_addr: bytes, min_port: bytes, max_port: bytes, family: int) -> NatRange:
     mapped = bool(flags & NF_NAT_RANGE_MAP_IPS)
     ported = bool(flags & NF_NAT_RANGE_PROTO_SPECIFIED)
-    extra = tuple(name for bit, name in NF_NAT_FLAGS
-                  if flags & bit and bit not in (NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED))
-    return NatRange(_addr(min_addr, family) if mapped else None, _addr(max_addr, family) if mapped else None,
-                    struct.unpack(">H", min_port)[0] if ported else None,
-                    struct.unpack(">H", max_port)[0] if ported else None, extra)
+    extra = () if not flags & ~(NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED) else tuple(
+        name for bit, name in NF_NAT_FLAGS
+        if flags & bit and bit not in (NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED))
+    low = _addr(min_addr, family) if mapped else None
+    high = (low if max_addr == min_addr else _addr(max_addr, family)) if mapped else None
+    return NatRange(low, high, int.from_bytes(min_port, "big") if ported else None,
+                    int.from_bytes(max_port, "big") if ported else None, extra)
 
 
 def nat_range(blob: bytes, revision: int, family: int, what: str = "DNAT") -> NatRange:
