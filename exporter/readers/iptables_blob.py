@@ -47,7 +47,7 @@ import struct
 import sys
 
 from exporter.readers import xtables
-from exporter.readers.iptables_netlink import (FIELD_PROTOCOLS, PROTOCOLS, _apply_match, _apply_target, _Decoding,
+from exporter.readers.iptables_netlink import (FIELD_PROTOCOLS, PROTOCOLS, _apply_match, _apply_target, _effects,
                                                _network)
 from exporter.readers.iptables_rules import Chains, IptablesRule
 
@@ -236,15 +236,11 @@ def decode_piece(raw: bytes, is_target: bool, family: int) -> tuple[tuple, tuple
             decoded = xtables.decode_match(name, revision, data, family)
     except xtables.XtablesError as err:
         decoded = xtables.Unknown(f"{name} ({err})", revision)
-    d = _Decoding(family)
     if is_target:
-        _apply_target(d, name, decoded)
+        _, sets, unknown = _effects(family, _apply_target, name, decoded)
     else:
-        _apply_match(d, decoded)
-    rule = d.rule()
-    sets = tuple((i, value) for i, (value, default) in enumerate(zip(rule, _DEFAULT))
-                 if i != _UNKNOWN and value != default)
-    return sets, rule.unknown
+        _, sets, unknown = _effects(family, _apply_match, decoded)
+    return tuple(sorted(sets)), unknown
 
 
 def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tuple:
