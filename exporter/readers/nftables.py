@@ -48,7 +48,7 @@ import struct
 import time
 from typing import NamedTuple
 
-from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServers, Table, VirtualServer, VirtualServerKey
 from exporter.readers.nftables_netlink import (NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6, NFT_GOTO, NFT_JUMP,
                                                Element, NftNetlink, NftReadError, Rule, SetInfo, Verdict)
 
@@ -410,15 +410,15 @@ class _Resolver:
             virtual_server = last[2]
         else:
             service = self._service_of(chain)
-            real_servers = {rs: RealServer(rs[0], rs[1]) for rs in resolved.real_servers}
+            real_servers = RealServers(resolved.real_servers)  # every weight 1: one flat tuple
             virtual_server = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, real_servers, service)
         self.cache.frontends[key] = (resolved, chain, virtual_server)
         other = table.get(key)
         if other is not None:
             # A NodePort (address None) of a dual-stack Service is in both families'
             # tables: one frontend on every node-port address, each family's endpoints.
-            virtual_server = virtual_server._replace(real_servers={**other.real_servers,
-                                                                   **virtual_server.real_servers})
+            virtual_server = virtual_server._replace(real_servers=RealServers(
+                (*other.real_servers, *virtual_server.real_servers)))
         table[key] = virtual_server
 
     def _service_of(self, chain: str) -> str | None:

@@ -21,7 +21,7 @@ from array import array
 from itertools import accumulate
 from typing import NamedTuple
 
-from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServers, VirtualServer, VirtualServerKey
 from exporter.readers.ipvs.netlink import kernel_hz
 from exporter.readers.ipvs.table import IPVSTable, Layout
 
@@ -654,17 +654,25 @@ def _record(record: str, hz: int, conv: Conversions) -> tuple[VirtualServer, int
             service_cache.clear()
         service_cache[service_line] = parsed
     key, scheduler, timeout, netmask, flags, jiffies = parsed
-    reals = {}
+    # One flat RealServers per virtual server (dataplane.py says why), not a dict of tuples.
+    flat: list = []
+    weights: list[int] = []
+    forwards: list[str] = []
+    seen = set()
     endpoint_cache = conv.endpoints
-    new_tuple = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
     for line in lines[1:]:
         parts = line.split()
         if len(parts) != 4 or parts[0] != "->":
             raise ValueError(line)
         token = parts[1]
         ep = endpoint_cache.get(token) or conv.endpoint(token)
-        if ep in reals:
+        if ep in seen:
             raise ValueError(line)  # the kernel never lists a real server twice
+        seen.add(ep)
+        flat += ep
+        weights.append(int(parts[3]))
         forward = parts[2]
-        reals[ep] = new_tuple(RealServer, (ep[0], ep[1], int(parts[3]), _FORWARDS.get(forward, forward)))
+        forwards.append(_FORWARDS.get(forward, forward))
+    reals = RealServers.of_flat(tuple(flat), weights, forwards)
+    new_tuple = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
     return new_tuple(VirtualServer, (key, scheduler, timeout, reals, None, flags, netmask)), jiffies
