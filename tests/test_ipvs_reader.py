@@ -588,3 +588,25 @@ def test_what_a_reader_keeps_beyond_its_table_is_about_one_text():
             del got
     finally:
         tracemalloc.stop()
+
+
+def test_a_first_read_holds_few_copies_of_the_text_at_once():
+    """The first (whole) parse's peak: its text-sized temporaries (the lines, the marked and
+    blank copies, the records, the hex tokens' cache, the ints of the counters' XOR) are
+    dropped as each is used, not held to the end (issue 13: 62 MiB over its start for a
+    4.3 MiB text at 10,000 services, the exporter's peak RSS). Measured: 8.5 texts."""
+    import gc
+    import tracemalloc
+
+    text = _uniform_text(2000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        table = IncrementalParser().parse(text, hz=HZ)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert len(table) == 2000
+    assert peak < 10 * len(text), (peak, len(text))

@@ -381,47 +381,62 @@ def parse_whole(text: str, hz: int, conv: Conversions, known: KnownRecords = NO_
     what a next parse may start from (None when nothing may be), and this parse's
     records. ``text_hash``: ``hash(text)`` if the caller has it.
     """
+    # Each text-sized temporary (the lines, the marked and blank copies, the records, the
+    # ints of the counters' XOR) is dropped as soon as it is used: at 10,000 services
+    # they are 4 to 9 MiB each, and together they were the first read's peak. The lines
+    # are split again only on the rare paths that name or re-read one.
     lines = text.split("\n")
     torn = lines[-1]  # "" after the final newline; else a cut line, kept as cut
     marked = _marked(lines[:-1]) + "\n" + torn if len(lines) > 1 else torn
     if "\0" not in text:
+        del lines
         blank = marked.replace("\0", " ")
     else:  # NULs of its own (never the kernel's): blank it apart
         blank = _marked(lines[:-1], " ") + "\n" + torn if len(lines) > 1 else torn
+        del lines
     records = _RECORD_BOUNDARY.split(blank)
     del blank
     current: dict[str, tuple] = {}
     parsed = _parse_shape(records, hz, conv, known.index() if known.hashes else {}, current)
     records, lead, clean, skeleton, layout = parsed
+    conv.after_parse()  # the hex tokens' cache (a string per real server) is done with: not beside the XOR's ints
     # What a next whole parse may reuse: the hash of each record and its parse.
     hashes = array("q", map(hash, records))
     virtual_servers = [got[0] if got is not None else None for got in map(current.get, records)]
     del current
     marked_bytes = starts = counters = None
     marked_counters = 0
-    if clean and text.isascii() and "\0" not in text:
+    fast = clean and text.isascii() and "\0" not in text
+    if fast:
+        starts = array("q", accumulate(map(len, records), lambda at, size: at + size + 1, initial=0))
+    del records
+    if fast:
         # Clean: every marked line is a kept real server, so the marks are its counters,
         # all taken in a few C-level passes as a re-read takes them.
         marked_bytes = marked.encode("ascii")
+        del marked
         marked_counters = marked_bytes.count(0)
         chars = counter_chars(int.from_bytes(text.encode("ascii"), "little"), marked_bytes, marked_counters)
         if chars is not None:
             counters = counters_of(chars, layout, conv.numbers)
-        starts = array("q", accumulate(map(len, records), lambda at, size: at + size + 1, initial=0))
+        del chars
     else:
+        del marked
+        lines = text.split("\n")
         counted = list(map(lines.__getitem__, layout.counter_lines))
         # All counters in one split: two numbers per line, or the text is not the kernel's.
         numbers = " ".join([line[-_COUNTERS:] if _fixed_width(line) else line[_counter_start(line):]
                             for line in counted]).encode("ascii", "replace").split()
         counters = _numbers(numbers, len(counted), conv.numbers)
-    del marked, records
+        del counted, numbers
     kept = KnownRecords(hashes, virtual_servers, skeleton.persistent_jiffies)
     if counters is None:
         # A counter that is not a number (never from the kernel): drop its virtual
         # server, as for any other line that does not parse.
+        lines = text.split("\n")
         table = _drop_bad_counters(skeleton.copy(), lines, layout, conv.numbers)
-        return _with_first_unread(table, lines), None, kept
-    _with_first_unread(skeleton, lines)
+        return _with_first_unread(table, text), None, kept
+    _with_first_unread(skeleton, text)
     # The counters are read: their line numbers (an int per real server) are not kept.
     skeleton._layout = layout = layout._replace(counter_lines=None)
     state = Shape(hash(text) if text_hash is None else text_hash, len(text), lead, clean, skeleton, layout,
@@ -429,11 +444,24 @@ def parse_whole(text: str, hz: int, conv: Conversions, known: KnownRecords = NO_
     return with_counters(skeleton, state.active, state.inactive), state, kept
 
 
-def _with_first_unread(table: IPVSTable, lines: list[str]) -> IPVSTable:
+def _with_first_unread(table: IPVSTable, text: str) -> IPVSTable:
     """Name the first line the parse could not read (index -> number and text)."""
     index = table.first_unread_index
-    table.first_unread = (index + 1, lines[index]) if index is not None and index < len(lines) else None
+    line = _line_at(text, index) if index is not None else None
+    table.first_unread = (index + 1, line) if line is not None else None
     return table
+
+
+def _line_at(text: str, index: int) -> str | None:
+    """The text's line ``index`` (from 0, as ``text.split("\\n")`` numbers them), or None
+    past its last; found without splitting the whole text."""
+    at = 0
+    for _ in range(index):
+        at = text.find("\n", at) + 1
+        if at == 0:
+            return None
+    end = text.find("\n", at)
+    return text[at:] if end < 0 else text[at:end]
 
 
 def _parse_shape(records: list[str], hz: int, conv: Conversions, previous: dict[str, tuple],
