@@ -52,6 +52,12 @@ class Conversions:
 
     def __init__(self) -> None:
         self.endpoints: dict[str, tuple[str, int]] = {}
+        # Address text and hex port -> int: one object for each in a parse. An address
+        # recurs with other ports (a node's NodePorts) and a port with other addresses
+        # (every endpoint of a Deployment), and each kept copy is a string or an int per
+        # real server (2.8 MiB at 68,000 of them).
+        self.addresses: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
         self.numbers = _Numbers()
         self._service_lines: dict[str, tuple] = {}
         self._service_hz: int | None = None
@@ -63,6 +69,7 @@ class Conversions:
         the few records that changed are converted again. Counter values stay (few,
         small, and every re-read takes them all)."""
         self.endpoints = {}
+        self.addresses = {}
         self._service_lines = {}
 
     def service_lines(self, hz: int) -> dict[str, tuple]:
@@ -79,22 +86,33 @@ class Conversions:
         host, sep, port_hex = token.rpartition(":")
         if not sep or len(port_hex) != 4:
             raise ValueError(token)
-        if host.startswith("["):
-            if not host.endswith("]"):
-                raise ValueError(token)
-            try:
-                address = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, host[1:-1]))
-            except OSError:
-                raise ValueError(token) from None
-        else:
-            if len(host) != 8:
-                raise ValueError(token)
-            address = socket.inet_ntoa(bytes.fromhex(host))
-        found = (address, int(port_hex, 16))
+        address = _address(host, token)
+        address = self.addresses.setdefault(address, address)  # keyed by itself: no other string kept
+        port = self.ports.get(port_hex)
+        if port is None:
+            port = int(port_hex, 16)
+            if port_hex.isalnum():  # int() takes "+1F", " 1F", "1_F" too: never kept as a key
+                self.ports[port_hex] = port
+        found = (address, port)
         if len(self.endpoints) >= _CACHE_LIMIT:
             self.endpoints.clear()
+            self.addresses.clear()
         self.endpoints[token] = found
         return found
+
+
+def _address(host: str, token: str) -> str:
+    """A token's hex address ('0A000001', '[fd00:...:0001]') as text. Raises ValueError."""
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(token)
+        try:
+            return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, host[1:-1]))
+        except OSError:
+            raise ValueError(token) from None
+    if len(host) != 8:
+        raise ValueError(token)
+    return socket.inet_ntoa(bytes.fromhex(host))
 
 
 _PROTOCOLS = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
