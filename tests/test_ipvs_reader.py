@@ -610,3 +610,20 @@ def test_a_first_read_holds_few_copies_of_the_text_at_once():
         tracemalloc.stop()
     assert len(table) == 2000
     assert peak < 12 * len(text), (peak, len(text))
+
+
+def test_a_parse_caches_no_tuple_per_token():
+    """The hex tokens' cache lives through a whole parse, among the table's objects: it maps
+    a token to its address (kept by the table anyway) and the port is read from the token's
+    last digits, so no (address, port) tuple per token is made and dropped later, leaving
+    holes among the objects kept (issue 13: 4 MB of RSS at 10,000 services)."""
+    from exporter.readers.ipvs.text import Conversions
+
+    conv = Conversions()
+    first = conv.endpoint("0AF40105:1F90")
+    again = conv.endpoint("0AF40105:1F90")
+    assert first == again == ("10.244.1.5", 8080) and first[0] is again[0] and first[1] is again[1]
+    assert conv.endpoint("[fd00:0000:0000:0000:0000:0000:0000:0001]:0050") == ("fd00::1", 80)
+    assert all(type(value) is str for value in conv.endpoints.values()) and len(conv.endpoints) == 2
+    assert conv.endpoint("0AF40105:+1F9") == ("10.244.1.5", 505)  # int()'s leniency: not cached
+    assert "0AF40105:+1F9" not in conv.endpoints

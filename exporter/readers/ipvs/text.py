@@ -51,7 +51,10 @@ class Conversions:
     """
 
     def __init__(self) -> None:
-        self.endpoints: dict[str, tuple[str, int]] = {}
+        # Hex token -> its address, the port read from the token's last four digits
+        # (``ports``): no (address, port) tuple per token, which would outlive its use by
+        # the whole parse and leave its memory in holes among the table's objects.
+        self.endpoints: dict[str, str] = {}
         # Address text and hex port -> int: one object for each in a parse. An address
         # recurs with other ports (a node's NodePorts) and a port with other addresses
         # (every endpoint of a Deployment), and each kept copy is a string or an int per
@@ -80,9 +83,9 @@ class Conversions:
 
     def endpoint(self, token: str) -> tuple[str, int]:
         """'0A000001:0050' or '[fd00:...:0001]:0050' -> ('10.0.0.1', 80). Raises ValueError."""
-        found = self.endpoints.get(token)
-        if found is not None:
-            return found
+        address = self.endpoints.get(token)
+        if address is not None:
+            return address, self.ports[token[-4:]]
         host, sep, port_hex = token.rpartition(":")
         if not sep or len(port_hex) != 4:
             raise ValueError(token)
@@ -91,14 +94,14 @@ class Conversions:
         port = self.ports.get(port_hex)
         if port is None:
             port = int(port_hex, 16)
-            if port_hex.isalnum():  # int() takes "+1F", " 1F", "1_F" too: never kept as a key
-                self.ports[port_hex] = port
-        found = (address, port)
+            if not port_hex.isalnum():  # int() takes "+1F", " 1F", "1_F" too: never cached
+                return address, port
+            self.ports[port_hex] = port
         if len(self.endpoints) >= _CACHE_LIMIT:
             self.endpoints.clear()
             self.addresses.clear()
-        self.endpoints[token] = found
-        return found
+        self.endpoints[token] = address
+        return address, port
 
 
 def _address(host: str, token: str) -> str:
@@ -705,13 +708,14 @@ def _record(record: str, hz: int, conv: Conversions) -> tuple[VirtualServer, int
     weights: list[int] = []
     forwards: list[str] = []
     seen = set()
-    endpoint_cache = conv.endpoints
+    endpoint_cache, ports = conv.endpoints, conv.ports
     for line in lines[1:]:
         parts = line.split()
         if len(parts) != 4 or parts[0] != "->":
             raise ValueError(line)
         token = parts[1]
-        ep = endpoint_cache.get(token) or conv.endpoint(token)
+        address = endpoint_cache.get(token)
+        ep = (address, ports[token[-4:]]) if address is not None else conv.endpoint(token)
         if ep in seen:
             raise ValueError(line)  # the kernel never lists a real server twice
         seen.add(ep)
