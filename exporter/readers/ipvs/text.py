@@ -41,7 +41,7 @@ class _Numbers(dict):
 
 
 class Conversions:
-    """Hex tokens, service lines and counter bytes already converted, for one owner.
+    """Hex tokens and counter bytes already converted, for one owner.
 
     Conversions repeat heavily between services (the same pod address:port is a
     real server of its ClusterIP and of every NodePort entry), so each is converted
@@ -62,24 +62,15 @@ class Conversions:
         self.addresses: dict[str, str] = {}
         self.ports: dict[str, int] = {}
         self.numbers = _Numbers()
-        self._service_lines: dict[str, tuple] = {}
-        self._service_hz: int | None = None
 
     def after_parse(self) -> None:
-        """Forget the hex tokens and service lines: kept between reads they cost a string
+        """Forget the hex tokens and addresses: kept between reads they cost a string
         per real server and virtual server (7 MB at 70,000 real servers), and buy
         nothing then: a re-read reuses whole records (``known_or_parsed``), and only
         the few records that changed are converted again. Counter values stay (few,
         small, and every re-read takes them all)."""
         self.endpoints = {}
         self.addresses = {}
-        self._service_lines = {}
-
-    def service_lines(self, hz: int) -> dict[str, tuple]:
-        """Service line -> parsed, at this HZ (a persistence timeout is converted with it)."""
-        if hz != self._service_hz:
-            self._service_lines, self._service_hz = {}, hz
-        return self._service_lines
 
     def endpoint(self, token: str) -> tuple[str, int]:
         """'0A000001:0050' or '[fd00:...:0001]:0050' -> ('10.0.0.1', 80). Raises ValueError."""
@@ -497,7 +488,7 @@ def _parse_shape(records: list[str], hz: int, conv: Conversions, previous: dict[
     keys: list[VirtualServerKey] = []
     first_lines: list[int] = []
     starts: list[int] = []
-    counter_lines: list[int] = []
+    counter_lines = array("q")  # an int object per real server would outlive its use as a hole
 
     def drop_last() -> None:
         # The record before a bad line may have lost lines to it: drop it whole.
@@ -628,7 +619,7 @@ def _compact(table: IPVSTable, layout: Layout) -> Layout:
     keys: list[VirtualServerKey] = []
     first_lines: list[int] = []
     starts: list[int] = []
-    counter_lines: list[int] = []
+    counter_lines = array("q")
     for place, key in enumerate(layout.keys):
         if key in table and last[key] == place:
             keys.append(key)
@@ -694,15 +685,9 @@ def _reads_as_counters(line: str, cache: _Numbers) -> bool:
 def _record(record: str, hz: int, conv: Conversions) -> tuple[VirtualServer, int | None]:
     """One virtual server's record, counters cut. Raises ValueError/IndexError/KeyError if any line is bad."""
     lines = record.split("\n")
-    service_line = lines[0]
-    service_cache = conv.service_lines(hz)
-    parsed = service_cache.get(service_line)
-    if parsed is None:
-        parsed = _service(service_line.split(), hz, conv)
-        if len(service_cache) >= _CACHE_LIMIT:
-            service_cache.clear()
-        service_cache[service_line] = parsed
-    key, scheduler, timeout, netmask, flags, jiffies = parsed
+    # A service line is printed once per parse: converted each time, not cached (a cache
+    # kept a string and a tuple per virtual server through the parse, for no hit).
+    key, scheduler, timeout, netmask, flags, jiffies = _service(lines[0].split(), hz, conv)
     # One flat RealServers per virtual server (dataplane.py says why), not a dict of tuples.
     flat: list = []
     weights: list[int] = []
