@@ -408,13 +408,13 @@ def parse_whole(text: str, hz: int, conv: Conversions, known: KnownRecords = NO_
         del lines
     records = _RECORD_BOUNDARY.split(blank)
     del blank
-    current: dict[str, tuple] = {}
+    current: dict[str, VirtualServer] = {}
     parsed = _parse_shape(records, hz, conv, known.index() if known.hashes else {}, current)
     records, lead, clean, skeleton, layout = parsed
     conv.after_parse()  # the hex tokens' cache (a string per real server) is done with: not beside the XOR's ints
     # What a next whole parse may reuse: the hash of each record and its parse.
     hashes = array("q", map(hash, records))
-    virtual_servers = [got[0] if got is not None else None for got in map(current.get, records)]
+    virtual_servers = list(map(current.get, records))
     del current
     marked_bytes = starts = counters = None
     marked_counters = 0
@@ -477,10 +477,11 @@ def _line_at(text: str, index: int) -> str | None:
 
 
 def _parse_shape(records: list[str], hz: int, conv: Conversions, previous: dict[str, tuple],
-                 current: dict[str, tuple]) -> tuple[list[str], int, bool, IPVSTable, Layout]:
+                 current: dict[str, VirtualServer]) -> tuple[list[str], int, bool, IPVSTable, Layout]:
     """The table of a text without counters, record by record, and its layout.
 
-    Each record parsed is put in ``current`` (record text -> parsed).
+    Each record parsed is put in ``current`` (record text -> its virtual server; not the
+    (virtual server, jiffies) pair, which would live through the parse and die after it).
     """
     table = IPVSTable()
     table.hz = hz
@@ -543,8 +544,8 @@ def _parse_shape(records: list[str], hz: int, conv: Conversions, previous: dict[
             line_no += len(lines)
             kept_last = False
             continue
-        current[record] = cached
         vs, jiffies = cached
+        current[record] = vs
         key = vs.key
         if key in table:
             clean = False  # printed twice (seq_file): the last printing counts
