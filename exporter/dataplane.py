@@ -10,7 +10,7 @@ how ``ipaddress`` prints them, so desired and live keys hash the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import ItemsView, KeysView, Mapping, ValuesView
 from typing import Iterable, Iterator, NamedTuple
 
 
@@ -56,21 +56,24 @@ _new_tuple = tuple.__new__  # NamedTuple construction without its Python-level _
 
 
 class RealServers(Mapping):
-    """Real servers of one virtual server, all of one weight and forwarding method, read as
-    the mapping ``(address, port) -> RealServer`` a live table holds.
+    """Real servers of one virtual server, read as the mapping ``(address, port) -> RealServer``
+    a table holds, desired or live.
 
-    The desired table's shape: at 50,000 endpoints a dict of key tuples and RealServer
-    tuples per virtual server cost 11.75 MiB, where one flat tuple
-    ``(address, port, address, port, ...)`` per virtual server costs a fifth of it, and
-    virtual servers of one Service share one (its NodePorts and external IPs). The
-    ``RealServer`` values and key tuples are made when read. Immutable.
+    At 50,000 endpoints a dict of key tuples and RealServer tuples per virtual server cost
+    11.75 MiB on the desired side and as much again on the live side, where one flat tuple
+    ``(address, port, address, port, ...)`` per virtual server costs a fifth of it. The
+    weight and forwarding method are kept once when all real servers agree (every desired
+    table, nearly every live one); a live one whose real servers differ keeps a tuple of
+    each (``weights``, ``forwards``) beside the flat one. Virtual servers of one Service
+    share one (its NodePorts and external IPs). The ``RealServer`` values and key tuples
+    are made when read. Immutable.
 
     Walking it (``for key in``, ``items()``, ``values()``, ``len``) is what the diff does;
     a lookup by key scans a small one and indexes a large one once (kept: only a reader
     that asks pays for it). Equal to any mapping with the same items, a dict included.
     """
 
-    __slots__ = ("_flat", "weight", "forward", "_index")
+    __slots__ = ("_flat", "weight", "forward", "_weights", "_forwards", "_index")
 
     def __init__(self, endpoints: Iterable[tuple[str, int]] = (), weight: int = 1,
                  forward: str = "Masq") -> None:
@@ -80,7 +83,28 @@ class RealServers(Mapping):
         self._flat = tuple(flat)
         self.weight = weight
         self.forward = forward
+        self._weights = self._forwards = None
         self._index: dict | None = None
+
+    @classmethod
+    def of_flat(cls, flat: tuple, weights: list[int], forwards: list[str]) -> "RealServers":
+        """From a flat ``(address, port, ...)`` tuple without duplicates (the caller checked)
+        and each real server's weight and forwarding method, in the same order: kept once
+        when all agree. A parse's constructor: no copy, no check beyond that."""
+        out = object.__new__(cls)
+        out._flat = flat
+        out._index = None
+        first = weights[0] if weights else 1
+        if weights.count(first) == len(weights):
+            out.weight, out._weights = first, None
+        else:
+            out.weight, out._weights = first, tuple(weights)
+        first = forwards[0] if forwards else "Masq"
+        if forwards.count(first) == len(forwards):
+            out.forward, out._forwards = first, None
+        else:
+            out.forward, out._forwards = first, tuple(forwards)
+        return out
 
     def __len__(self) -> int:
         return len(self._flat) >> 1
@@ -89,14 +113,36 @@ class RealServers(Mapping):
         flat = self._flat
         return zip(flat[::2], flat[1::2])
 
-    keys = __iter__  # type: ignore[assignment]
+    def keys(self) -> "_Keys":  # type: ignore[override]
+        return _Keys(self)
 
-    def values(self) -> Iterator[RealServer]:  # type: ignore[override]
-        flat, tail = self._flat, (self.weight, self.forward)
-        return (_new_tuple(RealServer, (flat[i], flat[i + 1]) + tail) for i in range(0, len(flat), 2))
+    def _real_server(self, i: int) -> RealServer:
+        """The real server at position ``i`` of the flat tuple (its address)."""
+        flat = self._flat
+        weight = self.weight if self._weights is None else self._weights[i >> 1]
+        forward = self.forward if self._forwards is None else self._forwards[i >> 1]
+        return _new_tuple(RealServer, (flat[i], flat[i + 1], weight, forward))
 
-    def items(self) -> Iterator[tuple[tuple[str, int], RealServer]]:  # type: ignore[override]
-        return ((rs[:2], rs) for rs in self.values())
+    def _values(self) -> Iterator[RealServer]:
+        flat = self._flat
+        if self._weights is None and self._forwards is None:
+            tail = (self.weight, self.forward)
+            return (_new_tuple(RealServer, (flat[i], flat[i + 1]) + tail) for i in range(0, len(flat), 2))
+        return map(self._real_server, range(0, len(flat), 2))
+
+    def values(self) -> "_Values":  # type: ignore[override]
+        return _Values(self)
+
+    def items(self) -> "_Items":  # type: ignore[override]
+        return _Items(self)
+
+    def uniform_weight(self) -> int | None:
+        """The weight every real server has, or None when they differ."""
+        return self.weight if self._weights is None else None
+
+    def same_keys(self, other: "RealServers") -> bool:
+        """Whether ``other`` has the same real servers in the same order (one C-level compare)."""
+        return self._flat == other._flat
 
     def _find(self, key) -> int:
         """Position of ``key``'s address in the flat tuple, or -1."""
@@ -114,7 +160,7 @@ class RealServers(Mapping):
         i = self._find(key) if isinstance(key, tuple) and len(key) == 2 else -1
         if i < 0:
             raise KeyError(key)
-        return _new_tuple(RealServer, (self._flat[i], self._flat[i + 1], self.weight, self.forward))
+        return self._real_server(i)
 
     def get(self, key, default=None):
         try:
@@ -127,7 +173,8 @@ class RealServers(Mapping):
 
     def __eq__(self, other) -> bool:
         if isinstance(other, RealServers) and self._flat == other._flat:
-            return self.weight == other.weight and self.forward == other.forward
+            return (self.weight == other.weight and self.forward == other.forward
+                    and self._weights == other._weights and self._forwards == other._forwards)
         if not isinstance(other, Mapping):
             return NotImplemented
         if len(self) != len(other):
@@ -140,6 +187,27 @@ class RealServers(Mapping):
         return f"RealServers({dict(self.items())!r})"
 
 
+class _Keys(KeysView):
+    """A RealServers' keys, a set view as a dict's is."""
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return iter(self._mapping)
+
+
+class _Values(ValuesView):
+    """A RealServers' values, made straight from its flat tuple (no lookup per key)."""
+
+    def __iter__(self) -> Iterator[RealServer]:
+        return self._mapping._values()
+
+
+class _Items(ItemsView):
+    """A RealServers' items, made straight from its flat tuple; a set view as a dict's is."""
+
+    def __iter__(self) -> Iterator[tuple[tuple[str, int], RealServer]]:
+        return ((rs[:2], rs) for rs in self._mapping._values())
+
+
 NO_REAL_SERVERS = RealServers()
 
 
@@ -147,7 +215,7 @@ class VirtualServer(NamedTuple):
     key: VirtualServerKey
     scheduler: str = "rr"
     persistent_timeout: int | None = None  # seconds; None when not persistent
-    # A live table's: a dict by (address, port); a desired table's: RealServers.
+    # RealServers (desired and live tables), or any mapping by (address, port) (hand-made ones).
     real_servers: Mapping[tuple[str, int], RealServer] = {}
     service: str | None = None  # "namespace/name" where known (desired tables)
     flags: tuple[str, ...] = ()  # extra scheduler/service flags as the kernel names them

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServer, RealServers, VirtualServer, VirtualServerKey
 from exporter.readers.nftables import SCHEDULER, NftablesReader
 from exporter.readers.nftables_netlink import NftReadError
 from tests.nft_rulesets import NftNS, ServicePort, endpoints_changed, generated_services, ruleset
@@ -238,7 +238,7 @@ def test_a_flushed_table_is_read_as_empty_and_a_deleted_one_is_an_error(ns):
 
 def test_what_the_reader_keeps_per_chain_is_a_sorted_tuple(ns):
     """A resolved chain is kept between reads (reused while its rules keep their handles):
-    its endpoints as one sorted tuple, not a set (a frozenset of five is nine times the
+    its endpoints as one sorted flat RealServers, its frontend's own (a frozenset of five is nine times the
     bytes). Equal endpoints are still recognised: an unchanged frontend is the same object
     on a re-read, and a changed one has its new endpoints."""
     services = generated_services()
@@ -249,7 +249,11 @@ def test_what_the_reader_keeps_per_chain_is_a_sorted_tuple(ns):
             for resolved, _chain, _vs in cache.resolver.frontends.values()]
     kept += [resolved for cache in reader._families.values() for _handles, resolved in cache.resolver.leaves.values()]
     assert kept and any(resolved.real_servers for resolved in kept)
-    assert all(type(r.real_servers) is tuple and list(r.real_servers) == sorted(set(r.real_servers)) for r in kept)
+    assert all(type(r.real_servers) is RealServers and list(r.real_servers) == sorted(set(r.real_servers))
+               for r in kept)
+    # A frontend's virtual server holds its chain's resolved real servers, not a copy.
+    assert all(vs.real_servers is resolved.real_servers for cache in reader._families.values()
+               for resolved, _chain, vs in cache.resolver.frontends.values())
     again = ns.run(reader.read)
     assert again.reread and all(again.table[k] is v for k, v in first.table.items())
     ns.nft(endpoints_changed(services[0], [("10.180.0.1", 80), ("10.180.0.10", 80)]))

@@ -12,7 +12,7 @@ from typing import Iterable, NamedTuple
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collector import NAMESPACE, Collector, CollectorError, Unavailable, register
-from exporter.dataplane import SCRAPE_WINDOW
+from exporter.dataplane import SCRAPE_WINDOW, RealServers
 from exporter.readers.ipvs import IPVSReader, IPVSTable, IPVSUnavailable
 
 READER_SERVICE = "ipvs-reader"
@@ -48,10 +48,14 @@ def shape_counts(table: IPVSTable) -> ShapeCounts:
             empty += 1
             unavailable += 1
             continue
-        serving = 0
-        for rs in reals.values():
-            if rs.weight > 0:
-                serving += 1
+        uniform = reals.uniform_weight() if isinstance(reals, RealServers) else None
+        if uniform is not None:  # one weight for all (nearly every one): no RealServer made
+            serving = len(reals) if uniform > 0 else 0
+        else:
+            serving = 0
+            for rs in reals.values():
+                if rs.weight > 0:
+                    serving += 1
         zero_weight += len(reals) - serving
         if not serving:
             unavailable += 1

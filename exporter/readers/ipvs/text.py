@@ -21,7 +21,7 @@ from array import array
 from itertools import accumulate
 from typing import NamedTuple
 
-from exporter.dataplane import RealServer, VirtualServer, VirtualServerKey
+from exporter.dataplane import RealServers, VirtualServer, VirtualServerKey
 from exporter.readers.ipvs.netlink import kernel_hz
 from exporter.readers.ipvs.table import IPVSTable, Layout
 
@@ -41,7 +41,7 @@ class _Numbers(dict):
 
 
 class Conversions:
-    """Hex tokens, service lines and counter bytes already converted, for one owner.
+    """Hex tokens and counter bytes already converted, for one owner.
 
     Conversions repeat heavily between services (the same pod address:port is a
     real server of its ClusterIP and of every NodePort entry), so each is converted
@@ -51,50 +51,62 @@ class Conversions:
     """
 
     def __init__(self) -> None:
-        self.endpoints: dict[str, tuple[str, int]] = {}
+        # Hex token -> its address, the port read from the token's last four digits
+        # (``ports``): no (address, port) tuple per token, which would outlive its use by
+        # the whole parse and leave its memory in holes among the table's objects.
+        self.endpoints: dict[str, str] = {}
+        # Address text and hex port -> int: one object for each in a parse. An address
+        # recurs with other ports (a node's NodePorts) and a port with other addresses
+        # (every endpoint of a Deployment), and each kept copy is a string or an int per
+        # real server (2.8 MiB at 68,000 of them).
+        self.addresses: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
         self.numbers = _Numbers()
-        self._service_lines: dict[str, tuple] = {}
-        self._service_hz: int | None = None
 
     def after_parse(self) -> None:
-        """Forget the hex tokens and service lines: kept between reads they cost a string
+        """Forget the hex tokens and addresses: kept between reads they cost a string
         per real server and virtual server (7 MB at 70,000 real servers), and buy
         nothing then: a re-read reuses whole records (``known_or_parsed``), and only
         the few records that changed are converted again. Counter values stay (few,
         small, and every re-read takes them all)."""
         self.endpoints = {}
-        self._service_lines = {}
-
-    def service_lines(self, hz: int) -> dict[str, tuple]:
-        """Service line -> parsed, at this HZ (a persistence timeout is converted with it)."""
-        if hz != self._service_hz:
-            self._service_lines, self._service_hz = {}, hz
-        return self._service_lines
+        self.addresses = {}
 
     def endpoint(self, token: str) -> tuple[str, int]:
         """'0A000001:0050' or '[fd00:...:0001]:0050' -> ('10.0.0.1', 80). Raises ValueError."""
-        found = self.endpoints.get(token)
-        if found is not None:
-            return found
+        address = self.endpoints.get(token)
+        if address is not None:
+            return address, self.ports[token[-4:]]
         host, sep, port_hex = token.rpartition(":")
         if not sep or len(port_hex) != 4:
             raise ValueError(token)
-        if host.startswith("["):
-            if not host.endswith("]"):
-                raise ValueError(token)
-            try:
-                address = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, host[1:-1]))
-            except OSError:
-                raise ValueError(token) from None
-        else:
-            if len(host) != 8:
-                raise ValueError(token)
-            address = socket.inet_ntoa(bytes.fromhex(host))
-        found = (address, int(port_hex, 16))
+        address = _address(host, token)
+        address = self.addresses.setdefault(address, address)  # keyed by itself: no other string kept
+        port = self.ports.get(port_hex)
+        if port is None:
+            port = int(port_hex, 16)
+            if not port_hex.isalnum():  # int() takes "+1F", " 1F", "1_F" too: never cached
+                return address, port
+            self.ports[port_hex] = port
         if len(self.endpoints) >= _CACHE_LIMIT:
             self.endpoints.clear()
-        self.endpoints[token] = found
-        return found
+            self.addresses.clear()
+        self.endpoints[token] = address
+        return address, port
+
+
+def _address(host: str, token: str) -> str:
+    """A token's hex address ('0A000001', '[fd00:...:0001]') as text. Raises ValueError."""
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(token)
+        try:
+            return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, host[1:-1]))
+        except OSError:
+            raise ValueError(token) from None
+    if len(host) != 8:
+        raise ValueError(token)
+    return socket.inet_ntoa(bytes.fromhex(host))
 
 
 _PROTOCOLS = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
@@ -381,47 +393,62 @@ def parse_whole(text: str, hz: int, conv: Conversions, known: KnownRecords = NO_
     what a next parse may start from (None when nothing may be), and this parse's
     records. ``text_hash``: ``hash(text)`` if the caller has it.
     """
+    # Each text-sized temporary (the lines, the marked and blank copies, the records, the
+    # ints of the counters' XOR) is dropped as soon as it is used: at 10,000 services
+    # they are 4 to 9 MiB each, and together they were the first read's peak. The lines
+    # are split again only on the rare paths that name or re-read one.
     lines = text.split("\n")
     torn = lines[-1]  # "" after the final newline; else a cut line, kept as cut
     marked = _marked(lines[:-1]) + "\n" + torn if len(lines) > 1 else torn
     if "\0" not in text:
+        del lines
         blank = marked.replace("\0", " ")
     else:  # NULs of its own (never the kernel's): blank it apart
         blank = _marked(lines[:-1], " ") + "\n" + torn if len(lines) > 1 else torn
+        del lines
     records = _RECORD_BOUNDARY.split(blank)
     del blank
-    current: dict[str, tuple] = {}
+    current: dict[str, VirtualServer] = {}
     parsed = _parse_shape(records, hz, conv, known.index() if known.hashes else {}, current)
     records, lead, clean, skeleton, layout = parsed
+    conv.after_parse()  # the hex tokens' cache (a string per real server) is done with: not beside the XOR's ints
     # What a next whole parse may reuse: the hash of each record and its parse.
     hashes = array("q", map(hash, records))
-    virtual_servers = [got[0] if got is not None else None for got in map(current.get, records)]
+    virtual_servers = list(map(current.get, records))
     del current
     marked_bytes = starts = counters = None
     marked_counters = 0
-    if clean and text.isascii() and "\0" not in text:
+    fast = clean and text.isascii() and "\0" not in text
+    if fast:
+        starts = array("q", accumulate(map(len, records), lambda at, size: at + size + 1, initial=0))
+    del records
+    if fast:
         # Clean: every marked line is a kept real server, so the marks are its counters,
         # all taken in a few C-level passes as a re-read takes them.
         marked_bytes = marked.encode("ascii")
+        del marked
         marked_counters = marked_bytes.count(0)
         chars = counter_chars(int.from_bytes(text.encode("ascii"), "little"), marked_bytes, marked_counters)
         if chars is not None:
             counters = counters_of(chars, layout, conv.numbers)
-        starts = array("q", accumulate(map(len, records), lambda at, size: at + size + 1, initial=0))
+        del chars
     else:
+        del marked
+        lines = text.split("\n")
         counted = list(map(lines.__getitem__, layout.counter_lines))
         # All counters in one split: two numbers per line, or the text is not the kernel's.
         numbers = " ".join([line[-_COUNTERS:] if _fixed_width(line) else line[_counter_start(line):]
                             for line in counted]).encode("ascii", "replace").split()
         counters = _numbers(numbers, len(counted), conv.numbers)
-    del marked, records
+        del counted, numbers
     kept = KnownRecords(hashes, virtual_servers, skeleton.persistent_jiffies)
     if counters is None:
         # A counter that is not a number (never from the kernel): drop its virtual
         # server, as for any other line that does not parse.
+        lines = text.split("\n")
         table = _drop_bad_counters(skeleton.copy(), lines, layout, conv.numbers)
-        return _with_first_unread(table, lines), None, kept
-    _with_first_unread(skeleton, lines)
+        return _with_first_unread(table, text), None, kept
+    _with_first_unread(skeleton, text)
     # The counters are read: their line numbers (an int per real server) are not kept.
     skeleton._layout = layout = layout._replace(counter_lines=None)
     state = Shape(hash(text) if text_hash is None else text_hash, len(text), lead, clean, skeleton, layout,
@@ -429,18 +456,32 @@ def parse_whole(text: str, hz: int, conv: Conversions, known: KnownRecords = NO_
     return with_counters(skeleton, state.active, state.inactive), state, kept
 
 
-def _with_first_unread(table: IPVSTable, lines: list[str]) -> IPVSTable:
+def _with_first_unread(table: IPVSTable, text: str) -> IPVSTable:
     """Name the first line the parse could not read (index -> number and text)."""
     index = table.first_unread_index
-    table.first_unread = (index + 1, lines[index]) if index is not None and index < len(lines) else None
+    line = _line_at(text, index) if index is not None else None
+    table.first_unread = (index + 1, line) if line is not None else None
     return table
 
 
+def _line_at(text: str, index: int) -> str | None:
+    """The text's line ``index`` (from 0, as ``text.split("\\n")`` numbers them), or None
+    past its last; found without splitting the whole text."""
+    at = 0
+    for _ in range(index):
+        at = text.find("\n", at) + 1
+        if at == 0:
+            return None
+    end = text.find("\n", at)
+    return text[at:] if end < 0 else text[at:end]
+
+
 def _parse_shape(records: list[str], hz: int, conv: Conversions, previous: dict[str, tuple],
-                 current: dict[str, tuple]) -> tuple[list[str], int, bool, IPVSTable, Layout]:
+                 current: dict[str, VirtualServer]) -> tuple[list[str], int, bool, IPVSTable, Layout]:
     """The table of a text without counters, record by record, and its layout.
 
-    Each record parsed is put in ``current`` (record text -> parsed).
+    Each record parsed is put in ``current`` (record text -> its virtual server; not the
+    (virtual server, jiffies) pair, which would live through the parse and die after it).
     """
     table = IPVSTable()
     table.hz = hz
@@ -448,7 +489,7 @@ def _parse_shape(records: list[str], hz: int, conv: Conversions, previous: dict[
     keys: list[VirtualServerKey] = []
     first_lines: list[int] = []
     starts: list[int] = []
-    counter_lines: list[int] = []
+    counter_lines = array("q")  # an int object per real server would outlive its use as a hole
 
     def drop_last() -> None:
         # The record before a bad line may have lost lines to it: drop it whole.
@@ -503,8 +544,8 @@ def _parse_shape(records: list[str], hz: int, conv: Conversions, previous: dict[
             line_no += len(lines)
             kept_last = False
             continue
-        current[record] = cached
         vs, jiffies = cached
+        current[record] = vs
         key = vs.key
         if key in table:
             clean = False  # printed twice (seq_file): the last printing counts
@@ -579,7 +620,7 @@ def _compact(table: IPVSTable, layout: Layout) -> Layout:
     keys: list[VirtualServerKey] = []
     first_lines: list[int] = []
     starts: list[int] = []
-    counter_lines: list[int] = []
+    counter_lines = array("q")
     for place, key in enumerate(layout.keys):
         if key in table and last[key] == place:
             keys.append(key)
@@ -645,26 +686,29 @@ def _reads_as_counters(line: str, cache: _Numbers) -> bool:
 def _record(record: str, hz: int, conv: Conversions) -> tuple[VirtualServer, int | None]:
     """One virtual server's record, counters cut. Raises ValueError/IndexError/KeyError if any line is bad."""
     lines = record.split("\n")
-    service_line = lines[0]
-    service_cache = conv.service_lines(hz)
-    parsed = service_cache.get(service_line)
-    if parsed is None:
-        parsed = _service(service_line.split(), hz, conv)
-        if len(service_cache) >= _CACHE_LIMIT:
-            service_cache.clear()
-        service_cache[service_line] = parsed
-    key, scheduler, timeout, netmask, flags, jiffies = parsed
-    reals = {}
-    endpoint_cache = conv.endpoints
-    new_tuple = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
+    # A service line is printed once per parse: converted each time, not cached (a cache
+    # kept a string and a tuple per virtual server through the parse, for no hit).
+    key, scheduler, timeout, netmask, flags, jiffies = _service(lines[0].split(), hz, conv)
+    # One flat RealServers per virtual server (dataplane.py says why), not a dict of tuples.
+    flat: list = []
+    weights: list[int] = []
+    forwards: list[str] = []
+    seen = set()
+    endpoint_cache, ports = conv.endpoints, conv.ports
     for line in lines[1:]:
         parts = line.split()
         if len(parts) != 4 or parts[0] != "->":
             raise ValueError(line)
         token = parts[1]
-        ep = endpoint_cache.get(token) or conv.endpoint(token)
-        if ep in reals:
+        address = endpoint_cache.get(token)
+        ep = (address, ports[token[-4:]]) if address is not None else conv.endpoint(token)
+        if ep in seen:
             raise ValueError(line)  # the kernel never lists a real server twice
+        seen.add(ep)
+        flat += ep
+        weights.append(int(parts[3]))
         forward = parts[2]
-        reals[ep] = new_tuple(RealServer, (ep[0], ep[1], int(parts[3]), _FORWARDS.get(forward, forward)))
+        forwards.append(_FORWARDS.get(forward, forward))
+    reals = RealServers.of_flat(tuple(flat), weights, forwards)
+    new_tuple = _new_tuple  # tuple.__new__: a NamedTuple without its Python-level __new__
     return new_tuple(VirtualServer, (key, scheduler, timeout, reals, None, flags, netmask)), jiffies
