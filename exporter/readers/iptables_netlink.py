@@ -498,7 +498,8 @@ class IptablesNftSource:
         # Rules whose kept decode a full read may reuse: all but these (None: none of them).
         self._stale: set | None = set()
         self.last_generation: int | None = None
-        self.decoded = 0
+        self.decoded = 0  # rules the last read decoded
+        self.announced = 0  # rules new since the read before (a full read: as decoded)
         self.full_reads = 0
         self.last_resync: str | None = None
 
@@ -551,16 +552,16 @@ class IptablesNftSource:
         else:
             raise _Resync("the kernel's generation is past the change feed's")
         if not batches:
-            self.decoded = 0
+            self.decoded = self.announced = 0
             return self._last
         try:
-            rulesets, states, decoded = apply_batches(self._last, self._states, batches)
+            rulesets, states, decoded, announced = apply_batches(self._last, self._states, batches)
         except _Resync as why:
             why.announced = {(family, table, event.chain, event.handle) for batch in batches
                              for (nfproto, table), events in batch.tables.items()
                              for family in [_FAMILY_OF.get(nfproto)] for event in events if event.kind == "newrule"}
             raise
-        self._last, self._states, self.decoded = rulesets, states, decoded
+        self._last, self._states, self.decoded, self.announced = rulesets, states, decoded, announced
         self.last_generation = batches[-1].generation
         return rulesets
 
@@ -629,7 +630,7 @@ class IptablesNftSource:
             else:
                 raise NftReadError(f"the ruleset changed during each of {GENERATION_TRIES} reads in a row")
         self._last, self.last_generation, self.decoded = rulesets, generation, decoded
-        self._states = states
+        self._states, self.announced = states, decoded
         self.full_reads += 1
         return rulesets
 
@@ -680,13 +681,15 @@ def _state(table_handle: int, chain_list: list, seen: dict) -> _TableState:
 
 
 def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _TableState],
-                  batches: list[Batch]) -> tuple[list[IptablesRuleset], dict, int]:
+                  batches: list[Batch]) -> tuple[list[IptablesRuleset], dict, int, int]:
     """``last`` (and its ``states``) with the feed's committed ``batches`` applied: new
     rulesets and states (the old ones are left as they were: a caller may hold them),
-    and how many rules were decoded. Raises ``_Resync`` where the events do not fit."""
+    how many rules were decoded and how many were announced anew. Raises ``_Resync``
+    where the events do not fit."""
     orders: dict[tuple[int, str], dict[str, ChainOrder]] = {}
     chain_handles: dict[tuple[int, str], dict[str, int | None]] = {}
-    added: dict[tuple[int, str, int], Event] = {}
+    added: dict[tuple[int, str, str, int], Event] = {}
+    deleted: dict[tuple[int, str, str, int], bytes] = {}  # the first deletion of each handle
     for batch in batches:
         for (nfproto, table), events in batch.tables.items():
             family = _FAMILY_OF.get(nfproto)
@@ -704,17 +707,37 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
                 order.new_transaction()
             for event in events:
                 try:
-                    _apply_event(event, key, state, handles, table_orders, added)
+                    _apply_event(event, key, state, handles, table_orders, added, deleted)
                 except Unordered as why:
                     raise _Resync(f"{table} {event.chain}: {why}") from None
+    served = {ruleset.family: ruleset.tables for ruleset in last}
+    kept_maps: dict[tuple[int, str, str], dict[int, IptablesRule]] = {}
+
+    def kept_of(family: int, table: str, chain: str) -> dict[int, IptablesRule]:
+        """The served rules of a chain by handle (built once per chain touched)."""
+        found = kept_maps.get((family, table, chain))
+        if found is None:
+            found = kept_maps[(family, table, chain)] = dict(zip(
+                states[(family, table)].rule_handles.get(chain, ()), served[family][table].get(chain, ())))
+        return found
+
+    # A rule announced with the bytes of one these transactions deleted decodes as that one
+    # did (a decode depends on those bytes alone): kube-proxy's partial sync flushes every
+    # top-level chain and writes most of it again unchanged.
+    by_bytes: dict[tuple[int, bytes], IptablesRule] = {}
+    for (family, table, chain, handle), rule_bytes in deleted.items():
+        rule = kept_of(family, table, chain).get(handle)
+        if rule is not None:
+            by_bytes[(family, rule_bytes)] = rule
     memo: dict = {}
-    decoded = 0
+    decoded = announced = 0
     new_states = dict(states)
     rulesets = []
     for ruleset in last:
+        family = ruleset.family
         tables = dict(ruleset.tables)
         for table in TABLES:
-            key = (ruleset.family, table)
+            key = (family, table)
             if key not in orders:
                 continue
             state, chains = states[key], dict(tables[table])
@@ -732,26 +755,31 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
                     handles = order.handles()
                 except Unordered as why:
                     raise _Resync(f"{table} {chain}: {why}") from None
-                kept = dict(zip(state.rule_handles.get(chain, ()), chains[chain]))
+                kept = kept_of(family, table, chain)
                 rules = []
                 for handle in handles:
                     # A replaced rule (iptables -R) keeps its handle: an announced rule wins.
-                    event = added.get((ruleset.family, chain, handle))
+                    event = added.get((family, table, chain, handle))
                     if event is None:
                         rules.append(kept[handle])
                         continue
-                    rules.append(decode_rule(event.raw, event.exprs, event.udata, ruleset.family, memo))
-                    decoded += 1
+                    announced += 1
+                    rule = by_bytes.get((family, event.body))
+                    if rule is None:
+                        rule = by_bytes[(family, event.body)] = decode_rule(
+                            event.raw, event.exprs, event.udata, family, memo)
+                        decoded += 1
+                    rules.append(rule)
                 chains[chain] = tuple(rules)
                 handles_of[chain] = tuple(handles)
             tables[table] = chains
             new_states[key] = _TableState(state.table_handle, chain_handles[key], handles_of)
-        rulesets.append(IptablesRuleset(ruleset.family, tables))
-    return rulesets, new_states, decoded
+        rulesets.append(IptablesRuleset(family, tables))
+    return rulesets, new_states, decoded, announced
 
 
 def _apply_event(event: Event, key: tuple[int, str], state: _TableState, handles: dict,
-                 orders: dict[str, ChainOrder], added: dict) -> None:
+                 orders: dict[str, ChainOrder], added: dict, deleted: dict) -> None:
     """One event of a kept table into its chains' handles and orders."""
     family, table = key
     chain = event.chain
@@ -778,6 +806,7 @@ def _apply_event(event: Event, key: tuple[int, str], state: _TableState, handles
         order = orders[chain] = ChainOrder(state.rule_handles.get(chain, ()))
     if event.kind == "newrule":
         order.add(event.handle, event.position, event.append)
-        added[(family, chain, event.handle)] = event
+        added[(family, table, chain, event.handle)] = event
     else:
         order.delete(event.handle)
+        deleted.setdefault((family, table, chain, event.handle), event.body)
