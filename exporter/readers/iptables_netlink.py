@@ -457,9 +457,10 @@ class _Resync(Exception):
     anew (their kept decodes are stale: a replaced rule keeps its handle), or None
     when the feed lost events (no kept decode can be trusted)."""
 
-    def __init__(self, reason: str, announced: set | None = None) -> None:
+    def __init__(self, reason: str, lost: bool = False) -> None:
         super().__init__(reason)
-        self.announced = announced
+        self.lost = lost  # events were lost, or a rename changed rules no event names
+        self.announced: set | None = None
 
 
 _FAMILY_OF = {nfproto: family for family, nfproto in FAMILIES}
@@ -531,7 +532,7 @@ class IptablesNftSource:
         if self._feed is not None and self._last is not None:
             try:
                 if self._resync is not None:
-                    raise _Resync(self._resync)
+                    raise _Resync(self._resync, lost=True)
                 return self._read_feed()
             except _Resync as why:
                 self.last_resync, self._stale = str(why), why.announced
@@ -544,22 +545,24 @@ class IptablesNftSource:
         for _ in range(FEED_TRIES):
             drained = self._feed.drain()
             if drained.resync:
-                raise _Resync(drained.resync)
+                raise _Resync(drained.resync, lost=True)
             batches += drained.batches
             target = batches[-1].generation if batches else self.last_generation
             if nl.generation() == target:
                 break
         else:
-            raise _Resync("the kernel's generation is past the change feed's")
+            raise _Resync("the kernel's generation is past the change feed's", lost=True)
         if not batches:
             self.decoded = self.announced = 0
             return self._last
         try:
             rulesets, states, decoded, announced = apply_batches(self._last, self._states, batches)
         except _Resync as why:
-            why.announced = {(family, table, event.chain, event.handle) for batch in batches
+            if not why.lost:
+                why.announced = {(family, table, event.chain, event.handle) for batch in batches
                              for (nfproto, table), events in batch.tables.items()
-                             for family in [_FAMILY_OF.get(nfproto)] for event in events if event.kind == "newrule"}
+                                 for family in [_FAMILY_OF.get(nfproto)] for event in events
+                                 if event.kind == "newrule"}
             raise
         self._last, self._states, self.decoded, self.announced = rulesets, states, decoded, announced
         self.last_generation = batches[-1].generation
@@ -710,6 +713,8 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
                     _apply_event(event, key, state, handles, table_orders, added, deleted)
                 except Unordered as why:
                     raise _Resync(f"{table} {event.chain}: {why}") from None
+    if not orders:
+        return last, states, 0, 0  # only tables this source does not keep changed
     served = {ruleset.family: ruleset.tables for ruleset in last}
     kept_maps: dict[tuple[int, str, str], dict[int, IptablesRule]] = {}
 
@@ -786,7 +791,8 @@ def _apply_event(event: Event, key: tuple[int, str], state: _TableState, handles
     if event.kind == "newchain":
         if handles.get(chain, event.handle) != event.handle or (
                 chain not in handles and event.handle in handles.values()):
-            raise Unordered(f"chain handle {event.handle} renamed or re-created")  # iptables -E
+            # iptables -E: every jump to the chain now names it anew, and no rule event says so.
+            raise _Resync(f"{table}: chain handle {event.handle} renamed", lost=True)
         if chain not in handles:
             handles[chain] = event.handle
             orders[chain] = ChainOrder()
