@@ -120,6 +120,15 @@ def test_a_chain_deleted_and_one_renamed(ns):
     assert source.full_reads == 2
 
 
+def test_a_built_in_chain_flushed_and_deleted_reads_empty(ns):
+    _, source = loaded(ns)
+    nft(ns, "flush chain ip nat PREROUTING; delete chain ip nat PREROUTING")
+    read = ns.run(source.read)
+    assert read[0].tables["nat"]["PREROUTING"] == ()
+    assert_same(read, fresh(ns))
+    assert source.full_reads == 1, source.last_resync
+
+
 def test_a_replaced_first_rule_keeps_its_handle_and_is_read_anew(ns):
     # nf_tables keeps a replaced rule's handle (iptables -R): no decode kept by handle may
     # be served for it, whether the feed places it or a full read follows.

@@ -22,11 +22,16 @@ KUBE- chain with such a rule can be understood. nfacct only counts, and recent's
 ``--reap`` and default mask change nothing a Service's traffic depends on: they
 are read and left out.
 
-Cost: ``generation()`` is one NFT_MSG_GETGEN. ``read()`` dumps the chains and rules
-of the four tables; a rule's expressions never change under its handle (iptables-
-restore flushes a rewritten chain and adds its rules anew), so decoded rules are
-kept by (family, table, chain, handle), per table handle (a table created again
-numbers its handles from 1 again), and a re-read decodes only the new handles.
+Cost: ``generation()`` is one NFT_MSG_GETGEN. The first ``read()`` subscribes to
+nf_tables' change feed (``exporter.readers.nftables_monitor``), then dumps the chains
+and rules of the four tables. Later reads apply the feed's committed transactions to
+each chain's rule handles and decode only the rules announced anew whose bytes no
+rule deleted in the same transactions had (kube-proxy's partial sync flushes every
+top-level chain and writes it again nearly unchanged); what they serve is checked to
+be at the kernel's generation. A handle does not pin a rule's meaning: iptables -R
+keeps the handle, and renaming a chain (iptables -E) renames every jump to it with
+no rule event; so a full read after a resync reuses kept decodes only for rules no
+event announced, and none after a rename or lost events.
 
 The socket lives in the network namespace of the thread that opens it, as the
 nftables reader's: tests read a namespace of their own from a thread that joined it.
@@ -803,7 +808,10 @@ def _apply_event(event: Event, key: tuple[int, str], state: _TableState, handles
         if chain not in handles or left:
             raise Unordered("a chain deleted that is not kept empty")
         del handles[chain]
-        orders.pop(chain, None)
+        if chain in BUILTIN_CHAINS[table]:
+            orders[chain] = ChainOrder()  # a read shows it, empty
+        else:
+            orders.pop(chain, None)
         return
     if chain not in handles:
         raise Unordered("a rule of a chain not kept")
