@@ -122,7 +122,7 @@ def _rule_message(buf, start: int, end: int, command: int, flags: int, nfproto: 
     """A NEWRULE/DELRULE: a flat walk (a partial sync at 10,000 Services announces 24,000)."""
     raw = bytes(buf[start:end])
     table = chain = None
-    handle, position, exprs, udata, body_at = None, None, None, None, len(raw)
+    handle, position, exprs, udata, body_at = None, None, None, None, None
     offset, size = 0, len(raw)
     unpack = _NLA.unpack_from
     while offset + 4 <= size:
@@ -144,15 +144,20 @@ def _rule_message(buf, start: int, end: int, command: int, flags: int, nfproto: 
         elif atype == NFTA_RULE_POSITION:
             position = _BE64.unpack_from(raw, s)[0]
         elif atype == NFTA_RULE_EXPRESSIONS:
-            exprs, body_at = (s, e), min(body_at, offset)
+            exprs = (s, e)
+            if body_at is None:
+                body_at = offset
         elif atype == NFTA_RULE_USERDATA:
-            udata, body_at = (s, e), min(body_at, offset)
+            udata = (s, e)
+            if body_at is None:
+                body_at = offset
         offset += (alen + 3) & ~3
     if table is None or chain is None or handle is None:
         raise ValueError("a rule message without its table, chain or handle")
     is_new = command == NFT_MSG_NEWRULE
     return nfproto, table, Event(_RULE_MESSAGES[command], chain, handle, position if is_new else None,
-                                 bool(flags & NLM_F_APPEND), raw, exprs, udata, raw[body_at:])
+                                 bool(flags & NLM_F_APPEND), raw, exprs, udata,
+                                 raw[body_at:] if body_at is not None else b"")
 
 
 def parse_message(buf, start: int, end: int, msg_type: int, flags: int,
