@@ -142,7 +142,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     rows.append(Row(f"{label}: nothing changed (feed drained, generation check)", ns.run(idle_reads) * 1e3, 5.0,
                     "5 ms budget", unit="ms", limit=limit(1.0)))
 
-    changes, decoded, announced, restores, queued = [], [], [], [], []
+    changes, alone_reads, decoded, announced, restores, queued = [], [], [], [], [], []
     full_reads = source.full_reads
     for i in range(3):
         svc = services[i * 7]
@@ -150,6 +150,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
                                                                     [(a, p + 1) for a, p in svc.endpoints])))[0])
         queued.append(ns.run(lambda: _queued_bytes(source)))
         seconds, rulesets = _timed(lambda: ns.run(source.read))
+        alone_reads.append(seconds)
         if resolve_rulesets is not None:
             seconds += _timed(lambda: resolve_rulesets(rulesets))[0]
         changes.append(seconds)
@@ -160,6 +161,9 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     rows.append(Row(f"{label}: {what} after one Service changed, from the feed ({statistics.median(announced):,.0f} "
                     f"rules new, {statistics.median(decoded):,.0f} decoded)", statistics.median(changes), reference,
                     "iptables-nft-save", limit=limit(0.1)))
+    if resolve_rulesets is not None:
+        rows.append(Row(f"{label}: re-read alone after one Service changed, from the feed",
+                        statistics.median(alone_reads), reference, "iptables-nft-save", limit=limit(0.1)))
     svc = services[3]
     ns.restore(endpoints_changed(services, svc, [(a, p + 1) for a, p in svc.endpoints]))
     whole = IptablesNftSource(feed=False)
