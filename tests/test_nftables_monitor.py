@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from exporter.readers.iptables_netlink import IptablesNftSource
+from exporter.readers.iptables_netlink import IptablesNftSource, NftReadError
 from exporter.readers.iptables_rules import IptablesRule
 from exporter.readers.nftables_monitor import ChainOrder, NftMonitor, Unordered, newer
 from tests import ipt_rulesets
@@ -191,6 +191,24 @@ def test_a_generation_the_feed_did_not_reach_is_a_full_read(ns):
     ns.iptables("-t", "nat", "-D", "KUBE-SERVICES", "1")
     read = ns.run(source.read)
     assert source.full_reads == 2 and "generation" in source.last_resync
+    assert_same(read, fresh(ns))
+
+
+def test_a_re_read_that_failed_after_draining_is_followed_by_a_full_read(ns):
+    _, source = loaded(ns)
+    generation = source._requests.generation
+
+    def failing():
+        raise NftReadError("no answer from nf_tables within 5 s (the ruleset generation)")
+
+    source._requests.generation = failing
+    ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-j", "RETURN")
+    with pytest.raises(NftReadError):
+        ns.run(source.read)  # the transaction it drained is not kept
+    source._requests.generation = generation
+    ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-j", "ACCEPT")
+    read = ns.run(source.read)
+    assert source.full_reads == 2
     assert_same(read, fresh(ns))
 
 

@@ -546,6 +546,9 @@ class IptablesNftSource:
                 return self._read_feed()
             except _Resync as why:
                 self.last_resync, self._stale = str(why), why.announced
+            except BaseException:
+                self._resync = "a re-read failed after draining the feed"  # what it drained is gone
+                raise
             finally:
                 if gc_was_enabled:
                     gc.enable()
