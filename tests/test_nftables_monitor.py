@@ -72,6 +72,13 @@ def test_partial_syncs_are_applied_from_the_feed_and_equal_a_full_read(ns):
         assert source.announced == sum(line.startswith("-A ") for line in rewrite.splitlines())
         assert source.decoded == 5 + 5
     assert source.last_generation == ns.run(source.generation)
+    v6 = ipt_rulesets.generated_services_v6()
+    changed = next(sp for sp in v6 if sp.endpoints)
+    ns.restore(ipt_rulesets.endpoints_changed(v6, changed, [(a, p + 1) for a, p in changed.endpoints], family=6),
+               family=6)
+    assert_same(ns.run(source.read), fresh(ns))
+    assert source.full_reads == 1, source.last_resync
+    assert source.decoded > 0
 
 
 def test_nothing_changed_serves_the_same_rulesets(ns):
