@@ -724,11 +724,26 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
             table_orders = orders.setdefault(key, {})
             for order in table_orders.values():
                 order.new_transaction()
-            for event in events:
-                try:
-                    _apply_event(event, key, state, handles, table_orders, added, deleted)
-                except Unordered as why:
-                    raise _Resync(f"{table} {event.chain}: {why}") from None
+            try:
+                for event in events:
+                    kind, chain = event.kind, event.chain
+                    if kind != "newrule" and kind != "delrule":
+                        _apply_event(event, key, state, handles, table_orders)
+                        continue
+                    # Rule events, nearly all of them: inline (24,000 in one partial sync at 10,000).
+                    if chain not in handles:
+                        raise Unordered("a rule of a chain not kept")
+                    order = table_orders.get(chain)
+                    if order is None:
+                        order = table_orders[chain] = ChainOrder(state.rule_handles.get(chain, ()))
+                    if kind == "newrule":
+                        order.add(event.handle, event.position, event.append)
+                        added[(family, table, chain, event.handle)] = event
+                    else:
+                        order.delete(event.handle)
+                        deleted.setdefault((family, table, chain, event.handle), event.body)
+            except Unordered as why:
+                raise _Resync(f"{table} {event.chain}: {why}") from None
     if not orders:
         return last, states, 0, 0  # only tables this source does not keep changed
     served = {ruleset.family: ruleset.tables for ruleset in last}
@@ -800,9 +815,9 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
 
 
 def _apply_event(event: Event, key: tuple[int, str], state: _TableState, handles: dict,
-                 orders: dict[str, ChainOrder], added: dict, deleted: dict) -> None:
-    """One event of a kept table into its chains' handles and orders."""
-    family, table = key
+                 orders: dict[str, ChainOrder]) -> None:
+    """A chain event of a kept table into its chain handles and orders."""
+    _, table = key
     chain = event.chain
     if event.kind == "newchain":
         if handles.get(chain, event.handle) != event.handle or (
@@ -823,15 +838,3 @@ def _apply_event(event: Event, key: tuple[int, str], state: _TableState, handles
             orders[chain] = ChainOrder()  # a read shows it, empty
         else:
             orders.pop(chain, None)
-        return
-    if chain not in handles:
-        raise Unordered("a rule of a chain not kept")
-    order = orders.get(chain)
-    if order is None:
-        order = orders[chain] = ChainOrder(state.rule_handles.get(chain, ()))
-    if event.kind == "newrule":
-        order.add(event.handle, event.position, event.append)
-        added[(family, table, chain, event.handle)] = event
-    else:
-        order.delete(event.handle)
-        deleted.setdefault((family, table, chain, event.handle), event.body)

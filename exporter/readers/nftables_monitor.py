@@ -60,6 +60,7 @@ _BE64 = struct.Struct(">Q")
 _TABLE_MESSAGES = {NFT_MSG_NEWTABLE: "newtable", NFT_MSG_DELTABLE: "deltable"}
 _CHAIN_MESSAGES = {NFT_MSG_NEWCHAIN: "newchain", NFT_MSG_DELCHAIN: "delchain"}
 _RULE_MESSAGES = {NFT_MSG_NEWRULE: "newrule", NFT_MSG_DELRULE: "delrule"}
+_RULE_TYPES = frozenset((NFNL_SUBSYS_NFTABLES << 8) | command for command in _RULE_MESSAGES)
 
 
 class FeedError(Exception):
@@ -258,7 +259,10 @@ class NftMonitor:
                     resync = "an error message on the change feed"
                     continue
                 try:
-                    parsed = parse_message(buf, start, end, msg_type, flags, names)
+                    if msg_type in _RULE_TYPES and end - start >= 4:  # most messages: straight to the walk
+                        parsed = _rule_message(buf, start + 4, end, msg_type & 0xFF, flags, buf[start], names)
+                    else:
+                        parsed = parse_message(buf, start, end, msg_type, flags, names)
                 except (KeyError, ValueError, struct.error, IndexError) as err:
                     resync = f"an nf_tables notification this reader cannot parse ({err or type(err).__name__})"
                     continue
@@ -269,7 +273,10 @@ class NftMonitor:
                     self._open = {}
                     continue
                 nfproto, table, event = parsed
-                self._open.setdefault((nfproto, table), []).append(event)
+                events = self._open.get((nfproto, table))
+                if events is None:
+                    events = self._open[(nfproto, table)] = []
+                events.append(event)
         if resync:
             self._open = {}
             batches = []
