@@ -9,16 +9,26 @@ issue's: a first read and resolve at most 1x, a re-read after one Service's
 endpoints changed at most 0.1x, nothing changed under 5 ms).
 
 Rows: a first read of a fresh source (every rule decoded); the generation check
-alone (what a scrape costs when nothing changed); the read after one Service's
-endpoints changed, as kube-proxy's partial sync writes it (every top-level chain
-flushed and written again, the Service's own chains rewritten: only those rules are
-new handles and decoded); with t-iptcore's resolver (``resolve_rulesets``) when it
-is there, the same reads followed by it; then peak memory, what a first read adds to
-a fresh process's peak RSS (VmHWM), against iptables-nft-save's own peak RSS.
+alone, and a read when nothing changed (the change feed drained empty, then the
+generation check: what a scrape costs); the read after one Service's endpoints
+changed, as kube-proxy's partial sync writes it (every top-level chain flushed and
+written again, the Service's own chains rewritten), which the source takes from
+nf_tables' change feed (exporter/readers/nftables_monitor.py: only those rules'
+messages are read, and only the ones whose bytes no deleted rule had are decoded),
+and the same change read whole by a source without the feed, for scale; with
+t-iptcore's resolver (``resolve_rulesets``) when it is there, the reads followed by
+it; what the feed costs elsewhere: the kernel memory one partial sync queues for it
+(its socket's Rmem before the drain: charged to the exporter's memory cgroup) and
+kube-proxy's restore with a listener against without; then peak memory, what a first
+read adds to a fresh process's peak RSS (VmHWM), against iptables-nft-save's own.
+
+`python -m bench.bench_iptables --sizes 3000` benches other sizes (each size's table
+is loaded once: 10,000 x 5 takes minutes).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -68,6 +78,17 @@ def _peak_growth(ns: IptNS) -> int:
     return int(done.stdout.strip())
 
 
+def _queued_bytes(source: IptablesNftSource) -> int:
+    """The Rmem of the source's feed socket (/proc/net/netlink of this thread's namespace; 12: NETLINK_NETFILTER)."""
+    port = source._feed.sock.getsockname()[0]
+    with open("/proc/thread-self/net/netlink") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 4 and fields[1] == "12" and fields[2] == str(port):
+                return int(fields[4])
+    raise RuntimeError("the feed's socket is not in /proc/net/netlink")
+
+
 def _timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     value = fn()
@@ -114,18 +135,54 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     same, again = _timed(lambda: ns.run(lambda: source.read(known=generation)))
     assert again is rulesets and source.decoded == 0
 
-    changes, decoded = [], []
+    def idle_reads() -> float:  # in the namespace's own thread, as the exporter reads its own
+        times = [_timed(source.read)[0] for _ in range(50)]
+        return statistics.median(times)
+
+    rows.append(Row(f"{label}: nothing changed (feed drained, generation check)", ns.run(idle_reads) * 1e3, 5.0,
+                    "5 ms budget", unit="ms", limit=limit(1.0)))
+
+    changes, alone_reads, decoded, announced, restores, queued = [], [], [], [], [], []
+    full_reads = source.full_reads
     for i in range(3):
         svc = services[i * 7]
-        ns.restore(endpoints_changed(services, svc, [(a, p + 1) for a, p in svc.endpoints]))
+        restores.append(_timed(lambda: ns.restore(endpoints_changed(services, svc,
+                                                                    [(a, p + 1) for a, p in svc.endpoints])))[0])
+        queued.append(ns.run(lambda: _queued_bytes(source)))
         seconds, rulesets = _timed(lambda: ns.run(source.read))
+        alone_reads.append(seconds)
         if resolve_rulesets is not None:
             seconds += _timed(lambda: resolve_rulesets(rulesets))[0]
         changes.append(seconds)
         decoded.append(source.decoded)
+        announced.append(source.announced)
+    assert source.full_reads == full_reads, source.last_resync  # every change came from the feed
     what = "re-read" + (" + resolve" if resolve_rulesets is not None else "")
-    rows.append(Row(f"{label}: {what} after one Service changed ({statistics.median(decoded):,.0f} "
-                    "rules decoded)", statistics.median(changes), reference, "iptables-nft-save", limit=limit(0.1)))
+    rows.append(Row(f"{label}: {what} after one Service changed, from the feed ({statistics.median(announced):,.0f} "
+                    f"rules new, {statistics.median(decoded):,.0f} decoded)", statistics.median(changes), reference,
+                    "iptables-nft-save", limit=limit(0.1)))
+    if resolve_rulesets is not None:
+        rows.append(Row(f"{label}: re-read alone after one Service changed, from the feed",
+                        statistics.median(alone_reads), reference, "iptables-nft-save", limit=limit(0.1)))
+    svc = services[3]
+    ns.restore(endpoints_changed(services, svc, [(a, p + 1) for a, p in svc.endpoints]))
+    whole = IptablesNftSource(feed=False)
+    seconds, rulesets = _timed(lambda: ns.run(whole.read))
+    if resolve_rulesets is not None:
+        seconds += _timed(lambda: resolve_rulesets(rulesets))[0]
+    rows.append(Row(f"{label}: the same change read whole (no feed: every rule decoded)", seconds, reference,
+                    "iptables-nft-save"))
+    whole = rulesets = None
+    rows.append(Row(f"{label}: kernel memory one partial sync queues for the feed", statistics.median(queued) / 1e6,
+                    source._feed.receive_buffer_bytes / 1e6, "the receive buffer granted", unit="MB"))
+    source.close()  # no listener now: nf_tables builds no notification
+    alone = []
+    for i in range(3):
+        svc = services[i * 7 + 1]
+        alone.append(_timed(lambda: ns.restore(endpoints_changed(services, svc,
+                                                                 [(a, p + 1) for a, p in svc.endpoints])))[0])
+    rows.append(Row(f"{label}: kube-proxy's partial-sync restore with the feed listening", statistics.median(restores),
+                    statistics.median(alone), "without a listener"))
     rows.append(Row(f"{label}: iptables-nft-restore load (setup, for scale)", load, unit="s"))
     grown = _peak_growth(ns) / 1e6
     rows.append(Row(f"{label}: peak RSS added by a first read", grown, save_peak / 1e6,
@@ -133,7 +190,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
 
 
 def run(args) -> list[Row]:
-    sizes = (200, 1000) if getattr(args, "quick", False) else (1000, 10000)
+    sizes = getattr(args, "sizes", None) or ((200, 1000) if getattr(args, "quick", False) else (1000, 10000))
     rows: list[Row] = []
     for count in sizes:
         try:
@@ -142,3 +199,11 @@ def run(args) -> list[Row]:
         except RuntimeError as err:
             raise SystemExit(str(err)) from None
     return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_iptables")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", type=int, nargs="+", help="Services (x 5 endpoints) per table")
+    for row in run(parser.parse_args()):
+        print(row, flush=True)

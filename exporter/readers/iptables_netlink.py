@@ -22,11 +22,16 @@ KUBE- chain with such a rule can be understood. nfacct only counts, and recent's
 ``--reap`` and default mask change nothing a Service's traffic depends on: they
 are read and left out.
 
-Cost: ``generation()`` is one NFT_MSG_GETGEN. ``read()`` dumps the chains and rules
-of the four tables; a rule's expressions never change under its handle (iptables-
-restore flushes a rewritten chain and adds its rules anew), so decoded rules are
-kept by (family, table, chain, handle), per table handle (a table created again
-numbers its handles from 1 again), and a re-read decodes only the new handles.
+Cost: ``generation()`` is one NFT_MSG_GETGEN. The first ``read()`` subscribes to
+nf_tables' change feed (``exporter.readers.nftables_monitor``), then dumps the chains
+and rules of the four tables. Later reads apply the feed's committed transactions to
+each chain's rule handles and decode only the rules announced anew whose bytes no
+rule deleted in the same transactions had (kube-proxy's partial sync flushes every
+top-level chain and writes it again nearly unchanged); what they serve is checked to
+be at the kernel's generation. A handle does not pin a rule's meaning: iptables -R
+keeps the handle, and renaming a chain (iptables -E) renames every jump to it with
+no rule event; so a full read after a resync reuses kept decodes only for rules no
+event announced, and none after a rename or lost events.
 Within a read each distinct expression is decoded once into the operation it is
 (a match, target or verdict: the fields it sets), up to ``MEMO_SIZE`` of them: at
 10,000 Services x 5 most of them are one rule's own, and keeping them all had the
@@ -39,6 +44,7 @@ nftables reader's: tests read a namespace of their own from a thread that joined
 from __future__ import annotations
 
 import errno
+import gc
 import ipaddress
 import socket
 import struct
@@ -46,6 +52,8 @@ import sys
 
 from exporter.readers import xtables
 from exporter.readers.iptables_rules import Chains, IptablesRule, IptablesRuleset
+from exporter.readers.nftables_monitor import (DEFAULT_RECEIVE_BUFFER, Batch, ChainOrder, Event, FeedError,
+                                               NftMonitor, Unordered, newer)
 from exporter.readers.nftables_netlink import (_BE32, _NLA, NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6,
                                                NFT_GOTO, NFT_JUMP, NFT_REG_VERDICT, NFT_RETURN, NFTA_EXPR_DATA,
                                                NFTA_EXPR_NAME, NFTA_LIST_ELEM, NftNetlink, NftReadError, Verdict,
@@ -491,24 +499,82 @@ class _TableCache:
         self.rules: dict[tuple[str, int], IptablesRule] = {}
 
 
+class _TableState:
+    """What a source keeps of one table between reads, beside the rules it served: the
+    table's handle, each chain's handle and its rules' handles in order (parallel to the
+    served rules tuple)."""
+
+    __slots__ = ("table_handle", "chain_handles", "rule_handles")
+
+    def __init__(self, table_handle: int, chain_handles: dict[str, int | None],
+                 rule_handles: dict[str, tuple[int, ...]]) -> None:
+        self.table_handle = table_handle
+        self.chain_handles = chain_handles
+        self.rule_handles = rule_handles
+
+
+class _Resync(Exception):
+    """The change feed cannot bring the kept rules to the kernel's: read them whole.
+    ``announced``: the (family, table, chain, handle) of every rule the feed announced
+    anew (their kept decodes are stale: a replaced rule keeps its handle), or None
+    when the feed lost events (no kept decode can be trusted)."""
+
+    def __init__(self, reason: str, lost: bool = False) -> None:
+        super().__init__(reason)
+        self.lost = lost  # events were lost, or a rename changed rules no event names
+        self.announced: set | None = None
+
+
+_FAMILY_OF = {nfproto: family for family, nfproto in FAMILIES}
+FEED_TRIES = 3  # drains in a row waiting for a commit's messages behind its generation
+
+
 class IptablesNftSource:
     """The iptables-nft backend's rules of this network namespace, over nf_tables netlink.
 
     ``generation()`` says whether anything changed; ``read()`` gives one
     ``IptablesRuleset`` per family (tables nat and filter; an absent table is left
-    out of its family's ruleset). The object owns its decode cache; ``decoded``
-    says how many rules the last read decoded anew (the rest came from the cache).
+    out of its family's ruleset). ``decoded`` says how many rules the last read
+    decoded anew.
+
+    The first read subscribes to nf_tables' change feed (``NftMonitor``) before it
+    dumps; later reads apply the feed's committed transactions to the rules kept
+    (decoding only the rules they add) and serve them only if the kernel's generation
+    is the one the last applied transaction made. An overflowed feed, an event that
+    does not fit what is kept, a table created or deleted, or a generation the feed
+    did not reach: a full read (``full_reads`` counts them, ``last_resync`` says why).
+    ``feed=False``: every change is a full read (the dumps as before the feed).
     """
 
-    def __init__(self, timeout: float = 5.0, per_chain_dumps_from: int = PER_CHAIN_DUMPS_FROM) -> None:
+    def __init__(self, timeout: float = 5.0, per_chain_dumps_from: int = PER_CHAIN_DUMPS_FROM,
+                 feed: bool = True, feed_buffer: int = DEFAULT_RECEIVE_BUFFER) -> None:
         self.timeout = timeout
         self.per_chain_dumps_from = per_chain_dumps_from
-        self._caches: dict[tuple[int, str], _TableCache] = {}
+        self.use_feed, self.feed_buffer = feed, feed_buffer
+        self._caches: dict[tuple[int, str], _TableCache] = {}  # decoded rules, during a full read only
         self._last: list[IptablesRuleset] | None = None
+        self._states: dict[tuple[int, str], _TableState] = {}
+        self._feed: NftMonitor | None = None
+        self._requests: NftNetlink | None = None  # kept open: a generation check is one round trip
+        self._unapplied: list[Batch] = []  # transactions after the last full read's generation
+        self._resync: str | None = None  # set when the feed lost events after a full read
+        # Rules whose kept decode a full read may reuse: all but these (None: none of them).
+        self._stale: set | None = set()
         self.last_generation: int | None = None
-        self.decoded = 0
+        self.decoded = 0  # rules the last read decoded
+        self.announced = 0  # rules new since the read before (a full read: as decoded)
+        self.full_reads = 0
+        self.last_resync: str | None = None
+
+    def close(self) -> None:
+        for sock in (self._feed, self._requests):
+            if sock is not None:
+                sock.close()
+        self._feed = self._requests = None
 
     def generation(self) -> int:
+        if self._requests is not None:
+            return self._requests.generation()
         with NftNetlink(self.timeout) as nl:
             return nl.generation()
 
@@ -518,12 +584,100 @@ class IptablesNftSource:
             return any(nl.chain_exists(nfproto, "nat", SERVICES_CHAIN) for _, nfproto in FAMILIES)
 
     def read(self, known: int | None = None) -> list[IptablesRuleset]:
-        """The rulesets of both families. ``known``: the generation of the caller's last
-        rulesets; if nf_tables is still at it, those are returned without a dump.
+        """The rulesets of both families, at one generation (``last_generation``).
 
-        The generation is read before and after the dumps, and the dumps done again
-        if it moved in between (a restore committed mid-read), so the rulesets are
-        one generation's; ``last_generation`` is it."""
+        With the feed: the kept rules brought up to date by it (the same object back if
+        nothing changed). Without it (or on a resync): a full read, where ``known`` (the
+        generation of the caller's last rulesets) skips the dump if nf_tables is still at
+        it; the generation is read before and after the dumps, and the dumps done again
+        if it moved in between (a restore committed mid-read)."""
+        if self._feed is not None and self._last is not None:
+            gc_was_enabled = gc.isenabled()
+            # Tens of thousands of messages and events, no cycles: a collection now would
+            # only walk the hundreds of thousands of rules kept (measured: a third of a re-read).
+            gc.disable()
+            try:
+                if self._resync is not None:
+                    raise _Resync(self._resync, lost=True)
+                return self._read_feed()
+            except _Resync as why:
+                self.last_resync, self._stale = str(why), why.announced
+            except BaseException:
+                self._resync = "a re-read failed after draining the feed"  # what it drained is gone
+                raise
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+        return self._full_read(known)
+
+    def _read_feed(self) -> list[IptablesRuleset]:
+        batches = self._unapplied
+        self._unapplied = []
+        nl = self._requests
+        for _ in range(FEED_TRIES):
+            drained = self._feed.drain()
+            if drained.resync:
+                raise _Resync(drained.resync, lost=True)
+            batches += drained.batches
+            target = batches[-1].generation if batches else self.last_generation
+            if nl.generation() == target:
+                break
+        else:
+            raise _Resync("the kernel's generation is past the change feed's", lost=True)
+        if not batches:
+            self.decoded = self.announced = 0
+            return self._last
+        try:
+            rulesets, states, decoded, announced = apply_batches(self._last, self._states, batches)
+        except _Resync as why:
+            if not why.lost:
+                why.announced = {(family, table, event.chain, event.handle) for batch in batches
+                             for (nfproto, table), events in batch.tables.items()
+                                 for family in [_FAMILY_OF.get(nfproto)] for event in events
+                                 if event.kind == "newrule"}
+            raise
+        self._last, self._states, self.decoded, self.announced = rulesets, states, decoded, announced
+        self.last_generation = batches[-1].generation
+        return rulesets
+
+    def _full_read(self, known: int | None) -> list[IptablesRuleset]:
+        if self.use_feed and self._feed is None:
+            try:
+                self._feed = NftMonitor(self.feed_buffer)  # before the dumps: nothing lost between
+                self._requests = NftNetlink(self.timeout)
+            except FeedError:
+                self.close()
+                self.use_feed = False  # the dumps still work; read whole on every change
+        self._caches = self._kept_rules() if self.use_feed else {}
+        try:
+            rulesets = self._dump(known)
+        finally:
+            self._caches, self._stale = {}, set()
+        if self._feed is not None:
+            # What the feed holds up to the dumps' generation is in them already.
+            drained = self._feed.drain()
+            self._resync = drained.resync
+            self._unapplied = [batch for batch in drained.batches if newer(batch.generation, self.last_generation)]
+        return rulesets
+
+    def _kept_rules(self) -> dict[tuple[int, str], _TableCache]:
+        """The served rules by (chain, handle): a full read decodes only what they lack."""
+        caches = {}
+        stale = self._stale
+        if self._last is None or stale is None:
+            return caches
+        for ruleset in self._last:
+            for table, chains in ruleset.tables.items():
+                state = self._states.get((ruleset.family, table))
+                if state is None:
+                    continue
+                cache = caches[(ruleset.family, table)] = _TableCache(state.table_handle)
+                for chain, handles in state.rule_handles.items():
+                    cache.rules.update(((chain, handle), rule) for handle, rule in zip(handles, chains[chain])
+                                       if (ruleset.family, table, chain, handle) not in stale)
+        return caches
+
+    def _dump(self, known: int | None) -> list[IptablesRuleset]:
         with NftNetlink(self.timeout) as nl:
             generation = nl.generation()
             if known is not None and known == generation == self.last_generation and self._last is not None:
@@ -533,11 +687,13 @@ class IptablesNftSource:
                 decoded = 0
                 memo: dict = {}
                 rulesets = []
+                states: dict[tuple[int, str], _TableState] = {}
                 for family, nfproto in FAMILIES:
                     tables: dict[str, Chains] = {}
                     chain_lists = nl.chains_by_table(nfproto, TABLES)
                     for table in TABLES:
-                        chains, count = self._table(nl, family, nfproto, table, chain_lists.get(table, []), memo)
+                        chains, count = self._table(nl, family, nfproto, table, chain_lists.get(table, []), memo,
+                                                    states)
                         decoded += count
                         if chains is not None:
                             tables[table] = chains
@@ -549,13 +705,14 @@ class IptablesNftSource:
             else:
                 raise NftReadError(f"the ruleset changed during each of {GENERATION_TRIES} reads in a row")
         self._last, self.last_generation, self.decoded = rulesets, generation, decoded
+        self._states, self.announced = states, decoded
+        self.full_reads += 1
         return rulesets
 
     def _table(self, nl: NftNetlink, family: int, nfproto: int, table: str, chain_list: list,
-               memo: dict) -> tuple[Chains | None, int]:
+               memo: dict, states: dict) -> tuple[Chains | None, int]:
         found = nl.table(nfproto, table)
         if found is None:
-            self._caches.pop((family, table), None)
             return None, 0
         cache = self._caches.get((family, table))
         if cache is None or cache.table_handle != found.handle:
@@ -573,7 +730,7 @@ class IptablesNftSource:
             for (name, _handle), rule in zip(seen, rules):
                 grouped.setdefault(name, []).append(rule)  # a chain new since the chain dump: read again
             chains.update((name, tuple(listed)) for name, listed in grouped.items())
-            self._keep(family, table, cache, seen)
+            states[(family, table)] = _state(found.handle, chain_list, seen)
             return chains, decoded
         decoded = 0
         for chain in chain_list:
@@ -585,9 +742,155 @@ class IptablesNftSource:
                 rules, count = [], 0  # deleted since the chain dump: the generation check reads again
             chains[chain.name] = tuple(rules)
             decoded += count
-        self._keep(family, table, cache, seen)
+        states[(family, table)] = _state(found.handle, chain_list, seen)
         return chains, decoded
 
-    def _keep(self, family: int, table: str, cache: _TableCache, seen: dict) -> None:
-        cache.rules = seen  # handles gone with their rules leave the cache here
-        self._caches[(family, table)] = cache
+
+def _state(table_handle: int, chain_list: list, seen: dict) -> _TableState:
+    """A dumped table's handles: ``seen`` has one (chain, handle) key per rule, in dump order."""
+    grouped: dict[str, list[int]] = {}
+    for chain, handle in seen:
+        grouped.setdefault(chain, []).append(handle)
+    return _TableState(table_handle, {chain.name: chain.handle for chain in chain_list},
+                       {chain: tuple(handles) for chain, handles in grouped.items()})
+
+
+def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _TableState],
+                  batches: list[Batch]) -> tuple[list[IptablesRuleset], dict, int, int]:
+    """``last`` (and its ``states``) with the feed's committed ``batches`` applied: new
+    rulesets and states (the old ones are left as they were: a caller may hold them),
+    how many rules were decoded and how many were announced anew. Raises ``_Resync``
+    where the events do not fit."""
+    orders: dict[tuple[int, str], dict[str, ChainOrder]] = {}
+    chain_handles: dict[tuple[int, str], dict[str, int | None]] = {}
+    added: dict[tuple[int, str, str, int], Event] = {}
+    deleted: dict[tuple[int, str, str, int], bytes] = {}  # the first deletion of each handle
+    for batch in batches:
+        for (nfproto, table), events in batch.tables.items():
+            family = _FAMILY_OF.get(nfproto)
+            if family is None or table not in TABLES:
+                continue  # not a table iptables-nft keeps kube-proxy's rules in
+            key = (family, table)
+            state = states.get(key)
+            if state is None or any(event.kind in ("newtable", "deltable") for event in events):
+                raise _Resync(f"table {table} of IPv{family} created or deleted")
+            handles = chain_handles.get(key)
+            if handles is None:
+                handles = chain_handles[key] = dict(state.chain_handles)
+            table_orders = orders.setdefault(key, {})
+            for order in table_orders.values():
+                order.new_transaction()
+            try:
+                for event in events:
+                    kind, chain = event.kind, event.chain
+                    if kind != "newrule" and kind != "delrule":
+                        _apply_event(event, key, state, handles, table_orders)
+                        continue
+                    # Rule events, nearly all of them: inline (24,000 in one partial sync at 10,000).
+                    if chain not in handles:
+                        raise Unordered("a rule of a chain not kept")
+                    order = table_orders.get(chain)
+                    if order is None:
+                        order = table_orders[chain] = ChainOrder(state.rule_handles.get(chain, ()))
+                    if kind == "newrule":
+                        order.add(event.handle, event.position, event.append)
+                        added[(family, table, chain, event.handle)] = event
+                    else:
+                        order.delete(event.handle)
+                        deleted.setdefault((family, table, chain, event.handle), event.body)
+            except Unordered as why:
+                raise _Resync(f"{table} {event.chain}: {why}") from None
+    if not orders:
+        return last, states, 0, 0  # only tables this source does not keep changed
+    served = {ruleset.family: ruleset.tables for ruleset in last}
+    kept_maps: dict[tuple[int, str, str], dict[int, IptablesRule]] = {}
+
+    def kept_of(family: int, table: str, chain: str) -> dict[int, IptablesRule]:
+        """The served rules of a chain by handle (built once per chain touched)."""
+        found = kept_maps.get((family, table, chain))
+        if found is None:
+            found = kept_maps[(family, table, chain)] = dict(zip(
+                states[(family, table)].rule_handles.get(chain, ()), served[family][table].get(chain, ())))
+        return found
+
+    # A rule announced with the bytes of one these transactions deleted decodes as that one
+    # did (a decode depends on those bytes alone): kube-proxy's partial sync flushes every
+    # top-level chain and writes most of it again unchanged.
+    by_bytes: dict[tuple[int, bytes], IptablesRule] = {}
+    for (family, table, chain, handle), rule_bytes in deleted.items():
+        rule = kept_of(family, table, chain).get(handle)
+        if rule is not None:
+            by_bytes[(family, rule_bytes)] = rule
+    memo: dict = {}
+    decoded = announced = 0
+    new_states = dict(states)
+    rulesets = []
+    for ruleset in last:
+        family = ruleset.family
+        tables = dict(ruleset.tables)
+        for table in TABLES:
+            key = (family, table)
+            if key not in orders:
+                continue
+            state, chains = states[key], dict(tables[table])
+            handles_of = dict(state.rule_handles)
+            for chain in list(chains):
+                if chain not in chain_handles[key] and chain not in BUILTIN_CHAINS[table]:
+                    del chains[chain]
+                    handles_of.pop(chain, None)
+            for chain in chain_handles[key]:
+                chains.setdefault(chain, ())
+            for chain, order in orders[key].items():
+                if chain not in chains:
+                    continue  # deleted in a later transaction
+                try:
+                    handles = order.handles()
+                except Unordered as why:
+                    raise _Resync(f"{table} {chain}: {why}") from None
+                kept = kept_of(family, table, chain)
+                rules = []
+                for handle in handles:
+                    # A replaced rule (iptables -R) keeps its handle: an announced rule wins.
+                    event = added.get((family, table, chain, handle))
+                    if event is None:
+                        rules.append(kept[handle])
+                        continue
+                    announced += 1
+                    rule = by_bytes.get((family, event.body))
+                    if rule is None:
+                        rule = by_bytes[(family, event.body)] = decode_rule(
+                            event.raw, event.exprs, event.udata, family, memo)
+                        decoded += 1
+                    rules.append(rule)
+                chains[chain] = tuple(rules)
+                handles_of[chain] = tuple(handles)
+            tables[table] = chains
+            new_states[key] = _TableState(state.table_handle, chain_handles[key], handles_of)
+        rulesets.append(IptablesRuleset(family, tables))
+    return rulesets, new_states, decoded, announced
+
+
+def _apply_event(event: Event, key: tuple[int, str], state: _TableState, handles: dict,
+                 orders: dict[str, ChainOrder]) -> None:
+    """A chain event of a kept table into its chain handles and orders."""
+    _, table = key
+    chain = event.chain
+    if event.kind == "newchain":
+        if handles.get(chain, event.handle) != event.handle or (
+                chain not in handles and event.handle in handles.values()):
+            # iptables -E: every jump to the chain now names it anew, and no rule event says so.
+            raise _Resync(f"{table}: chain handle {event.handle} renamed", lost=True)
+        if chain not in handles:
+            handles[chain] = event.handle
+            orders[chain] = ChainOrder()
+        return
+    if event.kind == "delchain":
+        order = orders.get(chain)
+        left = order.handles() if order is not None else state.rule_handles.get(chain, ())
+        if chain not in handles or left:
+            raise Unordered("a chain deleted that is not kept empty")
+        del handles[chain]
+        if chain in BUILTIN_CHAINS[table]:
+            orders[chain] = ChainOrder()  # a read shows it, empty
+        else:
+            orders.pop(chain, None)
