@@ -181,6 +181,12 @@ class IptablesDataplane(DataplaneReader):
         live = self.read_rules(max_age)
         return LiveRead(live.read.table, live.read.rejected, live.read.unread, live.read_seconds)
 
+    def close(self) -> None:
+        """The iptables-nft source's sockets (its requests and its change feed)."""
+        with self._lock:
+            if self.nft is not None:
+                self.nft.close()
+
     # -- one read ------------------------------------------------------------------------
 
     def _nft_state(self) -> tuple[int | None, bool]:
