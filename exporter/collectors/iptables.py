@@ -78,7 +78,7 @@ class IptablesCollector(Collector):
     @functools.cached_property
     def dataplane(self):
         # Built on the first scrape, not with the collector: a node of another mode never
-XX
+        # runs this collector, and would load the x_tables blob decoder for nothing.
         return shared_iptables(self.ctx)
 
     def collect(self) -> Iterable[Metric]:
