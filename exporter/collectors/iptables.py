@@ -11,6 +11,7 @@ scrape for both. On only where kube-proxy runs in iptables mode
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -74,9 +75,11 @@ class IptablesCollector(Collector):
     help = "size of kube-proxy's iptables rules, either backend (iptables nodes only)"
     proxy_modes = ("iptables",)
 
-    def __init__(self, ctx) -> None:
-        super().__init__(ctx)
-        self.dataplane = shared_iptables(ctx)
+    @functools.cached_property
+    def dataplane(self):
+        # Built on the first scrape, not with the collector: a node of another mode never
+        # runs this collector, and would load the x_tables blob decoder for nothing.
+        return shared_iptables(self.ctx)
 
     def collect(self) -> Iterable[Metric]:
         try:
