@@ -137,29 +137,21 @@ class _IPVSNode(_Node):
         return [sys.executable, "-m", "exporter", "serve", "--path.procfs", procfs, "--proxy-mode", "ipvs"]
 
 
-class _NftablesNode(_Node):
-    """nftables: kube-proxy's rules of the same Services in a namespace the exporter runs in."""
+class _NamespaceNode(_Node):
+    """A network namespace of its own holding kube-proxy's rules (``load_rules``), with the
+    exporter run inside it in this node's mode (``--proxy-mode``)."""
 
-    mode = "nftables"
     live_metric = None  # the drift collector's zero drift says the rules were read whole
+    ns = None
 
-    def __init__(self, services: int) -> None:
-        from tests.nft_rulesets import NftNS, bench_services
-
-        self.ports = bench_services(services, 5)
-        self.items = _nft_objects(self.ports)
-        try:
-            self.ns = NftNS()
-        except RuntimeError as err:  # a missing tool, named
-            raise SystemExit(str(err)) from None
-
-    def __enter__(self) -> "_NftablesNode":
-        from tests.nft_rulesets import ruleset
-
+    def __enter__(self) -> "_NamespaceNode":
         self.ns.__enter__()
         subprocess.run(["nsenter", f"--net={self.ns.path}", "ip", "link", "set", "lo", "up"], check=True)
-        self.ns.nft(ruleset(self.ports))
+        self.load_rules()
         return self
+
+    def load_rules(self) -> None:
+        raise NotImplementedError
 
     def __exit__(self, *exc) -> None:
         self.ns.__exit__(*exc)
@@ -169,10 +161,35 @@ class _NftablesNode(_Node):
 
     def command(self, tmp: str) -> list[str]:
         return ["nsenter", f"--net={self.ns.path}", sys.executable, "-m", "exporter", "serve",
-                "--proxy-mode", "nftables"]
+                "--proxy-mode", self.mode]
 
 
-class _IptablesNode(_Node):
+def _own_namespace(make):
+    try:
+        return make()
+    except RuntimeError as err:  # a missing tool, named
+        raise SystemExit(str(err)) from None
+
+
+class _NftablesNode(_NamespaceNode):
+    """nftables: kube-proxy's rules of the same Services in a namespace the exporter runs in."""
+
+    mode = "nftables"
+
+    def __init__(self, services: int) -> None:
+        from tests.nft_rulesets import NftNS, bench_services
+
+        self.ports = bench_services(services, 5)
+        self.items = _nft_objects(self.ports)
+        self.ns = _own_namespace(NftNS)
+
+    def load_rules(self) -> None:
+        from tests.nft_rulesets import ruleset
+
+        self.ns.nft(ruleset(self.ports))
+
+
+class _IptablesNode(_NamespaceNode):
     """iptables: kube-proxy's iptables rules of the same Services, restored into a namespace the
     exporter runs in (its drift collector finds the backend that holds them, as on a node).
 
@@ -181,7 +198,6 @@ class _IptablesNode(_Node):
     """
 
     mode = "iptables"
-    live_metric = None  # as nftables: the drift collector's zero drift says the rules were read whole
 
     def __init__(self, services: int, backend: str = "legacy") -> None:
         from tests.ipt_rulesets import IptNS, bench_services
@@ -189,26 +205,10 @@ class _IptablesNode(_Node):
         self.backend = backend
         self.ports = bench_services(services, 5)
         self.items = _nft_objects(self.ports)  # the same Services and slices as the nftables node's
-        try:
-            self.ns = IptNS()
-        except RuntimeError as err:  # a missing tool, named
-            raise SystemExit(str(err)) from None
+        self.ns = _own_namespace(IptNS)
 
-    def __enter__(self) -> "_IptablesNode":
-        self.ns.__enter__()
-        subprocess.run(["nsenter", f"--net={self.ns.path}", "ip", "link", "set", "lo", "up"], check=True)
+    def load_rules(self) -> None:
         self.ns.load(self.ports, backend=self.backend)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.ns.__exit__(*exc)
-
-    def run(self, fn):
-        return self.ns.run(fn)
-
-    def command(self, tmp: str) -> list[str]:
-        return ["nsenter", f"--net={self.ns.path}", sys.executable, "-m", "exporter", "serve",
-                "--proxy-mode", "iptables"]
 
 
 def _iptables_nft_node(services: int) -> _Node:
