@@ -381,7 +381,7 @@ def test_config_sources(tmp_path, apiserver, monkeypatch):
         load_config(str(bad))
     good = apiserver.write_kubeconfig(str(tmp_path / "good.yaml"))
     config = load_config(None, environ={"KUBECONFIG": f"{tmp_path / 'missing'}:{good}"})
-    assert config.get().cluster.server == apiserver.url
+    assert config.server == apiserver.url
     # In-cluster: the service account directory and the service host variables.
     sa = tmp_path / "sa"
     sa.mkdir()
@@ -391,7 +391,7 @@ def test_config_sources(tmp_path, apiserver, monkeypatch):
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     config = load_config(None, environ={"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, service_account_dir=str(sa))
-    assert config.get().cluster.server.startswith("https://10.96.0.1")
+    assert config.server == "https://10.96.0.1:443" and config.namespace == "kube-system"
 
 
 def test_tls_with_the_kubeconfig_ca_and_a_wrong_ca(tmp_path):
