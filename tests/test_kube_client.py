@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -246,6 +247,21 @@ def test_malformed_line_reconnects_from_last_resource_version(apiserver, api, ru
     assert "not JSON" in caplog.text
     assert any(w.params["resourceVersion"] == rv_a for w in apiserver.watches("services")[1:])
     assert len(apiserver.lists("services")) == 1
+
+
+def test_a_line_past_the_bound_breaks_the_stream_not_the_exporter(apiserver, api, running, monkeypatch):
+    import exporter.kube.transport as transport
+
+    monkeypatch.setattr(transport, "MAX_LINE", 4096)
+    rec = Recorder()
+    r = running(reflector(api, services_resource(), rec))
+    assert r.wait_synced(10)
+    wait_for(lambda: apiserver.open_watches, what="an open watch")
+    apiserver.inject_line("services", json.dumps({"type": "ADDED", "object": {"metadata": {"name": "x" * 10000}}}))
+    wait_for(lambda: "longer than 4096 bytes" in (r.status().last_error or ""), what="the bound")
+    apiserver.create("services", service("default", "b", "10.96.0.2"))
+    wait_for(lambda: "default/b" in rec.keys("services"), what="service b on the next watch")
+    assert len(apiserver.lists("services")) == 1  # resumed from its resourceVersion, no relist
 
 
 def test_node_watch_uses_field_selector(apiserver, api, running):

@@ -98,8 +98,10 @@ class _TLSConnection(http.client.HTTPSConnection):
 class Stream:
     """One open streaming response: ``status``, ``body()`` for an error's text, ``lines()``."""
 
-    def __init__(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+    def __init__(self, connection: http.client.HTTPConnection, sock: socket.socket,
+                 response: http.client.HTTPResponse) -> None:
         self._connection = connection
+        self._sock = sock  # taken before getresponse(): a response that closes the connection unsets it
         self.response = response
         self.status = response.status
 
@@ -115,13 +117,11 @@ class Stream:
 
     def abort(self) -> None:
         """Wake a reader blocked on this stream, from any thread."""
-        sock = self._connection.sock
-        if sock is not None:
-            try:
-                # socket.socket's shutdown, not SSLSocket's: wake the reader, leave TLS state alone.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+        try:
+            # socket.socket's shutdown, not SSLSocket's: wake the reader, leave TLS state alone.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:
@@ -156,6 +156,7 @@ class ApiTransport:
     def _tls_context(self, credential: Credential) -> ssl.SSLContext | None:
         if not self._https or credential.client_cert is None:
             return self._context
+        stale: list[http.client.HTTPConnection] = []
         with self._lock:
             if credential.client_cert != self._context_cert:
                 try:
@@ -163,7 +164,11 @@ class ApiTransport:
                 except (ssl.SSLError, OSError, ValueError) as err:
                     raise TransportError(f"the exec plugin's client certificate: {err}") from None
                 self._context_cert = credential.client_cert
-            return self._context
+                stale, self._idle = self._idle, []  # connections made with the certificate before
+            context = self._context
+        for conn in stale:
+            conn.close()
+        return context
 
     def _connect(self, credential: Credential, read_timeout: float) -> http.client.HTTPConnection:
         context = self._tls_context(credential)
@@ -244,7 +249,7 @@ class ApiTransport:
             try:
                 conn.request("GET", target, headers=self._headers(credential))
                 response = conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            except (http.client.RemoteDisconnected, ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
                 if reused is None:
                     raise
                 # The server closed a kept-alive connection while it sat idle: once more, fresh.
@@ -272,7 +277,7 @@ class ApiTransport:
             try:
                 conn = self._connect(credential, read_timeout)
                 conn.request("GET", target, headers=self._headers(credential))
-                stream = Stream(conn, conn.getresponse())
+                stream = Stream(conn, conn.sock, conn.getresponse())
             except (OSError, http.client.HTTPException) as err:
                 if conn is not None:
                     conn.close()
