@@ -123,7 +123,7 @@ class FakeApiServer:
         cert, key = os.path.join(directory, "apiserver.crt"), os.path.join(directory, "apiserver.key")
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
                         "-out", cert, "-days", "1", "-subj", "/CN=kubenode-test-apiserver",
-                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:kubenode-test-apiserver"], check=True, capture_output=True)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         if client_ca is not None:

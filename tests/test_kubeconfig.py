@@ -252,3 +252,28 @@ def test_unsupported_auth_is_one_line(tmp_path, user, named):
     message = str(err.value)
     assert named in message and message.startswith(f"cannot use --kubeconfig {path}: ")
     assert "\n" not in message
+
+
+def test_tls_server_name_is_the_name_verified(tls_server, tmp_path):
+    ca = {"certificate-authority-data": b64(tls_server.ca_pem)}
+    user = {"token": tls_server.token}
+    # The stand-in's certificate names IP 127.0.0.1 and DNS kubenode-test-apiserver.
+    api = ApiClient.from_settings(kubeconfig(tmp_path / "kc", tls_server.url,
+                                             {**ca, "tls-server-name": "kubenode-test-apiserver"}, user))
+    try:
+        assert names(api) == ["web"]
+    finally:
+        api.close()
+    other = ApiClient.from_settings(kubeconfig(tmp_path / "kc2", tls_server.url,
+                                               {**ca, "tls-server-name": "kubernetes.default.svc"}, user))
+    try:
+        with pytest.raises(ApiError, match="CERTIFICATE_VERIFY_FAILED.*kubernetes.default.svc"):
+            names(other)
+    finally:
+        other.close()
+    insecure = ApiClient.from_settings(kubeconfig(tmp_path / "kc3", tls_server.url,
+                                                  {"insecure-skip-tls-verify": True}, user))
+    try:
+        assert names(insecure) == ["web"]  # no CA given and none checked, as the kubeconfig asks
+    finally:
+        insecure.close()
