@@ -231,13 +231,11 @@ class ApiTransport:
     def get(self, path: str, params: dict[str, Any], timeout: float) -> tuple[int, bytes]:
         """Status and whole body of one GET; TransportError when there is no answer."""
         target = self._target(path, params)
-        for attempt in (1, 2):
-            credential = self._credential()
-            status, body = self._get_once(target, credential, timeout)
-            if status == 401 and attempt == 1 and self.credentials.invalidate():
-                continue
-            return status, body
-        raise AssertionError("unreachable")
+        status, body = self._get_once(target, self._credential(), timeout)
+        if status == 401 and self.credentials.invalidate():
+            # Refused: the token file may have rotated, an exec credential been revoked. Once more.
+            status, body = self._get_once(target, self._credential(), timeout)
+        return status, body
 
     def _get_once(self, target: str, credential: Credential, timeout: float) -> tuple[int, bytes]:
         reused = self._take_idle(timeout)
@@ -271,19 +269,19 @@ class ApiTransport:
     def stream(self, path: str, params: dict[str, Any], read_timeout: float) -> Stream:
         """An open streaming GET on a connection of its own; TransportError when there is no answer."""
         target = self._target(path, params)
-        for attempt in (1, 2):
-            credential = self._credential()
-            conn = None
-            try:
-                conn = self._connect(credential, read_timeout)
-                conn.request("GET", target, headers=self._headers(credential))
-                stream = Stream(conn, conn.sock, conn.getresponse())
-            except (OSError, http.client.HTTPException) as err:
-                if conn is not None:
-                    conn.close()
-                raise TransportError(describe(err)) from None
-            if stream.status == 401 and attempt == 1 and self.credentials.invalidate():
-                stream.close()
-                continue
-            return stream
-        raise AssertionError("unreachable")
+        stream = self._stream_once(target, self._credential(), read_timeout)
+        if stream.status == 401 and self.credentials.invalidate():
+            stream.close()
+            stream = self._stream_once(target, self._credential(), read_timeout)
+        return stream
+
+    def _stream_once(self, target: str, credential: Credential, read_timeout: float) -> Stream:
+        conn = None
+        try:
+            conn = self._connect(credential, read_timeout)
+            conn.request("GET", target, headers=self._headers(credential))
+            return Stream(conn, conn.sock, conn.getresponse())
+        except (OSError, http.client.HTTPException) as err:
+            if conn is not None:
+                conn.close()
+            raise TransportError(describe(err)) from None
