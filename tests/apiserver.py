@@ -9,7 +9,9 @@ It keeps the API's semantics that a reflector depends on:
   as JSON lines in a chunked response, BOOKMARKs when ``allowWatchBookmarks=true``,
   ending after ``timeoutSeconds``; a resourceVersion older than the compaction point
   gets 410 Gone (as an ERROR event, as the watch cache sends it, or as an HTTP status);
-- ``fieldSelector=metadata.name=X``; bearer-token auth (401 without it).
+- ``fieldSelector=metadata.name=X``; bearer-token auth (401 without it); with
+  ``client_ca``, TLS that requires a client certificate signed by that CA, which then
+  stands in for the token (``make_client_certificate`` makes both).
 
 Test knobs: ``fail(...)`` (HTTP 500s), ``drop_watch_after(...)`` (cut a stream mid-way),
 ``inject_line(...)`` (a malformed JSON line), ``delay`` (slow responses), objects
@@ -78,8 +80,10 @@ def _key(obj: dict) -> tuple[str, str]:
 
 
 class FakeApiServer:
-    def __init__(self, token: str = "kubenode-test-token", tls_dir: str | None = None) -> None:
-        """``tls_dir``: serve HTTPS with a fresh self-signed certificate for 127.0.0.1 made there."""
+    def __init__(self, token: str = "kubenode-test-token", tls_dir: str | None = None,
+                 client_ca: str | None = None) -> None:
+        """``tls_dir``: serve HTTPS with a fresh self-signed certificate for 127.0.0.1 made there.
+        ``client_ca`` (a PEM file, with ``tls_dir``): require a client certificate it signed."""
         self.token = token
         self.ca_pem: bytes | None = None
         self.lock = threading.Condition()
@@ -103,12 +107,12 @@ class FakeApiServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.httpd.daemon_threads = True
         if tls_dir is not None:
-            self.ca_pem = self._enable_tls(tls_dir)
+            self.ca_pem = self._enable_tls(tls_dir, client_ca)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fake-apiserver", daemon=True)
 
     # --- lifecycle --------------------------------------------------------------
 
-    def _enable_tls(self, directory: str) -> bytes:
+    def _enable_tls(self, directory: str, client_ca: str | None = None) -> bytes:
         import os
         import shutil
         import ssl
@@ -119,9 +123,12 @@ class FakeApiServer:
         cert, key = os.path.join(directory, "apiserver.crt"), os.path.join(directory, "apiserver.key")
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
                         "-out", cert, "-days", "1", "-subj", "/CN=kubenode-test-apiserver",
-                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:kubenode-test-apiserver"], check=True, capture_output=True)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(client_ca)
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         with open(cert, "rb") as fh:
             return fh.read()
@@ -304,7 +311,8 @@ class FakeApiServer:
                 server.requests.append(record)
                 if server.delay:
                     time.sleep(server.delay)
-                if self.headers.get("Authorization") != f"Bearer {server.token}":
+                has_cert = bool(getattr(self.connection, "getpeercert", lambda: None)())
+                if not has_cert and self.headers.get("Authorization") != f"Bearer {server.token}":
                     return self._json(record, 401, _status(401, "Unauthorized", "Unauthorized"))
                 if target is None:
                     return self._json(record, 404, _status(404, "NotFound", "the server could not find the resource"))
@@ -417,6 +425,26 @@ class FakeApiServer:
                 return json.dumps({"type": ev.type, "object": ev.obj}).encode() + b"\n"
 
         return Handler
+
+
+def make_client_certificate(directory: str, name: str = "kubenode-test-client") -> tuple[str, str, str]:
+    """A CA and a client certificate it signed, made with openssl in ``directory``:
+    (ca.crt, client.crt, client.key) paths."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        raise RuntimeError("the openssl tool is needed to make a client certificate")
+    ca_crt, ca_key = os.path.join(directory, "client-ca.crt"), os.path.join(directory, "client-ca.key")
+    crt, key, csr = (os.path.join(directory, f"client.{ext}") for ext in ("crt", "key", "csr"))
+    for args in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca_crt,
+                  "-days", "1", "-subj", "/CN=kubenode-test-client-ca"],
+                 ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}"],
+                 ["x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial",
+                  "-out", crt, "-days", "1"]):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    return ca_crt, crt, key
 
 
 def _name_selector(selector: str | None) -> str | None:

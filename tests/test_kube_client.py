@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -248,6 +249,21 @@ def test_malformed_line_reconnects_from_last_resource_version(apiserver, api, ru
     assert len(apiserver.lists("services")) == 1
 
 
+def test_a_line_past_the_bound_breaks_the_stream_not_the_exporter(apiserver, api, running, monkeypatch):
+    import exporter.kube.transport as transport
+
+    monkeypatch.setattr(transport, "MAX_LINE", 4096)
+    rec = Recorder()
+    r = running(reflector(api, services_resource(), rec))
+    assert r.wait_synced(10)
+    wait_for(lambda: apiserver.open_watches, what="an open watch")
+    apiserver.inject_line("services", json.dumps({"type": "ADDED", "object": {"metadata": {"name": "x" * 10000}}}))
+    wait_for(lambda: "longer than 4096 bytes" in (r.status().last_error or ""), what="the bound")
+    apiserver.create("services", service("default", "b", "10.96.0.2"))
+    wait_for(lambda: "default/b" in rec.keys("services"), what="service b on the next watch")
+    assert len(apiserver.lists("services")) == 1  # resumed from its resourceVersion, no relist
+
+
 def test_node_watch_uses_field_selector(apiserver, api, running):
     apiserver.create("nodes", node("other", zone="z2"))
     apiserver.create("nodes", node("me", zone="z1", addresses=("192.0.2.10",)))
@@ -381,7 +397,7 @@ def test_config_sources(tmp_path, apiserver, monkeypatch):
         load_config(str(bad))
     good = apiserver.write_kubeconfig(str(tmp_path / "good.yaml"))
     config = load_config(None, environ={"KUBECONFIG": f"{tmp_path / 'missing'}:{good}"})
-    assert config.get().cluster.server == apiserver.url
+    assert config.server == apiserver.url
     # In-cluster: the service account directory and the service host variables.
     sa = tmp_path / "sa"
     sa.mkdir()
@@ -391,7 +407,7 @@ def test_config_sources(tmp_path, apiserver, monkeypatch):
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     config = load_config(None, environ={"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, service_account_dir=str(sa))
-    assert config.get().cluster.server.startswith("https://10.96.0.1")
+    assert config.server == "https://10.96.0.1:443" and config.namespace == "kube-system"
 
 
 def test_tls_with_the_kubeconfig_ca_and_a_wrong_ca(tmp_path):

@@ -27,3 +27,20 @@ def test_an_ipvs_node_does_not_import_the_iptables_readers():
     # The iptables collector is enabled by default but runs only in iptables mode: its
     # reader (the x_tables blob decoder and what it imports) is built on its first scrape.
     assert done.stdout.split() == ["-", "-"], done.stdout
+
+
+_CLIENT_PROBE = """
+import sys
+import exporter.kube.client, exporter.kube.store
+heavy = ("asyncio", "lightkube", "httpx2", "httpcore2", "anyio")
+print(" ".join(m for m in heavy if m in sys.modules) or "-")
+"""
+
+
+def test_the_kubernetes_client_loads_no_http_library_nor_asyncio():
+    # Every exporter process builds the client: a client library with asyncio cost ~15 MB RSS
+    # in each; the standard library's http.client and ssl do the same job.
+    done = subprocess.run([sys.executable, "-c", _CLIENT_PROBE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["-"], done.stdout

@@ -1,10 +1,10 @@
-"""Kubernetes API access: configuration, and a list/watch reflector per resource.
+"""Kubernetes API access: a list/watch reflector per resource.
 
-lightkube supplies only the configuration layer (kubeconfig or in-cluster
-service account, TLS, token/exec/cert auth) and the HTTP client built from it.
-Lists and watches are done here over that client, so every object becomes a
-compact tuple (``exporter.kube.objects``) as soon as it is read: a list page
-is parsed, converted and dropped; a watch is read line by line.
+Where the API is and how to authenticate is ``exporter.kube.kubeconfig``; the
+requests go over the standard library (``exporter.kube.transport``). Lists and
+watches are done here, so every object becomes a compact tuple
+(``exporter.kube.objects``) as soon as it is read: a list page is parsed,
+converted and dropped; a watch is read line by line.
 
 A ``Reflector`` follows one resource the way client-go's reflector does:
 
@@ -26,36 +26,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
-import httpx2 as httpx
-from lightkube.config.client_adapter import Client as _lightkube_http_client
-from lightkube.config.client_adapter import ConnectionParams
-from lightkube.config.kubeconfig import KubeConfig
-from lightkube.core.exceptions import ConfigError as _LightkubeConfigError
-
 from exporter.kube import objects
+from exporter.kube.kubeconfig import (SERVICE_ACCOUNT_DIR, ApiConfig, KubeConfigError,  # noqa: F401 - re-exported
+                                      KubeNotConfigured, load_config)
+from exporter.kube.transport import ApiTransport, Stream, TransportError, describe
 
 log = logging.getLogger("exporter.kube.client")
-# httpx logs every request at INFO: one line per list page and watch reconnect is noise here.
-logging.getLogger("httpx2").setLevel(logging.WARNING)
-
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-class KubeConfigError(Exception):
-    """No usable API configuration; the message says which source failed and why."""
-
-
-class KubeNotConfigured(KubeConfigError):
-    """No API configuration at all: no kubeconfig given, none in the environment, not
-    in a cluster. A feature this node lacks (reported once), not a broken config."""
 
 
 class ApiError(Exception):
@@ -77,56 +59,19 @@ class StreamBroken(ApiError):
     """A watch stream that cannot be read on: a bad line, an ERROR event, a drop."""
 
 
-# --- configuration -----------------------------------------------------------
-
-
-def load_config(kubeconfig: str | None = None, environ: dict | None = None,
-                service_account_dir: str = SERVICE_ACCOUNT_DIR) -> KubeConfig:
-    """The contract's order: --kubeconfig, else $KUBECONFIG, else in-cluster.
-
-    Raises KubeConfigError with one line naming the source that was tried.
-    """
-    env = os.environ if environ is None else environ
-    path = kubeconfig or None
-    source = "--kubeconfig"
-    if not path and env.get("KUBECONFIG"):
-        # KUBECONFIG may list several files; as kubectl does for the current
-        # context, the first one that exists is used.
-        candidates = [p for p in env["KUBECONFIG"].split(os.pathsep) if p]
-        path = next((p for p in candidates if os.path.isfile(os.path.expanduser(p))),
-                    candidates[0] if candidates else None)
-        source = "KUBECONFIG"
-    try:
-        if path:
-            return KubeConfig.from_file(path)
-        if not env.get("KUBERNETES_SERVICE_HOST"):
-            raise KubeNotConfigured("no --kubeconfig, no KUBECONFIG and not in a cluster "
-                                  "(KUBERNETES_SERVICE_HOST unset)")
-        return KubeConfig.from_service_account(service_account_dir)
-    except KubeConfigError:
-        raise
-    except (_LightkubeConfigError, OSError, KeyError, ValueError, TypeError) as err:
-        where = f"{source} {path}" if path else "in-cluster service account"
-        raise KubeConfigError(f"cannot use {where}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - a broken kubeconfig (YAML, fields) must not crash start-up
-        where = f"{source} {path}" if path else "in-cluster service account"
-        raise KubeConfigError(f"cannot use {where}: {type(err).__name__}: {err}") from None
-
-
 class ApiClient:
-    """Raw GETs over lightkube's configured HTTP client (TLS and auth included)."""
+    """Raw GETs to the API (TLS and auth included) over one ``ApiTransport``."""
 
-    def __init__(self, http: httpx.Client) -> None:
+    def __init__(self, http: ApiTransport) -> None:
         self.http = http
 
     @classmethod
-    def from_config(cls, config: KubeConfig, context: str | None = None,
-                    connect_timeout: float = 10.0) -> "ApiClient":
+    def from_config(cls, config: ApiConfig, connect_timeout: float = 10.0) -> "ApiClient":
         try:
-            single = config.get(context)
-            params = ConnectionParams(timeout=httpx.Timeout(30.0, connect=connect_timeout), trust_env=False)
-            return cls(_lightkube_http_client(single, params))
-        except Exception as err:  # noqa: BLE001 - bad certificates, missing files, unsupported auth
+            return cls(ApiTransport(config, connect_timeout=connect_timeout))
+        except KubeConfigError as err:
+            raise KubeConfigError(f"cannot build an API client: {err}") from None
+        except Exception as err:  # noqa: BLE001 - bad certificates, missing files
             raise KubeConfigError(f"cannot build an API client: {type(err).__name__}: {err}") from None
 
     @classmethod
@@ -139,17 +84,17 @@ class ApiClient:
     def list_page(self, path: str, params: dict[str, Any], timeout: float = 60.0) -> dict:
         """One LIST page as parsed JSON; ApiError/Gone on failure."""
         try:
-            resp = self.http.get(path, params=params, timeout=timeout)
-        except httpx.HTTPError as err:
-            raise ApiError(f"LIST {path}: {type(err).__name__}: {err}") from None
-        if resp.status_code != 200:
-            raise _status_error(f"LIST {path}", resp.status_code, resp.content)
+            status, content = self.http.get(path, params, timeout)
+        except TransportError as err:
+            raise ApiError(f"LIST {path}: {err}") from None
+        if status != 200:
+            raise _status_error(f"LIST {path}", status, content)
         try:
-            body = json.loads(resp.content)
+            body = json.loads(content)
         except ValueError:
-            raise ApiError(f"LIST {path}: the response is not JSON", resp.status_code) from None
+            raise ApiError(f"LIST {path}: the response is not JSON", status) from None
         if not isinstance(body, dict):
-            raise ApiError(f"LIST {path}: the response is not an object", resp.status_code)
+            raise ApiError(f"LIST {path}: the response is not an object", status)
         return body
 
     def watch_stream(self, path: str, params: dict[str, Any], read_timeout: float) -> "WatchStream":
@@ -173,24 +118,28 @@ def _status_error(what: str, status: int, content: bytes) -> ApiError:
 class WatchStream:
     """One open WATCH response, read as JSON lines; ``abort()`` from any thread."""
 
-    def __init__(self, http: httpx.Client, path: str, params: dict[str, Any], read_timeout: float) -> None:
+    def __init__(self, http: ApiTransport, path: str, params: dict[str, Any], read_timeout: float) -> None:
         self.path = path
         self._aborted = False
-        timeout = httpx.Timeout(read_timeout, connect=10.0)
-        self._cm = http.stream("GET", path, params=params, timeout=timeout)
         try:
-            self.response = self._cm.__enter__()
-        except httpx.HTTPError as err:
-            raise ApiError(f"WATCH {path}: {type(err).__name__}: {err}") from None
-        if self.response.status_code != 200:
-            content = self.response.read()
+            self._stream: Stream = http.stream(path, params, read_timeout)
+        except TransportError as err:
+            raise ApiError(f"WATCH {path}: {err}") from None
+        if self._stream.status != 200:
+            try:
+                content = self._stream.body()
+            except (OSError, ValueError, TransportError):
+                content = b""
             self.close()
-            raise _status_error(f"WATCH {path}", self.response.status_code, content)
+            raise _status_error(f"WATCH {path}", self._stream.status, content)
 
     def events(self) -> Iterator[dict]:
         """Each event as a dict; StreamBroken on a bad line, ApiError on a drop."""
         try:
-            for line in self.response.iter_lines():
+            while True:
+                line = self._stream.readline()
+                if not line:
+                    return
                 if not line.strip():
                     continue
                 try:
@@ -200,30 +149,23 @@ class WatchStream:
                 if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                     raise StreamBroken(f"WATCH {self.path}: a line is not a watch event: {line[:80]!r}")
                 yield event
-        except httpx.HTTPError as err:
+        except TransportError as err:
+            raise StreamBroken(f"WATCH {self.path}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - http.client's errors, and the socket shut down by abort()
             if self._aborted:
                 return
-            raise ApiError(f"WATCH {self.path}: {type(err).__name__}: {err}") from None
-        except OSError as err:  # the socket shut down under us by abort()
-            if self._aborted:
-                return
-            raise ApiError(f"WATCH {self.path}: {err}") from None
+            if isinstance(err, ApiError):
+                raise
+            raise ApiError(f"WATCH {self.path}: {describe(err)}") from None
 
     def abort(self) -> None:
         """Wake a reader blocked on this stream (used by stop())."""
         self._aborted = True
-        stream = self.response.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if sock is not None:
-            try:
-                # socket.socket's shutdown, not SSLSocket's: wake the reader, leave TLS state alone.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._stream.abort()
 
     def close(self) -> None:
         try:
-            self._cm.__exit__(None, None, None)
+            self._stream.close()
         except Exception:  # noqa: BLE001 - closing a broken stream
             pass
 
