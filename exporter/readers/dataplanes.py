@@ -81,11 +81,13 @@ class IptablesTableSize(NamedTuple):
 
 def ruleset_sizes(rulesets) -> tuple[IptablesTableSize, ...]:
     """Counts of every table of ``rulesets`` (``IptablesRuleset``s), sorted (pure)."""
+    from exporter.readers.iptables_rules import chain_lengths
+
     out = []
     for ruleset in rulesets:
         for table, chains in ruleset.tables.items():
             out.append(IptablesTableSize(ruleset.family, table, len(chains),
-                                         sum(len(rules) for rules in chains.values()),
+                                         sum(length for _, length in chain_lengths(chains)),
                                          sum(1 for name in chains if name.startswith("KUBE-"))))
     return tuple(sorted(out))
 
@@ -141,7 +143,7 @@ class IptablesDataplane(DataplaneReader):
         from exporter.readers.iptables_legacy import IptablesLegacySource
 
         # The source keeps no rules: this object keeps their resolution, reused while unchanged.
-        self.legacy = legacy if legacy is not None else IptablesLegacySource(paths, keep=False)
+        self.legacy = legacy if legacy is not None else IptablesLegacySource(paths, keep=False, lazy=True)
         self.nft = nft() if callable(nft) else nft
         self.clock = clock
         self.safety_interval = safety_interval
@@ -275,7 +277,8 @@ def shared_iptables(ctx) -> IptablesDataplane:
     def build() -> IptablesDataplane:
         from exporter.readers.iptables_legacy import IptablesLegacySource
 
-        return IptablesDataplane(ctx.paths, legacy=IptablesLegacySource(ctx.paths, keep=False))
+        # lazy: the legacy tables' chains decoded one by one as the resolver walks them.
+        return IptablesDataplane(ctx.paths, legacy=IptablesLegacySource(ctx.paths, keep=False, lazy=True))
 
     return ctx.service(IPTABLES_SERVICE, build)
 

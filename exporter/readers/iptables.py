@@ -61,7 +61,7 @@ from collections.abc import Mapping
 from typing import Iterable, NamedTuple
 
 from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
-from exporter.readers.iptables_rules import Chains, IptablesRule, IptablesRuleset
+from exporter.readers.iptables_rules import Chains, IptablesRule, IptablesRuleset, chain_lengths
 
 # The scheduler name an iptables frontend reports: `-m statistic --mode random`, as nftables' numgen.
 SCHEDULER = "random"
@@ -194,9 +194,9 @@ class _Family:
     def sizes(self) -> IptablesSizes:
         chains = rules = kube = svc = sep = 0
         for table in (self.nat, self.filter):
-            for name, chain_rules in table.items():
+            for name, length in chain_lengths(table):
                 chains += 1
-                rules += len(chain_rules)
+                rules += length
                 if name.startswith("KUBE-"):
                     kube += 1
                     if name.startswith((SVC, SVL)):
