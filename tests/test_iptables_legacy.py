@@ -406,6 +406,22 @@ def test_the_dataplane_decodes_only_the_chains_it_resolves(legacy_ns, monkeypatc
         (table, sum(len(r) for r in chains.values())) for table, chains in saved.tables.items()}
 
 
+def test_the_dataplane_hands_freed_pages_back_after_each_whole_legacy_read(legacy_ns, monkeypatch):
+    from exporter import allocator
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    trims = []
+    monkeypatch.setattr(allocator, "trim", lambda: trims.append(1) or True)
+    clock = Clock()
+    legacy = IptablesLegacySource(Paths(), clock=clock, keep=False, lazy=True)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
+    assert legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 1
+    clock.now += 20  # nothing changed, within the re-read interval: no read, no trim
+    assert not legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 1
+    clock.now += 20  # past it: read whole again
+    assert legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 2
+
+
 def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):
     from exporter.readers.dataplanes import IptablesDataplane
 

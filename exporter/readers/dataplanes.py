@@ -19,6 +19,7 @@ import threading
 import time
 from typing import NamedTuple
 
+from exporter import allocator
 from exporter.dataplane import SCRAPE_WINDOW, DataplaneReader, DataplaneUnavailable, LiveRead
 
 NFTABLES_SERVICE = "nftables-dataplane"
@@ -176,6 +177,11 @@ class IptablesDataplane(DataplaneReader):
                 raise ReadFailed(f"kube-proxy's iptables-legacy rules not read: {err}") from None
             except OSError as err:
                 raise ReadFailed(f"iptables rules: {err.strerror or err}") from None
+            if live.reread and live.backend == LEGACY:
+                # A whole legacy read's transients (the blob's index, each chain's rules) are
+                # freed by now; without handing their pages back, each re-read (every 30 s at
+                # most, or on a change) left 10-14 MB more resident at 10,000 Services.
+                allocator.trim()
             self._last, self._at = live, self.clock()
             return live
 
