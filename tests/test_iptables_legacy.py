@@ -312,14 +312,14 @@ def test_a_corrupt_blob_is_one_reason_or_a_whole_table(legacy_ns):
             assert str(err) and "\n" not in str(err)
         else:
             assert isinstance(chains, dict) and all(isinstance(rules, tuple) for rules in chains.values())
-        # Lazily: refused when built (the whole walk's checks), or every chain decodes later.
+        # Lazily: refused when built (the whole walk's checks) or when a chain is decoded, in one
+        # line; a chain that decodes is whole.
         try:
             lazy = LazyChains(buffer, iptables_legacy._GET_ENTRIES_HEAD.size, blob.info.size, blob.info.family,
                               blob.hooks, blob.underflows)
+            assert all(isinstance(lazy[name], tuple) for name in lazy)
         except BlobError as err:
             assert str(err) and "\n" not in str(err)
-        else:
-            assert all(isinstance(lazy[name], tuple) for name in lazy)
     assert refused > 10  # offsets, sizes and verdicts were hit, and said so
 
 
@@ -420,6 +420,34 @@ def test_the_dataplane_hands_freed_pages_back_after_each_whole_legacy_read(legac
     assert not legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 1
     clock.now += 20  # past it: read whole again
     assert legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 2
+
+
+def test_a_chain_that_does_not_decode_fails_the_dataplanes_read_in_one_line(legacy_ns, monkeypatch):
+    """The lazy source walks the whole table up front but decodes a chain's matches only when
+    the resolver asks: a match whose size runs past its entry then fails the read, naming
+    the table, never a traceback and never a table without that chain's frontends."""
+    from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
+    from exporter.readers.iptables_blob import ENTRY_SIZE
+
+    real = iptables_legacy.fetch_table
+
+    def corrupt(sock, family, table, tries=3):
+        blob = real(sock, family, table, tries)
+        if table == "nat":
+            head = iptables_legacy._GET_ENTRIES_HEAD.size
+            chains = LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)
+            first = chains._spans["KUBE-SERVICES"] >> 32  # its first rule has matches (-m comment, -m tcp)
+            blob.buffer[head + first + ENTRY_SIZE[family]:head + first + ENTRY_SIZE[family] + 2] = b"\xf8\xff"
+            LazyChains(blob.buffer, head, blob.info.size, family, blob.hooks, blob.underflows)  # the walk passes
+        return blob
+
+    monkeypatch.setattr(iptables_legacy, "fetch_table", corrupt)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(nft=None))
+    with pytest.raises(ReadFailed) as caught:
+        legacy_ns.run(lambda: dataplane.read_rules(0))
+    said = str(caught.value)
+    assert said.startswith("kube-proxy's iptables-legacy rules not read: ip_tables table nat: the kernel's blob "
+                           "not understood: ") and "\n" not in said, said
 
 
 def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):
