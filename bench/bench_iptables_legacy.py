@@ -8,7 +8,8 @@ issue's limit: a full check at most 1.5x of it.
 
 Rows: a full check of a fresh ``IptablesDataplane`` on the legacy backend (the table
 info getsockopt, each table's blob fetched by IPT_SO_GET_ENTRIES and decoded in this
-process, t-iptcore's resolve); a re-read after kube-proxy rewrote one Service's
+process chain by chain as t-iptcore's resolve walks them: its lazy source, as the
+exporter has it); a re-read after kube-proxy rewrote one Service's
 endpoint (the source's memo: only new entries decoded); nothing changed (the
 getsockopt alone: what a scrape costs between changes, 5 ms budget); peak RSS a first
 check adds to a fresh process (VmHWM) against iptables-legacy-save's, and what each
@@ -53,7 +54,7 @@ def status(key):
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key + ":"))
 before = status("VmHWM")
-legacy = IptablesLegacySource(keep=False)
+legacy = IptablesLegacySource(keep=False, lazy=True)
 dataplane = IptablesDataplane(legacy=legacy, nft=None)
 live = dataplane.read_rules(0)
 assert live.backend == "legacy" and live.read.table and not live.read.unread, live.read.unread[:3]
@@ -118,7 +119,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     for _ in range(3):
         saves.append(_legacy_save(ns))
         dataplane = None  # one alive at a time, as in the exporter
-        dataplane = ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths(), keep=False), nft=None))
+        dataplane = ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths(), keep=False, lazy=True), nft=None))
         live = ns.run(lambda: dataplane.read_rules(0))
         assert live.reread and live.backend == "legacy" and not live.read.unread
         checks.append(live.read_seconds)

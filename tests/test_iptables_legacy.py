@@ -21,9 +21,9 @@ import pytest
 
 from exporter.paths import Paths
 from exporter.readers import iptables_legacy
-from exporter.readers.iptables_blob import BlobError, decode_table
+from exporter.readers.iptables_blob import BlobError, LazyChains, decode_table
 from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
-from exporter.readers.iptables_rules import IptablesRule
+from exporter.readers.iptables_rules import IptablesRule, chain_lengths
 from exporter.readers.iptables_save import parse_save
 from tests.ipt_rulesets import IptNS, bench_services, chain_name, generated_services, generated_services_v6
 from tests.test_iptables_netlink import EVERY_OPTION
@@ -184,16 +184,19 @@ def test_a_change_that_keeps_count_and_size_is_read_at_the_bounded_rate(ns):
 
 # --- the kernel's blob, decoded ----------------------------------------------------------------
 
-def assert_decodes_as_saved(ns: IptNS, families=(4, 6)) -> dict:
+def assert_decodes_as_saved(ns: IptNS, families=(4, 6), lazy: bool = False) -> dict:
     """The source's read equals ``parse_save`` of `ip(6)tables-legacy-save`, chain by chain,
-    rule by rule; returns the read by family."""
-    read = {ruleset.family: ruleset for ruleset in ns.run(IptablesLegacySource(Paths()).read)}
+    rule by rule (``lazy``: each chain decoded when asked for, its length told without
+    decoding); returns the read by family."""
+    read = {ruleset.family: ruleset for ruleset in ns.run(IptablesLegacySource(Paths(), lazy=lazy).read)}
     assert sorted(read) == sorted(families)
     for family in families:
         [saved] = parse_save(ns.save(family, "legacy"), family)
         assert set(read[family].tables) == set(saved.tables)
         for table, chains in saved.tables.items():
             assert set(read[family].tables[table]) == set(chains), table
+            if lazy:
+                assert dict(chain_lengths(read[family].tables[table])) == {c: len(r) for c, r in chains.items()}
             for chain, rules in chains.items():
                 assert read[family].tables[table][chain] == rules, f"IPv{family} {table} {chain}"
     return read
@@ -217,6 +220,24 @@ def test_kube_proxys_fixtures_decode_as_saved(ns):
     ns.restore((FIXTURES / "localhost-nodeports-ipv6.rules").read_text(), 6, "legacy")
     read = assert_decodes_as_saved(ns)
     assert len(read[4].tables["nat"]) > 20 and "KUBE-NODEPORTS" in read[6].tables["nat"]
+
+
+def test_lazy_chains_decode_as_saved_one_chain_when_asked(ns):
+    ns.restore((FIXTURES / "overall.rules").read_text(), 4, "legacy")
+    ns.restore((FIXTURES / "localhost-nodeports-ipv6.rules").read_text(), 6, "legacy")
+    for family in (4, 6):
+        [saved] = parse_save(ns.save(family, "legacy"), family)
+        for table, chains in saved.tables.items():
+            blob = _fetch(ns, table, family)
+            lazy = LazyChains(bytearray(blob.buffer), iptables_legacy._GET_ENTRIES_HEAD.size, blob.info.size,
+                              family, blob.hooks, blob.underflows)
+            assert lazy.decoded_chains == 0 and list(lazy) == list(chains)  # the table's order, nothing decoded
+            assert dict(lazy.lengths()) == {c: len(r) for c, r in chains.items()} and lazy.decoded_chains == 0
+            assert lazy == chains and lazy.decoded_chains == len(chains)
+            lazy.release()
+            with pytest.raises(BlobError):
+                lazy[next(iter(chains))]
+    assert_decodes_as_saved(ns, lazy=True)
 
 
 def test_nodeport_addresses_fixture_decodes_as_saved(ns):
@@ -291,6 +312,14 @@ def test_a_corrupt_blob_is_one_reason_or_a_whole_table(legacy_ns):
             assert str(err) and "\n" not in str(err)
         else:
             assert isinstance(chains, dict) and all(isinstance(rules, tuple) for rules in chains.values())
+        # Lazily: refused when built (the whole walk's checks) or when a chain is decoded, in one
+        # line; a chain that decodes is whole.
+        try:
+            lazy = LazyChains(buffer, iptables_legacy._GET_ENTRIES_HEAD.size, blob.info.size, blob.info.family,
+                              blob.hooks, blob.underflows)
+            assert all(isinstance(lazy[name], tuple) for name in lazy)
+        except BlobError as err:
+            assert str(err) and "\n" not in str(err)
     assert refused > 10  # offsets, sizes and verdicts were hit, and said so
 
 
@@ -306,23 +335,29 @@ def test_the_source_names_a_blob_it_cannot_decode(legacy_ns, monkeypatch):
     assert said.startswith("ip_tables table nat: the kernel's blob not understood: ")
 
 
-def test_a_reread_decodes_no_repeated_shape_again(ns):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_reread_decodes_no_repeated_shape_again(ns, lazy):
     """One endpoint's address swapped: the next read takes every repeated shape (the address
     parts without an address, the matches-and-targets without a comment or DNAT) from the
-    source's memo, decodes the rest from its pieces, and is the save's again."""
+    source's memo, decodes the rest from its pieces, and is the save's again. Lazy chains
+    (decoded when asked for, after the read) keep the memo's shapes as well."""
     ns.load(generated_services(), 4, backend="legacy")
-    source = IptablesLegacySource(Paths(), reread_interval=0.0)
-    ns.run(source.read)
+    source = IptablesLegacySource(Paths(), reread_interval=0.0, lazy=lazy)
+
+    def read_all():
+        return [{table: dict(chains) for table, chains in r.tables.items()} for r in ns.run(source.read)]
+
+    read_all()
     first = source.decoded
     rules = ns.save(4, "legacy", "nat")
     ns.iptables(backend="legacy", tool="-restore", input=rules.replace("10.180.0.1:80", "10.180.0.5:80"))
-    ns.run(source.read)
+    read_all()
     assert first > 10 and source.decoded == 0, (first, source.decoded)
-    assert_decodes_as_saved(ns, families=(4,))
+    assert_decodes_as_saved(ns, families=(4,), lazy=lazy)
     # A shape not met before (a new kind of rule) is decoded, once.
     ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-p", "udp", "-m", "udp", "--sport", "4242", "-j", "RETURN",
                 backend="legacy")
-    ns.run(source.read)
+    read_all()
     assert source.decoded == 1  # its body (-m udp --sport 4242, a verdict); -p udp was met before
 
 
@@ -347,6 +382,72 @@ def test_the_dataplane_reads_nothing_while_nothing_changed(legacy_ns):
     clock.now += 1  # past the scrape window, well within the re-read interval
     moved = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
     assert moved.reread and legacy.reread and moved.read is not first.read
+
+
+def test_the_dataplane_decodes_only_the_chains_it_resolves(legacy_ns, monkeypatch):
+    """The dataplane's own legacy source is lazy: the resolver decodes each chain it walks,
+    once, and never the ones no frontend reaches (marks, POSTROUTING, INPUT)."""
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(nft=None))
+    assert dataplane.legacy.lazy and not dataplane.legacy.keep
+    seen = []
+    real_read = dataplane.legacy.read
+    monkeypatch.setattr(dataplane.legacy, "read", lambda known=None: seen.append(real_read()) or seen[-1])
+    live = legacy_ns.run(lambda: dataplane.read_rules(0))
+    assert live.read.table and not live.read.unread
+    [[ruleset]] = seen
+    nat = ruleset.tables["nat"]
+    assert isinstance(nat, LazyChains)
+    assert 0 < nat.decoded_chains <= len(nat) - 4, (nat.decoded_chains, len(nat))
+    [saved] = parse_save(legacy_ns.save(4, "legacy"), 4)
+    assert dict(nat.lengths()) == {c: len(r) for c, r in saved.tables["nat"].items()}
+    assert {(t.table, t.rules) for t in live.tables} == {
+        (table, sum(len(r) for r in chains.values())) for table, chains in saved.tables.items()}
+
+
+def test_the_dataplane_hands_freed_pages_back_after_each_whole_legacy_read(legacy_ns, monkeypatch):
+    from exporter import allocator
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    trims = []
+    monkeypatch.setattr(allocator, "trim", lambda: trims.append(1) or True)
+    clock = Clock()
+    legacy = IptablesLegacySource(Paths(), clock=clock, keep=False, lazy=True)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
+    assert legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 1
+    clock.now += 20  # nothing changed, within the re-read interval: no read, no trim
+    assert not legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 1
+    clock.now += 20  # past it: read whole again
+    assert legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 2
+
+
+def test_a_chain_that_does_not_decode_fails_the_dataplanes_read_in_one_line(legacy_ns, monkeypatch):
+    """The lazy source walks the whole table up front but decodes a chain's matches only when
+    the resolver asks: a match whose size runs past its entry then fails the read, naming
+    the table, never a traceback and never a table without that chain's frontends."""
+    from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
+    from exporter.readers.iptables_blob import ENTRY_SIZE
+
+    real = iptables_legacy.fetch_table
+
+    def corrupt(sock, family, table, tries=3):
+        blob = real(sock, family, table, tries)
+        if table == "nat":
+            head = iptables_legacy._GET_ENTRIES_HEAD.size
+            chains = LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)
+            first = chains._spans["KUBE-SERVICES"] >> 32  # its first rule has matches (-m comment, -m tcp)
+            blob.buffer[head + first + ENTRY_SIZE[family]:head + first + ENTRY_SIZE[family] + 2] = b"\xf8\xff"
+            LazyChains(blob.buffer, head, blob.info.size, family, blob.hooks, blob.underflows)  # the walk passes
+        return blob
+
+    monkeypatch.setattr(iptables_legacy, "fetch_table", corrupt)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(nft=None))
+    with pytest.raises(ReadFailed) as caught:
+        legacy_ns.run(lambda: dataplane.read_rules(0))
+    said = str(caught.value)
+    assert said.startswith("kube-proxy's iptables-legacy rules not read: ip_tables table nat: the kernel's blob "
+                           "not understood: ") and "\n" not in said, said
 
 
 def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.dataplane import VirtualServerKey
+from exporter.dataplane import RealServer, RealServers, VirtualServerKey
 from exporter.kube import desired, desired_rules
 from exporter.kube.diff import diff_tables
 from exporter.readers.iptables import NoKubeProxyRules, chain_services_for, resolve_rulesets
@@ -232,6 +232,28 @@ CHAINS = ("KUBE-SVC-AAAAAAAAAAAAAAAA", "KUBE-SEP-BBBBBBBBBBBBBBBB")
 def test_a_whole_path_resolves():
     read_ = resolve_rulesets(_nat(FRONT, SVC_TO_SEP, SEP_DNAT, chains=CHAINS))
     assert read_.unread == () and list(read_.table[tcp("10.0.0.1", 80)].real_servers) == [("10.1.0.1", 8080)]
+
+
+def test_a_services_frontends_share_one_compact_set_of_real_servers():
+    """The ClusterIP and the NodePort (KUBE-EXT- to the same KUBE-SVC-) hold one RealServers
+    object, its ports one int each, as the nftables reader's frontends do."""
+    read_ = resolve_rulesets(_nat(
+        FRONT,
+        "-A KUBE-SVC-AAAAAAAAAAAAAAAA -m statistic --mode random --probability 0.5 -j KUBE-SEP-CCCCCCCCCCCCCCCC",
+        SVC_TO_SEP, SEP_DNAT,
+        "-A KUBE-SEP-CCCCCCCCCCCCCCCC -p tcp -m tcp -j DNAT --to-destination 10.1.0.2:8080",
+        "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        "-A KUBE-NODEPORTS -p tcp -m tcp --dport 30080 -j KUBE-EXT-AAAAAAAAAAAAAAAA",
+        "-A KUBE-EXT-AAAAAAAAAAAAAAAA -j KUBE-MARK-MASQ",
+        "-A KUBE-EXT-AAAAAAAAAAAAAAAA -j KUBE-SVC-AAAAAAAAAAAAAAAA",
+        chains=CHAINS + ("KUBE-SEP-CCCCCCCCCCCCCCCC", "KUBE-NODEPORTS", "KUBE-EXT-AAAAAAAAAAAAAAAA", "KUBE-MARK-MASQ")))
+    cluster_ip, node_port = read_.table[tcp("10.0.0.1", 80)], read_.table[tcp(None, 30080)]
+    assert read_.unread == ()
+    assert isinstance(cluster_ip.real_servers, RealServers) and node_port.real_servers is cluster_ip.real_servers
+    assert cluster_ip.real_servers == {("10.1.0.1", 8080): RealServer("10.1.0.1", 8080),
+                                       ("10.1.0.2", 8080): RealServer("10.1.0.2", 8080)}
+    first, second = cluster_ip.real_servers
+    assert first[1] is second[1]  # 8080 read twice, one int
 
 
 @pytest.mark.parametrize("lines, chains, words", [

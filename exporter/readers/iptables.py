@@ -60,8 +60,8 @@ import hashlib
 from collections.abc import Mapping
 from typing import Iterable, NamedTuple
 
-from exporter.dataplane import RealServer, Table, VirtualServer, VirtualServerKey
-from exporter.readers.iptables_rules import Chains, IptablesRule, IptablesRuleset
+from exporter.dataplane import NO_REAL_SERVERS, RealServers, Table, VirtualServer, VirtualServerKey
+from exporter.readers.iptables_rules import Chains, IptablesRule, IptablesRuleset, chain_lengths
 
 # The scheduler name an iptables frontend reports: `-m statistic --mode random`, as nftables' numgen.
 SCHEDULER = "random"
@@ -150,7 +150,10 @@ def chain_services_for(services: Iterable) -> ChainServices:
 
 
 class _Resolved(NamedTuple):
-    real_servers: tuple[tuple[str, int], ...]  # sorted, each once
+    # Sorted, each once, and the very object its frontends hold (one flat tuple shared by a
+    # Service's frontends, as the nftables reader's: a dict of key tuples and RealServer
+    # tuples per frontend was most of the resolution's 20 MB at 10,000 Services).
+    real_servers: RealServers
     affinity_timeout: int | None
     problems: tuple[str, ...]
 
@@ -171,11 +174,18 @@ def _frontend_key(rule: IptablesRule) -> VirtualServerKey | None:
     return VirtualServerKey(protocol, address, rule.dport)
 
 
-def _destination(text: str) -> tuple[str, int] | None:
+def _destination(text: str, ports: dict[str, int]) -> tuple[str, int] | None:
+    """(address, port) of a DNAT's ``addr:port``; ``ports``: the resolution's port numbers
+    by text (a few, shared by thousands of endpoints: an int past 256 is an object each)."""
     host, _, port = text.rpartition(":")
     if host.startswith("["):
         host = host[1:-1]
-    return (host, int(port)) if port.isdigit() and host else None
+    if not port.isdigit() or not host:
+        return None
+    number = ports.get(port)
+    if number is None:
+        number = ports[port] = int(port)
+    return host, number
 
 
 class _Family:
@@ -188,15 +198,16 @@ class _Family:
         self.filter: Chains = ruleset.tables.get("filter", {})
         self.chain_services = chain_services
         self.resolved: dict[str, _Resolved] = {}
+        self.ports: dict[str, int] = {}  # endpoint ports by text, one int object each
         self.in_progress: set[str] = set()
         self.unread: list[str] = []  # what this family's rules hold that was not read
 
     def sizes(self) -> IptablesSizes:
         chains = rules = kube = svc = sep = 0
         for table in (self.nat, self.filter):
-            for name, chain_rules in table.items():
+            for name, length in chain_lengths(table):
                 chains += 1
-                rules += len(chain_rules)
+                rules += length
                 if name.startswith("KUBE-"):
                     kube += 1
                     if name.startswith((SVC, SVL)):
@@ -290,11 +301,11 @@ class _Family:
         if done is not None:
             return done
         if chain in self.in_progress:
-            return _Resolved((), None, (f"chain {chain} loops back to itself",))
+            return _Resolved(NO_REAL_SERVERS, None, (f"chain {chain} loops back to itself",))
         if chain not in self.nat:
-            result = _Resolved((), None, (f"chain {chain} is missing",))
+            result = _Resolved(NO_REAL_SERVERS, None, (f"chain {chain} is missing",))
         elif depth > MAX_CHAIN_DEPTH:
-            result = _Resolved((), None, (f"chain {chain} nests deeper than kube-proxy's",))
+            result = _Resolved(NO_REAL_SERVERS, None, (f"chain {chain} nests deeper than kube-proxy's",))
         else:
             self.in_progress.add(chain)
             try:
@@ -308,6 +319,7 @@ class _Family:
         if chain.startswith(SEP):
             return self._endpoint(chain)
         endpoints: set[tuple[str, int]] = set()
+        followed: list[RealServers] = []
         problems: list[str] = []
         affinity: int | None = None
         is_ext, is_fw = chain.startswith(EXT), chain.startswith(FW)
@@ -332,13 +344,18 @@ class _Family:
                 affinity = rule.recent_seconds
             sub = self.resolve(target, depth + 1)
             endpoints.update(sub.real_servers)
+            followed.append(sub.real_servers)
             if sub.problems:
                 problems.extend(sub.problems)
             if sub.affinity_timeout is not None:
                 affinity = sub.affinity_timeout
             if not conditional and not is_fw:
                 break  # an unconditional jump ends this chain's choice
-        return _Resolved(tuple(sorted(endpoints)), affinity, tuple(problems))
+        if len(followed) == 1:
+            # One chain followed (KUBE-EXT- to KUBE-SVC-): its real servers, the same object, so
+            # a Service's ClusterIP and NodePort frontends share one.
+            return _Resolved(followed[0], affinity, tuple(problems))
+        return _Resolved(RealServers(sorted(endpoints)), affinity, tuple(problems))
 
     def _endpoint(self, chain: str) -> _Resolved:
         """A KUBE-SEP- chain: hairpin masquerade, then DNAT to its endpoint."""
@@ -348,14 +365,16 @@ class _Family:
                 continue
             bad = _problems_of(rule) if rule.unknown else ()
             if bad:
-                return _Resolved((), None, tuple(f"chain {chain} rule {index}: {b}" for b in bad))
+                return _Resolved(NO_REAL_SERVERS, None, tuple(f"chain {chain} rule {index}: {b}" for b in bad))
             if target != "DNAT":
-                return _Resolved((), None, (f"chain {chain} rule {index}: -j {target} in an endpoint chain",))
-            found = _destination(rule.to_destination) if rule.to_destination else None
+                return _Resolved(NO_REAL_SERVERS, None,
+                                 (f"chain {chain} rule {index}: -j {target} in an endpoint chain",))
+            found = _destination(rule.to_destination, self.ports) if rule.to_destination else None
             if found is None:
-                return _Resolved((), None, (f"chain {chain} rule {index}: a DNAT this reader cannot decode",))
-            return _Resolved((found,), None, ())
-        return _Resolved((), None, (f"chain {chain} has no DNAT",))
+                return _Resolved(NO_REAL_SERVERS, None,
+                                 (f"chain {chain} rule {index}: a DNAT this reader cannot decode",))
+            return _Resolved(RealServers((found,)), None, ())
+        return _Resolved(NO_REAL_SERVERS, None, (f"chain {chain} has no DNAT",))
 
 
 def resolve_rulesets(rulesets: list[IptablesRuleset], chain_services: Mapping[str, str] | None = None,
@@ -400,13 +419,12 @@ def _resolve(rulesets: list[IptablesRuleset], chain_services: Mapping[str, str],
                 unread.append(f"{family.where}: {key} (-> {chain}): {'; '.join(resolved.problems)}")
                 continue
             service = chain_services.get(chain) or _service_of_comment(comment)
-            real_servers = {rs: RealServer(rs[0], rs[1]) for rs in resolved.real_servers}
-            vs = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, real_servers, service)
+            vs = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, resolved.real_servers, service)
             other = table.get(key)
             if other is not None:
                 # A dual-stack Service's NodePort is in both families' rules: one frontend
                 # (address None) on every node-port address, each family's endpoints.
-                vs = vs._replace(real_servers={**other.real_servers, **vs.real_servers})
+                vs = vs._replace(real_servers=RealServers((*other.real_servers, *vs.real_servers)))
             old = last.get(key)
             if old is not None and old == vs:
                 vs = old

@@ -28,7 +28,8 @@ between chains, a jump to no chain, no end marker) is ``BlobError`` with one lin
 never a traceback, never the part that was read reported as the whole table.
 
 Cost: the blob is walked once with ``struct.unpack_from`` in place (plus one byte
-search for the chain heads); counters are never read. Each distinct match or target
+search for the chain heads) to find and check every chain (``LazyChains``), then each
+chain's entries are decoded when it is asked for; counters are never read. Each distinct match or target
 is decoded once per read (by its bytes); verdicts are looked up apart (a jump's
 offset moves whenever anything before its chain does). Shapes that repeat (address
 parts without an address, matches-and-targets without a comment or DNAT) are kept
@@ -45,6 +46,7 @@ import gc
 import socket
 import struct
 import sys
+from collections.abc import Mapping
 
 from exporter.readers import xtables
 from exporter.readers.iptables_netlink import (FIELD_PROTOCOLS, PROTOCOLS, _apply_match, _apply_target, _effects,
@@ -274,26 +276,97 @@ def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tupl
 
 def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict[int, int],
                  underflows: dict[int, int], memo: BlobMemo | None = None) -> Chains:
-    """The chains of one table: its entries are ``blob[base:base + size]`` (the getsockopt's
-    buffer, read in place). ``hooks`` / ``underflows``: hook number -> entry offset, from
-    the table's info. Raises ``BlobError``."""
-    if len(blob) < base + size:
-        raise BlobError(f"{len(blob) - base} bytes of entries where the table's info says {size}")
-    view = memoryview(blob)[base:base + size]
-    # Hundreds of thousands of small objects and no cycles: the cyclic collector would walk
-    # them again and again for nothing (as in parse_save).
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
+    """The chains of one table, every rule decoded: its entries are ``blob[base:base + size]``
+    (the getsockopt's buffer, read in place). ``hooks`` / ``underflows``: hook number ->
+    entry offset, from the table's info. Raises ``BlobError``."""
+    chains = LazyChains(blob, base, size, family, hooks, underflows, memo)
     try:
-        return _decode(blob, base, view, size, family, hooks, underflows, memo or BlobMemo())
-    except BlobError:
-        raise
-    except (struct.error, IndexError, ValueError, UnicodeError) as err:  # bytes past any reason
-        raise BlobError(f"entries not understood: {err}") from None
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # hundreds of thousands of small objects, no cycles (as in parse_save)
+        try:
+            return {name: chains[name] for name in chains}
+        finally:
+            if gc_was_enabled:
+                gc.enable()
     finally:
-        view.release()  # the caller may free (or resize) its buffer at once
-        if gc_was_enabled:
-            gc.enable()
+        chains.release()  # the caller may free (or resize) its buffer at once
+
+
+# A chain's span, one int: its first rule's offset and its number of rules (a tuple of two
+# ints per chain was 3 MB more at 60,000 chains, held for the whole read).
+_SPAN_SHIFT = 32
+_COUNT_MASK = (1 << _SPAN_SHIFT) - 1
+
+
+class LazyChains(Mapping):
+    """One table's chains, each decoded from the blob when asked for and not kept.
+
+    Building it walks every entry once (offsets, verdicts, chain bounds: the checks that
+    make the bytes an x_tables table), and decodes no rule; a match or target whose size
+    does not fit its entry is found when its chain is decoded (``BlobError`` then). ``chains[name]`` decodes that
+    chain's rules (from the memo's shapes and the read's pieces) and keeps nothing of them,
+    so a caller that walks chains one by one never holds a whole table of rules: at 10,000
+    Services the decoded rules of nat were 56 MB at once beside the 61 MB blob, and what
+    the resolver keeps of them, allocated among them, pinned most of that memory after
+    they were freed. Chains nobody asks for (KUBE-MARK-*, POSTROUTING) are never decoded.
+    ``lengths()`` counts rules without decoding them. The object holds the blob until
+    ``release()`` or until it is dropped; raises ``BlobError``.
+    """
+
+    __slots__ = ("_blob", "_view", "_family", "_spans", "_chain_at", "_memo", "_pieces", "decoded_chains")
+
+    def __init__(self, blob: bytearray, base: int, size: int, family: int, hooks: dict[int, int],
+                 underflows: dict[int, int], memo: BlobMemo | None = None) -> None:
+        if len(blob) < base + size:
+            raise BlobError(f"{len(blob) - base} bytes of entries where the table's info says {size}")
+        view = memoryview(blob)[base:base + size]
+        try:
+            self._spans, self._chain_at = _index(blob, base, view, size, family, hooks, underflows)
+        except BlobError:
+            view.release()
+            raise
+        except (struct.error, IndexError, ValueError, UnicodeError) as err:  # bytes past any reason
+            view.release()
+            raise BlobError(f"entries not understood: {err}") from None
+        self._blob, self._view, self._family = blob, view, family
+        self._memo = memo if memo is not None else BlobMemo()
+        self._pieces: dict = {}  # this read's decoded matches, targets and prefixes, by their bytes
+        self.decoded_chains = 0
+
+    def __getitem__(self, name: str) -> tuple[IptablesRule, ...]:
+        span = self._spans[name]
+        first, count = span >> _SPAN_SHIFT, span & _COUNT_MASK
+        if self._view is None:
+            raise BlobError("the table's blob was released")
+        try:
+            rules = _decode_chain(self._view, first, count, self._family, self._chain_at, self._memo, self._pieces)
+        except BlobError:
+            raise
+        except (struct.error, IndexError, ValueError, UnicodeError) as err:
+            raise BlobError(f"chain {name}: entries not understood: {err}") from None
+        self.decoded_chains += 1
+        return rules
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._spans
+
+    def __iter__(self):
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def lengths(self):
+        """(chain, number of rules) of every chain, nothing decoded."""
+        return ((name, span & _COUNT_MASK) for name, span in self._spans.items())
+
+    def release(self) -> None:
+        """Let go of the blob (a chain asked for afterwards is a ``BlobError``)."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        self._blob = None
+        self._pieces = {}
 
 
 def _user_chain_heads(blob: bytearray, base: int, view: memoryview, size: int, family: int) -> dict[int, str]:
@@ -309,14 +382,19 @@ def _user_chain_heads(blob: bytearray, base: int, view: memoryview, size: int, f
         head = at - base - entry
         if 0 <= head < last:
             name = bytes(view[head + entry + XT_HEADER:head + entry + ERROR_TARGET_SIZE]).split(b"\0", 1)[0]
-            heads[head] = sys.intern(name.decode("utf-8", "replace"))
+            # Not interned: every jump's target is this same object (chain_at), and the
+            # interpreter's table of interned strings never shrinks (1.9 MB at 60,000 chains).
+            heads[head] = name.decode("utf-8", "replace")
         at = blob.find(_ERROR_HEAD, at + 1, end)
     return heads
 
 
-def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int, hooks: dict[int, int],
-            underflows: dict[int, int], memo: BlobMemo) -> Chains:
-    entry_size, ip_size, offsets_at = ENTRY_SIZE[family], IP_PART[family], OFFSETS_AT[family]
+def _index(blob: bytearray, base: int, view: memoryview, size: int, family: int, hooks: dict[int, int],
+           underflows: dict[int, int]) -> tuple[dict[str, int], dict[int, str]]:
+    """Every chain's span in table order (its first rule's offset << ``_SPAN_SHIFT`` | its
+    number of rules), and offset -> chain where a jump lands; every entry's offsets and
+    verdict checked."""
+    entry_size, offsets_at = ENTRY_SIZE[family], OFFSETS_AT[family]
     end_marker = size - entry_size - ERROR_TARGET_SIZE
     if end_marker < 0:
         raise BlobError(f"{size} bytes: too short for a table")
@@ -333,12 +411,9 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
     for hook, offset in hooks.items():
         special[offset] = (_START, HOOK_NAMES[hook])
     policies = {offset: HOOK_NAMES[hook] for hook, offset in underflows.items()}
-    ip_memo, body_memo, last_ip, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
-    pieces: dict = {}  # this read's decoded matches, targets and prefixes, by their bytes
-    masks_at, masks_end = (8, 16) if family == 4 else (32, 64)  # smsk, dmsk
-    no_masks = bytes(masks_end - masks_at)
-    chains: dict[str, list] = {}
-    rules: list | None = None  # the open chain's rules; None between chains
+    spans: dict[str, int] = {}
+    open_chain = False  # a chain is open (between its head or start and its end)
+    first = count = 0
     name = ""
     user = False
     met_heads = met_starts = met_policies = 0
@@ -359,25 +434,28 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
             else:
                 kind = mark[0]
             if kind is _HEAD or kind is _START:
-                if rules is not None:
+                if open_chain:
                     raise BlobError(f"chain {name} has no end before chain {mark[1]}")
                 name, user = mark[1], kind is _HEAD
-                if name in chains:
+                if name in spans:
                     raise BlobError(f"chain {name} twice")
-                rules = chains[name] = []
+                open_chain, count = True, 0
+                spans[name] = 0
                 if user:
                     met_heads += 1
+                    first = nxt
                     off = nxt
                     continue
+                first = off
                 met_starts += 1
             elif kind is _END:
                 if view[target_at + 2:target_at + 8] != b"ERROR\0":
                     raise BlobError("no end marker (the table is cut short)")
-                if rules is not None:
+                if open_chain:
                     raise BlobError(f"chain {name} has no end before the table's")
                 off = nxt
                 break
-        if rules is None:
+        if not open_chain:
             raise BlobError(f"an entry at offset {off} outside any chain")
         if view[target_at + 2] == 0:  # the standard target: a verdict
             if next_offset - target_offset != STANDARD_TARGET_SIZE:
@@ -385,27 +463,60 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
             verdict = unpack_verdict(view, target_at + XT_HEADER)[0]
             if user:
                 if verdict == -5 and target_offset == entry_size and (nxt == end_marker or special.get(nxt).__class__ is str):
-                    rules = None  # a user chain's closing RETURN: its end, not a rule
+                    spans[name] = first << _SPAN_SHIFT | count  # a user chain's closing RETURN: its end
+                    open_chain = False
                     off = nxt
                     continue
             elif off in policies:  # a built-in chain's policy: its end, not a rule
                 if policies[off] != name or verdict not in (-1, -2):
                     raise BlobError(f"the policy of {policies[off]} at offset {off} is not one")
                 met_policies += 1
-                rules = None
+                spans[name] = first << _SPAN_SHIFT | count
+                open_chain = False
                 off = nxt
                 continue
             if verdict >= 0:
-                if verdict == nxt:
-                    target = ""  # no -j: the rule only counts
-                else:
-                    target = chain_at.get(verdict)
-                    if target is None:
-                        raise BlobError(f"the rule at offset {off} jumps to offset {verdict}, where no chain starts")
+                if verdict != nxt and verdict not in chain_at:
+                    raise BlobError(f"the rule at offset {off} jumps to offset {verdict}, where no chain starts")
+            elif verdict not in VERDICTS:
+                raise BlobError(f"the rule at offset {off} has verdict {verdict}, not one iptables writes")
+        count += 1
+        off = nxt
+    else:
+        raise BlobError("no end marker (the table is cut short)")
+    if off != size:
+        raise BlobError(f"entries past the end marker ({size - off} bytes)")
+    if met_heads != heads_count:
+        raise BlobError(f"{heads_count - met_heads} chain head(s) between entries")
+    if met_starts != len(hooks) or met_policies != len(policies):
+        raise BlobError("a built-in chain's start or policy is not where the table's info says")
+    return spans, chain_at
+
+
+# Per family: entry size, address part size, where the offsets are, where the masks are
+# (smsk, dmsk) and masks without an address: looked up once, not per chain (60,000 calls).
+_LAYOUT = {family: (ENTRY_SIZE[family], IP_PART[family], OFFSETS_AT[family], at, end, bytes(end - at))
+           for family, (at, end) in ((4, (8, 16)), (6, (32, 64)))}
+
+
+def _decode_chain(view: memoryview, off: int, count: int, family: int, chain_at: dict[int, str], memo: BlobMemo,
+                  pieces: dict) -> tuple[IptablesRule, ...]:
+    """The ``count`` rules from offset ``off`` (one chain's, checked by ``_index``)."""
+    entry_size, ip_size, offsets_at, masks_at, masks_end, no_masks = _LAYOUT[family]
+    unpack_offsets = _OFFSETS.unpack_from
+    unpack_verdict = _VERDICT.unpack_from
+    ip_memo, body_memo, last_ip, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
+    rules = []
+    for _ in range(count):
+        target_offset, next_offset = unpack_offsets(view, off + offsets_at)
+        nxt = off + next_offset
+        target_at = off + target_offset
+        if view[target_at + 2] == 0:  # the standard target: a verdict
+            verdict = unpack_verdict(view, target_at + XT_HEADER)[0]
+            if verdict >= 0:
+                target = "" if verdict == nxt else chain_at[verdict]  # "": no -j, the rule only counts
             else:
-                target = VERDICTS.get(verdict)
-                if target is None:
-                    raise BlobError(f"the rule at offset {off} has verdict {verdict}, not one iptables writes")
+                target = VERDICTS[verdict]
             body_raw = bytes(view[off + entry_size:target_at])
             body_key = body_raw
         else:
@@ -460,12 +571,4 @@ def _decode(blob: bytearray, base: int, view: memoryview, size: int, family: int
                                               source_negated, destination, destination_negated, protocol)
                                + body[1] + ((ip_unknown + body[2] if ip_unknown else body[2]),) + body[3]))
         off = nxt
-    else:
-        raise BlobError("no end marker (the table is cut short)")
-    if off != size:
-        raise BlobError(f"entries past the end marker ({size - off} bytes)")
-    if met_heads != heads_count:
-        raise BlobError(f"{heads_count - met_heads} chain head(s) between entries")
-    if met_starts != len(hooks) or met_policies != len(policies):
-        raise BlobError("a built-in chain's start or policy is not where the table's info says")
-    return {chain: tuple(chain_rules) for chain, chain_rules in chains.items()}
+    return tuple(rules)

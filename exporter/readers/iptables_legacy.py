@@ -21,8 +21,9 @@ struct, the same structs iptables-nft hands nf_tables as compat expressions. So:
   one buffer, and ``exporter.readers.iptables_blob`` decodes its ``ipt_entry``
   records into the ``IptablesRuleset`` shapes every source fills (no child, no
   iptables binary, no raw socket: CAP_NET_ADMIN alone). The blob is freed as soon
-  as it is decoded; what the source keeps is a memo of the shapes that repeat,
-  by their bytes (``BlobMemo``), which a re-read does not decode again.
+  as it is decoded (``lazy``: once the caller drops the chains it decoded one by
+  one); what the source keeps is a memo of the shapes that repeat, by their bytes
+  (``BlobMemo``), which a re-read does not decode again.
 - A change can keep a table's count and size (one endpoint's address swapped
   for another), so the rules are also read every ``reread_interval`` seconds
   even when the signal did not move; otherwise the last read is reused and the
@@ -43,7 +44,7 @@ import time
 from typing import NamedTuple
 
 from exporter.paths import Paths
-from exporter.readers.iptables_blob import BlobError, BlobMemo, decode_table
+from exporter.readers.iptables_blob import BlobError, BlobMemo, LazyChains, decode_table
 from exporter.readers.iptables_rules import IptablesRuleset
 
 SOL_IPV6 = 41  # socket.SOL_IPV6 is missing from Python's socket module
@@ -195,10 +196,16 @@ class IptablesLegacySource:
     not move and ``reread_interval`` has not passed (no table is fetched then). The object
     owns what it keeps between reads: one ``BlobMemo`` per table, and the last rules
     when ``keep``.
+
+    ``lazy``: each table comes as ``LazyChains`` over its blob, a chain decoded only when
+    asked for (the blob is held until the rules are dropped; a chain's bytes that turn out
+    not to decode raise ``LegacyReadError`` then). For a caller that resolves the rules at
+    once and drops them (``IptablesDataplane``): the decoded rules of a table never all
+    live at once.
     """
 
     def __init__(self, paths: Paths | None = None, reread_interval: float = REREAD_SECONDS,
-                 clock=time.monotonic, keep: bool = True) -> None:
+                 clock=time.monotonic, keep: bool = True, lazy: bool = False) -> None:
         self.paths = paths or Paths()
         self.reread_interval = reread_interval
         self.clock = clock
@@ -206,14 +213,21 @@ class IptablesLegacySource:
         # keep=False: the rules are not kept between reads (a caller that keeps what it made
         # of them asks ``due()`` first).
         self.keep = keep
+        self.lazy = lazy
         self._last: list[IptablesRuleset] | None = None
         self._last_signal: tuple[TableInfo, ...] | None = None  # of the last read, kept or not
         self._last_at = float("-inf")
         self._present: tuple[tuple[TableInfo, ...], bool] | None = None  # (signal, answer)
         self._memos: dict[tuple[int, str], BlobMemo] = {}  # (family, table) -> decoded shapes
         self.reread = False  # the last read() fetched and decoded the tables
-        self.decoded = 0  # repeated shapes the last read decoded anew (the rest came from the memos)
+        self._read_memos: list[BlobMemo] = []  # the memos of the tables the last read fetched
         self.blob_bytes = 0  # the largest table blob the last read held at once
+
+    @property
+    def decoded(self) -> int:
+        """Repeated shapes the last read decoded anew (the rest came from the memos); with
+        ``lazy``, so far: a table's chains are decoded when asked for."""
+        return sum(memo.decoded for memo in self._read_memos)
 
     # -- the kernel's own answers -----------------------------------------------------
 
@@ -303,12 +317,14 @@ class IptablesLegacySource:
             return rulesets
 
     def _read_all(self, listed: tuple[TableInfo, ...]) -> tuple[list[IptablesRuleset], tuple[TableInfo, ...]]:
-        """Each listed table fetched and decoded, one at a time (one blob held at once).
+        """Each listed table fetched and decoded, one at a time (one blob held at once; with
+        ``lazy``, every table's blob is held by its chains until they are dropped).
         The signal returned is the tables' info as fetched; when the tables moved while
         being read (nat and filter from two moments), they are read once more."""
         for _ in range(2):
             out, infos = [], []
-            self.decoded = self.blob_bytes = 0
+            self.blob_bytes = 0
+            self._read_memos = []
             for family in FAMILIES:
                 tables: dict = {}
                 wanted = [info.table for info in listed if info.family == family]
@@ -342,15 +358,40 @@ class IptablesLegacySource:
         if memo is None:
             memo = self._memos[(family, table)] = BlobMemo()
         self.blob_bytes = max(self.blob_bytes, len(blob.buffer))
+        self._read_memos.append(memo)
         memo.start_read()
         try:
+            if self.lazy:
+                # The memo's last shapes stay until the next read's start: the chains are
+                # decoded after this call.
+                return info, _LegacyChains(_where(family, table), blob.buffer, _GET_ENTRIES_HEAD.size, info.size,
+                                           family, blob.hooks, blob.underflows, memo)
             chains = decode_table(blob.buffer, _GET_ENTRIES_HEAD.size, info.size, family, blob.hooks,
                                   blob.underflows, memo)
-        except BlobError as err:
-            raise LegacyReadError(f"{'ip' if family == 4 else 'ip6'}_tables table {table}: the kernel's blob "
-                                  f"not understood: {err}") from None
-        finally:
             memo.end_read()
+        except BlobError as err:
+            memo.end_read()
+            raise LegacyReadError(f"{_where(family, table)}: the kernel's blob not understood: {err}") from None
+        finally:
             del blob
-        self.decoded += memo.decoded
         return info, chains
+
+
+def _where(family: int, table: str) -> str:
+    return f"{'ip' if family == 4 else 'ip6'}_tables table {table}"
+
+
+class _LegacyChains(LazyChains):
+    """``LazyChains`` whose decoding failures say which table, as ``LegacyReadError``."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, where: str, *args) -> None:
+        super().__init__(*args)
+        self.where = where
+
+    def __getitem__(self, name: str):
+        try:
+            return super().__getitem__(name)
+        except BlobError as err:
+            raise LegacyReadError(f"{self.where}: the kernel's blob not understood: {err}") from None

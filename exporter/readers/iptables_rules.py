@@ -19,7 +19,7 @@ claim to understand.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 
 class IptablesRule(NamedTuple):
@@ -52,8 +52,17 @@ class IptablesRule(NamedTuple):
     reject_with: str | None = None  # -j REJECT --reject-with (icmp-port-unreachable, ...)
 
 
-# chain name -> its rules in order. Built-in chains are present too (with their rules).
+# chain name -> its rules in order. Built-in chains are present too (with their rules). A source
+# may give a Mapping that decodes a chain when asked for (iptables_blob.LazyChains, with lengths()).
 Chains = dict[str, tuple[IptablesRule, ...]]
+
+
+def chain_lengths(chains) -> Iterable[tuple[str, int]]:
+    """(chain, number of rules) of every chain, decoding none where the source can tell."""
+    lengths = getattr(chains, "lengths", None)
+    if lengths is not None:
+        return lengths()
+    return ((name, len(rules)) for name, rules in chains.items())
 
 
 class IptablesRuleset(NamedTuple):
