@@ -383,7 +383,8 @@ def _live_iptables_rules(services, procfs: str):
     from exporter.readers.iptables import chain_services_for
 
     dataplane = IptablesDataplane(Paths(procfs=procfs))
-    dataplane.chain_services = chain_services_for(services)
+    names = chain_services_for(services)
+    dataplane.chain_services = lambda: names
     try:
         live = dataplane.read_rules(0)
     except ReadFailed as err:

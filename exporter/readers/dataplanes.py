@@ -20,7 +20,7 @@ import time
 from typing import NamedTuple
 
 from exporter import allocator
-from exporter.dataplane import SCRAPE_WINDOW, DataplaneReader, DataplaneUnavailable, LiveRead
+from exporter.dataplane import SCRAPE_WINDOW, DataplaneReader, LiveRead
 
 NFTABLES_SERVICE = "nftables-dataplane"
 IPTABLES_SERVICE = "iptables-dataplane"
@@ -109,11 +109,8 @@ BACKEND_NAMES = {NFT: "iptables-nft", LEGACY: "iptables-legacy"}
 
 
 def _nft_source():
-    """t-iptnl's iptables-nft source, or None while this tree has none."""
-    try:
-        from exporter.readers.iptables_netlink import IptablesNftSource
-    except ImportError:
-        return None
+    from exporter.readers.iptables_netlink import IptablesNftSource
+
     return IptablesNftSource()
 
 
@@ -144,14 +141,15 @@ class IptablesDataplane(DataplaneReader):
         from exporter.readers.iptables_legacy import IptablesLegacySource
 
         # The source keeps no rules: this object keeps their resolution, reused while unchanged.
+        # lazy: the legacy tables' chains decoded one by one as the resolver walks them.
         self.legacy = legacy if legacy is not None else IptablesLegacySource(paths, keep=False, lazy=True)
         self.nft = nft() if callable(nft) else nft
         self.clock = clock
         self.safety_interval = safety_interval
         # Service port names by chain, from the desired model (the drift collector sets it):
         # chain names are hashes, and kube-proxy drops comments past 1,000 endpoints.
-        # A Mapping chain -> namespace/name (iptables.chain_services_for), or a function giving
-        # one, called only when the rules are resolved again.
+        # A function giving the Mapping chain -> namespace/name (iptables.chain_services_for),
+        # called only when the rules are resolved again; None: no names but comments.
         self.chain_services = None
         self._lock = threading.Lock()  # one read at a time; a second caller reuses it
         self._last: IptablesLive | None = None
@@ -267,7 +265,7 @@ class IptablesDataplane(DataplaneReader):
         from exporter.readers.iptables import IptablesRead, NoKubeProxyRules, resolve_rulesets
 
         try:
-            names = self.chain_services() if callable(self.chain_services) else self.chain_services
+            names = self.chain_services() if self.chain_services is not None else None
             return resolve_rulesets(rulesets, names, self._resolver_cache)
         except NoKubeProxyRules:
             # No trace of kube-proxy in either backend: every desired frontend missing, as a
@@ -280,13 +278,7 @@ def shared_nftables(ctx) -> NftablesDataplane:
 
 
 def shared_iptables(ctx) -> IptablesDataplane:
-    def build() -> IptablesDataplane:
-        from exporter.readers.iptables_legacy import IptablesLegacySource
-
-        # lazy: the legacy tables' chains decoded one by one as the resolver walks them.
-        return IptablesDataplane(ctx.paths, legacy=IptablesLegacySource(ctx.paths, keep=False, lazy=True))
-
-    return ctx.service(IPTABLES_SERVICE, build)
+    return ctx.service(IPTABLES_SERVICE, lambda: IptablesDataplane(ctx.paths))
 
 
 def dataplane_for(ctx, mode: str) -> DataplaneReader:

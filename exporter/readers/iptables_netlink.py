@@ -57,7 +57,7 @@ from exporter.readers.nftables_monitor import (DEFAULT_RECEIVE_BUFFER, Batch, Ch
 from exporter.readers.nftables_netlink import (_BE32, _NLA, NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6,
                                                NFT_GOTO, NFT_JUMP, NFT_REG_VERDICT, NFT_RETURN, NFTA_EXPR_DATA,
                                                NFTA_EXPR_NAME, NFTA_LIST_ELEM, NftNetlink, NftReadError, Verdict,
-                                               _attrs, _comment, _data)
+                                               _comment, _data)
 
 __all__ = ["IptablesNftSource", "NftReadError", "TABLES", "FAMILIES", "decode_rule"]
 
