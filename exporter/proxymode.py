@@ -77,7 +77,7 @@ def ipvs_has_virtual_servers(paths) -> bool:
         return False
 
 
-def rule_tables_found(paths=None) -> list[str]:
+def rule_tables_found(paths=None, legacy=None) -> list[str]:
     """``nftables`` when a kube-proxy nftables table exists, ``iptables`` when iptables-nft's
     nat table has KUBE-SERVICES (read over nf_tables netlink in this network namespace), and
     ``iptables-legacy`` when the legacy nat table has it (the kernel's x_tables blob, read
@@ -101,21 +101,23 @@ def rule_tables_found(paths=None) -> list[str]:
         from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
 
         try:
-            if IptablesLegacySource(paths).present():
+            if (legacy or IptablesLegacySource(paths)).present():
                 found.append(IPTABLES_LEGACY)
         except (LegacyReadError, OSError) as err:
             log.debug("iptables-legacy tables not read for the proxy mode: %s", err)
     return found
 
 
-def find_mode(settings, paths) -> Found:
-    """``auto``'s answer: kube-proxy's own word, else the tables on the node."""
+def find_mode(settings, paths, legacy=None) -> Found:
+    """``auto``'s answer: kube-proxy's own word, else the tables on the node. ``legacy``: an
+    ``IptablesLegacySource`` kept between calls (its answer is reused while the legacy
+    tables' entry count and size stay; a new one copies the whole nat table to look)."""
     if settings.get("proxy") == "kube-router":
         return Found("ipvs", "kube-router programs IPVS only")
     asked = ask_kube_proxy(settings.get("proxy.metrics-url"), settings.get("proxy.timeout"))
     if asked.mode is not None:
         return asked
-    found = (["ipvs"] if ipvs_has_virtual_servers(paths) else []) + rule_tables_found(paths)
+    found = (["ipvs"] if ipvs_has_virtual_servers(paths) else []) + rule_tables_found(paths, legacy)
     if "iptables" in found and IPTABLES_LEGACY in found:
         found.remove(IPTABLES_LEGACY)
         backend = "in both iptables backends, nft and legacy"
@@ -142,7 +144,8 @@ class ProxyMode:
                  recheck: float = RECHECK_SECONDS) -> None:
         configured = settings.get("proxy-mode")
         self.auto = configured == "auto"
-        self._find = find or (lambda: find_mode(settings, paths))
+        self._legacy = None  # one legacy-table reader for every recheck (built on first use)
+        self._find = find or (lambda: find_mode(settings, paths, self._legacy_source(paths)))
         self.recheck = recheck
         self._mode: str | None = None if self.auto else configured
         self.how = "set by --proxy-mode" if not self.auto else ""
@@ -154,6 +157,13 @@ class ProxyMode:
             if recheck > 0:
                 self._thread = threading.Thread(target=self._run, name="proxy-mode", daemon=True)
                 self._thread.start()
+
+    def _legacy_source(self, paths):
+        if self._legacy is None:
+            from exporter.readers.iptables_legacy import IptablesLegacySource
+
+            self._legacy = IptablesLegacySource(paths)
+        return self._legacy
 
     def current(self) -> str | None:
         """The mode, or None when auto found none (mode-specific collectors stay off)."""

@@ -194,3 +194,25 @@ def test_auto_finds_iptables_legacy_and_says_which_backend(tmp_path):
         ipt.iptables("-t", "nat", "-N", "KUBE-SERVICES", backend="nft")
         found = ipt.run(lambda: find_mode(s, paths))
         assert found.mode == "iptables" and "in both iptables backends" in found.how
+
+
+def test_rechecks_copy_the_legacy_nat_table_only_when_it_changed(tmp_path, monkeypatch):
+    """auto's rechecks (every 5 minutes while kube-proxy's /proxyMode does not answer) keep
+    one legacy reader: the whole nat table (60 MB at 10,000 Services) is fetched again only
+    when its entry count or size moved."""
+    from exporter.readers import iptables_legacy
+    from tests.ipt_rulesets import IptNS
+
+    fetched = []
+    has_chain = iptables_legacy.has_chain
+    monkeypatch.setattr(iptables_legacy, "has_chain", lambda *a: fetched.append(a) or has_chain(*a))
+    s = settings("--proxy.metrics-url", "http://127.0.0.1:9/metrics", "--proxy.timeout", "0.5",
+                 "--proxy-mode", "auto")
+    paths = Paths("/proc", "/sys")
+    with IptNS() as ipt:
+        ipt.iptables("-t", "nat", "-N", "KUBE-SERVICES", backend="legacy")
+        mode = ipt.run(lambda: ProxyMode(s, paths, recheck=0))
+        assert mode.current() == "iptables" and len(fetched) == 1
+        assert ipt.run(mode.check) == "iptables" and len(fetched) == 1
+        ipt.iptables("-t", "nat", "-N", "KUBE-SVC-X", backend="legacy")
+        assert ipt.run(mode.check) == "iptables" and len(fetched) == 2
