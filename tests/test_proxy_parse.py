@@ -217,3 +217,38 @@ def test_missing_sync_histogram_is_named_with_its_likely_cause(proxy, page, caus
     assert out["kubenode_proxy_up"].samples[0].value == 0.0
     (sample,) = out["kubenode_proxy_expected_metric_missing"].samples
     assert sample.labels == {"proxy": proxy, "metric": SYNC_FAMILY[proxy]} and sample.value == 1.0
+
+
+def test_a_name_lookup_that_hangs_ends_at_the_deadline(monkeypatch):
+    """getaddrinfo has no timeout: a resolver that never answers must not hold the fetch
+    past proxy.timeout (the lookup is the only step a socket timeout does not cover)."""
+    import socket as socket_module
+    import threading
+    import time
+
+    from exporter.readers import proxymetrics
+
+    released = threading.Event()
+    real = socket_module.getaddrinfo
+
+    def hung(host, *args, **kwargs):
+        if host != "kube-proxy.invalid":
+            return real(host, *args, **kwargs)
+        if kwargs.get("flags"):  # AI_NUMERICHOST: not a literal address
+            raise socket_module.gaierror(socket_module.EAI_NONAME, "not numeric")
+        released.wait(30)  # a dead DNS server: the resolver's own timeouts, at length
+        return real("127.0.0.1", *args[:1], type=socket_module.SOCK_STREAM)
+
+    monkeypatch.setattr(proxymetrics.socket, "getaddrinfo", hung)
+    fake = FakeProxy().start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(PageUnusable, match=r"within 0.5 s .*looking up kube-proxy.invalid"):
+            fetch_page(fake.url().replace("127.0.0.1", "kube-proxy.invalid"), 0.5, 1024)
+        assert time.monotonic() - start < 5
+        released.set()  # the name now resolves (to the fake): the same fetch gets its page
+        fake.answers["/metrics"] = Answer(b"# nothing\n")
+        assert fetch_page(fake.url().replace("127.0.0.1", "kube-proxy.invalid"), 5.0, 1024) == b"# nothing\n"
+    finally:
+        released.set()
+        fake.stop()

@@ -28,6 +28,7 @@ import io
 import math
 import re
 import socket
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -135,10 +136,39 @@ class _DeadlineConnection(http.client.HTTPConnection):
         self._deadline = deadline
 
     def connect(self) -> None:
-        # Name resolution inside create_connection is not bounded by the timeout;
-        # the proxy's page is on a literal address or localhost in practice.
-        sock = socket.create_connection((self.host, self.port), self._deadline.remaining())
+        self._deadline.phase = f"looking up {self.host}"
+        address = _lookup(self.host, self.port, self._deadline)
+        self._deadline.phase = "connecting"
+        sock = socket.create_connection(address, self._deadline.remaining())
         self.sock = _DeadlineSocket(sock, self._deadline)
+
+
+def _lookup(host: str, port: int, deadline: _Deadline) -> tuple[str, int]:
+    """(address, port) to connect to, within the deadline. getaddrinfo takes no timeout
+    (a dead resolver holds it for resolv.conf's timeouts times its attempts), so a name
+    is looked up on a thread of its own that the fetch stops waiting for at the
+    deadline; the thread ends when the resolver gives up. A literal address needs none."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        return host, port
+    except socket.gaierror:
+        pass
+    answer: list = []
+
+    def look() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as err:
+            answer.append(err)
+
+    worker = threading.Thread(target=look, name=f"lookup {host}", daemon=True)
+    worker.start()
+    worker.join(deadline.remaining())
+    if not answer:
+        raise deadline.passed()
+    if isinstance(answer[0], OSError):
+        raise PageUnusable(f"cannot look up {host}: {answer[0].strerror or answer[0]}")
+    return answer[0][0][4][0], port
 
 
 def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
