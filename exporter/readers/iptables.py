@@ -251,16 +251,21 @@ class _Family:
     def _read(self, ruleset: IptablesRuleset, chain_services: Mapping[str, str]) -> None:
         nat = ruleset.tables.get("nat", {})
         filter_ = ruleset.tables.get("filter", {})
-        incremental = (self.counts is not None and not self.order_dependent
-                       and type(nat) is dict and type(self.nat) is dict
-                       and type(filter_) is dict and type(self.filter) is dict)
+        told = _told_changes(self.nat, nat), _told_changes(self.filter, filter_)
+        incremental = self.counts is not None and not self.order_dependent and (
+            None not in told or (type(nat) is dict and type(self.nat) is dict
+                                 and type(filter_) is dict and type(self.filter) is dict))
         if not incremental:
             self._whole(nat, filter_, chain_services)
             return
-        nat_changed = _changed_chains(self.nat, nat)
-        filter_changed = _changed_chains(self.filter, filter_)
-        _recount(self.counts, self.nat, nat, nat_changed)
-        _recount(self.counts, self.filter, filter_, filter_changed)
+        if None not in told:  # the source says what changed since the chains it gave last time
+            nat_changed, filter_changed = told
+            self.counts = _source_counts(nat, filter_)
+        else:
+            nat_changed = _changed_chains(self.nat, nat)
+            filter_changed = _changed_chains(self.filter, filter_)
+            _recount(self.counts, self.nat, nat, nat_changed)
+            _recount(self.counts, self.filter, filter_, filter_changed)
         self.nat, self.filter = nat, filter_
         if not filter_changed.isdisjoint(_VERDICT_CHAINS):
             self._verdicts()
@@ -284,13 +289,16 @@ class _Family:
         self.nat, self.filter, self.chain_services = nat, filter_, chain_services
         self.resolved, self.readers, self.ports = {}, {}, {}
         self.order_dependent = False
-        self.counts = _counts(nat, filter_)
         self._verdicts()
         self.frontend_list = self._frontends()
         self._place_all()
-        if not (type(nat) is dict and type(filter_) is dict):
-            # A source whose chains are decoded afresh on each access is resolved whole on
-            # every call: what would only serve the next call is not kept.
+        # After the walk: a source that counts a chain on its first dump (iptables_nft_lazy)
+        # has counted nearly all of them by now, and dumps only the rest.
+        self.counts = _source_counts(nat, filter_) or _counts(nat, filter_)
+        if not (type(nat) is dict and type(filter_) is dict) and not hasattr(nat, "changed"):
+            # A source whose chains are decoded afresh on each access and that cannot say
+            # which changed is resolved whole on every call: what would only serve the next
+            # call is not kept.
             self.resolved, self.readers, self.by_chain, self.ports = {}, {}, {}, {}
 
     def _place_all(self) -> None:
@@ -602,6 +610,29 @@ def _changed_chains(old: Chains, new: Chains) -> set[str]:
     if len(new) - added != len(old):  # some chains of ``old`` are gone
         changed.update(name for name in old if name not in new)
     return changed
+
+
+def _told_changes(old: Chains, new: Chains) -> set[str] | None:
+    """The chains ``new`` says changed since ``old`` (a source that keeps no rules names
+    them: iptables_nft_lazy.NftChains), or None when it cannot say that of ``old``."""
+    changed = getattr(new, "changed", None)
+    if new is old and changed is not None:
+        return set()  # the same read served again: nothing moved
+    if changed is None or getattr(new, "since", None) != getattr(old, "read_id", False):
+        return None
+    return changed
+
+
+def _source_counts(*tables: Chains) -> list[int] | None:
+    """``_counts`` as the source keeps them (``counts()``), or None when it does not."""
+    totals = [0, 0, 0, 0, 0]
+    for table in tables:
+        counts = getattr(table, "counts", None)
+        if counts is None:
+            return None
+        for i, value in enumerate(counts()):
+            totals[i] += value
+    return totals
 
 
 def _kinds(name: str) -> tuple[int, int, int]:

@@ -1,0 +1,507 @@
+"""kube-proxy's iptables-nft rules, decoded chain by chain as the resolver walks them.
+
+The same rules as ``iptables_netlink.IptablesNftSource`` reads (nf_tables tables
+``ip nat``, ``ip filter``, ``ip6 nat``, ``ip6 filter``; each rule decoded by
+``iptables_netlink.decode_rule``), kept differently: that source keeps every rule it
+decoded (174,000 of them, ~75 MB traced at 10,000 Services x 5) so that a re-read can
+edit them by handle; this one keeps none. A read serves ``NftChains`` mappings
+whose ``chains[name]`` dumps that one chain from the kernel and decodes it then (the
+same per-chain dump the other source does up front), so a caller that walks chains
+one by one never holds a table's rules, and what it keeps of them (the resolution)
+is not allocated among hundreds of thousands of freed rules.
+
+What it keeps between reads, per table: each chain's number of rules (the sizes the
+``iptables`` collector serves) and handle, and a digest of the rules of each chain
+that is not one Service's own (KUBE-SERVICES, KUBE-NODEPORTS, the filter's reject
+chains, the built-in chains: a few dozen), without their counters.
+
+Change: nf_tables' change feed (``nftables_monitor.NftMonitor``, subscribed before
+the first read) names every chain a committed transaction touched. A re-read drains
+it, checks the kernel's generation is the last transaction's, and dumps the touched
+chains again (their rule counts; a large chain's digest): a touched chain whose
+digest did not move (kube-proxy's partial sync flushes every top-level chain and
+writes it again, nearly always the same) is not changed. The mappings then say which
+chains changed since the last read (``changed``), so the resolver walks again only
+those and what reads them. Anything the feed cannot say (an overflow, a table
+created or deleted, a chain renamed: every jump to it changes with no rule event)
+is a full read, where ``changed`` is None: resolve everything.
+
+A chain asked for later than its read (the resolver walks after ``read()``) is
+dumped then: ``verify()`` (one generation check) says whether the kernel is still
+at the generation the read was of, and the caller reads again when it is not; the
+feed then names what moved.
+
+The socket lives in the network namespace of the thread that opened it (the first
+read's), and every later dump goes through it, whichever thread asks.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import hashlib
+import socket
+from collections.abc import Mapping
+
+from exporter.readers.iptables_netlink import (BUILTIN_CHAINS, FAMILIES, SERVICES_CHAIN, TABLES, decode_rule)
+from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
+from exporter.readers.nftables_monitor import DEFAULT_RECEIVE_BUFFER, FeedError, NftMonitor, newer
+from exporter.readers.nftables_netlink import (_NLA, NFTA_LIST_ELEM, NftNetlink, NftReadError)
+
+__all__ = ["IptablesNftLazySource", "NftChains", "NftReadError"]
+
+NFT_MSG_GETRULE = 7
+NLM_F_DUMP = 0x300
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
+# One Service's chains: a change to one is that Service's change, never told apart by a digest.
+SERVICE_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+_COUNT_BITS = 24  # a chain's kept int: handle << _COUNT_BITS | rules (-1 rules: not counted yet)
+_COUNT_MASK = (1 << _COUNT_BITS) - 1
+GENERATION_TRIES = 3
+FEED_TRIES = 3
+_FAMILY_OF = {nfproto: family for family, nfproto in FAMILIES}
+_NFPROTO_OF = {family: nfproto for family, nfproto in FAMILIES}
+# A counter expression's name attribute: its values differ from one dump to the next.
+_COUNTER_NAME = _NLA.pack(12, 1) + b"counter\0"
+
+
+def _nla(kind: int, value: bytes) -> bytes:
+    return _NLA.pack(4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
+
+
+class _Table:
+    """What the source keeps of one table between reads: per chain one int (its handle and
+    its number of rules: a tuple of two per chain would be 4 MB more at 61,000 chains),
+    the top-level chains' digests, and the newest chain handle met (the kernel numbers a
+    table's objects in one increasing sequence: a chain announced with an older handle
+    under a new name is one renamed)."""
+
+    __slots__ = ("handle", "chains", "digests", "newest", "totals")
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+        self.chains: dict[str, int] = {}  # chain -> handle << _COUNT_BITS | rules
+        self.digests: dict[str, bytes] = {}  # chain -> digest of its rules (not a Service's own chains)
+        self.newest = 0
+        # Of the chains counted: chains, rules, KUBE- chains, KUBE-SVC-/SVL- chains, KUBE-SEP- chains.
+        self.totals = [0, 0, 0, 0, 0]
+
+    def count(self, chain: str) -> int:
+        """The chain's number of rules; -1 when not counted yet, KeyError when not there."""
+        value = self.chains[chain] & _COUNT_MASK
+        return -1 if value == _COUNT_MASK else value
+
+    def set_count(self, chain: str, count: int) -> None:
+        old = self.chains.get(chain)
+        if old is not None and old & _COUNT_MASK != _COUNT_MASK:
+            self._total(chain, old & _COUNT_MASK, -1)
+        self.chains[chain] = ((old or 0) >> _COUNT_BITS) << _COUNT_BITS | min(count, _COUNT_MASK - 1)
+        self._total(chain, count, 1)
+
+    def drop(self, chain: str) -> None:
+        old = self.chains.pop(chain, None)
+        self.digests.pop(chain, None)
+        if old is not None and old & _COUNT_MASK != _COUNT_MASK:
+            self._total(chain, old & _COUNT_MASK, -1)
+
+    def _total(self, chain: str, rules: int, sign: int) -> None:
+        totals = self.totals
+        totals[0] += sign
+        totals[1] += sign * rules
+        if chain.startswith("KUBE-"):
+            totals[2] += sign
+            if chain.startswith(("KUBE-SVC-", "KUBE-SVL-")):
+                totals[3] += sign
+            elif chain.startswith("KUBE-SEP-"):
+                totals[4] += sign
+
+
+class NftChains(Mapping):
+    """One table's chains as of one read; ``chains[name]`` dumps and decodes that chain.
+
+    ``changed``: the chains whose rules changed since the source's read ``since``
+    (deleted and new ones included), or None when unknown (a first or full read);
+    ``read_id``: this read's number, which the next read's ``since`` names."""
+
+    __slots__ = ("_source", "_family", "_table", "_state", "changed", "since", "read_id")
+
+    def __init__(self, source: "IptablesNftLazySource", family: int, table: str, state: _Table,
+                 changed: set[str] | None, since: int, read_id: int) -> None:
+        self._source, self._family, self._table, self._state = source, family, table, state
+        self.changed, self.since, self.read_id = changed, since, read_id
+
+    def __getitem__(self, name: str) -> tuple[IptablesRule, ...]:
+        if name not in self._state.chains:
+            raise KeyError(name)
+        return self._source._chain(self._family, self._table, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._state.chains
+
+    def __iter__(self):
+        return iter(self._state.chains)
+
+    def __len__(self) -> int:
+        return len(self._state.chains)
+
+    def lengths(self):
+        """(chain, number of rules) of every chain, nothing decoded (a chain never dumped
+        yet is dumped to count it: after a resolver's walk, the few it did not reach)."""
+        state = self._state
+        self._count_all()
+        return ((name, value & _COUNT_MASK) for name, value in self._state.chains.items())
+
+    def counts(self) -> list[int]:
+        """chains, rules, KUBE- chains, KUBE-SVC-/SVL- chains, KUBE-SEP- chains of the table."""
+        self._count_all()
+        return list(self._state.totals)
+
+    def _count_all(self) -> None:
+        state = self._state
+        uncounted = {name for name, value in state.chains.items() if value & _COUNT_MASK == _COUNT_MASK}
+        if uncounted:
+            self._source._recount((self._family, self._table), uncounted)
+
+
+class _Resync(Exception):
+    pass
+
+
+class IptablesNftLazySource:
+    """The iptables-nft backend's rules of this network namespace, decoded when asked for.
+
+    ``read()`` gives one ``IptablesRuleset`` per family whose tables are ``NftChains``;
+    ``verify()`` after using them says whether they are still the kernel's.
+    ``decoded`` counts the rules decoded since the last read began; ``dumped`` the
+    chains dumped."""
+
+    def __init__(self, timeout: float = 5.0, feed: bool = True,
+                 feed_buffer: int = DEFAULT_RECEIVE_BUFFER) -> None:
+        self.timeout = timeout
+        self.use_feed, self.feed_buffer = feed, feed_buffer
+        self._nl: NftNetlink | None = None  # in the namespace of the first read's thread
+        self._feed: NftMonitor | None = None
+        self._tables: dict[tuple[int, str], _Table] = {}
+        self._last: list[IptablesRuleset] | None = None
+        self._resync: str | None = "no read yet"
+        self._pending: list = []  # feed transactions past the last full read's generation
+        self._read_id = 0  # reads served: the resolver keeps incremental state only across consecutive ones
+        self._memo: dict = {}  # decode_rule's per-read memo
+        self.last_generation: int | None = None
+        self.decoded = self.dumped = 0
+        self.from_feed = 0  # top-level chains digested from the feed's messages, not dumped again
+        self.full_reads = 0
+        self.last_resync: str | None = None
+
+    def close(self) -> None:
+        for sock in (self._feed, self._nl):
+            if sock is not None:
+                sock.close()
+        self._feed = self._nl = None
+
+    def _requests(self) -> NftNetlink:
+        if self._nl is None:
+            self._nl = NftNetlink(self.timeout)
+        return self._nl
+
+    def generation(self) -> int:
+        return self._requests().generation()
+
+    def present(self) -> bool:
+        """A `nat` table with a KUBE-SERVICES chain exists in nf_tables (either family)."""
+        nl = self._requests()
+        return any(nl.chain_exists(nfproto, "nat", SERVICES_CHAIN) for _, nfproto in FAMILIES)
+
+    def verify(self) -> bool:
+        """The kernel is still at the generation of the last read (chains dumped since are its)."""
+        return self.last_generation is not None and self.generation() == self.last_generation
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def read(self, known: int | None = None) -> list[IptablesRuleset]:
+        """Both families' rulesets at one generation (``last_generation``): from the feed's
+        changes when it has them, else a full read (``known``: the caller's last
+        generation; unchanged, the last rulesets come back)."""
+        self.decoded = self.dumped = self.from_feed = 0
+        self._memo = {}
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # thousands of small objects, no cycles
+        try:
+            if self._feed is not None and self._last is not None and self._resync is None:
+                try:
+                    return self._read_feed()
+                except _Resync as why:
+                    self.last_resync = str(why)
+            elif self._resync is not None and self._last is not None:
+                self.last_resync = self._resync
+            return self._full_read(known)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _full_read(self, known: int | None) -> list[IptablesRuleset]:
+        if self.use_feed and self._feed is None:
+            try:
+                self._feed = NftMonitor(self.feed_buffer)  # before the dumps: nothing lost between
+            except FeedError:
+                self.use_feed = False  # the dumps still work; read whole on every change
+        nl = self._requests()
+        generation = nl.generation()
+        if known is not None and known == generation == self.last_generation and self._last is not None:
+            return self._last
+        for _ in range(GENERATION_TRIES):
+            tables: dict[tuple[int, str], _Table] = {}
+            for family, nfproto in FAMILIES:
+                chain_lists = nl.chains_by_table(nfproto, TABLES)
+                for table in TABLES:
+                    found = nl.table(nfproto, table)
+                    if found is None:
+                        continue
+                    state = tables[(family, table)] = _Table(found.handle)
+                    for chain in chain_lists.get(table, ()):
+                        # Not counted yet (all count bits set): its first dump counts it.
+                        state.chains[chain.name] = chain.handle << _COUNT_BITS | _COUNT_MASK
+                        state.newest = max(state.newest, chain.handle)
+                    for chain in BUILTIN_CHAINS[table]:
+                        if chain not in state.chains:
+                            state.set_count(chain, 0)  # iptables-nft makes one with its first rule
+            after = nl.generation()
+            if after == generation:
+                break
+            generation = after
+        else:
+            raise NftReadError(f"the ruleset changed during each of {GENERATION_TRIES} reads in a row")
+        self._tables = tables
+        self.last_generation = generation
+        self.full_reads += 1
+        if self._feed is not None:
+            drained = self._feed.drain_touched(_digested)  # what it holds up to this generation is in the dumps to come
+            self._resync = drained.resync
+            self._pending = [b for b in drained.batches if newer(b.generation, generation)]
+        else:
+            self._resync = "no change feed"
+        self._last = self._rulesets(None)
+        return self._last
+
+    def _rulesets(self, changed: dict[tuple[int, str], set[str]] | None) -> list[IptablesRuleset]:
+        since, self._read_id = self._read_id, self._read_id + 1
+        out = []
+        for family, _ in FAMILIES:
+            tables = {table: NftChains(self, family, table, self._tables[(family, table)],
+                                       None if changed is None else changed.get((family, table), set()),
+                                       since, self._read_id)
+                      for table in TABLES if (family, table) in self._tables}
+            out.append(IptablesRuleset(family, tables))
+        return out
+
+    def _read_feed(self) -> list[IptablesRuleset]:
+        batches = self._pending
+        self._pending = []
+        nl = self._requests()
+        for _ in range(FEED_TRIES):
+            drained = self._feed.drain_touched(_digested)
+            if drained.resync:
+                raise _Resync(drained.resync)
+            batches += drained.batches
+            target = batches[-1].generation if batches else self.last_generation
+            if nl.generation() == target:
+                break
+        else:
+            raise _Resync("the kernel's generation is past the change feed's")
+        if not batches:
+            return self._last
+        touched: dict[tuple[int, str], set[str]] = {}
+        deleted: dict[tuple[int, str], set[str]] = {}  # chains whose last event deleted them
+        rule_events: dict[tuple[int, str, str], list] = {}  # the top-level chains' rule events, in order
+        for batch in batches:
+            for (nfproto, table), events in batch.tables.items():
+                family = _FAMILY_OF.get(nfproto)
+                if family is None or table not in TABLES:
+                    continue
+                key = (family, table)
+                state = self._tables.get(key)
+                chains = touched.setdefault(key, set())
+                gone = deleted.setdefault(key, set())
+                if state is None:
+                    raise _Resync(f"table {table} of IPv{family} appeared")
+                for event in events:
+                    kind = event.kind
+                    if kind == "rules":
+                        chains.add(event.chain)
+                    elif kind == "newrule" or kind == "delrule":
+                        rule_events.setdefault((family, table, event.chain), []).append(event)
+                    elif kind == "newchain":
+                        chain = event.chain
+                        if chain not in state.chains:
+                            if event.handle <= state.newest:
+                                # An older chain under a new name (iptables -E): every jump to it
+                                # names it anew, and no rule event says so.
+                                raise _Resync(f"{table}: chain handle {event.handle} renamed to {chain}")
+                            state.newest = event.handle
+                            state.chains[chain] = event.handle << _COUNT_BITS | _COUNT_MASK  # counted below
+                        chains.add(chain)
+                        gone.discard(chain)
+                    elif kind == "delchain":
+                        # A dump of a chain that is gone is empty, not an error: forget it here.
+                        chains.add(event.chain)
+                        gone.add(event.chain)
+                    else:  # a table created or deleted
+                        raise _Resync(f"table {table} of IPv{family} created or deleted")
+        self.last_generation = batches[-1].generation
+        changed: dict[tuple[int, str], set[str]] = {}
+        for key, chains in touched.items():
+            state = self._tables[key]
+            for chain in deleted[key]:
+                state.drop(chain)
+            changed[key] = self._recount(key, chains - deleted[key], rule_events) | deleted[key]
+        self._last = self._rulesets(changed)
+        return self._last
+
+    def _recount(self, key: tuple[int, str], chains: set[str], rule_events: dict | None = None) -> set[str]:
+        """The touched chains' rule counts (and digests) again; which ones changed."""
+        family, table = key
+        state = self._tables[key]
+        changed = set()
+        for chain in chains:
+            rewritten = _rewritten(state, chain, rule_events.get((family, table, chain))) if rule_events else None
+            if rewritten is not None:
+                count, digest = rewritten
+                self.from_feed += 1
+                old = state.digests.get(chain)
+                if digest != old or state.count(chain) != count:
+                    changed.add(chain)
+                state.set_count(chain, count)
+                state.digests[chain] = digest
+                continue
+            try:
+                count, digest = self._dump(family, table, chain, None)
+            except NftReadError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+                if chain in BUILTIN_CHAINS[table]:
+                    count, digest = 0, None
+                else:
+                    if chain in state.chains:
+                        changed.add(chain)
+                    state.drop(chain)
+                    continue
+            old = state.digests.get(chain)
+            if digest is None or old is None or digest != old or state.count(chain) != count:
+                changed.add(chain)
+            state.set_count(chain, count)
+            if digest is not None:
+                state.digests[chain] = digest
+        return changed
+
+    # -- one chain -----------------------------------------------------------------------
+
+    def _chain(self, family: int, table: str, chain: str) -> tuple[IptablesRule, ...]:
+        rules: list[IptablesRule] = []
+        try:
+            count, digest = self._dump(family, table, chain, rules)
+        except NftReadError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            return ()  # gone since the read: verify() says the generation moved
+        state = self._tables[(family, table)]
+        if chain in state.chains and state.count(chain) < 0:  # counted on its first dump
+            state.set_count(chain, count)
+            if digest is not None:
+                state.digests[chain] = digest
+        return tuple(rules)
+
+    def _dump(self, family: int, table: str, chain: str, rules: list | None) -> tuple[int, bytes | None]:
+        """One chain's rules from the kernel: how many, and their digest unless it is one
+        Service's own chain; decoded into ``rules`` when it is a list."""
+        nl = self._requests()
+        nfproto = _NFPROTO_OF[family]
+        attrs = _nla(NFTA_RULE_TABLE, table.encode() + b"\0") + _nla(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+        unpack = _NLA.unpack_from
+        memo = self._memo
+        pieces: list[bytes] | None = [] if _digested(chain) else None
+        count = 0
+        replies = nl._replies(NFT_MSG_GETRULE, nfproto, NLM_F_DUMP, attrs, f"the rules of chain {chain}")
+        if rules is None and pieces is None:  # counted alone
+            for _ in replies:
+                count += 1
+        for buf, start, end in replies:
+            count += 1
+            exprs = udata = None
+            offset = start
+            while offset + 4 <= end:
+                alen, t = unpack(buf, offset)
+                if alen < 4 or offset + alen > end:
+                    raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+                t &= 0x3FFF
+                if t == NFTA_RULE_EXPRESSIONS:
+                    exprs = (offset + 4, offset + alen)
+                    if rules is None:
+                        # A digest takes the expressions attribute and everything after it
+                        # (the user data), framed by their own lengths; not the handle before.
+                        pieces.append(_without_counters(bytes(buf[offset:end])))
+                        break
+                elif t == NFTA_RULE_USERDATA:
+                    udata = (offset + 4, offset + alen)
+                offset += (alen + 3) & ~3
+            else:
+                if rules is None:
+                    pieces.append(b"")  # a rule without expressions
+            if rules is not None:
+                rules.append(decode_rule(buf, exprs, udata, family, memo))
+                self.decoded += 1
+                if pieces is not None:
+                    at = exprs[0] - 4 if exprs else end
+                    pieces.append(_without_counters(bytes(buf[at:end])))
+        self.dumped += 1
+        if pieces is None:
+            return count, None
+        return count, _digest(pieces)
+
+
+def _digested(chain: str) -> bool:
+    """Whether the source keeps a digest of the chain: every chain but one Service's own."""
+    return not chain.startswith(SERVICE_PREFIXES)
+
+
+def _digest(pieces: list[bytes]) -> bytes:
+    """Of rules' bytes in order, each framed by its length."""
+    framed = b"".join([len(piece).to_bytes(4, "little") + piece for piece in pieces])
+    return hashlib.blake2b(framed, digest_size=16).digest()
+
+
+def _rewritten(state: _Table, chain: str, events: list | None) -> tuple[int, bytes] | None:
+    """(rules, digest) of a top-level chain that the feed's events flushed whole and wrote
+    again (kube-proxy's partial sync does so to every top-level chain), from the events'
+    own bytes; None when they do not show that (then the chain is dumped again).
+
+    Whole: a rule deleted that no event created existed at the last read, and as many
+    of those went as the chain had. In order: the kernel announces a new rule with the
+    rule before it (its position) unless it was then the chain's first or last; so the
+    rules left must each name the one left before it, but the first (none) and the
+    last (none, or the one before it)."""
+    if not events or chain not in state.digests or state.count(chain) < 0:
+        return None
+    created = {event.handle for event in events if event.kind == "newrule"}
+    gone = {event.handle for event in events if event.kind == "delrule"}
+    if len(gone - created) != state.count(chain):
+        return None
+    left = [event for event in events if event.kind == "newrule" and event.handle not in gone]
+    previous = None
+    for index, event in enumerate(left):
+        if event.position != previous and not (event.position is None and index == len(left) - 1):
+            return None
+        previous = event.handle
+    return len(left), _digest([_without_counters(event.body) for event in left])
+
+
+def _without_counters(raw: bytes) -> bytes:
+    """A rule's expressions (and what follows them) minus its counter, whose values move
+    with traffic: iptables-nft gives each rule one."""
+    at = raw.find(_COUNTER_NAME)
+    if at < 8:
+        return raw
+    elem = at - 4  # the counter's NFTA_LIST_ELEM header
+    length, kind = _NLA.unpack_from(raw, elem)
+    if kind & 0x3FFF != NFTA_LIST_ELEM:
+        return raw
+    return raw[:elem] + raw[elem + ((length + 3) & ~3):]
