@@ -87,6 +87,11 @@ def ruleset_sizes(rulesets) -> tuple[IptablesTableSize, ...]:
     out = []
     for ruleset in rulesets:
         for table, chains in ruleset.tables.items():
+            counts = getattr(chains, "counts", None)  # kept by the source (iptables_nft_lazy)
+            if counts is not None:
+                chain_count, rules, kube = counts()[:3]
+                out.append(IptablesTableSize(ruleset.family, table, chain_count, rules, kube))
+                continue
             out.append(IptablesTableSize(ruleset.family, table, len(chains),
                                          sum(length for _, length in chain_lengths(chains)),
                                          sum(1 for name in chains if name.startswith("KUBE-"))))
@@ -105,13 +110,14 @@ class IptablesLive(NamedTuple):
 
 
 NFT, LEGACY = "nft", "legacy"
+NFT_VERIFY_TRIES = 3  # reads in a row when nf_tables moved during each one's resolve
 BACKEND_NAMES = {NFT: "iptables-nft", LEGACY: "iptables-legacy"}
 
 
 def _nft_source():
-    from exporter.readers.iptables_netlink import IptablesNftSource
+    from exporter.readers.iptables_nft_lazy import IptablesNftLazySource
 
-    return IptablesNftSource()
+    return IptablesNftLazySource()
 
 
 class IptablesDataplane(DataplaneReader):
@@ -259,18 +265,48 @@ class IptablesDataplane(DataplaneReader):
             rulesets = legacy_rulesets if legacy_rulesets is not None else self.legacy.read()
         self._backend = backend
         read = self._resolve(rulesets)
+        if backend == NFT:
+            read, rulesets = self._verified(read, rulesets)
         return IptablesLive(read, backend, ruleset_sizes(rulesets), time.perf_counter() - start, True)
+
+    def _verified(self, read, rulesets):
+        """A read of a source that decodes chains as the resolver asks (iptables_nft_lazy) is
+        the kernel's only if nf_tables did not move while the resolver walked: read and
+        resolve again until it did not (the feed names what moved)."""
+        from exporter.readers.iptables_netlink import NftReadError
+
+        verify = getattr(self.nft, "verify", None)
+        if verify is None:
+            return read, rulesets
+        try:
+            for _ in range(NFT_VERIFY_TRIES):
+                if verify():
+                    return read, rulesets
+                rulesets = self.nft.read()
+                self._nft_read_generation = self.nft.last_generation
+                read = self._resolve(rulesets)
+        except NftReadError as err:
+            raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
+        raise ReadFailed(f"kube-proxy's iptables-nft rules changed during each of {NFT_VERIFY_TRIES} reads in a row")
 
     def _resolve(self, rulesets):
         from exporter.readers.iptables import IptablesRead, NoKubeProxyRules, resolve_rulesets
+        from exporter.readers.iptables_netlink import NftReadError
 
         try:
             names = self.chain_services() if self.chain_services is not None else None
             return resolve_rulesets(rulesets, names, self._resolver_cache)
+        except NftReadError as err:
+            # A chain dumped as the resolver asked for it: what the cache holds is half a walk.
+            self._resolver_cache = {}
+            raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
         except NoKubeProxyRules:
             # No trace of kube-proxy in either backend: every desired frontend missing, as a
             # deleted nftables table is (the nat table flushed and its chains deleted too).
             return IptablesRead({}, {}, frozenset(), (), {})
+        except BaseException:
+            self._resolver_cache = {}
+            raise
 
 
 def shared_nftables(ctx) -> NftablesDataplane:

@@ -1,0 +1,118 @@
+"""The iptables-nft source that keeps no rules (exporter/readers/iptables_nft_lazy.py).
+
+Real rules in a namespace of the test's own, changed as kube-proxy changes them. What it
+serves must read as `iptables-nft-save` prints the rules; what it says changed must be
+exactly what did (its digests of the top-level chains: a chain flushed and written again
+the same is unchanged, written again in another order is changed); a read whose chains
+the kernel changed before they were walked must be told by ``verify()``.
+"""
+
+from __future__ import annotations
+
+from exporter.readers.iptables import resolve_rulesets
+from exporter.readers.iptables_netlink import IptablesNftSource
+from exporter.readers.iptables_nft_lazy import IptablesNftLazySource
+from exporter.readers.iptables_save import parse_save
+from tests import ipt_rulesets
+from tests.ipt_rulesets import IptNS, bench_services, endpoints_changed, ruleset
+
+
+def _top_level_swapped(text: str) -> str:
+    """``text`` (a partial sync) with KUBE-SERVICES' first two rules in the other order."""
+    lines = text.splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith("-A KUBE-SERVICES ")]
+    lines[at[0]], lines[at[1]] = lines[at[1]], lines[at[0]]
+    return "\n".join(lines) + "\n"
+
+
+def test_reads_as_iptables_save_prints_the_rules():
+    services = bench_services(30, 3)
+    with IptNS() as ns:
+        ns.restore(ruleset(services, 4))
+        source = IptablesNftLazySource()
+        try:
+            [lazy] = [r for r in ns.run(source.read) if r.family == 4]
+            [saved] = parse_save(ns.save(4), 4)
+            for table, chains in saved.tables.items():
+                assert {name: tuple(rules) for name, rules in lazy.tables[table].items()} == \
+                    {name: tuple(rules) for name, rules in chains.items()}, table
+                assert dict(lazy.tables[table].lengths()) == {n: len(r) for n, r in chains.items()}
+        finally:
+            source.close()
+
+
+def test_a_top_level_chain_written_again_the_same_is_unchanged_and_reordered_is_changed():
+    services = bench_services(30, 3)
+    with IptNS() as ns:
+        ns.restore(ruleset(services, 4))
+        source = IptablesNftLazySource()
+        try:
+            resolve_rulesets(ns.run(source.read), None, {})
+            ns.restore(endpoints_changed(services, services[5], [(a, p + 1) for a, p in services[5].endpoints]))
+            nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
+            assert source.full_reads == 1 and source.from_feed > 0, source.last_resync
+            assert "KUBE-SERVICES" not in nat.changed and "KUBE-NODEPORTS" not in nat.changed
+            assert any(name.startswith("KUBE-SVC-") for name in nat.changed)
+            ns.restore(_top_level_swapped(endpoints_changed(services, services[5], services[5].endpoints)))
+            nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
+            assert source.full_reads == 1, source.last_resync
+            assert "KUBE-SERVICES" in nat.changed
+        finally:
+            source.close()
+
+
+def test_a_chain_written_again_by_inserts_is_read_in_its_new_order():
+    """Its rules inserted at the head one by one in their old order: the feed announces
+    them in the old order, the chain holds them reversed. Only the positions the kernel
+    gives tell the two apart: the chain must count as changed."""
+    services = bench_services(30, 3)
+    with IptNS() as ns:
+        ns.restore(ruleset(services, 4))
+        source = IptablesNftLazySource()
+        try:
+            resolve_rulesets(ns.run(source.read), None, {})
+            rules = [line[len("-A KUBE-SERVICES "):] for line in ns.save(4, table="nat").splitlines()
+                     if line.startswith("-A KUBE-SERVICES ")]
+            ns.restore("*nat\n-F KUBE-SERVICES\n" + "".join(f"-I KUBE-SERVICES 1 {rule}\n" for rule in rules)
+                       + "COMMIT\n")
+            nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
+            assert source.full_reads == 1, source.last_resync
+            assert "KUBE-SERVICES" in nat.changed
+            assert [rule.target for rule in nat["KUBE-SERVICES"]][0] == \
+                [rule.target for rule in parse_save(ns.save(4), 4)[0].tables["nat"]["KUBE-SERVICES"]][0]
+        finally:
+            source.close()
+
+
+def test_one_rule_edited_in_a_top_level_chain_is_changed_and_counted():
+    services = bench_services(30, 3)
+    with IptNS() as ns:
+        ns.restore(ruleset(services, 4))
+        source = IptablesNftLazySource()
+        try:
+            first = resolve_rulesets(ns.run(source.read), None, {})
+            ns.iptables("-t", "nat", "-D", "KUBE-SERVICES", "3")
+            rulesets = ns.run(source.read)
+            nat = next(r for r in rulesets if r.family == 4).tables["nat"]
+            assert source.full_reads == 1 and "KUBE-SERVICES" in nat.changed
+            read = resolve_rulesets(rulesets, None, {})
+            assert read.sizes["ipv4"].rules == first.sizes["ipv4"].rules - 1
+            assert len(read.table) == len(first.table) - 1
+        finally:
+            source.close()
+
+
+def test_verify_tells_a_change_made_before_the_chains_were_walked():
+    services = bench_services(10, 2)
+    with IptNS() as ns:
+        ns.restore(ruleset(services, 4))
+        source = IptablesNftLazySource()
+        try:
+            ns.run(source.read)
+            assert ns.run(source.verify)
+            ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-j", "RETURN")
+            assert not ns.run(source.verify)  # a resolve now could mix two generations
+            resolve_rulesets(ns.run(source.read), None, {})
+            assert ns.run(source.verify)
+        finally:
+            source.close()
