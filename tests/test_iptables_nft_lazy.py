@@ -10,10 +10,8 @@ the kernel changed before they were walked must be told by ``verify()``.
 from __future__ import annotations
 
 from exporter.readers.iptables import resolve_rulesets
-from exporter.readers.iptables_netlink import IptablesNftSource
 from exporter.readers.iptables_nft_lazy import IptablesNftLazySource
 from exporter.readers.iptables_save import parse_save
-from tests import ipt_rulesets
 from tests.ipt_rulesets import IptNS, bench_services, endpoints_changed, ruleset
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import errno
 import gc
 import hashlib
-import socket
 from collections.abc import Mapping
 
 from exporter.readers.iptables_netlink import (BUILTIN_CHAINS, FAMILIES, SERVICES_CHAIN, TABLES, decode_rule)
@@ -147,7 +146,6 @@ class NftChains(Mapping):
     def lengths(self):
         """(chain, number of rules) of every chain, nothing decoded (a chain never dumped
         yet is dumped to count it: after a resolver's walk, the few it did not reach)."""
-        state = self._state
         self._count_all()
         return ((name, value & _COUNT_MASK) for name, value in self._state.chains.items())
 
