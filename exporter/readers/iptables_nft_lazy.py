@@ -40,16 +40,18 @@ from __future__ import annotations
 import errno
 import gc
 import hashlib
+import sys
 from collections.abc import Mapping
 
 from exporter.readers.iptables_netlink import (BUILTIN_CHAINS, FAMILIES, SERVICES_CHAIN, TABLES, decode_rule)
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
 from exporter.readers.nftables_monitor import DEFAULT_RECEIVE_BUFFER, FeedError, NftMonitor, newer
-from exporter.readers.nftables_netlink import (_NLA, NFTA_LIST_ELEM, NftNetlink, NftReadError)
+from exporter.readers.nftables_netlink import _BE64, _NLA, NFTA_LIST_ELEM, NftNetlink, NftReadError
 
 __all__ = ["IptablesNftLazySource", "NftChains", "NftReadError"]
 
-NFT_MSG_GETRULE = 7
+NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 4, 7
+NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME = 1, 2, 3
 NLM_F_DUMP = 0x300
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
 # One Service's chains: a change to one is that Service's change, never told apart by a digest.
@@ -250,16 +252,16 @@ class IptablesNftLazySource:
         for _ in range(GENERATION_TRIES):
             tables: dict[tuple[int, str], _Table] = {}
             for family, nfproto in FAMILIES:
-                chain_lists = nl.chains_by_table(nfproto, TABLES)
+                found_tables = {table: nl.table(nfproto, table) for table in TABLES}
+                for table, found in found_tables.items():
+                    if found is not None:
+                        tables[(family, table)] = _Table(found.handle)
+                _chains_into(nl, nfproto, {table: tables[(family, table)] for table in TABLES
+                                           if (family, table) in tables})
                 for table in TABLES:
-                    found = nl.table(nfproto, table)
-                    if found is None:
+                    state = tables.get((family, table))
+                    if state is None:
                         continue
-                    state = tables[(family, table)] = _Table(found.handle)
-                    for chain in chain_lists.get(table, ()):
-                        # Not counted yet (all count bits set): its first dump counts it.
-                        state.chains[chain.name] = chain.handle << _COUNT_BITS | _COUNT_MASK
-                        state.newest = max(state.newest, chain.handle)
                     for chain in BUILTIN_CHAINS[table]:
                         if chain not in state.chains:
                             state.set_count(chain, 0)  # iptables-nft makes one with its first rule
@@ -454,6 +456,35 @@ class IptablesNftLazySource:
         if pieces is None:
             return count, None
         return count, _digest(pieces)
+
+
+def _chains_into(nl: NftNetlink, nfproto: int, states: dict[str, _Table]) -> None:
+    """Every chain of the family's ``states`` tables into them, uncounted (all count bits
+    set: its first dump counts it), straight from the chain dump: no object per chain but
+    its name (interned: every jump to it shares it) and its int."""
+    wanted = {name.encode() + b"\0": state for name, state in states.items()}
+    unpack = _NLA.unpack_from
+    for buf, start, end in nl._replies(NFT_MSG_GETCHAIN, nfproto, NLM_F_DUMP, b"", "the chains"):
+        state = name = handle = None
+        at = start
+        while at + 4 <= end:
+            alen, t = unpack(buf, at)
+            if alen < 4 or at + alen > end:
+                raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
+            t &= 0x3FFF
+            if t == NFTA_CHAIN_TABLE:
+                state = wanted.get(bytes(buf[at + 4:at + alen]))
+                if state is None:
+                    break  # another table's chain
+            elif t == NFTA_CHAIN_NAME:
+                name = sys.intern(bytes(buf[at + 4:at + alen]).split(b"\0", 1)[0].decode("utf-8", "replace"))
+            elif t == NFTA_CHAIN_HANDLE:
+                handle = _BE64.unpack_from(buf, at + 4)[0]
+            at += (alen + 3) & ~3
+        if state is not None and name is not None and handle is not None:
+            state.chains[name] = handle << _COUNT_BITS | _COUNT_MASK
+            if handle > state.newest:
+                state.newest = handle
 
 
 def _digested(chain: str) -> bool:
