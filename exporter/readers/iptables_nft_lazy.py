@@ -11,9 +11,9 @@ one by one never holds a table's rules, and what it keeps of them (the resolutio
 is not allocated among hundreds of thousands of freed rules.
 
 What it keeps between reads, per table: each chain's number of rules (the sizes the
-``iptables`` collector serves) and handle, and a digest of the rules of each chain
-that is not one Service's own (KUBE-SERVICES, KUBE-NODEPORTS, the filter's reject
-chains, the built-in chains: a few dozen), without their counters.
+``iptables`` collector serves), the newest chain handle, and a digest of the rules of
+each chain that is not one Service's own (KUBE-SERVICES, KUBE-NODEPORTS, the filter's
+reject chains, the built-in chains: a few dozen), without their counters.
 
 Change: nf_tables' change feed (``nftables_monitor.NftMonitor``, subscribed before
 the first read) names every chain a committed transaction touched. A re-read drains
@@ -56,8 +56,7 @@ NLM_F_DUMP = 0x300
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
 # One Service's chains: a change to one is that Service's change, never told apart by a digest.
 SERVICE_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
-_COUNT_BITS = 24  # a chain's kept int: handle << _COUNT_BITS | rules (-1 rules: not counted yet)
-_COUNT_MASK = (1 << _COUNT_BITS) - 1
+UNCOUNTED = -1  # a chain's count before its first dump
 GENERATION_TRIES = 3
 FEED_TRIES = 3
 _FAMILY_OF = {nfproto: family for family, nfproto in FAMILIES}
@@ -71,9 +70,9 @@ def _nla(kind: int, value: bytes) -> bytes:
 
 
 class _Table:
-    """What the source keeps of one table between reads: per chain one int (its handle and
-    its number of rules: a tuple of two per chain would be 4 MB more at 61,000 chains),
-    the top-level chains' digests, and the newest chain handle met (the kernel numbers a
+    """What the source keeps of one table between reads: per chain its number of rules (a
+    small int, shared by the interpreter: nothing per chain but the dict entry), the
+    top-level chains' digests, and the newest chain handle met (the kernel numbers a
     table's objects in one increasing sequence: a chain announced with an older handle
     under a new name is one renamed)."""
 
@@ -81,7 +80,7 @@ class _Table:
 
     def __init__(self, handle: int) -> None:
         self.handle = handle
-        self.chains: dict[str, int] = {}  # chain -> handle << _COUNT_BITS | rules
+        self.chains: dict[str, int] = {}  # chain -> its rules (UNCOUNTED before its first dump)
         self.digests: dict[str, bytes] = {}  # chain -> digest of its rules (not a Service's own chains)
         self.newest = 0
         # Of the chains counted: chains, rules, KUBE- chains, KUBE-SVC-/SVL- chains, KUBE-SEP- chains.
@@ -89,21 +88,20 @@ class _Table:
 
     def count(self, chain: str) -> int:
         """The chain's number of rules; -1 when not counted yet, KeyError when not there."""
-        value = self.chains[chain] & _COUNT_MASK
-        return -1 if value == _COUNT_MASK else value
+        return self.chains[chain]
 
     def set_count(self, chain: str, count: int) -> None:
         old = self.chains.get(chain)
-        if old is not None and old & _COUNT_MASK != _COUNT_MASK:
-            self._total(chain, old & _COUNT_MASK, -1)
-        self.chains[chain] = ((old or 0) >> _COUNT_BITS) << _COUNT_BITS | min(count, _COUNT_MASK - 1)
+        if old is not None and old != UNCOUNTED:
+            self._total(chain, old, -1)
+        self.chains[chain] = count
         self._total(chain, count, 1)
 
     def drop(self, chain: str) -> None:
         old = self.chains.pop(chain, None)
         self.digests.pop(chain, None)
-        if old is not None and old & _COUNT_MASK != _COUNT_MASK:
-            self._total(chain, old & _COUNT_MASK, -1)
+        if old is not None and old != UNCOUNTED:
+            self._total(chain, old, -1)
 
     def _total(self, chain: str, rules: int, sign: int) -> None:
         totals = self.totals
@@ -149,7 +147,7 @@ class NftChains(Mapping):
         """(chain, number of rules) of every chain, nothing decoded (a chain never dumped
         yet is dumped to count it: after a resolver's walk, the few it did not reach)."""
         self._count_all()
-        return ((name, value & _COUNT_MASK) for name, value in self._state.chains.items())
+        return self._state.chains.items()
 
     def counts(self) -> list[int]:
         """chains, rules, KUBE- chains, KUBE-SVC-/SVL- chains, KUBE-SEP- chains of the table."""
@@ -158,7 +156,7 @@ class NftChains(Mapping):
 
     def _count_all(self) -> None:
         state = self._state
-        uncounted = {name for name, value in state.chains.items() if value & _COUNT_MASK == _COUNT_MASK}
+        uncounted = {name for name, value in state.chains.items() if value == UNCOUNTED}
         if uncounted:
             self._source._recount((self._family, self._table), uncounted)
 
@@ -338,7 +336,7 @@ class IptablesNftLazySource:
                                 # names it anew, and no rule event says so.
                                 raise _Resync(f"{table}: chain handle {event.handle} renamed to {chain}")
                             state.newest = event.handle
-                            state.chains[chain] = event.handle << _COUNT_BITS | _COUNT_MASK  # counted below
+                            state.chains[chain] = UNCOUNTED  # counted below
                         chains.add(chain)
                         gone.discard(chain)
                     elif kind == "delchain":
@@ -459,9 +457,9 @@ class IptablesNftLazySource:
 
 
 def _chains_into(nl: NftNetlink, nfproto: int, states: dict[str, _Table]) -> None:
-    """Every chain of the family's ``states`` tables into them, uncounted (all count bits
-    set: its first dump counts it), straight from the chain dump: no object per chain but
-    its name (interned: every jump to it shares it) and its int."""
+    """Every chain of the family's ``states`` tables into them, uncounted (its first dump
+    counts it), straight from the chain dump: no object per chain but its name (interned:
+    every jump to it shares it)."""
     wanted = {name.encode() + b"\0": state for name, state in states.items()}
     unpack = _NLA.unpack_from
     for buf, start, end in nl._replies(NFT_MSG_GETCHAIN, nfproto, NLM_F_DUMP, b"", "the chains"):
@@ -482,7 +480,7 @@ def _chains_into(nl: NftNetlink, nfproto: int, states: dict[str, _Table]) -> Non
                 handle = _BE64.unpack_from(buf, at + 4)[0]
             at += (alen + 3) & ~3
         if state is not None and name is not None and handle is not None:
-            state.chains[name] = handle << _COUNT_BITS | _COUNT_MASK
+            state.chains[name] = UNCOUNTED
             if handle > state.newest:
                 state.newest = handle
 
