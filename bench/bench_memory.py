@@ -12,9 +12,9 @@ are 50,000 endpoints), and reads a live table its drift collector diffs in full:
   stays the host's), and so does the API stand-in (the namespace has its own
   loopback), and the bench scrapes from a thread that joined it;
 - iptables: kube-proxy's iptables rules (tests/ipt_rulesets.py) restored into a
-  namespace as the nftables node's, with iptables-legacy (``iptables``) at every
-  size and iptables-nft (``iptables-nft``) at 1,000 only (its restore of 10,000
-  Services takes minutes here).
+  namespace as the nftables node's, with iptables-legacy (``iptables``) and
+  iptables-nft (``iptables-nft``; replayed from a snapshot of one restore, which at
+  10,000 Services takes minutes here: tests/nft_snapshot.py).
 
 Once its drift collector reports success with the table synced and no drift (a
 full read of a healthy table), the exporter is scraped a few times more, then
@@ -194,7 +194,8 @@ class _IptablesNode(_NamespaceNode):
     exporter runs in (its drift collector finds the backend that holds them, as on a node).
 
     ``backend``: legacy by default (a restore of 10,000 Services takes seconds); iptables-nft's
-    restore of 10,000 takes minutes on this machine, so ``iptables-nft`` rows are 1,000 only.
+    restore of 10,000 takes minutes on this machine, so its tables are replayed from a snapshot
+    of one such restore kept in .cache/ (tests/nft_snapshot.py: the same kernel objects).
     """
 
     mode = "iptables"
@@ -208,7 +209,13 @@ class _IptablesNode(_NamespaceNode):
         self.ns = _own_namespace(IptNS)
 
     def load_rules(self) -> None:
-        self.ns.load(self.ports, backend=self.backend)
+        if self.backend == "nft":
+            from tests.ipt_rulesets import ruleset
+            from tests.nft_snapshot import cached_table
+
+            cached_table(self.ns, ruleset(self.ports, 4))
+        else:
+            self.ns.load(self.ports, backend=self.backend)
 
 
 def _iptables_nft_node(services: int) -> _Node:
@@ -217,8 +224,6 @@ def _iptables_nft_node(services: int) -> _Node:
 
 NODES = {"ipvs": _IPVSNode, "nftables": _NftablesNode, "iptables": _IptablesNode,
          "iptables-nft": _iptables_nft_node}
-# iptables-nft-restore of 10,000 Services takes 5-10 minutes here: that backend is measured at 1,000 only.
-SMALL_ONLY = {"iptables-nft"}
 
 
 def measure(services: int, mode: str = "ipvs", scrapes: int = 3, timeout: float = 300.0) -> dict:
@@ -300,8 +305,6 @@ def run(args) -> list[Row]:
     sizes = (300, 1000) if getattr(args, "quick", False) else (1000, 10_000)
     for mode in NODES:
         for n in sizes:
-            if mode in SMALL_ONLY and n > 1000:
-                continue
             m = measure(n, mode)
             label = f"{mode}, {n:,} svc / {n * 5:,} endpoints, {m['virtual_servers']:,.0f} VS"
             rows += [
