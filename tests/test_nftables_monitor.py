@@ -337,10 +337,9 @@ def test_a_rule_message_in_another_attribute_order_reads_alike():
     other = chain + handle + table + position + body
     read = [monitor._rule_message(msg, 0, len(msg), monitor.NFT_MSG_NEWRULE, monitor.NLM_F_APPEND, 2, {})
             for msg in (kernel, other)]
-    assert [(p, t, e._replace(raw=None)) for p, t, e in read] == [
-        (2, "nat", monitor.Event("newrule", "KUBE-SERVICES", 77, 76, True, None, body))] * 2
+    assert [(p, t, e) for p, t, e in read] == [(2, "nat", monitor.Event("newrule", "KUBE-SERVICES", 77, 76, True, body))] * 2
     for _, _, event in read:
         exprs, udata = monitor.rule_parts(event)
-        assert event.raw[exprs[0]:exprs[1]] == b"\x08\x00\x01\x00abcd" and event.raw[udata[0]:udata[1]] == b"xyz"
+        assert event.body[exprs[0]:exprs[1]] == b"\x08\x00\x01\x00abcd" and event.body[udata[0]:udata[1]] == b"xyz"
     deleted = monitor._rule_message(kernel, 0, len(kernel), monitor.NFT_MSG_DELRULE, 0, 2, {})[2]
     assert deleted.kind == "delrule" and deleted.position is None and deleted.body == body

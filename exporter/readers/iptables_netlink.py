@@ -768,7 +768,7 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
     # of the work of applying 24,000 of them.
     added: dict[tuple[int, str], dict[int, Event]] = {}
     deleted: dict[tuple[int, str], dict[int, tuple[str, bytes]]] = {}  # the first deletion of each handle
-    chains_moved: set[tuple[int, str]] = set()  # tables with a chain created or deleted
+    chains_moved: dict[tuple[int, str], set[str]] = {}  # chains created or deleted, per table
     for batch in batches:
         for (nfproto, table), events in batch.tables.items():
             family = _FAMILY_OF.get(nfproto)
@@ -787,6 +787,7 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
             table_added = added.setdefault(key, {})
             table_deleted = deleted.setdefault(key, {})
             kept_handles = state.rule_handles
+            last_chain = order = None
             try:
                 for event in events:
                     kind, chain = event.kind, event.chain
@@ -794,14 +795,18 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
                         if kind == "newtable" or kind == "deltable":
                             raise _Resync(f"table {table} of IPv{family} created or deleted")
                         _apply_event(event, key, state, handles, table_orders)
-                        chains_moved.add(key)
+                        chains_moved.setdefault(key, set()).add(chain)
+                        last_chain = None
                         continue
-                    # Rule events, nearly all of them: inline (24,000 in one partial sync at 10,000).
-                    if chain not in handles:
-                        raise Unordered("a rule of a chain not kept")
-                    order = table_orders.get(chain)
-                    if order is None:
-                        order = table_orders[chain] = ChainOrder(kept_handles.get(chain, ()))
+                    # Rule events, nearly all of them: inline (24,000 in one partial sync at 10,000),
+                    # a chain's in a row (a flushed chain's deletions, then its rules written again).
+                    if chain is not last_chain:
+                        if chain not in handles:
+                            raise Unordered("a rule of a chain not kept")
+                        order = table_orders.get(chain)
+                        if order is None:
+                            order = table_orders[chain] = ChainOrder(kept_handles.get(chain, ()))
+                        last_chain = chain
                     if kind == "newrule":
                         order.add(event.handle, event.position, event.append)
                         table_added[event.handle] = event
@@ -846,13 +851,13 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
                 continue
             state, chains = states[key], dict(tables[table])
             handles_of = dict(state.rule_handles)
-            if key in chains_moved:  # else the same chains (a walk of 61,000 at 10,000 Services spared)
-                for chain in list(chains):
-                    if chain not in chain_handles[key] and chain not in BUILTIN_CHAINS[table]:
-                        del chains[chain]
-                        handles_of.pop(chain, None)
-                for chain in chain_handles[key]:
+            # The chains created or deleted alone (not a walk of 61,000 at 10,000 Services).
+            for chain in chains_moved.get(key, ()):
+                if chain in chain_handles[key]:
                     chains.setdefault(chain, ())
+                elif chain not in BUILTIN_CHAINS[table]:
+                    chains.pop(chain, None)
+                    handles_of.pop(chain, None)
             for chain, order in orders[key].items():
                 if chain not in chains:
                     continue  # deleted in a later transaction
@@ -876,7 +881,7 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
                             exprs, udata = rule_parts(event)
                         except ValueError as err:
                             raise _Resync(f"{table} {chain}: a rule message not understood ({err})", lost=True) from None
-                        rule = by_bytes[(family, event.body)] = decode_rule(event.raw, exprs, udata, family, memo)
+                        rule = by_bytes[(family, event.body)] = decode_rule(event.body, exprs, udata, family, memo)
                         decoded += 1
                     rules.append(rule)
                 chains[chain] = tuple(rules)

@@ -77,9 +77,9 @@ class Event(NamedTuple):
     ``kind``: newtable, deltable, newchain, delchain, newrule, delrule. ``handle`` is
     the table's, chain's or rule's. For a NEWRULE: ``position`` (the handle of the
     rule just before it when the kernel announced it, if any), ``append`` (written
-    with NLM_F_APPEND). For both rule kinds: ``raw`` (the message's attributes) and
-    ``body``: its attributes past table, chain, handle and position (the expressions
-    and user data a decode depends on, framed), so that a rule deleted and added again
+    with NLM_F_APPEND). For both rule kinds, ``body``: the message's attributes past
+    table, chain, handle and position (the expressions and user data a decode depends
+    on, framed: the one copy made of a message), so that a rule deleted and added again
     with the same bytes (kube-proxy's partial sync flushes and rewrites every top-level
     chain) can keep its decode; ``rule_parts`` finds the expressions and user data in
     it (only for the few rules decoded: not walked per message)."""
@@ -89,18 +89,17 @@ class Event(NamedTuple):
     handle: int
     position: int | None = None
     append: bool = False
-    raw: bytes | None = None
     body: bytes = b""
 
 
 def rule_parts(event: Event) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-    """Where a rule event's expressions and user data sit in its ``raw``: ((start, end) or
+    """Where a rule event's expressions and user data sit in its ``body``: ((start, end) or
     None) each. Raises ValueError on a bad attribute length."""
-    raw = event.raw
+    body = event.body
     exprs = udata = None
-    offset, size = len(raw) - len(event.body), len(raw)
+    offset, size = 0, len(body)
     while offset + 4 <= size:
-        alen, atype = _NLA.unpack_from(raw, offset)
+        alen, atype = _NLA.unpack_from(body, offset)
         if alen < 4 or offset + alen > size:
             raise ValueError("bad attribute length")
         atype &= 0x3FFF
@@ -145,50 +144,48 @@ _new_event = tuple.__new__  # Event's fields by place, without NamedTuple's keyw
 
 def _rule_message(buf, start: int, end: int, command: int, flags: int, nfproto: int,
                   names: dict) -> tuple[int, str, Event]:
-    """A NEWRULE/DELRULE (a partial sync at 10,000 Services announces 24,000): the kernel
-    writes table, chain, handle and (a NEWRULE after another) position first
-    (nf_tables_fill_rule_info), read straight, the rest kept whole as the body; any other
-    layout by a walk of every attribute."""
-    raw = buf[start:end]
-    if not isinstance(raw, bytes):
-        raw = bytes(raw)
-    size = len(raw)
+    """A NEWRULE/DELRULE (``buf[start:end]``: its attributes; a partial sync at 10,000
+    Services announces 24,000): the kernel writes table, chain, handle and (a NEWRULE
+    after another) position first (nf_tables_fill_rule_info), read in place; the rest
+    copied once, as the body. Any other layout: a walk of every attribute."""
+    if not isinstance(buf, bytes):
+        buf, start, end = bytes(buf[start:end]), 0, end - start
     unpack = _NLA.unpack_from
     is_new = command == NFT_MSG_NEWRULE
-    if size >= 12:
+    if start + 12 <= end:
         # The leading attributes, each checked for its type and bounds.
-        tlen, ttype = unpack(raw, 0)
-        chain_at = (tlen + 3) & ~3
-        if ttype & 0x3FFF == NFTA_RULE_TABLE and 4 <= tlen and chain_at + 4 <= size:
-            clen, ctype = unpack(raw, chain_at)
+        tlen, ttype = unpack(buf, start)
+        chain_at = start + ((tlen + 3) & ~3)
+        if ttype & 0x3FFF == NFTA_RULE_TABLE and 4 <= tlen and chain_at + 4 <= end:
+            clen, ctype = unpack(buf, chain_at)
             handle_at = chain_at + ((clen + 3) & ~3)
-            if (ctype & 0x3FFF == NFTA_RULE_CHAIN and 4 <= clen and handle_at + 12 <= size
-                    and raw.startswith(_HANDLE_HEADER, handle_at)):
-                value = raw[4:tlen]
+            if (ctype & 0x3FFF == NFTA_RULE_CHAIN and 4 <= clen and handle_at + 12 <= end
+                    and buf.startswith(_HANDLE_HEADER, handle_at)):
+                value = buf[start + 4:start + tlen]
                 table = names.get(value)
                 if table is None:
                     table = names[value] = value.split(b"\0", 1)[0].decode("utf-8", "replace")
-                value = raw[chain_at + 4:chain_at + clen]
+                value = buf[chain_at + 4:chain_at + clen]
                 chain = names.get(value)
                 if chain is None:
                     chain = names[value] = value.split(b"\0", 1)[0].decode("utf-8", "replace")
                 offset = handle_at + 12
                 position = None
-                if offset + 12 <= size and raw.startswith(_POSITION_HEADER, offset):
-                    position = _BE64.unpack_from(raw, offset + 4)[0] if is_new else None
+                if offset + 12 <= end and buf.startswith(_POSITION_HEADER, offset):
+                    position = _BE64.unpack_from(buf, offset + 4)[0] if is_new else None
                     offset += 12
                 return nfproto, table, _new_event(Event, (_RULE_MESSAGES[command], chain,
-                                                          _BE64.unpack_from(raw, handle_at + 4)[0], position,
-                                                          bool(flags & NLM_F_APPEND), raw, raw[offset:]))
+                                                          _BE64.unpack_from(buf, handle_at + 4)[0], position,
+                                                          bool(flags & NLM_F_APPEND), buf[offset:end]))
     table = chain = handle = position = body_at = None
-    offset = 0
-    while offset + 4 <= size:
-        alen, atype = unpack(raw, offset)
-        if alen < 4 or offset + alen > size:
+    offset = start
+    while offset + 4 <= end:
+        alen, atype = unpack(buf, offset)
+        if alen < 4 or offset + alen > end:
             raise ValueError("bad attribute length")
         s, e, atype = offset + 4, offset + alen, atype & 0x3FFF
         if atype == NFTA_RULE_CHAIN or atype == NFTA_RULE_TABLE:
-            value = raw[s:e]
+            value = buf[s:e]
             name = names.get(value)
             if name is None:
                 name = names[value] = value.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -197,17 +194,17 @@ def _rule_message(buf, start: int, end: int, command: int, flags: int, nfproto: 
             else:
                 table = name
         elif atype == NFTA_RULE_HANDLE:
-            handle = _BE64.unpack_from(raw, s)[0]
+            handle = _BE64.unpack_from(buf, s)[0]
         elif atype == NFTA_RULE_POSITION:
-            position = _BE64.unpack_from(raw, s)[0]
+            position = _BE64.unpack_from(buf, s)[0]
         elif (atype == NFTA_RULE_EXPRESSIONS or atype == NFTA_RULE_USERDATA) and body_at is None:
             body_at = offset
         offset += (alen + 3) & ~3
     if table is None or chain is None or handle is None:
         raise ValueError("a rule message without its table, chain or handle")
     return nfproto, table, _new_event(Event, (_RULE_MESSAGES[command], chain, handle, position if is_new else None,
-                                              bool(flags & NLM_F_APPEND), raw,
-                                              raw[body_at:] if body_at is not None else b""))
+                                              bool(flags & NLM_F_APPEND),
+                                              buf[body_at:end] if body_at is not None else b""))
 
 
 # A u64 handle's and position's attribute headers, as the kernel writes them.
@@ -283,7 +280,10 @@ class NftMonitor:
         resync = None
         messages = 0
         buf = self.buf
+        view = memoryview(buf)
         names: dict[bytes, str] = {}
+        open_tables = self._open
+        last_nfproto = last_table = last_events = None
         while True:
             try:
                 size = self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
@@ -297,9 +297,10 @@ class NftMonitor:
             if size > len(buf):
                 resync = resync or f"a {size}-byte nf_tables notification does not fit the receive buffer"
                 continue
+            data = view[:size].tobytes()  # one copy: each message is read from it in place
             offset = 0
             while offset + 16 <= size:
-                length, msg_type, flags, _, _ = _NLMSGHDR.unpack_from(buf, offset)
+                length, msg_type, flags, _, _ = _NLMSGHDR.unpack_from(data, offset)
                 if length < 16 or offset + length > size:
                     resync = resync or "a malformed nf_tables notification"
                     break
@@ -313,23 +314,27 @@ class NftMonitor:
                     continue
                 try:
                     if msg_type in _RULE_TYPES and end - start >= 4:  # most messages: straight to the walk
-                        parsed = _rule_message(buf, start + 4, end, msg_type & 0xFF, flags, buf[start], names)
+                        parsed = _rule_message(data, start + 4, end, msg_type & 0xFF, flags, data[start], names)
                     else:
-                        parsed = parse_message(buf, start, end, msg_type, flags, names)
+                        parsed = parse_message(data, start, end, msg_type, flags, names)
                 except (KeyError, ValueError, struct.error, IndexError) as err:
                     resync = f"an nf_tables notification this reader cannot parse ({err or type(err).__name__})"
                     continue
                 if parsed is None:
                     continue
                 if isinstance(parsed, int):
-                    batches.append(Batch(parsed, self._open))
-                    self._open = {}
+                    batches.append(Batch(parsed, open_tables))
+                    open_tables = self._open = {}
+                    last_table = None
                     continue
                 nfproto, table, event = parsed
-                events = self._open.get((nfproto, table))
-                if events is None:
-                    events = self._open[(nfproto, table)] = []
-                events.append(event)
+                if table is not last_table or nfproto != last_nfproto:  # a transaction comes table by table
+                    last_events = open_tables.get((nfproto, table))
+                    if last_events is None:
+                        last_events = open_tables[(nfproto, table)] = []
+                    last_nfproto, last_table = nfproto, table  # names are one object each (``names``)
+                last_events.append(event)
+        view.release()
         if resync:
             self._open = {}
             batches = []
