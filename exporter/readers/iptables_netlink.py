@@ -780,7 +780,7 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
                 raise _Resync(f"table {table} of IPv{family} created or deleted")
             handles = chain_handles.get(key)
             if handles is None:
-                handles = chain_handles[key] = dict(state.chain_handles)
+                handles = chain_handles[key] = state.chain_handles  # copied when a chain event changes it
             table_orders = orders.setdefault(key, {})
             for order in table_orders.values():
                 order.new_transaction()
@@ -794,6 +794,8 @@ def apply_batches(last: list[IptablesRuleset], states: dict[tuple[int, str], _Ta
                     if kind != "newrule" and kind != "delrule":
                         if kind == "newtable" or kind == "deltable":
                             raise _Resync(f"table {table} of IPv{family} created or deleted")
+                        if handles is state.chain_handles:
+                            handles = chain_handles[key] = dict(handles)  # the served state's is left as it was
                         _apply_event(event, key, state, handles, table_orders)
                         chains_moved.setdefault(key, set()).add(chain)
                         last_chain = None
