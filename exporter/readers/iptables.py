@@ -237,12 +237,15 @@ class _Family:
         self.firewalled: set[VirtualServerKey] = set()
         self.verdict_unread: list[str] = []
         self.counts: list[int] | None = None  # chains, rules, kube, svc, sep of nat and filter
+        self.hooked = False  # nat PREROUTING and OUTPUT jump to KUBE-SERVICES
         self.table: Table = {}  # this family's frontends read fully
         self.problems: dict[VirtualServerKey, str] = {}  # frontends not read fully: why
 
     # -- one call ----------------------------------------------------------------
 
     def read(self, ruleset: IptablesRuleset, chain_services: Mapping[str, str]) -> None:
+        nat = ruleset.tables.get("nat", {})
+        self.hooked = all(any(r.target == SERVICES for r in nat.get(hook, ())) for hook in ("PREROUTING", "OUTPUT"))
         try:
             self._read(ruleset, chain_services)
         finally:
@@ -290,8 +293,10 @@ class _Family:
         self._place_all()
         if not (type(nat) is dict and type(filter_) is dict):
             # A source whose chains are decoded afresh on each access is resolved whole on
-            # every call: what would only serve the next call is not kept.
+            # every call: what would only serve the next call is not kept (nor the mapping,
+            # which holds the kernel's whole blob).
             self.resolved, self.readers, self.by_chain, self.ports = {}, {}, {}, {}
+            self.nat, self.filter = {}, {}
 
     def _place_all(self) -> None:
         previous = self.table
@@ -343,8 +348,7 @@ class _Family:
 
     def sizes(self) -> IptablesSizes:
         chains, rules, kube, svc, sep = self.counts
-        hooked = all(any(r.target == SERVICES for r in self.nat.get(hook, ())) for hook in ("PREROUTING", "OUTPUT"))
-        return IptablesSizes(chains, rules, kube, svc, sep, hooked)
+        return IptablesSizes(chains, rules, kube, svc, sep, self.hooked)
 
     # -- frontends -------------------------------------------------------------
 
