@@ -82,13 +82,18 @@ class _Reader:
 def _walks(monkeypatch) -> list[str]:
     """The chains the resolver walks (reads the rules of), in order."""
     walked: list[str] = []
-    real_walk = iptables._Family._walk
+    real_walk, real_endpoint = iptables._Family._walk, iptables._Family._endpoint
 
-    def counting(self, chain, depth):
+    def walk(self, chain, depth):
         walked.append(chain)
         return real_walk(self, chain, depth)
 
-    monkeypatch.setattr(iptables._Family, "_walk", counting)
+    def endpoint(self, chain):
+        walked.append(chain)
+        return real_endpoint(self, chain)
+
+    monkeypatch.setattr(iptables._Family, "_walk", walk)
+    monkeypatch.setattr(iptables._Family, "_endpoint", endpoint)
     return walked
 
 

@@ -435,7 +435,9 @@ class _Family:
     # -- chains ----------------------------------------------------------------
 
     def resolve(self, chain: str, depth: int = 0) -> _Resolved:
-        done = self.resolved.get(chain) or self.endpoints.get(chain)
+        is_endpoint = chain.startswith(SEP)
+        store = self.endpoints if is_endpoint else self.resolved
+        done = store.get(chain)
         if done is not None:
             return done
         if chain in self.in_progress:
@@ -446,35 +448,34 @@ class _Family:
         elif depth > MAX_CHAIN_DEPTH:
             self.order_dependent = True
             result = _Resolved(NO_REAL_SERVERS, None, (f"chain {chain} nests deeper than kube-proxy's",))
+        elif is_endpoint:
+            result = self._endpoint(chain)  # jumps nowhere: cannot loop
         else:
             self.in_progress.add(chain)
             try:
                 result = self._walk(chain, depth)
             finally:
                 self.in_progress.discard(chain)
-        (self.endpoints if chain.startswith(SEP) else self.resolved)[chain] = result
+        store[chain] = result
         return result
 
     def _read_by(self, chain: str, reader: str) -> None:
-        """Record that ``reader``'s resolution depends on ``chain``'s."""
+        """Record that ``reader``'s resolution depends on ``chain``'s (a second reader or more)."""
         readers = self.readers
-        found = readers.get(chain)
-        if found is None:
-            readers[chain] = reader
-        elif type(found) is str:
+        found = readers[chain]
+        if type(found) is str:
             if found != reader:
                 readers[chain] = {found, reader}
         else:
             found.add(reader)
 
     def _walk(self, chain: str, depth: int) -> _Resolved:
-        if chain.startswith(SEP):
-            return self._endpoint(chain)
         endpoints: set[tuple[str, int]] = set()
         followed: list[RealServers] = []
         problems: list[str] = []
         affinity: int | None = None
         is_ext, is_fw = chain.startswith(EXT), chain.startswith(FW)
+        readers = self.readers
         for index, rule in enumerate(self.nat[chain], 1):
             target = rule.target
             if target in _MARKS:
@@ -495,7 +496,10 @@ class _Family:
             if rule.recent_mode == "rcheck" and rule.recent_seconds is not None:
                 affinity = rule.recent_seconds
             sub = self.resolve(target, depth + 1)
-            self._read_by(target, chain)
+            # ``chain`` reads ``target`` (inline: 61,000 edges in a first resolve at 10,000 Services).
+            reader = readers.setdefault(target, chain)
+            if reader is not chain and reader != chain:
+                self._read_by(target, chain)
             endpoints.update(sub.real_servers)
             followed.append(sub.real_servers)
             if sub.problems:
