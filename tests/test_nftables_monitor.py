@@ -274,3 +274,72 @@ def test_chain_order_refuses_what_it_cannot_place():
 def test_generations_wrap():
     assert newer(5, 4) and not newer(4, 5) and not newer(4, 4)
     assert newer(1, 0xFFFFFFFF)
+
+
+def test_chain_order_links_its_first_rules_only_when_asked_and_places_alike():
+    """A chain starts with its kept rules unlinked (a chain flushed whole never links them):
+    every sequence of events places as on a chain whose rules were linked first."""
+    import random
+
+    rng = random.Random(14)
+    for _ in range(300):
+        kept = rng.sample(range(1, 40), rng.randrange(0, 6))
+        lazy, eager = ChainOrder(kept), ChainOrder(kept)
+        if eager._kept is not None:
+            eager._link_kept()
+        fresh_handles = iter(range(100, 200))
+        script = []
+        for _ in range(rng.randrange(1, 9)):
+            what = rng.random()
+            if what < 0.45:
+                script.append(("delete", rng.choice(kept + [99]) if kept else 99))
+            elif what < 0.9:
+                handle = next(fresh_handles)
+                script.append(("add", handle, rng.choice([None, *kept, handle - 1]), rng.random() < 0.5))
+            else:
+                script.append(("new_transaction",))
+        results = []
+        for order in (lazy, eager):
+            try:
+                for step in script:
+                    getattr(order, step[0])(*step[1:])
+                results.append(order.handles())
+            except Unordered as why:
+                results.append(f"unordered: {why}")
+        assert results[0] == results[1], (kept, script, results)
+    order = ChainOrder([10, 11, 12])
+    for handle in (11, 10, 12):
+        order.delete(handle)
+    order.add(20, None, append=True)
+    order.add(21, 20, append=True)
+    assert order.handles() == [20, 21]
+    with pytest.raises(Unordered):
+        order = ChainOrder([10, 11])
+        order.delete(10)
+        order.delete(10)  # deleted twice: never seen the second time
+
+
+def test_a_rule_message_in_another_attribute_order_reads_alike():
+    """The kernel's layout (table, chain, handle, position first) is read straight; any
+    other order by the walk, to the same event and the same body."""
+    import struct
+
+    from exporter.readers import nftables_monitor as monitor
+
+    def attr(kind: int, payload: bytes) -> bytes:
+        return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+    table, chain = attr(monitor.NFTA_RULE_TABLE, b"nat\0"), attr(monitor.NFTA_RULE_CHAIN, b"KUBE-SERVICES\0")
+    handle = attr(monitor.NFTA_RULE_HANDLE, struct.pack(">Q", 77))
+    position = attr(monitor.NFTA_RULE_POSITION, struct.pack(">Q", 76))
+    body = attr(monitor.NFTA_RULE_EXPRESSIONS, b"\x08\x00\x01\x00abcd") + attr(monitor.NFTA_RULE_USERDATA, b"xyz")
+    kernel = table + chain + handle + position + body
+    other = chain + handle + table + position + body
+    read = [monitor._rule_message(msg, 0, len(msg), monitor.NFT_MSG_NEWRULE, monitor.NLM_F_APPEND, 2, {})
+            for msg in (kernel, other)]
+    assert [(p, t, e) for p, t, e in read] == [(2, "nat", monitor.Event("newrule", "KUBE-SERVICES", 77, 76, True, body))] * 2
+    for _, _, event in read:
+        exprs, udata = monitor.rule_parts(event)
+        assert event.body[exprs[0]:exprs[1]] == b"\x08\x00\x01\x00abcd" and event.body[udata[0]:udata[1]] == b"xyz"
+    deleted = monitor._rule_message(kernel, 0, len(kernel), monitor.NFT_MSG_DELRULE, 0, 2, {})[2]
+    assert deleted.kind == "delrule" and deleted.position is None and deleted.body == body

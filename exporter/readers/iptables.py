@@ -61,7 +61,7 @@ import base64
 import gc
 import hashlib
 from collections.abc import Mapping
-from itertools import compress
+from itertools import compress, filterfalse
 from operator import is_not
 from typing import Iterable, NamedTuple
 
@@ -224,7 +224,6 @@ class _Family:
         self.filter: Chains = {}
         self.chain_services: Mapping[str, str] = {}
         self.resolved: dict[str, _Resolved] = {}  # but KUBE-SEP- chains': one DNAT each, cheap to read again
-        self.endpoints: dict[str, _Resolved] = {}  # KUBE-SEP- chains resolved in this call (affinity reads each twice)
         # chain -> the chain that reads it, or a set of them (most chains have one reader).
         self.readers: dict[str, str | set[str]] = {}
         self.ports: dict[str, int] = {}  # endpoint ports by text, one int object each
@@ -236,16 +235,16 @@ class _Family:
         self.firewalled: set[VirtualServerKey] = set()
         self.verdict_unread: list[str] = []
         self.counts: list[int] | None = None  # chains, rules, kube, svc, sep of nat and filter
+        self.hooked = False  # nat PREROUTING and OUTPUT jump to KUBE-SERVICES
         self.table: Table = {}  # this family's frontends read fully
         self.problems: dict[VirtualServerKey, str] = {}  # frontends not read fully: why
 
     # -- one call ----------------------------------------------------------------
 
     def read(self, ruleset: IptablesRuleset, chain_services: Mapping[str, str]) -> None:
-        try:
-            self._read(ruleset, chain_services)
-        finally:
-            self.endpoints = {}  # not kept between calls: 50,000 of them at 10,000 Services
+        nat = ruleset.tables.get("nat", {})
+        self.hooked = all(any(r.target == SERVICES for r in nat.get(hook, ())) for hook in ("PREROUTING", "OUTPUT"))
+        self._read(ruleset, chain_services)
 
     def _read(self, ruleset: IptablesRuleset, chain_services: Mapping[str, str]) -> None:
         nat = ruleset.tables.get("nat", {})
@@ -301,6 +300,7 @@ class _Family:
             # which changed is resolved whole on every call: what would only serve the next
             # call is not kept.
             self.resolved, self.readers, self.ports = {}, {}, {}
+            self.nat, self.filter = {}, {}  # nor the mapping, which holds the kernel's whole blob
 
     def _place_all(self) -> None:
         previous = self.table
@@ -351,8 +351,7 @@ class _Family:
 
     def sizes(self) -> IptablesSizes:
         chains, rules, kube, svc, sep = self.counts
-        hooked = all(any(r.target == SERVICES for r in self.nat.get(hook, ())) for hook in ("PREROUTING", "OUTPUT"))
-        return IptablesSizes(chains, rules, kube, svc, sep, hooked)
+        return IptablesSizes(chains, rules, kube, svc, sep, self.hooked)
 
     # -- frontends -------------------------------------------------------------
 
@@ -439,9 +438,11 @@ class _Family:
     # -- chains ----------------------------------------------------------------
 
     def resolve(self, chain: str, depth: int = 0) -> _Resolved:
-        done = self.resolved.get(chain) or self.endpoints.get(chain)
-        if done is not None:
-            return done
+        is_endpoint = chain.startswith(SEP)
+        if not is_endpoint:
+            done = self.resolved.get(chain)
+            if done is not None:
+                return done
         if chain in self.in_progress:
             self.order_dependent = True
             return _Resolved(NO_REAL_SERVERS, None, (f"chain {chain} loops back to itself",))
@@ -450,13 +451,15 @@ class _Family:
         elif depth > MAX_CHAIN_DEPTH:
             self.order_dependent = True
             result = _Resolved(NO_REAL_SERVERS, None, (f"chain {chain} nests deeper than kube-proxy's",))
+        elif is_endpoint:
+            result = self._endpoint(chain)  # jumps nowhere: cannot loop
         else:
             self.in_progress.add(chain)
             try:
                 result = self._walk(chain, depth)
             finally:
                 self.in_progress.discard(chain)
-        if not chain.startswith(SEP):
+        if not is_endpoint:
             # An endpoint chain's is not kept even for the rest of the call (reached twice only
             # by a Service of both traffic policies): 50,000 of them, kept to the end, pinned
             # ~11 MB of the allocator's arenas among what the resolution keeps.
@@ -464,25 +467,22 @@ class _Family:
         return result
 
     def _read_by(self, chain: str, reader: str) -> None:
-        """Record that ``reader``'s resolution depends on ``chain``'s."""
+        """Record that ``reader``'s resolution depends on ``chain``'s (a second reader or more)."""
         readers = self.readers
-        found = readers.get(chain)
-        if found is None:
-            readers[chain] = reader
-        elif type(found) is str:
+        found = readers[chain]
+        if type(found) is str:
             if found != reader:
                 readers[chain] = {found, reader}
         else:
             found.add(reader)
 
     def _walk(self, chain: str, depth: int) -> _Resolved:
-        if chain.startswith(SEP):
-            return self._endpoint(chain)
         endpoints: set[tuple[str, int]] = set()
         followed: list[RealServers] = []
         problems: list[str] = []
         affinity: int | None = None
         is_ext, is_fw = chain.startswith(EXT), chain.startswith(FW)
+        readers = self.readers
         for index, rule in enumerate(self.nat[chain], 1):
             target = rule.target
             if target in _MARKS:
@@ -503,7 +503,10 @@ class _Family:
             if rule.recent_mode == "rcheck" and rule.recent_seconds is not None:
                 affinity = rule.recent_seconds
             sub = self.resolve(target, depth + 1)
-            self._read_by(target, chain)
+            # ``chain`` reads ``target`` (inline: 61,000 edges in a first resolve at 10,000 Services).
+            reader = readers.setdefault(target, chain)
+            if reader is not chain and reader != chain:
+                self._read_by(target, chain)
             endpoints.update(sub.real_servers)
             followed.append(sub.real_servers)
             if sub.problems:
@@ -611,9 +614,11 @@ def _changed_chains(old: Chains, new: Chains) -> set[str]:
     candidates = list(compress(new, map(is_not, map(old.get, new), new.values())))
     changed = {name for name in candidates if old.get(name) != new[name]}
     added = sum(1 for name in candidates if name not in old)
-    if len(new) - added != len(old):  # some chains of ``old`` are gone
-        changed.update(name for name in old if name not in new)
+    if len(new) - added != len(old):  # some chains of ``old`` are gone (found in C, as above)
+        changed.update(filterfalse(new.__contains__, old))
     return changed
+
+
 
 
 def _told_changes(old: Chains, new: Chains) -> set[str] | None:

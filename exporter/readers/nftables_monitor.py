@@ -58,6 +58,7 @@ NFTA_GEN_ID = 1
 # drops them and the next read is a full one (counted), never a wrong one.
 DEFAULT_RECEIVE_BUFFER = 16 << 20
 _RECV_BUFFER = 1 << 16  # a notification datagram is at most a page or two
+_RECV_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_TRUNC)  # once: an enum's | per datagram was 6,000 calls
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 # Message types this module reads; set, element, object, flowtable messages are skipped.
@@ -77,21 +78,38 @@ class Event(NamedTuple):
     ``kind``: newtable, deltable, newchain, delchain, newrule, delrule. ``handle`` is
     the table's, chain's or rule's. For a NEWRULE: ``position`` (the handle of the
     rule just before it when the kernel announced it, if any), ``append`` (written
-    with NLM_F_APPEND). For both rule kinds: ``raw`` (the message's attributes), where
-    its expressions and user data sit in ``raw`` ((start, end) or None), and ``body``:
-    the bytes from its expressions on (what a decode depends on, framed), so that a
-    rule deleted and added again with the same bytes (kube-proxy's partial sync
-    flushes and rewrites every top-level chain) can keep its decode."""
+    with NLM_F_APPEND). For both rule kinds, ``body``: the message's attributes past
+    table, chain, handle and position (the expressions and user data a decode depends
+    on, framed: the one copy made of a message), so that a rule deleted and added again
+    with the same bytes (kube-proxy's partial sync flushes and rewrites every top-level
+    chain) can keep its decode; ``rule_parts`` finds the expressions and user data in
+    it (only for the few rules decoded: not walked per message)."""
 
     kind: str
     chain: str | None
     handle: int
     position: int | None = None
     append: bool = False
-    raw: bytes | None = None
-    exprs: tuple[int, int] | None = None
-    udata: tuple[int, int] | None = None
     body: bytes = b""
+
+
+def rule_parts(event: Event) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """Where a rule event's expressions and user data sit in its ``body``: ((start, end) or
+    None) each. Raises ValueError on a bad attribute length."""
+    body = event.body
+    exprs = udata = None
+    offset, size = 0, len(body)
+    while offset + 4 <= size:
+        alen, atype = _NLA.unpack_from(body, offset)
+        if alen < 4 or offset + alen > size:
+            raise ValueError("bad attribute length")
+        atype &= 0x3FFF
+        if atype == NFTA_RULE_EXPRESSIONS:
+            exprs = (offset + 4, offset + alen)
+        elif atype == NFTA_RULE_USERDATA:
+            udata = (offset + 4, offset + alen)
+        offset += (alen + 3) & ~3
+    return exprs, udata
 
 
 class Batch(NamedTuple):
@@ -122,21 +140,53 @@ def _attributes(buf, start: int, end: int) -> dict[int, tuple[int, int]]:
     return out
 
 
+_new_event = tuple.__new__  # Event's fields by place, without NamedTuple's keyword __new__ (24,000 a sync)
+
+
 def _rule_message(buf, start: int, end: int, command: int, flags: int, nfproto: int,
                   names: dict) -> tuple[int, str, Event]:
-    """A NEWRULE/DELRULE: a flat walk (a partial sync at 10,000 Services announces 24,000)."""
-    raw = bytes(buf[start:end])
-    table = chain = None
-    handle, position, exprs, udata, body_at = None, None, None, None, None
-    offset, size = 0, len(raw)
+    """A NEWRULE/DELRULE (``buf[start:end]``: its attributes; a partial sync at 10,000
+    Services announces 24,000): the kernel writes table, chain, handle and (a NEWRULE
+    after another) position first (nf_tables_fill_rule_info), read in place; the rest
+    copied once, as the body. Any other layout: a walk of every attribute."""
+    if not isinstance(buf, bytes):
+        buf, start, end = bytes(buf[start:end]), 0, end - start
     unpack = _NLA.unpack_from
-    while offset + 4 <= size:
-        alen, atype = unpack(raw, offset)
-        if alen < 4 or offset + alen > size:
+    is_new = command == NFT_MSG_NEWRULE
+    if start + 12 <= end:
+        # The leading attributes, each checked for its type and bounds.
+        tlen, ttype = unpack(buf, start)
+        chain_at = start + ((tlen + 3) & ~3)
+        if ttype & 0x3FFF == NFTA_RULE_TABLE and 4 <= tlen and chain_at + 4 <= end:
+            clen, ctype = unpack(buf, chain_at)
+            handle_at = chain_at + ((clen + 3) & ~3)
+            if (ctype & 0x3FFF == NFTA_RULE_CHAIN and 4 <= clen and handle_at + 12 <= end
+                    and buf.startswith(_HANDLE_HEADER, handle_at)):
+                value = buf[start + 4:start + tlen]
+                table = names.get(value)
+                if table is None:
+                    table = names[value] = value.split(b"\0", 1)[0].decode("utf-8", "replace")
+                value = buf[chain_at + 4:chain_at + clen]
+                chain = names.get(value)
+                if chain is None:
+                    chain = names[value] = value.split(b"\0", 1)[0].decode("utf-8", "replace")
+                offset = handle_at + 12
+                position = None
+                if offset + 12 <= end and buf.startswith(_POSITION_HEADER, offset):
+                    position = _BE64.unpack_from(buf, offset + 4)[0] if is_new else None
+                    offset += 12
+                return nfproto, table, _new_event(Event, (_RULE_MESSAGES[command], chain,
+                                                          _BE64.unpack_from(buf, handle_at + 4)[0], position,
+                                                          bool(flags & NLM_F_APPEND), buf[offset:end]))
+    table = chain = handle = position = body_at = None
+    offset = start
+    while offset + 4 <= end:
+        alen, atype = unpack(buf, offset)
+        if alen < 4 or offset + alen > end:
             raise ValueError("bad attribute length")
         s, e, atype = offset + 4, offset + alen, atype & 0x3FFF
         if atype == NFTA_RULE_CHAIN or atype == NFTA_RULE_TABLE:
-            value = raw[s:e]
+            value = buf[s:e]
             name = names.get(value)
             if name is None:
                 name = names[value] = value.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -145,24 +195,21 @@ def _rule_message(buf, start: int, end: int, command: int, flags: int, nfproto: 
             else:
                 table = name
         elif atype == NFTA_RULE_HANDLE:
-            handle = _BE64.unpack_from(raw, s)[0]
+            handle = _BE64.unpack_from(buf, s)[0]
         elif atype == NFTA_RULE_POSITION:
-            position = _BE64.unpack_from(raw, s)[0]
-        elif atype == NFTA_RULE_EXPRESSIONS:
-            exprs = (s, e)
-            if body_at is None:
-                body_at = offset
-        elif atype == NFTA_RULE_USERDATA:
-            udata = (s, e)
-            if body_at is None:
-                body_at = offset
+            position = _BE64.unpack_from(buf, s)[0]
+        elif (atype == NFTA_RULE_EXPRESSIONS or atype == NFTA_RULE_USERDATA) and body_at is None:
+            body_at = offset
         offset += (alen + 3) & ~3
     if table is None or chain is None or handle is None:
         raise ValueError("a rule message without its table, chain or handle")
-    is_new = command == NFT_MSG_NEWRULE
-    return nfproto, table, Event(_RULE_MESSAGES[command], chain, handle, position if is_new else None,
-                                 bool(flags & NLM_F_APPEND), raw, exprs, udata,
-                                 raw[body_at:] if body_at is not None else b"")
+    return nfproto, table, _new_event(Event, (_RULE_MESSAGES[command], chain, handle, position if is_new else None,
+                                              bool(flags & NLM_F_APPEND),
+                                              buf[body_at:end] if body_at is not None else b""))
+
+
+# A u64 handle's and position's attribute headers, as the kernel writes them.
+_HANDLE_HEADER, _POSITION_HEADER = _NLA.pack(12, NFTA_RULE_HANDLE), _NLA.pack(12, NFTA_RULE_POSITION)
 
 
 def parse_message(buf, start: int, end: int, msg_type: int, flags: int,
@@ -240,10 +287,13 @@ class NftMonitor:
         resync = None
         messages = 0
         buf = self.buf
+        view = memoryview(buf)
         names: dict[bytes, str] = {}
+        open_tables = self._open
+        last_nfproto = last_table = last_events = None
         while True:
             try:
-                size = self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+                size = self.sock.recv_into(buf, 0, _RECV_FLAGS)
             except BlockingIOError:
                 break
             except OSError as err:
@@ -254,9 +304,10 @@ class NftMonitor:
             if size > len(buf):
                 resync = resync or f"a {size}-byte nf_tables notification does not fit the receive buffer"
                 continue
+            data = view[:size].tobytes()  # one copy: each message is read from it in place
             offset = 0
             while offset + 16 <= size:
-                length, msg_type, flags, _, _ = _NLMSGHDR.unpack_from(buf, offset)
+                length, msg_type, flags, _, _ = _NLMSGHDR.unpack_from(data, offset)
                 if length < 16 or offset + length > size:
                     resync = resync or "a malformed nf_tables notification"
                     break
@@ -270,23 +321,27 @@ class NftMonitor:
                     continue
                 try:
                     if msg_type in _RULE_TYPES and end - start >= 4:  # most messages: straight to the walk
-                        parsed = _rule_message(buf, start + 4, end, msg_type & 0xFF, flags, buf[start], names)
+                        parsed = _rule_message(data, start + 4, end, msg_type & 0xFF, flags, data[start], names)
                     else:
-                        parsed = parse_message(buf, start, end, msg_type, flags, names)
+                        parsed = parse_message(data, start, end, msg_type, flags, names)
                 except (KeyError, ValueError, struct.error, IndexError) as err:
                     resync = f"an nf_tables notification this reader cannot parse ({err or type(err).__name__})"
                     continue
                 if parsed is None:
                     continue
                 if isinstance(parsed, int):
-                    batches.append(Batch(parsed, self._open))
-                    self._open = {}
+                    batches.append(Batch(parsed, open_tables))
+                    open_tables = self._open = {}
+                    last_table = None
                     continue
                 nfproto, table, event = parsed
-                events = self._open.get((nfproto, table))
-                if events is None:
-                    events = self._open[(nfproto, table)] = []
-                events.append(event)
+                if table is not last_table or nfproto != last_nfproto:  # a transaction comes table by table
+                    last_events = open_tables.get((nfproto, table))
+                    if last_events is None:
+                        last_events = open_tables[(nfproto, table)] = []
+                    last_nfproto, last_table = nfproto, table  # names are one object each (``names``)
+                last_events.append(event)
+        view.release()
         if resync:
             self._open = {}
             batches = []
@@ -317,7 +372,7 @@ class ChainOrder:
     A guess next to a deletion in the same chain (iptables' -R, or -D with -A in one
     restore) could be wrong either way: ``Unordered``, and the caller reads again."""
 
-    __slots__ = ("after", "before", "tail", "waiting", "guessed_tail", "just_deleted")
+    __slots__ = ("after", "before", "tail", "waiting", "guessed_tail", "just_deleted", "_kept", "_kept_left")
 
     def __init__(self, handles=()) -> None:
         self.after: dict[int, int | None] = {_HEAD: None}
@@ -326,8 +381,18 @@ class ChainOrder:
         self.waiting: dict[int, list[int]] = {}  # position -> rules announced after it
         self.guessed_tail = False  # this chain's last event placed a rule at the tail by its flag
         self.just_deleted = False  # this chain's last event deleted a rule
-        for handle in handles:
-            self._link(self.tail, handle)
+        # The handles the chain starts with, linked only when an event needs their order:
+        # a chain flushed whole (kube-proxy's partial sync flushes every top-level chain,
+        # 11,000 rules at 10,000 Services) is a set emptied, never a list linked and unlinked.
+        self._kept: tuple[int, ...] | None = tuple(handles) or None
+        self._kept_left: set[int] | None = None  # of them, those not deleted yet (made at the first delete)
+
+    def _link_kept(self) -> None:
+        kept, left = self._kept, self._kept_left
+        self._kept = self._kept_left = None
+        for handle in kept:
+            if left is None or handle in left:
+                self._link(self.tail, handle)
 
     def _link(self, previous: int, handle: int) -> None:
         following = self.after[previous]
@@ -343,7 +408,9 @@ class ChainOrder:
         self.guessed_tail = self.just_deleted = False
 
     def add(self, handle: int, position: int | None, append: bool) -> None:
-        if handle in self.after or any(handle in rules for rules in self.waiting.values()):
+        if self._kept is not None:
+            self._link_kept()
+        if handle in self.after or self.waiting and any(handle in rules for rules in self.waiting.values()):
             raise Unordered(f"rule handle {handle} announced twice")
         guessed, just_deleted = False, self.just_deleted
         self.guessed_tail = self.just_deleted = False
@@ -360,7 +427,8 @@ class ChainOrder:
             previous = _HEAD
         self._link(previous, handle)
         self.guessed_tail = guessed
-        self._place_waiting(handle)
+        if self.waiting:
+            self._place_waiting(handle)
 
     def _place_waiting(self, handle: int) -> None:
         placing = [handle]
@@ -374,6 +442,14 @@ class ChainOrder:
         if self.guessed_tail:
             raise Unordered("a rule deleted next to a guessed append")
         self.just_deleted = True
+        if self._kept is not None:  # nothing added yet (guessed_tail is an add's): only kept rules are linked
+            left = self._kept_left
+            if left is None:
+                left = self._kept_left = set(self._kept)
+            if handle in left:
+                left.remove(handle)
+                return
+            self._link_kept()  # not one of them (or deleted twice): the linked order says what it is
         if handle in self.after:
             previous, following = self.before.pop(handle), self.after.pop(handle)
             self.after[previous] = following
@@ -389,6 +465,8 @@ class ChainOrder:
         raise Unordered(f"rule handle {handle} deleted but never seen")
 
     def handles(self) -> list[int]:
+        if self._kept is not None:
+            self._link_kept()
         if any(self.waiting.values()):
             raise Unordered("a rule placed after one never announced")
         out = []
@@ -429,16 +507,15 @@ def _rule_rest(buf, at: int, end: int, command: int, flags: int, chain: str) -> 
     if buf[at:at + 4] == _HANDLE_HEADER:  # as the kernel writes it: handle, [position], expressions
         handle = _BE64.unpack_from(buf, at + 4)[0]
         if command != NFT_MSG_NEWRULE:
-            return Event("delrule", chain, handle, None, False, None, None, None, b"")
+            return Event("delrule", chain, handle)
         at += 12
         position = None
         if buf[at:at + 4] == _POSITION_HEADER:
             position = _BE64.unpack_from(buf, at + 4)[0]
             at += 12
         if at + 4 <= end and _NLA.unpack_from(buf, at)[1] & 0x3FFF == NFTA_RULE_EXPRESSIONS:
-            return Event("newrule", chain, handle, position, bool(flags & NLM_F_APPEND), None, None, None,
-                         bytes(buf[at:end]))
-        return Event("newrule", chain, handle, position, bool(flags & NLM_F_APPEND), None, None, None, b"")
+            return Event("newrule", chain, handle, position, bool(flags & NLM_F_APPEND), bytes(buf[at:end]))
+        return Event("newrule", chain, handle, position, bool(flags & NLM_F_APPEND))
     handle = position = None
     body = b""
     while at + 4 <= end:
@@ -457,7 +534,7 @@ def _rule_rest(buf, at: int, end: int, command: int, flags: int, chain: str) -> 
     if handle is None:
         raise ValueError("a rule message without its handle")
     kind = "newrule" if command == NFT_MSG_NEWRULE else "delrule"
-    return Event(kind, chain, handle, position, bool(flags & NLM_F_APPEND), None, None, None, body)
+    return Event(kind, chain, handle, position, bool(flags & NLM_F_APPEND), body)
 
 
 def _drain_touched(monitor: "NftMonitor", keep=None) -> Drained:
