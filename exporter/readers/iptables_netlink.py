@@ -43,7 +43,6 @@ nftables reader's: tests read a namespace of their own from a thread that joined
 
 from __future__ import annotations
 
-import errno
 import gc
 import ipaddress
 import socket
@@ -944,8 +943,8 @@ class IptablesNftSource:
         def decode(buf, chain: str, handle: int, exprs, udata) -> IptablesRule:
             return decode_rule(buf, exprs, udata, family, memo)
 
-        seen: dict[tuple[str, int], IptablesRule] = {}
         if len(chain_list) < self.per_chain_dumps_from:
+            seen: dict[tuple[str, int], IptablesRule] = {}
             rules, decoded = nl.each_rule(nfproto, table, decode, cache.rules, seen)
             grouped: dict[str, list[IptablesRule]] = {chain.name: [] for chain in chain_list}
             # ``seen`` holds one key per rule, in dump order: each rule's chain.
@@ -955,16 +954,16 @@ class IptablesNftSource:
             states[(family, table)] = _state(found.handle, chain_list, seen)
             return chains, decoded
         decoded = 0
-        for chain in chain_list:
-            try:
-                rules, count = nl.each_rule(nfproto, table, decode, cache.rules, seen, chain.name)
-            except NftReadError as err:
-                if err.errno != errno.ENOENT:
-                    raise
-                rules, count = [], 0  # deleted since the chain dump: the generation check reads again
-            chains[chain.name] = tuple(rules)
+        rule_handles: dict[str, tuple[int, ...]] = {}
+        for name, rules, handles, count in nl.each_chain_rules(nfproto, table, [chain.name for chain in chain_list],
+                                                               decode, cache.rules):
+            # None: deleted since the chain dump; the generation check reads again
+            chains[name] = tuple(rules) if rules is not None else ()
+            if handles:
+                rule_handles[name] = tuple(handles)
             decoded += count
-        states[(family, table)] = _state(found.handle, chain_list, seen)
+        states[(family, table)] = _TableState(found.handle, {chain.name: chain.handle for chain in chain_list},
+                                              rule_handles)
         return chains, decoded
 
 
