@@ -465,7 +465,10 @@ def _fill_dnat(buf, start: int, end: int, family: int, revision: int) -> str | N
     flags, low, high, low_port, high_port = _NAT_RANGE.unpack_from(buf, start)
     if flags != _NAT_SIMPLE or low != high or low_port != high_port:
         return None
-    return xtables.nat_range(bytes(buf[start:end]), revision, family).to_destination(family)
+    # NatRange.to_destination of one address and port, without the NatRange
+    address = xtables._addr(low, family)
+    port = int.from_bytes(low_port, "big")
+    return f"{address}:{port}" if family == 4 else f"[{address}]:{port}"
 
 
 def _perturb_byte(raw: bytearray, at: int) -> None:
@@ -647,13 +650,18 @@ def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | Non
     if memo is None:
         memo = {}
     if exprs:
-        shapes = memo.get((_SHAPES_KEY, family))
-        if shapes is None:
-            shapes = memo[_SHAPES_KEY, family] = _Shapes(family)
-        rule = shapes.decode(buf, exprs, udata, memo)
+        rule = _shapes_of(memo, family).decode(buf, exprs, udata, memo)
         if rule is not None:
             return rule
     return _decode_expressions(buf, exprs, udata, family, memo)
+
+
+def _shapes_of(memo: dict, family: int) -> _Shapes:
+    """The rule shapes a read's ``memo`` holds for ``family``."""
+    shapes = memo.get((_SHAPES_KEY, family))
+    if shapes is None:
+        shapes = memo[_SHAPES_KEY, family] = _Shapes(family)
+    return shapes
 
 
 def _decode_expressions(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | None, family: int,
@@ -940,8 +948,11 @@ class IptablesNftSource:
             cache = _TableCache(found.handle)
         chains: dict[str, tuple[IptablesRule, ...]] = {name: () for name in BUILTIN_CHAINS[table]}
 
+        shapes = _shapes_of(memo, family)
+
         def decode(buf, chain: str, handle: int, exprs, udata) -> IptablesRule:
-            return decode_rule(buf, exprs, udata, family, memo)
+            rule = shapes.decode(buf, exprs, udata, memo) if exprs else None
+            return rule if rule is not None else _decode_expressions(buf, exprs, udata, family, memo)
 
         if len(chain_list) < self.per_chain_dumps_from:
             seen: dict[tuple[str, int], IptablesRule] = {}
