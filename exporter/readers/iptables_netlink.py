@@ -32,10 +32,14 @@ be at the kernel's generation. A handle does not pin a rule's meaning: iptables 
 keeps the handle, and renaming a chain (iptables -E) renames every jump to it with
 no rule event; so a full read after a resync reuses kept decodes only for rules no
 event announced, and none after a rename or lost events.
-Within a read each distinct expression is decoded once into the operation it is
-(a match, target or verdict: the fields it sets), up to ``MEMO_SIZE`` of them: at
-10,000 Services x 5 most of them are one rule's own, and keeping them all had the
-peak of a first read at 170 MB RSS (95 MB bounded, most of it the rules themselves).
+Within a read most rules are decoded by shape: kube-proxy's rules repeat a few dozen
+byte layouts that differ only in an address, a port, a jump, a comment, a DNAT or a
+counter, so each shape is decoded generically once and later rules of it only read
+those fields (``_Shapes``: ~3.5 us a rule where the generic decode took ~14). The generic
+decode decodes each distinct expression once into the operation it is (a match, target
+or verdict: the fields it sets), up to ``MEMO_SIZE`` of them: at 10,000 Services x 5
+most of them are one rule's own, and keeping them all had the peak of a first read at
+170 MB RSS (95 MB bounded, most of it the rules themselves).
 
 The socket lives in the network namespace of the thread that opens it, as the
 nftables reader's: tests read a namespace of their own from a thread that joined it.
