@@ -546,12 +546,13 @@ def _candidate_holes(raw: bytes) -> list[tuple[int, int, str, object]]:
 
 class _Shape:
     """One rule shape: the bytes it holds outside its holes (``constants``: (offset, bytes)),
-    its holes (start, end, place in the rule, fill, argument), the first rule's fields."""
+    the holes a rule's fields are read from (``fills``: start, end, place in the rule, fill,
+    argument; a counter's hole is only left out of the constants), the first rule's fields."""
 
-    __slots__ = ("constants", "holes", "values")
+    __slots__ = ("constants", "fills", "values")
 
-    def __init__(self, constants: tuple, holes: tuple, values: tuple) -> None:
-        self.constants, self.holes, self.values = constants, holes, values
+    def __init__(self, constants: tuple, fills: tuple, values: tuple) -> None:
+        self.constants, self.fills, self.values = constants, fills, values
 
 
 class _Shapes:
@@ -577,9 +578,7 @@ class _Shapes:
                     break
             else:
                 values = list(shape.values)
-                for start, stop, place, fill, argument in shape.holes:
-                    if place is None:
-                        continue
+                for start, stop, place, fill, argument in shape.fills:
                     value = fill(buf, base + start, base + stop, family, argument)
                     if value is None:
                         return None  # not what this shape's hole holds (a DNAT range): generic
@@ -638,7 +637,7 @@ class _Shapes:
             at = stop
         if at < length:
             constants.append((at, raw[at:]))
-        return _Shape(tuple(constants), tuple(holes), tuple(first))
+        return _Shape(tuple(constants), tuple(hole for hole in holes if hole[2] is not None), tuple(first))
 
 
 def decode_rule(buf, exprs: tuple[int, int] | None, udata: tuple[int, int] | None, family: int,
