@@ -67,11 +67,15 @@ class Context:
             return self.services[name]
 
     def close(self) -> None:
+        """Stop every shared service: ``stop()`` (the watches, their threads) or else
+        ``close()`` (the dataplane readers' netlink sockets)."""
         for svc in self.services.values():
-            stop = getattr(svc, "stop", None)
-            if callable(stop):
+            end = getattr(svc, "stop", None)
+            if not callable(end):
+                end = getattr(svc, "close", None)
+            if callable(end):
                 try:
-                    stop()
+                    end()
                 except Exception:  # noqa: BLE001 - shutting down; nothing to do but log
                     log.exception("stopping %r failed", svc)
 

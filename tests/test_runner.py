@@ -221,3 +221,22 @@ def test_a_failure_is_said_when_its_reason_changes_and_when_it_recovers(caplog):
                  + runner_logs(caplog)[2][1].split("took ")[1]),
         ("ERROR", "collector scripted failed: reason a"),
     ]
+
+
+def test_closing_the_context_closes_the_dataplanes_sockets():
+    """A shared dataplane reader has close(), not stop(): its netlink sockets (the
+    iptables-nft source's requests and its change feed) are released at shutdown."""
+    from exporter.readers.dataplanes import shared_iptables
+    from tests.helpers import make_runner
+    from tests.ipt_rulesets import IptNS, bench_services, ruleset
+
+    with IptNS() as ns:
+        ns.restore(ruleset(bench_services(3, 2), 4))
+        _, ctx = make_runner([])
+        dataplane = shared_iptables(ctx)
+        live = ns.run(lambda: dataplane.read_rules(0))
+        assert live.backend == "nft" and live.read.table
+        sockets = [sock for sock in (dataplane.nft._feed, dataplane.nft._nl) if sock is not None]
+        assert len(sockets) == 2
+        ctx.close()
+        assert all(getattr(sock, "sock", sock).fileno() == -1 for sock in sockets)
