@@ -11,6 +11,7 @@ changed must come out as one line, never a traceback or a part of the table.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import subprocess
 import sys
@@ -260,6 +261,58 @@ def test_large_cluster_rules_without_comments_decode_as_saved(ns):
     assert_decodes_as_saved(ns, families=(4,))
 
 
+# Rules alike but for their addresses (hosts, prefixes, IPv4-mapped IPv6 hosts) or their DNAT's address and port: the decoder keeps one shape for each kind
+# and sets every rule's own parts on it.
+SAME_SHAPES = {4: """\
+*nat
+:KUBE-SHAPES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+-A KUBE-SHAPES -s 10.1.0.0/16 -j RETURN
+-A KUBE-SHAPES -s 10.2.0.0/16 -j RETURN
+-A KUBE-SHAPES ! -s 10.3.0.0/16 -d 10.96.0.1/32 -j RETURN
+-A KUBE-SHAPES ! -s 10.4.0.0/16 -d 10.96.0.2/32 -j RETURN
+-A KUBE-SHAPES -s 10.0.0.5/32 -j KUBE-MARK-MASQ
+-A KUBE-SHAPES -s 10.0.0.6/32 -j KUBE-MARK-MASQ
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination 10.180.0.1:80
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination 10.180.0.2:81
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination 10.180.0.2-10.180.0.3:81
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination 10.180.0.4:81-82
+-A KUBE-SHAPES -p tcp -m comment --comment "a DNAT with a comment" -m tcp -j DNAT --to-destination 10.180.0.5:80
+COMMIT
+""", 6: """\
+*nat
+:KUBE-SHAPES - [0:0]
+-A KUBE-SHAPES -s ::ffff:1.2.3.4/128 -j RETURN
+-A KUBE-SHAPES -s ::ffff:1.2.3.5/128 -j RETURN
+-A KUBE-SHAPES -s fd00::1/128 -j RETURN
+-A KUBE-SHAPES -d fd00::2/128 -j RETURN
+-A KUBE-SHAPES -s fd00:1::/64 -j RETURN
+-A KUBE-SHAPES -s fd00:2::/64 -j RETURN
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination [fd00::5]:80
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination [::ffff:1.2.3.4]:80
+COMMIT
+"""}
+
+
+def test_rules_alike_but_for_their_addresses_each_decode_as_saved(ns):
+    """Every rule composed from a shared shape has its own addresses and DNAT: read twice by
+    one source (the second read takes every shape from the memo), both equal the save."""
+    for family, text in SAME_SHAPES.items():
+        ns.restore(text, family, "legacy")
+    source = IptablesLegacySource(Paths(), reread_interval=0.0)
+    for _ in range(2):
+        read = {ruleset.family: ruleset for ruleset in ns.run(source.read)}
+        for family in (4, 6):
+            [saved] = parse_save(ns.save(family, "legacy"), family)
+            assert read[family].tables["nat"]["KUBE-SHAPES"] == saved.tables["nat"]["KUBE-SHAPES"], family
+    assert source.decoded == 0
+    rules = read[4].tables["nat"]["KUBE-SHAPES"]
+    assert [r.source for r in rules[:2]] == ["10.1.0.0/16", "10.2.0.0/16"]
+    assert [r.to_destination for r in rules[6:8]] == ["10.180.0.1:80", "10.180.0.2:81"]
+    assert [r.source for r in read[6].tables["nat"]["KUBE-SHAPES"][:2]] == [
+        str(ipaddress.ip_network(f"::ffff:1.2.3.{last}/128")) for last in (4, 5)]  # as ipaddress prints them
+
+
 def test_an_unknown_match_lands_in_unknown(ns):
     ns.iptables("-t", "nat", "-N", "KUBE-X", backend="legacy")
     ns.iptables("-t", "nat", "-A", "KUBE-X", "-m", "length", "--length", "100:200", "-j", "RETURN", backend="legacy")
@@ -321,6 +374,32 @@ def test_a_corrupt_blob_is_one_reason_or_a_whole_table(legacy_ns):
         except BlobError as err:
             assert str(err) and "\n" not in str(err)
     assert refused > 10  # offsets, sizes and verdicts were hit, and said so
+
+
+def test_a_jump_to_no_chain_is_refused_when_its_chain_is_decoded(legacy_ns):
+    """The up-front walk checks the table's shape (offsets, chain bounds); a rule's verdict is
+    checked when its chain is decoded: a jump moved off its chain's first rule is one line
+    then, and the chains around it still decode whole."""
+    blob = _fetch(legacy_ns)
+    head = iptables_legacy._GET_ENTRIES_HEAD.size
+    lazy = LazyChains(bytearray(blob.buffer), head, blob.info.size, 4, blob.hooks, blob.underflows)
+    chain = next(name for name in lazy if name.startswith("KUBE-SVC-"))
+    first = lazy._spans[chain] >> 32
+    lazy.release()
+    # The chain's first rule jumps (-m statistic ... -j KUBE-SEP-...): its verdict 8 bytes on.
+    target_offset = int.from_bytes(blob.buffer[head + first + 88:head + first + 90], sys.byteorder)
+    verdict_at = head + first + target_offset + 32
+    buffer = bytearray(blob.buffer)
+    verdict = int.from_bytes(buffer[verdict_at:verdict_at + 4], sys.byteorder, signed=True)
+    assert verdict > 0
+    buffer[verdict_at:verdict_at + 4] = (verdict + 8).to_bytes(4, sys.byteorder, signed=True)
+    lazy = LazyChains(buffer, head, blob.info.size, 4, blob.hooks, blob.underflows)
+    with pytest.raises(BlobError) as caught:
+        lazy[chain]
+    assert "where no chain starts" in str(caught.value) and "\n" not in str(caught.value)
+    assert all(isinstance(lazy[name], tuple) for name in lazy if name != chain)
+    with pytest.raises(BlobError):
+        _decode(blob, buffer)
 
 
 def test_the_source_names_a_blob_it_cannot_decode(legacy_ns, monkeypatch):
