@@ -313,6 +313,19 @@ def test_rules_alike_but_for_their_addresses_each_decode_as_saved(ns):
         str(ipaddress.ip_network(f"::ffff:1.2.3.{last}/128")) for last in (4, 5)]  # as ipaddress prints them
 
 
+def test_a_reads_comments_are_not_kept_past_their_chain(ns):
+    """Comments are one Service's each: the read's memo of pieces keeps none of them (kept for
+    the whole read, they pinned memory among the resolution), and the rules still carry them."""
+    ns.load(generated_services(), 4, backend="legacy")
+    blob = _fetch(ns)
+    lazy = LazyChains(bytearray(blob.buffer), iptables_legacy._GET_ENTRIES_HEAD.size, blob.info.size, 4,
+                      blob.hooks, blob.underflows)
+    decoded = {name: lazy[name] for name in lazy}
+    assert sum(rule.comment is not None for rules in decoded.values() for rule in rules) > 20
+    kept = [key for key in lazy._pieces if isinstance(key[0], bytes) and key[0][2:10] == b"comment\0"]
+    assert kept == [] and lazy._pieces, f"{len(kept)} comments kept"
+
+
 def test_an_unknown_match_lands_in_unknown(ns):
     ns.iptables("-t", "nat", "-N", "KUBE-X", backend="legacy")
     ns.iptables("-t", "nat", "-A", "KUBE-X", "-m", "length", "--length", "100:200", "-j", "RETURN", backend="legacy")

@@ -246,10 +246,13 @@ def decode_piece(raw: bytes, is_target: bool, family: int) -> tuple[tuple, tuple
     return tuple(sorted(sets)), unknown
 
 
-def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tuple:
+def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict, own: dict | None = None) -> tuple:
     """An entry's matches (``raw[:matches_end]``) and named target (the rest, if any) as
     (target, the rule's fields between protocol and unknown, unknown, the fields after).
-    ``pieces``: the read's memo of ``decode_piece`` by bytes."""
+    ``pieces``: the read's memo of ``decode_piece`` by bytes; ``own``: the memo of the
+    comments, one Service's each, so kept per chain at most (None: not kept). Kept for
+    the whole read, 10,000 Services' comments pinned ~7 MB of the allocator's arenas
+    among what the resolution keeps (bench/bench_iptables_legacy.py)."""
     fields = list(_DEFAULT)
     unknown: tuple = ()
     at, end = 0, len(raw)
@@ -262,11 +265,12 @@ def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tupl
             raise BlobError(f"a match or target of {size} bytes where {end - at} are left")
         is_target = at >= matches_end
         key = raw[at:stop]
-        piece = pieces.get((key, is_target))
+        memo = own if key[2:10] == b"comment\0" else pieces
+        piece = memo.get((key, is_target)) if memo is not None else None
         if piece is None:
             piece = decode_piece(key, is_target, family)
-            if not (is_target and key[2:7] == b"DNAT\0"):  # one per endpoint: nothing to share
-                pieces[(key, is_target)] = piece
+            if memo is not None and not (is_target and key[2:7] == b"DNAT\0"):  # one per endpoint: nothing to share
+                memo[(key, is_target)] = piece
         for index, value in piece[0]:
             fields[index] = value
         if piece[1]:
@@ -528,6 +532,7 @@ def _decode_chain(view: memoryview, off: int, count: int, family: int, chain_at:
     shapes, body_memo, last_shapes, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
     rules = []
     append = rules.append
+    comments: dict = {}  # this chain's: its rules share their Service's comment
     for _ in range(count):
         target_offset, next_offset = unpack_offsets(view, off + offsets_at)
         nxt = off + next_offset
@@ -578,7 +583,7 @@ def _decode_chain(view: memoryview, off: int, count: int, family: int, chain_at:
                 if b"comment\0" in body_raw:
                     # A comment: this rule's own (one per Service), composed from the read's
                     # pieces and not kept; only shapes that repeat stay in the memo.
-                    tail = _tail_of(decode_body(body_raw, len(body_raw), family, pieces))[1]
+                    tail = _tail_of(decode_body(body_raw, len(body_raw), family, pieces, comments))[1]
                 else:
                     body = body_memo.get(body_raw)
                     if body is None:
@@ -609,7 +614,7 @@ def _decode_chain(view: memoryview, off: int, count: int, family: int, chain_at:
                 tail = body[1]
                 tail = tail[:_TO_DESTINATION_IN_TAIL] + (to_destination,) + tail[_TO_DESTINATION_IN_TAIL + 1:]
             elif to_destination is not None or b"comment\0" in body_raw:
-                target, tail = _tail_of(decode_body(body_raw, matches_end, family, pieces))
+                target, tail = _tail_of(decode_body(body_raw, matches_end, family, pieces, comments))
             else:
                 body_key = (body_raw,)  # apart from a standard rule's matches that happen to read alike
                 body = body_memo.get(body_key)
