@@ -26,7 +26,7 @@ from exporter.readers.iptables_blob import BlobError, LazyChains, decode_table
 from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
 from exporter.readers.iptables_rules import IptablesRule, chain_lengths
 from exporter.readers.iptables_save import parse_save
-from tests.ipt_rulesets import IptNS, bench_services, chain_name, generated_services, generated_services_v6
+from tests.ipt_rulesets import IptNS, bench_services, chain_name, generated_services, generated_services_v6, ruleset
 from tests.test_iptables_netlink import EVERY_OPTION
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,6 +326,22 @@ def test_a_reads_comments_are_not_kept_past_their_chain(ns):
     assert kept == [] and lazy._pieces, f"{len(kept)} comments kept"
 
 
+def test_the_resolver_keeps_no_endpoint_chain_past_its_service():
+    """An endpoint chain's resolution is its Service chain's part and not kept for the rest of
+    the read (50,000 of them, kept, pinned memory among the resolution); the frontends are
+    the same as when they were kept."""
+    from exporter.readers import iptables
+
+    [rules] = parse_save(ruleset(generated_services(), 4, jumps=False), 4)
+    family = iptables._Family(rules, {})
+    frontends = family.frontends()
+    assert any(chain.startswith(iptables.SVC) for _, chain, _ in frontends)
+    resolved = {key: family.resolve(chain).real_servers for key, chain, _ in frontends}
+    assert not [chain for chain in family.resolved if chain.startswith(iptables.SEP)]
+    assert sum(len(servers) for servers in resolved.values()) > 10
+    assert resolved == {key: vs.real_servers for key, vs in iptables.resolve_rulesets([rules]).table.items()}
+
+
 def test_an_unknown_match_lands_in_unknown(ns):
     ns.iptables("-t", "nat", "-N", "KUBE-X", backend="legacy")
     ns.iptables("-t", "nat", "-A", "KUBE-X", "-m", "length", "--length", "100:200", "-j", "RETURN", backend="legacy")
@@ -478,7 +494,11 @@ def test_the_dataplane_reads_nothing_while_nothing_changed(legacy_ns):
 
 def test_the_dataplane_decodes_only_the_chains_it_resolves(legacy_ns, monkeypatch):
     """The dataplane's own legacy source is lazy: the resolver decodes each chain it walks,
-    once, and never the ones no frontend reaches (marks, POSTROUTING, INPUT)."""
+    once (an endpoint chain twice when both a Service's chains reach it: the resolver keeps
+    no endpoint chain's resolution), and never the ones no frontend reaches (marks,
+    POSTROUTING, INPUT)."""
+    from collections import Counter
+
     from exporter.readers.dataplanes import IptablesDataplane
 
     dataplane = legacy_ns.run(lambda: IptablesDataplane(nft=None))
@@ -486,12 +506,19 @@ def test_the_dataplane_decodes_only_the_chains_it_resolves(legacy_ns, monkeypatc
     seen = []
     real_read = dataplane.legacy.read
     monkeypatch.setattr(dataplane.legacy, "read", lambda known=None: seen.append(real_read()) or seen[-1])
+    asked = []
+    real_chain = LazyChains.__getitem__
+    monkeypatch.setattr(LazyChains, "__getitem__", lambda chains, name: asked.append((chains, name))
+                        or real_chain(chains, name))
     live = legacy_ns.run(lambda: dataplane.read_rules(0))
     assert live.read.table and not live.read.unread
     [[ruleset]] = seen
     nat = ruleset.tables["nat"]
     assert isinstance(nat, LazyChains)
-    assert 0 < nat.decoded_chains <= len(nat) - 4, (nat.decoded_chains, len(nat))
+    times = Counter(name for chains, name in asked if chains is nat)
+    assert nat.decoded_chains == sum(times.values())
+    assert 0 < len(times) <= len(nat) - 4, (len(times), len(nat))
+    assert all(name.startswith("KUBE-SEP-") and count == 2 for name, count in times.items() if count > 1)
     [saved] = parse_save(legacy_ns.save(4, "legacy"), 4)
     assert dict(nat.lengths()) == {c: len(r) for c, r in saved.tables["nat"].items()}
     assert {(t.table, t.rules) for t in live.tables} == {
