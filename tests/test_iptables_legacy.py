@@ -313,6 +313,47 @@ def test_rules_alike_but_for_their_addresses_each_decode_as_saved(ns):
         str(ipaddress.ip_network(f"::ffff:1.2.3.{last}/128")) for last in (4, 5)]  # as ipaddress prints them
 
 
+# Chains alike but for their own parts: one is learned as a template, the others are read from
+# it (their addresses, jumps, DNATs and comments set on its rules), or, where a part is not what
+# a template can set (a DNAT to a range of addresses or ports), entry by entry.
+ALIKE_CHAINS = "\n".join(["*nat", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-SVC-X - [0:0]", ":KUBE-SVC-Y - [0:0]"]
+                         + [f":KUBE-SEP-{i} - [0:0]" for i in range(6)] + [
+    "-A KUBE-SVC-X -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-0",
+    "-A KUBE-SVC-X -j KUBE-SEP-1",
+    "-A KUBE-SVC-Y -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-2",
+    "-A KUBE-SVC-Y -j KUBE-SEP-3"] + [
+    line for i, (address, dnat) in enumerate((
+        ("10.0.0.10", "10.180.0.10:80"), ("10.0.0.11", "10.180.0.11:8080"), ("10.0.0.12", "10.180.0.12-10.180.0.13:80"),
+        ("10.0.0.13", "10.180.0.13:80-81"), ("10.0.0.14", "10.180.0.14:80"), ("10.0.0.15", "10.180.0.15:80")))
+    for line in (f'-A KUBE-SEP-{i} -m comment --comment "ns/svc{i}:p" -s {address}/32 -j KUBE-MARK-MASQ',
+                 f'-A KUBE-SEP-{i} -m comment --comment "ns/svc{i}:p" -p tcp -m tcp -j DNAT --to-destination {dnat}')]
+    + [f":KUBE-SEP-{i} - [0:0]" for i in range(6, 10)] + [  # without comments, as past 1,000 endpoints
+    line for i, (address, dnat) in enumerate((
+        ("10.0.0.16", "10.180.0.16:80"), ("10.0.0.17", "10.180.0.17:8080"), ("10.0.0.18", "10.180.0.18-10.180.0.19:80"),
+        ("10.0.0.19", "10.180.0.19:443")), 6)
+    for line in (f"-A KUBE-SEP-{i} -s {address}/32 -j KUBE-MARK-MASQ",
+                 f"-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {dnat}")]
+    + ["COMMIT", ""])
+
+
+def test_chains_alike_decode_from_a_template_as_saved(ns):
+    ns.restore(ALIKE_CHAINS, 4, "legacy")
+    source = IptablesLegacySource(Paths(), reread_interval=0.0)
+    for _ in range(2):  # the second read takes the first one's templates
+        [read] = ns.run(source.read)
+        [saved] = parse_save(ns.save(4, "legacy"), 4)
+        for chain, rules in saved.tables["nat"].items():
+            assert read.tables["nat"][chain] == rules, chain
+    templates = source._memos[(4, "nat")].chains
+    assert templates and sum(map(len, templates.values())) < 6  # not one per chain
+    sep = read.tables["nat"]["KUBE-SEP-5"]
+    assert (sep[0].source, sep[0].comment, sep[1].to_destination) == ("10.0.0.15/32", "ns/svc5:p", "10.180.0.15:80")
+    sep = read.tables["nat"]["KUBE-SEP-9"]
+    assert (sep[0].source, sep[0].target, sep[1].to_destination) == ("10.0.0.19/32", "KUBE-MARK-MASQ",
+                                                                      "10.180.0.19:443")
+    assert read.tables["nat"]["KUBE-SVC-Y"][1].target == "KUBE-SEP-3"
+
+
 def test_a_reads_comments_are_not_kept_past_their_chain(ns):
     """Comments are one Service's each: the read's memo of pieces keeps none of them (kept for
     the whole read, they pinned memory among the resolution), and the rules still carry them."""
@@ -413,7 +454,7 @@ def test_a_jump_to_no_chain_is_refused_when_its_chain_is_decoded(legacy_ns):
     head = iptables_legacy._GET_ENTRIES_HEAD.size
     lazy = LazyChains(bytearray(blob.buffer), head, blob.info.size, 4, blob.hooks, blob.underflows)
     chain = next(name for name in lazy if name.startswith("KUBE-SVC-"))
-    first = lazy._spans[chain] >> 32
+    first = lazy._spans[chain] >> 64
     lazy.release()
     # The chain's first rule jumps (-m statistic ... -j KUBE-SEP-...): its verdict 8 bytes on.
     target_offset = int.from_bytes(blob.buffer[head + first + 88:head + first + 90], sys.byteorder)
@@ -555,7 +596,7 @@ def test_a_chain_that_does_not_decode_fails_the_dataplanes_read_in_one_line(lega
         if table == "nat":
             head = iptables_legacy._GET_ENTRIES_HEAD.size
             chains = LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)
-            first = chains._spans["KUBE-SERVICES"] >> 32  # its first rule has matches (-m comment, -m tcp)
+            first = chains._spans["KUBE-SERVICES"] >> 64  # its first rule has matches (-m comment, -m tcp)
             blob.buffer[head + first + ENTRY_SIZE[family]:head + first + ENTRY_SIZE[family] + 2] = b"\xf8\xff"
             LazyChains(blob.buffer, head, blob.info.size, family, blob.hooks, blob.underflows)  # the walk passes
         return blob

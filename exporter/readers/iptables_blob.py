@@ -38,7 +38,11 @@ kept in a ``BlobMemo`` from one read to the next and never decoded again; a rule
 parts (its Service's or endpoint's address, comment, DNAT) are set on them every read
 and not kept: at 10,000 Services keeping them cost more memory (~60 MB) than the rules
 themselves, for a re-read that walks every entry anyway (see
-bench/bench_iptables_legacy.py).
+bench/bench_iptables_legacy.py). Whole chains that repeat but for their own parts
+(kube-proxy's endpoint and Service chains) are read from a ``ChainTemplate``: one
+regular-expression match of the chain's bytes (its own parts any), then those parts set
+on the template's rules, decoded as entry by entry; a template is learned from a chain
+decoded entry by entry and kept only if it gives that chain's rules back.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import socket
 import struct
 import sys
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from exporter.readers import xtables
 from exporter.readers.iptables_netlink import (FIELD_PROTOCOLS, PROTOCOLS, _apply_match, _apply_target, _effects,
@@ -98,22 +103,24 @@ class BlobMemo:
     the memo keeps only the current table's shapes. ``decoded`` counts the parts the
     last read decoded anew."""
 
-    __slots__ = ("ip", "body", "last_ip", "last_body", "decoded")
+    __slots__ = ("ip", "body", "chains", "last_ip", "last_body", "last_chains", "decoded")
 
     def __init__(self) -> None:
         self.ip: dict = {}
         self.body: dict = {}
+        self.chains: dict = {}  # (rules, bytes) -> [ChainTemplate]: whole chains that repeat
         self.last_ip: dict = {}
         self.last_body: dict = {}
+        self.last_chains: dict = {}
         self.decoded = 0
 
     def start_read(self) -> None:
-        self.last_ip, self.last_body = self.ip, self.body
-        self.ip, self.body = {}, {}
+        self.last_ip, self.last_body, self.last_chains = self.ip, self.body, self.chains
+        self.ip, self.body, self.chains = {}, {}, {}
         self.decoded = 0
 
     def end_read(self) -> None:
-        self.last_ip, self.last_body = {}, {}
+        self.last_ip, self.last_body, self.last_chains = {}, {}, {}
 
 
 def _interface(name: bytes, mask: bytes) -> str:
@@ -204,6 +211,8 @@ def decode_ip(raw: bytes, family: int, networks: dict | None = None) -> tuple:
 
 _DEFAULT = IptablesRule("")
 _TARGET, _TO_DESTINATION = 0, IptablesRule._fields.index("to_destination")
+_SOURCE, _DESTINATION = IptablesRule._fields.index("source"), IptablesRule._fields.index("destination")
+_COMMENT = IptablesRule._fields.index("comment")
 _NAT_RANGE = struct.Struct("=I16s16s2s2s")  # nf_nat_range(2): flags, min_addr, max_addr, min_proto, max_proto
 _MAPPED_AND_PORTED = xtables.NF_NAT_RANGE_MAP_IPS | xtables.NF_NAT_RANGE_PROTO_SPECIFIED
 
@@ -297,8 +306,8 @@ def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict
         chains.release()  # the caller may free (or resize) its buffer at once
 
 
-# A chain's span, one int: its first rule's offset and its number of rules (a tuple of two
-# ints per chain was 3 MB more at 60,000 chains, held for the whole read).
+# A chain's span, one int: its first rule's offset, its rules' bytes and its number of rules
+# (a tuple of ints per chain was 3 MB more at 60,000 chains, held for the whole read).
 _SPAN_SHIFT = 32
 _COUNT_MASK = (1 << _SPAN_SHIFT) - 1
 
@@ -341,11 +350,12 @@ class LazyChains(Mapping):
 
     def __getitem__(self, name: str) -> tuple[IptablesRule, ...]:
         span = self._spans[name]
-        first, count = span >> _SPAN_SHIFT, span & _COUNT_MASK
+        first, size, count = span >> 2 * _SPAN_SHIFT, span >> _SPAN_SHIFT & _COUNT_MASK, span & _COUNT_MASK
         if self._view is None:
             raise BlobError("the table's blob was released")
         try:
-            rules = _decode_chain(self._view, first, count, self._family, self._chain_at, self._memo, self._pieces)
+            rules = _decode_chain(self._view, first, size, count, self._family, self._chain_at, self._memo,
+                                  self._pieces)
         except BlobError:
             raise
         except (struct.error, IndexError, ValueError, UnicodeError) as err:
@@ -399,8 +409,8 @@ def _user_chain_heads(blob: bytearray, base: int, size: int, family: int) -> dic
 
 def _index(blob: bytearray, base: int, view: memoryview, size: int, family: int, hooks: dict[int, int],
            underflows: dict[int, int]) -> tuple[dict[str, int], dict[int, str]]:
-    """Every chain's span in table order (its first rule's offset << ``_SPAN_SHIFT`` | its
-    number of rules), and offset -> chain where a jump lands.
+    """Every chain's span in table order (its first rule's offset << 2 * ``_SPAN_SHIFT`` | its
+    rules' bytes << ``_SPAN_SHIFT`` | its number of rules), and offset -> chain where a jump lands.
 
     Checked here, chain by chain: the chains tile the table from its first byte to its end
     marker (a user chain's head found by the byte search, a built-in chain at its hook's
@@ -464,7 +474,7 @@ def _index(blob: bytearray, base: int, view: memoryview, size: int, family: int,
                 raise BlobError(f"chain {name} has no end before the next chain at offset {stop}")
         elif last != underflows[starts[at]] or verdict not in (-1, -2):
             raise BlobError(f"the policy of {name} is not where the table's info says, or is not one")
-        spans[name] = first << _SPAN_SHIFT | (count - 1)
+        spans[name] = first << 2 * _SPAN_SHIFT | (last - first) << _SPAN_SHIFT | (count - 1)
     target_offset, next_offset = unpack_offsets(view, end_marker + offsets_at)
     if target_offset != entry_size or view[end_marker + entry_size + 2:end_marker + entry_size + 8] != b"ERROR\0":
         raise BlobError("no end marker (the table is cut short)")
@@ -521,10 +531,10 @@ def ip_shape(ip_raw: bytes, family: int, pieces: dict):
     return goto, source_kind, source_negated, destination_kind, destination_negated, protocol, unknown
 
 
-def _decode_chain(view: memoryview, off: int, count: int, family: int, chain_at: dict[int, str], memo: BlobMemo,
-                  pieces: dict) -> tuple[IptablesRule, ...]:
+def _decode_entries(view: memoryview, off: int, count: int, family: int, chain_at: dict[int, str], memo: BlobMemo,
+                    pieces: dict) -> tuple[IptablesRule, ...]:
     """The ``count`` rules from offset ``off`` (one chain's, its entries' offsets checked by
-    ``_index``; its verdicts checked here)."""
+    ``_index``; its verdicts checked here), entry by entry."""
     entry_size, ip_size, offsets_at, shape_at, length, kind, host_prefix = _LAYOUT[family]
     unpack_offsets = _OFFSETS.unpack_from
     unpack_verdict = _VERDICT.unpack_from
@@ -666,3 +676,220 @@ def _kube_proxy_dnat(body_raw: bytes, matches_end: int, family: int) -> str | No
     if "." in address:
         address = xtables._addr(low, 6)
     return f"[{address}]:{port}"
+
+
+# -- whole chains that repeat ---------------------------------------------------------------
+# kube-proxy writes one chain per endpoint and per Service port, each alike its kind's others
+# but for a few bytes (an address, a jump's offset, a DNAT's address and port, counters).
+# Such a chain is checked against a template at C speed (one regular expression over its
+# bytes, those parts any) and its rules are the template's with those parts set; the parts
+# are decoded as ``_decode_entries`` decodes them, so the rules are the same.
+
+TEMPLATES_PER_SHAPE = 4  # templates kept for one (rules, bytes) of a chain
+TEMPLATES = 256  # templates kept for one table (each costs a compile when learned)
+TEMPLATE_RULES = 64  # chains longer than this (KUBE-SERVICES, KUBE-NODEPORTS) are one of a kind
+COMMENT_MATCH_SIZE = XT_HEADER + 256  # xt_comment_info: char comment[256]
+
+
+class ChainTemplate(NamedTuple):
+    pattern: re.Pattern  # the chain's bytes, its own parts any
+    # Per rule: (its entry's offset in the chain, its next entry's, where its verdict is (or -1),
+    # source kind, source mask, destination kind, destination mask, where its DNAT's range is
+    # (or -1), where its comment match is (or -1), the rule as decoded, how it is composed and
+    # the fields around its own parts: see ``_how``)
+    fills: tuple
+    # The memo's address-part shapes and bodies its rules were decoded from, (key, value) each:
+    # a read that takes the template takes them too, so they stay for the chains it does not fit.
+    shapes: tuple
+    bodies: tuple
+
+
+def _decode_chain(view: memoryview, first: int, size: int, count: int, family: int, chain_at: dict[int, str],
+                  memo: BlobMemo, pieces: dict) -> tuple[IptablesRule, ...]:
+    """The ``count`` rules (``size`` bytes) from offset ``first``: from a template of the
+    memo's when one fits, else entry by entry (and a template learned of them)."""
+    key = (count, size)
+    templates = memo.chains.get(key)
+    if templates is None:
+        templates = memo.last_chains.get(key)
+        if templates is not None:
+            memo.chains[key] = templates
+            for template in templates:
+                memo.ip.update(template.shapes)
+                memo.body.update(template.bodies)
+    if templates:
+        for template in templates:
+            if template.pattern.fullmatch(view, first, first + size) is not None:
+                rules = _from_template(view, first, template, family, chain_at, pieces)
+                if rules is not None:
+                    return rules
+    rules = _decode_entries(view, first, count, family, chain_at, memo, pieces)
+    if (templates is None or len(templates) < TEMPLATES_PER_SHAPE) and 0 < count <= TEMPLATE_RULES \
+            and sum(map(len, memo.chains.values())) < TEMPLATES:
+        template = _learn_template(view, first, size, count, family, rules, memo)
+        if template is not None and _from_template(view, first, template, family, chain_at, pieces) == rules:
+            if templates is None:
+                templates = memo.chains[key] = []
+            templates.append(template)
+    return rules
+
+
+def _learn_template(view: memoryview, first: int, size: int, count: int, family: int,
+                    rules: tuple[IptablesRule, ...], memo: BlobMemo) -> ChainTemplate | None:
+    """A template of the chain just decoded into ``rules``, or None when a part of it is its
+    own in a way a template cannot set (a comment, a mask that is no prefix, a DNAT of a
+    range)."""
+    entry_size, ip_size, offsets_at, shape_at, length, _, _ = _LAYOUT[family]
+    parts: list[bytes] = []
+    fills = []
+    shapes, bodies = {}, {}
+    literal_from = first  # where the bytes taken as they are start
+
+    def any_bytes(at: int, count: int) -> None:
+        nonlocal literal_from
+        parts.append(re.escape(bytes(view[literal_from:at])))
+        parts.append(b".{%d}" % count)
+        literal_from = at + count
+
+    off = first
+    for rule in rules:
+        target_offset, next_offset = _OFFSETS.unpack_from(view, off + offsets_at)
+        target_at = off + target_offset
+        shape_key = bytes(view[off + shape_at:off + ip_size])
+        shape = memo.ip.get(shape_key, False)
+        if shape is _PER_ENTRY or shape is False:
+            return None
+        shapes[shape_key] = shape
+        # The body as _decode_entries keeps it in the memo, if it does.
+        body_raw = bytes(view[off + entry_size:off + next_offset])
+        matches = body_raw[:target_offset - entry_size]
+        for body_key in (matches, (body_raw,)):
+            if body_key in memo.body:
+                bodies[body_key] = memo.body[body_key]
+        source_kind, destination_kind = shape[1], shape[3]
+        if source_kind is not _NO_ADDRESS:
+            any_bytes(off, length)
+        if destination_kind is not _NO_ADDRESS:
+            any_bytes(off + length, length)
+        any_bytes(off + entry_size - 16, 16)  # the counters
+        comment_at = -1
+        at = off + entry_size
+        while at < target_at:  # the matches: a comment's text is the rule's own
+            match_size = _U16.unpack_from(view, at)[0]
+            if match_size < XT_HEADER:
+                return None
+            if view[at + 2:at + 10] == b"comment\0":
+                if comment_at >= 0 or match_size != COMMENT_MATCH_SIZE or view[at + XT_HEADER - 1] != 0:
+                    return None
+                comment_at = at
+                any_bytes(at + XT_HEADER, match_size - XT_HEADER)
+            at += match_size
+        verdict_at = dnat_at = -1
+        if view[target_at + 2] == 0:
+            verdict_at = target_at + XT_HEADER
+            any_bytes(verdict_at, 4)
+        elif view[target_at + 2:target_at + 7] == b"DNAT\0":
+            body_raw = bytes(view[off + entry_size:off + next_offset])
+            if _kube_proxy_dnat(body_raw, target_offset - entry_size, family) is None:
+                return None
+            dnat_at = target_at + 2 + 34
+            any_bytes(dnat_at, 36)
+        fills.append((off - first, off - first + next_offset, verdict_at - first if verdict_at >= 0 else -1,
+                       source_kind, bytes(view[off + shape_at:off + shape_at + length]),
+                       destination_kind, bytes(view[off + shape_at + length:off + shape_at + 2 * length]),
+                       dnat_at - first if dnat_at >= 0 else -1, comment_at - first if comment_at >= 0 else -1, rule)
+                     + _how(verdict_at, source_kind, destination_kind, dnat_at, comment_at, rule))
+        off += next_offset
+    if off != first + size or len(fills) != count:
+        return None
+    parts.append(re.escape(bytes(view[literal_from:off])))
+    return ChainTemplate(re.compile(b"".join(parts), re.S), tuple(fills), tuple(shapes.items()),
+                         tuple(bodies.items()))
+
+
+def _from_template(view: memoryview, first: int, template: ChainTemplate, family: int, chain_at: dict[int, str],
+                   pieces: dict) -> tuple[IptablesRule, ...] | None:
+    """The rules of the chain at ``first``, whose bytes the template's pattern matched; None
+    when one of its own parts is not what the template's was (a verdict of no chain, a DNAT
+    of a range): the chain is decoded entry by entry then, and said so there."""
+    _, _, _, _, length, kind, host_prefix = _LAYOUT[family]
+    inet_ntop = socket.inet_ntop
+    unpack_verdict = _VERDICT.unpack_from
+    unpack_range = _NAT_ADDRESSES.unpack_from
+    rules = []
+    for at, nxt, verdict_at, source_kind, source_mask, destination_kind, destination_mask, dnat_at, comment_at, \
+            rule, how, around in template.fills:
+        off = first + at
+        if verdict_at >= 0:
+            verdict = unpack_verdict(view, first + verdict_at)[0]
+            if verdict >= 0:
+                target = "" if verdict == first + nxt else chain_at.get(verdict)
+            else:
+                target = VERDICTS.get(verdict)
+            if target is None:
+                return None
+            if how is _VERDICT_ONLY:  # a jump (-m statistic ... -j KUBE-SEP-)
+                rules.append(_new_rule(IptablesRule, (target,) + around))
+                continue
+            if how is _VERDICT_AND_HOST:  # -s ENDPOINT -j KUBE-MARK-MASQ
+                rules.append(_new_rule(IptablesRule, (target, rule[1], inet_ntop(kind, view[off:off + length])
+                                                      + host_prefix) + around))
+                continue
+        if dnat_at >= 0:
+            low, high, port_low, port_high = unpack_range(view, first + dnat_at)
+            if low != high or port_low != port_high:
+                return None
+            port = port_low[0] << 8 | port_low[1]
+            if family == 4:
+                to_destination = f"{inet_ntop(socket.AF_INET, low[:4])}:{port}"
+            else:
+                address = inet_ntop(socket.AF_INET6, low)
+                if "." in address:
+                    address = xtables._addr(low, 6)
+                to_destination = f"[{address}]:{port}"
+            if how is _DNAT_ONLY:
+                rules.append(_new_rule(IptablesRule, around[0] + (to_destination,) + around[1]))
+                continue
+        fields = list(rule)
+        if verdict_at >= 0:
+            fields[_TARGET] = target
+        if dnat_at >= 0:
+            fields[_TO_DESTINATION] = to_destination
+        if source_kind is _HOST:
+            fields[_SOURCE] = inet_ntop(kind, view[off:off + length]) + host_prefix
+        elif source_kind is _PREFIX:
+            fields[_SOURCE] = _masked(pieces, family, bytes(view[off:off + length]), source_mask, rule.source_negated,
+                                      "-s")[0]
+        if destination_kind is _HOST:
+            fields[_DESTINATION] = inet_ntop(kind, view[off + length:off + 2 * length]) + host_prefix
+        elif destination_kind is _PREFIX:
+            fields[_DESTINATION] = _masked(pieces, family, bytes(view[off + length:off + 2 * length]),
+                                           destination_mask, rule.destination_negated, "-d")[0]
+        if comment_at >= 0:
+            at = first + comment_at
+            piece = decode_piece(bytes(view[at:at + COMMENT_MATCH_SIZE]), False, family)
+            if piece[1] or len(piece[0]) != 1 or piece[0][0][0] != _COMMENT:
+                return None
+            fields[_COMMENT] = piece[0][0][1]
+        rules.append(_new_rule(IptablesRule, fields))
+    return tuple(rules)
+
+
+# How a template's rule is composed: its own parts set on the template's rule's fields one by one,
+# or, for the kinds most of kube-proxy's rules are, by one concatenation of the fields around them.
+_VERDICT_ONLY, _VERDICT_AND_HOST, _DNAT_ONLY = "verdict", "verdict and host", "DNAT"
+_NAT_ADDRESSES = struct.Struct("=16s16s2s2s")  # nf_nat_range's min and max address, min and max port
+
+
+def _how(verdict_at: int, source_kind: int, destination_kind: int, dnat_at: int, comment_at: int,
+         rule: IptablesRule) -> tuple[str | None, tuple]:
+    """(how the rule is composed, the fields around its own parts) for ``_from_template``."""
+    if destination_kind is _NO_ADDRESS and comment_at < 0:
+        if verdict_at >= 0 and dnat_at < 0:
+            if source_kind is _NO_ADDRESS:
+                return _VERDICT_ONLY, rule[1:]
+            if source_kind is _HOST:
+                return _VERDICT_AND_HOST, rule[3:]
+        elif dnat_at >= 0 and verdict_at < 0 and source_kind is _NO_ADDRESS:
+            return _DNAT_ONLY, (rule[:_TO_DESTINATION], rule[_TO_DESTINATION + 1:])
+    return None, ()
