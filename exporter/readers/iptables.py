@@ -433,7 +433,8 @@ def _resolve(rulesets: list[IptablesRuleset], chain_services: Mapping[str, str],
             old = last.get(key)
             if old is not None and old == vs:
                 vs = old
-            table[key] = kept[key] = vs
+            # vs.key: the last read's key when unchanged, so a re-read keeps no new object of it.
+            table[vs.key] = kept[vs.key] = vs
         unread.extend(family.unread)
     if cache is not None:
         cache["frontends"] = kept
