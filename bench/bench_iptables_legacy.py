@@ -49,6 +49,8 @@ def _legacy_save(ns: IptNS) -> tuple[float, int]:
 # same steps one by one in a second fresh process to say what each part holds.
 _GROWTH = """
 import gc
+from exporter import allocator
+allocator.tune()  # as serve does, before anything
 from exporter.readers.dataplanes import IptablesDataplane
 from exporter.readers.iptables_legacy import IptablesLegacySource
 import exporter.readers.iptables, exporter.readers.iptables_blob

@@ -693,10 +693,8 @@ COMMENT_MATCH_SIZE = XT_HEADER + 256  # xt_comment_info: char comment[256]
 
 class ChainTemplate(NamedTuple):
     pattern: re.Pattern  # the chain's bytes, its own parts any
-    # Per rule: (its entry's offset in the chain, its next entry's, where its verdict is (or -1),
-    # source kind, source mask, destination kind, destination mask, where its DNAT's range is
-    # (or -1), where its comment match is (or -1), the rule as decoded, how it is composed and
-    # the fields around its own parts: see ``_how``)
+    values: struct.Struct  # its own parts, read in one call from the chain's first byte
+    # Per rule, how it is composed (``_how``) and from which of the values: see ``_from_template``.
     fills: tuple
     # The memo's address-part shapes and bodies its rules were decoded from, (key, value) each:
     # a read that takes the template takes them too, so they stay for the chains it does not fit.
@@ -737,19 +735,27 @@ def _decode_chain(view: memoryview, first: int, size: int, count: int, family: i
 def _learn_template(view: memoryview, first: int, size: int, count: int, family: int,
                     rules: tuple[IptablesRule, ...], memo: BlobMemo) -> ChainTemplate | None:
     """A template of the chain just decoded into ``rules``, or None when a part of it is its
-    own in a way a template cannot set (a comment, a mask that is no prefix, a DNAT of a
-    range)."""
+    own in a way a template cannot set (a mask that is no prefix, a DNAT of a range, two
+    comments in one rule)."""
     entry_size, ip_size, offsets_at, shape_at, length, _, _ = _LAYOUT[family]
-    parts: list[bytes] = []
+    parts: list[bytes] = []  # the pattern's
+    layout = ["="]  # the values' struct
     fills = []
     shapes, bodies = {}, {}
-    literal_from = first  # where the bytes taken as they are start
+    literal_from = struct_at = first  # where the bytes taken as they are start; where the struct is
+    values = 0
 
-    def any_bytes(at: int, count: int) -> None:
-        nonlocal literal_from
+    def own(at: int, count: int, code: str | None = None, codes: int = 1) -> int:
+        """Bytes ``at`` are the rule's own: any in the pattern, read as ``code`` (None: not read)."""
+        nonlocal literal_from, struct_at, values
         parts.append(re.escape(bytes(view[literal_from:at])))
         parts.append(b".{%d}" % count)
         literal_from = at + count
+        if code is None:
+            return -1
+        layout.append(f"{at - struct_at}x{code}")
+        struct_at, values = at + count, values + codes
+        return values - codes
 
     off = first
     for rule in rules:
@@ -767,44 +773,54 @@ def _learn_template(view: memoryview, first: int, size: int, count: int, family:
             if body_key in memo.body:
                 bodies[body_key] = memo.body[body_key]
         source_kind, destination_kind = shape[1], shape[3]
-        if source_kind is not _NO_ADDRESS:
-            any_bytes(off, length)
-        if destination_kind is not _NO_ADDRESS:
-            any_bytes(off + length, length)
-        any_bytes(off + entry_size - 16, 16)  # the counters
-        comment_at = -1
+        source = own(off, length, f"{length}s") if source_kind is not _NO_ADDRESS else -1
+        destination = own(off + length, length, f"{length}s") if destination_kind is not _NO_ADDRESS else -1
+        own(off + entry_size - 16, 16)  # the counters
+        comment = -1
         at = off + entry_size
         while at < target_at:  # the matches: a comment's text is the rule's own
             match_size = _U16.unpack_from(view, at)[0]
             if match_size < XT_HEADER:
                 return None
             if view[at + 2:at + 10] == b"comment\0":
-                if comment_at >= 0 or match_size != COMMENT_MATCH_SIZE or view[at + XT_HEADER - 1] != 0:
+                if comment >= 0 or match_size != COMMENT_MATCH_SIZE or view[at + XT_HEADER - 1] != 0:
                     return None
-                comment_at = at
-                any_bytes(at + XT_HEADER, match_size - XT_HEADER)
+                read_from = struct_at
+                comment = own(at + XT_HEADER, match_size - XT_HEADER, f"{match_size}s")
+                layout[-1] = f"{at - read_from}x{match_size}s"  # read with its header, for decode_piece
             at += match_size
-        verdict_at = dnat_at = -1
+        verdict = dnat = -1
         if view[target_at + 2] == 0:
-            verdict_at = target_at + XT_HEADER
-            any_bytes(verdict_at, 4)
+            verdict = own(target_at + XT_HEADER, 4, "i")
         elif view[target_at + 2:target_at + 7] == b"DNAT\0":
-            body_raw = bytes(view[off + entry_size:off + next_offset])
             if _kube_proxy_dnat(body_raw, target_offset - entry_size, family) is None:
                 return None
-            dnat_at = target_at + 2 + 34
-            any_bytes(dnat_at, 36)
-        fills.append((off - first, off - first + next_offset, verdict_at - first if verdict_at >= 0 else -1,
-                       source_kind, bytes(view[off + shape_at:off + shape_at + length]),
-                       destination_kind, bytes(view[off + shape_at + length:off + shape_at + 2 * length]),
-                       dnat_at - first if dnat_at >= 0 else -1, comment_at - first if comment_at >= 0 else -1, rule)
-                     + _how(verdict_at, source_kind, destination_kind, dnat_at, comment_at, rule))
+            dnat = own(target_at + 2 + 34, 36, "16s16s2s2s", 4)
+        nxt = off - first + next_offset
+        how, around = _how(verdict, source_kind, destination_kind, dnat, comment, rule)
+        if how is _VERDICT_ONLY:
+            fills.append((how, verdict, nxt, around))
+        elif how is _VERDICT_AND_HOST:
+            fills.append((how, verdict, nxt, around, source, rule.goto))
+        elif how is _DNAT_ONLY:
+            fills.append((how, dnat, around[0], around[1]))
+        else:
+            fills.append((None, verdict, nxt, source, source_kind, bytes(view[off + shape_at:off + shape_at + length]),
+                          destination, destination_kind,
+                          bytes(view[off + shape_at + length:off + shape_at + 2 * length]), dnat, comment, rule))
         off += next_offset
     if off != first + size or len(fills) != count:
         return None
     parts.append(re.escape(bytes(view[literal_from:off])))
-    return ChainTemplate(re.compile(b"".join(parts), re.S), tuple(fills), tuple(shapes.items()),
-                         tuple(bodies.items()))
+    return ChainTemplate(re.compile(b"".join(parts), re.S), struct.Struct("".join(layout)), tuple(fills),
+                         tuple(shapes.items()), tuple(bodies.items()))
+
+
+def _target(verdict: int, next_at: int, chain_at: dict[int, str]) -> str | None:
+    """A standard target's verdict as ``_decode_entries`` reads it; None when it is none."""
+    if verdict >= 0:
+        return "" if verdict == next_at else chain_at.get(verdict)
+    return VERDICTS.get(verdict)
 
 
 def _from_template(view: memoryview, first: int, template: ChainTemplate, family: int, chain_at: dict[int, str],
@@ -814,71 +830,82 @@ def _from_template(view: memoryview, first: int, template: ChainTemplate, family
     of a range): the chain is decoded entry by entry then, and said so there."""
     _, _, _, _, length, kind, host_prefix = _LAYOUT[family]
     inet_ntop = socket.inet_ntop
-    unpack_verdict = _VERDICT.unpack_from
-    unpack_range = _NAT_ADDRESSES.unpack_from
+    values = template.values.unpack_from(view, first)
     rules = []
-    for at, nxt, verdict_at, source_kind, source_mask, destination_kind, destination_mask, dnat_at, comment_at, \
-            rule, how, around in template.fills:
-        off = first + at
-        if verdict_at >= 0:
-            verdict = unpack_verdict(view, first + verdict_at)[0]
-            if verdict >= 0:
-                target = "" if verdict == first + nxt else chain_at.get(verdict)
-            else:
-                target = VERDICTS.get(verdict)
+    append = rules.append
+    for fill in template.fills:
+        how = fill[0]
+        if how is _VERDICT_ONLY:  # a jump (-m statistic ... -j KUBE-SEP-)
+            verdict = values[fill[1]]
+            target = ("" if verdict == first + fill[2] else chain_at.get(verdict)) if verdict >= 0 \
+                else VERDICTS.get(verdict)
             if target is None:
                 return None
-            if how is _VERDICT_ONLY:  # a jump (-m statistic ... -j KUBE-SEP-)
-                rules.append(_new_rule(IptablesRule, (target,) + around))
-                continue
-            if how is _VERDICT_AND_HOST:  # -s ENDPOINT -j KUBE-MARK-MASQ
-                rules.append(_new_rule(IptablesRule, (target, rule[1], inet_ntop(kind, view[off:off + length])
-                                                      + host_prefix) + around))
-                continue
-        if dnat_at >= 0:
-            low, high, port_low, port_high = unpack_range(view, first + dnat_at)
-            if low != high or port_low != port_high:
+            append(_new_rule(IptablesRule, (target,) + fill[3]))
+            continue
+        if how is _VERDICT_AND_HOST:  # -s ENDPOINT -j KUBE-MARK-MASQ
+            _, verdict, nxt, around, source, goto = fill
+            verdict = values[verdict]
+            target = ("" if verdict == first + nxt else chain_at.get(verdict)) if verdict >= 0 \
+                else VERDICTS.get(verdict)
+            if target is None:
                 return None
-            port = port_low[0] << 8 | port_low[1]
-            if family == 4:
-                to_destination = f"{inet_ntop(socket.AF_INET, low[:4])}:{port}"
-            else:
-                address = inet_ntop(socket.AF_INET6, low)
-                if "." in address:
-                    address = xtables._addr(low, 6)
-                to_destination = f"[{address}]:{port}"
-            if how is _DNAT_ONLY:
-                rules.append(_new_rule(IptablesRule, around[0] + (to_destination,) + around[1]))
-                continue
+            append(_new_rule(IptablesRule, (target, goto, inet_ntop(kind, values[source]) + host_prefix) + around))
+            continue
+        if how is _DNAT_ONLY:  # -p tcp -m tcp -j DNAT --to-destination ENDPOINT:PORT
+            _, dnat, head, tail = fill
+            to_destination = _to_destination(values, dnat, family)
+            if to_destination is None:
+                return None
+            append(_new_rule(IptablesRule, head + (to_destination,) + tail))
+            continue
+        _, verdict, nxt, source, source_kind, source_mask, destination, destination_kind, destination_mask, dnat, \
+            comment, rule = fill
         fields = list(rule)
-        if verdict_at >= 0:
-            fields[_TARGET] = target
-        if dnat_at >= 0:
-            fields[_TO_DESTINATION] = to_destination
+        if verdict >= 0:
+            fields[_TARGET] = _target(values[verdict], first + nxt, chain_at)
+            if fields[_TARGET] is None:
+                return None
+        if dnat >= 0:
+            fields[_TO_DESTINATION] = _to_destination(values, dnat, family)
+            if fields[_TO_DESTINATION] is None:
+                return None
         if source_kind is _HOST:
-            fields[_SOURCE] = inet_ntop(kind, view[off:off + length]) + host_prefix
+            fields[_SOURCE] = inet_ntop(kind, values[source]) + host_prefix
         elif source_kind is _PREFIX:
-            fields[_SOURCE] = _masked(pieces, family, bytes(view[off:off + length]), source_mask, rule.source_negated,
-                                      "-s")[0]
+            fields[_SOURCE] = _masked(pieces, family, values[source], source_mask, rule.source_negated, "-s")[0]
         if destination_kind is _HOST:
-            fields[_DESTINATION] = inet_ntop(kind, view[off + length:off + 2 * length]) + host_prefix
+            fields[_DESTINATION] = inet_ntop(kind, values[destination]) + host_prefix
         elif destination_kind is _PREFIX:
-            fields[_DESTINATION] = _masked(pieces, family, bytes(view[off + length:off + 2 * length]),
-                                           destination_mask, rule.destination_negated, "-d")[0]
-        if comment_at >= 0:
-            at = first + comment_at
-            piece = decode_piece(bytes(view[at:at + COMMENT_MATCH_SIZE]), False, family)
+            fields[_DESTINATION] = _masked(pieces, family, values[destination], destination_mask,
+                                           rule.destination_negated, "-d")[0]
+        if comment >= 0:
+            piece = decode_piece(values[comment], False, family)
             if piece[1] or len(piece[0]) != 1 or piece[0][0][0] != _COMMENT:
                 return None
             fields[_COMMENT] = piece[0][0][1]
-        rules.append(_new_rule(IptablesRule, fields))
+        append(_new_rule(IptablesRule, fields))
     return tuple(rules)
+
+
+def _to_destination(values: tuple, at: int, family: int) -> str | None:
+    """``addr:port`` of a DNAT's range read into ``values`` from ``at``, as ``_kube_proxy_dnat``
+    says it; None when the range is more than one address and port."""
+    low, high, port_low, port_high = values[at:at + 4]
+    if low != high or port_low != port_high:
+        return None
+    port = port_low[0] << 8 | port_low[1]
+    if family == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, low[:4])}:{port}"
+    address = socket.inet_ntop(socket.AF_INET6, low)
+    if "." in address:
+        address = xtables._addr(low, 6)
+    return f"[{address}]:{port}"
 
 
 # How a template's rule is composed: its own parts set on the template's rule's fields one by one,
 # or, for the kinds most of kube-proxy's rules are, by one concatenation of the fields around them.
 _VERDICT_ONLY, _VERDICT_AND_HOST, _DNAT_ONLY = "verdict", "verdict and host", "DNAT"
-_NAT_ADDRESSES = struct.Struct("=16s16s2s2s")  # nf_nat_range's min and max address, min and max port
 
 
 def _how(verdict_at: int, source_kind: int, destination_kind: int, dnat_at: int, comment_at: int,
