@@ -224,6 +224,10 @@ def decode_piece(raw: bytes, is_target: bool, family: int) -> tuple[tuple, tuple
     expressions (its appliers only ever set fields and add unknowns)."""
     if len(raw) < XT_HEADER:
         raise BlobError(f"a {'target' if is_target else 'match'} of {len(raw)} bytes")
+    if not is_target and raw[2:10] == b"comment\0" and len(raw) > XT_HEADER:
+        # A comment (one per Service, so decoded for each): what decode_match and the
+        # nft source's applier make of it, in one step.
+        return ((_COMMENT, xtables._cstring(raw[XT_HEADER:XT_HEADER + xtables.XT_MAX_COMMENT_LEN])),), ()
     _size, name_raw, revision = _XT_HEADER.unpack_from(raw)
     name = sys.intern(name_raw.split(b"\0", 1)[0].decode("ascii", "replace"))
     data = raw[XT_HEADER:]
