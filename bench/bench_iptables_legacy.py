@@ -10,11 +10,13 @@ Rows: a full check of a fresh ``IptablesDataplane`` on the legacy backend (the t
 info getsockopt, each table's blob fetched by IPT_SO_GET_ENTRIES and decoded in this
 process chain by chain as t-iptcore's resolve walks them: its lazy source, as the
 exporter has it); a re-read after kube-proxy rewrote one Service's
-endpoint (the source's memo: only new entries decoded); nothing changed (the
-getsockopt alone: what a scrape costs between changes, 5 ms budget); peak RSS a first
-check adds to a fresh process (VmHWM) against iptables-legacy-save's, and what each
-part holds: the largest blob, the decoded rulesets, the resolution, and what stays
-between reads (the memos and the resolution).
+endpoint (the source's memo: only new entries decoded); the periodic re-read with
+nothing changed (``REREAD_SECONDS``: its memos and chain templates, the resolver's
+unchanged frontends); nothing changed (the getsockopt alone: what a scrape costs between
+changes, 5 ms budget); peak RSS a first check adds to a fresh process (VmHWM) against
+iptables-legacy-save's, the RSS kept after it and after three periodic re-reads, and
+what each part holds: the largest blob, the decoded rulesets, the resolution, and what
+stays between reads (the memos and the resolution).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def _legacy_save(ns: IptNS) -> tuple[float, int]:
 # same steps one by one in a second fresh process to say what each part holds.
 _GROWTH = """
 import gc
+from exporter import allocator
+allocator.tune()  # as serve does, before anything
 from exporter.readers.dataplanes import IptablesDataplane
 from exporter.readers.iptables_legacy import IptablesLegacySource
 import exporter.readers.iptables, exporter.readers.iptables_blob
@@ -59,7 +63,12 @@ dataplane = IptablesDataplane(legacy=legacy, nft=None)
 live = dataplane.read_rules(0)
 assert live.backend == "legacy" and live.read.table and not live.read.unread, live.read.unread[:3]
 gc.collect()
-print(status("VmHWM") - before, status("VmRSS") - before, legacy.blob_bytes)
+first = status("VmRSS") - before
+legacy.reread_interval = 0.0  # the re-read clock passed, three times: nothing changed
+for _ in range(3):
+    assert dataplane.read_rules(-1).reread
+gc.collect()
+print(status("VmHWM") - before, first, status("VmRSS") - before, legacy.blob_bytes)
 """
 
 # What each part holds, to the byte (tracemalloc, in a fresh process: slower, exact).
@@ -139,18 +148,26 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
         rereads.append(moved.read_seconds)
     rows.append(Row(f"{label}: re-read after a change ({dataplane.legacy.decoded} parts decoded anew)",
                     min(rereads), reference, "iptables-legacy-save"))
+    from exporter.readers.iptables_legacy import REREAD_SECONDS
+    dataplane.legacy.reread_interval = 0.0  # as every REREAD_SECONDS: read again, nothing changed
+    periodic = [ns.run(lambda: dataplane.read_rules(-1)) for _ in range(3)]
+    dataplane.legacy.reread_interval = REREAD_SECONDS
+    assert all(live.reread and not live.read.unread for live in periodic)
+    rows.append(Row(f"{label}: periodic re-read, nothing changed (every {REREAD_SECONDS:.0f} s)",
+                    min(live.read_seconds for live in periodic), reference, "iptables-legacy-save"))
     idles = [ns.run(lambda: dataplane.read_rules(-1)) for _ in range(20)]
     assert not any(live.reread for live in idles), "the tables were read with nothing changed"
     idle = statistics.median(live.read_seconds for live in idles)
     rows.append(Row(f"{label}: nothing changed (table info getsockopt)", idle, 0.005, "5 ms budget",
                     limit=limit(1.0)))
     rows.append(Row(f"{label}: iptables-legacy-restore load (setup, for scale)", load, unit="s"))
-    grown, kept, blob_bytes = _in_ns(ns, _GROWTH)
+    grown, kept, kept_rereads, blob_bytes = _in_ns(ns, _GROWTH)
     blob, peak, decoded, resolved, memos = _in_ns(ns, _PARTS)
     save_peak = max(rss for _, rss in saves)
     rows.append(Row(f"{label}: peak RSS added by a first check", grown / 1e6, save_peak / 1e6,
                     "iptables-legacy-save's peak RSS", unit="MB"))
     rows.append(Row(f"{label}: RSS kept after it (memos, resolution)", kept / 1e6, unit="MB"))
+    rows.append(Row(f"{label}: RSS kept after three periodic re-reads more", kept_rereads / 1e6, unit="MB"))
     rows.append(Row(f"{label}: traced: the largest table blob (freed once decoded)", blob / 1e6, unit="MB"))
     rows.append(Row(f"{label}: traced: peak while decoding (blob + rules + memos)", peak / 1e6, unit="MB"))
     rows.append(Row(f"{label}: traced: decoded rulesets and the memos", decoded / 1e6, unit="MB"))

@@ -11,6 +11,7 @@ changed must come out as one line, never a traceback or a part of the table.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from exporter.readers.iptables_blob import BlobError, LazyChains, decode_table
 from exporter.readers.iptables_legacy import IptablesLegacySource, LegacyReadError
 from exporter.readers.iptables_rules import IptablesRule, chain_lengths
 from exporter.readers.iptables_save import parse_save
-from tests.ipt_rulesets import IptNS, bench_services, chain_name, generated_services, generated_services_v6
+from tests.ipt_rulesets import IptNS, bench_services, chain_name, generated_services, generated_services_v6, ruleset
 from tests.test_iptables_netlink import EVERY_OPTION
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,6 +261,142 @@ def test_large_cluster_rules_without_comments_decode_as_saved(ns):
     assert_decodes_as_saved(ns, families=(4,))
 
 
+# Rules alike but for their addresses (hosts, prefixes, IPv4-mapped IPv6 hosts) or their DNAT's address and port: the decoder keeps one shape for each kind
+# and sets every rule's own parts on it.
+SAME_SHAPES = {4: """\
+*nat
+:KUBE-SHAPES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+-A KUBE-SHAPES -s 10.1.0.0/16 -j RETURN
+-A KUBE-SHAPES -s 10.2.0.0/16 -j RETURN
+-A KUBE-SHAPES ! -s 10.3.0.0/16 -d 10.96.0.1/32 -j RETURN
+-A KUBE-SHAPES ! -s 10.4.0.0/16 -d 10.96.0.2/32 -j RETURN
+-A KUBE-SHAPES -s 10.0.0.5/32 -j KUBE-MARK-MASQ
+-A KUBE-SHAPES -s 10.0.0.6/32 -j KUBE-MARK-MASQ
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination 10.180.0.1:80
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination 10.180.0.2:81
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination 10.180.0.2-10.180.0.3:81
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination 10.180.0.4:81-82
+-A KUBE-SHAPES -p tcp -m comment --comment "a DNAT with a comment" -m tcp -j DNAT --to-destination 10.180.0.5:80
+COMMIT
+""", 6: """\
+*nat
+:KUBE-SHAPES - [0:0]
+-A KUBE-SHAPES -s ::ffff:1.2.3.4/128 -j RETURN
+-A KUBE-SHAPES -s ::ffff:1.2.3.5/128 -j RETURN
+-A KUBE-SHAPES -s fd00::1/128 -j RETURN
+-A KUBE-SHAPES -d fd00::2/128 -j RETURN
+-A KUBE-SHAPES -s fd00:1::/64 -j RETURN
+-A KUBE-SHAPES -s fd00:2::/64 -j RETURN
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination [fd00::5]:80
+-A KUBE-SHAPES -p tcp -m tcp -j DNAT --to-destination [::ffff:1.2.3.4]:80
+COMMIT
+"""}
+
+
+def test_rules_alike_but_for_their_addresses_each_decode_as_saved(ns):
+    """Every rule composed from a shared shape has its own addresses and DNAT: read twice by
+    one source (the second read takes every shape from the memo), both equal the save."""
+    for family, text in SAME_SHAPES.items():
+        ns.restore(text, family, "legacy")
+    source = IptablesLegacySource(Paths(), reread_interval=0.0)
+    for _ in range(2):
+        read = {ruleset.family: ruleset for ruleset in ns.run(source.read)}
+        for family in (4, 6):
+            [saved] = parse_save(ns.save(family, "legacy"), family)
+            assert read[family].tables["nat"]["KUBE-SHAPES"] == saved.tables["nat"]["KUBE-SHAPES"], family
+    assert source.decoded == 0
+    rules = read[4].tables["nat"]["KUBE-SHAPES"]
+    assert [r.source for r in rules[:2]] == ["10.1.0.0/16", "10.2.0.0/16"]
+    assert [r.to_destination for r in rules[6:8]] == ["10.180.0.1:80", "10.180.0.2:81"]
+    assert [r.source for r in read[6].tables["nat"]["KUBE-SHAPES"][:2]] == [
+        str(ipaddress.ip_network(f"::ffff:1.2.3.{last}/128")) for last in (4, 5)]  # as ipaddress prints them
+
+
+# Chains alike but for their own parts: one is learned as a template, the others are read from
+# it (their addresses, jumps, DNATs and comments set on its rules), or, where a part is not what
+# a template can set (a DNAT to a range of addresses or ports), entry by entry.
+ALIKE_CHAINS = "\n".join(["*nat", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-SVC-X - [0:0]", ":KUBE-SVC-Y - [0:0]"]
+                         + [f":KUBE-SEP-{i} - [0:0]" for i in range(6)] + [
+    "-A KUBE-SVC-X -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-0",
+    "-A KUBE-SVC-X -j KUBE-SEP-1",
+    "-A KUBE-SVC-Y -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-2",
+    "-A KUBE-SVC-Y -j KUBE-SEP-3"] + [
+    line for i, (address, dnat) in enumerate((
+        ("10.0.0.10", "10.180.0.10:80"), ("10.0.0.11", "10.180.0.11:8080"), ("10.0.0.12", "10.180.0.12-10.180.0.13:80"),
+        ("10.0.0.13", "10.180.0.13:80-81"), ("10.0.0.14", "10.180.0.14:80"), ("10.0.0.15", "10.180.0.15:80")))
+    for line in (f'-A KUBE-SEP-{i} -m comment --comment "ns/svc{i}:p" -s {address}/32 -j KUBE-MARK-MASQ',
+                 f'-A KUBE-SEP-{i} -m comment --comment "ns/svc{i}:p" -p tcp -m tcp -j DNAT --to-destination {dnat}')]
+    + [f":KUBE-SEP-{i} - [0:0]" for i in range(6, 10)] + [  # without comments, as past 1,000 endpoints
+    line for i, (address, dnat) in enumerate((
+        ("10.0.0.16", "10.180.0.16:80"), ("10.0.0.17", "10.180.0.17:8080"), ("10.0.0.18", "10.180.0.18-10.180.0.19:80"),
+        ("10.0.0.19", "10.180.0.19:443")), 6)
+    for line in (f"-A KUBE-SEP-{i} -s {address}/32 -j KUBE-MARK-MASQ",
+                 f"-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {dnat}")]
+    + ["COMMIT", ""])
+
+
+def test_chains_alike_decode_from_a_template_as_saved(ns):
+    ns.restore(ALIKE_CHAINS, 4, "legacy")
+    source = IptablesLegacySource(Paths(), reread_interval=0.0)
+    for _ in range(2):  # the second read takes the first one's templates
+        [read] = ns.run(source.read)
+        [saved] = parse_save(ns.save(4, "legacy"), 4)
+        for chain, rules in saved.tables["nat"].items():
+            assert read.tables["nat"][chain] == rules, chain
+    templates = source._memos[(4, "nat")].chains
+    assert templates and sum(map(len, templates.values())) < 6  # not one per chain
+    sep = read.tables["nat"]["KUBE-SEP-5"]
+    assert (sep[0].source, sep[0].comment, sep[1].to_destination) == ("10.0.0.15/32", "ns/svc5:p", "10.180.0.15:80")
+    sep = read.tables["nat"]["KUBE-SEP-9"]
+    assert (sep[0].source, sep[0].target, sep[1].to_destination) == ("10.0.0.19/32", "KUBE-MARK-MASQ",
+                                                                      "10.180.0.19:443")
+    assert read.tables["nat"]["KUBE-SVC-Y"][1].target == "KUBE-SEP-3"
+
+
+def test_a_reads_comments_are_not_kept_past_their_chain(ns):
+    """Comments are one Service's each: the read's memo of pieces keeps none of them (kept for
+    the whole read, they pinned memory among the resolution), and the rules still carry them."""
+    ns.load(generated_services(), 4, backend="legacy")
+    blob = _fetch(ns)
+    lazy = LazyChains(bytearray(blob.buffer), iptables_legacy._GET_ENTRIES_HEAD.size, blob.info.size, 4,
+                      blob.hooks, blob.underflows)
+    decoded = {name: lazy[name] for name in lazy}
+    assert sum(rule.comment is not None for rules in decoded.values() for rule in rules) > 20
+    kept = [key for key in lazy._pieces if isinstance(key[0], bytes) and key[0][2:10] == b"comment\0"]
+    assert kept == [] and lazy._pieces, f"{len(kept)} comments kept"
+
+
+def test_the_resolver_keeps_no_endpoint_chain_past_its_service():
+    """An endpoint chain's resolution is its Service chain's part and not kept for the rest of
+    the read (50,000 of them, kept, pinned memory among the resolution); the frontends are
+    the same as when they were kept."""
+    from exporter.readers import iptables
+
+    [rules] = parse_save(ruleset(generated_services(), 4, jumps=False), 4)
+    family = iptables._Family(rules.family)
+    family.read(rules, {})
+    assert any(chain.startswith(iptables.SVC) for _, chain, _ in family.frontend_list)
+    assert family.resolved and not [chain for chain in family.resolved if chain.startswith(iptables.SEP)]
+    assert sum(len(vs.real_servers) for vs in family.table.values()) > 10
+    assert family.table == iptables.resolve_rulesets([rules]).table
+
+
+def test_a_resolution_of_unchanged_rules_keeps_the_last_ones_keys_too():
+    """Unchanged frontends are the last read's objects, and so are the table's keys: a re-read
+    (every 30 s on the legacy backend) then keeps nothing new of them (new keys, made among the
+    read's transients, pinned ~10 MB more with each re-read at 10,000 Services)."""
+    from exporter.readers import iptables
+
+    [rules] = parse_save(ruleset(generated_services(), 4, jumps=False), 4)
+    cache: dict = {}
+    first = iptables.resolve_rulesets([rules], None, cache).table
+    again = iptables.resolve_rulesets([rules], None, cache).table
+    assert again == first and len(first) > 5
+    keys = {key: key for key in first}
+    assert all(keys[key] is key and again[key] is first[key] for key in again)
+
+
 def test_an_unknown_match_lands_in_unknown(ns):
     ns.iptables("-t", "nat", "-N", "KUBE-X", backend="legacy")
     ns.iptables("-t", "nat", "-A", "KUBE-X", "-m", "length", "--length", "100:200", "-j", "RETURN", backend="legacy")
@@ -321,6 +458,32 @@ def test_a_corrupt_blob_is_one_reason_or_a_whole_table(legacy_ns):
         except BlobError as err:
             assert str(err) and "\n" not in str(err)
     assert refused > 10  # offsets, sizes and verdicts were hit, and said so
+
+
+def test_a_jump_to_no_chain_is_refused_when_its_chain_is_decoded(legacy_ns):
+    """The up-front walk checks the table's shape (offsets, chain bounds); a rule's verdict is
+    checked when its chain is decoded: a jump moved off its chain's first rule is one line
+    then, and the chains around it still decode whole."""
+    blob = _fetch(legacy_ns)
+    head = iptables_legacy._GET_ENTRIES_HEAD.size
+    lazy = LazyChains(bytearray(blob.buffer), head, blob.info.size, 4, blob.hooks, blob.underflows)
+    chain = next(name for name in lazy if name.startswith("KUBE-SVC-"))
+    first = lazy._spans[chain] >> 64
+    lazy.release()
+    # The chain's first rule jumps (-m statistic ... -j KUBE-SEP-...): its verdict 8 bytes on.
+    target_offset = int.from_bytes(blob.buffer[head + first + 88:head + first + 90], sys.byteorder)
+    verdict_at = head + first + target_offset + 32
+    buffer = bytearray(blob.buffer)
+    verdict = int.from_bytes(buffer[verdict_at:verdict_at + 4], sys.byteorder, signed=True)
+    assert verdict > 0
+    buffer[verdict_at:verdict_at + 4] = (verdict + 8).to_bytes(4, sys.byteorder, signed=True)
+    lazy = LazyChains(buffer, head, blob.info.size, 4, blob.hooks, blob.underflows)
+    with pytest.raises(BlobError) as caught:
+        lazy[chain]
+    assert "where no chain starts" in str(caught.value) and "\n" not in str(caught.value)
+    assert all(isinstance(lazy[name], tuple) for name in lazy if name != chain)
+    with pytest.raises(BlobError):
+        _decode(blob, buffer)
 
 
 def test_the_source_names_a_blob_it_cannot_decode(legacy_ns, monkeypatch):
@@ -386,7 +549,11 @@ def test_the_dataplane_reads_nothing_while_nothing_changed(legacy_ns):
 
 def test_the_dataplane_decodes_only_the_chains_it_resolves(legacy_ns, monkeypatch):
     """The dataplane's own legacy source is lazy: the resolver decodes each chain it walks,
-    once, and never the ones no frontend reaches (marks, POSTROUTING, INPUT)."""
+    once (an endpoint chain twice when both a Service's chains reach it: the resolver keeps
+    no endpoint chain's resolution), and never the ones no frontend reaches (marks,
+    POSTROUTING, INPUT)."""
+    from collections import Counter
+
     from exporter.readers.dataplanes import IptablesDataplane
 
     dataplane = legacy_ns.run(lambda: IptablesDataplane(nft=None))
@@ -394,12 +561,19 @@ def test_the_dataplane_decodes_only_the_chains_it_resolves(legacy_ns, monkeypatc
     seen = []
     real_read = dataplane.legacy.read
     monkeypatch.setattr(dataplane.legacy, "read", lambda known=None: seen.append(real_read()) or seen[-1])
+    asked = []
+    real_chain = LazyChains.__getitem__
+    monkeypatch.setattr(LazyChains, "__getitem__", lambda chains, name: asked.append((chains, name))
+                        or real_chain(chains, name))
     live = legacy_ns.run(lambda: dataplane.read_rules(0))
     assert live.read.table and not live.read.unread
     [[ruleset]] = seen
     nat = ruleset.tables["nat"]
     assert isinstance(nat, LazyChains)
-    assert 0 < nat.decoded_chains <= len(nat) - 4, (nat.decoded_chains, len(nat))
+    times = Counter(name for chains, name in asked if chains is nat)
+    assert nat.decoded_chains == sum(times.values())
+    assert 0 < len(times) <= len(nat) - 4, (len(times), len(nat))
+    assert all(name.startswith("KUBE-SEP-") and count == 2 for name, count in times.items() if count > 1)
     [saved] = parse_save(legacy_ns.save(4, "legacy"), 4)
     assert dict(nat.lengths()) == {c: len(r) for c, r in saved.tables["nat"].items()}
     assert {(t.table, t.rules) for t in live.tables} == {
@@ -436,7 +610,7 @@ def test_a_chain_that_does_not_decode_fails_the_dataplanes_read_in_one_line(lega
         if table == "nat":
             head = iptables_legacy._GET_ENTRIES_HEAD.size
             chains = LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)
-            first = chains._spans["KUBE-SERVICES"] >> 32  # its first rule has matches (-m comment, -m tcp)
+            first = chains._spans["KUBE-SERVICES"] >> 64  # its first rule has matches (-m comment, -m tcp)
             blob.buffer[head + first + ENTRY_SIZE[family]:head + first + ENTRY_SIZE[family] + 2] = b"\xf8\xff"
             LazyChains(blob.buffer, head, blob.info.size, family, blob.hooks, blob.underflows)  # the walk passes
         return blob

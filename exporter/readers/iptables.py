@@ -319,7 +319,12 @@ class _Family:
         service = self.chain_services.get(chain) or _service_of_comment(comment)
         vs = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, resolved.real_servers, service)
         old = previous.get(key)
-        self.table[key] = old if old is not None and old == vs else vs
+        if old is not None and old == vs:
+            # The last read's key object too (a new one each re-read, made among that read's
+            # transients, pinned the allocator's arenas: bench/bench_iptables_legacy.py).
+            self.table[old.key] = old
+        else:
+            self.table[key] = vs
 
     def _invalidate(self, changed: set[str]) -> set[str]:
         """Forget the resolution of every changed chain and of every chain that reads one,

@@ -27,26 +27,33 @@ Anything the blob holds that is not an x_tables table (a size past its end, an e
 between chains, a jump to no chain, no end marker) is ``BlobError`` with one line:
 never a traceback, never the part that was read reported as the whole table.
 
-Cost: the blob is walked once with ``struct.unpack_from`` in place (plus one byte
-search for the chain heads) to find and check every chain (``LazyChains``), then each
-chain's entries are decoded when it is asked for; counters are never read. Each distinct match or target
-is decoded once per read (by its bytes); verdicts are looked up apart (a jump's
-offset moves whenever anything before its chain does). Shapes that repeat (address
-parts without an address, matches-and-targets without a comment or DNAT) are kept
-in a ``BlobMemo`` from one read to the next and never decoded again; a rule's own
-parts (its Service's or endpoint's address, comment, DNAT) are composed from the
-read's pieces every read and not kept: at 10,000 Services keeping them cost more
-memory (~60 MB) than the rules themselves, for a re-read that walks every entry
-anyway (see bench/bench_iptables_legacy.py).
+Cost: one regular-expression scan finds the chain heads, then each chain's entries are
+walked with ``struct.unpack_from`` in place to check the table's shape (``LazyChains``);
+each chain's entries are decoded when it is asked for, and their verdicts checked then;
+counters are never read. Each distinct match or target is decoded once per read (by its
+bytes); verdicts are looked up apart (a jump's offset moves whenever anything before its
+chain does). Shapes that repeat (an address part's bytes but its two addresses,
+matches-and-targets without a comment, or without a DNAT's one address and port) are
+kept in a ``BlobMemo`` from one read to the next and never decoded again; a rule's own
+parts (its Service's or endpoint's address, comment, DNAT) are set on them every read
+and not kept: at 10,000 Services keeping them cost more memory (~60 MB) than the rules
+themselves, for a re-read that walks every entry anyway (see
+bench/bench_iptables_legacy.py). Whole chains that repeat but for their own parts
+(kube-proxy's endpoint and Service chains) are read from a ``ChainTemplate``: one
+regular-expression match of the chain's bytes (its own parts any), then those parts set
+on the template's rules, decoded as entry by entry; a template is learned from a chain
+decoded entry by entry and kept only if it gives that chain's rules back.
 """
 
 from __future__ import annotations
 
 import gc
+import re
 import socket
 import struct
 import sys
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from exporter.readers import xtables
 from exporter.readers.iptables_netlink import (FIELD_PROTOCOLS, PROTOCOLS, _apply_match, _apply_target, _effects,
@@ -87,30 +94,33 @@ class BlobError(ValueError):
 
 
 class BlobMemo:
-    """What one source has decoded of one table, by bytes: the address parts and
-    matches-and-targets that repeat (see the module's cost note).
+    """What one source has decoded of one table, by bytes: the shapes of address parts
+    (``ip_shape``: by their bytes but the two addresses) and the matches-and-targets that
+    repeat (see the module's cost note).
 
     ``start_read()`` begins a read: what it meets is taken over from the last read's
     dicts (not decoded again), ``end_read()`` drops what the table no longer holds, so
     the memo keeps only the current table's shapes. ``decoded`` counts the parts the
     last read decoded anew."""
 
-    __slots__ = ("ip", "body", "last_ip", "last_body", "decoded")
+    __slots__ = ("ip", "body", "chains", "last_ip", "last_body", "last_chains", "decoded")
 
     def __init__(self) -> None:
         self.ip: dict = {}
         self.body: dict = {}
+        self.chains: dict = {}  # (rules, bytes) -> [ChainTemplate]: whole chains that repeat
         self.last_ip: dict = {}
         self.last_body: dict = {}
+        self.last_chains: dict = {}
         self.decoded = 0
 
     def start_read(self) -> None:
-        self.last_ip, self.last_body = self.ip, self.body
-        self.ip, self.body = {}, {}
+        self.last_ip, self.last_body, self.last_chains = self.ip, self.body, self.chains
+        self.ip, self.body, self.chains = {}, {}, {}
         self.decoded = 0
 
     def end_read(self) -> None:
-        self.last_ip, self.last_body = {}, {}
+        self.last_ip, self.last_body, self.last_chains = {}, {}, {}
 
 
 def _interface(name: bytes, mask: bytes) -> str:
@@ -199,10 +209,10 @@ def decode_ip(raw: bytes, family: int, networks: dict | None = None) -> tuple:
     return goto, source, source_negated, destination, destination_negated, protocol, tuple(unknown)
 
 
-_HEAD, _START, _END = "head", "start", "end"  # kinds of special offsets
 _DEFAULT = IptablesRule("")
 _TARGET, _TO_DESTINATION = 0, IptablesRule._fields.index("to_destination")
-_DESTINATION_IN_MIDDLE = _TO_DESTINATION - 7  # its place among the fields between protocol and unknown
+_SOURCE, _DESTINATION = IptablesRule._fields.index("source"), IptablesRule._fields.index("destination")
+_COMMENT = IptablesRule._fields.index("comment")
 _NAT_RANGE = struct.Struct("=I16s16s2s2s")  # nf_nat_range(2): flags, min_addr, max_addr, min_proto, max_proto
 _MAPPED_AND_PORTED = xtables.NF_NAT_RANGE_MAP_IPS | xtables.NF_NAT_RANGE_PROTO_SPECIFIED
 
@@ -214,6 +224,10 @@ def decode_piece(raw: bytes, is_target: bool, family: int) -> tuple[tuple, tuple
     expressions (its appliers only ever set fields and add unknowns)."""
     if len(raw) < XT_HEADER:
         raise BlobError(f"a {'target' if is_target else 'match'} of {len(raw)} bytes")
+    if not is_target and raw[2:10] == b"comment\0" and len(raw) > XT_HEADER:
+        # A comment (one per Service, so decoded for each): what decode_match and the
+        # nft source's applier make of it, in one step.
+        return ((_COMMENT, xtables._cstring(raw[XT_HEADER:XT_HEADER + xtables.XT_MAX_COMMENT_LEN])),), ()
     _size, name_raw, revision = _XT_HEADER.unpack_from(raw)
     name = sys.intern(name_raw.split(b"\0", 1)[0].decode("ascii", "replace"))
     data = raw[XT_HEADER:]
@@ -245,10 +259,13 @@ def decode_piece(raw: bytes, is_target: bool, family: int) -> tuple[tuple, tuple
     return tuple(sorted(sets)), unknown
 
 
-def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tuple:
+def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict, own: dict | None = None) -> tuple:
     """An entry's matches (``raw[:matches_end]``) and named target (the rest, if any) as
     (target, the rule's fields between protocol and unknown, unknown, the fields after).
-    ``pieces``: the read's memo of ``decode_piece`` by bytes."""
+    ``pieces``: the read's memo of ``decode_piece`` by bytes; ``own``: the memo of the
+    comments, one Service's each, so kept per chain at most (None: not kept). Kept for
+    the whole read, 10,000 Services' comments pinned ~7 MB of the allocator's arenas
+    among what the resolution keeps (bench/bench_iptables_legacy.py)."""
     fields = list(_DEFAULT)
     unknown: tuple = ()
     at, end = 0, len(raw)
@@ -261,11 +278,12 @@ def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict) -> tupl
             raise BlobError(f"a match or target of {size} bytes where {end - at} are left")
         is_target = at >= matches_end
         key = raw[at:stop]
-        piece = pieces.get((key, is_target))
+        memo = own if key[2:10] == b"comment\0" else pieces
+        piece = memo.get((key, is_target)) if memo is not None else None
         if piece is None:
             piece = decode_piece(key, is_target, family)
-            if not (is_target and key[2:7] == b"DNAT\0"):  # one per endpoint: nothing to share
-                pieces[(key, is_target)] = piece
+            if memo is not None and not (is_target and key[2:7] == b"DNAT\0"):  # one per endpoint: nothing to share
+                memo[(key, is_target)] = piece
         for index, value in piece[0]:
             fields[index] = value
         if piece[1]:
@@ -292,8 +310,8 @@ def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict
         chains.release()  # the caller may free (or resize) its buffer at once
 
 
-# A chain's span, one int: its first rule's offset and its number of rules (a tuple of two
-# ints per chain was 3 MB more at 60,000 chains, held for the whole read).
+# A chain's span, one int: its first rule's offset, its rules' bytes and its number of rules
+# (a tuple of ints per chain was 3 MB more at 60,000 chains, held for the whole read).
 _SPAN_SHIFT = 32
 _COUNT_MASK = (1 << _SPAN_SHIFT) - 1
 
@@ -301,9 +319,10 @@ _COUNT_MASK = (1 << _SPAN_SHIFT) - 1
 class LazyChains(Mapping):
     """One table's chains, each decoded from the blob when asked for and not kept.
 
-    Building it walks every entry once (offsets, verdicts, chain bounds: the checks that
-    make the bytes an x_tables table), and decodes no rule; a match or target whose size
-    does not fit its entry is found when its chain is decoded (``BlobError`` then). ``chains[name]`` decodes that
+    Building it walks every entry once (offsets, chain bounds: the checks that make the
+    bytes an x_tables table), and decodes no rule; a verdict that is none of iptables',
+    a jump to no chain, a match or target whose size does not fit its entry are found
+    when its chain is decoded (``BlobError`` then). ``chains[name]`` decodes that
     chain's rules (from the memo's shapes and the read's pieces) and keeps nothing of them,
     so a caller that walks chains one by one never holds a whole table of rules: at 10,000
     Services the decoded rules of nat were 56 MB at once beside the 61 MB blob, and what
@@ -335,11 +354,12 @@ class LazyChains(Mapping):
 
     def __getitem__(self, name: str) -> tuple[IptablesRule, ...]:
         span = self._spans[name]
-        first, count = span >> _SPAN_SHIFT, span & _COUNT_MASK
+        first, size, count = span >> 2 * _SPAN_SHIFT, span >> _SPAN_SHIFT & _COUNT_MASK, span & _COUNT_MASK
         if self._view is None:
             raise BlobError("the table's blob was released")
         try:
-            rules = _decode_chain(self._view, first, count, self._family, self._chain_at, self._memo, self._pieces)
+            rules = _decode_chain(self._view, first, size, count, self._family, self._chain_at, self._memo,
+                                  self._pieces)
         except BlobError:
             raise
         except (struct.error, IndexError, ValueError, UnicodeError) as err:
@@ -369,206 +389,538 @@ class LazyChains(Mapping):
         self._pieces = {}
 
 
-def _user_chain_heads(blob: bytearray, base: int, view: memoryview, size: int, family: int) -> dict[int, str]:
+# A user chain's head: the ERROR target's header, then the chain's name (NUL-terminated
+# unless it fills all 32 bytes).
+_HEAD_NAME = re.compile(re.escape(_ERROR_HEAD) + rb"([^\x00]{0,32})", re.S)
+
+
+def _user_chain_heads(blob: bytearray, base: int, size: int, family: int) -> dict[int, str]:
     """Head offset -> chain name of every user chain, found by the ERROR target that heads
-    it (one byte search; the walk checks each lies on an entry). The table's own end
-    marker is an ERROR entry too, and heads nothing."""
+    it (one regular-expression scan of the blob, in C; ``_index`` checks each lies on an
+    entry). The table's own end marker is an ERROR entry too, and heads nothing."""
     entry = ENTRY_SIZE[family]
     heads: dict[int, str] = {}
-    end = base + size
     last = size - entry - ERROR_TARGET_SIZE
-    at = blob.find(_ERROR_HEAD, base, end)
-    while at >= 0:
-        head = at - base - entry
+    at = base + entry
+    for found in _HEAD_NAME.finditer(blob, base, base + size):
+        head = found.start() - at
         if 0 <= head < last:
-            name = bytes(view[head + entry + XT_HEADER:head + entry + ERROR_TARGET_SIZE]).split(b"\0", 1)[0]
             # Not interned: every jump's target is this same object (chain_at), and the
             # interpreter's table of interned strings never shrinks (1.9 MB at 60,000 chains).
-            heads[head] = name.decode("utf-8", "replace")
-        at = blob.find(_ERROR_HEAD, at + 1, end)
+            heads[head] = found.group(1).decode("utf-8", "replace")
     return heads
 
 
 def _index(blob: bytearray, base: int, view: memoryview, size: int, family: int, hooks: dict[int, int],
            underflows: dict[int, int]) -> tuple[dict[str, int], dict[int, str]]:
-    """Every chain's span in table order (its first rule's offset << ``_SPAN_SHIFT`` | its
-    number of rules), and offset -> chain where a jump lands; every entry's offsets and
-    verdict checked."""
+    """Every chain's span in table order (its first rule's offset << 2 * ``_SPAN_SHIFT`` | its
+    rules' bytes << ``_SPAN_SHIFT`` | its number of rules), and offset -> chain where a jump lands.
+
+    Checked here, chain by chain: the chains tile the table from its first byte to its end
+    marker (a user chain's head found by the byte search, a built-in chain at its hook's
+    entry), every entry's offsets fit it and end exactly at the next chain, a user chain
+    closes with its RETURN and a built-in one with its policy where the info says. What a
+    rule's target says (a verdict, a jump's chain) is checked when its chain is decoded,
+    as its matches are: a second look at every verdict here cost as much as the walk."""
     entry_size, offsets_at = ENTRY_SIZE[family], OFFSETS_AT[family]
     end_marker = size - entry_size - ERROR_TARGET_SIZE
     if end_marker < 0:
         raise BlobError(f"{size} bytes: too short for a table")
     unpack_offsets = _OFFSETS.unpack_from
     unpack_verdict = _VERDICT.unpack_from
-    # Offsets where something other than a rule is, in one dict the hot loop asks once: a user
-    # chain's head (its name), a built-in chain's start, the table's end. (A built-in chain's
-    # policy is looked up only on a verdict outside user chains.)
-    special: dict[int, object] = _user_chain_heads(blob, base, view, size, family)
-    heads_count = len(special)
+    heads = _user_chain_heads(blob, base, size, family)
     head_size = entry_size + ERROR_TARGET_SIZE
-    chain_at = {head + head_size: name for head, name in special.items()}  # where a jump lands -> its chain
-    special[end_marker] = (_END, "")
+    chain_at = {head + head_size: name for head, name in heads.items()}  # where a jump lands -> its chain
+    starts: dict[int, int] = {}  # a built-in chain's first entry -> its hook
     for hook, offset in hooks.items():
-        special[offset] = (_START, HOOK_NAMES[hook])
-    policies = {offset: HOOK_NAMES[hook] for hook, offset in underflows.items()}
-    spans: dict[str, int] = {}
-    open_chain = False  # a chain is open (between its head or start and its end)
-    first = count = 0
-    name = ""
-    user = False
-    met_heads = met_starts = met_policies = 0
-    off = 0
-    while off < size:
-        if off + entry_size > size:
-            raise BlobError(f"an entry at offset {off} runs past the table's end ({size} bytes)")
-        target_offset, next_offset = unpack_offsets(view, off + offsets_at)
-        nxt = off + next_offset
-        if target_offset < entry_size or next_offset < target_offset + XT_HEADER or nxt > size or next_offset & 7:
-            raise BlobError(f"the entry at offset {off} has offsets no kernel writes "
-                            f"(target at +{target_offset}, next at +{next_offset})")
-        target_at = off + target_offset
-        mark = special.get(off)
-        if mark is not None:
-            if mark.__class__ is str:  # a user chain's head
-                kind, mark = _HEAD, (_HEAD, mark)
-            else:
-                kind = mark[0]
-            if kind is _HEAD or kind is _START:
-                if open_chain:
-                    raise BlobError(f"chain {name} has no end before chain {mark[1]}")
-                name, user = mark[1], kind is _HEAD
-                if name in spans:
-                    raise BlobError(f"chain {name} twice")
-                open_chain, count = True, 0
-                spans[name] = 0
-                if user:
-                    met_heads += 1
-                    first = nxt
-                    off = nxt
-                    continue
-                first = off
-                met_starts += 1
-            elif kind is _END:
-                if view[target_at + 2:target_at + 8] != b"ERROR\0":
-                    raise BlobError("no end marker (the table is cut short)")
-                if open_chain:
-                    raise BlobError(f"chain {name} has no end before the table's")
-                off = nxt
-                break
-        if not open_chain:
-            raise BlobError(f"an entry at offset {off} outside any chain")
-        if view[target_at + 2] == 0:  # the standard target: a verdict
-            if next_offset - target_offset != STANDARD_TARGET_SIZE:
-                raise BlobError(f"the standard target at offset {target_at} is not {STANDARD_TARGET_SIZE} bytes")
-            verdict = unpack_verdict(view, target_at + XT_HEADER)[0]
-            if user:
-                if verdict == -5 and target_offset == entry_size and (nxt == end_marker or special.get(nxt).__class__ is str):
-                    spans[name] = first << _SPAN_SHIFT | count  # a user chain's closing RETURN: its end
-                    open_chain = False
-                    off = nxt
-                    continue
-            elif off in policies:  # a built-in chain's policy: its end, not a rule
-                if policies[off] != name or verdict not in (-1, -2):
-                    raise BlobError(f"the policy of {policies[off]} at offset {off} is not one")
-                met_policies += 1
-                spans[name] = first << _SPAN_SHIFT | count
-                open_chain = False
-                off = nxt
-                continue
-            if verdict >= 0:
-                if verdict != nxt and verdict not in chain_at:
-                    raise BlobError(f"the rule at offset {off} jumps to offset {verdict}, where no chain starts")
-            elif verdict not in VERDICTS:
-                raise BlobError(f"the rule at offset {off} has verdict {verdict}, not one iptables writes")
-        count += 1
-        off = nxt
-    else:
-        raise BlobError("no end marker (the table is cut short)")
-    if off != size:
-        raise BlobError(f"entries past the end marker ({size - off} bytes)")
-    if met_heads != heads_count:
-        raise BlobError(f"{heads_count - met_heads} chain head(s) between entries")
-    if met_starts != len(hooks) or met_policies != len(policies):
+        if offset in starts or offset in heads or hook not in underflows:
+            raise BlobError("a built-in chain's start or policy is not where the table's info says")
+        starts[offset] = hook
+    if len(underflows) != len(hooks):
         raise BlobError("a built-in chain's start or policy is not where the table's info says")
+    bounds = sorted((*heads, *starts))
+    if not bounds or bounds[0] != 0:
+        raise BlobError("an entry at offset 0 outside any chain")
+    bounds.append(end_marker)
+    if bounds[-2] >= end_marker:
+        raise BlobError("a chain at or past the table's end marker")
+    spans: dict[str, int] = {}
+    for at, stop in zip(bounds, bounds[1:]):
+        name = heads.get(at)
+        if name is not None:  # a user chain: its head (ERROR, the name), rules, its closing RETURN
+            if unpack_offsets(view, at + offsets_at) != (entry_size, head_size):
+                raise BlobError(f"the head of chain {name} at offset {at} is not a chain's head")
+            first = off = at + head_size
+        else:
+            name = HOOK_NAMES[starts[at]]
+            first = off = at
+        if name in spans:
+            raise BlobError(f"chain {name} twice")
+        last = -1
+        count = 0
+        while off < stop:
+            target_offset, next_offset = unpack_offsets(view, off + offsets_at)
+            if target_offset < entry_size or next_offset < target_offset + XT_HEADER or next_offset & 7:
+                raise BlobError(f"the entry at offset {off} has offsets no kernel writes "
+                                f"(target at +{target_offset}, next at +{next_offset})")
+            last = off
+            off += next_offset
+            count += 1
+        if off != stop:
+            raise BlobError(f"chain {name}: an entry at offset {last} runs past the chain's end at {stop}")
+        if last < 0:
+            raise BlobError(f"chain {name} has no end")
+        target_offset, next_offset = unpack_offsets(view, last + offsets_at)
+        verdict = unpack_verdict(view, last + target_offset + XT_HEADER)[0] \
+            if next_offset - target_offset == STANDARD_TARGET_SIZE and view[last + target_offset + 2] == 0 else None
+        if at in heads:
+            if verdict != -5 or target_offset != entry_size:
+                raise BlobError(f"chain {name} has no end before the next chain at offset {stop}")
+        elif last != underflows[starts[at]] or verdict not in (-1, -2):
+            raise BlobError(f"the policy of {name} is not where the table's info says, or is not one")
+        spans[name] = first << 2 * _SPAN_SHIFT | (last - first) << _SPAN_SHIFT | (count - 1)
+    target_offset, next_offset = unpack_offsets(view, end_marker + offsets_at)
+    if target_offset != entry_size or view[end_marker + entry_size + 2:end_marker + entry_size + 8] != b"ERROR\0":
+        raise BlobError("no end marker (the table is cut short)")
+    if end_marker + next_offset != size:
+        raise BlobError(f"entries past the end marker ({size - end_marker - next_offset} bytes)")
     return spans, chain_at
 
 
-# Per family: entry size, address part size, where the offsets are, where the masks are
-# (smsk, dmsk) and masks without an address: looked up once, not per chain (60,000 calls).
-_LAYOUT = {family: (ENTRY_SIZE[family], IP_PART[family], OFFSETS_AT[family], at, end, bytes(end - at))
-           for family, (at, end) in ((4, (8, 16)), (6, (32, 64)))}
+# Per family: entry size, address part size, where the offsets are, where an address part's
+# shape starts (its masks: what follows the two addresses), the address length and socket
+# family: looked up once, not per chain (60,000 calls).
+_LAYOUT = {family: (ENTRY_SIZE[family], IP_PART[family], OFFSETS_AT[family], 2 * length, length,
+                    socket.AF_INET if family == 4 else socket.AF_INET6, "/32" if family == 4 else "/128")
+           for family, length in ((4, 4), (6, 16))}
+# How an address part's shape gives an address: none (a zero mask), the host (a whole mask:
+# the address and /32, or /128), a prefix (any other mask that is one: the read's networks).
+_NO_ADDRESS, _HOST, _PREFIX = 0, 1, 2
+# A shape whose address cannot be told from its shape (a mask that is not a prefix puts the
+# address into ``unknown``; an IPv6 host that prints with a dot, as ipaddress judges it):
+# decoded whole, entry by entry.
+_PER_ENTRY = None
+# (the rule's fields from its 8th on) of an entry with no matches and a verdict: most of a
+# table's user chains end in one and every KUBE-MARK-MASQ jump is one.
+_TAIL_AT = 7
+_TO_DESTINATION_IN_TAIL = _TO_DESTINATION - _TAIL_AT
+_UNKNOWN_IN_TAIL = _UNKNOWN - _TAIL_AT
 
 
-def _decode_chain(view: memoryview, off: int, count: int, family: int, chain_at: dict[int, str], memo: BlobMemo,
-                  pieces: dict) -> tuple[IptablesRule, ...]:
-    """The ``count`` rules from offset ``off`` (one chain's, checked by ``_index``)."""
-    entry_size, ip_size, offsets_at, masks_at, masks_end, no_masks = _LAYOUT[family]
+def _mask_kind(mask: bytes, family: int) -> int | None:
+    if mask == _ZERO[family]:
+        return _NO_ADDRESS
+    if mask == _FULL[family]:
+        return _HOST
+    return _PREFIX if _network(family, _ZERO[family], mask) is not None else _PER_ENTRY
+
+
+def ip_shape(ip_raw: bytes, family: int, pieces: dict):
+    """What an address part means apart from its two addresses (a pure function of its bytes
+    past them): (goto, source kind, source negated, destination kind, destination negated,
+    protocol, unknown), the kinds ``_NO_ADDRESS`` / ``_HOST`` / ``_PREFIX``; or ``_PER_ENTRY``
+    when the addresses change more than the address fields (see ``_PER_ENTRY``)."""
+    length = 4 if family == 4 else 16
+    smsk, dmsk = ip_raw[2 * length:3 * length], ip_raw[3 * length:4 * length]
+    source_kind, destination_kind = _mask_kind(smsk, family), _mask_kind(dmsk, family)
+    if source_kind is _PER_ENTRY or destination_kind is _PER_ENTRY:
+        return _PER_ENTRY
+    if family == 6:
+        # An IPv6 host prints as ipaddress says (IPv4-mapped ones with a dot): as a prefix is.
+        source_kind = _PREFIX if source_kind == _HOST else source_kind
+        destination_kind = _PREFIX if destination_kind == _HOST else destination_kind
+    # Decoded with zero addresses: the masks alone say every field but the addresses' text.
+    goto, _, source_negated, _, destination_negated, protocol, unknown = decode_ip(
+        bytes(2 * length) + ip_raw[2 * length:], family, pieces)
+    return goto, source_kind, source_negated, destination_kind, destination_negated, protocol, unknown
+
+
+def _decode_entries(view: memoryview, off: int, count: int, family: int, chain_at: dict[int, str], memo: BlobMemo,
+                    pieces: dict) -> tuple[IptablesRule, ...]:
+    """The ``count`` rules from offset ``off`` (one chain's, its entries' offsets checked by
+    ``_index``; its verdicts checked here), entry by entry."""
+    entry_size, ip_size, offsets_at, shape_at, length, kind, host_prefix = _LAYOUT[family]
     unpack_offsets = _OFFSETS.unpack_from
     unpack_verdict = _VERDICT.unpack_from
-    ip_memo, body_memo, last_ip, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
+    inet_ntop = socket.inet_ntop
+    shapes, body_memo, last_shapes, last_body = memo.ip, memo.body, memo.last_ip, memo.last_body
     rules = []
+    append = rules.append
+    comments: dict = {}  # this chain's: its rules share their Service's comment
     for _ in range(count):
         target_offset, next_offset = unpack_offsets(view, off + offsets_at)
         nxt = off + next_offset
         target_at = off + target_offset
+        shape_key = bytes(view[off + shape_at:off + ip_size])  # all but the two addresses
+        shape = shapes.get(shape_key, False)
+        if shape is False:
+            shape = last_shapes.get(shape_key, False)
+            if shape is False:
+                shape = ip_shape(bytes(view[off:off + ip_size]), family, pieces)
+                memo.decoded += 1
+            shapes[shape_key] = shape
+        if shape is _PER_ENTRY:
+            goto, source, source_negated, destination, destination_negated, protocol, ip_unknown = \
+                decode_ip(bytes(view[off:off + ip_size]), family, pieces)
+        else:
+            goto, source_kind, source_negated, destination_kind, destination_negated, protocol, ip_unknown = shape
+            if source_kind is _NO_ADDRESS:
+                source = None
+            elif source_kind is _HOST:
+                source = inet_ntop(kind, view[off:off + length]) + host_prefix
+            else:
+                source = _masked(pieces, family, bytes(view[off:off + length]), shape_key[:length],
+                                 source_negated, "-s")[0]
+            if destination_kind is _NO_ADDRESS:
+                destination = None
+            elif destination_kind is _HOST:
+                destination = inet_ntop(kind, view[off + length:off + shape_at]) + host_prefix
+            else:
+                destination = _masked(pieces, family, bytes(view[off + length:off + shape_at]),
+                                      shape_key[length:2 * length], destination_negated, "-d")[0]
         if view[target_at + 2] == 0:  # the standard target: a verdict
+            if next_offset - target_offset != STANDARD_TARGET_SIZE:
+                raise BlobError(f"the standard target at offset {target_at} is not {STANDARD_TARGET_SIZE} bytes")
             verdict = unpack_verdict(view, target_at + XT_HEADER)[0]
             if verdict >= 0:
-                target = "" if verdict == nxt else chain_at[verdict]  # "": no -j, the rule only counts
+                target = "" if verdict == nxt else chain_at.get(verdict)  # "": no -j, the rule only counts
+                if target is None:
+                    raise BlobError(f"the rule at offset {off} jumps to offset {verdict}, where no chain starts")
             else:
-                target = VERDICTS[verdict]
-            body_raw = bytes(view[off + entry_size:target_at])
-            body_key = body_raw
+                target = VERDICTS.get(verdict)
+                if target is None:
+                    raise BlobError(f"the rule at offset {off} has verdict {verdict}, not one iptables writes")
+            if target_offset == entry_size:  # no match: a jump or verdict alone (-s X -j KUBE-MARK-MASQ)
+                tail = _PLAIN_TAIL
+            else:
+                body_raw = bytes(view[off + entry_size:target_at])
+                if b"comment\0" in body_raw:
+                    # A comment: this rule's own (one per Service), composed from the read's
+                    # pieces and not kept; only shapes that repeat stay in the memo.
+                    tail = _tail_of(decode_body(body_raw, len(body_raw), family, pieces, comments))[1]
+                else:
+                    body = body_memo.get(body_raw)
+                    if body is None:
+                        body = last_body.get(body_raw)
+                        if body is None:
+                            body = _tail_of(decode_body(body_raw, len(body_raw), family, pieces))
+                            memo.decoded += 1
+                        body_memo[body_raw] = body
+                    tail = body[1]
         else:
-            target = None
             body_raw = bytes(view[off + entry_size:nxt])
-            body_key = (body_raw,)  # apart from a standard rule's matches that happen to read alike
-        ip_raw = bytes(view[off:off + ip_size])
-        if ip_raw[masks_at:masks_end] != no_masks:
-            ip = decode_ip(ip_raw, family, pieces)  # an address: this rule's own (a Service's, an endpoint's)
-        else:
-            ip = ip_memo.get(ip_raw)
-            if ip is None:
-                ip = last_ip.get(ip_raw)
-                if ip is None:
-                    ip = decode_ip(ip_raw, family, pieces)
-                    memo.decoded += 1
-                ip_memo[ip_raw] = ip
-        matches_end = target_offset - entry_size
-        body = None
-        if b"comment\0" in body_raw:
-            # A comment: this rule's own (one per Service), composed from the read's pieces and
-            # not kept; only shapes that repeat stay in the memo.
-            body = decode_body(body_raw, matches_end, family, pieces)
-        elif target is None and body_raw[matches_end + 2:matches_end + 7] == b"DNAT\0":
-            # kube-proxy's DNAT, one per endpoint: its matches are a shape that repeats (kept as
-            # a standard rule's would be), its one address and port are set on them.
-            dnat = decode_piece(body_raw[matches_end:], True, family)
-            if len(dnat[0]) == 2 and not dnat[1]:  # (target, DNAT), (to_destination, text)
+            matches_end = target_offset - entry_size
+            to_destination = None
+            if body_raw[matches_end + 2:matches_end + 7] == b"DNAT\0":
+                to_destination = _kube_proxy_dnat(body_raw, matches_end, family)
+            if to_destination is not None and b"comment\0" not in body_raw:
+                # kube-proxy's DNAT, one per endpoint: its matches are a shape that repeats (kept
+                # as a standard rule's would be), its one address and port are set on them.
                 matches = body_raw[:matches_end]
                 body = body_memo.get(matches)
                 if body is None:
                     body = last_body.get(matches)
                     if body is None:
-                        body = decode_body(matches, matches_end, family, pieces)
+                        body = _tail_of(decode_body(matches, matches_end, family, pieces))
                         memo.decoded += 1
                     body_memo[matches] = body
-                middle = body[1]
-                body = ("DNAT", middle[:_DESTINATION_IN_MIDDLE] + (dnat[0][1][1],)
-                        + middle[_DESTINATION_IN_MIDDLE + 1:], body[2], body[3])
+                target = "DNAT"
+                tail = body[1]
+                tail = tail[:_TO_DESTINATION_IN_TAIL] + (to_destination,) + tail[_TO_DESTINATION_IN_TAIL + 1:]
+            elif to_destination is not None or b"comment\0" in body_raw:
+                target, tail = _tail_of(decode_body(body_raw, matches_end, family, pieces, comments))
             else:
-                body = decode_body(body_raw, matches_end, family, pieces)
-        if body is None:
-            body = body_memo.get(body_key)
-            if body is None:
-                body = last_body.get(body_key)
+                body_key = (body_raw,)  # apart from a standard rule's matches that happen to read alike
+                body = body_memo.get(body_key)
                 if body is None:
-                    body = decode_body(body_raw, matches_end, family, pieces)
-                    memo.decoded += 1
-                body_memo[body_key] = body
-        goto, source, source_negated, destination, destination_negated, protocol, ip_unknown = ip
-        rules.append(_new_rule(IptablesRule, (target if target is not None else body[0], goto, source,
-                                              source_negated, destination, destination_negated, protocol)
-                               + body[1] + ((ip_unknown + body[2] if ip_unknown else body[2]),) + body[3]))
+                    body = last_body.get(body_key)
+                    if body is None:
+                        body = _tail_of(decode_body(body_raw, matches_end, family, pieces))
+                        memo.decoded += 1
+                    body_memo[body_key] = body
+                target, tail = body
+        if ip_unknown:
+            tail = tail[:_UNKNOWN_IN_TAIL] + (ip_unknown + tail[_UNKNOWN_IN_TAIL],) + tail[_UNKNOWN_IN_TAIL + 1:]
+        append(_new_rule(IptablesRule, (target, goto, source, source_negated, destination, destination_negated,
+                                        protocol) + tail))
         off = nxt
     return tuple(rules)
+
+
+_PLAIN_TAIL = _DEFAULT[_TAIL_AT:]
+
+
+def _tail_of(body: tuple) -> tuple:
+    """``decode_body``'s (target, middle, unknown, after) as (target, the rule's fields from
+    its 8th on): one concatenation per rule rather than three."""
+    return body[0], body[1] + (body[2],) + body[3]
+
+
+# kube-proxy's DNAT target as its header and flags say it: revision 1 or 2 (nf_nat_range,
+# nf_nat_range2), one address and one port given.
+# The bytes after the size: the name, the revision, the flags.
+_DNAT_HEADS = frozenset(_XT_HEADER.pack(0, b"DNAT", revision)[2:] + struct.pack("=I", _MAPPED_AND_PORTED)
+                        for revision in (1, 2))
+# The target's size, its name, revision and flags, then nf_nat_range's addresses and ports.
+_DNAT = struct.Struct("=H34s16s16s2s2s")
+
+
+def _kube_proxy_dnat(body_raw: bytes, matches_end: int, family: int) -> str | None:
+    """``addr:port`` (``[addr]:port``) of a DNAT to one address and one port, else None
+    (decoded as any target then). The same text ``decode_piece`` makes of it."""
+    if len(body_raw) - matches_end < _DNAT.size:
+        return None
+    size, head, low, high, port_low, port_high = _DNAT.unpack_from(body_raw, matches_end)
+    if head not in _DNAT_HEADS or size != len(body_raw) - matches_end or low != high or port_low != port_high:
+        return None
+    port = port_low[0] << 8 | port_low[1]
+    if family == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, low[:4])}:{port}"
+    address = socket.inet_ntop(socket.AF_INET6, low)
+    if "." in address:
+        address = xtables._addr(low, 6)
+    return f"[{address}]:{port}"
+
+
+# -- whole chains that repeat ---------------------------------------------------------------
+# kube-proxy writes one chain per endpoint and per Service port, each alike its kind's others
+# but for a few bytes (an address, a jump's offset, a DNAT's address and port, counters).
+# Such a chain is checked against a template at C speed (one regular expression over its
+# bytes, those parts any) and its rules are the template's with those parts set; the parts
+# are decoded as ``_decode_entries`` decodes them, so the rules are the same.
+
+TEMPLATES_PER_SHAPE = 4  # templates kept for one (rules, bytes) of a chain
+TEMPLATES = 64  # templates kept for one table (each costs a compile, ~0.5 ms for a Service chain)
+TEMPLATE_RULES = 64  # chains longer than this (KUBE-SERVICES, KUBE-NODEPORTS) are one of a kind
+COMMENT_MATCH_SIZE = XT_HEADER + 256  # xt_comment_info: char comment[256]
+
+
+class ChainTemplate(NamedTuple):
+    pattern: re.Pattern  # the chain's bytes, its own parts any
+    values: struct.Struct  # its own parts, read in one call from the chain's first byte
+    # Per rule, how it is composed (``_how``) and from which of the values: see ``_from_template``.
+    fills: tuple
+    # The memo's address-part shapes and bodies its rules were decoded from, (key, value) each:
+    # a read that takes the template takes them too, so they stay for the chains it does not fit.
+    shapes: tuple
+    bodies: tuple
+
+
+def _decode_chain(view: memoryview, first: int, size: int, count: int, family: int, chain_at: dict[int, str],
+                  memo: BlobMemo, pieces: dict) -> tuple[IptablesRule, ...]:
+    """The ``count`` rules (``size`` bytes) from offset ``first``: from a template of the
+    memo's when one fits, else entry by entry (and a template learned of them)."""
+    key = (count, size)
+    templates = memo.chains.get(key)
+    if templates is None:
+        templates = memo.last_chains.get(key)
+        if templates is not None:
+            memo.chains[key] = templates
+            for template in templates:
+                memo.ip.update(template.shapes)
+                memo.body.update(template.bodies)
+    if templates:
+        for template in templates:
+            if template.pattern.fullmatch(view, first, first + size) is not None:
+                rules = _from_template(view, first, template, family, chain_at, pieces)
+                if rules is not None:
+                    return rules
+    rules = _decode_entries(view, first, count, family, chain_at, memo, pieces)
+    if (templates is None or len(templates) < TEMPLATES_PER_SHAPE) and 0 < count <= TEMPLATE_RULES \
+            and sum(map(len, memo.chains.values())) < TEMPLATES:
+        template = _learn_template(view, first, size, count, family, rules, memo)
+        if template is not None and _from_template(view, first, template, family, chain_at, pieces) == rules:
+            if templates is None:
+                templates = memo.chains[key] = []
+            templates.append(template)
+    return rules
+
+
+def _learn_template(view: memoryview, first: int, size: int, count: int, family: int,
+                    rules: tuple[IptablesRule, ...], memo: BlobMemo) -> ChainTemplate | None:
+    """A template of the chain just decoded into ``rules``, or None when a part of it is its
+    own in a way a template cannot set (a mask that is no prefix, a DNAT of a range, two
+    comments in one rule)."""
+    entry_size, ip_size, offsets_at, shape_at, length, _, _ = _LAYOUT[family]
+    parts: list[bytes] = []  # the pattern's
+    layout = ["="]  # the values' struct
+    fills = []
+    shapes, bodies = {}, {}
+    literal_from = struct_at = first  # where the bytes taken as they are start; where the struct is
+    values = 0
+
+    def own(at: int, count: int, code: str | None = None, codes: int = 1) -> int:
+        """Bytes ``at`` are the rule's own: any in the pattern, read as ``code`` (None: not read)."""
+        nonlocal literal_from, struct_at, values
+        parts.append(re.escape(bytes(view[literal_from:at])))
+        parts.append(b".{%d}" % count)
+        literal_from = at + count
+        if code is None:
+            return -1
+        layout.append(f"{at - struct_at}x{code}")
+        struct_at, values = at + count, values + codes
+        return values - codes
+
+    off = first
+    for rule in rules:
+        target_offset, next_offset = _OFFSETS.unpack_from(view, off + offsets_at)
+        target_at = off + target_offset
+        shape_key = bytes(view[off + shape_at:off + ip_size])
+        shape = memo.ip.get(shape_key, False)
+        if shape is _PER_ENTRY or shape is False:
+            return None
+        shapes[shape_key] = shape
+        # The body as _decode_entries keeps it in the memo, if it does.
+        body_raw = bytes(view[off + entry_size:off + next_offset])
+        matches = body_raw[:target_offset - entry_size]
+        for body_key in (matches, (body_raw,)):
+            if body_key in memo.body:
+                bodies[body_key] = memo.body[body_key]
+        source_kind, destination_kind = shape[1], shape[3]
+        source = own(off, length, f"{length}s") if source_kind is not _NO_ADDRESS else -1
+        destination = own(off + length, length, f"{length}s") if destination_kind is not _NO_ADDRESS else -1
+        own(off + entry_size - 16, 16)  # the counters
+        comment = -1
+        at = off + entry_size
+        while at < target_at:  # the matches: a comment's text is the rule's own
+            match_size = _U16.unpack_from(view, at)[0]
+            if match_size < XT_HEADER:
+                return None
+            if view[at + 2:at + 10] == b"comment\0":
+                if comment >= 0 or match_size != COMMENT_MATCH_SIZE or view[at + XT_HEADER - 1] != 0:
+                    return None
+                read_from = struct_at
+                comment = own(at + XT_HEADER, match_size - XT_HEADER, f"{match_size}s")
+                layout[-1] = f"{at - read_from}x{match_size}s"  # read with its header, for decode_piece
+            at += match_size
+        verdict = dnat = -1
+        if view[target_at + 2] == 0:
+            verdict = own(target_at + XT_HEADER, 4, "i")
+        elif view[target_at + 2:target_at + 7] == b"DNAT\0":
+            if _kube_proxy_dnat(body_raw, target_offset - entry_size, family) is None:
+                return None
+            dnat = own(target_at + 2 + 34, 36, "16s16s2s2s", 4)
+        nxt = off - first + next_offset
+        how, around = _how(verdict, source_kind, destination_kind, dnat, comment, rule)
+        if how is _VERDICT_ONLY:
+            fills.append((how, verdict, nxt, around))
+        elif how is _VERDICT_AND_HOST:
+            fills.append((how, verdict, nxt, around, source, rule.goto))
+        elif how is _DNAT_ONLY:
+            fills.append((how, dnat, around[0], around[1]))
+        else:
+            fills.append((None, verdict, nxt, source, source_kind, bytes(view[off + shape_at:off + shape_at + length]),
+                          destination, destination_kind,
+                          bytes(view[off + shape_at + length:off + shape_at + 2 * length]), dnat, comment, rule))
+        off += next_offset
+    if off != first + size or len(fills) != count:
+        return None
+    parts.append(re.escape(bytes(view[literal_from:off])))
+    return ChainTemplate(re.compile(b"".join(parts), re.S), struct.Struct("".join(layout)), tuple(fills),
+                         tuple(shapes.items()), tuple(bodies.items()))
+
+
+def _target(verdict: int, next_at: int, chain_at: dict[int, str]) -> str | None:
+    """A standard target's verdict as ``_decode_entries`` reads it; None when it is none."""
+    if verdict >= 0:
+        return "" if verdict == next_at else chain_at.get(verdict)
+    return VERDICTS.get(verdict)
+
+
+def _from_template(view: memoryview, first: int, template: ChainTemplate, family: int, chain_at: dict[int, str],
+                   pieces: dict) -> tuple[IptablesRule, ...] | None:
+    """The rules of the chain at ``first``, whose bytes the template's pattern matched; None
+    when one of its own parts is not what the template's was (a verdict of no chain, a DNAT
+    of a range): the chain is decoded entry by entry then, and said so there."""
+    _, _, _, _, length, kind, host_prefix = _LAYOUT[family]
+    inet_ntop = socket.inet_ntop
+    values = template.values.unpack_from(view, first)
+    rules = []
+    append = rules.append
+    for fill in template.fills:
+        how = fill[0]
+        if how is _VERDICT_ONLY:  # a jump (-m statistic ... -j KUBE-SEP-)
+            verdict = values[fill[1]]
+            target = ("" if verdict == first + fill[2] else chain_at.get(verdict)) if verdict >= 0 \
+                else VERDICTS.get(verdict)
+            if target is None:
+                return None
+            append(_new_rule(IptablesRule, (target,) + fill[3]))
+            continue
+        if how is _VERDICT_AND_HOST:  # -s ENDPOINT -j KUBE-MARK-MASQ
+            _, verdict, nxt, around, source, goto = fill
+            verdict = values[verdict]
+            target = ("" if verdict == first + nxt else chain_at.get(verdict)) if verdict >= 0 \
+                else VERDICTS.get(verdict)
+            if target is None:
+                return None
+            append(_new_rule(IptablesRule, (target, goto, inet_ntop(kind, values[source]) + host_prefix) + around))
+            continue
+        if how is _DNAT_ONLY:  # -p tcp -m tcp -j DNAT --to-destination ENDPOINT:PORT
+            _, dnat, head, tail = fill
+            to_destination = _to_destination(values, dnat, family)
+            if to_destination is None:
+                return None
+            append(_new_rule(IptablesRule, head + (to_destination,) + tail))
+            continue
+        _, verdict, nxt, source, source_kind, source_mask, destination, destination_kind, destination_mask, dnat, \
+            comment, rule = fill
+        fields = list(rule)
+        if verdict >= 0:
+            fields[_TARGET] = _target(values[verdict], first + nxt, chain_at)
+            if fields[_TARGET] is None:
+                return None
+        if dnat >= 0:
+            fields[_TO_DESTINATION] = _to_destination(values, dnat, family)
+            if fields[_TO_DESTINATION] is None:
+                return None
+        if source_kind is _HOST:
+            fields[_SOURCE] = inet_ntop(kind, values[source]) + host_prefix
+        elif source_kind is _PREFIX:
+            fields[_SOURCE] = _masked(pieces, family, values[source], source_mask, rule.source_negated, "-s")[0]
+        if destination_kind is _HOST:
+            fields[_DESTINATION] = inet_ntop(kind, values[destination]) + host_prefix
+        elif destination_kind is _PREFIX:
+            fields[_DESTINATION] = _masked(pieces, family, values[destination], destination_mask,
+                                           rule.destination_negated, "-d")[0]
+        if comment >= 0:
+            piece = decode_piece(values[comment], False, family)
+            if piece[1] or len(piece[0]) != 1 or piece[0][0][0] != _COMMENT:
+                return None
+            fields[_COMMENT] = piece[0][0][1]
+        append(_new_rule(IptablesRule, fields))
+    return tuple(rules)
+
+
+def _to_destination(values: tuple, at: int, family: int) -> str | None:
+    """``addr:port`` of a DNAT's range read into ``values`` from ``at``, as ``_kube_proxy_dnat``
+    says it; None when the range is more than one address and port."""
+    low, high, port_low, port_high = values[at:at + 4]
+    if low != high or port_low != port_high:
+        return None
+    port = port_low[0] << 8 | port_low[1]
+    if family == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, low[:4])}:{port}"
+    address = socket.inet_ntop(socket.AF_INET6, low)
+    if "." in address:
+        address = xtables._addr(low, 6)
+    return f"[{address}]:{port}"
+
+
+# How a template's rule is composed: its own parts set on the template's rule's fields one by one,
+# or, for the kinds most of kube-proxy's rules are, by one concatenation of the fields around them.
+_VERDICT_ONLY, _VERDICT_AND_HOST, _DNAT_ONLY = "verdict", "verdict and host", "DNAT"
+
+
+def _how(verdict_at: int, source_kind: int, destination_kind: int, dnat_at: int, comment_at: int,
+         rule: IptablesRule) -> tuple[str | None, tuple]:
+    """(how the rule is composed, the fields around its own parts) for ``_from_template``."""
+    if destination_kind is _NO_ADDRESS and comment_at < 0:
+        if verdict_at >= 0 and dnat_at < 0:
+            if source_kind is _NO_ADDRESS:
+                return _VERDICT_ONLY, rule[1:]
+            if source_kind is _HOST:
+                return _VERDICT_AND_HOST, rule[3:]
+        elif dnat_at >= 0 and verdict_at < 0 and source_kind is _NO_ADDRESS:
+            return _DNAT_ONLY, (rule[:_TO_DESTINATION], rule[_TO_DESTINATION + 1:])
+    return None, ()
