@@ -240,6 +240,11 @@ class IptablesNftSource:
                     return self._read_feed()
                 except _Resync as why:
                     self.last_resync = str(why)
+                except BaseException:
+                    # What it drained is gone with it (and the counts may be half updated):
+                    # only a full read says the kernel's rules again.
+                    self._resync = "a re-read failed after draining the change feed"
+                    raise
             elif self._resync is not None and self._last is not None:
                 self.last_resync = self._resync
             return self._full_read(known)
@@ -361,6 +366,8 @@ class IptablesNftSource:
             state = self._tables[key]
             for chain in deleted[key]:
                 state.drop(chain)
+                if chain in BUILTIN_CHAINS[key[1]]:
+                    state.set_count(chain, 0)  # as a full read has it: iptables-save prints it, empty
             changed[key] = self._recount(key, chains - deleted[key], rule_events) | deleted[key]
         self._last = self._rulesets(changed)
         return self._last
