@@ -462,21 +462,17 @@ class NftNetlink:
         return self.each_rule(family, table, decode, known, known, by_handle=True)
 
     def each_rule(self, family: int, table: str, decode, known: dict | None = None,
-                  seen: dict | None = None, chain_name: str | None = None,
-                  by_handle: bool = False) -> tuple[list, int]:
-        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table (or of
-        its chain ``chain_name`` alone), in chain order (``exprs``/``udata``: (start, end)
-        in ``buf``, or None), and how many rules were decoded anew. ``known`` ((chain,
-        handle) -> decoded; with ``by_handle``, handle -> decoded, whose ``.chain`` is
-        checked: one tuple less per rule) is looked up first; ``seen`` (may be ``known``
-        itself) gets every rule of this dump.
+                  seen: dict | None = None, by_handle: bool = False) -> tuple[list, int]:
+        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table, in chain
+        order (``exprs``/``udata``: (start, end) in ``buf``, or None), and how many rules
+        were decoded anew. ``known`` ((chain, handle) -> decoded; with ``by_handle``,
+        handle -> decoded, whose ``.chain`` is checked: one tuple less per rule) is looked
+        up first; ``seen`` (may be ``known`` itself) gets every rule of this dump.
 
         A dump of a whole table costs the kernel a walk from its first rule again for
         every message it fills (about 30 KB each): quadratic in the rules of a large
         table. One dump per chain walks only that chain (``each_chain_rules``)."""
-        for _chain, rules, decoded in self._rule_dumps(family, table, [chain_name], decode, known, seen, by_handle):
-            if rules is None:
-                raise NftReadError(_error_text(errno.ENOENT, f"the rules of chain {chain_name}"), errno.ENOENT)
+        for _chain, rules, decoded in self._rule_dumps(family, table, [None], decode, known, seen, by_handle):
             return rules, decoded
         raise AssertionError("unreachable: one dump asked for, one answered")
 
