@@ -1,27 +1,26 @@
-"""iptables (nft backend): the netlink source against `iptables-nft-save` on the same rules.
+"""iptables (nft backend): the exporter's iptables-nft read against `iptables-nft-save` on the same rules.
 
 kube-proxy's newest iptables layout (tests/ipt_rulesets.py) at 1,000 and 10,000
-Services x 5 endpoints (every tenth a NodePort) is loaded with
-`iptables-nft-restore --noflush` into a network namespace of its own (removed
-afterwards). Our reads run in a thread that joined it; `iptables-nft-save` runs
-there through nsenter, and its wall time is the reference of every ratio (the
-issue's: a first read and resolve at most 1x, a re-read after one Service's
-endpoints changed at most 0.1x, nothing changed under 5 ms).
+Services x 5 endpoints (every tenth a NodePort) is loaded into a network namespace of
+its own (removed afterwards). Our reads run in a thread that joined it, as the
+exporter runs them: an ``IptablesDataplane`` (exporter/readers/dataplanes.py: backend
+check, the iptables-nft source of exporter/readers/iptables_nft.py, the resolver with
+the cache it keeps between reads, the generation check after the resolve).
+`iptables-nft-save` runs there through nsenter, alternately with ours, and its wall
+time is the reference of every ratio (the issue's limits: a first read and resolve at
+most 1x, a re-read after one Service's endpoints changed at most 0.1x, nothing
+changed under 5 ms).
 
-Rows: a first read of a fresh source (every rule decoded); the generation check
-alone, and a read when nothing changed (the change feed drained empty, then the
-generation check: what a scrape costs); the read after one Service's endpoints
-changed, as kube-proxy's partial sync writes it (every top-level chain flushed and
-written again, the Service's own chains rewritten), which the source takes from
-nf_tables' change feed (exporter/readers/nftables_monitor.py: only those rules'
-messages are read, and only the ones whose bytes no deleted rule had are decoded),
-and the same change read whole by a source without the feed, for scale; with
-t-iptcore's resolver (``resolve_rulesets``) when it is there, the reads followed by
-it (after a change, given the cache the exporter's IptablesDataplane keeps between
-reads, so it resolves again only the chains that changed); what the feed costs elsewhere: the kernel memory one partial sync queues for it
-(its socket's Rmem before the drain: charged to the exporter's memory cgroup) and
-kube-proxy's restore with a listener against without; then peak memory, what a first
-read adds to a fresh process's peak RSS (VmHWM), against iptables-nft-save's own.
+Rows: a fresh dataplane's first read (every chain dumped and decoded as the resolver
+walks it); a read when nothing changed (the generation checks a scrape costs); the
+read after one Service's endpoints changed, as kube-proxy's partial sync writes them
+(every top-level chain flushed and written again, the Service's own chains
+rewritten), which the source takes from nf_tables' change feed
+(exporter/readers/nftables_monitor.py: which chains changed; only those are dumped
+again); what the feed costs elsewhere: the kernel memory one partial sync queues for
+it (its socket's Rmem before the read: charged to the exporter's memory cgroup) and
+kube-proxy's restore with a listener against without; then what a first read adds to
+a fresh process's peak RSS (VmHWM), against iptables-nft-save's own peak.
 
 `python -m bench.bench_iptables --sizes 3000` benches other sizes. A size's table is
 loaded by iptables-nft-restore the first time (10,000 x 5 takes minutes here) and
@@ -38,16 +37,11 @@ import sys
 import time
 
 from bench.common import Row
-from exporter.readers.iptables_netlink import IptablesNftSource
+from exporter.readers.dataplanes import IptablesDataplane
 from tests.ipt_rulesets import IptNS, bench_services, endpoints_changed, ruleset
 from tests.nft_snapshot import cached_table
 
 ENDPOINTS = 5
-
-try:  # t-iptcore's resolver: until it is merged the reads are benched alone
-    from exporter.readers.iptables import resolve_rulesets
-except ImportError:  # pragma: no cover - depends on the branch
-    resolve_rulesets = None
 
 
 def _save(ns: IptNS) -> tuple[float, int, int]:
@@ -62,15 +56,16 @@ def _save(ns: IptNS) -> tuple[float, int, int]:
     return elapsed, usage.ru_maxrss * 1024, size
 
 
-# A fresh process: peak RSS (VmHWM) after the imports, then after one first read.
+# A fresh process: peak RSS (VmHWM) after the imports, then after a dataplane's first read.
 _GROWTH = """
-from exporter.readers.iptables_netlink import IptablesNftSource
+from exporter.readers.dataplanes import IptablesDataplane
 def hwm():
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmHWM:"))
 before = hwm()
-source = IptablesNftSource()
-rulesets = source.read()
+dataplane = IptablesDataplane()
+live = dataplane.read_rules(0)
+assert live.backend == "nft" and live.read.table
 print(hwm() - before)
 """
 
@@ -81,9 +76,9 @@ def _peak_growth(ns: IptNS) -> int:
     return int(done.stdout.strip())
 
 
-def _queued_bytes(source: IptablesNftSource) -> int:
-    """The Rmem of the source's feed socket (/proc/net/netlink of this thread's namespace; 12: NETLINK_NETFILTER)."""
-    port = source._feed.sock.getsockname()[0]
+def _queued_bytes(feed) -> int:
+    """The Rmem of the feed's socket (/proc/net/netlink of this thread's namespace; 12: NETLINK_NETFILTER)."""
+    port = feed.sock.getsockname()[0]
     with open("/proc/thread-self/net/netlink") as fh:
         for line in fh:
             fields = line.split()
@@ -98,10 +93,6 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, value
 
 
-def _count_rules(rulesets) -> int:
-    return sum(len(rules) for ruleset in rulesets for chains in ruleset.tables.values() for rules in chains.values())
-
-
 def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     services = bench_services(count, ENDPOINTS)
     text = ruleset(services, 4)
@@ -111,81 +102,57 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     def limit(ratio: float) -> float | None:
         return ratio if count >= 10000 else None  # the issue sets its limits at 10,000 x 5
 
-    # A first read is a fresh source's; alternate it with iptables-nft-save so both see the same load.
-    saves, firsts, resolves = [], [], []
-    source = rulesets = None
+    # A first read is a fresh dataplane's; alternate it with iptables-nft-save so both see the same load.
+    saves, firsts = [], []
+    dataplane = live = None
     for _ in range(2 if count >= 10000 else 3):
         saves.append(_save(ns))
-        source = rulesets = None  # one source alive at a time, as in the exporter
-        source = IptablesNftSource()
-        seconds, rulesets = _timed(lambda: ns.run(source.read))
+        if dataplane is not None:
+            dataplane.close()
+        dataplane = live = None  # one source alive at a time, as in the exporter
+        dataplane = ns.run(IptablesDataplane)
+        seconds, live = _timed(lambda: ns.run(lambda: dataplane.read_rules(0)))
         firsts.append(seconds)
-        if resolve_rulesets is not None:
-            resolves.append(_timed(lambda: resolve_rulesets(rulesets))[0])
+    source = dataplane.nft
+    assert live.backend == "nft" and live.read.table and not live.read.unread
+    rules = sum(size.rules for size in live.tables)
     reference = min(t for t, _, _ in saves)
     save_peak = max(rss for _, rss, _ in saves)
-    rules = _count_rules(rulesets)
-    assert source.decoded == rules, (source.decoded, rules)
-    rows.append(Row(f"{label}: first read ({rules:,} rules)", min(firsts), reference, "iptables-nft-save",
-                    limit=limit(1.0) if resolve_rulesets is None else None))
-    if resolve_rulesets is not None:
-        rows.append(Row(f"{label}: first read + resolve", min(firsts) + min(resolves), reference,
-                        "iptables-nft-save", limit=limit(1.0)))
-
-    idle = statistics.median(_timed(lambda: ns.run(source.generation))[0] for _ in range(20))
-    rows.append(Row(f"{label}: nothing changed (generation check)", idle, 0.005, "5 ms budget", limit=limit(1.0)))
-    generation = source.last_generation
-    same, again = _timed(lambda: ns.run(lambda: source.read(known=generation)))
-    assert again is rulesets and source.decoded == 0
+    rows.append(Row(f"{label}: first read + resolve ({rules:,} rules, {source.dumped:,} chains dumped)",
+                    min(firsts), reference, "iptables-nft-save", limit=limit(1.0)))
 
     def idle_reads() -> float:  # in the namespace's own thread, as the exporter reads its own
-        times = [_timed(source.read)[0] for _ in range(50)]
+        times = []
+        for _ in range(50):
+            seconds, again = _timed(lambda: dataplane.read_rules(0))
+            assert not again.reread
+            times.append(seconds)
         return statistics.median(times)
 
-    rows.append(Row(f"{label}: nothing changed (feed drained, generation check)", ns.run(idle_reads) * 1e3, 5.0,
+    rows.append(Row(f"{label}: nothing changed (the dataplane's generation checks)", ns.run(idle_reads) * 1e3, 5.0,
                     "5 ms budget", unit="ms", limit=limit(1.0)))
 
-    changes, alone_reads, alone_resolves, decoded, announced, restores, queued = [], [], [], [], [], [], []
+    changes, change_saves, dumped, decoded, restores, queued = [], [], [], [], [], []
     full_reads = source.full_reads
-    cache: dict = {}  # the resolver's, as IptablesDataplane keeps it between reads
-    if resolve_rulesets is not None:
-        resolve_rulesets(rulesets, None, cache)
     for i in range(3):
         svc = services[i * 7]
+        change_saves.append(_save(ns)[0])
         restores.append(_timed(lambda: ns.restore(endpoints_changed(services, svc,
                                                                     [(a, p + 1) for a, p in svc.endpoints])))[0])
-        queued.append(ns.run(lambda: _queued_bytes(source)))
-        seconds, rulesets = _timed(lambda: ns.run(source.read))
-        alone_reads.append(seconds)
-        if resolve_rulesets is not None:
-            resolving = _timed(lambda: resolve_rulesets(rulesets, None, cache))[0]
-            alone_resolves.append(resolving)
-            seconds += resolving
+        queued.append(ns.run(lambda: _queued_bytes(source._feed)))
+        seconds, live = _timed(lambda: ns.run(lambda: dataplane.read_rules(0)))
+        assert live.reread and not live.read.unread
         changes.append(seconds)
+        dumped.append(source.dumped)
         decoded.append(source.decoded)
-        announced.append(source.announced)
     assert source.full_reads == full_reads, source.last_resync  # every change came from the feed
-    what = "re-read" + (" + resolve" if resolve_rulesets is not None else "")
-    rows.append(Row(f"{label}: {what} after one Service changed, from the feed ({statistics.median(announced):,.0f} "
-                    f"rules new, {statistics.median(decoded):,.0f} decoded)", statistics.median(changes), reference,
-                    "iptables-nft-save", limit=limit(0.1)))
-    if resolve_rulesets is not None:
-        rows.append(Row(f"{label}: re-read alone after one Service changed, from the feed",
-                        statistics.median(alone_reads), reference, "iptables-nft-save", limit=limit(0.1)))
-        rows.append(Row(f"{label}: resolve alone after one Service changed (the exporter's cache)",
-                        statistics.median(alone_resolves), reference, "iptables-nft-save"))
-    svc = services[3]
-    ns.restore(endpoints_changed(services, svc, [(a, p + 1) for a, p in svc.endpoints]))
-    whole = IptablesNftSource(feed=False)
-    seconds, rulesets = _timed(lambda: ns.run(whole.read))
-    if resolve_rulesets is not None:
-        seconds += _timed(lambda: resolve_rulesets(rulesets))[0]
-    rows.append(Row(f"{label}: the same change read whole (no feed: every rule decoded)", seconds, reference,
-                    "iptables-nft-save"))
-    whole = rulesets = None
+    rows.append(Row(f"{label}: re-read + resolve after one Service changed, from the feed "
+                    f"({statistics.median(dumped):,.0f} chains dumped, {statistics.median(decoded):,.0f} rules "
+                    f"decoded)", statistics.median(changes), min(change_saves), "iptables-nft-save",
+                    limit=limit(0.1)))
     rows.append(Row(f"{label}: kernel memory one partial sync queues for the feed", statistics.median(queued) / 1e6,
                     source._feed.receive_buffer_bytes / 1e6, "the receive buffer granted", unit="MB"))
-    source.close()  # no listener now: nf_tables builds no notification
+    dataplane.close()  # no listener now: nf_tables builds no notification
     alone = []
     for i in range(3):
         svc = services[i * 7 + 1]
@@ -196,7 +163,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     rows.append(Row(f"{label}: setup: the table {'replayed from a snapshot' if how == 'replayed' else 'loaded by iptables-nft-restore'}",
                     load, unit="s"))
     grown = _peak_growth(ns) / 1e6
-    rows.append(Row(f"{label}: peak RSS added by a first read", grown, save_peak / 1e6,
+    rows.append(Row(f"{label}: peak RSS added by a first read + resolve", grown, save_peak / 1e6,
                     "iptables-nft-save's peak RSS", unit="MB"))
 
 

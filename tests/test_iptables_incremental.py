@@ -4,9 +4,9 @@ not read, sizes), and it walks fewer chains than a whole resolve does.
 
 Real rules in a namespace of the test's own (kube-proxy's overall.rules, and generated
 Services for kube-proxy's partial sync), changed with the backend's own tools, read by
-each source the exporter has: the iptables-nft change feed (which hands back the same rule
-objects for what did not change), the save text (new objects every read: compared by
-value), and the iptables-legacy blob (chains decoded afresh on each access: resolved whole).
+each source the exporter has: iptables-nft over netlink (its change feed names the chains
+that changed), the save text (new objects every read: compared by value), and the
+iptables-legacy blob (chains decoded afresh on each access: resolved whole).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from exporter.paths import Paths
 from exporter.readers import iptables
 from exporter.readers.iptables import chain_services_for, resolve_rulesets
 from exporter.readers.iptables_legacy import IptablesLegacySource
-from exporter.readers.iptables_netlink import IptablesNftSource
-from exporter.readers.iptables_nft_lazy import IptablesNftLazySource
+from exporter.readers.iptables_nft import IptablesNftSource
 from exporter.readers.iptables_save import parse_save
 from tests import ipt_rulesets
 from tests.ipt_ns import IptNS
@@ -57,7 +56,7 @@ CHANGES = {
     "a rule this reader does not understand": _nat("-I", SVC4, "1", "-i", "eth0", "-j", "KUBE-MARK-MASQ"),
 }
 
-SOURCES = ("nft-feed", "nft-lazy", "save-text", "legacy-blob")
+SOURCES = ("nft", "save-text", "legacy-blob")
 
 
 class _Reader:
@@ -65,10 +64,8 @@ class _Reader:
 
     def __init__(self, ns: IptNS, kind: str) -> None:
         self.ns, self.kind = ns, kind
-        if kind == "nft-feed":
+        if kind == "nft":
             self.source = IptablesNftSource()
-        elif kind == "nft-lazy":
-            self.source = IptablesNftLazySource()
         elif kind == "legacy-blob":
             self.source = IptablesLegacySource(Paths(), keep=False, lazy=True)  # as the dataplane reads
 
@@ -78,7 +75,7 @@ class _Reader:
         return self.ns.run(self.source.read)
 
     def close(self) -> None:
-        if self.kind in ("nft-feed", "nft-lazy"):
+        if self.kind == "nft":
             self.source.close()
 
 
@@ -137,9 +134,9 @@ def test_the_incremental_resolve_equals_a_whole_one_after_each_change(source, ch
             assert first.table and not first.unread
             for args in CHANGES[change]:
                 ns.iptables(*args)
-            # A rename reaches the lazy source as a chain announced again with an old handle:
+            # A rename reaches the nft source as a chain announced again with an old handle:
             # a full read, which keeps nothing to compare with, so a whole resolve (equal all the same).
-            whole_again = source == "legacy-blob" or (source == "nft-lazy" and change == "chain renamed (-E)")
+            whole_again = source == "legacy-blob" or (source == "nft" and change == "chain renamed (-E)")
             _check(reader.read(), names, cache, walked, not whole_again)
             # And back: what was removed appears again, what was added goes.
             ns.restore(OVERALL)
@@ -154,16 +151,15 @@ def test_the_incremental_resolve_equals_a_whole_one_after_each_change(source, ch
             reader.close()
 
 
-@pytest.mark.parametrize("lazy", (False, True), ids=("nft-feed", "nft-lazy"))
-def test_kube_proxys_partial_sync_resolves_only_the_changed_service_again(monkeypatch, lazy):
+def test_kube_proxys_partial_sync_resolves_only_the_changed_service_again(monkeypatch):
     """kube-proxy's partial sync (every top-level chain flushed and written again, the
     changed Service's chains rewritten, its gone endpoint chains deleted), read from the
-    change feed: the frontends are the same rule objects, so only that Service is walked."""
+    change feed: the top-level chains are the same again, so only that Service is walked."""
     services = ipt_rulesets.bench_services(40, 3)
     walked = _walks(monkeypatch)
     with ipt_rulesets.IptNS() as ns:
         ns.restore(ipt_rulesets.ruleset(services, 4))
-        source = IptablesNftLazySource() if lazy else IptablesNftSource()
+        source = IptablesNftSource()
         try:
             cache: dict = {}
             resolve_rulesets(ns.run(source.read), None, cache)

@@ -636,7 +636,7 @@ def test_a_legacy_nat_table_flushed_before_the_first_read_is_every_frontend_miss
     """The exporter starts after firewalld flushed the nat table: kube-proxy's filter chains
     in iptables-legacy say where its rules were, and nothing from iptables-nft hides that."""
     from exporter.readers.dataplanes import IptablesDataplane
-    from exporter.readers.iptables_netlink import IptablesNftSource
+    from exporter.readers.iptables_nft import IptablesNftSource
 
     legacy_ns.iptables("-t", "nat", "-F", backend="legacy")
     legacy_ns.iptables("-t", "nat", "-X", backend="legacy")

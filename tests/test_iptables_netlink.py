@@ -1,10 +1,12 @@
-"""The iptables-nft source (nf_tables over netlink) and the xtables blob decoders, on real
+"""The iptables-nft source (exporter/readers/iptables_nft.py: nf_tables over netlink, each
+chain dumped and decoded when asked for) and the rule and xtables blob decoders, on real
 rules in a network namespace of the test's own (loaded with iptables-nft-restore, read
 from a thread that joined the namespace).
 
 What the kernel holds is checked against what `iptables-nft-save` prints for the same
 rules, as ``parse_save`` (exporter/readers/iptables_save.py) reads it: every chain of
-both tables must read alike, rule by rule.
+both tables must read alike, rule by rule (``dict(chains)`` of the source's mappings:
+every chain dumped and decoded).
 Rulesets: tests/ipt_rulesets.py (kube-proxy's newest layout, both families) and
 ``EVERY_OPTION`` (each option the decoders know, and some they must name as unknown).
 """
@@ -18,7 +20,7 @@ import pytest
 
 from exporter.readers import iptables_netlink, xtables
 from exporter.readers.iptables import resolve_rulesets
-from exporter.readers.iptables_netlink import PER_CHAIN_DUMPS_FROM, IptablesNftSource
+from exporter.readers.iptables_nft import IptablesNftSource
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
 from exporter.readers.iptables_save import parse_save
 from tests import ipt_rulesets
@@ -44,22 +46,20 @@ def assert_reads_as_saved(ns: IptNS, family: int, read: IptablesRuleset) -> None
     saved = parsed.tables
     assert set(read.tables) == set(saved)
     for table, chains in saved.items():
-        assert set(read.tables[table]) == set(chains), table
+        got = dict(read.tables[table])
+        assert set(got) == set(chains), table
         for chain, rules in chains.items():
-            assert read.tables[table][chain] == rules, f"{table} {chain}"
+            assert got[chain] == tuple(rules), f"{table} {chain}"
+        # The counts the source keeps (the iptables collector's sizes) are the chains' own.
+        assert dict(read.tables[table].lengths()) == {chain: len(rules) for chain, rules in chains.items()}, table
 
 
 # -- kube-proxy's rules ---------------------------------------------------------
 
-# Small tables are dumped whole, large ones chain by chain: both ways on the same rules.
-WAYS = pytest.mark.parametrize("per_chain_dumps_from", [PER_CHAIN_DUMPS_FROM, 0], ids=["whole", "per-chain"])
-
-
-@WAYS
-def test_generated_rules_read_as_iptables_save_prints_them(ns, per_chain_dumps_from):
+def test_generated_rules_read_as_iptables_save_prints_them(ns):
     ns.load(ipt_rulesets.generated_services(), family=4)
     ns.load(ipt_rulesets.generated_services_v6(), family=6)
-    read = read_tables(ns, IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from))
+    read = read_tables(ns)
     for family in (4, 6):
         assert_reads_as_saved(ns, family, read[family])
     nat4 = read[4].tables["nat"]
@@ -161,11 +161,10 @@ def test_a_read_whose_expression_memo_is_cleared_reads_as_iptables_save(ns, monk
         assert_reads_as_saved(ns, family, read[family])
 
 
-@WAYS
-def test_every_option_reads_as_iptables_save_prints_it(ns, per_chain_dumps_from):
+def test_every_option_reads_as_iptables_save_prints_it(ns):
     for family, text in EVERY_OPTION.items():
         ns.restore(text, family=family)
-    read = read_tables(ns, IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from))
+    read = read_tables(ns)
     for family in (4, 6):
         assert_reads_as_saved(ns, family, read[family])
     test = read[4].tables["nat"]["KUBE-TEST"]
@@ -219,40 +218,47 @@ def test_no_nat_table_reads_as_an_empty_ruleset(ns):
 
 
 def test_generation_moves_on_a_change_and_a_known_one_skips_the_dump(ns):
-    source = IptablesNftSource()
+    source = IptablesNftSource(feed=False)  # the generation alone says whether to read again
     ns.load(ipt_rulesets.generated_services())
     first = ns.run(source.read)
     generation = source.last_generation
     assert ns.run(source.generation) == generation
-    assert ns.run(lambda: source.read(known=generation)) is first  # nothing dumped
+    assert ns.run(lambda: source.read(known=generation)) is first and source.dumped == 0
     ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-j", "RETURN")
     assert ns.run(source.generation) != generation
     again = ns.run(lambda: source.read(known=generation))
-    assert again is not first and source.decoded == 1
+    assert again is not first and again[0].tables["nat"].changed is None  # a full read: all may have moved
     assert again[0].tables["nat"]["KUBE-MARK-MASQ"][-1] == IptablesRule("RETURN")
+    assert source.dumped == 1 and source.decoded == len(again[0].tables["nat"]["KUBE-MARK-MASQ"])
 
 
-@WAYS
-def test_a_reread_after_one_service_changed_decodes_only_the_new_handles(ns, per_chain_dumps_from):
+def test_a_reread_after_one_service_changed_dumps_only_that_services_chains(ns):
     services = ipt_rulesets.bench_services(60, 5)
     ns.load(services)
-    source = IptablesNftSource(per_chain_dumps_from=per_chain_dumps_from)
-    first = read_tables(ns, source)[4]
-    total = sum(len(rules) for chains in first.tables.values() for rules in chains.values())
-    assert source.decoded == total
-    rewrite = ipt_rulesets.endpoints_changed(services, services[7], [("10.99.0.1", 8080)] + services[7].endpoints[1:])
-    ns.restore(rewrite)
-    second = read_tables(ns, source)[4]
-    # iptables-restore flushes every chain it names and adds its rules anew: exactly
-    # those rules are new handles, every other rule kept its handle and its decode; of
-    # the new ones, those with the bytes of a rule just deleted keep its decode too.
-    assert source.announced == sum(line.startswith("-A ") for line in rewrite.splitlines())
-    assert source.announced < total / 3
-    assert source.decoded == 3  # svc7's KUBE-SVC rule to the new endpoint, the two of its new KUBE-SEP
-    assert source.full_reads == 1
-    assert_reads_as_saved(ns, 4, second)
-    sep = ipt_rulesets.chain_name(services[7], "SEP", ("10.99.0.1", 8080))
-    assert second.tables["nat"][sep][-1].to_destination == "10.99.0.1:8080"
+    source = IptablesNftSource()
+    cache: dict = {}
+    first = ns.run(source.read)
+    resolve_rulesets(first, None, cache)
+    total = sum(length for chains in first[0].tables.values() for _, length in chains.lengths())
+    changed = services[7]
+    old = list(changed.endpoints)
+    ns.restore(ipt_rulesets.endpoints_changed(services, changed, [("10.99.0.1", 8080)] + old[1:]))
+    own = {ipt_rulesets.chain_name(changed, kind) for kind in ("SVC", "SVL", "EXT", "FW")} | {
+        ipt_rulesets.chain_name(changed, "SEP", endpoint) for endpoint in old + changed.endpoints}
+    second = ns.run(source.read)
+    nat = second[0].tables["nat"]
+    # kube-proxy's partial sync flushed and wrote again every top-level chain, the same:
+    # from the feed, only the Service's own chains changed (its KUBE-SVC- chain, the
+    # endpoint chain it deleted and the one it made; its KUBE-EXT- for a NodePort).
+    assert source.full_reads == 1, source.last_resync
+    gone, new = ipt_rulesets.chain_name(changed, "SEP", old[0]), ipt_rulesets.chain_name(changed, "SEP", ("10.99.0.1", 8080))
+    assert {gone, new, ipt_rulesets.chain_name(changed, "SVC")} <= nat.changed <= own, nat.changed
+    read = resolve_rulesets(second, None, cache)
+    # Walked again: that Service's chains, not the table.
+    assert 0 < source.decoded < total / 10, (source.decoded, total)
+    assert read == resolve_rulesets(ns.run(IptablesNftSource(feed=False).read), None)
+    assert_reads_as_saved(ns, 4, second[0])
+    assert nat[new][-1].to_destination == "10.99.0.1:8080" and gone not in nat
 
 
 def test_a_table_created_again_is_decoded_again(ns):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from exporter.readers import iptables_netlink
-from exporter.readers.iptables_netlink import FAMILIES, TABLES, _decode_expressions, decode_rule
+from exporter.readers.iptables_netlink import _decode_expressions, decode_rule
+from exporter.readers.iptables_nft import FAMILIES, TABLES
 from exporter.readers.iptables_rules import IptablesRule
 from exporter.readers.nftables_netlink import NftNetlink
 from tests import ipt_rulesets

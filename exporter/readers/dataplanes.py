@@ -8,7 +8,7 @@
   table flushed or deleted behind the proxy's back), not an error.
 - iptables: ``IptablesDataplane``, owned here and shared by the drift and the
   ``iptables`` collectors: kube-proxy's rules from the iptables-nft backend
-  (``exporter.readers.iptables_netlink``) or the iptables-legacy one
+  (``exporter.readers.iptables_nft``) or the iptables-legacy one
   (``exporter.readers.iptables_legacy``: the kernel's x_tables blob, decoded in
   this process), resolved by ``exporter.readers.iptables``.
 """
@@ -87,7 +87,7 @@ def ruleset_sizes(rulesets) -> tuple[IptablesTableSize, ...]:
     out = []
     for ruleset in rulesets:
         for table, chains in ruleset.tables.items():
-            counts = getattr(chains, "counts", None)  # kept by the source (iptables_nft_lazy)
+            counts = getattr(chains, "counts", None)  # kept by the source (iptables_nft)
             if counts is not None:
                 chain_count, rules, kube = counts()[:3]
                 out.append(IptablesTableSize(ruleset.family, table, chain_count, rules, kube))
@@ -115,9 +115,9 @@ BACKEND_NAMES = {NFT: "iptables-nft", LEGACY: "iptables-legacy"}
 
 
 def _nft_source():
-    from exporter.readers.iptables_nft_lazy import IptablesNftLazySource
+    from exporter.readers.iptables_nft import IptablesNftSource
 
-    return IptablesNftLazySource()
+    return IptablesNftSource()
 
 
 class IptablesDataplane(DataplaneReader):
@@ -206,7 +206,7 @@ class IptablesDataplane(DataplaneReader):
         (asked again only when the generation moved)."""
         if self.nft is None:
             return None, False
-        from exporter.readers.iptables_netlink import NftReadError
+        from exporter.readers.iptables_nft import NftReadError
 
         try:
             generation = self.nft.generation()
@@ -250,14 +250,14 @@ class IptablesDataplane(DataplaneReader):
             if (last is not None and last.backend == NFT and self._nft_read_generation == generation
                     and self.clock() - self._nft_read_at < self.safety_interval):
                 return last._replace(read_seconds=time.perf_counter() - start, reread=False)
-            from exporter.readers.iptables_netlink import NftReadError
+            from exporter.readers.iptables_nft import NftReadError
 
             try:
                 rulesets = self.nft.read()
             except NftReadError as err:
                 raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
             # The source reads the generation again around its dumps: the rules are that one's.
-            self._nft_read_generation = getattr(self.nft, "last_generation", None) or generation
+            self._nft_read_generation = self.nft.last_generation
             self._nft_read_at = self.clock()
         else:
             if legacy_rulesets is None and last is not None and last.backend == LEGACY and not self.legacy.due():
@@ -270,17 +270,14 @@ class IptablesDataplane(DataplaneReader):
         return IptablesLive(read, backend, ruleset_sizes(rulesets), time.perf_counter() - start, True)
 
     def _verified(self, read, rulesets):
-        """A read of a source that decodes chains as the resolver asks (iptables_nft_lazy) is
-        the kernel's only if nf_tables did not move while the resolver walked: read and
+        """The iptables-nft source decodes chains as the resolver asks for them: a read is
+        the kernel's only if nf_tables did not move while the resolver walked. Read and
         resolve again until it did not (the feed names what moved)."""
-        from exporter.readers.iptables_netlink import NftReadError
+        from exporter.readers.iptables_nft import NftReadError
 
-        verify = getattr(self.nft, "verify", None)
-        if verify is None:
-            return read, rulesets
         try:
             for _ in range(NFT_VERIFY_TRIES):
-                if verify():
+                if self.nft.verify():
                     return read, rulesets
                 rulesets = self.nft.read()
                 self._nft_read_generation = self.nft.last_generation
@@ -291,7 +288,7 @@ class IptablesDataplane(DataplaneReader):
 
     def _resolve(self, rulesets):
         from exporter.readers.iptables import IptablesRead, NoKubeProxyRules, resolve_rulesets
-        from exporter.readers.iptables_netlink import NftReadError
+        from exporter.readers.iptables_nft import NftReadError
 
         try:
             names = self.chain_services() if self.chain_services is not None else None

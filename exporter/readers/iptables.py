@@ -1,7 +1,8 @@
 """What kube-proxy's iptables rules mean for Services: the one resolver of iptables mode.
 
 Every source of iptables rules (``iptables-save`` text: ``iptables_save``; the
-iptables-nft backend's nf_tables over netlink: ``iptables_netlink``) fills plain
+iptables-nft backend's nf_tables over netlink: ``iptables_nft``; the iptables-legacy
+backend's x_tables blob: ``iptables_legacy``) fills plain
 ``IptablesRuleset`` data; ``resolve_rulesets`` alone reads kube-proxy's chain
 structure out of it, in the shapes of the nftables reader (``exporter.readers.
 nftables``), so that desired and live compare equal on a node whose rules are right.
@@ -292,7 +293,7 @@ class _Family:
         self._verdicts()
         self.frontend_list = self._frontends()
         self._place_all()
-        # After the walk: a source that counts a chain on its first dump (iptables_nft_lazy)
+        # After the walk: a source that counts a chain on its first dump (iptables_nft)
         # has counted nearly all of them by now, and dumps only the rest.
         self.counts = _source_counts(nat, filter_) or _counts(nat, filter_)
         if not (type(nat) is dict and type(filter_) is dict) and not hasattr(nat, "changed"):
@@ -628,7 +629,7 @@ def _changed_chains(old: Chains, new: Chains) -> set[str]:
 
 def _told_changes(old: Chains, new: Chains) -> set[str] | None:
     """The chains ``new`` says changed since ``old`` (a source that keeps no rules names
-    them: iptables_nft_lazy.NftChains), or None when it cannot say that of ``old``."""
+    them: iptables_nft.NftChains), or None when it cannot say that of ``old``."""
     changed = getattr(new, "changed", None)
     if new is old and changed is not None:
         return set()  # the same read served again: nothing moved

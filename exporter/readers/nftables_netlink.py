@@ -462,34 +462,28 @@ class NftNetlink:
         return self.each_rule(family, table, decode, known, known, by_handle=True)
 
     def each_rule(self, family: int, table: str, decode, known: dict | None = None,
-                  seen: dict | None = None, chain_name: str | None = None,
-                  by_handle: bool = False) -> tuple[list, int]:
-        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table (or of
-        its chain ``chain_name`` alone), in chain order (``exprs``/``udata``: (start, end)
-        in ``buf``, or None), and how many rules were decoded anew. ``known`` ((chain,
-        handle) -> decoded; with ``by_handle``, handle -> decoded, whose ``.chain`` is
-        checked: one tuple less per rule) is looked up first; ``seen`` (may be ``known``
-        itself) gets every rule of this dump.
+                  seen: dict | None = None, by_handle: bool = False) -> tuple[list, int]:
+        """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table, in chain
+        order (``exprs``/``udata``: (start, end) in ``buf``, or None), and how many rules
+        were decoded anew. ``known`` ((chain, handle) -> decoded; with ``by_handle``,
+        handle -> decoded, whose ``.chain`` is checked: one tuple less per rule) is looked
+        up first; ``seen`` (may be ``known`` itself) gets every rule of this dump.
 
         A dump of a whole table costs the kernel a walk from its first rule again for
         every message it fills (about 30 KB each): quadratic in the rules of a large
         table. One dump per chain walks only that chain (``each_chain_rules``)."""
-        for _chain, rules, _handles, decoded in self._rule_dumps(family, table, [chain_name], decode, known, seen,
-                                                                 by_handle):
-            if rules is None:
-                raise NftReadError(_error_text(errno.ENOENT, f"the rules of chain {chain_name}"), errno.ENOENT)
+        for _chain, rules, decoded in self._rule_dumps(family, table, [None], decode, known, seen, by_handle):
             return rules, decoded
         raise AssertionError("unreachable: one dump asked for, one answered")
 
-    def each_chain_rules(self, family: int, table: str, chain_names, decode, known: dict | None = None,
-                         ) -> Iterator[tuple[str, list | None, list[int], int]]:
-        """(chain, its rules decoded as ``each_rule`` does, their handles, how many decoded anew)
-        of each of ``chain_names``, one dump per chain; rules None for a chain gone since it was
-        named."""
-        return self._rule_dumps(family, table, chain_names, decode, known, None, False)
+    def each_chain_rules(self, family: int, table: str, chain_names, decode,
+                         ) -> Iterator[tuple[str, list | None, int]]:
+        """(chain, its rules decoded as ``each_rule`` does, how many) of each of
+        ``chain_names``, one dump per chain; rules None for a chain gone since it was named."""
+        return self._rule_dumps(family, table, chain_names, decode, None, None, False)
 
     def _rule_dumps(self, family: int, table: str, chain_names, decode, known: dict | None, seen: dict | None,
-                    by_handle: bool) -> Iterator[tuple[str | None, list | None, list[int], int]]:
+                    by_handle: bool) -> Iterator[tuple[str | None, list | None, int]]:
         """One rule dump per name of ``chain_names`` (None: the whole table), in turn on this
         socket. A flat loop: at 10,000 Services a first read makes ~60,000 of them, and the
         generator, attribute and request building of ``_replies`` per dump was a third of
@@ -513,7 +507,6 @@ class NftNetlink:
                 seq = self.seq
                 send(pack_header(16 + len(body), msg_type, request_flags, seq, 0) + body)
                 out = []
-                handles: list[int] = []
                 decoded = 0
                 while True:
                     size = recv_into(buf, 0, socket.MSG_TRUNC)
@@ -570,10 +563,9 @@ class NftNetlink:
                         if seen is not None:
                             seen[key] = rule
                         out.append(rule)
-                        handles.append(handle)
                     if finished:
                         break
-                yield chain_name, out, handles, decoded
+                yield chain_name, out, decoded
         except (BlockingIOError, TimeoutError):
             raise NftReadError(f"no answer from nf_tables within {self.timeout:g} s ({what})") from None
         except struct.error:

@@ -1,4 +1,4 @@
-"""The iptables-nft source that keeps no rules (exporter/readers/iptables_nft_lazy.py).
+"""The iptables-nft source, which keeps no rules (exporter/readers/iptables_nft.py).
 
 Real rules in a namespace of the test's own, changed as kube-proxy changes them. What it
 serves must read as `iptables-nft-save` prints the rules; what it says changed must be
@@ -10,7 +10,7 @@ the kernel changed before they were walked must be told by ``verify()``.
 from __future__ import annotations
 
 from exporter.readers.iptables import resolve_rulesets
-from exporter.readers.iptables_nft_lazy import IptablesNftLazySource
+from exporter.readers.iptables_nft import IptablesNftSource
 from exporter.readers.iptables_save import parse_save
 from tests.ipt_rulesets import IptNS, bench_services, endpoints_changed, ruleset
 
@@ -27,14 +27,14 @@ def test_reads_as_iptables_save_prints_the_rules():
     services = bench_services(30, 3)
     with IptNS() as ns:
         ns.restore(ruleset(services, 4))
-        source = IptablesNftLazySource()
+        source = IptablesNftSource()
         try:
-            [lazy] = [r for r in ns.run(source.read) if r.family == 4]
+            [read] = [r for r in ns.run(source.read) if r.family == 4]
             [saved] = parse_save(ns.save(4), 4)
             for table, chains in saved.tables.items():
-                assert {name: tuple(rules) for name, rules in lazy.tables[table].items()} == \
+                assert {name: tuple(rules) for name, rules in read.tables[table].items()} == \
                     {name: tuple(rules) for name, rules in chains.items()}, table
-                assert dict(lazy.tables[table].lengths()) == {n: len(r) for n, r in chains.items()}
+                assert dict(read.tables[table].lengths()) == {n: len(r) for n, r in chains.items()}
         finally:
             source.close()
 
@@ -43,7 +43,7 @@ def test_a_top_level_chain_written_again_the_same_is_unchanged_and_reordered_is_
     services = bench_services(30, 3)
     with IptNS() as ns:
         ns.restore(ruleset(services, 4))
-        source = IptablesNftLazySource()
+        source = IptablesNftSource()
         try:
             resolve_rulesets(ns.run(source.read), None, {})
             ns.restore(endpoints_changed(services, services[5], [(a, p + 1) for a, p in services[5].endpoints]))
@@ -66,7 +66,7 @@ def test_a_chain_written_again_by_inserts_is_read_in_its_new_order():
     services = bench_services(30, 3)
     with IptNS() as ns:
         ns.restore(ruleset(services, 4))
-        source = IptablesNftLazySource()
+        source = IptablesNftSource()
         try:
             resolve_rulesets(ns.run(source.read), None, {})
             rules = [line[len("-A KUBE-SERVICES "):] for line in ns.save(4, table="nat").splitlines()
@@ -86,7 +86,7 @@ def test_one_rule_edited_in_a_top_level_chain_is_changed_and_counted():
     services = bench_services(30, 3)
     with IptNS() as ns:
         ns.restore(ruleset(services, 4))
-        source = IptablesNftLazySource()
+        source = IptablesNftSource()
         try:
             first = resolve_rulesets(ns.run(source.read), None, {})
             ns.iptables("-t", "nat", "-D", "KUBE-SERVICES", "3")
@@ -104,7 +104,7 @@ def test_verify_tells_a_change_made_before_the_chains_were_walked():
     services = bench_services(10, 2)
     with IptNS() as ns:
         ns.restore(ruleset(services, 4))
-        source = IptablesNftLazySource()
+        source = IptablesNftSource()
         try:
             ns.run(source.read)
             assert ns.run(source.verify)

@@ -1,14 +1,14 @@
-"""kube-proxy's iptables-nft rules, decoded chain by chain as the resolver walks them.
+"""kube-proxy's iptables rules as iptables-nft keeps them (nf_tables tables ``ip nat``,
+``ip filter``, ``ip6 nat``, ``ip6 filter``), read over netlink chain by chain as the
+resolver walks them.
 
-The same rules as ``iptables_netlink.IptablesNftSource`` reads (nf_tables tables
-``ip nat``, ``ip filter``, ``ip6 nat``, ``ip6 filter``; each rule decoded by
-``iptables_netlink.decode_rule``), kept differently: that source keeps every rule it
-decoded (174,000 of them, ~75 MB traced at 10,000 Services x 5) so that a re-read can
-edit them by handle; this one keeps none. A read serves ``NftChains`` mappings
-whose ``chains[name]`` dumps that one chain from the kernel and decodes it then (the
-same per-chain dump the other source does up front), so a caller that walks chains
-one by one never holds a table's rules, and what it keeps of them (the resolution)
-is not allocated among hundreds of thousands of freed rules.
+Why not `iptables-nft-save`: at 10,000 Services it takes tens of seconds (field.md),
+nearly all of it its own chain look-ups, while the kernel hands one chain's rules over
+in one dump. A read serves ``NftChains`` mappings whose ``chains[name]`` dumps that one
+chain and decodes its rules then (``iptables_netlink.decode_rule``): a caller that walks
+chains one by one never holds a table's rules (174,000 at 10,000 Services x 5), and
+what it keeps of them (the resolution) is not allocated among hundreds of thousands of
+freed rules.
 
 What it keeps between reads, per table: each chain's number of rules (the sizes the
 ``iptables`` collector serves), the newest chain handle, and a digest of the rules of
@@ -17,12 +17,13 @@ reject chains, the built-in chains: a few dozen), without their counters.
 
 Change: nf_tables' change feed (``nftables_monitor.NftMonitor``, subscribed before
 the first read) names every chain a committed transaction touched. A re-read drains
-it, checks the kernel's generation is the last transaction's, and dumps the touched
-chains again (their rule counts; a large chain's digest): a touched chain whose
-digest did not move (kube-proxy's partial sync flushes every top-level chain and
-writes it again, nearly always the same) is not changed. The mappings then say which
-chains changed since the last read (``changed``), so the resolver walks again only
-those and what reads them. Anything the feed cannot say (an overflow, a table
+it, checks the kernel's generation is the last transaction's, and counts the touched
+chains again (a top-level chain's digest from the feed's own rule messages when they
+show it flushed and written again whole, else from a dump of it): a touched chain
+whose digest did not move (kube-proxy's partial sync flushes every top-level chain
+and writes it again, nearly always the same) is not changed. The mappings then say
+which chains changed since the last read (``changed``), so the resolver walks again
+only those and what reads them. Anything the feed cannot say (an overflow, a table
 created or deleted, a chain renamed: every jump to it changes with no rule event)
 is a full read, where ``changed`` is None: resolve everything.
 
@@ -32,7 +33,8 @@ at the generation the read was of, and the caller reads again when it is not; th
 feed then names what moved.
 
 The socket lives in the network namespace of the thread that opened it (the first
-read's), and every later dump goes through it, whichever thread asks.
+read's), and every later dump goes through it, whichever thread asks: tests read a
+namespace of their own from a thread that joined it.
 """
 
 from __future__ import annotations
@@ -43,12 +45,20 @@ import hashlib
 import sys
 from collections.abc import Mapping
 
-from exporter.readers.iptables_netlink import (BUILTIN_CHAINS, FAMILIES, SERVICES_CHAIN, TABLES, decode_rule)
+from exporter.readers.iptables_netlink import decode_rule
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
 from exporter.readers.nftables_monitor import DEFAULT_RECEIVE_BUFFER, FeedError, NftMonitor, newer
-from exporter.readers.nftables_netlink import _BE64, _NLA, NFTA_LIST_ELEM, NftNetlink, NftReadError
+from exporter.readers.nftables_netlink import (_BE64, _NLA, NFPROTO_IPV4, NFPROTO_IPV6, NFTA_LIST_ELEM, NftNetlink,
+                                               NftReadError)
 
-__all__ = ["IptablesNftLazySource", "NftChains", "NftReadError"]
+__all__ = ["IptablesNftSource", "NftChains", "NftReadError", "TABLES", "FAMILIES"]
+
+TABLES = ("nat", "filter")
+# iptables-nft creates a built-in chain with its first rule, iptables-save prints them all:
+# an absent one is an empty chain, not a missing one.
+BUILTIN_CHAINS = {"nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"), "filter": ("INPUT", "FORWARD", "OUTPUT")}
+FAMILIES = ((4, NFPROTO_IPV4), (6, NFPROTO_IPV6))
+SERVICES_CHAIN = "KUBE-SERVICES"
 
 NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 4, 7
 NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME = 1, 2, 3
@@ -124,7 +134,7 @@ class NftChains(Mapping):
 
     __slots__ = ("_source", "_family", "_table", "_state", "changed", "since", "read_id")
 
-    def __init__(self, source: "IptablesNftLazySource", family: int, table: str, state: _Table,
+    def __init__(self, source: "IptablesNftSource", family: int, table: str, state: _Table,
                  changed: set[str] | None, since: int, read_id: int) -> None:
         self._source, self._family, self._table, self._state = source, family, table, state
         self.changed, self.since, self.read_id = changed, since, read_id
@@ -165,7 +175,7 @@ class _Resync(Exception):
     pass
 
 
-class IptablesNftLazySource:
+class IptablesNftSource:
     """The iptables-nft backend's rules of this network namespace, decoded when asked for.
 
     ``read()`` gives one ``IptablesRuleset`` per family whose tables are ``NftChains``;
@@ -230,6 +240,11 @@ class IptablesNftLazySource:
                     return self._read_feed()
                 except _Resync as why:
                     self.last_resync = str(why)
+                except BaseException:
+                    # What it drained is gone with it (and the counts may be half updated):
+                    # only a full read says the kernel's rules again.
+                    self._resync = "a re-read failed after draining the change feed"
+                    raise
             elif self._resync is not None and self._last is not None:
                 self.last_resync = self._resync
             return self._full_read(known)
@@ -273,7 +288,7 @@ class IptablesNftLazySource:
         self.last_generation = generation
         self.full_reads += 1
         if self._feed is not None:
-            drained = self._feed.drain_touched(_digested)  # what it holds up to this generation is in the dumps to come
+            drained = self._feed.drain(_digested)  # what it holds up to this generation is in the dumps to come
             self._resync = drained.resync
             self._pending = [b for b in drained.batches if newer(b.generation, generation)]
         else:
@@ -297,7 +312,7 @@ class IptablesNftLazySource:
         self._pending = []
         nl = self._requests()
         for _ in range(FEED_TRIES):
-            drained = self._feed.drain_touched(_digested)
+            drained = self._feed.drain(_digested)
             if drained.resync:
                 raise _Resync(drained.resync)
             batches += drained.batches
@@ -351,6 +366,8 @@ class IptablesNftLazySource:
             state = self._tables[key]
             for chain in deleted[key]:
                 state.drop(chain)
+                if chain in BUILTIN_CHAINS[key[1]]:
+                    state.set_count(chain, 0)  # as a full read has it: iptables-save prints it, empty
             changed[key] = self._recount(key, chains - deleted[key], rule_events) | deleted[key]
         self._last = self._rulesets(changed)
         return self._last
@@ -399,7 +416,7 @@ class IptablesNftLazySource:
             # One Service's chain (61,000 of the 61,000 at 10,000 Services but a few dozen):
             # the dumps' flat loop, no digest.
             memo = self._memo
-            [(_, rules, _, decoded)] = self._requests().each_chain_rules(
+            [(_, rules, decoded)] = self._requests().each_chain_rules(
                 _NFPROTO_OF[family], table, (chain,),
                 lambda buf, _chain, _handle, exprs, udata: decode_rule(buf, exprs, udata, family, memo))
             self.dumped += 1
