@@ -20,6 +20,7 @@ from exporter.readers import nftables_monitor as monitor
 from exporter.readers.iptables import NoKubeProxyRules, resolve_rulesets
 from exporter.readers.iptables_nft import IptablesNftSource, NftReadError
 from exporter.readers.iptables_rules import IptablesRule
+from exporter.readers.ipset import _NLMSGHDR
 from exporter.readers.nftables_monitor import NftMonitor, newer
 from tests import ipt_rulesets
 from tests.ipt_rulesets import IptNS
@@ -283,3 +284,37 @@ def test_a_rule_message_in_another_attribute_order_names_the_same_chain():
     msg_type = (monitor.NFNL_SUBSYS_NFTABLES << 8) | monitor.NFT_MSG_NEWRULE
     assert monitor.parse_message(other, 0, len(other), msg_type) == (
         2, "nat", monitor.Event("newrule", "KUBE-SERVICES", 77))
+
+
+def test_a_top_level_rule_in_another_layout_makes_its_chain_dumped_not_digested():
+    """A rule message the quick path cannot take keeps no bytes: the drain says so with an
+    "unkept" event for a chain whose digest the reader takes from the feed, and the reader
+    then dumps that chain rather than digest what it did not keep."""
+    import socket
+
+    from exporter.readers import iptables_nft
+
+    table, chain = _attr(monitor.NFTA_RULE_TABLE, b"nat\0"), _attr(monitor.NFTA_RULE_CHAIN, b"KUBE-SERVICES\0")
+    handle = _attr(monitor.NFTA_RULE_HANDLE, struct.pack(">Q", 77))
+    body = _attr(monitor.NFTA_RULE_EXPRESSIONS, b"\x08\x00\x01\x00abcd")
+    rule = struct.pack("=BBH", 2, 0, 0) + chain + handle + table + body  # not the kernel's order
+    generation = struct.pack("=BBH", 0, 0, 0) + _attr(monitor.NFTA_GEN_ID, struct.pack(">I", 5))
+
+    def message(kind: int, payload: bytes) -> bytes:
+        return _NLMSGHDR.pack(16 + len(payload), (monitor.NFNL_SUBSYS_NFTABLES << 8) | kind, 0, 0, 0) + payload
+
+    feed = NftMonitor.__new__(NftMonitor)  # its socket stands in for the netlink one
+    feed.sock, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    feed.buf, feed._open = bytearray(1 << 16), {}
+    try:
+        writer.send(message(monitor.NFT_MSG_NEWRULE, rule) + message(monitor.NFT_MSG_NEWGEN, generation))
+        [batch] = feed.drain(keep=lambda name: name == "KUBE-SERVICES").batches
+    finally:
+        feed.sock.close()
+        writer.close()
+    events = batch.tables[(2, "nat")]
+    assert [e.kind for e in events] == ["unkept", "rules"]
+    state = iptables_nft._Table(1)
+    state.set_count("KUBE-SERVICES", 0)
+    state.digests["KUBE-SERVICES"] = b"x"
+    assert iptables_nft._rewritten(state, "KUBE-SERVICES", [e for e in events if e.kind != "rules"]) is None

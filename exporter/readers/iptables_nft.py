@@ -341,7 +341,7 @@ class IptablesNftSource:
                     kind = event.kind
                     if kind == "rules":
                         chains.add(event.chain)
-                    elif kind == "newrule" or kind == "delrule":
+                    elif kind == "newrule" or kind == "delrule" or kind == "unkept":
                         rule_events.setdefault((family, table, event.chain), []).append(event)
                     elif kind == "newchain":
                         chain = event.chain
@@ -539,6 +539,8 @@ def _rewritten(state: _Table, chain: str, events: list | None) -> tuple[int, byt
     last (none, or the one before it)."""
     if not events or chain not in state.digests or state.count(chain) < 0:
         return None
+    if any(event.kind == "unkept" for event in events):
+        return None  # a rule message whose bytes the feed did not keep
     created = {event.handle for event in events if event.kind == "newrule"}
     gone = {event.handle for event in events if event.kind == "delrule"}
     if len(gone - created) != state.count(chain):

@@ -264,7 +264,11 @@ class NftMonitor:
                 nfproto, table, event = parsed
                 if event.kind in ("newrule", "delrule"):  # a layout the quick path did not take
                     open_rules.setdefault((nfproto, table), set()).add(event.chain)
-                    open_events.setdefault((nfproto, table), [])
+                    events = open_events.setdefault((nfproto, table), [])
+                    if keep is not None and keep(event.chain):
+                        # Its bytes are not kept: the reader must not digest this chain from
+                        # the feed's messages, but dump it.
+                        events.append(Event("unkept", event.chain, event.handle))
                 else:
                     open_events.setdefault((nfproto, table), []).append(event)
         if resync:
