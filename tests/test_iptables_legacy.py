@@ -560,7 +560,7 @@ def test_the_dataplane_decodes_only_the_chains_it_resolves(legacy_ns, monkeypatc
     assert dataplane.legacy.lazy and not dataplane.legacy.keep
     seen = []
     real_read = dataplane.legacy.read
-    monkeypatch.setattr(dataplane.legacy, "read", lambda known=None: seen.append(real_read()) or seen[-1])
+    monkeypatch.setattr(dataplane.legacy, "read", lambda known=None, **kw: seen.append(real_read(**kw)) or seen[-1])
     asked = []
     real_chain = LazyChains.__getitem__
     monkeypatch.setattr(LazyChains, "__getitem__", lambda chains, name: asked.append((chains, name))
@@ -592,8 +592,43 @@ def test_the_dataplane_hands_freed_pages_back_after_each_whole_legacy_read(legac
     assert legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 1
     clock.now += 20  # nothing changed, within the re-read interval: no read, no trim
     assert not legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 1
-    clock.now += 20  # past it: read whole again
+    clock.now += 20  # past it, the same rules: fetched and found the same, nothing decoded
+    assert not legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 1
+    _same_size_change(legacy_ns)
+    clock.now += 40  # past it, an endpoint swapped (the signal did not move): read whole again
     assert legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread and len(trims) == 2
+
+
+def _same_size_change(ns) -> str:
+    """One endpoint's DNAT address swapped for one of the same length: the tables' entry
+    count and size stay, so only the clock's re-read can find it. Gives the new address."""
+    text = ns.save(4, "legacy", "nat")
+    old = next(line.split("--to-destination ")[1].split(":")[0] for line in text.splitlines() if "-j DNAT" in line)
+    new = old[:-1] + ("7" if old[-1] != "7" else "8")
+    before = iptables_legacy.IptablesLegacySource(Paths()).change_signal
+    signal = ns.run(before)
+    ns.iptables(backend="legacy", tool="-restore", input=text.replace(f"{old}:", f"{new}:"))
+    assert ns.run(before) == signal, "the change moved the tables' count or size"
+    return new
+
+
+def test_the_clocks_re_read_finds_a_swapped_endpoint_the_signal_does_not_show(legacy_ns):
+    """The periodic re-read compares digests of the rules (counters aside): the same rules
+    are not decoded or resolved again, an endpoint swapped for one of the same length is."""
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    clock = Clock()
+    legacy = IptablesLegacySource(Paths(), clock=clock, keep=False, lazy=True)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
+    first = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    clock.now += 40
+    same = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert not same.reread and same.read is first.read
+    new = _same_size_change(legacy_ns)
+    clock.now += 40
+    moved = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert moved.reread and moved.read.table != first.read.table
+    assert any(server[0] == new for vs in moved.read.table.values() for server in vs.real_servers)
 
 
 def test_a_chain_that_does_not_decode_fails_the_dataplanes_read_in_one_line(legacy_ns, monkeypatch):

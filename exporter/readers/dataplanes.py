@@ -228,7 +228,9 @@ class IptablesDataplane(DataplaneReader):
             # The legacy rules are what this read needs unless nft holds kube-proxy's: read
             # them first, and presence then comes from them rather than from a second copy
             # of the table into this process.
-            legacy_rulesets = self.legacy.read()
+            legacy_rulesets = self.legacy.read(unchanged_ok=last is not None and last.backend == LEGACY)
+            if legacy_rulesets is None:  # the clock's re-read found the same rules: the last read stands
+                return last._replace(read_seconds=time.perf_counter() - start, reread=False)
         in_legacy = self.legacy.present()
         if in_nft and in_legacy:
             raise ReadFailed("kube-proxy's rules are in both iptables backends (KUBE-SERVICES in the nat table "
@@ -262,7 +264,11 @@ class IptablesDataplane(DataplaneReader):
         else:
             if legacy_rulesets is None and last is not None and last.backend == LEGACY and not self.legacy.due():
                 return last._replace(read_seconds=time.perf_counter() - start, reread=False)
-            rulesets = legacy_rulesets if legacy_rulesets is not None else self.legacy.read()
+            rulesets = legacy_rulesets
+            if rulesets is None:
+                rulesets = self.legacy.read(unchanged_ok=last is not None and last.backend == LEGACY)
+                if rulesets is None:
+                    return last._replace(read_seconds=time.perf_counter() - start, reread=False)
         self._backend = backend
         read = self._resolve(rulesets)
         if backend == NFT:

@@ -48,6 +48,7 @@ decoded entry by entry and kept only if it gives that chain's rules back.
 from __future__ import annotations
 
 import gc
+import hashlib
 import re
 import socket
 import struct
@@ -290,6 +291,31 @@ def decode_body(raw: bytes, matches_end: int, family: int, pieces: dict, own: di
             unknown += piece[1]
         at = stop
     return fields[_TARGET], tuple(fields[7:_UNKNOWN]), unknown, tuple(fields[_UNKNOWN + 1:])
+
+
+def rules_digest(buffer: bytearray, base: int, size: int, family: int) -> bytes:
+    """A digest of the entries ``buffer[base:base + size]`` without their counters (which
+    move with every packet): equal for two fetches of the same rules. The counters are
+    zeroed in place (nothing here reads them). Raises ``BlobError`` on an entry whose
+    size does not fit."""
+    entry_size = ENTRY_SIZE[family]
+    counters_at, next_at = entry_size - 16, OFFSETS_AT[family] + 2  # xt_counters ends the entry
+    if len(buffer) < base + size:
+        raise BlobError(f"{len(buffer) - base} bytes of entries where the table's info says {size}")
+    unpack_u16 = _U16.unpack_from
+    zero = bytes(16)
+    off = base
+    end = base + size
+    while off < end:
+        if off + entry_size > end:
+            raise BlobError(f"an entry at offset {off - base} runs past the table's end ({size} bytes)")
+        buffer[off + counters_at:off + entry_size] = zero
+        step = unpack_u16(buffer, off + next_at)[0]
+        if step < entry_size:
+            raise BlobError(f"the entry at offset {off - base} is {step} bytes")
+        off += step
+    with memoryview(buffer) as view:
+        return hashlib.sha256(view[base:end]).digest()
 
 
 def decode_table(blob: bytearray, base: int, size: int, family: int, hooks: dict[int, int],
