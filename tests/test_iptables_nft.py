@@ -9,6 +9,8 @@ the kernel changed before they were walked must be told by ``verify()``.
 
 from __future__ import annotations
 
+import pytest
+
 from exporter.readers.iptables import resolve_rulesets
 from exporter.readers.iptables_nft import IptablesNftSource
 from exporter.readers.iptables_save import parse_save
@@ -23,81 +25,76 @@ def _top_level_swapped(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_reads_as_iptables_save_prints_the_rules():
+class World:
+    """kube-proxy's rules for 30 Services x 3 in a namespace of the test's own, and the source."""
+
+    def __init__(self, ns: IptNS, services, source: IptablesNftSource) -> None:
+        self.ns, self.services, self.source = ns, services, source
+
+
+@pytest.fixture
+def world():
     services = bench_services(30, 3)
     with IptNS() as ns:
         ns.restore(ruleset(services, 4))
         source = IptablesNftSource()
         try:
-            [read] = [r for r in ns.run(source.read) if r.family == 4]
-            [saved] = parse_save(ns.save(4), 4)
-            for table, chains in saved.tables.items():
-                assert {name: tuple(rules) for name, rules in read.tables[table].items()} == \
-                    {name: tuple(rules) for name, rules in chains.items()}, table
-                assert dict(read.tables[table].lengths()) == {n: len(r) for n, r in chains.items()}
+            yield World(ns, services, source)
         finally:
             source.close()
 
 
-def test_a_top_level_chain_written_again_the_same_is_unchanged_and_reordered_is_changed():
-    services = bench_services(30, 3)
-    with IptNS() as ns:
-        ns.restore(ruleset(services, 4))
-        source = IptablesNftSource()
-        try:
-            resolve_rulesets(ns.run(source.read), None, {})
-            ns.restore(endpoints_changed(services, services[5], [(a, p + 1) for a, p in services[5].endpoints]))
-            nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
-            assert source.full_reads == 1 and source.from_feed > 0, source.last_resync
-            assert "KUBE-SERVICES" not in nat.changed and "KUBE-NODEPORTS" not in nat.changed
-            assert any(name.startswith("KUBE-SVC-") for name in nat.changed)
-            ns.restore(_top_level_swapped(endpoints_changed(services, services[5], services[5].endpoints)))
-            nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
-            assert source.full_reads == 1, source.last_resync
-            assert "KUBE-SERVICES" in nat.changed
-        finally:
-            source.close()
+def test_reads_as_iptables_save_prints_the_rules(world):
+    ns, source = world.ns, world.source
+    [read] = [r for r in ns.run(source.read) if r.family == 4]
+    [saved] = parse_save(ns.save(4), 4)
+    for table, chains in saved.tables.items():
+        assert {name: tuple(rules) for name, rules in read.tables[table].items()} == \
+            {name: tuple(rules) for name, rules in chains.items()}, table
+        assert dict(read.tables[table].lengths()) == {n: len(r) for n, r in chains.items()}
 
 
-def test_a_chain_written_again_by_inserts_is_read_in_its_new_order():
+def test_a_top_level_chain_written_again_the_same_is_unchanged_and_reordered_is_changed(world):
+    ns, services, source = world.ns, world.services, world.source
+    resolve_rulesets(ns.run(source.read), None, {})
+    ns.restore(endpoints_changed(services, services[5], [(a, p + 1) for a, p in services[5].endpoints]))
+    nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
+    assert source.full_reads == 1 and source.from_feed > 0, source.last_resync
+    assert "KUBE-SERVICES" not in nat.changed and "KUBE-NODEPORTS" not in nat.changed
+    assert any(name.startswith("KUBE-SVC-") for name in nat.changed)
+    ns.restore(_top_level_swapped(endpoints_changed(services, services[5], services[5].endpoints)))
+    nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
+    assert source.full_reads == 1, source.last_resync
+    assert "KUBE-SERVICES" in nat.changed
+
+
+def test_a_chain_written_again_by_inserts_is_read_in_its_new_order(world):
     """Its rules inserted at the head one by one in their old order: the feed announces
     them in the old order, the chain holds them reversed. Only the positions the kernel
     gives tell the two apart: the chain must count as changed."""
-    services = bench_services(30, 3)
-    with IptNS() as ns:
-        ns.restore(ruleset(services, 4))
-        source = IptablesNftSource()
-        try:
-            resolve_rulesets(ns.run(source.read), None, {})
-            rules = [line[len("-A KUBE-SERVICES "):] for line in ns.save(4, table="nat").splitlines()
-                     if line.startswith("-A KUBE-SERVICES ")]
-            ns.restore("*nat\n-F KUBE-SERVICES\n" + "".join(f"-I KUBE-SERVICES 1 {rule}\n" for rule in rules)
-                       + "COMMIT\n")
-            nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
-            assert source.full_reads == 1, source.last_resync
-            assert "KUBE-SERVICES" in nat.changed
-            assert [rule.target for rule in nat["KUBE-SERVICES"]][0] == \
-                [rule.target for rule in parse_save(ns.save(4), 4)[0].tables["nat"]["KUBE-SERVICES"]][0]
-        finally:
-            source.close()
+    ns, source = world.ns, world.source
+    resolve_rulesets(ns.run(source.read), None, {})
+    rules = [line[len("-A KUBE-SERVICES "):] for line in ns.save(4, table="nat").splitlines()
+             if line.startswith("-A KUBE-SERVICES ")]
+    ns.restore("*nat\n-F KUBE-SERVICES\n" + "".join(f"-I KUBE-SERVICES 1 {rule}\n" for rule in rules)
+               + "COMMIT\n")
+    nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
+    assert source.full_reads == 1, source.last_resync
+    assert "KUBE-SERVICES" in nat.changed
+    assert [rule.target for rule in nat["KUBE-SERVICES"]][0] == \
+        [rule.target for rule in parse_save(ns.save(4), 4)[0].tables["nat"]["KUBE-SERVICES"]][0]
 
 
-def test_one_rule_edited_in_a_top_level_chain_is_changed_and_counted():
-    services = bench_services(30, 3)
-    with IptNS() as ns:
-        ns.restore(ruleset(services, 4))
-        source = IptablesNftSource()
-        try:
-            first = resolve_rulesets(ns.run(source.read), None, {})
-            ns.iptables("-t", "nat", "-D", "KUBE-SERVICES", "3")
-            rulesets = ns.run(source.read)
-            nat = next(r for r in rulesets if r.family == 4).tables["nat"]
-            assert source.full_reads == 1 and "KUBE-SERVICES" in nat.changed
-            read = resolve_rulesets(rulesets, None, {})
-            assert read.sizes["ipv4"].rules == first.sizes["ipv4"].rules - 1
-            assert len(read.table) == len(first.table) - 1
-        finally:
-            source.close()
+def test_one_rule_edited_in_a_top_level_chain_is_changed_and_counted(world):
+    ns, source = world.ns, world.source
+    first = resolve_rulesets(ns.run(source.read), None, {})
+    ns.iptables("-t", "nat", "-D", "KUBE-SERVICES", "3")
+    rulesets = ns.run(source.read)
+    nat = next(r for r in rulesets if r.family == 4).tables["nat"]
+    assert source.full_reads == 1 and "KUBE-SERVICES" in nat.changed
+    read = resolve_rulesets(rulesets, None, {})
+    assert read.sizes["ipv4"].rules == first.sizes["ipv4"].rules - 1
+    assert len(read.table) == len(first.table) - 1
 
 
 def test_verify_tells_a_change_made_before_the_chains_were_walked():
