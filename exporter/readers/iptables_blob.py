@@ -699,13 +699,18 @@ def _kube_proxy_dnat(body_raw: bytes, matches_end: int, family: int) -> str | No
     size, head, low, high, port_low, port_high = _DNAT.unpack_from(body_raw, matches_end)
     if head not in _DNAT_HEADS or size != len(body_raw) - matches_end or low != high or port_low != port_high:
         return None
-    port = port_low[0] << 8 | port_low[1]
+    return _dnat_text(low, port_low, family)
+
+
+def _dnat_text(address: bytes, port: bytes, family: int) -> str:
+    """``addr:port`` (``[addr]:port``) of one nf_nat_range address and port, as iptables-save prints it."""
+    number = port[0] << 8 | port[1]
     if family == 4:
-        return f"{socket.inet_ntop(socket.AF_INET, low[:4])}:{port}"
-    address = socket.inet_ntop(socket.AF_INET6, low)
-    if "." in address:
-        address = xtables._addr(low, 6)
-    return f"[{address}]:{port}"
+        return f"{socket.inet_ntop(socket.AF_INET, address[:4])}:{number}"
+    text = socket.inet_ntop(socket.AF_INET6, address)
+    if "." in text:
+        text = xtables._addr(address, 6)
+    return f"[{text}]:{number}"
 
 
 # -- whole chains that repeat ---------------------------------------------------------------
@@ -924,13 +929,7 @@ def _to_destination(values: tuple, at: int, family: int) -> str | None:
     low, high, port_low, port_high = values[at:at + 4]
     if low != high or port_low != port_high:
         return None
-    port = port_low[0] << 8 | port_low[1]
-    if family == 4:
-        return f"{socket.inet_ntop(socket.AF_INET, low[:4])}:{port}"
-    address = socket.inet_ntop(socket.AF_INET6, low)
-    if "." in address:
-        address = xtables._addr(low, 6)
-    return f"[{address}]:{port}"
+    return _dnat_text(low, port_low, family)
 
 
 # How a template's rule is composed: its own parts set on the template's rule's fields one by one,
