@@ -237,12 +237,17 @@ def test_connections_past_the_bound_get_503_not_a_thread(server):
 
 
 def test_head_answers_the_get_headers_without_a_body(server):
-    srv = server(make_app(Runner([])))  # a page the same from scrape to scrape
+    srv = server(make_app(Runner([])))  # no collector: only the exporter's own metrics
     for path in ("/metrics", "/healthz", "/", "/nope"):
-        got = _exchange(srv.port, f"GET {path} HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n".encode())
-        head = _exchange(srv.port, f"HEAD {path} HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n".encode())
-        got_head, _, got_body = got.partition(b"\r\n\r\n")
-        head_head, _, head_body = head.partition(b"\r\n\r\n")
+        for _ in range(5):
+            # The exporter's own process_* figures move between two scrapes, and with them
+            # the gzipped page's length now and then by a byte: the pair is taken again.
+            got = _exchange(srv.port, f"GET {path} HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n".encode())
+            head = _exchange(srv.port, f"HEAD {path} HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n".encode())
+            got_head, _, got_body = got.partition(b"\r\n\r\n")
+            head_head, _, head_body = head.partition(b"\r\n\r\n")
+            if f"Content-Length: {len(got_body)}".encode() in head_head:
+                break
         assert head_body == b"", path
         assert head_head.split(b"\r\n")[0] == got_head.split(b"\r\n")[0], path
         assert f"Content-Length: {len(got_body)}".encode() in head_head, (path, head_head)
