@@ -314,7 +314,7 @@ def test_a_top_level_rule_in_another_layout_makes_its_chain_dumped_not_digested(
         writer.close()
     events = batch.tables[(2, "nat")]
     assert [e.kind for e in events] == ["unkept", "rules"]
-    state = iptables_nft._Table(1)
+    state = iptables_nft._Table()
     state.set_count("KUBE-SERVICES", 0)
     state.digests["KUBE-SERVICES"] = b"x"
     assert iptables_nft._rewritten(state, "KUBE-SERVICES", [e for e in events if e.kind != "rules"]) is None

@@ -85,10 +85,9 @@ class _Table:
     table's objects in one increasing sequence: a chain announced with an older handle
     under a new name is one renamed)."""
 
-    __slots__ = ("handle", "chains", "digests", "newest", "totals")
+    __slots__ = ("chains", "digests", "newest", "totals")
 
-    def __init__(self, handle: int) -> None:
-        self.handle = handle
+    def __init__(self) -> None:
         self.chains: dict[str, int] = {}  # chain -> its rules (UNCOUNTED before its first dump)
         self.digests: dict[str, bytes] = {}  # chain -> digest of its rules (not a Service's own chains)
         self.newest = 0
@@ -264,10 +263,9 @@ class IptablesNftSource:
         for _ in range(GENERATION_TRIES):
             tables: dict[tuple[int, str], _Table] = {}
             for family, nfproto in FAMILIES:
-                found_tables = {table: nl.table(nfproto, table) for table in TABLES}
-                for table, found in found_tables.items():
-                    if found is not None:
-                        tables[(family, table)] = _Table(found.handle)
+                for table in TABLES:
+                    if nl.table(nfproto, table) is not None:
+                        tables[(family, table)] = _Table()
                 _chains_into(nl, nfproto, {table: tables[(family, table)] for table in TABLES
                                            if (family, table) in tables})
                 for table in TABLES:
@@ -381,24 +379,19 @@ class IptablesNftSource:
             if rewritten is not None:
                 count, digest = rewritten
                 self.from_feed += 1
-                old = state.digests.get(chain)
-                if digest != old or state.count(chain) != count:
-                    changed.add(chain)
-                state.set_count(chain, count)
-                state.digests[chain] = digest
-                continue
-            try:
-                count, digest = self._dump(family, table, chain, None)
-            except NftReadError as err:
-                if err.errno != errno.ENOENT:
-                    raise
-                if chain in BUILTIN_CHAINS[table]:
-                    count, digest = 0, None
-                else:
-                    if chain in state.chains:
-                        changed.add(chain)
-                    state.drop(chain)
-                    continue
+            else:
+                try:
+                    count, digest = self._dump(family, table, chain, None)
+                except NftReadError as err:
+                    if err.errno != errno.ENOENT:
+                        raise
+                    if chain in BUILTIN_CHAINS[table]:
+                        count, digest = 0, None
+                    else:
+                        if chain in state.chains:
+                            changed.add(chain)
+                        state.drop(chain)
+                        continue
             old = state.digests.get(chain)
             if digest is None or old is None or digest != old or state.count(chain) != count:
                 changed.add(chain)
