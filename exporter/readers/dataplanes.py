@@ -222,15 +222,19 @@ class IptablesDataplane(DataplaneReader):
     def _read(self, start: float) -> IptablesLive:
         generation, in_nft = self._nft_state()
         last = self._last
+        legacy_last = last is not None and last.backend == LEGACY  # a legacy read stands until changed
+
+        def unchanged() -> IptablesLive:
+            return last._replace(read_seconds=time.perf_counter() - start, reread=False)
+
         legacy_rulesets = None
-        if not in_nft and self.legacy.change_signal() and (
-                self.legacy.due() or last is None or last.backend != LEGACY):
+        if not in_nft and self.legacy.change_signal() and (self.legacy.due() or not legacy_last):
             # The legacy rules are what this read needs unless nft holds kube-proxy's: read
             # them first, and presence then comes from them rather than from a second copy
             # of the table into this process.
-            legacy_rulesets = self.legacy.read(unchanged_ok=last is not None and last.backend == LEGACY)
+            legacy_rulesets = self.legacy.read(unchanged_ok=legacy_last)
             if legacy_rulesets is None:  # the clock's re-read found the same rules: the last read stands
-                return last._replace(read_seconds=time.perf_counter() - start, reread=False)
+                return unchanged()
         in_legacy = self.legacy.present()
         if in_nft and in_legacy:
             raise ReadFailed("kube-proxy's rules are in both iptables backends (KUBE-SERVICES in the nat table "
@@ -251,7 +255,7 @@ class IptablesDataplane(DataplaneReader):
         if backend == NFT:
             if (last is not None and last.backend == NFT and self._nft_read_generation == generation
                     and self.clock() - self._nft_read_at < self.safety_interval):
-                return last._replace(read_seconds=time.perf_counter() - start, reread=False)
+                return unchanged()
             from exporter.readers.iptables_nft import NftReadError
 
             try:
@@ -262,13 +266,11 @@ class IptablesDataplane(DataplaneReader):
             self._nft_read_generation = self.nft.last_generation
             self._nft_read_at = self.clock()
         else:
-            if legacy_rulesets is None and last is not None and last.backend == LEGACY and not self.legacy.due():
-                return last._replace(read_seconds=time.perf_counter() - start, reread=False)
-            rulesets = legacy_rulesets
+            if legacy_rulesets is None and legacy_last and not self.legacy.due():
+                return unchanged()
+            rulesets = legacy_rulesets if legacy_rulesets is not None else self.legacy.read(unchanged_ok=legacy_last)
             if rulesets is None:
-                rulesets = self.legacy.read(unchanged_ok=last is not None and last.backend == LEGACY)
-                if rulesets is None:
-                    return last._replace(read_seconds=time.perf_counter() - start, reread=False)
+                return unchanged()
         self._backend = backend
         read = self._resolve(rulesets)
         if backend == NFT:
