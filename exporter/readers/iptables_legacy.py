@@ -358,7 +358,7 @@ class IptablesLegacySource:
                     digests[(family, table)] = rules_digest(blob.buffer, _GET_ENTRIES_HEAD.size, blob.info.size,
                                                             family)
                 except BlobError as err:
-                    raise LegacyReadError(f"{_where(family, table)}: the kernel's blob not understood: {err}") from None
+                    raise _not_understood(_where(family, table), err) from None
             if periodic and digests == self._digests:
                 return None, infos
             self._digests = digests
@@ -393,7 +393,6 @@ class IptablesLegacySource:
         memo = self._memos.get((family, table))
         if memo is None:
             memo = self._memos[(family, table)] = BlobMemo()
-        self.blob_bytes = max(self.blob_bytes, len(blob.buffer))
         self._read_memos.append(memo)
         memo.start_read()
         try:
@@ -407,10 +406,14 @@ class IptablesLegacySource:
             memo.end_read()
         except BlobError as err:
             memo.end_read()
-            raise LegacyReadError(f"{_where(family, table)}: the kernel's blob not understood: {err}") from None
+            raise _not_understood(_where(family, table), err) from None
         finally:
             del blob
         return chains
+
+
+def _not_understood(where: str, err: BlobError) -> LegacyReadError:
+    return LegacyReadError(f"{where}: the kernel's blob not understood: {err}")
 
 
 def _where(family: int, table: str) -> str:
@@ -430,4 +433,4 @@ class _LegacyChains(LazyChains):
         try:
             return super().__getitem__(name)
         except BlobError as err:
-            raise LegacyReadError(f"{self.where}: the kernel's blob not understood: {err}") from None
+            raise _not_understood(self.where, err) from None
