@@ -12,7 +12,10 @@ most 1x, a re-read after one Service's endpoints changed at most 0.1x, nothing
 changed under 5 ms).
 
 Rows: a fresh dataplane's first read (every chain dumped and decoded as the resolver
-walks it); a read when nothing changed (the generation checks a scrape costs); the
+walks it), its wall and CPU time; the floor under it: what any reader in Python pays
+for the same kernel work before it decodes a rule (the chain list and one dump per
+chain, their messages walked: the kernel's time is iptables-nft-save's own, which
+makes the same dumps); a read when nothing changed (the generation checks a scrape costs); the
 read after one Service's endpoints changed, as kube-proxy's partial sync writes them
 (every top-level chain flushed and written again, the Service's own chains
 rewritten), which the source takes from nf_tables' change feed
@@ -38,27 +41,56 @@ import time
 
 from bench.common import Row
 from exporter.readers.dataplanes import IptablesDataplane
+from exporter.readers.iptables_nft import TABLES, _chains_into, _Table
+from exporter.readers.nftables_netlink import NFPROTO_IPV4, NftNetlink
 from tests.ipt_rulesets import IptNS, bench_services, endpoints_changed, ruleset
 from tests.nft_snapshot import cached_table
 
 ENDPOINTS = 5
 
 
-def _save(ns: IptNS) -> tuple[float, int, int]:
-    """Wall time, peak RSS (bytes) and output size of one `iptables-nft-save` in the namespace."""
+def _save(ns: IptNS) -> tuple[float, int, float]:
+    """Wall time, peak RSS (bytes) and CPU seconds (user + system) of one `iptables-nft-save`
+    in the namespace."""
     start = time.perf_counter()
     child = subprocess.Popen(["nsenter", f"--net={ns.path}", "iptables-nft-save"], stdout=subprocess.PIPE)
-    size = sum(len(chunk) for chunk in iter(lambda: child.stdout.read(1 << 20), b""))
+    for _ in iter(lambda: child.stdout.read(1 << 20), b""):
+        pass
     _, status, usage = os.wait4(child.pid, 0)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"iptables-nft-save failed with status {os.waitstatus_to_exitcode(status)}")
-    return elapsed, usage.ru_maxrss * 1024, size
+    return elapsed, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _floor() -> tuple[float, float]:
+    """Wall and CPU seconds of what any Python reader of these rules over netlink pays before
+    it decodes one: the IPv4 chain list, then one rule dump per chain (as the source and
+    iptables-nft-save make them; one whole-table dump is quadratic in the kernel), each
+    reply's messages and attributes walked, no rule decoded (run in the namespace)."""
+    start, cpu = time.perf_counter(), _cpu()
+    with NftNetlink() as nl:
+        names = {}
+        for table in TABLES:
+            state = _Table()
+            _chains_into(nl, NFPROTO_IPV4, {table: state})
+            names[table] = list(state.chains)
+        for table, chains in names.items():
+            for _ in nl.each_chain_rules(NFPROTO_IPV4, table, chains, lambda *_: None):
+                pass
+    return time.perf_counter() - start, _cpu() - cpu
 
 
 # A fresh process: peak RSS (VmHWM) after the imports, then after a dataplane's first read.
 _GROWTH = """
 from exporter.readers.dataplanes import IptablesDataplane
+from exporter.readers.iptables_nft import TABLES, _chains_into, _Table
+from exporter.readers.nftables_netlink import NFPROTO_IPV4, NftNetlink
 def hwm():
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmHWM:"))
@@ -103,7 +135,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
         return ratio if count >= 10000 else None  # the issue sets its limits at 10,000 x 5
 
     # A first read is a fresh dataplane's; alternate it with iptables-nft-save so both see the same load.
-    saves, firsts = [], []
+    saves, firsts, first_cpus, floors = [], [], [], []
     dataplane = live = None
     for _ in range(2 if count >= 10000 else 3):
         saves.append(_save(ns))
@@ -111,8 +143,11 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
             dataplane.close()
         dataplane = live = None  # one source alive at a time, as in the exporter
         dataplane = ns.run(IptablesDataplane)
+        cpu = _cpu()
         seconds, live = _timed(lambda: ns.run(lambda: dataplane.read_rules(0)))
+        first_cpus.append(_cpu() - cpu)
         firsts.append(seconds)
+        floors.append(ns.run(_floor))
     source = dataplane.nft
     assert live.backend == "nft" and live.read.table and not live.read.unread
     rules = sum(size.rules for size in live.tables)
@@ -120,6 +155,12 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     save_peak = max(rss for _, rss, _ in saves)
     rows.append(Row(f"{label}: first read + resolve ({rules:,} rules, {source.dumped:,} chains dumped)",
                     min(firsts), reference, "iptables-nft-save", limit=limit(1.0)))
+    rows.append(Row(f"{label}: the same, CPU (user + system)", min(first_cpus), min(cpu for _, _, cpu in saves),
+                    "iptables-nft-save"))
+    rows.append(Row(f"{label}: floor: the chain list and the same chain dumps, nothing decoded",
+                    min(wall for wall, _ in floors), reference, "iptables-nft-save"))
+    rows.append(Row(f"{label}: floor, CPU (user + system)", min(cpu for _, cpu in floors),
+                    min(cpu for _, _, cpu in saves), "iptables-nft-save"))
 
     def idle_reads() -> float:  # in the namespace's own thread, as the exporter reads its own
         times = []
