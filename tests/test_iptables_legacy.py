@@ -659,6 +659,45 @@ def test_a_chain_that_does_not_decode_fails_the_dataplanes_read_in_one_line(lega
                            "not understood: ") and "\n" not in said, said
 
 
+def test_a_read_that_failed_is_not_followed_by_the_last_good_one(legacy_ns, monkeypatch):
+    """The source takes a read's change signal as seen when it hands the tables over, and
+    the resolver decodes their chains afterwards: when that decode fails, the next scrape
+    must read the kernel again (and fail again while the table stays so), never serve the
+    read from before the change as "nothing changed since"."""
+    from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
+    from exporter.readers.iptables_blob import ENTRY_SIZE
+
+    clock = Clock()
+    legacy = IptablesLegacySource(Paths(), clock=clock, keep=False, lazy=True)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
+    good = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert good.read.table and not good.read.unread
+    real = iptables_legacy.fetch_table
+
+    def corrupt(sock, family, table, tries=3):
+        blob = real(sock, family, table, tries)
+        if table == "nat":
+            head = iptables_legacy._GET_ENTRIES_HEAD.size
+            chains = LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)
+            first = chains._spans["KUBE-SERVICES"] >> 64  # its first rule has matches: decoded by the resolver
+            blob.buffer[head + first + ENTRY_SIZE[family]:head + first + ENTRY_SIZE[family] + 2] = b"\xf8\xff"
+        return blob
+
+    monkeypatch.setattr(iptables_legacy, "fetch_table", corrupt)
+    legacy_ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-j", "RETURN", backend="legacy")  # the signal moves
+    for _ in range(2):  # the second scrape: the signal has not moved since the failed read
+        clock.now += 1
+        with pytest.raises(ReadFailed):
+            legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    clock.now += 40  # nor after the clock's re-read (the digest it compares is the failed read's)
+    with pytest.raises(ReadFailed):
+        legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    monkeypatch.setattr(iptables_legacy, "fetch_table", real)
+    clock.now += 1
+    again = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert again.reread and again.read.table == good.read.table and not again.read.unread
+
+
 def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):
     from exporter.readers.dataplanes import IptablesDataplane
 

@@ -111,3 +111,39 @@ def test_verify_tells_a_change_made_before_the_chains_were_walked():
             assert ns.run(source.verify)
         finally:
             source.close()
+
+
+def test_a_read_that_failed_midway_is_not_followed_by_the_last_good_one(world, monkeypatch):
+    """The resolver dumps chains after the source's read returned its generation: a dump
+    that fails then fails the dataplane's read. The next scrape, with nf_tables still at
+    that generation, must read the rules again, never serve the read from before the change
+    as "the generation did not move"."""
+    from exporter.paths import Paths
+    from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
+    from exporter.readers.iptables_legacy import IptablesLegacySource
+    from exporter.readers.iptables_nft import NftReadError
+
+    ns, services, source = world.ns, world.services, world.source
+    now = [1000.0]
+    dataplane = ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths()), nft=source,
+                                                 clock=lambda: now[0]))
+    good = ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert good.backend == "nft" and good.read.table and not good.read.unread
+    moved = services[3]
+    new = [(a, p + 1) for a, p in moved.endpoints]
+    ns.restore(endpoints_changed(services, moved, new))
+
+    def no_answer(*_):
+        raise NftReadError("no answer from nf_tables within 5 s (the rules of a chain)")
+
+    monkeypatch.setattr(source, "_chain", no_answer)
+    now[0] += 1
+    with pytest.raises(ReadFailed):
+        ns.run(lambda: dataplane.read_rules(max_age=0))
+    monkeypatch.undo()
+    now[0] += 1
+    again = ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert again.reread and not again.read.unread
+    servers = {(server[0], server[1]) for vs in again.read.table.values() for server in vs.real_servers}
+    assert set(new) <= servers, "the change was not read"
+    assert again.read.table != good.read.table

@@ -176,7 +176,16 @@ class IptablesDataplane(DataplaneReader):
                 return self._last
             start = time.perf_counter()
             try:
-                live = self._read(start)
+                try:
+                    live = self._read(start)
+                except BaseException:
+                    # The sources may have taken this read's change signal or generation as
+                    # seen before it failed (the resolver decodes chains after they return):
+                    # "unchanged since" would then serve the last good read, from before the
+                    # change, as the rules now. The next read starts from the kernel again.
+                    self._last = None
+                    self._nft_read_generation = None
+                    raise
             except LegacyReadError as err:
                 raise ReadFailed(f"kube-proxy's iptables-legacy rules not read: {err}") from None
             except OSError as err:
