@@ -612,6 +612,33 @@ def _same_size_change(ns) -> str:
     return new
 
 
+def test_a_decoding_reads_digest_is_the_one_the_clocks_re_read_takes(legacy_ns):
+    """A read that decodes takes its tables' digests from the chains' walk (which zeroes the
+    counters on its way), the clock's re-read from ``rules_digest`` alone: the two must be
+    equal on the same rules whatever their counters say, and differ on other rules."""
+    from exporter.readers.iptables_blob import rules_digest
+
+    legacy_ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-c", "7", "700", "-j", "RETURN", backend="legacy")
+    legacy_ns.iptables("-t", "nat", "-P", "POSTROUTING", "ACCEPT", "-c", "3", "300", backend="legacy")
+    head = iptables_legacy._GET_ENTRIES_HEAD.size
+
+    def digests():
+        with iptables_legacy._socket(4) as sock:
+            blob = iptables_legacy.fetch_table(sock, 4, "nat")
+        counted, walked = bytes(blob.buffer), bytearray(blob.buffer)
+        digest = LazyChains(walked, head, blob.info.size, 4, blob.hooks, blob.underflows).digest()
+        assert walked != counted  # the rules' counters were not all zero: the walk zeroed them
+        return digest, rules_digest(bytearray(counted), head, blob.info.size, 4)
+
+    walked, alone = legacy_ns.run(digests)
+    assert walked == alone
+    legacy_ns.iptables("-t", "nat", "-R", "KUBE-MARK-MASQ", "2", "-c", "9", "900", "-j", "RETURN", backend="legacy")
+    assert legacy_ns.run(digests)[0] == walked  # the counters alone moved
+    legacy_ns.iptables("-t", "nat", "-R", "KUBE-MARK-MASQ", "2", "-c", "7", "700", "-j", "ACCEPT", backend="legacy")
+    changed = legacy_ns.run(digests)
+    assert changed[0] == changed[1] != walked
+
+
 def test_the_clocks_re_read_finds_a_swapped_endpoint_the_signal_does_not_show(legacy_ns):
     """The periodic re-read compares digests of the rules (counters aside): the same rules
     are not decoded or resolved again, an endpoint swapped for one of the same length is."""

@@ -406,6 +406,12 @@ class LazyChains(Mapping):
         """(chain, number of rules) of every chain, nothing decoded."""
         return ((name, span & _COUNT_MASK) for name, span in self._spans.items())
 
+    def digest(self) -> bytes:
+        """``rules_digest`` of the table: its walk zeroed every entry's counters already."""
+        if self._view is None:
+            raise BlobError("the table's blob was released")
+        return hashlib.sha256(self._view).digest()
+
     def release(self) -> None:
         """Let go of the blob (a chain asked for afterwards is a ``BlobError``)."""
         if self._view is not None:
@@ -447,8 +453,13 @@ def _index(blob: bytearray, base: int, view: memoryview, size: int, family: int,
     entry), every entry's offsets fit it and end exactly at the next chain, a user chain
     closes with its RETURN and a built-in one with its policy where the info says. What a
     rule's target says (a verdict, a jump's chain) is checked when its chain is decoded,
-    as its matches are: a second look at every verdict here cost as much as the walk."""
+    as its matches are: a second look at every verdict here cost as much as the walk.
+
+    Every entry's counters are zeroed on the way (nothing reads them), so the bytes are
+    then what ``rules_digest`` hashes: the digest of a read that decodes costs no walk of
+    its own (``LazyChains.digest``)."""
     entry_size, offsets_at = ENTRY_SIZE[family], OFFSETS_AT[family]
+    counters_at, zero = entry_size - 16, bytes(16)  # xt_counters ends the entry
     end_marker = size - entry_size - ERROR_TARGET_SIZE
     if end_marker < 0:
         raise BlobError(f"{size} bytes: too short for a table")
@@ -476,6 +487,7 @@ def _index(blob: bytearray, base: int, view: memoryview, size: int, family: int,
         if name is not None:  # a user chain: its head (ERROR, the name), rules, its closing RETURN
             if unpack_offsets(view, at + offsets_at) != (entry_size, head_size):
                 raise BlobError(f"the head of chain {name} at offset {at} is not a chain's head")
+            view[at + counters_at:at + entry_size] = zero
             first = off = at + head_size
         else:
             name = HOOK_NAMES[starts[at]]
@@ -489,6 +501,7 @@ def _index(blob: bytearray, base: int, view: memoryview, size: int, family: int,
             if target_offset < entry_size or next_offset < target_offset + XT_HEADER or next_offset & 7:
                 raise BlobError(f"the entry at offset {off} has offsets no kernel writes "
                                 f"(target at +{target_offset}, next at +{next_offset})")
+            view[off + counters_at:off + entry_size] = zero
             last = off
             off += next_offset
             count += 1
@@ -510,6 +523,7 @@ def _index(blob: bytearray, base: int, view: memoryview, size: int, family: int,
         raise BlobError("no end marker (the table is cut short)")
     if end_marker + next_offset != size:
         raise BlobError(f"entries past the end marker ({size - end_marker - next_offset} bytes)")
+    view[end_marker + counters_at:end_marker + entry_size] = zero
     return spans, chain_at
 
 

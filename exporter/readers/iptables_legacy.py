@@ -353,15 +353,16 @@ class IptablesLegacySource:
                 listed = after
                 continue
             digests = {}
-            for family, table, blob in fetched:
-                try:
-                    digests[(family, table)] = rules_digest(blob.buffer, _GET_ENTRIES_HEAD.size, blob.info.size,
-                                                            family)
-                except BlobError as err:
-                    raise _not_understood(_where(family, table), err) from None
-            if periodic and digests == self._digests:
-                return None, infos
-            self._digests = digests
+            if periodic or not self.lazy:
+                # Without decoding: a lazy read takes them from its chains' walk (below).
+                for family, table, blob in fetched:
+                    try:
+                        digests[(family, table)] = rules_digest(blob.buffer, _GET_ENTRIES_HEAD.size,
+                                                                blob.info.size, family)
+                    except BlobError as err:
+                        raise _not_understood(_where(family, table), err) from None
+                if periodic and digests == self._digests:
+                    return None, infos
             break
         self.blob_bytes = max((len(blob.buffer) for _, _, blob in fetched), default=0)
         self._read_memos = []
@@ -371,10 +372,13 @@ class IptablesLegacySource:
             for index, (at_family, table, blob) in enumerate(fetched):
                 if at_family == family:
                     fetched[index] = None, None, None  # the chains hold the blob from here on, or nothing does
-                    tables[table] = self._decode(family, table, blob)
+                    tables[table] = chains = self._decode(family, table, blob)
+                    if (family, table) not in digests:
+                        digests[(family, table)] = chains.digest()
                     del blob
             if tables:
                 out.append(IptablesRuleset(family, tables))
+        self._digests = digests
         return out, infos
 
     @staticmethod
