@@ -658,26 +658,32 @@ def test_the_clocks_re_read_finds_a_swapped_endpoint_the_signal_does_not_show(le
     assert any(server[0] == new for vs in moved.read.table.values() for server in vs.real_servers)
 
 
+def _nat_undecodable(fetch_table):
+    """``fetch_table`` whose nat blob has KUBE-SERVICES' first rule (it has matches: -m
+    comment, -m tcp) cut: the walk over the table passes, the decode of that chain, which
+    the resolver asks for, fails."""
+    from exporter.readers.iptables_blob import ENTRY_SIZE
+
+    def corrupt(sock, family, table, tries=3):
+        blob = fetch_table(sock, family, table, tries)
+        if table == "nat":
+            head = iptables_legacy._GET_ENTRIES_HEAD.size
+            chains = LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)
+            first = chains._spans["KUBE-SERVICES"] >> 64
+            blob.buffer[head + first + ENTRY_SIZE[family]:head + first + ENTRY_SIZE[family] + 2] = b"\xf8\xff"
+            LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)  # the walk passes
+        return blob
+
+    return corrupt
+
+
 def test_a_chain_that_does_not_decode_fails_the_dataplanes_read_in_one_line(legacy_ns, monkeypatch):
     """The lazy source walks the whole table up front but decodes a chain's matches only when
     the resolver asks: a match whose size runs past its entry then fails the read, naming
     the table, never a traceback and never a table without that chain's frontends."""
     from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
-    from exporter.readers.iptables_blob import ENTRY_SIZE
 
-    real = iptables_legacy.fetch_table
-
-    def corrupt(sock, family, table, tries=3):
-        blob = real(sock, family, table, tries)
-        if table == "nat":
-            head = iptables_legacy._GET_ENTRIES_HEAD.size
-            chains = LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)
-            first = chains._spans["KUBE-SERVICES"] >> 64  # its first rule has matches (-m comment, -m tcp)
-            blob.buffer[head + first + ENTRY_SIZE[family]:head + first + ENTRY_SIZE[family] + 2] = b"\xf8\xff"
-            LazyChains(blob.buffer, head, blob.info.size, family, blob.hooks, blob.underflows)  # the walk passes
-        return blob
-
-    monkeypatch.setattr(iptables_legacy, "fetch_table", corrupt)
+    monkeypatch.setattr(iptables_legacy, "fetch_table", _nat_undecodable(iptables_legacy.fetch_table))
     dataplane = legacy_ns.run(lambda: IptablesDataplane(nft=None))
     with pytest.raises(ReadFailed) as caught:
         legacy_ns.run(lambda: dataplane.read_rules(0))
@@ -692,7 +698,6 @@ def test_a_read_that_failed_is_not_followed_by_the_last_good_one(legacy_ns, monk
     must read the kernel again (and fail again while the table stays so), never serve the
     read from before the change as "nothing changed since"."""
     from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
-    from exporter.readers.iptables_blob import ENTRY_SIZE
 
     clock = Clock()
     legacy = IptablesLegacySource(Paths(), clock=clock, keep=False, lazy=True)
@@ -700,17 +705,7 @@ def test_a_read_that_failed_is_not_followed_by_the_last_good_one(legacy_ns, monk
     good = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
     assert good.read.table and not good.read.unread
     real = iptables_legacy.fetch_table
-
-    def corrupt(sock, family, table, tries=3):
-        blob = real(sock, family, table, tries)
-        if table == "nat":
-            head = iptables_legacy._GET_ENTRIES_HEAD.size
-            chains = LazyChains(bytearray(blob.buffer), head, blob.info.size, family, blob.hooks, blob.underflows)
-            first = chains._spans["KUBE-SERVICES"] >> 64  # its first rule has matches: decoded by the resolver
-            blob.buffer[head + first + ENTRY_SIZE[family]:head + first + ENTRY_SIZE[family] + 2] = b"\xf8\xff"
-        return blob
-
-    monkeypatch.setattr(iptables_legacy, "fetch_table", corrupt)
+    monkeypatch.setattr(iptables_legacy, "fetch_table", _nat_undecodable(real))
     legacy_ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-j", "RETURN", backend="legacy")  # the signal moves
     for _ in range(2):  # the second scrape: the signal has not moved since the failed read
         clock.now += 1
