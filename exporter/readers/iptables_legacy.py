@@ -361,7 +361,6 @@ class IptablesLegacySource:
                     raise _not_understood(_where(family, table), err) from None
             if periodic and digests == self._digests:
                 return None, infos
-            self._digests = digests
             break
         self.blob_bytes = max((len(blob.buffer) for _, _, blob in fetched), default=0)
         self._read_memos = []
@@ -375,6 +374,10 @@ class IptablesLegacySource:
                     del blob
             if tables:
                 out.append(IptablesRuleset(family, tables))
+        # Only once decoded: a read that failed leaves its caller nothing, so the clock's
+        # next re-read must not find "the same rules" by its digests. (Lazy chains decode
+        # later: a caller whose use of them failed passes unchanged_ok=False next.)
+        self._digests = digests
         return out, infos
 
     @staticmethod
