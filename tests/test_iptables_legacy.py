@@ -741,3 +741,31 @@ def test_a_legacy_nat_table_flushed_before_the_first_read_is_every_frontend_miss
     live = legacy_ns.run(lambda: dataplane.read_rules(0))
     assert live.backend == "legacy"
     assert live.read.table == {} and live.read.rejected, "the filter table's REJECTs are still read"
+
+
+def test_a_read_that_failed_to_decode_is_not_the_digest_the_clocks_re_read_compares(legacy_ns, monkeypatch):
+    """A source that decodes at once (not lazy), for a caller that keeps what it made of
+    the last read (``unchanged_ok``): when a re-read's decode fails, the caller has nothing
+    of it, so the clock's next re-read must not find the rules "the same as last time" by
+    the failed read's digests and hand back None (the read from before the change)."""
+    clock = Clock()
+    source = IptablesLegacySource(Paths(), clock=clock, keep=False, lazy=False)
+    first = legacy_ns.run(lambda: source.read(unchanged_ok=False))
+    assert first
+    new = _same_size_change(legacy_ns)
+    real = iptables_legacy.decode_table
+
+    def fails(*args, **kwargs):
+        raise BlobError("an entry's size runs past the table")
+
+    monkeypatch.setattr(iptables_legacy, "decode_table", fails)
+    clock.now += 40
+    with pytest.raises(LegacyReadError):
+        legacy_ns.run(lambda: source.read(unchanged_ok=True))
+    monkeypatch.setattr(iptables_legacy, "decode_table", real)
+    clock.now += 1
+    again = legacy_ns.run(lambda: source.read(unchanged_ok=True))
+    assert again is not None, "the failed read's digests were taken as the rules the caller holds"
+    nat = again[0].tables["nat"]
+    assert any(rule.to_destination and rule.to_destination.startswith(f"{new}:")
+               for rules in nat.values() for rule in rules)

@@ -147,3 +147,33 @@ def test_a_read_that_failed_midway_is_not_followed_by_the_last_good_one(world, m
     servers = {(server[0], server[1]) for vs in again.read.table.values() for server in vs.real_servers}
     assert set(new) <= servers, "the change was not read"
     assert again.read.table != good.read.table
+
+
+def test_a_full_read_that_failed_after_the_feed_lost_track_is_not_followed_by_a_feed_read(world, monkeypatch):
+    """A chain renamed (iptables -E) is a change the feed cannot follow: the source drops
+    what it drained and reads whole. When that whole read fails, the changes drained are
+    gone with it: the next read must be a whole one again, never the feed's next
+    transactions applied over the tables from before the rename."""
+    from exporter.readers import iptables_nft
+    from exporter.readers.iptables_nft import NftReadError
+
+    ns, source = world.ns, world.source
+    ns.iptables("-t", "nat", "-N", "KUBE-TEST-OLD")
+    ns.run(source.read)
+    assert source.full_reads == 1
+    ns.iptables("-t", "nat", "-E", "KUBE-TEST-OLD", "KUBE-TEST-NEW")
+    real = iptables_nft._chains_into
+
+    def no_answer(*_):
+        raise NftReadError("no answer from nf_tables within 5 s (the chains)")
+
+    monkeypatch.setattr(iptables_nft, "_chains_into", no_answer)
+    with pytest.raises(NftReadError):
+        ns.run(source.read)
+    assert source.last_resync and "renamed" in source.last_resync
+    monkeypatch.setattr(iptables_nft, "_chains_into", real)
+    ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-j", "RETURN")  # the feed's next transaction
+    nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
+    assert "KUBE-TEST-NEW" in nat and "KUBE-TEST-OLD" not in nat, "the rename was lost with the failed read"
+    assert set(nat) == set(parse_save(ns.save(4), 4)[0].tables["nat"])
+    assert source.full_reads == 2

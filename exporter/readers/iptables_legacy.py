@@ -378,6 +378,9 @@ class IptablesLegacySource:
                     del blob
             if tables:
                 out.append(IptablesRuleset(family, tables))
+        # Only once decoded: a read that failed leaves its caller nothing, so the clock's
+        # next re-read must not find "the same rules" by its digests. (Lazy chains decode
+        # later: a caller whose use of them failed passes unchanged_ok=False next.)
         self._digests = digests
         return out, infos
 

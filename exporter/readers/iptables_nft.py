@@ -237,7 +237,9 @@ class IptablesNftSource:
                 try:
                     return self._read_feed()
                 except _Resync as why:
-                    self.last_resync = str(why)
+                    # Until a full read succeeds: the transactions drained for this read are
+                    # gone, and the feed's next ones over the kept tables would miss them.
+                    self.last_resync = self._resync = str(why)
                 except BaseException:
                     # What it drained is gone with it (and the counts may be half updated):
                     # only a full read says the kernel's rules again.
