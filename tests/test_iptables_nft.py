@@ -177,3 +177,32 @@ def test_a_full_read_that_failed_after_the_feed_lost_track_is_not_followed_by_a_
     assert "KUBE-TEST-NEW" in nat and "KUBE-TEST-OLD" not in nat, "the rename was lost with the failed read"
     assert set(nat) == set(parse_save(ns.save(4), 4)[0].tables["nat"])
     assert source.full_reads == 2
+
+
+def test_a_chain_that_cannot_be_counted_fails_the_read_in_one_line(monkeypatch):
+    """No kube-proxy chain in iptables-nft: nothing is resolved, and the table's chains are
+    dumped only to be counted. A dump that fails there fails the read with one line, never
+    a traceback out of the dataplane."""
+    from exporter.paths import Paths
+    from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
+    from exporter.readers.iptables_legacy import IptablesLegacySource
+    from exporter.readers.iptables_nft import NftReadError
+
+    with IptNS() as ns:
+        ns.restore("*nat\n:CNI-HOSTPORT-DNAT - [0:0]\n-A PREROUTING -j CNI-HOSTPORT-DNAT\nCOMMIT\n")
+        source = IptablesNftSource()
+        try:
+            def no_answer(*_):
+                raise NftReadError("no answer from nf_tables within 5 s (the rules of chain CNI-HOSTPORT-DNAT)")
+
+            monkeypatch.setattr(source, "_recount", no_answer)
+            dataplane = ns.run(lambda: IptablesDataplane(legacy=IptablesLegacySource(Paths()), nft=source))
+            with pytest.raises(ReadFailed) as caught:
+                ns.run(lambda: dataplane.read_rules(0))
+            assert str(caught.value) == ("kube-proxy's iptables-nft rules not read: no answer from nf_tables within "
+                                         "5 s (the rules of chain CNI-HOSTPORT-DNAT)")
+            monkeypatch.undo()
+            live = ns.run(lambda: dataplane.read_rules(0))
+            assert live.read.table == {} and any(size.chains for size in live.tables)
+        finally:
+            source.close()

@@ -284,7 +284,18 @@ class IptablesDataplane(DataplaneReader):
         read = self._resolve(rulesets)
         if backend == NFT:
             read, rulesets = self._verified(read, rulesets)
-        return IptablesLive(read, backend, ruleset_sizes(rulesets), time.perf_counter() - start, True)
+        return IptablesLive(read, backend, self._sizes(rulesets), time.perf_counter() - start, True)
+
+    @staticmethod
+    def _sizes(rulesets) -> tuple:
+        from exporter.readers.iptables_nft import NftReadError
+
+        try:
+            return ruleset_sizes(rulesets)
+        except NftReadError as err:
+            # The iptables-nft source dumps the chains no resolve counted (none of
+            # kube-proxy's were found, so nothing was walked).
+            raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
 
     def _verified(self, read, rulesets):
         """The iptables-nft source decodes chains as the resolver asks for them: a read is
