@@ -126,6 +126,34 @@ def test_generation_check_skips_work_and_notices_a_change(ns):
         k: v for k, v in first.table.items() if k.address != "172.30.0.41"}
 
 
+def test_a_family_that_failed_to_read_is_read_again_on_the_next_call(ns, monkeypatch):
+    """One family's dump failed (a timeout): that read names it unread, and the next call
+    reads again at the same generation instead of serving the unread family until the
+    generation moves or the safety interval passes."""
+    from exporter.readers import nftables
+
+    ns.nft(ruleset(generated_services(), "ip"))
+    ns.nft(ruleset([ServicePort("ns1", "svc1", "fd00:10:96::41", [("fd00:10::1", 80)])], "ip6"))
+    real = nftables._NetlinkFamily
+    failures = ["ip6"]
+
+    def once(nl, family_name, *args):
+        if family_name in failures:
+            failures.remove(family_name)
+            raise NftReadError("no answer from nf_tables within 5 s (the rules)")
+        return real(nl, family_name, *args)
+
+    monkeypatch.setattr(nftables, "_NetlinkFamily", once)
+    reader = NftablesReader()
+    failed = ns.run(reader.read)
+    assert failed.unread == ("ip6 kube-proxy: no answer from nf_tables within 5 s (the rules)",)
+    assert set(failed.sizes) == {"ip"}
+    again = ns.run(reader.read)
+    assert again.reread and again.unread == () and set(again.sizes) == {"ip", "ip6"}
+    assert VirtualServerKey("TCP", "fd00:10:96::41", 80) in again.table
+    assert not ns.run(reader.read).reread  # whole now: kept until the generation moves
+
+
 def test_safety_interval_reads_again_without_a_change(ns):
     ns.nft(ruleset(generated_services()))
     now = [0.0]

@@ -189,18 +189,21 @@ class NftablesReader:
             gc_was_enabled = gc.isenabled()
             gc.disable()
             try:
-                result = self._read_all(nl, generation)
+                result, whole = self._read_all(nl, generation)
                 # Rules changed while being read: the dumps may mix two rulesets, so read once more.
                 if nl.generation() != generation:
                     generation = nl.generation()
-                    result = self._read_all(nl, generation)
+                    result, whole = self._read_all(nl, generation)
             finally:
                 if gc_was_enabled:
                     gc.enable()
-        self._last, self._last_at = result, self.clock()
+        # A family that could not be read (a dump that timed out, a table half there) is
+        # read again on the next call, not served as unread until the generation moves.
+        self._last, self._last_at = (result, self.clock()) if whole else (None, 0.0)
         return result._replace(read_seconds=time.perf_counter() - start)
 
-    def _read_all(self, nl: NftNetlink, generation: int) -> NftablesRead:
+    def _read_all(self, nl: NftNetlink, generation: int) -> tuple[NftablesRead, bool]:
+        """The read, and whether every family present was read."""
         resolved = Resolution()
         self.decoded_rules = self.anonymous_sets_read = 0
         for family_name, family, addr_len in FAMILIES:
@@ -214,7 +217,7 @@ class NftablesReader:
             if not resolved.add(family_name, lambda: _NetlinkFamily(nl, family_name, family, addr_len, cache, self),
                                 cache.resolver):
                 self._families.pop(family_name, None)
-        return resolved.result(generation)
+        return resolved.result(generation), resolved.sizes.keys() == set(resolved.present)
 
 
 class Resolution:
