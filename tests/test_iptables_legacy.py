@@ -694,9 +694,10 @@ def test_a_chain_that_does_not_decode_fails_the_dataplanes_read_in_one_line(lega
 
 def test_a_read_that_failed_is_not_followed_by_the_last_good_one(legacy_ns, monkeypatch):
     """The source takes a read's change signal as seen when it hands the tables over, and
-    the resolver decodes their chains afterwards: when that decode fails, the next scrape
-    must read the kernel again (and fail again while the table stays so), never serve the
-    read from before the change as "nothing changed since"."""
+    the resolver decodes their chains afterwards: when that decode fails, no later scrape
+    may serve the read from before the change as "nothing changed since". The same bytes
+    fail the same way: while the signal stays, the failure is said again without fetching
+    the tables, until the clock's re-read is due; once the signal moves, they are read."""
     from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
 
     clock = Clock()
@@ -705,19 +706,33 @@ def test_a_read_that_failed_is_not_followed_by_the_last_good_one(legacy_ns, monk
     good = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
     assert good.read.table and not good.read.unread
     real = iptables_legacy.fetch_table
-    monkeypatch.setattr(iptables_legacy, "fetch_table", _nat_undecodable(real))
+    undecodable = _nat_undecodable(real)
+    fetched = []
+
+    def counted(*args, **kwargs):
+        fetched.append(args[2])
+        return undecodable(*args, **kwargs)
+
+    monkeypatch.setattr(iptables_legacy, "fetch_table", counted)
     legacy_ns.iptables("-t", "nat", "-A", "KUBE-MARK-MASQ", "-j", "RETURN", backend="legacy")  # the signal moves
-    for _ in range(2):  # the second scrape: the signal has not moved since the failed read
-        clock.now += 1
-        with pytest.raises(ReadFailed):
-            legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
-    clock.now += 40  # nor after the clock's re-read (the digest it compares is the failed read's)
+    clock.now += 1
+    with pytest.raises(ReadFailed) as first:
+        legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert "nat" in fetched
+    fetched.clear()
+    clock.now += 1  # the next scrape: the signal has not moved since the failed read
+    with pytest.raises(ReadFailed) as again:
+        legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert str(again.value) == str(first.value) and fetched == []
+    clock.now += 40  # the clock's re-read is due: fetched again, and failing again
     with pytest.raises(ReadFailed):
         legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert "nat" in fetched
     monkeypatch.setattr(iptables_legacy, "fetch_table", real)
+    legacy_ns.iptables("-t", "nat", "-D", "KUBE-MARK-MASQ", "-j", "RETURN", backend="legacy")  # mended: it moves
     clock.now += 1
-    again = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
-    assert again.reread and again.read.table == good.read.table and not again.read.unread
+    mended = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    assert mended.reread and mended.read.table == good.read.table and not mended.read.unread
 
 
 def test_no_kube_proxy_rules_anywhere_is_an_empty_table(ns):

@@ -165,15 +165,20 @@ class IptablesDataplane(DataplaneReader):
         self._nft_read_generation: int | None = None  # the generation the last nft rules are from
         self._nft_read_at = float("-inf")
         self._resolver_cache: dict = {}  # the resolver's, kept between reads: unchanged frontends stay the same objects
+        # (legacy change signal, when, reason) of legacy tables that did not decode: the same
+        # bytes fail the same way, so they are fetched again only as a good read would be
+        # (the signal moved, or the clock's re-read is due), not on every scrape.
+        self._legacy_failure: tuple | None = None
 
     def read_rules(self, max_age: float = SCRAPE_WINDOW) -> IptablesLive:
         """The last read if not older than ``max_age`` seconds, else a new one; ``ReadFailed``
         with one line when the rules cannot be read whole."""
-        from exporter.readers.iptables_legacy import LegacyReadError
+        from exporter.readers.iptables_legacy import LegacyBlobError, LegacyReadError
 
         with self._lock:
             if self._last is not None and self.clock() - self._at <= max_age:
                 return self._last
+            self._failed_again()
             start = time.perf_counter()
             try:
                 try:
@@ -187,7 +192,12 @@ class IptablesDataplane(DataplaneReader):
                     self._nft_read_generation = None
                     raise
             except LegacyReadError as err:
-                raise ReadFailed(f"kube-proxy's iptables-legacy rules not read: {err}") from None
+                reason = f"kube-proxy's iptables-legacy rules not read: {err}"
+                if isinstance(err, LegacyBlobError):
+                    signal = self._legacy_signal()
+                    if signal is not None:
+                        self._legacy_failure = (signal, self.clock(), reason)
+                raise ReadFailed(reason) from None
             except OSError as err:
                 raise ReadFailed(f"iptables rules: {err.strerror or err}") from None
             if live.reread and live.backend == LEGACY:
@@ -197,6 +207,25 @@ class IptablesDataplane(DataplaneReader):
                 allocator.trim()
             self._last, self._at = live, self.clock()
             return live
+
+    def _failed_again(self) -> None:
+        """ReadFailed again, without fetching, while the legacy tables that did not decode
+        are still the kernel's as far as the change signal and the re-read clock can tell."""
+        failed = self._legacy_failure
+        if failed is None:
+            return
+        signal, when, reason = failed
+        if self._legacy_signal() == signal and self.clock() - when < self.legacy.reread_interval:
+            raise ReadFailed(reason)
+        self._legacy_failure = None
+
+    def _legacy_signal(self) -> tuple | None:
+        from exporter.readers.iptables_legacy import LegacyReadError
+
+        try:
+            return self.legacy.change_signal()
+        except (LegacyReadError, OSError):
+            return None  # the read that follows says why
 
     def read(self, max_age: float = SCRAPE_WINDOW) -> LiveRead:
         live = self.read_rules(max_age)

@@ -83,6 +83,10 @@ class LegacyReadError(Exception):
     """The legacy rules could not be read; the message is one line."""
 
 
+class LegacyBlobError(LegacyReadError):
+    """A table's blob this reader does not understand: the same bytes fail the same way."""
+
+
 class TableInfo(NamedTuple):
     """What ``IPT_SO_GET_INFO`` says of one table: a change of either number is a change of rules."""
 
@@ -419,8 +423,8 @@ class IptablesLegacySource:
         return chains
 
 
-def _not_understood(where: str, err: BlobError) -> LegacyReadError:
-    return LegacyReadError(f"{where}: the kernel's blob not understood: {err}")
+def _not_understood(where: str, err: BlobError) -> LegacyBlobError:
+    return LegacyBlobError(f"{where}: the kernel's blob not understood: {err}")
 
 
 def _where(family: int, table: str) -> str:
