@@ -208,6 +208,15 @@ def _error_text(code: int, what: str) -> str:
     return f"the kernel refused {what}: {os.strerror(code)}"
 
 
+def _socket_error(err: Exception, timeout: float, what: str) -> NftReadError:
+    """The one-line reason for what a request's socket or a reply's bytes raised."""
+    if isinstance(err, struct.error):
+        return NftReadError(f"malformed nf_tables netlink message ({what})")
+    if isinstance(err, (BlockingIOError, TimeoutError)) or err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return NftReadError(f"no answer from nf_tables within {timeout:g} s ({what})")
+    return NftReadError(f"nf_tables netlink socket error ({what}): {err.strerror}", err.errno)
+
+
 class NftNetlink:
     """One NETLINK_NETFILTER socket speaking nf_tables; use as a context manager."""
 
@@ -277,14 +286,8 @@ class NftNetlink:
                     yield buf, start + 4, end  # past nfgenmsg
                     if not msg_flags & NLM_F_MULTI and not until_ack:
                         return
-        except (BlockingIOError, TimeoutError):
-            raise NftReadError(f"no answer from nf_tables within {self.timeout:g} s ({what})") from None
-        except struct.error:
-            raise NftReadError(f"malformed nf_tables netlink message ({what})") from None
-        except OSError as err:
-            if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                raise NftReadError(f"no answer from nf_tables within {self.timeout:g} s ({what})") from None
-            raise NftReadError(f"nf_tables netlink socket error ({what}): {err.strerror}", err.errno) from None
+        except (struct.error, OSError) as err:
+            raise _socket_error(err, self.timeout, what) from None
 
     # -- requests ----------------------------------------------------------------
 
@@ -566,14 +569,8 @@ class NftNetlink:
                     if finished:
                         break
                 yield chain_name, out, decoded
-        except (BlockingIOError, TimeoutError):
-            raise NftReadError(f"no answer from nf_tables within {self.timeout:g} s ({what})") from None
-        except struct.error:
-            raise NftReadError(f"malformed nf_tables netlink message ({what})") from None
-        except OSError as err:
-            if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                raise NftReadError(f"no answer from nf_tables within {self.timeout:g} s ({what})") from None
-            raise NftReadError(f"nf_tables netlink socket error ({what}): {err.strerror}", err.errno) from None
+        except (struct.error, OSError) as err:
+            raise _socket_error(err, self.timeout, what) from None
 
 
 def _element(buf, start: int, end: int) -> Element:
