@@ -174,6 +174,7 @@ class IptablesDataplane(DataplaneReader):
         """The last read if not older than ``max_age`` seconds, else a new one; ``ReadFailed``
         with one line when the rules cannot be read whole."""
         from exporter.readers.iptables_legacy import LegacyBlobError, LegacyReadError
+        from exporter.readers.iptables_nft import NftReadError
 
         with self._lock:
             if self._last is not None and self.clock() - self._at <= max_age:
@@ -198,6 +199,8 @@ class IptablesDataplane(DataplaneReader):
                     if signal is not None:
                         self._legacy_failure = (signal, self.clock(), reason)
                 raise ReadFailed(reason) from None
+            except NftReadError as err:
+                raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
             except OSError as err:
                 raise ReadFailed(f"iptables rules: {err.strerror or err}") from None
             if live.reread and live.backend == LEGACY:
@@ -244,16 +247,11 @@ class IptablesDataplane(DataplaneReader):
         (asked again only when the generation moved)."""
         if self.nft is None:
             return None, False
-        from exporter.readers.iptables_nft import NftReadError
-
-        try:
-            generation = self.nft.generation()
-            seen = self._nft_seen
-            if seen is not None and seen[0] == generation:
-                return generation, seen[2]
-            present = self.nft.present()
-        except NftReadError as err:
-            raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
+        generation = self.nft.generation()
+        seen = self._nft_seen
+        if seen is not None and seen[0] == generation:
+            return generation, seen[2]
+        present = self.nft.present()
         self._nft_seen = (generation, self.clock(), present)
         return generation, present
 
@@ -294,12 +292,7 @@ class IptablesDataplane(DataplaneReader):
             if (last is not None and last.backend == NFT and self._nft_read_generation == generation
                     and self.clock() - self._nft_read_at < self.safety_interval):
                 return unchanged()
-            from exporter.readers.iptables_nft import NftReadError
-
-            try:
-                rulesets = self.nft.read()
-            except NftReadError as err:
-                raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
+            rulesets = self.nft.read()
             # The source reads the generation again around its dumps: the rules are that one's.
             self._nft_read_generation = self.nft.last_generation
             self._nft_read_at = self.clock()
@@ -313,52 +306,35 @@ class IptablesDataplane(DataplaneReader):
         read = self._resolve(rulesets)
         if backend == NFT:
             read, rulesets = self._verified(read, rulesets)
-        return IptablesLive(read, backend, self._sizes(rulesets), time.perf_counter() - start, True)
-
-    @staticmethod
-    def _sizes(rulesets) -> tuple:
-        from exporter.readers.iptables_nft import NftReadError
-
-        try:
-            return ruleset_sizes(rulesets)
-        except NftReadError as err:
-            # The iptables-nft source dumps the chains no resolve counted (none of
-            # kube-proxy's were found, so nothing was walked).
-            raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
+        # (The iptables-nft source dumps here the chains no resolve counted: none of
+        # kube-proxy's were found, so nothing was walked.)
+        return IptablesLive(read, backend, ruleset_sizes(rulesets), time.perf_counter() - start, True)
 
     def _verified(self, read, rulesets):
         """The iptables-nft source decodes chains as the resolver asks for them: a read is
         the kernel's only if nf_tables did not move while the resolver walked. Read and
         resolve again until it did not (the feed names what moved)."""
-        from exporter.readers.iptables_nft import NftReadError
-
-        try:
-            for _ in range(NFT_VERIFY_TRIES):
-                if self.nft.verify():
-                    return read, rulesets
-                rulesets = self.nft.read()
-                self._nft_read_generation = self.nft.last_generation
-                read = self._resolve(rulesets)
-        except NftReadError as err:
-            raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
+        for _ in range(NFT_VERIFY_TRIES):
+            if self.nft.verify():
+                return read, rulesets
+            rulesets = self.nft.read()
+            self._nft_read_generation = self.nft.last_generation
+            read = self._resolve(rulesets)
         raise ReadFailed(f"kube-proxy's iptables-nft rules changed during each of {NFT_VERIFY_TRIES} reads in a row")
 
     def _resolve(self, rulesets):
         from exporter.readers.iptables import IptablesRead, NoKubeProxyRules, resolve_rulesets
-        from exporter.readers.iptables_nft import NftReadError
 
         try:
             names = self.chain_services() if self.chain_services is not None else None
             return resolve_rulesets(rulesets, names, self._resolver_cache)
-        except NftReadError as err:
-            # A chain dumped as the resolver asked for it: what the cache holds is half a walk.
-            self._resolver_cache = {}
-            raise ReadFailed(f"kube-proxy's iptables-nft rules not read: {err}") from None
         except NoKubeProxyRules:
             # No trace of kube-proxy in either backend: every desired frontend missing, as a
             # deleted nftables table is (the nat table flushed and its chains deleted too).
             return IptablesRead({}, {}, frozenset(), (), {})
         except BaseException:
+            # A chain dumped or decoded as the resolver asked for it failed: what the cache
+            # holds is half a walk.
             self._resolver_cache = {}
             raise
 
