@@ -12,10 +12,12 @@ most 1x, a re-read after one Service's endpoints changed at most 0.1x, nothing
 changed under 5 ms).
 
 Rows: a fresh dataplane's first read (every chain dumped and decoded as the resolver
-walks it), its wall and CPU time; the floor under it: what any reader in Python pays
-for the same kernel work before it decodes a rule (the chain list and one dump per
-chain, their messages walked: the kernel's time is iptables-nft-save's own, which
-makes the same dumps); a read when nothing changed (the generation checks a scrape costs); the
+walks it), its wall and CPU time; two floors under it, for the same kernel work
+(the chain list and one dump per chain, as iptables-nft-save makes them: the
+kernel's time is its own): the conversation alone (each request sent, each reply
+received, only the message headers looked at for the dump's end) and the same with
+every message's attributes walked as the source's flat loop walks them, no rule
+decoded; a read when nothing changed (the generation checks a scrape costs); the
 read after one Service's endpoints changed, as kube-proxy's partial sync writes them
 (every top-level chain flushed and written again, the Service's own chains
 rewritten), which the source takes from nf_tables' change feed
@@ -42,7 +44,9 @@ import time
 from bench.common import Row
 from exporter.readers.dataplanes import IptablesDataplane
 from exporter.readers.iptables_nft import TABLES, _chains_into, _Table
-from exporter.readers.nftables_netlink import NFPROTO_IPV4, NftNetlink
+from exporter.readers.nftables_netlink import (NFNETLINK_V0, NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NFT_MSG_GETRULE,
+                                               NFTA_RULE_CHAIN, NFTA_RULE_TABLE, NLM_F_DUMP, NLM_F_REQUEST,
+                                               NLMSG_DONE, NLMSG_ERROR, _NLMSGHDR, NftNetlink, _nla)
 from tests.ipt_rulesets import IptNS, bench_services, endpoints_changed, ruleset
 from tests.nft_snapshot import cached_table
 
@@ -69,10 +73,11 @@ def _cpu() -> float:
 
 
 def _floor() -> tuple[float, float]:
-    """Wall and CPU seconds of what any Python reader of these rules over netlink pays before
-    it decodes one: the IPv4 chain list, then one rule dump per chain (as the source and
-    iptables-nft-save make them; one whole-table dump is quadratic in the kernel), each
-    reply's messages and attributes walked, no rule decoded (run in the namespace)."""
+    """Wall and CPU seconds of the source's own dump loop with nothing decoded: the IPv4 chain
+    list, then one rule dump per chain (as the source and iptables-nft-save make them; one
+    whole-table dump is quadratic in the kernel), each reply's messages and attributes
+    walked by the flat loop the source uses (run in the namespace). Above the conversation
+    alone by what that walk costs in Python."""
     start, cpu = time.perf_counter(), _cpu()
     with NftNetlink() as nl:
         names = {}
@@ -86,11 +91,50 @@ def _floor() -> tuple[float, float]:
     return time.perf_counter() - start, _cpu() - cpu
 
 
+def _conversation_floor() -> tuple[float, float]:
+    """Wall and CPU seconds of the kernel conversation alone: the IPv4 chain list, then one
+    rule dump per chain, each request built off the clock, each reply received
+    into one buffer and only its messages' headers read, for the dump's end (its ``DONE`` or
+    error). What no reader of these rules over netlink, in any language, can skip."""
+    start, cpu = time.perf_counter(), _cpu()
+    with NftNetlink() as nl:
+        names = {}
+        for table in TABLES:
+            state = _Table()
+            _chains_into(nl, NFPROTO_IPV4, {table: state})
+            names[table] = list(state.chains)
+        building, building_cpu = time.perf_counter(), _cpu()  # not counted: no reader need build them per read
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
+        requests = []
+        for table, chains in names.items():
+            prefix = bytes((NFPROTO_IPV4, NFNETLINK_V0, 0, 0)) + _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
+            for chain in chains:
+                body = prefix + _nla(NFTA_RULE_CHAIN, chain.encode() + b"\0")
+                requests.append(_NLMSGHDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 0, 0) + body)
+        built = time.perf_counter() - building, _cpu() - building_cpu
+        send, recv_into, buf, unpack = nl.sock.send, nl.sock.recv_into, nl.buf, _NLMSGHDR.unpack_from
+        for request in requests:
+            send(request)
+            ended = False
+            while not ended:
+                size, offset = recv_into(buf), 0
+                while offset + 16 <= size:
+                    length, kind = unpack(buf, offset)[:2]
+                    if kind == NLMSG_DONE or kind == NLMSG_ERROR:
+                        ended = True
+                    offset += (length + 3) & ~3
+                if size == 0:
+                    raise RuntimeError("the kernel closed the netlink conversation")
+    return time.perf_counter() - start - built[0], _cpu() - cpu - built[1]
+
+
 # A fresh process: peak RSS (VmHWM) after the imports, then after a dataplane's first read.
 _GROWTH = """
 from exporter.readers.dataplanes import IptablesDataplane
 from exporter.readers.iptables_nft import TABLES, _chains_into, _Table
-from exporter.readers.nftables_netlink import NFPROTO_IPV4, NftNetlink
+from exporter.readers.nftables_netlink import (NFNETLINK_V0, NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NFT_MSG_GETRULE,
+                                               NFTA_RULE_CHAIN, NFTA_RULE_TABLE, NLM_F_DUMP, NLM_F_REQUEST,
+                                               NLMSG_DONE, NLMSG_ERROR, _NLMSGHDR, NftNetlink, _nla)
 def hwm():
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmHWM:"))
@@ -135,7 +179,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
         return ratio if count >= 10000 else None  # the issue sets its limits at 10,000 x 5
 
     # A first read is a fresh dataplane's; alternate it with iptables-nft-save so both see the same load.
-    saves, firsts, first_cpus, floors = [], [], [], []
+    saves, firsts, first_cpus, floors, conversations = [], [], [], [], []
     dataplane = live = None
     for _ in range(2 if count >= 10000 else 3):
         saves.append(_save(ns))
@@ -148,6 +192,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
         first_cpus.append(_cpu() - cpu)
         firsts.append(seconds)
         floors.append(ns.run(_floor))
+        conversations.append(ns.run(_conversation_floor))
     source = dataplane.nft
     assert live.backend == "nft" and live.read.table and not live.read.unread
     rules = sum(size.rules for size in live.tables)
@@ -157,9 +202,13 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
                     min(firsts), reference, "iptables-nft-save", limit=limit(1.0)))
     rows.append(Row(f"{label}: the same, CPU (user + system)", min(first_cpus), min(cpu for _, _, cpu in saves),
                     "iptables-nft-save"))
-    rows.append(Row(f"{label}: floor: the chain list and the same chain dumps, nothing decoded",
+    rows.append(Row(f"{label}: floor: the chain list and the same chain dumps, the conversation alone",
+                    min(wall for wall, _ in conversations), reference, "iptables-nft-save"))
+    rows.append(Row(f"{label}: floor, the conversation alone, CPU (user + system)",
+                    min(cpu for _, cpu in conversations), min(cpu for _, _, cpu in saves), "iptables-nft-save"))
+    rows.append(Row(f"{label}: floor: the same, every message's attributes walked, nothing decoded",
                     min(wall for wall, _ in floors), reference, "iptables-nft-save"))
-    rows.append(Row(f"{label}: floor, CPU (user + system)", min(cpu for _, cpu in floors),
+    rows.append(Row(f"{label}: floor, attributes walked, CPU (user + system)", min(cpu for _, cpu in floors),
                     min(cpu for _, _, cpu in saves), "iptables-nft-save"))
 
     def idle_reads() -> float:  # in the namespace's own thread, as the exporter reads its own
