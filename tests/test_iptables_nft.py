@@ -179,6 +179,32 @@ def test_a_full_read_that_failed_after_the_feed_lost_track_is_not_followed_by_a_
     assert source.full_reads == 2
 
 
+def test_a_full_read_that_failed_after_its_dumps_is_not_served_as_unchanged(world, monkeypatch):
+    """A full read stores the tables and generation it listed, then drains the change feed.
+    When the drain fails, the read failed: a caller that then asks with that generation as
+    the one it knows must get a read, never the rulesets from before the change."""
+    from exporter.readers.iptables_nft import NftReadError
+
+    ns, source = world.ns, world.source
+    ns.run(source.read)
+    before = ns.run(source.read)
+    ns.iptables("-t", "nat", "-N", "KUBE-TEST-NEW")
+    source._resync = "a test's own reason to read whole"  # as after an overflow
+
+    def no_answer(*_):
+        raise NftReadError("no answer from the change feed")
+
+    monkeypatch.setattr(source._feed, "drain", no_answer)
+    with pytest.raises(NftReadError):
+        ns.run(source.read)
+    monkeypatch.undo()
+    generation = ns.run(lambda: source._requests().generation())
+    after = ns.run(lambda: source.read(generation))
+    assert after is not before, "the rulesets from before the change came back as unchanged"
+    nat = next(r for r in after if r.family == 4).tables["nat"]
+    assert "KUBE-TEST-NEW" in nat
+
+
 def test_a_chain_that_cannot_be_counted_fails_the_read_in_one_line(monkeypatch):
     """No kube-proxy chain in iptables-nft: nothing is resolved, and the table's chains are
     dumped only to be counted. A dump that fails there fails the read with one line, never

@@ -283,15 +283,16 @@ class IptablesNftSource:
             generation = after
         else:
             raise NftReadError(f"the ruleset changed during each of {GENERATION_TRIES} reads in a row")
-        self._tables = tables
-        self.last_generation = generation
-        self.full_reads += 1
         if self._feed is not None:
             drained = self._feed.drain(_digested)  # what it holds up to this generation is in the dumps to come
-            self._resync = drained.resync
-            self._pending = [b for b in drained.batches if newer(b.generation, generation)]
+            resync, pending = drained.resync, [b for b in drained.batches if newer(b.generation, generation)]
         else:
-            self._resync = "no change feed"
+            resync, pending = "no change feed", []
+        # Kept only now: a read that failed above leaves the last good one's generation, so
+        # a caller who knows this generation is never served the rulesets from before it.
+        self._tables, self.last_generation = tables, generation
+        self._resync, self._pending = resync, pending
+        self.full_reads += 1
         self._last = self._rulesets(None)
         return self._last
 
