@@ -45,6 +45,9 @@ MODES = ("iptables-nft", "iptables", "nftables", "ipvs")  # "iptables": the lega
 QUICK = {1000: 50.0}
 FULL = {1000: 60.0, 10_000: 150.0}
 _TICKS = os.sysconf("SC_CLK_TCK")
+# Collectors that cannot read the node the bench makes: IPVS's --path.procfs is a fixture
+# holding net/ip_vs alone, so the collectors of /proc/cgroups and /proc/stat report down.
+FIXTURE_DOWN = {"ipvs": ("memcg", "process")}
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:
@@ -77,9 +80,13 @@ class _Churn:
         self.random = random.Random(seed)
         self.fresh = 0  # new endpoint addresses: 10.250.0.0/16, used by no generated Service
         self.ip_vs_path = os.path.join(tmp, "proc", "net", "ip_vs")
+        # IPVS: the slices the "proxy" programmed, apart from the API's, so an on-time change
+        # written after a late one does not program the late one with it.
+        self.programmed = list(self.slices)
 
-    def in_api(self) -> tuple[int, list[str]]:
-        """Swap one endpoint of a random Service for a new address in the API; what changed."""
+    def in_api(self) -> tuple[int, dict]:
+        """Swap one endpoint of a random Service for a new address in the API; which slice and
+        its new object."""
         index = self.random.randrange(len(self.slices))
         raw = copy.deepcopy(self.slices[index])
         addresses = [ep["addresses"][0] for ep in raw["endpoints"]]
@@ -91,17 +98,19 @@ class _Churn:
             "endpoints.kubernetes.io/last-change-trigger-time"] = _trigger_time()
         self.slices[index] = raw
         self.server.update("endpointslices", raw)
-        return index, addresses
+        return index, raw
 
-    def program(self, index: int, addresses: list[str]) -> None:
+    def program(self, index: int, raw: dict) -> None:
         """The proxy catching up on that change."""
         node = self.node
         if node.mode == "ipvs":
+            self.programmed[index] = raw
             partial = self.ip_vs_path + ".new"
             with open(partial, "w") as fh:
-                fh.write(_desired_ip_vs(node.items))
+                fh.write(_desired_ip_vs({**node.items, "endpointslices": self.programmed}))
             os.replace(partial, self.ip_vs_path)
             return
+        addresses = [ep["addresses"][0] for ep in raw["endpoints"]]
         svc = node.ports[index]
         new = [(address, port) for address, (_, port) in zip(addresses, svc.endpoints)]
         if node.mode == "nftables":
@@ -158,15 +167,15 @@ def soak(services: int, mode: str, duration: float, timeout: float = 600.0) -> d
                 differs = bool(record["drift"] or record["pending"])
                 if late and late["phase"] == "api-only":
                     late["seen"] = differs
-                    churn.program(late["index"], late["addresses"])
+                    churn.program(late["index"], late["raw"])
                     late["phase"] = "programmed"
                 elif late and late["phase"] == "programmed":
                     late["cleared"] = not differs
                     lates.append(late)
                     late = None
                 if late is None and len(scrapes) % 2 == 1 and now - start < duration:
-                    index, addresses = churn.in_api()
-                    late = {"index": index, "addresses": addresses, "phase": "api-only", "at": now - start}
+                    index, raw = churn.in_api()
+                    late = {"index": index, "raw": raw, "phase": "api-only", "at": now - start}
                 if now - start >= duration and late is None:
                     break
                 continue
@@ -187,7 +196,7 @@ def soak(services: int, mode: str, duration: float, timeout: float = 600.0) -> d
             with open(os.path.join(out_dir, f"soak-{mode}-{services}.json"), "w") as fh:
                 json.dump({"scrapes": scrapes, "changes": changes, "lates": lates,
                            "logs": [[t - start, line] for t, line in log_lines]}, fh, indent=1)
-        return {"synced_after": synced_after, "rss_at_sync": rss_at_sync, "scrapes": scrapes, "changes": changes,
+        return {"fixture_down": FIXTURE_DOWN.get(mode, ()), "synced_after": synced_after, "rss_at_sync": rss_at_sync, "scrapes": scrapes, "changes": changes,
                 "lates": lates, "soaked": soaked, "cpu": cpu_total, "log_lines": len(log_lines), "start": start}
 
 
@@ -207,7 +216,7 @@ def _slope_mb_per_10min(scrapes: list[dict], start: float, soaked: float) -> flo
 def rows_of(label: str, m: dict) -> list[Row]:
     scrapes = m["scrapes"]
     durations = sorted(s["duration"] for s in scrapes)
-    failed = [s for s in scrapes if any(v != 1 for v in s["success"].values())]
+    failed = [s for s in scrapes if any(v != 1 for k, v in s["success"].items() if k not in m["fixture_down"])]
     unexpected = [s for s in scrapes if s["late"] != "api-only" and (s["drift"] or s["pending"])]
     lates = m["lates"]
     return [
