@@ -30,12 +30,14 @@ table read, in any mode. The 1,000-Service rows show how the cost grows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -226,60 +228,87 @@ NODES = {"ipvs": _IPVSNode, "nftables": _NftablesNode, "iptables": _IptablesNode
          "iptables-nft": _iptables_nft_node}
 
 
-def measure(services: int, mode: str = "ipvs", scrapes: int = 3, timeout: float = 300.0) -> dict:
+class LogLines:
+    """The exporter's stderr read on a thread of its own (a pipe nobody drains stops the exporter
+    once it fills): every line kept with the monotonic time it arrived."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._drain, args=(stream,), name="exporter-stderr", daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream) -> None:
+        for line in stream:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def tail(self, chars: int = 300) -> str:
+        return "\n".join(line for _, line in self.lines[-20:])[-chars:]
+
+
+@contextlib.contextmanager
+def synced_exporter(node: _Node, tmp: str, timeout: float = 300.0):
+    """The real ``serve`` started in ``node`` against the API stand-in holding ``node.items``, once its
+    drift collector reports success with the table synced. Yields ``(server, proc, url, logs,
+    synced_after)``; the exporter and the stand-in are stopped on exit."""
     from tests.apiserver import FakeApiServer
 
-    node = NODES[mode](services)
     proc = None
-    with node, tempfile.TemporaryDirectory(prefix=f"bench-memory-{os.getpid()}-") as tmp:
-        server = node.run(FakeApiServer).start()  # listening inside the node's network
-        try:
-            for resource, objs in node.items.items():
-                for obj in objs:
-                    server.create(resource, obj)
-            kubeconfig = server.write_kubeconfig(os.path.join(tmp, "kubeconfig"))
-            port = node.run(_free_port)
-            cmd = node.command(tmp) + ["--kubeconfig", kubeconfig, "--node-name", NODE_NAME, "--node-ip", NODE_IP,
-                                       "--web.listen-address", f"127.0.0.1:{port}"]
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            pid = proc.pid  # nsenter execs the exporter: the same process
-            url = f"http://127.0.0.1:{port}/metrics"
-            deadline = time.monotonic() + timeout
-            start = time.monotonic()
-            page = ""
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the exporter exited {proc.returncode}: {proc.stderr.read()[-300:]}")
-                try:
-                    page = node.run(lambda: _scrape(url))
-                except OSError:
-                    page = ""
-                if (_value(page, r'kubenode_collector_success\{collector="drift"\}') == 1
-                        and _value(page, "kubenode_dataplane_drift_synced") == 1):
-                    break
-                time.sleep(0.5)
-            else:
-                raise SystemExit(f"the exporter did not sync {services} Services within {timeout:.0f} s")
-            synced_after = time.monotonic() - start
-            for _ in range(scrapes):
+    server = node.run(FakeApiServer).start()  # listening inside the node's network
+    try:
+        for resource, objs in node.items.items():
+            for obj in objs:
+                server.create(resource, obj)
+        kubeconfig = server.write_kubeconfig(os.path.join(tmp, "kubeconfig"))
+        port = node.run(_free_port)
+        cmd = node.command(tmp) + ["--kubeconfig", kubeconfig, "--node-name", NODE_NAME, "--node-ip", NODE_IP,
+                                   "--web.listen-address", f"127.0.0.1:{port}"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        logs = LogLines(proc.stderr)
+        url = f"http://127.0.0.1:{port}/metrics"
+        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                time.sleep(0.2)  # the last lines
+                raise SystemExit(f"the exporter exited {proc.returncode}: {logs.tail()}")
+            try:
                 page = node.run(lambda: _scrape(url))
-            desired_vs = _value(page, "kubenode_dataplane_desired_virtual_servers")
-            live_vs = _value(page, node.live_metric) if node.live_metric else desired_vs
-            drift = sum(float(v) for v in re.findall(r'^kubenode_dataplane_drift\{kind="[a-z_]+"\} (\S+)$', page,
-                                                      re.M))
-            if not desired_vs or desired_vs != live_vs or drift:
-                raise SystemExit(f"the exporter's {mode} tables differ (desired {desired_vs}, live {live_vs}, "
-                                 f"drift {drift}): the bench would not measure a full read")
-            return {"services": services, "virtual_servers": desired_vs, "synced_after": synced_after,
-                    "peak": _status_kib(pid, "VmHWM") * 1024, "steady": _status_kib(pid, "VmRSS") * 1024}
-        finally:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            server.stop()
+            except OSError:
+                page = ""
+            if (_value(page, r'kubenode_collector_success\{collector="drift"\}') == 1
+                    and _value(page, "kubenode_dataplane_drift_synced") == 1):
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"the exporter did not sync {len(node.items['services'])} Services within "
+                             f"{timeout:.0f} s")
+        yield server, proc, url, logs, time.monotonic() - start
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        server.stop()
+
+
+def measure(services: int, mode: str = "ipvs", scrapes: int = 3, timeout: float = 300.0) -> dict:
+    node = NODES[mode](services)
+    with node, tempfile.TemporaryDirectory(prefix=f"bench-memory-{os.getpid()}-") as tmp, \
+            synced_exporter(node, tmp, timeout) as (_server, proc, url, _logs, synced_after):
+        pid = proc.pid  # nsenter execs the exporter: the same process
+        for _ in range(scrapes):
+            page = node.run(lambda: _scrape(url))
+        desired_vs = _value(page, "kubenode_dataplane_desired_virtual_servers")
+        live_vs = _value(page, node.live_metric) if node.live_metric else desired_vs
+        drift = sum(float(v) for v in re.findall(r'^kubenode_dataplane_drift\{kind="[a-z_]+"\} (\S+)$', page,
+                                                  re.M))
+        if not desired_vs or desired_vs != live_vs or drift:
+            raise SystemExit(f"the exporter's {mode} tables differ (desired {desired_vs}, live {live_vs}, "
+                             f"drift {drift}): the bench would not measure a full read")
+        return {"services": services, "virtual_servers": desired_vs, "synced_after": synced_after,
+                "peak": _status_kib(pid, "VmHWM") * 1024, "steady": _status_kib(pid, "VmRSS") * 1024}
 
 
 def _nft_objects(services) -> dict[str, list[dict]]:
