@@ -232,3 +232,65 @@ def test_a_chain_that_cannot_be_counted_fails_the_read_in_one_line(monkeypatch):
             assert live.read.table == {} and any(size.chains for size in live.tables)
         finally:
             source.close()
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["from-the-feed", "whole-reads"])
+def test_reads_beside_back_to_back_partial_syncs_are_each_the_kernels(whole):
+    """kube-proxy's partial syncs back to back (1,000 Services) while the exporter reads
+    as fast as it can: the kernel numbers a commit before it makes its chains live and
+    announces it, so a read that took the generation in between listed the chains of
+    before under the number of after (and a listing resumed by position across a chain
+    unlinked skips one), then said a chain "missing" that the kernel had, and went on
+    saying it while nothing moved (bench soak). Every read served must be whole (no
+    chain missing: nf_tables never lets a jump name a chain that is not there); from the
+    feed, none may fall back to a whole read for want of the announcement; and once the
+    syncs stop, the read equals a fresh dataplane's. A read may fail when syncs land during
+    each of its tries (kube-proxy spaces them a second apart; these come back to back),
+    with that reason."""
+    import threading
+
+    from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
+    from tests.nft_snapshot import cached_table
+
+    services = bench_services(1000, 5)
+    with IptNS() as ns:
+        cached_table(ns, ruleset(services, 4))
+        changes = []
+        for k in range(1, 31):
+            svc = services[(k * 37) % len(services)]
+            endpoints = list(svc.endpoints)
+            endpoints[k % len(endpoints)] = (f"10.250.0.{k}", 8080)
+            changes.append(endpoints_changed(services, svc, endpoints))
+        dataplane = ns.run(IptablesDataplane)
+        try:
+            ns.run(lambda: dataplane.read_rules(max_age=0))
+            full_reads = dataplane.nft.full_reads
+            syncing = threading.Thread(target=lambda: [ns.restore(text) for text in changes])
+            syncing.start()
+            reads, not_whole, failed = 0, [], []
+            while syncing.is_alive():
+                if whole:
+                    dataplane.nft._resync = "a test's own reason to read whole"
+                try:
+                    live = ns.run(lambda: dataplane.read_rules(max_age=0))
+                except ReadFailed as err:
+                    failed.append(str(err))
+                    continue
+                reads += 1
+                not_whole += live.read.unread
+            syncing.join()
+            assert reads >= 10, f"only {reads} reads beside the syncs"
+            assert not not_whole, f"{len(not_whole)} lines of reads served as the kernel's: {not_whole[:2]}"
+            # Syncs back to back can land during each of a read's few tries: said, never served.
+            assert all("changed during each of" in reason for reason in failed), failed[:2]
+            if not whole:
+                assert dataplane.nft.full_reads == full_reads, dataplane.nft.last_resync
+            quiet = ns.run(lambda: dataplane.read_rules(max_age=0))
+            fresh = ns.run(IptablesDataplane)
+            try:
+                truth = ns.run(lambda: fresh.read_rules(max_age=0))
+            finally:
+                fresh.close()
+            assert not quiet.read.unread and quiet.read.table == truth.read.table
+        finally:
+            dataplane.close()

@@ -191,6 +191,9 @@ class IptablesDataplane(DataplaneReader):
                     # change, as the rules now. The next read starts from the kernel again.
                     self._last = None
                     self._nft_read_generation = None
+                    # And the resolution kept for the next read: it may hold chains dumped
+                    # from a later generation than the read it was walked for.
+                    self._resolver_cache = {}
                     raise
             except LegacyReadError as err:
                 reason = f"kube-proxy's iptables-legacy rules not read: {err}"
@@ -290,7 +293,7 @@ class IptablesDataplane(DataplaneReader):
             backend = NFT if self.nft is not None else LEGACY
         if backend == NFT:
             if (last is not None and last.backend == NFT and self._nft_read_generation == generation
-                    and self.clock() - self._nft_read_at < self.safety_interval):
+                    and self.clock() - self._nft_read_at < self.safety_interval and self.nft.settled()):
                 return unchanged()
             rulesets = self.nft.read()
             # The source reads the generation again around its dumps: the rules are that one's.

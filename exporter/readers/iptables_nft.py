@@ -34,6 +34,18 @@ dumped then: ``verify()`` (one generation check) says whether the kernel is stil
 at the generation the read was of, and the caller reads again when it is not; the
 feed then names what moved.
 
+The generation alone is not a fence: the kernel numbers a commit first, then makes its
+objects live and announces them, the NEWGEN message last (a partial sync at 10,000
+Services announces 24,000 messages). A read that asks for the generation in between
+lists the chains from before the commit under the commit's number, and dumps chains
+from after it: a Service's chain jumped to endpoint chains its list lacked, and the
+next reads, finding the same generation, kept saying them missing (bench soak). So a
+read is the kernel's only once the feed has nothing it did not take: ``verify()`` and
+``settled()`` drain the feed, and a transaction announced after a read listed its chains
+(its own generation's too) is applied by the next read, as any other; a re-read whose
+generation the feed has not announced yet waits for it (``FEED_WAIT_SECONDS``) rather
+than reading whole.
+
 The socket lives in the network namespace of the thread that opened it (the first
 read's), and every later dump goes through it, whichever thread asks: tests read a
 namespace of their own from a thread that joined it.
@@ -45,6 +57,7 @@ import errno
 import gc
 import hashlib
 import sys
+import time
 from collections.abc import Mapping
 
 from exporter.readers.ipset import _nla
@@ -71,7 +84,9 @@ NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1,
 SERVICE_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 UNCOUNTED = -1  # a chain's count before its first dump
 GENERATION_TRIES = 3
-FEED_TRIES = 3
+# How long a re-read waits for the feed to announce the generation the kernel already
+# numbers (its commit is still being applied and announced) before reading whole instead.
+FEED_WAIT_SECONDS = 1.0
 _FAMILY_OF = {nfproto: family for family, nfproto in FAMILIES}
 _NFPROTO_OF = {family: nfproto for family, nfproto in FAMILIES}
 # A counter expression's name attribute: its values differ from one dump to the next.
@@ -191,6 +206,7 @@ class IptablesNftSource:
         self._last: list[IptablesRuleset] | None = None
         self._resync: str | None = "no read yet"
         self._pending: list = []  # feed transactions past the last full read's generation
+        self._announced: int | None = None  # the newest generation the feed announced
         self._read_id = 0  # reads served: the resolver keeps incremental state only across consecutive ones
         self._memo: dict = {}  # decode_rule's per-read memo
         self.last_generation: int | None = None
@@ -219,8 +235,58 @@ class IptablesNftSource:
         return any(nl.chain_exists(nfproto, "nat", SERVICES_CHAIN) for _, nfproto in FAMILIES)
 
     def verify(self) -> bool:
-        """The kernel is still at the generation of the last read (chains dumped since are its)."""
-        return self.last_generation is not None and self.generation() == self.last_generation
+        """The kernel is still at the generation of the last read, and the feed announced
+        nothing since the read took it (chains dumped since are that read's)."""
+        return self.last_generation is not None and self.generation() == self.last_generation and self.settled()
+
+    def settled(self) -> bool:
+        """The feed announced no transaction since the last read took it (the next read
+        applies one). Without a feed, only the generation says. A non-blocking drain:
+        microseconds when nothing came."""
+        if self._feed is None:
+            return True
+        if self._resync is not None:
+            return False  # the next read is a whole one
+        drained = self._drain()
+        if drained.resync:
+            self._resync = drained.resync
+            return False
+        self._pending += drained.batches
+        self._resync = self._late(self._pending)
+        return not self._pending
+
+    def _late(self, batches: list) -> str | None:
+        """Why the last read cannot stand, if ``batches`` announce a generation it already
+        had: its chains were listed while that commit was still being applied, and a listing
+        that overlaps a commit can lack chains the feed will never name (a dump resumed by
+        position skips one when a chain before it is unlinked)."""
+        last = self.last_generation
+        if last is not None and any(not newer(b.generation, last) for b in batches):
+            return f"generation {last} was announced after its chains were listed"
+        return None
+
+    def _drain(self):
+        """The feed's queue, and the newest generation it announced noted."""
+        drained = self._feed.drain(_digested)
+        if drained.batches:
+            self._announced = drained.batches[-1].generation
+        return drained
+
+    def _await(self, generation: int, deadline: float) -> tuple[list, str | None]:
+        """The transactions the feed announces until it has announced ``generation`` (the
+        kernel numbers a commit before it applies and announces it), or until ``deadline``,
+        and why the feed lost track if it did; nothing waited for when the feed never
+        announced anything (its first read: a commit finished before it subscribed is never
+        announced)."""
+        batches: list = []
+        while self._announced is not None and newer(generation, self._announced):
+            if not self._feed.wait(deadline - time.monotonic()):
+                break
+            drained = self._drain()
+            if drained.resync:
+                return batches, drained.resync
+            batches += drained.batches
+        return batches, None
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -263,6 +329,11 @@ class IptablesNftSource:
         if known is not None and known == generation == self.last_generation and self._last is not None:
             return self._last
         for _ in range(GENERATION_TRIES):
+            if self._feed is not None:
+                # What was announced before the chains are listed is in the listing (an
+                # overflow lost only such messages); only what comes after is the next read's.
+                self._drain()
+                self._await(generation, time.monotonic() + FEED_WAIT_SECONDS)  # in the listing, as any lost
             tables: dict[tuple[int, str], _Table] = {}
             for family, nfproto in FAMILIES:
                 for table in TABLES:
@@ -278,16 +349,19 @@ class IptablesNftSource:
                         if chain not in state.chains:
                             state.set_count(chain, 0)  # iptables-nft makes one with its first rule
             after = nl.generation()
-            if after == generation:
+            resync, pending, overlapped = "no change feed", [], False
+            if self._feed is not None:
+                drained = self._drain()
+                resync, pending = drained.resync, [b for b in drained.batches if newer(b.generation, generation)]
+                # This generation (or an older one) announced only now: its commit was still
+                # making chains live, or unlinking them, while they were listed (a dump resumed
+                # by position then skips one): list again.
+                overlapped = len(pending) != len(drained.batches)
+            if after == generation and not overlapped:
                 break
             generation = after
         else:
             raise NftReadError(f"the ruleset changed during each of {GENERATION_TRIES} reads in a row")
-        if self._feed is not None:
-            drained = self._feed.drain(_digested)  # what it holds up to this generation is in the dumps to come
-            resync, pending = drained.resync, [b for b in drained.batches if newer(b.generation, generation)]
-        else:
-            resync, pending = "no change feed", []
         # Kept only now: a read that failed above leaves the last good one's generation, so
         # a caller who knows this generation is never served the rulesets from before it.
         self._tables, self.last_generation = tables, generation
@@ -311,16 +385,23 @@ class IptablesNftSource:
         batches = self._pending
         self._pending = []
         nl = self._requests()
-        for _ in range(FEED_TRIES):
-            drained = self._feed.drain(_digested)
+        deadline = time.monotonic() + FEED_WAIT_SECONDS
+        while True:
+            drained = self._drain()
             if drained.resync:
                 raise _Resync(drained.resync)
             batches += drained.batches
-            target = batches[-1].generation if batches else self.last_generation
-            if nl.generation() == target:
+            awaited, resync = self._await(nl.generation(), deadline)  # numbered, still being applied
+            if resync:
+                raise _Resync(resync)
+            batches += awaited
+            late = self._late(batches)
+            if late:
+                raise _Resync(late)
+            if nl.generation() == (batches[-1].generation if batches else self.last_generation):
                 break
-        else:
-            raise _Resync("the kernel's generation is past the change feed's")
+            if time.monotonic() >= deadline:
+                raise _Resync(f"the change feed did not announce the kernel's generation within {FEED_WAIT_SECONDS:g} s")
         if not batches:
             return self._last
         touched: dict[tuple[int, str], set[str]] = {}

@@ -28,6 +28,7 @@ cgroup. A drain costs O(messages queued).
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 from typing import NamedTuple
@@ -182,6 +183,13 @@ class NftMonitor:
 
     def close(self) -> None:
         self.sock.close()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether a message came within ``timeout`` seconds (none waited for when it is not positive)."""
+        if timeout <= 0:
+            return False
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(readable)
 
     def drain(self, keep=None) -> Drained:
         """Every message queued now, without blocking: the transactions it completes, each
