@@ -315,5 +315,10 @@ class DataplaneReader:
     def read(self, max_age: float = SCRAPE_WINDOW) -> LiveRead:
         raise NotImplementedError
 
+    def read_following(self, max_age: float = SCRAPE_WINDOW) -> LiveRead:
+        """``read`` for the latency follower, which waits on a change: a reader whose change
+        check cannot see every change (iptables-legacy) looks sooner."""
+        return self.read(max_age)
+
     def close(self) -> None:
         """Release sockets or threads."""

@@ -176,7 +176,7 @@ def test_a_change_that_keeps_count_and_size_is_read_at_the_bounded_rate(ns):
     rules = ns.save(4, "legacy", "nat")
     ns.iptables(backend="legacy", tool="-restore", input=rules.replace("10.180.0.1:80", "10.180.0.5:80"))
     assert ns.run(source.change_signal) == signal, "the swap moved the signal: this test proves nothing"
-    clock.now += 59
+    clock.now += 60 * (1 - iptables_legacy.REREAD_SLACK) - 1
     assert ns.run(source.read) is first and not source.reread
     clock.now += 2
     again = ns.run(source.read)
@@ -784,3 +784,52 @@ def test_a_read_that_failed_to_decode_is_not_the_digest_the_clocks_re_read_compa
     nat = again[0].tables["nat"]
     assert any(rule.to_destination and rule.to_destination.startswith(f"{new}:")
                for rules in nat.values() for rule in rules)
+
+
+def test_the_re_read_clock_counts_from_when_the_tables_were_fetched(legacy_ns):
+    """Reads begin at scrape times: a scrape one interval after the last read began (a hair
+    early, as scrapes are) must find the re-read due. Counted from the read's end, it was
+    not, and a swapped endpoint waited a whole scrape interval more (every 45 s at 15 s
+    scrapes: bench soak)."""
+    clock = Clock()
+    source = IptablesLegacySource(Paths(), clock=clock, keep=False, lazy=True)
+    fetch = source._read_all
+
+    def taking_time(*args, **kwargs):
+        out = fetch(*args, **kwargs)
+        clock.now += 0.4  # what the fetch and decode took
+        return out
+
+    source._read_all = taking_time
+    legacy_ns.run(source.read)
+    started = clock.now - 0.4
+    new = _same_size_change(legacy_ns)
+    clock.now = started + source.reread_interval - 0.01
+    assert legacy_ns.run(source.due), "the re-read was not due one interval after the last read began"
+    again = legacy_ns.run(lambda: source.read(unchanged_ok=True))
+    assert source.reread and again is not None
+    assert any(rule.to_destination and rule.to_destination.startswith(f"{new}:")
+               for chain in again[0].tables["nat"].values() for rule in chain)
+
+
+def test_the_latency_follower_finds_a_swapped_endpoint_sooner_than_the_clock(legacy_ns):
+    """A swapped endpoint moves neither the legacy tables' count nor their size: only a fetch
+    sees it, every 30 s. Waiting on a change, the latency follower would have measured that
+    clock, not the proxy; its reads fetch the tables sooner, no more often than 20 times
+    what the last fetch cost."""
+    from exporter.readers import dataplanes
+    from exporter.readers.dataplanes import IptablesDataplane
+
+    clock = Clock()
+    legacy = IptablesLegacySource(Paths(), clock=clock, keep=False, lazy=True)
+    dataplane = legacy_ns.run(lambda: IptablesDataplane(legacy=legacy, nft=None, clock=clock))
+    first = legacy_ns.run(lambda: dataplane.read_rules(max_age=0))
+    new = _same_size_change(legacy_ns)
+    dataplane._legacy_cost = 0.5  # the last fetch took half a second: every 10 s at most
+    clock.now += 2
+    assert not legacy_ns.run(lambda: dataplane.read_rules(max_age=0)).reread  # the scrape's: the 30 s clock
+    assert not legacy_ns.run(lambda: dataplane.read_rules(max_age=0, following=True)).reread
+    clock.now += dataplanes.FOLLOW_LEGACY_COST * 0.5 - 2  # the bound passed since the last fetch
+    followed = legacy_ns.run(lambda: dataplane.read_following(max_age=0))
+    assert followed.table != first.read.table
+    assert any(server[0] == new for vs in followed.table.values() for server in vs.real_servers)

@@ -123,7 +123,7 @@ def start_latency(ctx, access: KubeAccess, dataplane: DataplaneReader):
     # IPVS over netlink reads one virtual server at a time, but only of this host's
     # kernel: with a fixture procfs the fixture is the table.
     direct = netlink_reader() if dataplane.mode == "ipvs" and ctx.paths.procfs == "/proc" else None
-    follower = LatencyFollower(access.store.snapshot, dataplane.read, direct,
+    follower = LatencyFollower(access.store.snapshot, dataplane.read_following, direct,
                                interval=max(0.05, ctx.settings.get("drift.follow-interval")))
     unsubscribe = access.store.subscribe(follower.on_change)
     follower.start()

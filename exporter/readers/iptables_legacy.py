@@ -75,6 +75,10 @@ FETCH_TRIES = 3  # a table replaced between its info and its entries is fetched 
 # minute, so half a minute (a scrape or two) halves how long such drift can hide;
 # reading on every scrape would spend that CPU all the time for a rare case.
 REREAD_SECONDS = 30.0
+# A re-read is due a little before its interval ends: reads begin at scrape times, and a
+# scrape 30 s after the last read's start, a few milliseconds early, found it not due and
+# the tables then waited a whole scrape interval more (every 45 s at 15 s scrapes).
+REREAD_SLACK = 0.05
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -296,17 +300,20 @@ class IptablesLegacySource:
 
     # -- the rules --------------------------------------------------------------------------
 
-    def due(self) -> bool:
+    def due(self, within: float | None = None) -> bool:
         """Whether ``read()`` would fetch the tables: never read, the signal moved, or
-        ``reread_interval`` passed."""
+        ``reread_interval`` passed since the last read began (``within`` seconds, when
+        shorter: a caller following a change)."""
         with self._lock:
-            return self._due(self.change_signal())
+            return self._due(self.change_signal(), within)
 
-    def _due(self, signal_now: tuple[TableInfo, ...]) -> bool:
+    def _due(self, signal_now: tuple[TableInfo, ...], within: float | None = None) -> bool:
+        interval = self.reread_interval if within is None else min(within, self.reread_interval)
         return (self._last_signal is None or signal_now != self._last_signal
-                or self.clock() - self._last_at >= self.reread_interval)
+                or self.clock() - self._last_at >= interval * (1 - REREAD_SLACK))
 
-    def read(self, known=None, unchanged_ok: bool = False) -> list[IptablesRuleset] | None:
+    def read(self, known=None, unchanged_ok: bool = False, within: float | None = None
+             ) -> list[IptablesRuleset] | None:
         """Every family's nat and filter rules (a family without legacy tables is left out).
         ``known`` is accepted for the nft source's interface and not used.
 
@@ -314,20 +321,21 @@ class IptablesLegacySource:
         clock asked for (the signal did not move), None when every table holds the rules
         it held then, counters aside (``rules_digest``): no chain decoded, nothing resolved
         again (at 10,000 Services a whole re-read every 30 s cost 0.8 s of CPU and left
-        ~10 MB more resident after a few)."""
+        ~10 MB more resident after a few). ``within``: as ``due()``'s."""
         with self._lock:
             signal_now = self.change_signal()
-            if self._last is not None and not self._due(signal_now):
+            if self._last is not None and not self._due(signal_now, within):
                 self.reread = False
                 return self._last
             periodic = unchanged_ok and self._digests and signal_now == self._last_signal
+            started = self.clock()  # the clock counts from when the tables were fetched
             rulesets, signal_now = self._read_all(signal_now, periodic)
             if rulesets is None:
-                self._last_at = self.clock()
+                self._last_at = started
                 self.reread = False
                 return None
             self._last = rulesets if self.keep else None
-            self._last_signal, self._last_at = signal_now, self.clock()
+            self._last_signal, self._last_at = signal_now, started
             # Presence comes free with the rules: no second copy of the table's blob for it.
             self._present = (signal_now, any(SERVICES_CHAIN in r.tables.get("nat", {}) for r in rulesets))
             self.reread = True
