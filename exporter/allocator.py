@@ -70,8 +70,9 @@ def tune() -> bool:
 def trim() -> bool:
     """Hand the free pages of every arena back to the kernel (``malloc_trim(0)``).
 
-    Costs a walk of the free lists (milliseconds at 10,000 Services): call it after
-    a large transient is freed, never per scrape. True if memory was released.
+    Costs a walk of the free lists (under a millisecond at 10,000 Services): call it
+    after a large transient is freed (a table read anew), not on a path that freed
+    nothing. True if memory was released.
     """
     libc = _glibc()
     if libc is None:
