@@ -40,11 +40,15 @@ Services announces 24,000 messages). A read that asks for the generation in betw
 lists the chains from before the commit under the commit's number, and dumps chains
 from after it: a Service's chain jumped to endpoint chains its list lacked, and the
 next reads, finding the same generation, kept saying them missing (bench soak). So a
-read is the kernel's only once the feed has nothing it did not take: ``verify()`` and
-``settled()`` drain the feed, and a transaction announced after a read listed its chains
-(its own generation's too) is applied by the next read, as any other; a re-read whose
-generation the feed has not announced yet waits for it (``FEED_WAIT_SECONDS``) rather
-than reading whole.
+read is the kernel's only once the feed has nothing it did not take: a whole read waits
+for the announcement of the generation before it lists the chains (``FEED_WAIT_SECONDS``;
+not on its first read, when a commit that ended before the feed subscribed is never
+announced) and lists again when that generation is announced only after the listing
+began; ``verify()`` and ``settled()`` drain the feed, a transaction announced later is
+the next read's to apply, and one announcing a generation the read already had makes
+the next read whole (the listing overlapped its commit: the feed cannot name what a
+listing skipped); a re-read whose generation the feed has not announced yet waits for
+it rather than reading whole.
 
 The socket lives in the network namespace of the thread that opened it (the first
 read's), and every later dump goes through it, whichever thread asks: tests read a
