@@ -418,3 +418,76 @@ def test_without_announcements_the_generation_alone_fences_said_once(ns, monkeyp
     assert [r.getMessage() for r in caplog.records] == [
         "nftables reads are fenced by the ruleset generation alone: "
         "cannot subscribe to nf_tables changes: Operation not permitted"]
+
+
+def _numbered_early(monkeypatch):
+    """GETGEN answers the number of the next commit before it is applied, as the kernel
+    does while a commit is being applied (the window lasts microseconds to a tenth of a
+    second here: held open for the test). Returns the arming function: ``arm(generation)``."""
+    from exporter.readers import nftables_netlink
+    from exporter.readers.nftables_monitor import newer
+
+    real = nftables_netlink.NftNetlink.generation
+    early: list[int] = []
+
+    def generation(self) -> int:
+        now = real(self)
+        return early[0] if early and newer(early[0], now) else now
+
+    monkeypatch.setattr(nftables_netlink.NftNetlink, "generation", generation)
+    return early.append
+
+
+def _commit_later(ns, text: str, seconds: float):
+    import threading
+
+    timer = threading.Timer(seconds, ns.nft, (text,))
+    timer.start()
+    return timer
+
+
+def test_a_generation_numbered_before_its_commit_is_applied_is_read_once_announced(ns, monkeypatch):
+    """The reader asks for the generation while a commit is numbered and not applied yet:
+    it waits for the commit's announcement before dumping, so the read named after the
+    commit holds it (before: the rules from before the commit, under its number)."""
+    services = generated_services()
+    ns.nft(ruleset(services))
+    reader = NftablesReader()
+    ns.run(reader.read)
+    ns.nft(endpoints_changed(services[0], [("10.180.0.1", 80), ("10.180.0.10", 80)]))
+    before = ns.run(reader.read)  # the subscription has announced a commit now
+    arm = _numbered_early(monkeypatch)
+    arm(before.generation + 1)
+    commit = _commit_later(ns, endpoints_changed(services[0], [("10.180.0.11", 80)]), 0.3)
+    try:
+        read = ns.run(reader.read)
+    finally:
+        commit.join()
+    assert read.generation == before.generation + 1
+    assert read.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {("10.180.0.11", 80)}
+
+
+def test_a_read_whose_generation_is_announced_after_it_is_not_kept_as_unchanged(ns, monkeypatch):
+    """The commit takes longer than the reader waits for its announcement: that read is
+    served as it was dumped, but once the commit is announced the next read reads again,
+    though the generation did not move since (before: the read from before the commit was
+    kept as "unchanged" under the commit's number, up to safety_interval)."""
+    from exporter.readers import nftables
+
+    services = generated_services()
+    ns.nft(ruleset(services))
+    reader = NftablesReader()
+    ns.run(reader.read)
+    ns.nft(endpoints_changed(services[0], [("10.180.0.1", 80), ("10.180.0.10", 80)]))
+    before = ns.run(reader.read)
+    monkeypatch.setattr(nftables, "FEED_WAIT_SECONDS", 0.05)
+    arm = _numbered_early(monkeypatch)
+    arm(before.generation + 1)
+    commit = _commit_later(ns, endpoints_changed(services[0], [("10.180.0.11", 80)]), 0.3)
+    early = ns.run(reader.read)
+    commit.join()
+    assert early.generation == before.generation + 1  # dumped before the commit applied
+    again = ns.run(reader.read)
+    assert again.reread and again.generation == early.generation
+    assert again.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {("10.180.0.11", 80)}
+    assert not ns.run(reader.read).reread  # settled now: kept
