@@ -241,7 +241,7 @@ class NftablesReader:
                         break
                     generation = after
                 else:
-                    raise NftReadError(f"the ruleset changed during each of {GENERATION_TRIES} reads in a row")
+                    raise NftReadError(f"the ruleset changed, or a change was under way, during each of {GENERATION_TRIES} reads in a row")
             finally:
                 if gc_was_enabled:
                     gc.enable()
