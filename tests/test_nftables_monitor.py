@@ -11,6 +11,7 @@ or from a counted full read where it cannot.
 
 from __future__ import annotations
 
+import socket
 import struct
 import subprocess
 
@@ -318,3 +319,69 @@ def test_a_top_level_rule_in_another_layout_makes_its_chain_dumped_not_digested(
     state.set_count("KUBE-SERVICES", 0)
     state.digests["KUBE-SERVICES"] = b"x"
     assert iptables_nft._rewritten(state, "KUBE-SERVICES", [e for e in events if e.kind != "rules"]) is None
+
+
+def _messages(datagram: bytes) -> list[int]:
+    """The nf_tables commands of a netlink datagram's messages, in order."""
+    out, offset = [], 0
+    while offset + 16 <= len(datagram):
+        length, msg_type, _, _, _ = _NLMSGHDR.unpack_from(datagram, offset)
+        out.append(msg_type & 0xFF)
+        offset += (length + 3) & ~3
+    return out
+
+
+def _datagrams(sock) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(1 << 16, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return out
+
+
+def test_the_newgen_filter_keeps_announcements_and_drops_the_rest():
+    """The filter itself, run by the kernel on datagrams of our own making (an AF_UNIX
+    pair takes socket filters as a netlink socket does): a datagram whose first message
+    is NEWGEN is kept, one of element messages is dropped, and so is one whose NEWGEN
+    comes second (the filter reads the first message only) or that is too short to say."""
+    def message(command: int) -> bytes:
+        return _NLMSGHDR.pack(20, (10 << 8) | command, 0, 0, 0) + bytes(4)
+
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with sender, receiver:
+        monitor.attach_filter(receiver, monitor.newgen_filter())
+        newelem, newgen = 12, monitor.NFT_MSG_NEWGEN
+        for datagram in (message(newelem) * 3, message(newgen), message(newelem) + message(newgen), b"\x0f\x0a"):
+            sender.send(datagram)
+        assert [_messages(d) for d in _datagrams(receiver)] == [[newgen]]
+
+
+def test_the_kernel_announces_each_commit_in_a_datagram_of_its_own():
+    """What the announcements-only socket relies on, on this kernel: every NEWGEN comes
+    in a datagram of its own (an unfiltered subscriber sees the other notifications
+    coalesced, thousands of element messages among them), so a socket filtered on its
+    datagrams' first message gets one NEWGEN per commit and nothing else."""
+    from tests.nft_rulesets import NftNS, bench_services, endpoints_changed, ruleset
+
+    services = bench_services(300, 5)
+    commits = [ruleset(services)] + [endpoints_changed(services[k], [("10.250.0.1", 8080)]) for k in range(5)]
+    with NftNS() as ns:
+        def subscribe_then_commit():
+            everything = NftMonitor()
+            announcements = NftMonitor(monitor.ANNOUNCEMENT_BUFFER, announcements_only=True)
+            try:
+                for text in commits:
+                    ns.nft(text)
+                return _datagrams(everything.sock), _datagrams(announcements.sock)
+            finally:
+                everything.close()
+                announcements.close()
+
+        every, announced = ns.run(subscribe_then_commit)
+    every = [_messages(d) for d in every]
+    with_newgen = [commands for commands in every if monitor.NFT_MSG_NEWGEN in commands]
+    assert with_newgen == [[monitor.NFT_MSG_NEWGEN]] * len(commits)
+    assert sum(commands.count(12) for commands in every) >= 300  # NEWSETELEM: the maps' elements
+    assert max(map(len, every)) > 1  # the others coalesced
+    assert [_messages(d) for d in announced] == [[monitor.NFT_MSG_NEWGEN]] * len(commits)

@@ -69,6 +69,10 @@ class NftablesDataplane(DataplaneReader):
         rules = self.read_rules(max_age)
         return LiveRead(rules.table, rules.rejected, rules.unread, rules.read_seconds)
 
+    def close(self) -> None:
+        with self._lock:
+            self.reader.close()
+
 
 class IptablesTableSize(NamedTuple):
     """One family's table as read, for `kubenode_iptables_*`."""

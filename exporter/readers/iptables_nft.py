@@ -67,7 +67,7 @@ from collections.abc import Mapping
 from exporter.readers.ipset import _nla
 from exporter.readers.iptables_netlink import decode_rule
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
-from exporter.readers.nftables_monitor import DEFAULT_RECEIVE_BUFFER, FeedError, NftMonitor, newer
+from exporter.readers.nftables_monitor import DEFAULT_RECEIVE_BUFFER, FEED_WAIT_SECONDS, FeedError, NftMonitor, newer
 from exporter.readers.nftables_netlink import (_BE64, _NLA, NFPROTO_IPV4, NFPROTO_IPV6, NFTA_LIST_ELEM, NftNetlink,
                                                NftReadError)
 
@@ -88,9 +88,6 @@ NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1,
 SERVICE_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 UNCOUNTED = -1  # a chain's count before its first dump
 GENERATION_TRIES = 3
-# How long a re-read waits for the feed to announce the generation the kernel already
-# numbers (its commit is still being applied and announced) before reading whole instead.
-FEED_WAIT_SECONDS = 1.0
 _FAMILY_OF = {nfproto: family for family, nfproto in FAMILIES}
 _NFPROTO_OF = {family: nfproto for family, nfproto in FAMILIES}
 # A counter expression's name attribute: its values differ from one dump to the next.
@@ -210,7 +207,6 @@ class IptablesNftSource:
         self._last: list[IptablesRuleset] | None = None
         self._resync: str | None = "no read yet"
         self._pending: list = []  # feed transactions past the last full read's generation
-        self._announced: int | None = None  # the newest generation the feed announced
         self._read_id = 0  # reads served: the resolver keeps incremental state only across consecutive ones
         self._memo: dict = {}  # decode_rule's per-read memo
         self.last_generation: int | None = None
@@ -270,27 +266,13 @@ class IptablesNftSource:
         return None
 
     def _drain(self):
-        """The feed's queue, and the newest generation it announced noted."""
-        drained = self._feed.drain(_digested)
-        if drained.batches:
-            self._announced = drained.batches[-1].generation
-        return drained
+        return self._feed.drain(_digested)
 
     def _await(self, generation: int, deadline: float) -> tuple[list, str | None]:
-        """The transactions the feed announces until it has announced ``generation`` (the
-        kernel numbers a commit before it applies and announces it), or until ``deadline``,
-        and why the feed lost track if it did; nothing waited for when the feed never
-        announced anything (its first read: a commit finished before it subscribed is never
-        announced)."""
-        batches: list = []
-        while self._announced is not None and newer(generation, self._announced):
-            if not self._feed.wait(deadline - time.monotonic()):
-                break
-            drained = self._drain()
-            if drained.resync:
-                return batches, drained.resync
-            batches += drained.batches
-        return batches, None
+        """The transactions the feed announces until it has announced ``generation``, or
+        until ``deadline``, and why the feed lost track if it did (``NftMonitor.until_announced``)."""
+        drained = self._feed.until_announced(generation, deadline, _digested)
+        return drained.batches, drained.resync
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -20,6 +20,25 @@ was not read: a frontend whose chains cannot be followed is left out of the
 table and named in ``unread``; a family whose table is half there is unread as
 a whole; no table at all is an error.
 
+A read is the kernel's once nf_tables announced its generation: the kernel numbers a
+commit (the generation NFT_MSG_GETGEN answers) before it makes its objects live and
+unlinks the deleted ones, and announces it (NEWGEN) last. Fenced by the generation
+alone, a read that took the number in that window dumped the rules from before the
+commit, or a chain half rewritten, under the commit's number, and was then kept as
+"unchanged" while the generation stayed. So the reader subscribes to the announcements
+alone (``NftMonitor(announcements_only=True)``: one small datagram per commit), waits
+(``FEED_WAIT_SECONDS`` at most) for the announcement of the generation before it dumps,
+reads again when that generation (or an older one) is announced only after its dumps
+began, and serves "unchanged" only while nothing was announced since (``settled``).
+Without the subscription (refused by the kernel) the generation alone fences a read,
+as before, said once in the log. Two more overlaps no number or announcement shows: a
+read done again because the generation moved is checked as the first was (served
+unchecked, it held the next commit's rules under the number before it), and a rule
+dump that holds a rule twice is read again (a table's rules are dumped in parts resumed
+by position, and a transaction being prepared inserts its rules into the lists before
+anything is numbered: those already dumped come again). A read that still meets a
+commit on each of ``GENERATION_TRIES`` tries fails, saying so.
+
 Cost (bench/bench_nftables.py): the generation id (NFT_MSG_GETGEN) is read every
 call and the rules only when it moved, or after ``safety_interval``. A re-read
 dumps the table's chains, rules and maps again but decodes only rules with new
@@ -43,14 +62,18 @@ from __future__ import annotations
 import errno
 import gc
 import ipaddress
+import logging
 import re
 import struct
 import time
 from typing import NamedTuple
 
 from exporter.dataplane import NO_REAL_SERVERS, RealServers, Table, VirtualServer, VirtualServerKey
+from exporter.readers.nftables_monitor import ANNOUNCEMENT_BUFFER, FEED_WAIT_SECONDS, FeedError, NftMonitor, newer
 from exporter.readers.nftables_netlink import (NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6, NFT_GOTO, NFT_JUMP,
                                                Element, NftNetlink, NftReadError, Rule, SetInfo, Verdict)
+
+log = logging.getLogger(__name__)
 
 TABLE_NAME = "kube-proxy"
 FAMILIES = (("ip", NFPROTO_IPV4, 4), ("ip6", NFPROTO_IPV6, 16))
@@ -70,6 +93,7 @@ MAX_NUMGEN_KEYS = 1024  # larger maps are dumped (one request stays small)
 # by key, but a get answers in one message per element: by key pays from a few
 # thousand sets on (bench/bench_nftables.py: 2x faster at 10,000, slower at 1,000).
 BY_KEY_FROM_SETS = 3000
+GENERATION_TRIES = 3  # reads in a row when a commit lands during each
 _HOST_U32 = struct.Struct("=I")  # numgen writes its register in host byte order
 
 
@@ -164,7 +188,7 @@ class NftablesReader:
     """Reads kube-proxy's nftables tables of the calling thread's network namespace."""
 
     def __init__(self, safety_interval: float = 300.0, timeout: float = 5.0, clock=time.monotonic,
-                 by_key_from_sets: int = BY_KEY_FROM_SETS) -> None:
+                 by_key_from_sets: int = BY_KEY_FROM_SETS, announcements: bool = True) -> None:
         self.safety_interval = safety_interval
         self.by_key_from_sets = by_key_from_sets
         self.timeout = timeout
@@ -172,28 +196,52 @@ class NftablesReader:
         self._last: NftablesRead | None = None
         self._last_at = 0.0
         self._families: dict[str, _NetlinkCache] = {}
+        # nf_tables' commit announcements, in the network namespace of the first read's thread.
+        self.use_announcements = announcements
+        self._announcements: NftMonitor | None = None
         self.decoded_rules = 0  # rules decoded by the last full read (tests, bench)
         self.anonymous_sets_read = 0  # anonymous sets fetched by the last full read
+        self.overlapped = 0  # reads done again because their dumps overlapped a transaction
+        self.rules_twice = False  # the last rule dump held a rule twice
+
+    def close(self) -> None:
+        if self._announcements is not None:
+            self._announcements.close()
+            self._announcements = None
 
     def read(self) -> NftablesRead:
         """The live table; raises ``NftReadError`` when neither family could be read."""
         start = time.perf_counter()
+        self._subscribe()  # before the generation is read: no commit announced unseen after it
         with NftNetlink(self.timeout) as nl:
             generation = nl.generation()
             last = self._last
             if (last is not None and last.generation == generation
-                    and self.clock() - self._last_at < self.safety_interval):
+                    and self.clock() - self._last_at < self.safety_interval and self.settled()):
                 return last._replace(read_seconds=time.perf_counter() - start, reread=False)
             # The read makes tens of thousands of small objects and frees few: the
             # cyclic collector would walk them again and again for nothing (none form cycles).
             gc_was_enabled = gc.isenabled()
             gc.disable()
             try:
-                result, whole = self._read_all(nl, generation)
-                # Rules changed while being read: the dumps may mix two rulesets, so read once more.
-                if nl.generation() != generation:
-                    generation = nl.generation()
-                    result, whole = self._read_all(nl, generation)
+                for _ in range(GENERATION_TRIES):
+                    self._await(generation)
+                    try:
+                        result, whole = self._read_all(nl, generation)
+                        failure = None
+                    except NftReadError as err:  # a set or table gone under the dumps, say
+                        failure = err
+                    # A commit during the dumps (the generation moved), one whose number the dumps
+                    # began under and whose objects were still being made live, or a transaction
+                    # being prepared meanwhile: read again.
+                    after = nl.generation()
+                    if after == generation and not self._overlapped(generation):
+                        if failure is not None:
+                            raise failure
+                        break
+                    generation = after
+                else:
+                    raise NftReadError(f"the ruleset changed, or a change was under way, during each of {GENERATION_TRIES} reads in a row")
             finally:
                 if gc_was_enabled:
                     gc.enable()
@@ -202,10 +250,49 @@ class NftablesReader:
         self._last, self._last_at = (result, self.clock()) if whole else (None, 0.0)
         return result._replace(read_seconds=time.perf_counter() - start)
 
+    def settled(self) -> bool:
+        """No commit was announced since the last read's dumps were checked (one announced
+        since, of its own generation, was still being applied while they ran). Without the
+        subscription, only the generation says. A non-blocking drain: microseconds."""
+        if self._announcements is None:
+            return True
+        drained = self._announcements.drain()
+        return drained.resync is None and not drained.batches
+
+    def _subscribe(self) -> None:
+        if self.use_announcements and self._announcements is None:
+            try:
+                self._announcements = NftMonitor(ANNOUNCEMENT_BUFFER, announcements_only=True)
+            except FeedError as err:
+                self.use_announcements = False
+                log.warning("nftables reads are fenced by the ruleset generation alone: %s", err)
+
+    def _await(self, generation: int) -> None:
+        """Until ``generation`` is announced (its commit finished), ``FEED_WAIT_SECONDS`` at
+        most; not waited for before anything was announced (a commit finished before the
+        subscription never is: ``_overlapped`` then says after the dumps)."""
+        if self._announcements is not None:
+            self._announcements.drain()
+            self._announcements.until_announced(generation, time.monotonic() + FEED_WAIT_SECONDS)
+
+    def _overlapped(self, generation: int) -> bool:
+        """The dumps overlapped a transaction: ``generation`` (or an older one) was announced
+        only after they began, or an overflow lost what was (its commit may have been
+        making objects live, and unlinking deleted ones, meanwhile); or the rule dump held a
+        rule twice (one being prepared, whose generation does not move until it commits)."""
+        overlapped = self.rules_twice
+        if self._announcements is not None:
+            drained = self._announcements.drain()
+            overlapped |= drained.resync is not None or any(not newer(b.generation, generation)
+                                                            for b in drained.batches)
+        self.overlapped += overlapped
+        return overlapped
+
     def _read_all(self, nl: NftNetlink, generation: int) -> tuple[NftablesRead, bool]:
         """The read, and whether every family present was read."""
         resolved = Resolution()
         self.decoded_rules = self.anonymous_sets_read = 0
+        self.rules_twice = False
         for family_name, family, addr_len in FAMILIES:
             handle = nl.table(family, TABLE_NAME)
             if handle is None:
@@ -281,6 +368,10 @@ class _NetlinkFamily(FamilyRules):
         # By handle alone: nf_tables numbers a table's rules from one counter, and a
         # (chain, handle) tuple per rule was a quarter of this cache (2 MiB at 10,000 Services).
         cache.rules = {r.handle: r for r in rules}
+        if len(cache.rules) != len(rules):
+            # A rule twice: the dump was resumed by position while a transaction being
+            # prepared inserted rules before it (not numbered, not announced yet).
+            owner.rules_twice = True
         self.old_anonymous, cache.anonymous = cache.anonymous, {}
         if len(cache.elements) > 4 * (len(rules) + 1000):
             cache.elements = {}

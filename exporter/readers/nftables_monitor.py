@@ -19,6 +19,16 @@ decoded: decoding is the reader's).
 "resync": an overflow, or a message this module cannot parse, means the events no
 longer describe the ruleset; the caller must read it whole again.
 
+Announcements only (``NftMonitor(announcements_only=True)``): a reader that dumps the
+rules itself needs no events, only to know when a commit is finished. The kernel
+numbers a commit (the generation NFT_MSG_GETGEN answers) before it makes its objects
+live and unlinks the deleted ones, and announces it with NEWGEN last: a read is the
+kernel's once the generation it read at was announced before its dumps began. A
+classic BPF socket filter keeps only datagrams whose first message is NEWGEN (the
+kernel sends it in a datagram of its own; the other notifications of a commit come
+coalesced, and the filter drops them before they are queued), so a 10,000-Service
+sync costs the socket one small datagram, not 26 MB of element and rule messages.
+
 Cost: the kernel only builds these messages while someone listens, so a listener
 adds work to every nf_tables commit on the node (kube-proxy's restores included),
 and what waits in the buffer is kernel memory charged to the listener's memory
@@ -27,10 +37,12 @@ cgroup. A drain costs O(messages queued).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import select
 import socket
 import struct
+import time
 from typing import NamedTuple
 
 from exporter.readers.ipset import NETLINK_NETFILTER, NLMSG_DONE, NLMSG_ERROR, _NLA, _NLMSGHDR
@@ -60,6 +72,18 @@ NFTA_GEN_ID = 1
 # messages): a dozen syncs between reads at 1,000, one at 10,000; past that the kernel
 # drops them and the next read is a full one (counted), never a wrong one.
 DEFAULT_RECEIVE_BUFFER = 16 << 20
+# Announcements only: one NEWGEN datagram per commit. Thousands of them fit; past that
+# (hours of syncs unread) the kernel drops the newest and says ENOBUFS, which a reader
+# takes as "an announcement may be lost" (see ``announced``), never as settled.
+ANNOUNCEMENT_BUFFER = 1 << 20
+# How long a reader waits for the announcement of a generation the kernel already
+# numbers (its commit is still being applied) before it reads anyway.
+FEED_WAIT_SECONDS = 1.0
+SO_ATTACH_FILTER = 26
+# classic BPF (<linux/filter.h>): BPF_LD|BPF_H|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+_BPF_LD_HALF, _BPF_JEQ, _BPF_RET = 0x28, 0x15, 0x06
+_BPF_INSN = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+_SOCK_FPROG = struct.Struct("@HP")  # struct sock_fprog: len, filter
 _RECV_BUFFER = 1 << 16  # a notification datagram is at most a page or two
 _RECV_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_TRUNC)  # once: an enum's | per datagram was 6,000 calls
 _BE32 = struct.Struct(">I")
@@ -69,6 +93,23 @@ _TABLE_MESSAGES = {NFT_MSG_NEWTABLE: "newtable", NFT_MSG_DELTABLE: "deltable"}
 _CHAIN_MESSAGES = {NFT_MSG_NEWCHAIN: "newchain", NFT_MSG_DELCHAIN: "delchain"}
 _RULE_MESSAGES = {NFT_MSG_NEWRULE: "newrule", NFT_MSG_DELRULE: "delrule"}
 _RULE_TYPES = frozenset((NFNL_SUBSYS_NFTABLES << 8) | command for command in _RULE_MESSAGES)
+
+
+def newgen_filter() -> bytes:
+    """A classic BPF program (``struct sock_filter``s) that keeps a netlink datagram whose
+    first message is NFT_MSG_NEWGEN and drops any other (a datagram too short too)."""
+    newgen = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
+    # nlmsg_type (offset 4) is in host byte order; BPF loads a half-word in network order.
+    wanted = struct.unpack(">H", struct.pack("=H", newgen))[0]
+    program = ((_BPF_LD_HALF, 0, 0, 4), (_BPF_JEQ, 0, 1, wanted), (_BPF_RET, 0, 0, 0xFFFFFFFF), (_BPF_RET, 0, 0, 0))
+    return b"".join(_BPF_INSN.pack(*insn) for insn in program)
+
+
+def attach_filter(sock: socket.socket, program: bytes) -> None:
+    """SO_ATTACH_FILTER of ``program`` (``struct sock_filter``s); the kernel copies it."""
+    insns = ctypes.create_string_buffer(program, len(program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    _SOCK_FPROG.pack(len(program) // _BPF_INSN.size, ctypes.addressof(insns)))
 
 
 class FeedError(Exception):
@@ -160,9 +201,12 @@ class NftMonitor:
     of the thread that opens it. Open it before a full dump, so that no commit between
     the dump and the subscription goes unseen. ``receive_buffer``: bytes the kernel
     may queue for it (SO_RCVBUFFORCE, which needs CAP_NET_ADMIN; else SO_RCVBUF,
-    capped by net.core.rmem_max). ``receive_buffer_bytes`` is what the kernel granted."""
+    capped by net.core.rmem_max). ``receive_buffer_bytes`` is what the kernel granted.
+    ``announcements_only``: the NEWGEN datagrams alone reach the socket (``newgen_filter``);
+    ``drain()`` then gives batches without events. ``announced``: the newest generation it
+    announced, None before its first or after an overflow (the newest are the ones lost)."""
 
-    def __init__(self, receive_buffer: int = DEFAULT_RECEIVE_BUFFER) -> None:
+    def __init__(self, receive_buffer: int = DEFAULT_RECEIVE_BUFFER, announcements_only: bool = False) -> None:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         except OSError as err:
@@ -172,6 +216,8 @@ class NftMonitor:
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
             except PermissionError:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            if announcements_only:
+                attach_filter(self.sock, newgen_filter())  # before it subscribes: nothing else queued
             self.sock.bind((0, 0))
             self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
         except OSError as err:
@@ -179,6 +225,7 @@ class NftMonitor:
             raise FeedError(f"cannot subscribe to nf_tables changes: {err.strerror}") from None
         self.receive_buffer_bytes = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.buf = bytearray(_RECV_BUFFER)
+        self.announced: int | None = None
         self._open: dict[tuple[int, str], list[Event]] = {}  # the transaction whose NEWGEN has not come yet
 
     def close(self) -> None:
@@ -190,6 +237,24 @@ class NftMonitor:
             return False
         readable, _, _ = select.select([self.sock], [], [], timeout)
         return bool(readable)
+
+    def until_announced(self, generation: int, deadline: float, keep=None) -> Drained:
+        """``drain(keep)`` until the feed has announced ``generation`` (the kernel numbers a
+        commit before it applies and announces it) or until ``deadline`` (``time.monotonic``),
+        stopping at a resync; nothing waited for while ``announced`` is None (a commit
+        finished before the subscription is never announced, and after an overflow the
+        newest announcements are the ones lost)."""
+        batches: list[Batch] = []
+        messages = 0
+        while self.announced is not None and newer(generation, self.announced):
+            if not self.wait(deadline - time.monotonic()):
+                break
+            drained = self.drain(keep)
+            messages += drained.messages
+            if drained.resync:
+                return Drained([], drained.resync, messages)
+            batches += drained.batches
+        return Drained(batches, None, messages)
 
     def drain(self, keep=None) -> Drained:
         """Every message queued now, without blocking: the transactions it completes, each
@@ -280,7 +345,10 @@ class NftMonitor:
                 else:
                     open_events.setdefault((nfproto, table), []).append(event)
         if resync:
+            self.announced = None
             return Drained([], resync, messages)
+        if batches:
+            self.announced = batches[-1].generation
         if open_events:
             # A transaction whose NEWGEN has not come yet: the caller reads again (its generation
             # check finds the kernel past what was applied) and the next drain has the rest.
