@@ -207,6 +207,7 @@ class IptablesNftSource:
         self._last: list[IptablesRuleset] | None = None
         self._resync: str | None = "no read yet"
         self._pending: list = []  # feed transactions past the last full read's generation
+        self._walked_digested: set = set()  # (family, table, chain) of top-level chains dumped since the last read
         self._read_id = 0  # reads served: the resolver keeps incremental state only across consecutive ones
         self._memo: dict = {}  # decode_rule's per-read memo
         self.last_generation: int | None = None
@@ -352,6 +353,7 @@ class IptablesNftSource:
         # a caller who knows this generation is never served the rulesets from before it.
         self._tables, self.last_generation = tables, generation
         self._resync, self._pending = resync, pending
+        self._walked_digested = set()  # the next walk resolves every chain anyway
         self.full_reads += 1
         self._last = self._rulesets(None)
         return self._last
@@ -370,6 +372,7 @@ class IptablesNftSource:
     def _read_feed(self) -> list[IptablesRuleset]:
         batches = self._pending
         self._pending = []
+        walked_digested, self._walked_digested = self._walked_digested, set()
         nl = self._requests()
         deadline = time.monotonic() + FEED_WAIT_SECONDS
         while True:
@@ -435,7 +438,11 @@ class IptablesNftSource:
                 state.drop(chain)
                 if chain in BUILTIN_CHAINS[key[1]]:
                     state.set_count(chain, 0)  # as a full read has it: iptables-save prints it, empty
-            changed[key] = self._recount(key, chains - deleted[key], rule_events) | deleted[key]
+            # A top-level chain the last walk dumped and a transaction since touched: its dump
+            # may have met that commit half applied (a chain's dump is cut short then), so
+            # its digest saying "written again the same" does not clear what was made of it.
+            walked = {chain for chain in chains if (key[0], key[1], chain) in walked_digested}
+            changed[key] = self._recount(key, chains - deleted[key], rule_events) | deleted[key] | walked
         self._last = self._rulesets(changed)
         return self._last
 
@@ -488,6 +495,7 @@ class IptablesNftSource:
             if state.chains.get(chain) == UNCOUNTED:  # counted on its first dump
                 state.set_count(chain, len(rules))
             return tuple(rules)
+        self._walked_digested.add((family, table, chain))
         rules = []
         try:
             count, digest = self._dump(family, table, chain, rules)
