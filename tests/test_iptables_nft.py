@@ -57,6 +57,7 @@ def test_reads_as_iptables_save_prints_the_rules(world):
 def test_a_top_level_chain_written_again_the_same_is_unchanged_and_reordered_is_changed(world):
     ns, services, source = world.ns, world.services, world.source
     resolve_rulesets(ns.run(source.read), None, {})
+    assert ns.run(source.verify)  # as the dataplane does: a walk not verified is not trusted to a digest
     ns.restore(endpoints_changed(services, services[5], [(a, p + 1) for a, p in services[5].endpoints]))
     nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
     assert source.full_reads == 1 and source.from_feed > 0, source.last_resync
@@ -65,6 +66,20 @@ def test_a_top_level_chain_written_again_the_same_is_unchanged_and_reordered_is_
     ns.restore(_top_level_swapped(endpoints_changed(services, services[5], services[5].endpoints)))
     nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
     assert source.full_reads == 1, source.last_resync
+    assert "KUBE-SERVICES" in nat.changed
+
+
+def test_a_top_level_chain_walked_before_a_commit_it_met_is_changed_even_written_the_same(world):
+    """A walk whose read was not verified (the kernel moved during it) may have dumped a
+    top-level chain while a commit touching it was half applied: cut short. When the feed
+    then says that chain written again the same, its digest must not keep what the walk
+    made of it: it is changed, and walked again."""
+    ns, services, source = world.ns, world.services, world.source
+    resolve_rulesets(ns.run(source.read), None, {})
+    ns.restore(endpoints_changed(services, services[5], [(a, p + 1) for a, p in services[5].endpoints]))
+    assert not ns.run(source.verify)  # the walk's read is not the kernel's now
+    nat = next(r for r in ns.run(source.read) if r.family == 4).tables["nat"]
+    assert source.full_reads == 1 and source.from_feed > 0, source.last_resync
     assert "KUBE-SERVICES" in nat.changed
 
 

@@ -207,7 +207,10 @@ class IptablesNftSource:
         self._last: list[IptablesRuleset] | None = None
         self._resync: str | None = "no read yet"
         self._pending: list = []  # feed transactions past the last full read's generation
-        self._walked_digested: set = set()  # (family, table, chain) of top-level chains dumped since the last read
+        # (family, table, chain) of the top-level chains the walk of a read dumped before it was
+        # verified, and the read verified last (its ``_read_id``)
+        self._walked_digested: set = set()
+        self._verified_id = -1
         self._read_id = 0  # reads served: the resolver keeps incremental state only across consecutive ones
         self._memo: dict = {}  # decode_rule's per-read memo
         self.last_generation: int | None = None
@@ -238,7 +241,14 @@ class IptablesNftSource:
     def verify(self) -> bool:
         """The kernel is still at the generation of the last read, and the feed announced
         nothing since the read took it (chains dumped since are that read's)."""
-        return self.last_generation is not None and self.generation() == self.last_generation and self.settled()
+        whole = self.last_generation is not None and self.generation() == self.last_generation and self.settled()
+        if whole:
+            # No commit began during the walk (it would have moved the generation): what it
+            # dumped is this generation's, whole. After a walk that was not, the next read
+            # does not trust those top-level dumps to a digest (``_read_feed``).
+            self._walked_digested = set()
+            self._verified_id = self._read_id
+        return whole
 
     def settled(self) -> bool:
         """The feed announced no transaction since the last read took it (the next read
@@ -495,7 +505,8 @@ class IptablesNftSource:
             if state.chains.get(chain) == UNCOUNTED:  # counted on its first dump
                 state.set_count(chain, len(rules))
             return tuple(rules)
-        self._walked_digested.add((family, table, chain))
+        if self._verified_id != self._read_id:  # the walk of a read not verified yet
+            self._walked_digested.add((family, table, chain))
         rules = []
         try:
             count, digest = self._dump(family, table, chain, rules)
