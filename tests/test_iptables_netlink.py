@@ -239,6 +239,7 @@ def test_a_reread_after_one_service_changed_dumps_only_that_services_chains(ns):
     cache: dict = {}
     first = ns.run(source.read)
     resolve_rulesets(first, None, cache)
+    assert ns.run(source.verify)  # as the dataplane does: a walk not verified is not trusted to a digest
     total = sum(length for chains in first[0].tables.values() for _, length in chains.lengths())
     changed = services[7]
     old = list(changed.endpoints)
