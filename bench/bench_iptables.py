@@ -72,6 +72,16 @@ def _cpu() -> float:
     return times.user + times.system
 
 
+def _chain_names(nl: NftNetlink) -> dict[str, list[str]]:
+    """Each IPv4 table's chain names, listed as the source lists them."""
+    names = {}
+    for table in TABLES:
+        state = _Table()
+        _chains_into(nl, NFPROTO_IPV4, {table: state})
+        names[table] = list(state.chains)
+    return names
+
+
 def _floor() -> tuple[float, float]:
     """Wall and CPU seconds of the source's own dump loop with nothing decoded: the IPv4 chain
     list, then one rule dump per chain (as the source and iptables-nft-save make them; one
@@ -80,11 +90,7 @@ def _floor() -> tuple[float, float]:
     alone by what that walk costs in Python."""
     start, cpu = time.perf_counter(), _cpu()
     with NftNetlink() as nl:
-        names = {}
-        for table in TABLES:
-            state = _Table()
-            _chains_into(nl, NFPROTO_IPV4, {table: state})
-            names[table] = list(state.chains)
+        names = _chain_names(nl)
         for table, chains in names.items():
             for _ in nl.each_chain_rules(NFPROTO_IPV4, table, chains, lambda *_: None):
                 pass
@@ -98,11 +104,7 @@ def _conversation_floor() -> tuple[float, float]:
     error). What no reader of these rules over netlink, in any language, can skip."""
     start, cpu = time.perf_counter(), _cpu()
     with NftNetlink() as nl:
-        names = {}
-        for table in TABLES:
-            state = _Table()
-            _chains_into(nl, NFPROTO_IPV4, {table: state})
-            names[table] = list(state.chains)
+        names = _chain_names(nl)
         building, building_cpu = time.perf_counter(), _cpu()  # not counted: no reader need build them per read
         msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
         requests = []
