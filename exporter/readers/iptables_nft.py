@@ -279,12 +279,6 @@ class IptablesNftSource:
     def _drain(self):
         return self._feed.drain(_digested)
 
-    def _await(self, generation: int, deadline: float) -> tuple[list, str | None]:
-        """The transactions the feed announces until it has announced ``generation``, or
-        until ``deadline``, and why the feed lost track if it did (``NftMonitor.until_announced``)."""
-        drained = self._feed.until_announced(generation, deadline, _digested)
-        return drained.batches, drained.resync
-
     # -- reads ---------------------------------------------------------------------------
 
     def read(self, known: int | None = None) -> list[IptablesRuleset]:
@@ -330,7 +324,8 @@ class IptablesNftSource:
                 # What was announced before the chains are listed is in the listing (an
                 # overflow lost only such messages); only what comes after is the next read's.
                 self._drain()
-                self._await(generation, time.monotonic() + FEED_WAIT_SECONDS)  # in the listing, as any lost
+                # What it announces meanwhile is in the listing, as any it lost.
+                self._feed.until_announced(generation, time.monotonic() + FEED_WAIT_SECONDS, _digested)
             tables: dict[tuple[int, str], _Table] = {}
             for family, nfproto in FAMILIES:
                 for table in TABLES:
@@ -390,10 +385,11 @@ class IptablesNftSource:
             if drained.resync:
                 raise _Resync(drained.resync)
             batches += drained.batches
-            awaited, resync = self._await(nl.generation(), deadline)  # numbered, still being applied
-            if resync:
-                raise _Resync(resync)
-            batches += awaited
+            # Numbered, still being applied: wait for its announcement.
+            awaited = self._feed.until_announced(nl.generation(), deadline, _digested)
+            if awaited.resync:
+                raise _Resync(awaited.resync)
+            batches += awaited.batches
             late = self._late(batches)
             if late:
                 raise _Resync(late)
