@@ -44,6 +44,8 @@ NFPROTO_IPV6 = 10
 NFTA_TABLE_NAME, NFTA_TABLE_HANDLE = 1, 4
 NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK = 1, 2, 3, 4
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 3, 4, 7
+# In a dump, the handle of the rule before this one in its chain (absent for the first).
+NFTA_RULE_POSITION = 6
 NFTA_LIST_ELEM = 1
 NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
 NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS = 1, 2, 3
@@ -87,6 +89,23 @@ _BE32S = struct.Struct(">i")
 _BE64 = struct.Struct(">Q")
 _ERRNO = struct.Struct("=i")  # an NLMSG_ERROR / NLMSG_DONE's code
 _RECV_BUFFER = 65536  # the kernel fills dump datagrams up to ~32 KB
+# A dump's message ends early only when the next rule does not fit. The kernel gives a
+# dump's message the room of the socket's largest receive so far (ours: 64 KB, capped at
+# 32 KB less the skb's overhead) or, before any or when memory is short, NLMSG_GOODSIZE
+# (a page, at most 8 KB, less the overhead); the overhead is 320 bytes on x86-64, 768
+# at most (CONFIG_MAX_SKB_FRAGS=45). kube-proxy's largest rule dumps to 868 bytes (a
+# 256-byte comment of it): a message shorter than either room less 1 KB left no rule out.
+_SMALL_ROOM = min(os.sysconf("SC_PAGE_SIZE"), 8192) - 768, min(os.sysconf("SC_PAGE_SIZE"), 8192) - 320
+_LARGE_ROOM = 32768 - 768
+_RULE_ROOM = 1024
+
+
+def could_be_cut(size: int) -> bool:
+    """Whether a dump's message of ``size`` bytes may have ended for want of room (and the
+    next message resumed the dump), rather than at the dump's end. Most chains of a
+    per-chain read (a KUBE-SEP: two rules, ~1.2 KB; a KUBE-SVC of five endpoints: six,
+    ~2.2 KB) and most dumps' last messages are not: no boundary after them to vouch for."""
+    return _SMALL_ROOM[0] - _RULE_ROOM < size <= _SMALL_ROOM[1] or size > _LARGE_ROOM - _RULE_ROOM
 
 
 class NftReadError(Exception):
@@ -95,6 +114,26 @@ class NftReadError(Exception):
     def __init__(self, message: str, errno_: int = 0) -> None:
         super().__init__(message)
         self.errno = errno_
+
+
+class NftDumpTorn(NftReadError):
+    """A rule dump that is not one chain's list as it stands: a rule came after one other
+    than the rule before it. The kernel resumes a dump that fills several messages by
+    counting rules from the chain's (or table's) start, and counts the rules a transaction
+    being prepared has added; when that transaction is aborted, or adds more meanwhile,
+    the count lands elsewhere and the dump repeats or skips rules. Nothing else says so:
+    an aborted transaction moves no generation and announces nothing. Read again."""
+
+
+def _handle_only(_buf, _chain: str, handle: int, _exprs, _udata) -> int:
+    return handle
+
+
+def torn(chain: str, handle: int, position: int, previous: int) -> NftDumpTorn:
+    after = f"rule {position}" if position else "the chain's start"
+    before = f"rule {previous}" if previous else "nothing"
+    return NftDumpTorn(f"the dump of chain {chain} was torn by a transaction (rule {handle} "
+                       f"follows {after} in the kernel, {before} in the dump)")
 
 
 class Verdict(NamedTuple):
@@ -232,6 +271,7 @@ class NftNetlink:
                              struct.pack("@ll", seconds, int((timeout - seconds) * 1e6)))
         self.sock.bind((0, 0))
         self.seq = 0
+        self.ended_apart = False  # of the last dump by _replies
         self.buf = bytearray(_RECV_BUFFER)
 
     def close(self) -> None:
@@ -258,10 +298,14 @@ class NftNetlink:
 
         A dump ends with NLMSG_DONE; a request sent with NLM_F_ACK (several
         single replies) ends with the acknowledgement; any other after its reply.
+        ``ended_apart``: the dump's end came in a message of its own after one the kernel
+        could have cut for room (``could_be_cut``), so no rule vouches that none was skipped
+        after the last one (``NftDumpTorn``); the caller asks ``vouch``.
         """
         until_ack = bool(flags & NLM_F_ACK)
         seq = self._send(command, family, flags, attrs)
         buf = self.buf
+        self.ended_apart = cut = False
         try:
             while True:
                 size = self.sock.recv_into(buf, 0, socket.MSG_TRUNC)
@@ -269,6 +313,7 @@ class NftNetlink:
                     raise NftReadError(f"the kernel closed the netlink conversation ({what})")
                 if size > len(buf):
                     raise NftReadError(f"a {size}-byte nf_tables message does not fit the receive buffer")
+                after_cut, cut = cut, could_be_cut(size)
                 offset = 0
                 while offset + 16 <= size:
                     length, msg_type, msg_flags, msg_seq, _ = _NLMSGHDR.unpack_from(buf, offset)
@@ -282,6 +327,7 @@ class NftNetlink:
                         code = -struct.unpack_from("=i", buf, start)[0] if end - start >= 4 else 0
                         if code > 0:
                             raise NftReadError(_error_text(code, what), code)
+                        self.ended_apart = after_cut and start == 16
                         return
                     yield buf, start + 4, end  # past nfgenmsg
                     if not msg_flags & NLM_F_MULTI and not until_ack:
@@ -445,7 +491,7 @@ class NftNetlink:
         return out
 
     def rules(self, family: int, table: str, known: dict[int, Rule] | None = None,
-              ) -> tuple[list[Rule], int]:
+              order: list[str] | None = None) -> tuple[list[Rule], int]:
         """Every rule of the table, in chain order, and how many were decoded anew.
 
         A rule's expressions never change under its handle (a rewritten rule gets
@@ -462,10 +508,11 @@ class NftNetlink:
                 return Rule(chain, handle, None, True, None, None, (), (), False, None)
             return _rule(buf, chain, handle, exprs, udata, family)
 
-        return self.each_rule(family, table, decode, known, known, by_handle=True)
+        return self.each_rule(family, table, decode, known, known, by_handle=True, order=order)
 
     def each_rule(self, family: int, table: str, decode, known: dict | None = None,
-                  seen: dict | None = None, by_handle: bool = False) -> tuple[list, int]:
+                  seen: dict | None = None, by_handle: bool = False,
+                  order: list[str] | None = None) -> tuple[list, int]:
         """``decode(buf, chain, handle, exprs, udata)`` of every rule of the table, in chain
         order (``exprs``/``udata``: (start, end) in ``buf``, or None), and how many rules
         were decoded anew. ``known`` ((chain, handle) -> decoded; with ``by_handle``,
@@ -474,21 +521,54 @@ class NftNetlink:
 
         A dump of a whole table costs the kernel a walk from its first rule again for
         every message it fills (about 30 KB each): quadratic in the rules of a large
-        table. One dump per chain walks only that chain (``each_chain_rules``)."""
-        for _chain, rules, decoded in self._rule_dumps(family, table, [None], decode, known, seen, by_handle):
+        table. One dump per chain walks only that chain (``each_chain_rules``).
+
+        ``NftDumpTorn`` when the dump is not the table's lists as they stand; ``order``:
+        the table's chains in the kernel's order (``chains``), else asked for when needed."""
+        for _chain, rules, decoded, doubtful in self._rule_dumps(family, table, [None], decode, known, seen,
+                                                                 by_handle):
+            if doubtful:
+                self.vouch(family, table, doubtful, order or [c.name for c in self.chains(family, table)])
             return rules, decoded
         raise AssertionError("unreachable: one dump asked for, one answered")
 
     def each_chain_rules(self, family: int, table: str, chain_names, decode,
                          ) -> Iterator[tuple[str, list | None, int]]:
         """(chain, its rules decoded as ``each_rule`` does, how many) of each of
-        ``chain_names``, one dump per chain; rules None for a chain gone since it was named."""
-        return self._rule_dumps(family, table, chain_names, decode, None, None, False)
+        ``chain_names``, one dump per chain; rules None for a chain gone since it was named.
+        ``NftDumpTorn`` when a dump is not its chain's list as it stands."""
+        for chain, rules, decoded, doubtful in self._rule_dumps(family, table, chain_names, decode, None, None,
+                                                                False):
+            if doubtful:
+                self.vouch(family, table, doubtful, [chain])
+            yield chain, rules, decoded
+
+    def vouch(self, family: int, table: str, doubtful: list, order: list[str]) -> None:
+        """The boundaries between a dump's messages that no rule's position vouched for
+        (the next message began a chain, or held no rule), checked: the chains a resumed
+        dump could have skipped are dumped again, the one before the boundary must hold
+        the same rules, those between it and the next one dumped none. Only after a message
+        the kernel could have cut for room (``could_be_cut``) that ends at a chain's end:
+        rare: a table's dump or a large chain's, cut where a chain ends. A dump torn there
+        twice alike is beyond reach."""
+        at = {name: i for i, name in enumerate(order)}
+        for chain, handles, after in doubtful:
+            first, stop = at.get(chain), at.get(after) if after is not None else len(order)
+            if first is None or stop is None or stop <= first:
+                raise NftDumpTorn(f"the rule dump met chain {chain}, then {after or 'its end'}, "
+                                  "not in the order the kernel lists them (a transaction under it)")
+            names = order[first:stop]
+            for name, again, _, _ in self._rule_dumps(family, table, names, _handle_only, None, None, False):
+                if (again or []) != (handles if name == chain else []):
+                    raise NftDumpTorn(f"the dump of chain {chain} was torn by a transaction (resumed at "
+                                      f"{'chain ' + after if after else 'its end'}, rules of chain {name} unseen)")
 
     def _rule_dumps(self, family: int, table: str, chain_names, decode, known: dict | None, seen: dict | None,
-                    by_handle: bool) -> Iterator[tuple[str | None, list | None, int]]:
+                    by_handle: bool) -> Iterator[tuple[str | None, list | None, int, list]]:
         """One rule dump per name of ``chain_names`` (None: the whole table), in turn on this
-        socket. A flat loop: at 10,000 Services a first read makes ~60,000 of them, and the
+        socket: (chain, rules, decoded, the boundaries ``vouch`` checks); ``NftDumpTorn``
+        when a rule's position (the handle of the rule before it) is not the rule dumped
+        before it. A flat loop: at 10,000 Services a first read makes ~60,000 of them, and the
         generator, attribute and request building of ``_replies`` per dump was a third of
         the reader's own time."""
         prefix = struct.pack("=BBH", family, NFNETLINK_V0, 0) + _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
@@ -511,6 +591,13 @@ class NftNetlink:
                 send(pack_header(16 + len(body), msg_type, request_flags, seq, 0) + body)
                 out = []
                 decoded = 0
+                # The rule before the next one (its handle is the next one's position), the
+                # first tear met (the dump is read to its end: the socket serves the next),
+                # and the boundaries between messages no position vouches for.
+                last_chain, previous, tear, doubtful = chain_name or "", 0, None, []
+                handles: list[int] = []  # of the rules of last_chain so far
+                continuation = False  # a message after the dump's first
+                cut = False  # the message before could have left a rule out for want of room
                 while True:
                     size = recv_into(buf, 0, socket.MSG_TRUNC)
                     if size == 0:
@@ -519,6 +606,8 @@ class NftNetlink:
                         raise NftReadError(f"a {size}-byte nf_tables message does not fit the receive buffer")
                     offset = 0
                     finished = False
+                    first = continuation and cut  # the next rule is the first of a resumed part
+                    continuation, cut = True, could_be_cut(size)
                     while offset + 16 <= size:
                         length, msg_kind, _flags, msg_seq, _ = unpack_header(buf, offset)
                         if length < 16 or offset + length > size:
@@ -533,9 +622,11 @@ class NftNetlink:
                                 out = None
                             elif code > 0:
                                 raise NftReadError(_error_text(code, what), code)
+                            elif first and last_chain:
+                                doubtful.append((last_chain, handles, None))  # resumed past its end?
                             finished = True
                             break
-                        chain, handle, exprs, udata = chain_name or "", 0, None, None
+                        chain, handle, position, exprs, udata = chain_name or "", 0, 0, None, None
                         attr = start
                         while attr + 4 <= end:  # flat: a large table has tens of thousands of rules
                             alen, t = unpack(buf, attr)
@@ -552,10 +643,21 @@ class NftNetlink:
                                     chain = chains[raw_chain] = _string(buf, s, e)
                             elif t == NFTA_RULE_HANDLE:
                                 handle = unpack_be64(buf, s)[0]
+                            elif t == NFTA_RULE_POSITION:
+                                position = unpack_be64(buf, s)[0]
                             elif t == NFTA_RULE_EXPRESSIONS:
                                 exprs = (s, e)
                             elif t == NFTA_RULE_USERDATA:
                                 udata = (s, e)
+                        if chain is not last_chain:  # a whole table's dump: the next chain
+                            if first and not position and last_chain:
+                                doubtful.append((last_chain, handles, chain))  # resumed at a chain's start
+                            last_chain, previous, handles = chain, 0, []
+                        first = False
+                        if position != previous and tear is None:
+                            tear = torn(chain, handle, position, previous)
+                        previous = handle
+                        handles.append(handle)
                         key = handle if by_handle else (chain, handle)
                         rule = known.get(key) if known else None
                         if rule is not None and by_handle and rule.chain != chain:
@@ -568,7 +670,9 @@ class NftNetlink:
                         out.append(rule)
                     if finished:
                         break
-                yield chain_name, out, decoded
+                if tear is not None:
+                    raise tear
+                yield chain_name, out, decoded, doubtful
         except (struct.error, OSError) as err:
             raise _socket_error(err, self.timeout, what) from None
 
