@@ -112,6 +112,34 @@ FAMILY = {
 }
 
 
+def aborted_transactions(path: str, family: str, table: str, chain: str, rounds: int, verb: str = "add"):
+    """A thread running ``rounds`` nf_tables transactions in the network namespace at
+    ``path``, each preparing 3,000 rules in ``chain`` (``verb``: "add" appends them,
+    "insert" puts them first) then failing (a rule handle that does not exist), so the
+    kernel aborts it: nothing ever committed, no generation moved, nothing announced.
+    While each is prepared, a rule dump's resumption counts its rules (tests of dumps
+    torn by a transaction)."""
+    import threading
+
+    batch = "".join(f"{verb} rule {family} {table} {chain} ip daddr 10.1.{i // 250}.{i % 250} counter\n"
+                    for i in range(3000))
+    batch += f"delete rule {family} {table} {chain} handle 999999999\n"
+    failures: list[str] = []
+
+    def run() -> None:
+        for _ in range(rounds):
+            done = subprocess.run(["nsenter", f"--net={path}", "nft", "-f", "-"], input=batch,
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                failures.append("a transaction meant to abort committed")
+                return
+
+    thread = threading.Thread(target=run)
+    thread.failures = failures
+    thread.start()
+    return thread
+
+
 @dataclass
 class ServicePort:
     namespace: str

@@ -491,3 +491,65 @@ def test_a_read_whose_generation_is_announced_after_it_is_not_kept_as_unchanged(
     assert again.reread and again.generation == early.generation
     assert again.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {("10.180.0.11", 80)}
     assert not ns.run(reader.read).reread  # settled now: kept
+
+
+def test_dumps_and_reads_beside_aborted_transactions_are_each_the_kernels():
+    """Transactions that prepare 3,000 rules in the table's first chain and are then
+    aborted, beside reads (1,000 Services): nothing ever changes, yet a whole-table rule
+    dump resumed while one was prepared counted its rules and repeated or skipped others.
+    No generation moves and nothing is announced, so only the dump can say (each rule's
+    position, the boundaries between messages dumped again). Before: 12-35 of 49-72
+    dumps came back other than the table, and the reader served 1 of 16 reads wrong.
+    Every dump returned and every read served must be the table; the tears must have
+    been met (else the test proved nothing)."""
+    from exporter.readers.nftables_netlink import NftDumpTorn, NftNetlink
+    from tests.nft_rulesets import aborted_transactions, bench_services
+
+    services = bench_services(1000, 5)
+    with NftNS() as ns:
+        ns.nft(ruleset(services))
+
+        def dump():
+            with NftNetlink() as nl:
+                order = [c.name for c in nl.chains(2, "kube-proxy")]
+                rules, _ = nl.each_rule(2, "kube-proxy", lambda buf, chain, handle, e, u: (chain, handle),
+                                        order=order)
+                return rules
+
+        truth = ns.run(dump)
+        aborting = aborted_transactions(ns.path, "ip", "kube-proxy", "cluster-ips-check", 40)
+        dumps, other, tears = 0, 0, 0
+        while aborting.is_alive():
+            try:
+                got = ns.run(dump)
+            except NftDumpTorn:
+                tears += 1
+                continue
+            dumps += 1
+            other += got != truth
+        aborting.join()
+        assert not aborting.failures, aborting.failures
+        assert not other, f"{other} of {dumps} dumps returned not the table's rules"
+        assert tears and dumps, f"{tears} tears met, {dumps} dumps returned: the aborts did not overlap the dumps"
+
+        good = ns.run(NftablesReader(announcements=False).read).table
+        reader = NftablesReader()
+        aborting = aborted_transactions(ns.path, "ip", "kube-proxy", "cluster-ips-check", 40)
+        reads, wrong, failed = 0, 0, []
+        try:
+            while aborting.is_alive():
+                reader._last = None  # a read of the kernel each time, not the kept one
+                try:
+                    read = ns.run(reader.read)
+                except NftReadError as err:
+                    failed.append(str(err))
+                    continue
+                reads += 1
+                wrong += bool(read.unread) or read.table != good
+        finally:
+            aborting.join()
+            reader.close()
+        assert reads and reader.overlapped, f"{reads} reads, {reader.overlapped} read again"
+        assert not wrong, f"{wrong} of {reads} reads served not the table"
+        # A read torn on each of its tries fails, saying so; never with another reason.
+        assert all("during each of 3 reads in a row" in reason for reason in failed), failed[:2]

@@ -34,10 +34,12 @@ Without the subscription (refused by the kernel) the generation alone fences a r
 as before, said once in the log. Two more overlaps no number or announcement shows: a
 read done again because the generation moved is checked as the first was (served
 unchecked, it held the next commit's rules under the number before it), and a rule
-dump that holds a rule twice is read again (a table's rules are dumped in parts resumed
-by position, and a transaction being prepared inserts its rules into the lists before
-anything is numbered: those already dumped come again). A read that still meets a
-commit on each of ``GENERATION_TRIES`` tries fails, saying so.
+dump that holds a rule twice, or a rule after one other than the kernel says is
+before it, is read again (a table's rules are dumped in parts resumed by counting
+rules, and a transaction being prepared, never numbered or announced if it is
+aborted, adds rules to that count: those already dumped come again, or some are
+skipped; ``NftDumpTorn``). A read that still meets a commit on each of
+``GENERATION_TRIES`` tries fails, saying so.
 
 Cost (bench/bench_nftables.py): the generation id (NFT_MSG_GETGEN) is read every
 call and the rules only when it moved, or after ``safety_interval``. A re-read
@@ -71,7 +73,8 @@ from typing import NamedTuple
 from exporter.dataplane import NO_REAL_SERVERS, RealServers, Table, VirtualServer, VirtualServerKey
 from exporter.readers.nftables_monitor import ANNOUNCEMENT_BUFFER, FEED_WAIT_SECONDS, FeedError, NftMonitor, newer
 from exporter.readers.nftables_netlink import (NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6, NFT_GOTO, NFT_JUMP,
-                                               Element, NftNetlink, NftReadError, Rule, SetInfo, Verdict)
+                                               Element, NftDumpTorn, NftNetlink, NftReadError, Rule, SetInfo,
+                                               Verdict)
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +205,7 @@ class NftablesReader:
         self.decoded_rules = 0  # rules decoded by the last full read (tests, bench)
         self.anonymous_sets_read = 0  # anonymous sets fetched by the last full read
         self.overlapped = 0  # reads done again because their dumps overlapped a transaction
-        self.rules_twice = False  # the last rule dump held a rule twice
+        self.dump_torn = False  # the last rule dump held a rule twice, or one out of place
 
     def close(self) -> None:
         if self._announcements is not None:
@@ -278,9 +281,10 @@ class NftablesReader:
     def _overlapped(self, generation: int) -> bool:
         """The dumps overlapped a transaction: ``generation`` (or an older one) was announced
         only after they began, or an overflow lost what was (its commit may have been
-        making objects live, and unlinking deleted ones, meanwhile); or the rule dump held a
-        rule twice (one being prepared, whose generation does not move until it commits)."""
-        overlapped = self.rules_twice
+        making objects live, and unlinking deleted ones, meanwhile); or the rule dump was torn
+        by a transaction being prepared (a rule twice, or one out of place), which moves no
+        generation until it commits, and none if it is aborted."""
+        overlapped = self.dump_torn
         if self._announcements is not None:
             drained = self._announcements.drain()
             overlapped |= drained.resync is not None or any(not newer(b.generation, generation)
@@ -292,7 +296,7 @@ class NftablesReader:
         """The read, and whether every family present was read."""
         resolved = Resolution()
         self.decoded_rules = self.anonymous_sets_read = 0
-        self.rules_twice = False
+        self.dump_torn = False
         for family_name, family, addr_len in FAMILIES:
             handle = nl.table(family, TABLE_NAME)
             if handle is None:
@@ -358,7 +362,11 @@ class _NetlinkFamily(FamilyRules):
         check_required_maps(self.sets)  # before the larger dumps
         chains = nl.chains(family, TABLE_NAME)
         self.chain_names = {c.name for c in chains}
-        rules, decoded = nl.rules(family, TABLE_NAME, cache.rules)
+        try:
+            rules, decoded = nl.rules(family, TABLE_NAME, cache.rules, [c.name for c in chains])
+        except NftDumpTorn:
+            owner.dump_torn = True  # an aborted transaction's doing, say: read again
+            raise
         owner.decoded_rules += decoded
         self.rule_count = len(rules)
         self.by_chain = {}
@@ -371,7 +379,7 @@ class _NetlinkFamily(FamilyRules):
         if len(cache.rules) != len(rules):
             # A rule twice: the dump was resumed by position while a transaction being
             # prepared inserted rules before it (not numbered, not announced yet).
-            owner.rules_twice = True
+            owner.dump_torn = True
         self.old_anonymous, cache.anonymous = cache.anonymous, {}
         if len(cache.elements) > 4 * (len(rules) + 1000):
             cache.elements = {}
