@@ -68,8 +68,9 @@ from exporter.readers.ipset import _nla
 from exporter.readers.iptables_netlink import decode_rule
 from exporter.readers.iptables_rules import IptablesRule, IptablesRuleset
 from exporter.readers.nftables_monitor import DEFAULT_RECEIVE_BUFFER, FEED_WAIT_SECONDS, FeedError, NftMonitor, newer
-from exporter.readers.nftables_netlink import (_BE64, _NLA, NFPROTO_IPV4, NFPROTO_IPV6, NFTA_LIST_ELEM, NftNetlink,
-                                               NftReadError)
+from exporter.readers.nftables_netlink import (_BE64, _NLA, NFPROTO_IPV4, NFPROTO_IPV6, NFTA_LIST_ELEM,
+                                               NFTA_RULE_HANDLE, NFTA_RULE_POSITION, NftDumpTorn, NftNetlink,
+                                               NftReadError, torn)
 
 __all__ = ["IptablesNftSource", "NftChains", "NftReadError", "TABLES", "FAMILIES"]
 
@@ -211,6 +212,10 @@ class IptablesNftSource:
         # verified, and the read verified last (its ``_read_id``)
         self._walked_digested: set = set()
         self._verified_id = -1
+        # (family, table, chain) of the chains whose dump a transaction tore during the walk
+        # (``NftDumpTorn``): the read is not verified, and the next one dumps them again.
+        self._torn: set = set()
+        self.torn_dumps = 0  # dumps a transaction tore, since the source began
         self._read_id = 0  # reads served: the resolver keeps incremental state only across consecutive ones
         self._memo: dict = {}  # decode_rule's per-read memo
         self.last_generation: int | None = None
@@ -241,7 +246,8 @@ class IptablesNftSource:
     def verify(self) -> bool:
         """The kernel is still at the generation of the last read, and the feed announced
         nothing since the read took it (chains dumped since are that read's)."""
-        whole = self.last_generation is not None and self.generation() == self.last_generation and self.settled()
+        whole = (self.last_generation is not None and not self._torn
+                 and self.generation() == self.last_generation and self.settled())
         if whole:
             # No commit began during the walk (it would have moved the generation): what it
             # dumped is this generation's, whole. After a walk that was not, the next read
@@ -254,6 +260,8 @@ class IptablesNftSource:
         """The feed announced no transaction since the last read took it (the next read
         applies one). Without a feed, only the generation says. A non-blocking drain:
         microseconds when nothing came."""
+        if self._torn:
+            return False  # the next read dumps them again
         if self._feed is None:
             return True
         if self._resync is not None:
@@ -317,7 +325,8 @@ class IptablesNftSource:
                 self.use_feed = False  # the dumps still work; read whole on every change
         nl = self._requests()
         generation = nl.generation()
-        if known is not None and known == generation == self.last_generation and self._last is not None:
+        if (known is not None and known == generation == self.last_generation and self._last is not None
+                and not self._torn):
             return self._last
         for _ in range(GENERATION_TRIES):
             if self._feed is not None:
@@ -359,6 +368,7 @@ class IptablesNftSource:
         self._tables, self.last_generation = tables, generation
         self._resync, self._pending = resync, pending
         self._walked_digested = set()  # the next walk resolves every chain anyway
+        self._torn = set()
         self.full_reads += 1
         self._last = self._rulesets(None)
         return self._last
@@ -397,10 +407,14 @@ class IptablesNftSource:
                 break
             if time.monotonic() >= deadline:
                 raise _Resync(f"the change feed did not announce the kernel's generation within {FEED_WAIT_SECONDS:g} s")
-        if not batches:
+        torn, self._torn = self._torn, set()
+        if not batches and not torn:
             return self._last
         touched: dict[tuple[int, str], set[str]] = {}
         deleted: dict[tuple[int, str], set[str]] = {}  # chains whose last event deleted them
+        for family, table, chain in torn:
+            touched.setdefault((family, table), set()).add(chain)
+            deleted.setdefault((family, table), set())
         rule_events: dict[tuple[int, str, str], list] = {}  # the top-level chains' rule events, in order
         for batch in batches:
             for (nfproto, table), events in batch.tables.items():
@@ -436,7 +450,8 @@ class IptablesNftSource:
                         gone.add(event.chain)
                     else:  # a table created or deleted
                         raise _Resync(f"table {table} of IPv{family} created or deleted")
-        self.last_generation = batches[-1].generation
+        if batches:
+            self.last_generation = batches[-1].generation
         changed: dict[tuple[int, str], set[str]] = {}
         for key, chains in touched.items():
             state = self._tables[key]
@@ -447,7 +462,8 @@ class IptablesNftSource:
             # A top-level chain the last walk dumped and a transaction since touched: its dump
             # may have met that commit half applied (a chain's dump is cut short then), so
             # its digest saying "written again the same" does not clear what was made of it.
-            walked = {chain for chain in chains if (key[0], key[1], chain) in walked_digested}
+            walked = {chain for chain in chains
+                      if (key[0], key[1], chain) in walked_digested or (key[0], key[1], chain) in torn}
             changed[key] = self._recount(key, chains - deleted[key], rule_events) | deleted[key] | walked
         self._last = self._rulesets(changed)
         return self._last
@@ -464,7 +480,12 @@ class IptablesNftSource:
                 self.from_feed += 1
             else:
                 try:
-                    count, digest = self._dump(family, table, chain, None)
+                    try:
+                        count, digest = self._dump(family, table, chain, None)
+                    except NftDumpTorn:
+                        # Once more: a count has no walk to be verified after (one torn
+                        # again fails the read, saying so).
+                        count, digest = self._dump(family, table, chain, None)
                 except NftReadError as err:
                     if err.errno != errno.ENOENT:
                         raise
@@ -491,9 +512,12 @@ class IptablesNftSource:
             # One Service's chain (61,000 of the 61,000 at 10,000 Services but a few dozen):
             # the dumps' flat loop, no digest.
             memo = self._memo
-            [(_, rules, decoded)] = self._requests().each_chain_rules(
-                _NFPROTO_OF[family], table, (chain,),
-                lambda buf, _chain, _handle, exprs, udata: decode_rule(buf, exprs, udata, family, memo))
+            try:
+                [(_, rules, decoded)] = self._requests().each_chain_rules(
+                    _NFPROTO_OF[family], table, (chain,),
+                    lambda buf, _chain, _handle, exprs, udata: decode_rule(buf, exprs, udata, family, memo))
+            except NftDumpTorn:
+                return self._torn_now(family, table, chain)
             self.dumped += 1
             if rules is None:
                 return ()  # gone since the read: verify() says the generation moved
@@ -506,6 +530,8 @@ class IptablesNftSource:
         rules = []
         try:
             count, digest = self._dump(family, table, chain, rules)
+        except NftDumpTorn:
+            return self._torn_now(family, table, chain)
         except NftReadError as err:
             if err.errno != errno.ENOENT:
                 raise
@@ -515,6 +541,14 @@ class IptablesNftSource:
             if digest is not None:
                 state.digests[chain] = digest
         return tuple(rules)
+
+    def _torn_now(self, family: int, table: str, chain: str) -> tuple[IptablesRule, ...]:
+        """A chain whose dump a transaction tore (an aborted one moves no generation and
+        announces nothing): nothing of it is kept, ``verify()`` fails the walk, and the
+        next read dumps it again as changed."""
+        self._torn.add((family, table, chain))
+        self.torn_dumps += 1
+        return ()
 
     def _dump(self, family: int, table: str, chain: str, rules: list | None) -> tuple[int, bytes | None]:
         """One chain's rules from the kernel: how many, and their digest unless it is one
@@ -527,11 +561,11 @@ class IptablesNftSource:
         pieces: list[bytes] | None = [] if _digested(chain) else None
         count = 0
         replies = nl._replies(NFT_MSG_GETRULE, nfproto, NLM_F_DUMP, attrs, f"the rules of chain {chain}")
-        if rules is None and pieces is None:  # counted alone
-            for _ in replies:
-                count += 1
+        previous, tear = 0, None  # the handle of the rule before the next; the dump torn (read to its end)
+        handles = []
         for buf, start, end in replies:
             count += 1
+            handle = position = 0
             exprs = udata = None
             offset = start
             while offset + 4 <= end:
@@ -539,25 +573,38 @@ class IptablesNftSource:
                 if alen < 4 or offset + alen > end:
                     raise NftReadError("malformed nf_tables netlink message (bad attribute length)")
                 t &= 0x3FFF
-                if t == NFTA_RULE_EXPRESSIONS:
+                if t == NFTA_RULE_HANDLE:
+                    handle = _BE64.unpack_from(buf, offset + 4)[0]
+                elif t == NFTA_RULE_POSITION:
+                    position = _BE64.unpack_from(buf, offset + 4)[0]
+                elif t == NFTA_RULE_EXPRESSIONS:
                     exprs = (offset + 4, offset + alen)
                     if rules is None:
                         # A digest takes the expressions attribute and everything after it
                         # (the user data), framed by their own lengths; not the handle before.
-                        pieces.append(_without_counters(bytes(buf[offset:end])))
+                        if pieces is not None:
+                            pieces.append(_without_counters(bytes(buf[offset:end])))
                         break
                 elif t == NFTA_RULE_USERDATA:
                     udata = (offset + 4, offset + alen)
                 offset += (alen + 3) & ~3
             else:
-                if rules is None:
+                if rules is None and pieces is not None:
                     pieces.append(b"")  # a rule without expressions
+            if position != previous and tear is None:
+                tear = torn(chain, handle, position, previous)
+            previous = handle
+            handles.append(handle)
             if rules is not None:
                 rules.append(decode_rule(buf, exprs, udata, family, memo))
                 self.decoded += 1
                 if pieces is not None:
                     at = exprs[0] - 4 if exprs else end
                     pieces.append(_without_counters(bytes(buf[at:end])))
+        if tear is not None:
+            raise tear
+        if nl.ended_apart:  # a large chain (KUBE-SERVICES): was a rule after its last skipped?
+            nl.vouch(nfproto, table, [(chain, handles, None)], [chain])
         self.dumped += 1
         if pieces is None:
             return count, None
