@@ -249,6 +249,22 @@ def test_a_chain_that_cannot_be_counted_fails_the_read_in_one_line(monkeypatch):
             source.close()
 
 
+def _reads_while(thread, ns, dataplane, whole: bool) -> tuple[list, list[str]]:
+    """The dataplane's reads, one after another while ``thread`` runs (each whole, when
+    ``whole``): those served, and the reasons of those that failed."""
+    from exporter.readers.dataplanes import ReadFailed
+
+    served, failed = [], []
+    while thread.is_alive():
+        if whole:
+            dataplane.nft._resync = "a test's own reason to read whole"
+        try:
+            served.append(ns.run(lambda: dataplane.read_rules(max_age=0)))
+        except ReadFailed as err:
+            failed.append(str(err))
+    return served, failed
+
+
 @pytest.mark.parametrize("whole", [False, True], ids=["from-the-feed", "whole-reads"])
 def test_reads_beside_back_to_back_partial_syncs_are_each_the_kernels(whole):
     """kube-proxy's partial syncs back to back (1,000 Services) while the exporter reads
@@ -267,7 +283,7 @@ def test_reads_beside_back_to_back_partial_syncs_are_each_the_kernels(whole):
     with that reason."""
     import threading
 
-    from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
+    from exporter.readers.dataplanes import IptablesDataplane
     from tests.nft_snapshot import cached_table
 
     services = bench_services(1000, 5)
@@ -285,20 +301,12 @@ def test_reads_beside_back_to_back_partial_syncs_are_each_the_kernels(whole):
             full_reads = dataplane.nft.full_reads
             syncing = threading.Thread(target=lambda: [ns.restore(text) for text in changes])
             syncing.start()
-            reads, not_whole, failed, short = 0, [], [], []  # the syncs move endpoints only: as many frontends
-            while syncing.is_alive():
-                if whole:
-                    dataplane.nft._resync = "a test's own reason to read whole"
-                try:
-                    live = ns.run(lambda: dataplane.read_rules(max_age=0))
-                except ReadFailed as err:
-                    failed.append(str(err))
-                    continue
-                reads += 1
-                not_whole += live.read.unread
-                if len(live.read.table) != frontends:
-                    short.append(len(live.read.table))
+            served, failed = _reads_while(syncing, ns, dataplane, whole)
             syncing.join()
+            reads = len(served)
+            not_whole = [line for live in served for line in live.read.unread]
+            # the syncs move endpoints only: as many frontends
+            short = [len(live.read.table) for live in served if len(live.read.table) != frontends]
             assert reads + len(failed) >= 10 and reads >= 3, f"{reads} reads served, {len(failed)} failed beside the syncs"
             assert not not_whole, f"{len(not_whole)} lines of reads served as the kernel's: {not_whole[:2]}"
             assert not short, f"reads served with {short} of {frontends} frontends (a chain dumped mid-commit)"
@@ -326,7 +334,7 @@ def test_reads_beside_aborted_transactions_inserting_first_in_kube_services_are_
     5 of 14 reads served wrong. Now the torn dump is met (each rule's position), the walk
     not verified, the chain dumped again: every read served is the table, and the tears
     were met (else the test proved nothing)."""
-    from exporter.readers.dataplanes import IptablesDataplane, ReadFailed
+    from exporter.readers.dataplanes import IptablesDataplane
     from tests.nft_rulesets import aborted_transactions
     from tests.nft_snapshot import cached_table
 
@@ -337,19 +345,12 @@ def test_reads_beside_aborted_transactions_inserting_first_in_kube_services_are_
         try:
             truth = ns.run(lambda: dataplane.read_rules(max_age=0)).read.table
             aborting = aborted_transactions(ns.path, "ip", "nat", "KUBE-SERVICES", 60, verb="insert")
-            reads, wrong, failed = 0, 0, []
             try:
-                while aborting.is_alive():
-                    dataplane.nft._resync = "a test's own reason to read whole"
-                    try:
-                        live = ns.run(lambda: dataplane.read_rules(max_age=0))
-                    except ReadFailed as err:
-                        failed.append(str(err))
-                        continue
-                    reads += 1
-                    wrong += bool(live.read.unread) or live.read.table != truth
+                served, failed = _reads_while(aborting, ns, dataplane, whole=True)
             finally:
                 aborting.join()
+            reads = len(served)
+            wrong = sum(bool(live.read.unread) or live.read.table != truth for live in served)
             assert not aborting.failures, aborting.failures
             assert not wrong, f"{wrong} of {reads} reads served not the table"
             assert reads and dataplane.nft.torn_dumps, f"{reads} reads, {dataplane.nft.torn_dumps} torn dumps met"
