@@ -131,6 +131,7 @@ def test_a_family_that_failed_to_read_is_read_again_on_the_next_call(ns, monkeyp
     reads again at the same generation instead of serving the unread family until the
     generation moves or the safety interval passes."""
     from exporter.readers import nftables
+    from exporter.readers.nftables_netlink import NftConversationError
 
     ns.nft(ruleset(generated_services(), "ip"))
     ns.nft(ruleset([ServicePort("ns1", "svc1", "fd00:10:96::41", [("fd00:10::1", 80)])], "ip6"))
@@ -140,7 +141,7 @@ def test_a_family_that_failed_to_read_is_read_again_on_the_next_call(ns, monkeyp
     def once(nl, family_name, *args):
         if family_name in failures:
             failures.remove(family_name)
-            raise NftReadError("no answer from nf_tables within 5 s (the rules)")
+            raise NftConversationError("no answer from nf_tables within 5 s (the rules)")  # as _socket_error says
         return real(nl, family_name, *args)
 
     monkeypatch.setattr(nftables, "_NetlinkFamily", once)
@@ -152,6 +153,28 @@ def test_a_family_that_failed_to_read_is_read_again_on_the_next_call(ns, monkeyp
     assert again.reread and again.unread == () and set(again.sizes) == {"ip", "ip6"}
     assert VirtualServerKey("TCP", "fd00:10:96::41", 80) in again.table
     assert not ns.run(reader.read).reread  # whole now: kept until the generation moves
+
+
+def test_a_family_whose_own_rules_fail_is_said_again_not_read_again_until_the_generation_moves(ns):
+    """A family whose table fails by its own content (maps missing: not kube-proxy's
+    layout) fails the same way while the generation stays: its line is said again from
+    the read that met it, and the other family served, without reading anything again
+    (beside 10,000 Services, a re-read per scrape: 0.23 s of CPU, for the same line). Once
+    the generation moves, or the safety interval passes, both are read again."""
+    ns.nft(ruleset([ServicePort("ns1", "svc1", "fd00:10:96::41", [("fd00:10::1", 80)])], "ip6"))
+    ns.nft('add table ip kube-proxy { comment "rules for kube-proxy" ; }\n'
+           "add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n")
+    now = [0.0]
+    reader = NftablesReader(safety_interval=60, clock=lambda: now[0])
+    first = ns.run(reader.read)
+    assert first.reread and len(first.unread) == 1 and first.unread[0].startswith("ip kube-proxy: map service-nodeports")
+    again = ns.run(reader.read)
+    assert not again.reread and again.unread == first.unread and again.table == first.table
+    now[0] = 61
+    assert ns.run(reader.read).reread  # the safety interval, as for a whole read
+    ns.nft(ruleset(generated_services(), "ip"))  # the generation moves: kube-proxy's layout now
+    mended = ns.run(reader.read)
+    assert mended.reread and mended.unread == () and set(mended.sizes) == {"ip", "ip6"}
 
 
 def test_safety_interval_reads_again_without_a_change(ns):

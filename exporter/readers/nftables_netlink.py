@@ -116,6 +116,11 @@ class NftReadError(Exception):
         self.errno = errno_
 
 
+class NftConversationError(NftReadError):
+    """The conversation with the kernel failed (no answer in time, a socket error, the
+    socket closed): it says nothing of the rules, and the same read may go through."""
+
+
 class NftDumpTorn(NftReadError):
     """A rule dump that is not one chain's list as it stands: a rule came after one other
     than the rule before it. The kernel resumes a dump that fills several messages by
@@ -123,6 +128,13 @@ class NftDumpTorn(NftReadError):
     being prepared has added; when that transaction is aborted, or adds more meanwhile,
     the count lands elsewhere and the dump repeats or skips rules. Nothing else says so:
     an aborted transaction moves no generation and announces nothing. Read again."""
+
+
+def fails_again(err: NftReadError) -> bool:
+    """Whether the same read, of the same generation, would fail the same way: the rules'
+    own content (a map missing, a message not understood), not the conversation, a
+    kernel's error code (busy, out of memory) or a transaction under the dump."""
+    return not isinstance(err, (NftConversationError, NftDumpTorn)) and not err.errno
 
 
 def _handle_only(_buf, _chain: str, handle: int, _exprs, _udata) -> int:
@@ -252,8 +264,8 @@ def _socket_error(err: Exception, timeout: float, what: str) -> NftReadError:
     if isinstance(err, struct.error):
         return NftReadError(f"malformed nf_tables netlink message ({what})")
     if isinstance(err, (BlockingIOError, TimeoutError)) or err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return NftReadError(f"no answer from nf_tables within {timeout:g} s ({what})")
-    return NftReadError(f"nf_tables netlink socket error ({what}): {err.strerror}", err.errno)
+        return NftConversationError(f"no answer from nf_tables within {timeout:g} s ({what})")
+    return NftConversationError(f"nf_tables netlink socket error ({what}): {err.strerror}", err.errno)
 
 
 class NftNetlink:
@@ -264,7 +276,7 @@ class NftNetlink:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                       NETLINK_NETFILTER)
         except OSError as err:
-            raise NftReadError(f"cannot open a netfilter netlink socket: {err.strerror}", err.errno) from None
+            raise NftConversationError(f"cannot open a netfilter netlink socket: {err.strerror}", err.errno) from None
         seconds = int(timeout)
         self.timeout = timeout
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
@@ -310,7 +322,7 @@ class NftNetlink:
             while True:
                 size = self.sock.recv_into(buf, 0, socket.MSG_TRUNC)
                 if size == 0:
-                    raise NftReadError(f"the kernel closed the netlink conversation ({what})")
+                    raise NftConversationError(f"the kernel closed the netlink conversation ({what})")
                 if size > len(buf):
                     raise NftReadError(f"a {size}-byte nf_tables message does not fit the receive buffer")
                 after_cut, cut = cut, could_be_cut(size)
@@ -601,7 +613,7 @@ class NftNetlink:
                 while True:
                     size = recv_into(buf, 0, socket.MSG_TRUNC)
                     if size == 0:
-                        raise NftReadError(f"the kernel closed the netlink conversation ({what})")
+                        raise NftConversationError(f"the kernel closed the netlink conversation ({what})")
                     if size > capacity:
                         raise NftReadError(f"a {size}-byte nf_tables message does not fit the receive buffer")
                     offset = 0
