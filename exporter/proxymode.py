@@ -10,15 +10,20 @@ IPVS is looked for first). kube-router programs IPVS
 only: nothing to find.
 
 The mode is found once at start and again every ``recheck`` seconds on a thread of
-its own (never on a scrape), logged once when first found and once per change.
-A re-check that finds no evidence keeps the last mode: a table deleted behind the
-proxy's back (firewalld) is drift to report, not another mode.
+its own (never on a scrape), logged once when first found and once per change, and
+sooner when drift asks (``recheck_soon``): a proxy redeployed in another mode cleans up
+the old mode's rules (or leaves them to go stale), which the old mode's reader shows as
+every frontend missing; found only at the next 5-minute check, that was past the grace
+period and an alert's ``for`` on every node of a migration. A re-check that finds no
+evidence keeps the last mode: a table deleted behind the proxy's back (firewalld) is
+drift to report, not another mode.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import urllib.parse
 from typing import Callable, NamedTuple
 
@@ -28,6 +33,7 @@ log = logging.getLogger("exporter.proxymode")
 
 SERVICE = "proxy-mode"
 RECHECK_SECONDS = 300.0  # a proxy's mode changes only when it is redeployed
+RECHECK_SOON_SECONDS = 30.0  # drift's asks, at most this often (a real outage asks on every scrape)
 PROXY_MODE_MAX_BYTES = 256
 KUBE_PROXY_METRICS_URL = "http://127.0.0.1:10249/metrics"  # as the proxy collector's default
 KUBE_PROXY_TABLE = "kube-proxy"
@@ -141,7 +147,7 @@ class ProxyMode:
     """The node's proxy mode, owned once per exporter (``shared_proxy_mode``)."""
 
     def __init__(self, settings, paths, find: Callable[[], Found] | None = None,
-                 recheck: float = RECHECK_SECONDS) -> None:
+                 recheck: float = RECHECK_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
         configured = settings.get("proxy-mode")
         self.auto = configured == "auto"
         self._legacy = None  # one legacy-table reader for every recheck (built on first use)
@@ -150,6 +156,9 @@ class ProxyMode:
         self._mode: str | None = None if self.auto else configured
         self.how = "set by --proxy-mode" if not self.auto else ""
         self._stop = threading.Event()
+        self._wake = threading.Event()  # recheck_soon: look now
+        self._clock = clock
+        self._asked_at = float("-inf")
         self._thread: threading.Thread | None = None
         self._said_nothing = False
         if self.auto:
@@ -191,12 +200,27 @@ class ProxyMode:
             self._mode, self.how = found.mode, found.how
         return self._mode
 
+    def recheck_soon(self) -> None:
+        """Look again now, on the mode's thread (auto only; at most once per
+        ``RECHECK_SOON_SECONDS``): drift saw the live rules differ from what the API calls
+        for, which a proxy redeployed in another mode shows too."""
+        if self._thread is None:
+            return
+        now = self._clock()
+        if now - self._asked_at >= RECHECK_SOON_SECONDS:
+            self._asked_at = now
+            self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.recheck):
-            self.check()
+        while not self._stop.is_set():
+            self._wake.wait(self.recheck)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.check()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(5)
 

@@ -85,7 +85,7 @@ class DriftRig:
 
     def __init__(self, tmp_path: Path, kubeconfig: str | None, *, procfs: str | None = None,
                  grace: float = 1.0, follow: float = 0.1, extra: tuple[str, ...] = (),
-                 store_options: dict | None = None, mode: str = "ipvs") -> None:
+                 store_options: dict | None = None, mode: str = "ipvs", kube_mode: str | None = None) -> None:
         self.procfs = Path(procfs) if procfs else tmp_path / f"proc-drift-{os.getpid()}"
         if procfs is None:
             (self.procfs / "net").mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,8 @@ class DriftRig:
         options = {"backoff_base": 0.05, "backoff_cap": 0.3, "down_after": 0.5}
         options.update(store_options or {})
         if kubeconfig:
-            self.ctx.service(KUBE_SERVICE, lambda: KubeAccess(self.settings, mode, **options))
+            # With --proxy-mode auto, ``kube_mode``: the mode the test's node starts in.
+            self.ctx.service(KUBE_SERVICE, lambda: KubeAccess(self.settings, kube_mode or mode, **options))
         self.runner = Runner(build_collectors(self.ctx))
         self.server = MetricsServer(make_app(self.runner), "127.0.0.1:0")
         self.server.start()

@@ -100,6 +100,43 @@ def test_said_once_and_on_a_change_and_kept_without_evidence(caplog):
                      "proxy mode changed from nftables to ipvs (its tables)"]
 
 
+def test_drift_asks_for_a_look_now_on_the_modes_thread_at_most_once_per_interval():
+    """``recheck_soon`` wakes the mode's thread (the scrape that asks does not wait for
+    the look); asks within ``RECHECK_SOON_SECONDS`` of the last are one look (an outage
+    asks on every scrape); with the mode set by flag there is nothing to look for."""
+    import threading
+
+    from exporter import proxymode
+
+    looked = threading.Semaphore(0)
+    answers = iter([Found("iptables", "its tables")] + [Found("nftables", "its table")] * 5)
+
+    def find():
+        looked.release()
+        return next(answers)
+
+    clock = [1000.0]
+    mode = ProxyMode(settings(), None, find=find, recheck=3600, clock=lambda: clock[0])
+    try:
+        assert looked.acquire(timeout=1) and mode.current() == "iptables"  # the look at start
+        mode.recheck_soon()
+        assert looked.acquire(timeout=5), "no look after recheck_soon"
+        for _ in range(50):  # the thread sets the mode just after the look
+            if mode.current() == "nftables":
+                break
+            threading.Event().wait(0.02)
+        assert mode.current() == "nftables"
+        clock[0] += proxymode.RECHECK_SOON_SECONDS - 1
+        mode.recheck_soon()
+        assert not looked.acquire(timeout=0.5), "looked again within the interval"
+        clock[0] += 1
+        mode.recheck_soon()
+        assert looked.acquire(timeout=5)
+    finally:
+        mode.stop()
+    ProxyMode(settings("--proxy-mode", "iptables"), None, find=lambda: pytest.fail("looked for")).recheck_soon()
+
+
 def test_a_set_mode_is_not_looked_for():
     mode = ProxyMode(settings("--proxy-mode", "iptables"), None, find=lambda: pytest.fail("looked for"))
     assert mode.current() == "iptables" and mode.how == "set by --proxy-mode"

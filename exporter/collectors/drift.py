@@ -314,6 +314,10 @@ class DriftCollector(Collector):
                                  f"{live.unread[0]}{more}")
         diff = self.differ.diff(desired_table, live.table, desired_rejected, live.rejected, snap.table)
         report = self.tracker.update(diff, time.monotonic())
+        if any(report.pending.values()) or any(report.counts.values()):
+            # Still this mode? A proxy redeployed in another one leaves these rules cleaned
+            # up or stale: asked within the grace period, not at the next 5-minute check.
+            self.proxy_mode.recheck_soon()
         if id(live.table) != self._trimmed_after:
             # The live table was read anew (the first time: with the list's decode and the
             # first full diff): what that read and this diff made and dropped is freed by
