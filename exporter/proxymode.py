@@ -96,11 +96,10 @@ def rule_tables_found(paths=None, legacy=None) -> list[str]:
             families = (NFPROTO_IPV4, NFPROTO_IPV6)
             if any(nl.table(f, KUBE_PROXY_TABLE) is not None for f in families):
                 found.append("nftables")
-            for family in families:
-                if nl.table(family, "nat") is not None and any(
-                        c.name == IPTABLES_SERVICES_CHAIN for c in nl.chains(family, "nat")):
-                    found.append("iptables")
-                    break
+            # One get of the chain, not a dump of the 61,000 chains of 10,000 Services
+            # (0.3 s of CPU a look, and drift asks for a look every 30 s under churn).
+            if any(nl.chain_exists(f, "nat", IPTABLES_SERVICES_CHAIN) for f in families):
+                found.append("iptables")
     except (NftReadError, OSError) as err:
         log.debug("nf_tables not read for the proxy mode: %s", err)
     if paths is not None:
