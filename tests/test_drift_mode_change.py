@@ -20,7 +20,7 @@ from tests.apiserver import FakeApiServer
 from tests.drift_rig import NODE, DriftRig
 from tests.helpers import value
 from tests.ipt_rulesets import IptNS, ServicePort, kube_objects, ruleset as iptables_rules
-from tests.nft_rulesets import NftNS, ruleset as nftables_rules
+from tests.nft_rulesets import ruleset as nftables_rules
 
 NS = "modechange"
 RESOURCES = {"Service": "services", "EndpointSlice": "endpointslices"}
@@ -70,7 +70,7 @@ def test_a_proxy_redeployed_in_nftables_mode_is_followed_before_its_old_rules_ar
             assert _total(s, "kubenode_dataplane_drift") == _total(s, "kubenode_dataplane_drift_pending") == 0
 
             # Redeployed in nftables mode: its rules programmed, the iptables ones cleaned up.
-            NftNS.nft(ns, nftables_rules(ports, "ip"))
+            ns._exec(["nft", "-f", "-"], nftables_rules(ports, "ip"))  # nsenter into the namespace
             for table in ("nat", "filter"):
                 ns.iptables("-t", table, "-F")
                 ns.iptables("-t", table, "-X")

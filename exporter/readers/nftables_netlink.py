@@ -95,7 +95,8 @@ _RECV_BUFFER = 65536  # the kernel fills dump datagrams up to ~32 KB
 # (a page, at most 8 KB, less the overhead); the overhead is 320 bytes on x86-64, 768
 # at most (CONFIG_MAX_SKB_FRAGS=45). kube-proxy's largest rule dumps to 868 bytes (a
 # 256-byte comment of it): a message shorter than either room less 1 KB left no rule out.
-_SMALL_ROOM = min(os.sysconf("SC_PAGE_SIZE"), 8192) - 768, min(os.sysconf("SC_PAGE_SIZE"), 8192) - 320
+_PAGE_ROOM = min(os.sysconf("SC_PAGE_SIZE"), 8192)
+_SMALL_ROOM = _PAGE_ROOM - 768, _PAGE_ROOM - 320
 _LARGE_ROOM = 32768 - 768
 _RULE_ROOM = 1024
 
@@ -608,8 +609,7 @@ class NftNetlink:
                 # and the boundaries between messages no position vouches for.
                 last_chain, previous, tear, doubtful = chain_name or "", 0, None, []
                 handles: list[int] = []  # of the rules of last_chain so far
-                continuation = False  # a message after the dump's first
-                cut = False  # the message before could have left a rule out for want of room
+                cut = False  # the message before could have left a rule out for want of room (none yet)
                 while True:
                     size = recv_into(buf, 0, socket.MSG_TRUNC)
                     if size == 0:
@@ -618,8 +618,7 @@ class NftNetlink:
                         raise NftReadError(f"a {size}-byte nf_tables message does not fit the receive buffer")
                     offset = 0
                     finished = False
-                    first = continuation and cut  # the next rule is the first of a resumed part
-                    continuation, cut = True, could_be_cut(size)
+                    first, cut = cut, could_be_cut(size)  # first: the next rule begins a resumed part
                     while offset + 16 <= size:
                         length, msg_kind, _flags, msg_seq, _ = unpack_header(buf, offset)
                         if length < 16 or offset + length > size:
