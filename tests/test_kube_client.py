@@ -463,3 +463,49 @@ def test_rate_limited_log_keeps_a_burst_then_summarises(caplog, monkeypatch):
     now[0] += 61
     limited.warning("bad object %d", 10)
     assert [r.getMessage() for r in caplog.records][3:] == ["7 more similar messages suppressed", "bad object 10"]
+
+
+def test_a_server_name_whose_lookup_hangs_fails_at_the_connect_timeout(apiserver, tmp_path, monkeypatch):
+    """getaddrinfo has no timeout: a dead DNS server must not hold a LIST or a WATCH past the
+    connect timeout (the reflector's thread would sit there for the resolver's half minute,
+    its status saying nothing); once the name resolves, the same transport gets its answer."""
+    import socket as socket_module
+    import threading
+
+    from exporter import lookup
+    from exporter.kube.transport import ApiTransport, TransportError
+
+    released = threading.Event()
+    real = socket_module.getaddrinfo
+
+    def hung(host, *args, **kwargs):
+        if host != "kube-api.invalid":
+            return real(host, *args, **kwargs)
+        if kwargs.get("flags"):  # AI_NUMERICHOST: not a literal address
+            raise socket_module.gaierror(socket_module.EAI_NONAME, "not numeric")
+        released.wait(30)  # a dead DNS server: the resolver's own timeouts, at length
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(lookup.socket, "getaddrinfo", hung)
+    apiserver.create("services", service("default", "a", "10.96.0.1"))
+    path = apiserver.write_kubeconfig(str(tmp_path / "kc"))
+    with open(path) as fh:
+        text = fh.read()
+    assert "127.0.0.1" in text
+    with open(path, "w") as fh:
+        fh.write(text.replace("127.0.0.1", "kube-api.invalid"))
+    transport = ApiTransport(load_config(path), connect_timeout=0.5)
+    try:
+        for ask in (lambda: transport.get("/api/v1/services", {}, 5.0),
+                    lambda: transport.stream("/api/v1/services", {"watch": "1"}, 5.0)):
+            start = time.monotonic()
+            with pytest.raises(TransportError, match=r"ConnectTimeout: no answer looking up kube-api.invalid "
+                                                     r"within 0.5 s"):
+                ask()
+            assert time.monotonic() - start < 5
+        released.set()  # the name now resolves: the same transport is answered
+        status, body = transport.get("/api/v1/services", {}, 5.0)
+        assert status == 200 and json.loads(body)["items"][0]["metadata"]["name"] == "a"
+    finally:
+        released.set()
+        transport.close()

@@ -2,7 +2,8 @@
 
 ``ApiTransport`` turns an ``ApiConfig`` into connections: TLS from the config (its CA or
 the system's, a client certificate, ``tls-server-name``, or no verification when the
-kubeconfig says so), a connect timeout, and a read timeout on every request. No proxy
+kubeconfig says so), a connect timeout (the server name's look-up included: exporter.lookup),
+and a read timeout on every request. No proxy
 from the environment is used (the API is reached directly, as before). A 401 makes the
 credential be fetched again (token file, exec plugin) and the request sent once more.
 
@@ -22,6 +23,7 @@ import threading
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from exporter import lookup
 from exporter.kube.kubeconfig import ApiConfig, Credential, CredentialError, Credentials, KubeConfigError
 
 # A watch event is one object as JSON; etcd keeps objects under 1.5 MiB by default. A line
@@ -82,13 +84,23 @@ def ssl_context(config: ApiConfig, client_cert: tuple[bytes, bytes] | None = Non
     return context
 
 
+class _HTTPConnection(http.client.HTTPConnection):
+    """HTTPConnection whose connect timeout covers the server name's look-up too."""
+
+    def __init__(self, host: str, port: int | None, *, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._create_connection = lookup.create_connection
+
+
 class _TLSConnection(http.client.HTTPSConnection):
-    """HTTPSConnection whose SNI and verified name may differ from the host (tls-server-name)."""
+    """HTTPSConnection whose SNI and verified name may differ from the host (tls-server-name),
+    and whose connect timeout covers the server name's look-up too."""
 
     def __init__(self, host: str, port: int | None, *, timeout: float, context: ssl.SSLContext,
                  server_name: str | None) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self._server_name = server_name
+        self._create_connection = lookup.create_connection
 
     def connect(self) -> None:
         http.client.HTTPConnection.connect(self)
@@ -177,10 +189,13 @@ class ApiTransport:
                 self._host, self._port, timeout=self.connect_timeout, context=context,
                 server_name=self.config.tls_server_name)
         else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
+            conn = _HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
         try:
             conn.connect()
             conn.sock.settimeout(read_timeout)
+        except lookup.LookupTimedOut as err:
+            conn.close()
+            raise TransportError(f"ConnectTimeout: {err}") from None
         except TimeoutError:
             conn.close()
             raise TransportError(f"ConnectTimeout: no connection within {self.connect_timeout:g}s") from None

@@ -28,11 +28,12 @@ import io
 import math
 import re
 import socket
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
+
+from exporter import lookup
 
 Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs
 
@@ -144,31 +145,15 @@ class _DeadlineConnection(http.client.HTTPConnection):
 
 
 def _lookup(host: str, port: int, deadline: _Deadline) -> tuple[str, int]:
-    """(address, port) to connect to, within the deadline. getaddrinfo takes no timeout
-    (a dead resolver holds it for resolv.conf's timeouts times its attempts), so a name
-    is looked up on a thread of its own that the fetch stops waiting for at the
-    deadline; the thread ends when the resolver gives up. A literal address needs none."""
+    """(address, port) to connect to, within the deadline (exporter.lookup: getaddrinfo
+    takes no timeout of its own)."""
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-        return host, port
-    except socket.gaierror:
-        pass
-    answer: list = []
-
-    def look() -> None:
-        try:
-            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as err:
-            answer.append(err)
-
-    worker = threading.Thread(target=look, name=f"lookup {host}", daemon=True)
-    worker.start()
-    worker.join(deadline.remaining())
-    if not answer:
-        raise deadline.passed()
-    if isinstance(answer[0], OSError):
-        raise PageUnusable(f"cannot look up {host}: {answer[0].strerror or answer[0]}")
-    return answer[0][0][4][0], port
+        entries = lookup.addresses(host, port, deadline.remaining())
+    except lookup.LookupTimedOut:
+        raise deadline.passed() from None
+    except OSError as err:
+        raise PageUnusable(f"cannot look up {host}: {err.strerror or err}") from None
+    return entries[0][4][0], port
 
 
 def fetch_page(url: str, timeout: float, max_bytes: int) -> bytes:
