@@ -2,7 +2,7 @@
 in a network namespace of the test's own, the API stand-in, the live exporter (``DriftRig``).
 
 A migration from iptables to nftables mode (what clusters are doing now that nftables is
-GA) cleans up the old mode's rules: `kube-proxy --cleanup` of the old mode, or a reboot.
+GA), or its roll-back, cleans up the old mode's rules: `kube-proxy --cleanup` of the old mode, or a reboot.
 The exporter read the old mode's rules until its next 5-minute check of the mode, so
 every frontend was missing past the 60 s grace period and KubeNodeDataplaneMissing-
 VirtualServers' 2 minutes, on every node of the migration. Now the drift it sees asks
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import time
+
+import pytest
 
 from exporter.dataplane import SCRAPE_WINDOW
 from tests import apiserver as api_objects
@@ -41,12 +43,38 @@ def _mode(s: dict) -> str | None:
                  if sample == "kubenode_dataplane_info" and v == 1.0), None)
 
 
-def test_a_proxy_redeployed_in_nftables_mode_is_followed_before_its_old_rules_are_drift(tmp_path, caplog):
-    """kube-proxy in iptables mode (iptables-nft), then redeployed in nftables mode: its
-    nftables rules programmed and the iptables ones cleaned up. Within a few scrapes the
-    exporter reads the nftables rules and finds no drift; no scrape reports the old
-    mode's missing rules past the grace period. Before: iptables mode until the next
-    5-minute check, every frontend missing past the grace period."""
+def _program_iptables(ns: IptNS, ports: list[ServicePort]) -> None:
+    ns.restore(iptables_rules(ports, 4), 4)
+
+
+def _clean_iptables(ns: IptNS) -> None:
+    for table in ("nat", "filter"):
+        ns.iptables("-t", table, "-F")
+        ns.iptables("-t", table, "-X")
+    assert "KUBE-" not in ns.save(4)
+
+
+def _program_nftables(ns: IptNS, ports: list[ServicePort]) -> None:
+    ns._exec(["nft", "-f", "-"], nftables_rules(ports, "ip"))  # nsenter into the namespace
+
+
+def _clean_nftables(ns: IptNS) -> None:
+    ns._exec(["nft", "-f", "-"], "delete table ip kube-proxy\n")
+
+
+PROGRAM = {"iptables": (_program_iptables, _clean_iptables), "nftables": (_program_nftables, _clean_nftables)}
+
+
+@pytest.mark.parametrize("before, after", [("iptables", "nftables"), ("nftables", "iptables")],
+                         ids=["iptables-to-nftables", "nftables-back-to-iptables"])
+def test_a_proxy_redeployed_in_another_mode_is_followed_before_its_old_rules_are_drift(tmp_path, caplog,
+                                                                                       before, after):
+    """kube-proxy in one mode (iptables: iptables-nft), then redeployed in the other (a
+    migration to nftables, or its roll-back): the new mode's rules programmed and the old
+    ones cleaned up. Within a few scrapes the exporter reads the new mode's rules and finds
+    no drift; no scrape reports the old mode's missing rules past the grace period.
+    Before: the old mode until the next 5-minute check, every frontend missing past the
+    grace period."""
     ports = service_ports()
     with IptNS() as ns:
         ns.run(lambda: os.system("ip link set lo up"))
@@ -57,24 +85,21 @@ def test_a_proxy_redeployed_in_nftables_mode_is_followed_before_its_old_rules_ar
             for item in kube_objects(ports, NODE):
                 api.create(RESOURCES[item["kind"]], item)
             kubeconfig = api.write_kubeconfig(str(tmp_path / f"kubeconfig-mode-{os.getpid()}"))
-            ns.restore(iptables_rules(ports, 4), 4)  # kube-proxy in iptables mode
+            PROGRAM[before][0](ns, ports)  # kube-proxy in its first mode
             procfs = tmp_path / f"proc-mode-{os.getpid()}"
             (procfs / "net").mkdir(parents=True)
             (procfs / "thread-self").symlink_to("/proc/thread-self")  # the legacy tables' names: the namespace's
             rig = ns.run(lambda: DriftRig(tmp_path, kubeconfig, procfs=str(procfs), grace=GRACE, follow=0.1,
-                                          mode="auto", kube_mode="iptables",
+                                          mode="auto", kube_mode=before,
                                           extra=("--no-collector.process", "--no-collector.memcg")))
             rig.wait_synced()
             s = ns.run(rig.scrape)
-            assert _mode(s) == "iptables" and value(s, "kubenode_collector_success", collector="drift") == 1.0
+            assert _mode(s) == before and value(s, "kubenode_collector_success", collector="drift") == 1.0
             assert _total(s, "kubenode_dataplane_drift") == _total(s, "kubenode_dataplane_drift_pending") == 0
 
-            # Redeployed in nftables mode: its rules programmed, the iptables ones cleaned up.
-            ns._exec(["nft", "-f", "-"], nftables_rules(ports, "ip"))  # nsenter into the namespace
-            for table in ("nat", "filter"):
-                ns.iptables("-t", table, "-F")
-                ns.iptables("-t", table, "-X")
-            assert "KUBE-" not in ns.save(4)
+            # Redeployed in the other mode: its rules programmed, the old mode's cleaned up.
+            PROGRAM[after][0](ns, ports)
+            PROGRAM[before][1](ns)
             moved = time.monotonic()
             seen = []
             while time.monotonic() - moved < 4 * GRACE:
@@ -83,10 +108,10 @@ def test_a_proxy_redeployed_in_nftables_mode_is_followed_before_its_old_rules_ar
                 seen.append((round(time.monotonic() - moved, 2), _mode(s), _total(s, "kubenode_dataplane_drift"),
                              _total(s, "kubenode_dataplane_drift_pending")))
                 assert _total(s, "kubenode_dataplane_drift") == 0, f"drift reported past the grace period: {seen}"
-            assert _mode(s) == "nftables", f"not following the nftables rules {4 * GRACE:g} s after: {seen}"
+            assert _mode(s) == after, f"not following the {after} rules {4 * GRACE:g} s after: {seen}"
             assert value(s, "kubenode_dataplane_drift_synced") == 1.0 and _total(s, "kubenode_dataplane_drift_pending") == 0, seen
             assert value(s, "kubenode_collector_success", collector="drift") == 1.0
-            assert any("proxy mode changed from iptables to nftables" in r.getMessage() for r in caplog.records)
+            assert any(f"proxy mode changed from {before} to {after}" in r.getMessage() for r in caplog.records)
         finally:
             if rig is not None:
                 rig.close()
