@@ -512,16 +512,13 @@ class NftNetlink:
         counter; owned by the caller and filled here) lets a re-read decode only the
         rules that are new.
         """
-        def decode(buf, chain: str, handle: int, exprs, udata) -> Rule:
-            raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
-            if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
-                # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
-                # mark-for-masquerade``, half of a large table's rules): a conditional
-                # rule that sends no traffic anywhere a reader follows.
-                return Rule(chain, handle, None, True, None, None, (), (), False, None)
-            return _rule(buf, chain, handle, exprs, udata, family)
+        return self.each_rule(family, table, rule_decoder(family), known, known, by_handle=True, order=order)
 
-        return self.each_rule(family, table, decode, known, known, by_handle=True, order=order)
+    def chain_rules(self, family: int, table: str, chain: str) -> tuple[list[Rule] | None, int]:
+        """One chain's rules decoded as ``rules`` does (None: no such chain), and how many."""
+        for _chain, rules, decoded in self.each_chain_rules(family, table, [chain], rule_decoder(family)):
+            return rules, decoded
+        raise AssertionError("unreachable: one dump asked for, one answered")
 
     def each_rule(self, family: int, table: str, decode, known: dict | None = None,
                   seen: dict | None = None, by_handle: bool = False,
@@ -686,6 +683,20 @@ class NftNetlink:
                 yield chain_name, out, decoded, doubtful
         except (struct.error, OSError) as err:
             raise _socket_error(err, self.timeout, what) from None
+
+
+def rule_decoder(family: int):
+    """``decode(buf, chain, handle, exprs, udata) -> Rule`` for ``each_rule`` and friends."""
+    def decode(buf, chain: str, handle: int, exprs, udata) -> Rule:
+        raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
+        if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
+            # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
+            # mark-for-masquerade``, half of a large table's rules): a conditional
+            # rule that sends no traffic anywhere a reader follows.
+            return Rule(chain, handle, None, True, None, None, (), (), False, None)
+        return _rule(buf, chain, handle, exprs, udata, family)
+
+    return decode
 
 
 def _element(buf, start: int, end: int) -> Element:
