@@ -66,6 +66,7 @@ NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME = 1, 2, 3
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS = 1, 2, 3, 4
 NFTA_RULE_POSITION, NFTA_RULE_USERDATA = 6, 7
 NFTA_GEN_ID = 1
+NFTA_SET_HANDLE = 16
 # The kernel grants twice what is asked (32 MiB here) and charges only what waits, to the
 # exporter's memory cgroup (the DaemonSet's limit is 256 MiB, and a 10,000-Service first
 # read peaks near 190 MB RSS): so not more. Measured: one partial sync of kube-proxy
@@ -125,9 +126,10 @@ class Event(NamedTuple):
     """One object change of a committed transaction.
 
     ``kind``: newtable, deltable, newchain, delchain, newrule, delrule, "rules" (some
-    of the chain's rules changed; handle 0; ``delta``: rules added less rules deleted), or
-    "sets" (with ``NftMonitor(sets=True)``: a named set, ``chain`` its name, made, deleted or
-    its elements changed; anonymous sets live and die with their rule). ``handle`` is the table's, chain's or
+    of the chain's rules changed; handle 0; ``delta``: rules added less rules deleted); with
+    ``NftMonitor(sets=True)``, "newset"/"delset" (a named set, ``chain`` its name: made, or
+    added again as it is, which nf_tables announces too; deleted) and "elements" (some of
+    its elements changed; handle 0); anonymous sets live and die with their rule. ``handle`` is the table's, chain's or
     rule's. For a NEWRULE: ``position`` (the handle of the rule just before it when the
     kernel announced it, if any), ``append`` (written with NLM_F_APPEND). For both rule
     kinds, ``body``: the message's attributes from the expressions on (the expressions
@@ -342,13 +344,21 @@ class NftMonitor:
                         try:
                             fields = _attributes(buf, start + 4, end)
                             table, name = _string(buf, *fields[1]), _string(buf, *fields[2])
+                            command = msg_type & 0xFF
+                            handle = (_BE64.unpack_from(buf, fields[NFTA_SET_HANDLE][0])[0]
+                                      if command in (NFT_MSG_NEWSET, NFT_MSG_DELSET) else 0)
                         except (KeyError, ValueError, struct.error) as err:
                             resync = f"an nf_tables notification this reader cannot parse ({err or type(err).__name__})"
                             continue
                         if not name.startswith("__"):  # anonymous: its rule's events say it
                             key = (buf[start], table)
-                            open_sets.setdefault(key, set()).add(name)
-                            open_events.setdefault(key, [])
+                            events = open_events.setdefault(key, [])
+                            if command == NFT_MSG_NEWSET:
+                                events.append(Event("newset", name, handle))
+                            elif command == NFT_MSG_DELSET:
+                                events.append(Event("delset", name, handle))
+                            else:
+                                open_sets.setdefault(key, set()).add(name)
                     continue
                 try:
                     parsed = parse_message(buf, start, end, msg_type)
@@ -388,11 +398,12 @@ class NftMonitor:
 
 def _close(open_events: dict, open_rules: dict, open_sets: dict) -> None:
     """A transaction's events get one "rules" event per chain whose rules it touched
-    (with the net change of their number) and one "sets" event per named set."""
+    (with the net change of their number) and one "elements" event per named set whose
+    elements it changed."""
     for key, chains in open_rules.items():
         open_events[key].extend(Event("rules", chain, 0, delta=delta) for chain, delta in chains.items())
     for key, names in open_sets.items():
-        open_events[key].extend(Event("sets", name, 0) for name in sorted(names))
+        open_events[key].extend(Event("elements", name, 0) for name in sorted(names))
 
 
 def newer(generation: int, than: int) -> bool:
