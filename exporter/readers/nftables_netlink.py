@@ -421,26 +421,24 @@ class NftNetlink:
         anonymous = 0
         attrs = _nla(NFTA_SET_TABLE, table.encode() + b"\0")
         for buf, start, end in self._replies(NFT_MSG_GETSET, family, NLM_F_DUMP, attrs, "the sets"):
-            name, handle, flags, key_len, data_len, timeout = "", 0, 0, 0, 0, None
-            for s, e, t in _attrs(buf, start, end):
-                if t == NFTA_SET_NAME:
-                    if buf[s:s + 2] == b"__":
-                        anonymous += 1
-                        break  # anonymous: read with the rule that owns it
-                    name = _string(buf, s, e)
-                elif t == NFTA_SET_HANDLE:
-                    handle = _BE64.unpack_from(buf, s)[0]
-                elif t == NFTA_SET_FLAGS:
-                    flags = _BE32.unpack_from(buf, s)[0]
-                elif t == NFTA_SET_KEY_LEN:
-                    key_len = _BE32.unpack_from(buf, s)[0]
-                elif t == NFTA_SET_DATA_LEN:
-                    data_len = _BE32.unpack_from(buf, s)[0]
-                elif t == NFTA_SET_TIMEOUT:
-                    timeout = _BE64.unpack_from(buf, s)[0]
-            if name:
-                out.append(SetInfo(name, handle, flags, key_len, data_len, timeout))
+            info = _set_info(buf, start, end)
+            if info is None:
+                anonymous += 1  # read with the rule that owns it
+            elif info.name:
+                out.append(info)
         return out, anonymous
+
+    def set_info(self, family: int, table: str, name: str) -> SetInfo | None:
+        """One named set (a get, not a dump of every set), or None when there is none."""
+        attrs = _nla(NFTA_SET_TABLE, table.encode() + b"\0") + _nla(NFTA_SET_NAME, name.encode() + b"\0")
+        try:
+            for buf, start, end in self._replies(NFT_MSG_GETSET, family, 0, attrs, f"set {name}"):
+                return _set_info(buf, start, end)
+        except NftReadError as err:
+            if err.errno == errno.ENOENT:
+                return None
+            raise
+        return None
 
     def elements(self, family: int, table: str, set_name: str,
                  known: dict[bytes, Element] | None = None) -> list[Element]:
@@ -697,6 +695,27 @@ def rule_decoder(family: int):
         return _rule(buf, chain, handle, exprs, udata, family)
 
     return decode
+
+
+def _set_info(buf, start: int, end: int) -> SetInfo | None:
+    """A set's description from a GETSET answer; None for an anonymous one (``__set%d``)."""
+    name, handle, flags, key_len, data_len, timeout = "", 0, 0, 0, 0, None
+    for s, e, t in _attrs(buf, start, end):
+        if t == NFTA_SET_NAME:
+            if buf[s:s + 2] == b"__":
+                return None
+            name = _string(buf, s, e)
+        elif t == NFTA_SET_HANDLE:
+            handle = _BE64.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_FLAGS:
+            flags = _BE32.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_KEY_LEN:
+            key_len = _BE32.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_DATA_LEN:
+            data_len = _BE32.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_TIMEOUT:
+            timeout = _BE64.unpack_from(buf, s)[0]
+    return SetInfo(name, handle, flags, key_len, data_len, timeout)
 
 
 def _element(buf, start: int, end: int) -> Element:
