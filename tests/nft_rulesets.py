@@ -376,6 +376,18 @@ def endpoints_changed(svc: ServicePort, new_endpoints: list[tuple[str, int]], fa
     return "\n".join([f"flush chain {F} kube-proxy {chain}", *rules]) + "\n"
 
 
+def endpoints_synced(svc: ServicePort, new_endpoints: list[tuple[str, int]], family: str = "ip") -> str:
+    """``endpoints_changed`` as kube-proxy's partial sync sends it (1.31+: setupNFTables, then
+    ensureChain): its table, sets, maps and base chains added again as they are, and the
+    Service's chain added before it is flushed. nf_tables announces each of those re-adds
+    (NEWSET, NEWCHAIN with the object's own handle) though nothing changed."""
+    values = FAMILY[family]
+    head = [f'add table {values["F"]} kube-proxy {{ comment "rules for kube-proxy" ; }}',
+            BASE_SETS.format(**values), BASE_CHAINS.format(**values),
+            f'add chain {values["F"]} kube-proxy {svc.chain("service")}']
+    return "\n".join(head) + "\n" + endpoints_changed(svc, new_endpoints, family)
+
+
 def bench_services(count: int, endpoints: int = 5, family: str = "ip") -> list[ServicePort]:
     """``count`` Services of ``endpoints`` endpoints each; every tenth also a NodePort."""
     out = []
