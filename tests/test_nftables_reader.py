@@ -120,8 +120,10 @@ def test_generation_check_skips_work_and_notices_a_change(ns):
     assert changed.reread and changed.generation != first.generation
     assert changed.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {
         ("10.180.0.1", 80), ("10.180.0.10", 80)}
-    # Only the rewritten service chain's rules are new: the rest is not decoded or fetched again.
+    # Only the rewritten service chain's rules are new: the rest is not decoded or fetched again,
+    # and the change feed named that chain: it alone was dumped, nothing read whole again.
     assert reader.decoded_rules == 2 and reader.anonymous_sets_read == 1
+    assert reader.chains_dumped == 1 and reader.whole_reads == 1
     assert {k: v for k, v in changed.table.items() if k.address != "172.30.0.41"} == {
         k: v for k, v in first.table.items() if k.address != "172.30.0.41"}
 
@@ -691,3 +693,30 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
         finally:
             reader.close()
     assert steps >= 100 and incremental >= steps // 2, f"{incremental} of {steps} reads were of what changed"
+
+
+def test_a_change_feed_that_overflowed_makes_the_next_read_whole_then_reads_of_changes_resume(ns, monkeypatch):
+    """The feed's buffer overflows (a full sync while nobody read): the events no longer
+    say what changed, so the next read reads every rule again, saying why, and equals a
+    fresh reader's; the read after the next small change is of that change alone."""
+    from exporter.readers import nftables
+    from tests.nft_rulesets import bench_services
+
+    monkeypatch.setattr(nftables, "ANNOUNCEMENT_BUFFER", 4096)  # the kernel's least, doubled
+    services = bench_services(200)
+    ns.nft(ruleset(services))
+    reader = NftablesReader()
+    try:
+        ns.run(reader.read)
+        ns.nft("".join(endpoints_changed(svc, [(a, p + 1) for a, p in svc.endpoints]) for svc in services))
+        read = ns.run(reader.read)
+        assert reader.whole_reads == 2 and "overflowed" in reader.whole_reason
+        assert read.table == ns.run(NftablesReader(announcements=False).read).table
+        ns.nft(endpoints_changed(services[3], [("10.99.0.1", 8080)]))
+        read = ns.run(reader.read)
+        assert reader.whole_reads == 2 and reader.chains_dumped == 1
+        assert read.table[VirtualServerKey("TCP", services[3].cluster_ip, 80)].real_servers.keys() == {
+            ("10.99.0.1", 8080)}
+        assert read.table == ns.run(NftablesReader(announcements=False).read).table
+    finally:
+        reader.close()
