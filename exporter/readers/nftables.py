@@ -25,8 +25,9 @@ commit (the generation NFT_MSG_GETGEN answers) before it makes its objects live 
 unlinks the deleted ones, and announces it (NEWGEN) last. Fenced by the generation
 alone, a read that took the number in that window dumped the rules from before the
 commit, or a chain half rewritten, under the commit's number, and was then kept as
-"unchanged" while the generation stayed. So the reader subscribes to the announcements
-alone (``NftMonitor(announcements_only=True)``: one small datagram per commit), waits
+"unchanged" while the generation stayed. So the reader subscribes to nf_tables' change
+feed (``NftMonitor(sets=True)``: each commit's chain, rule and named-set events, NEWGEN
+last; it also says what changed, below), waits
 (``FEED_WAIT_SECONDS`` at most) for the announcement of the generation before it dumps,
 reads again when that generation (or an older one) is announced only after its dumps
 began, and serves "unchanged" only while nothing was announced since (``settled``).
@@ -42,13 +43,25 @@ skipped; ``NftDumpTorn``). A read that still meets a commit on each of
 ``GENERATION_TRIES`` tries fails, saying so.
 
 Cost (bench/bench_nftables.py): the generation id (NFT_MSG_GETGEN) is read every
-call and the rules only when it moved, or after ``safety_interval``. A re-read
-dumps the table's chains, rules and maps again but decodes only rules with new
+call and the rules only when it moved, or after ``safety_interval``. A read after a
+change re-reads only what changed, as the iptables-nft source does (``_read_changes``):
+when the feed accounts for every generation since the last whole, clean read and its
+transactions touched only chains and their rules, the chains they touched are dumped one
+by one and only the frontends that reach them are resolved again (every other chain's
+result is kept: ``ResolverCache.leaves``/``branches``); the sizes move by the feed's
+rule and chain counts. kube-proxy's partial sync adds its sets, maps and base chains
+again as they are, and adds a Service's chain before it flushes it: nf_tables announces
+those too, so a set added again is checked by one get and a chain by its handle
+(``ChainHandles``). Anything else (an overflow, a generation the feed did not announce,
+a table made or deleted, elements changed: a Service added or deleted, a set or a chain
+renamed, an unread frontend) is a whole read, and ``whole_reason`` says why. A whole
+re-read dumps the table's chains, rules and maps again but decodes only rules with new
 handles (kube-proxy rewrites a changed Service's chains, giving them new handles
 and a new anonymous set) and fetches only their anonymous sets, whose look-up by
 name is what makes a first read expensive in the kernel. In large tables a numgen
 map is asked for by its keys 0..N-1 instead of dumped, which spares the kernel two
-more walks of the table's set list per map.
+more walks of the table's set list per map. At 10,000 Services x 5, the read after
+one Service's endpoints changed went from 0.25 s of CPU (a whole re-read) to 4 ms.
 
 One resolver, two sources: ``_Resolver`` alone says what a table means, over a
 ``FamilyRules`` (plain ``Rule`` / ``Element`` / ``SetInfo`` data, element keys in the
