@@ -616,7 +616,7 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
 
     def change(family: str) -> str:
         op = rng.choice(["endpoints"] * 8 + ["local", "add", "delete", "age", "flush-chain", "delete-chain",
-                                             "rename", "flush-table"])
+                                             "rename", "flush-table", "reject-chain"])
         nonlocal added
         if op == "endpoints":
             svc = rng.choice(plain(family))
@@ -664,6 +664,9 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
             added += 1
             return (f"add chain {family} kube-proxy orphan-{added}\n",
                     f"delete chain {family} kube-proxy orphan-{added}\n")
+        if op == "reject-chain":  # behind its back: the no-endpoint verdicts drop, or reject again
+            verdict = rng.choice(["drop", "reject"])
+            return f"flush chain {family} kube-proxy reject-chain\nadd rule {family} kube-proxy reject-chain {verdict}\n"
         if op == "rename":  # behind its back, then kube-proxy's name back; jumped to by an external chain too
             svc = rng.choice([s for s in plain(family) if s.has_external and s.endpoints])
             return (f"rename chain {family} kube-proxy {svc.chain('service')} renamed\n",

@@ -168,9 +168,9 @@ class ResolverCache:
         # A chain that follows others (an external chain, a Service's with affinity): its
         # result and the chains it followed, so a change to one of those reaches it.
         self.branches: dict[str, tuple["_Resolved", tuple[str | None, ...]]] = {}
-        # The chains the no-endpoint maps' verdicts go to (reject-chain): what they mean
-        # is read from their rules.
-        self.verdict_chains: frozenset[str] = frozenset()
+        # The chains the no-endpoint maps' verdicts go to (reject-chain), and what they
+        # meant ("reject", "drop", "": ``_verdict_kind``), read from their rules.
+        self.verdict_chains: dict[str, str | None] = {}
 
 
 class FamilyRules:
@@ -688,14 +688,14 @@ class _Resolver:
         for element in maps[SERVICE_NODEPORTS]:
             key = self._nodeport_key(element.key)
             self._frontend(key, element, table, unread, where)
-        verdict_chains = set()
+        verdict_chains = {}
         for map_name, decode in ((NO_ENDPOINT_SERVICES, self._service_ip_key),
                                  (NO_ENDPOINT_NODEPORTS, self._nodeport_key)):
             for element in maps[map_name]:
-                if isinstance(element.data, Verdict):
-                    verdict_chains.add(element.data.chain)
                 key = decode(element.key)
                 verdict = self._verdict_kind(element.data)
+                if isinstance(element.data, Verdict) and element.data.chain is not None:
+                    verdict_chains[element.data.chain] = verdict
                 if key is None or verdict is None:
                     unread.append(f"{where}: an element of {map_name} this reader cannot decode "
                                   f"({key or element.key.hex()}: {element.data})")
@@ -705,7 +705,7 @@ class _Resolver:
             key = self._service_ip_key(element.key)
             if key is not None:
                 firewalled.add(key)
-        cache.verdict_chains = frozenset(verdict_chains)
+        cache.verdict_chains = verdict_chains
         return NftablesSizes(len(maps[SERVICE_IPS]), len(maps[SERVICE_NODEPORTS]),
                              len(maps[NO_ENDPOINT_SERVICES]), len(maps[NO_ENDPOINT_NODEPORTS]),
                              len(self.chain_names), self.source.rule_count)
@@ -714,8 +714,8 @@ class _Resolver:
         """After a read whose maps did not change: the frontends that reach a chain of
         ``changed`` (rules touched, made or deleted since) resolved again, every other
         chain's result kept. Returns those frontends' virtual servers (the ones that
-        changed, by key); ``Incomplete`` when one cannot be read, or when a no-endpoint
-        verdict's chain changed: the caller reads the whole table then."""
+        changed, by key); ``Incomplete`` when one cannot be read, or when a chain that
+        no-endpoint verdicts go to now does otherwise: the caller reads the whole table then."""
         cache = self.cache
         changed = set(changed)
         grown = True
@@ -725,8 +725,11 @@ class _Resolver:
                 if chain not in changed and not changed.isdisjoint(followed):
                     changed.add(chain)
                     grown = True
-        if not changed.isdisjoint(cache.verdict_chains):
-            raise Incomplete("a chain a no-endpoint verdict goes to changed")
+        for chain in changed.intersection(cache.verdict_chains):
+            # kube-proxy flushes reject-chain and writes it again on every sync: unchanged
+            # while it still means what it meant.
+            if self._verdict_kind(Verdict(NFT_GOTO, chain)) != cache.verdict_chains[chain]:
+                raise Incomplete(f"chain {chain}, where no-endpoint verdicts go, changed what it does")
         for chain in changed:
             cache.leaves.pop(chain, None)
             cache.branches.pop(chain, None)
