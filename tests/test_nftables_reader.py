@@ -723,3 +723,30 @@ def test_a_change_feed_that_overflowed_makes_the_next_read_whole_then_reads_of_c
         assert read.table == ns.run(NftablesReader(announcements=False).read).table
     finally:
         reader.close()
+
+
+def test_what_reads_of_changes_keep_stays_the_tables_size(ns):
+    """Services with session affinity (their chains follow endpoint chains: the reader keeps
+    their numgen maps' elements by rule handle): one of them rewritten 30 times, each read
+    of that change alone. Before, each change's old rule kept its elements until a whole
+    read (80 kept for 50 chains here); now the table's size."""
+    from tests.nft_rulesets import bench_services, service_rules
+
+    services = bench_services(50, 2)
+    for svc in services:
+        svc.affinity_timeout = 30
+    ns.nft(ruleset(services))
+    reader = NftablesReader()
+    try:
+        ns.run(reader.read)
+        svc = services[3]
+        chain = svc.chain("service")
+        for _ in range(30):
+            rules = [line for line in service_rules(svc)["rules"] if f" {chain} " in line]
+            ns.nft("\n".join([f"flush chain ip kube-proxy {chain}", *rules]) + "\n")
+            read = ns.run(reader.read)
+        assert reader.whole_reads == 1
+        assert len(reader._families["ip"].anonymous) == len(services)
+        assert read.table == ns.run(NftablesReader(announcements=False).read).table
+    finally:
+        reader.close()

@@ -455,6 +455,11 @@ class NftablesReader:
                 else:  # a table made or deleted, a named set or its elements changed, ...
                     raise Incomplete(f"{family_name} {TABLE_NAME}: {kind} {event.chain or ''}".rstrip())
             chains = len(cache.chains) - chains
+            if cache.anonymous and touched:
+                # Kept for chains that follow others, by rule handle: a touched chain's old
+                # rules are gone (reads of changes alone would keep them forever).
+                cache.anonymous = {key: elements for key, elements in cache.anonymous.items()
+                                   if key[0] not in touched}
             source = _ChainDumps(nl, family_name, family, addr_len, cache, self)
             changed_keys.update(_Resolver(source, cache.resolver).update(touched))
             size = sizes[family_name]
