@@ -5,8 +5,11 @@ endpoints is loaded with `nft -f` into a network namespace of its own (removed
 afterwards). Our reads run in a thread that joined it; `nft` runs there through
 nsenter. Rows: a first read (every rule decoded, every anonymous set fetched), a
 read with nothing changed (the generation check), and the read after one
-Service's endpoints changed (kube-proxy's flush and rewrite of its chain), each
-as a ratio of `nft list table`; then peak memory: what a first read adds to a fresh
+Service's endpoints changed (kube-proxy's partial sync: its sets, maps and base
+chains added again as they are, the Service's chain added, flushed and written
+again), each as a ratio of `nft list table`, with the CPU time of that read
+(os.times: the machine is shared) and the chains it dumped (the change feed names
+the one that changed: one); then peak memory: what a first read adds to a fresh
 process's peak RSS (VmHWM), against nft's own peak RSS.
 """
 
@@ -20,7 +23,7 @@ import time
 
 from bench.common import Row
 from exporter.readers.nftables import NftablesReader
-from tests.nft_rulesets import NftNS, bench_services, endpoints_changed, ruleset
+from tests.nft_rulesets import NftNS, bench_services, endpoints_synced, ruleset
 
 ENDPOINTS = 5
 
@@ -84,15 +87,25 @@ def _size(ns: NftNS, count: int, rows: list[Row]) -> None:
     idle = statistics.median(ns.run(reader.read).read_seconds for _ in range(20))
     rows.append(Row(f"{label}: read, nothing changed", idle, 0.005, "5 ms budget", limit=limit(1.0)))
 
-    changes = []
-    for i in range(3):
+    changes, cpu, dumped = [], [], []
+    whole_reads = reader.whole_reads
+    for i in range(10):
         svc = services[i * 7]
-        ns.nft(endpoints_changed(svc, [(a, p + 1) for a, p in svc.endpoints]))
+        ns.nft(endpoints_synced(svc, [(a, p + 1) for a, p in svc.endpoints]))
+        before = os.times()
         read = ns.run(reader.read)
+        after = os.times()
         assert read.reread and reader.anonymous_sets_read == 1
         changes.append(read.read_seconds)
+        cpu.append(after.user - before.user + after.system - before.system)
+        dumped.append(reader.chains_dumped)
+    assert reader.whole_reads == whole_reads, reader.whole_reason
     rows.append(Row(f"{label}: read after one Service changed", statistics.median(changes), reference,
                     "nft list table", limit=limit(0.2)))
+    # os.times ticks in 10 ms: the mean of ten reads, not a median of ticks.
+    rows.append(Row(f"{label}: CPU of that read (mean of 10)", sum(cpu) / len(cpu), unit="s",
+                    ceiling=0.03 if count >= 10000 else None))
+    rows.append(Row(f"{label}: chains dumped by that read", statistics.median(dumped), unit="chains"))
     rows.append(Row(f"{label}: nft -f load (setup, for scale)", load, unit="s"))
     grown = _peak_growth(ns) / 1e6
     rows.append(Row(f"{label}: peak RSS added by a first read", grown, nft_peak / 1e6, "nft's peak RSS",

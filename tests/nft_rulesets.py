@@ -376,6 +376,21 @@ def endpoints_changed(svc: ServicePort, new_endpoints: list[tuple[str, int]], fa
     return "\n".join([f"flush chain {F} kube-proxy {chain}", *rules]) + "\n"
 
 
+def endpoints_synced(svc: ServicePort, new_endpoints: list[tuple[str, int]], family: str = "ip") -> str:
+    """``endpoints_changed`` as kube-proxy's partial sync sends it (1.31+: setupNFTables, then
+    ensureChain): its table, sets, maps and base chains added again as they are, reject-chain
+    flushed and written again, and the Service's chain added before it is flushed. nf_tables
+    announces each of those (NEWSET, NEWCHAIN with the object's own handle, the rules)
+    though nothing else changed."""
+    values = FAMILY[family]
+    F = values["F"]
+    head = [f'add table {F} kube-proxy {{ comment "rules for kube-proxy" ; }}',
+            BASE_SETS.format(**values), BASE_CHAINS.format(**values),
+            f"flush chain {F} kube-proxy reject-chain", f"add rule {F} kube-proxy reject-chain reject",
+            f'add chain {F} kube-proxy {svc.chain("service")}']
+    return "\n".join(head) + "\n" + endpoints_changed(svc, new_endpoints, family)
+
+
 def bench_services(count: int, endpoints: int = 5, family: str = "ip") -> list[ServicePort]:
     """``count`` Services of ``endpoints`` endpoints each; every tenth also a NodePort."""
     out = []

@@ -120,8 +120,10 @@ def test_generation_check_skips_work_and_notices_a_change(ns):
     assert changed.reread and changed.generation != first.generation
     assert changed.table[VirtualServerKey("TCP", "172.30.0.41", 80)].real_servers.keys() == {
         ("10.180.0.1", 80), ("10.180.0.10", 80)}
-    # Only the rewritten service chain's rules are new: the rest is not decoded or fetched again.
+    # Only the rewritten service chain's rules are new: the rest is not decoded or fetched again,
+    # and the change feed named that chain: it alone was dumped, nothing read whole again.
     assert reader.decoded_rules == 2 and reader.anonymous_sets_read == 1
+    assert reader.chains_dumped == 1 and reader.whole_reads == 1
     assert {k: v for k, v in changed.table.items() if k.address != "172.30.0.41"} == {
         k: v for k, v in first.table.items() if k.address != "172.30.0.41"}
 
@@ -576,3 +578,175 @@ def test_dumps_and_reads_beside_aborted_transactions_are_each_the_kernels():
         assert not wrong, f"{wrong} of {reads} reads served not the table"
         # A read torn on each of its tries fails, saying so; never with another reason.
         assert all("during each of 3 reads in a row" in reason for reason in failed), failed[:2]
+
+
+def _compare(read, whole, what: str) -> None:
+    """``read`` (a long-lived reader's) says exactly what ``whole`` (a fresh reader's) says."""
+    for field in ("table", "rejected", "firewalled", "unread", "sizes", "generation"):
+        assert getattr(read, field) == getattr(whole, field), f"after {what}: {field} differs"
+
+
+def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
+    """A long random sequence of kube-proxy-like changes in both families (endpoints changed,
+    a Local Service's local chain rewritten, a Service added, one deleted and its flushed
+    chains aged out, a chain flushed, renamed or deleted behind kube-proxy's back, the
+    whole table flushed and written again): after each, the reader that read the last
+    state (re-reading only what the change feed names, whole when it cannot say) gives
+    exactly what a fresh reader's whole read gives. Most reads must be of what changed."""
+    import copy
+    import random
+
+    from tests.nft_rulesets import bench_services, endpoints_synced, generated_services_v6, service_rules
+
+    rng = random.Random(20261207)
+    bench, bench6 = bench_services(60), bench_services(30, family="ip6")  # NodePorts 30000.. in both
+    for svc in bench + bench6:  # beside generated_services' (same names, 172.30.0.4x)
+        svc.name = f"b{svc.name}"
+        svc.cluster_ip = svc.cluster_ip.replace("172.30.", "172.29.", 1)
+    live = {"ip": generated_services() + bench, "ip6": generated_services_v6() + bench6}
+    stale: list[tuple[str, ServicePort]] = []
+    added = 0
+
+    def script(family: str, svc: ServicePort, kinds=("sets", "chains", "rules", "elements")) -> str:
+        lines = service_rules(svc, family)
+        return "\n".join(line for kind in kinds for line in lines[kind]) + "\n"
+
+    def plain(family: str) -> list[ServicePort]:
+        return [s for s in live[family] if s.affinity_timeout is None]
+
+    def change(family: str) -> str:
+        op = rng.choice(["endpoints"] * 8 + ["local", "add", "delete", "age", "flush-chain", "delete-chain",
+                                             "rename", "flush-table", "reject-chain"])
+        nonlocal added
+        if op == "endpoints":
+            svc = rng.choice(plain(family))
+            base = "10.77" if family == "ip" else "fd00:77:"
+            endpoints = [(f"{base}.{rng.randrange(250)}.{rng.randrange(1, 250)}" if family == "ip"
+                          else f"fd00:77::{rng.randrange(1, 65535):x}", 8080) for _ in range(rng.randrange(1, 5))]
+            sync = rng.choice([endpoints_changed, endpoints_synced])
+            return sync(svc, sorted(set(endpoints)), family)
+        if op == "local":
+            svc = rng.choice([s for s in live[family] if s.local and s.local_endpoints])
+            svc.local_endpoints = svc.endpoints[:1] if len(svc.local_endpoints) > 1 else list(svc.endpoints)
+            chain = svc.chain("local")
+            rules = [line for line in service_rules(svc, family)["rules"] if f" {chain} " in line]
+            return "\n".join([f"flush chain {family} kube-proxy {chain}", *rules]) + "\n"
+        if op == "add":
+            added += 1
+            new = copy.deepcopy(rng.choice(bench_services(5, family=family)))
+            new.name = f"added{added}"
+            new.cluster_ip = f"172.31.0.{added}" if family == "ip" else f"fd00:10:97::{added:x}"
+            new.node_port = 31000 + added if new.node_port else None
+            live[family].append(new)
+            return script(family, new)
+        if op == "delete":
+            svc = rng.choice([s for s in live[family] if s.name.startswith(("bsvc", "added")) and s.endpoints
+                              and s.affinity_timeout is None and not s.local and not s.lb_ips])
+            live[family].remove(svc)
+            stale.append((family, svc))
+            lines = service_rules(svc, family)
+            out = [line.replace("add element", "delete element", 1).split(" : ")[0].split(" }")[0] + " }"
+                   for line in lines["elements"]]
+            out += [line.replace("add chain", "flush chain", 1) for line in lines["chains"]]
+            return "\n".join(out) + "\n"
+        if op == "age":
+            if not any(f == family for f, _ in stale):
+                return ""
+            svc = next(s for f, s in stale if f == family)
+            stale.remove((family, svc))
+            return "\n".join(line.replace("add chain", "delete chain", 1)
+                             for line in service_rules(svc, family)["chains"]) + "\n"
+        if op == "flush-chain":  # behind kube-proxy's back: the Service's traffic goes nowhere
+            svc = rng.choice(plain(family))
+            svc.endpoints = []
+            return f"flush chain {family} kube-proxy {svc.chain('service')}\n"
+        if op == "delete-chain":  # behind its back: an unreferenced chain of its table
+            added += 1
+            return (f"add chain {family} kube-proxy orphan-{added}\n",
+                    f"delete chain {family} kube-proxy orphan-{added}\n")
+        if op == "reject-chain":  # behind its back: the no-endpoint verdicts drop, or reject again
+            verdict = rng.choice(["drop", "reject"])
+            return f"flush chain {family} kube-proxy reject-chain\nadd rule {family} kube-proxy reject-chain {verdict}\n"
+        if op == "rename":  # behind its back, then kube-proxy's name back; jumped to by an external chain too
+            svc = rng.choice([s for s in plain(family) if s.has_external and s.endpoints])
+            return (f"rename chain {family} kube-proxy {svc.chain('service')} renamed\n",
+                    f"rename chain {family} kube-proxy renamed {svc.chain('service')}\n")
+        return f"flush table {family} kube-proxy\n" + ruleset(live[family], family)
+
+    with NftNS() as ns:
+        for family in live:
+            ns.nft(ruleset(live[family], family))
+        reader = NftablesReader()
+        try:
+            _compare(ns.run(reader.read), ns.run(NftablesReader(announcements=False).read), "the first read")
+            steps = incremental = 0
+            for step in range(120):
+                family = rng.choice(["ip", "ip", "ip6"])
+                texts = change(family)
+                for text in (texts if isinstance(texts, tuple) else (texts,)):
+                    if not text:
+                        continue
+                    ns.nft(text)
+                    whole_reads = reader.whole_reads
+                    read = ns.run(reader.read)
+                    steps += 1
+                    incremental += read.reread and reader.whole_reads == whole_reads
+                    _compare(read, ns.run(NftablesReader(announcements=False).read),
+                             f"step {step} ({family}): {text[:120]!r} (whole: {reader.whole_reason})")
+        finally:
+            reader.close()
+    assert steps >= 100 and incremental >= steps // 2, f"{incremental} of {steps} reads were of what changed"
+
+
+def test_a_change_feed_that_overflowed_makes_the_next_read_whole_then_reads_of_changes_resume(ns, monkeypatch):
+    """The feed's buffer overflows (a full sync while nobody read): the events no longer
+    say what changed, so the next read reads every rule again, saying why, and equals a
+    fresh reader's; the read after the next small change is of that change alone."""
+    from exporter.readers import nftables
+    from tests.nft_rulesets import bench_services
+
+    monkeypatch.setattr(nftables, "ANNOUNCEMENT_BUFFER", 4096)  # the kernel's least, doubled
+    services = bench_services(200)
+    ns.nft(ruleset(services))
+    reader = NftablesReader()
+    try:
+        ns.run(reader.read)
+        ns.nft("".join(endpoints_changed(svc, [(a, p + 1) for a, p in svc.endpoints]) for svc in services))
+        read = ns.run(reader.read)
+        assert reader.whole_reads == 2 and "overflowed" in reader.whole_reason
+        assert read.table == ns.run(NftablesReader(announcements=False).read).table
+        ns.nft(endpoints_changed(services[3], [("10.99.0.1", 8080)]))
+        read = ns.run(reader.read)
+        assert reader.whole_reads == 2 and reader.chains_dumped == 1
+        assert read.table[VirtualServerKey("TCP", services[3].cluster_ip, 80)].real_servers.keys() == {
+            ("10.99.0.1", 8080)}
+        assert read.table == ns.run(NftablesReader(announcements=False).read).table
+    finally:
+        reader.close()
+
+
+def test_what_reads_of_changes_keep_stays_the_tables_size(ns):
+    """Services with session affinity (their chains follow endpoint chains: the reader keeps
+    their numgen maps' elements by rule handle): one of them rewritten 30 times, each read
+    of that change alone. Before, each change's old rule kept its elements until a whole
+    read (80 kept for 50 chains here); now the table's size."""
+    from tests.nft_rulesets import bench_services, service_rules
+
+    services = bench_services(50, 2)
+    for svc in services:
+        svc.affinity_timeout = 30
+    ns.nft(ruleset(services))
+    reader = NftablesReader()
+    try:
+        ns.run(reader.read)
+        svc = services[3]
+        chain = svc.chain("service")
+        for _ in range(30):
+            rules = [line for line in service_rules(svc)["rules"] if f" {chain} " in line]
+            ns.nft("\n".join([f"flush chain ip kube-proxy {chain}", *rules]) + "\n")
+            read = ns.run(reader.read)
+        assert reader.whole_reads == 1
+        assert len(reader._families["ip"].anonymous) == len(services)
+        assert read.table == ns.run(NftablesReader(announcements=False).read).table
+    finally:
+        reader.close()

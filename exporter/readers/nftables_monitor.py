@@ -58,6 +58,7 @@ NLM_F_APPEND = 0x800
 NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE = 0, 2
 NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN = 3, 5
 NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
+NFT_MSG_NEWSET, NFT_MSG_DELSET, NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 9, 11, 12, 14
 NFT_MSG_NEWGEN = 15
 # attributes
 NFTA_TABLE_NAME, NFTA_TABLE_HANDLE = 1, 4
@@ -65,6 +66,7 @@ NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME = 1, 2, 3
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS = 1, 2, 3, 4
 NFTA_RULE_POSITION, NFTA_RULE_USERDATA = 6, 7
 NFTA_GEN_ID = 1
+NFTA_SET_HANDLE = 16
 # The kernel grants twice what is asked (32 MiB here) and charges only what waits, to the
 # exporter's memory cgroup (the DaemonSet's limit is 256 MiB, and a 10,000-Service first
 # read peaks near 190 MB RSS): so not more. Measured: one partial sync of kube-proxy
@@ -93,6 +95,10 @@ _TABLE_MESSAGES = {NFT_MSG_NEWTABLE: "newtable", NFT_MSG_DELTABLE: "deltable"}
 _CHAIN_MESSAGES = {NFT_MSG_NEWCHAIN: "newchain", NFT_MSG_DELCHAIN: "delchain"}
 _RULE_MESSAGES = {NFT_MSG_NEWRULE: "newrule", NFT_MSG_DELRULE: "delrule"}
 _RULE_TYPES = frozenset((NFNL_SUBSYS_NFTABLES << 8) | command for command in _RULE_MESSAGES)
+# A set or map made, deleted, or its elements changed (their table and set name are the
+# first two attributes of each: NFTA_SET_TABLE/NAME, NFTA_SET_ELEM_LIST_TABLE/SET).
+_SET_TYPES = frozenset((NFNL_SUBSYS_NFTABLES << 8) | command for command in
+                       (NFT_MSG_NEWSET, NFT_MSG_DELSET, NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM))
 
 
 def newgen_filter() -> bytes:
@@ -119,8 +125,11 @@ class FeedError(Exception):
 class Event(NamedTuple):
     """One object change of a committed transaction.
 
-    ``kind``: newtable, deltable, newchain, delchain, newrule, delrule, or "rules" (some
-    of the chain's rules changed; handle 0). ``handle`` is the table's, chain's or
+    ``kind``: newtable, deltable, newchain, delchain, newrule, delrule, "rules" (some
+    of the chain's rules changed; handle 0; ``delta``: rules added less rules deleted); with
+    ``NftMonitor(sets=True)``, "newset"/"delset" (a named set, ``chain`` its name: made, or
+    added again as it is, which nf_tables announces too; deleted) and "elements" (some of
+    its elements changed; handle 0); anonymous sets live and die with their rule. ``handle`` is the table's, chain's or
     rule's. For a NEWRULE: ``position`` (the handle of the rule just before it when the
     kernel announced it, if any), ``append`` (written with NLM_F_APPEND). For both rule
     kinds, ``body``: the message's attributes from the expressions on (the expressions
@@ -133,6 +142,7 @@ class Event(NamedTuple):
     position: int | None = None
     append: bool = False
     body: bytes = b""
+    delta: int = 0
 
 
 class Batch(NamedTuple):
@@ -202,11 +212,15 @@ class NftMonitor:
     the dump and the subscription goes unseen. ``receive_buffer``: bytes the kernel
     may queue for it (SO_RCVBUFFORCE, which needs CAP_NET_ADMIN; else SO_RCVBUF,
     capped by net.core.rmem_max). ``receive_buffer_bytes`` is what the kernel granted.
+    ``sets``: named sets' changes are events too ("sets").
     ``announcements_only``: the NEWGEN datagrams alone reach the socket (``newgen_filter``);
     ``drain()`` then gives batches without events. ``announced``: the newest generation it
     announced, None before its first or after an overflow (the newest are the ones lost)."""
 
-    def __init__(self, receive_buffer: int = DEFAULT_RECEIVE_BUFFER, announcements_only: bool = False) -> None:
+    sets = False  # "sets" events too (``Event``)
+
+    def __init__(self, receive_buffer: int = DEFAULT_RECEIVE_BUFFER, announcements_only: bool = False,
+                 sets: bool = False) -> None:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         except OSError as err:
@@ -226,6 +240,7 @@ class NftMonitor:
         self.receive_buffer_bytes = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.buf = bytearray(_RECV_BUFFER)
         self.announced: int | None = None
+        self.sets = sets
         self._open: dict[tuple[int, str], list[Event]] = {}  # the transaction whose NEWGEN has not come yet
 
     def close(self) -> None:
@@ -273,7 +288,10 @@ class NftMonitor:
         keeps: dict[str, bool] = {}  # keep(chain), asked once per chain
         open_events: dict[tuple[int, str], list[Event]] = self._open
         self._open = {}
-        open_rules: dict[tuple[int, str], set[str]] = {}
+        # (nfproto, table) -> chain -> rules added less rules deleted, of the open transaction
+        open_rules: dict[tuple[int, str], dict[str, int]] = {}
+        open_sets: dict[tuple[int, str], set[str]] = {}
+        sets = self.sets
         sock = self.sock
         while True:
             try:
@@ -308,10 +326,10 @@ class NftMonitor:
                         key = (buf[start], found[0])
                         chains = open_rules.get(key)
                         if chains is None:
-                            chains = open_rules[key] = set()
+                            chains = open_rules[key] = {}
                             open_events.setdefault(key, [])
                         chain = found[1]
-                        chains.add(chain)
+                        chains[chain] = chains.get(chain, 0) + (1 if msg_type & 0xFF == NFT_MSG_NEWRULE else -1)
                         kept = keeps.get(chain)
                         if kept is None:
                             kept = keeps[chain] = keep is not None and bool(keep(chain))
@@ -321,6 +339,27 @@ class NftMonitor:
                             except (ValueError, struct.error) as err:
                                 resync = f"an nf_tables notification this reader cannot parse ({err})"
                         continue
+                if msg_type in _SET_TYPES:
+                    if sets and end - start >= 4:
+                        try:
+                            fields = _attributes(buf, start + 4, end)
+                            table, name = _string(buf, *fields[1]), _string(buf, *fields[2])
+                            command = msg_type & 0xFF
+                            handle = (_BE64.unpack_from(buf, fields[NFTA_SET_HANDLE][0])[0]
+                                      if command in (NFT_MSG_NEWSET, NFT_MSG_DELSET) else 0)
+                        except (KeyError, ValueError, struct.error) as err:
+                            resync = f"an nf_tables notification this reader cannot parse ({err or type(err).__name__})"
+                            continue
+                        if not name.startswith("__"):  # anonymous: its rule's events say it
+                            key = (buf[start], table)
+                            events = open_events.setdefault(key, [])
+                            if command == NFT_MSG_NEWSET:
+                                events.append(Event("newset", name, handle))
+                            elif command == NFT_MSG_DELSET:
+                                events.append(Event("delset", name, handle))
+                            else:
+                                open_sets.setdefault(key, set()).add(name)
+                    continue
                 try:
                     parsed = parse_message(buf, start, end, msg_type)
                 except (KeyError, ValueError, struct.error, IndexError) as err:
@@ -329,14 +368,14 @@ class NftMonitor:
                 if parsed is None:
                     continue
                 if isinstance(parsed, int):
-                    for key, chains in open_rules.items():
-                        open_events[key].extend(Event("rules", chain, 0) for chain in chains)
+                    _close(open_events, open_rules, open_sets)
                     batches.append(Batch(parsed, open_events))
-                    open_events, open_rules = {}, {}
+                    open_events, open_rules, open_sets = {}, {}, {}
                     continue
                 nfproto, table, event = parsed
                 if event.kind in ("newrule", "delrule"):  # a layout the quick path did not take
-                    open_rules.setdefault((nfproto, table), set()).add(event.chain)
+                    chains = open_rules.setdefault((nfproto, table), {})
+                    chains[event.chain] = chains.get(event.chain, 0) + (1 if event.kind == "newrule" else -1)
                     events = open_events.setdefault((nfproto, table), [])
                     if keep is not None and keep(event.chain):
                         # Its bytes are not kept: the reader must not digest this chain from
@@ -352,10 +391,19 @@ class NftMonitor:
         if open_events:
             # A transaction whose NEWGEN has not come yet: the caller reads again (its generation
             # check finds the kernel past what was applied) and the next drain has the rest.
-            for key, chains in open_rules.items():
-                open_events[key].extend(Event("rules", chain, 0) for chain in chains)
+            _close(open_events, open_rules, open_sets)
             self._open = open_events
         return Drained(batches, resync, messages)
+
+
+def _close(open_events: dict, open_rules: dict, open_sets: dict) -> None:
+    """A transaction's events get one "rules" event per chain whose rules it touched
+    (with the net change of their number) and one "elements" event per named set whose
+    elements it changed."""
+    for key, chains in open_rules.items():
+        open_events[key].extend(Event("rules", chain, 0, delta=delta) for chain, delta in chains.items())
+    for key, names in open_sets.items():
+        open_events[key].extend(Event("elements", name, 0) for name in sorted(names))
 
 
 def newer(generation: int, than: int) -> bool:

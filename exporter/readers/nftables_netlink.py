@@ -421,26 +421,24 @@ class NftNetlink:
         anonymous = 0
         attrs = _nla(NFTA_SET_TABLE, table.encode() + b"\0")
         for buf, start, end in self._replies(NFT_MSG_GETSET, family, NLM_F_DUMP, attrs, "the sets"):
-            name, handle, flags, key_len, data_len, timeout = "", 0, 0, 0, 0, None
-            for s, e, t in _attrs(buf, start, end):
-                if t == NFTA_SET_NAME:
-                    if buf[s:s + 2] == b"__":
-                        anonymous += 1
-                        break  # anonymous: read with the rule that owns it
-                    name = _string(buf, s, e)
-                elif t == NFTA_SET_HANDLE:
-                    handle = _BE64.unpack_from(buf, s)[0]
-                elif t == NFTA_SET_FLAGS:
-                    flags = _BE32.unpack_from(buf, s)[0]
-                elif t == NFTA_SET_KEY_LEN:
-                    key_len = _BE32.unpack_from(buf, s)[0]
-                elif t == NFTA_SET_DATA_LEN:
-                    data_len = _BE32.unpack_from(buf, s)[0]
-                elif t == NFTA_SET_TIMEOUT:
-                    timeout = _BE64.unpack_from(buf, s)[0]
-            if name:
-                out.append(SetInfo(name, handle, flags, key_len, data_len, timeout))
+            info = _set_info(buf, start, end)
+            if info is None:
+                anonymous += 1  # read with the rule that owns it
+            elif info.name:
+                out.append(info)
         return out, anonymous
+
+    def set_info(self, family: int, table: str, name: str) -> SetInfo | None:
+        """One named set (a get, not a dump of every set), or None when there is none."""
+        attrs = _nla(NFTA_SET_TABLE, table.encode() + b"\0") + _nla(NFTA_SET_NAME, name.encode() + b"\0")
+        try:
+            for buf, start, end in self._replies(NFT_MSG_GETSET, family, 0, attrs, f"set {name}"):
+                return _set_info(buf, start, end)
+        except NftReadError as err:
+            if err.errno == errno.ENOENT:
+                return None
+            raise
+        return None
 
     def elements(self, family: int, table: str, set_name: str,
                  known: dict[bytes, Element] | None = None) -> list[Element]:
@@ -512,16 +510,13 @@ class NftNetlink:
         counter; owned by the caller and filled here) lets a re-read decode only the
         rules that are new.
         """
-        def decode(buf, chain: str, handle: int, exprs, udata) -> Rule:
-            raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
-            if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
-                # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
-                # mark-for-masquerade``, half of a large table's rules): a conditional
-                # rule that sends no traffic anywhere a reader follows.
-                return Rule(chain, handle, None, True, None, None, (), (), False, None)
-            return _rule(buf, chain, handle, exprs, udata, family)
+        return self.each_rule(family, table, rule_decoder(family), known, known, by_handle=True, order=order)
 
-        return self.each_rule(family, table, decode, known, known, by_handle=True, order=order)
+    def chain_rules(self, family: int, table: str, chain: str) -> tuple[list[Rule] | None, int]:
+        """One chain's rules decoded as ``rules`` does (None: no such chain), and how many."""
+        for _chain, rules, decoded in self.each_chain_rules(family, table, [chain], rule_decoder(family)):
+            return rules, decoded
+        raise AssertionError("unreachable: one dump asked for, one answered")
 
     def each_rule(self, family: int, table: str, decode, known: dict | None = None,
                   seen: dict | None = None, by_handle: bool = False,
@@ -686,6 +681,41 @@ class NftNetlink:
                 yield chain_name, out, decoded, doubtful
         except (struct.error, OSError) as err:
             raise _socket_error(err, self.timeout, what) from None
+
+
+def rule_decoder(family: int):
+    """``decode(buf, chain, handle, exprs, udata) -> Rule`` for ``each_rule`` and friends."""
+    def decode(buf, chain: str, handle: int, exprs, udata) -> Rule:
+        raw = bytes(buf[exprs[0]:exprs[1]]) if exprs else b""
+        if _ACTING_EXPRESSIONS.search(raw) is None and _CMP_EXPRESSION in raw:
+            # Only matches then a verdict (``ip daddr X ip saddr != CIDR jump
+            # mark-for-masquerade``, half of a large table's rules): a conditional
+            # rule that sends no traffic anywhere a reader follows.
+            return Rule(chain, handle, None, True, None, None, (), (), False, None)
+        return _rule(buf, chain, handle, exprs, udata, family)
+
+    return decode
+
+
+def _set_info(buf, start: int, end: int) -> SetInfo | None:
+    """A set's description from a GETSET answer; None for an anonymous one (``__set%d``)."""
+    name, handle, flags, key_len, data_len, timeout = "", 0, 0, 0, 0, None
+    for s, e, t in _attrs(buf, start, end):
+        if t == NFTA_SET_NAME:
+            if buf[s:s + 2] == b"__":
+                return None
+            name = _string(buf, s, e)
+        elif t == NFTA_SET_HANDLE:
+            handle = _BE64.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_FLAGS:
+            flags = _BE32.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_KEY_LEN:
+            key_len = _BE32.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_DATA_LEN:
+            data_len = _BE32.unpack_from(buf, s)[0]
+        elif t == NFTA_SET_TIMEOUT:
+            timeout = _BE64.unpack_from(buf, s)[0]
+    return SetInfo(name, handle, flags, key_len, data_len, timeout)
 
 
 def _element(buf, start: int, end: int) -> Element:
