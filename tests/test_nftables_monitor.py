@@ -385,3 +385,36 @@ def test_the_kernel_announces_each_commit_in_a_datagram_of_its_own():
     assert sum(commands.count(12) for commands in every) >= 300  # NEWSETELEM: the maps' elements
     assert max(map(len, every)) > 1  # the others coalesced
     assert [_messages(d) for d in announced] == [[monitor.NFT_MSG_NEWGEN]] * len(commits)
+
+
+def test_elements_of_the_followed_sets_come_one_by_one_decodable_as_a_dump_decodes_them():
+    """``elements_of``: each element added or deleted in a followed set is its own "newelem" /
+    "delelem" event, in order, whose body decodes (``element_of``, the dumps' decoder) to the
+    key and verdict written; a flushed map is one "delelem" per element (as this kernel
+    announces it); a set not followed still gives one "elements" event."""
+    from exporter.readers.nftables_netlink import NFT_GOTO, Verdict, element_of
+    from tests.nft_rulesets import NftNS, bench_services, ruleset
+
+    with NftNS() as ns:
+        ns.nft(ruleset(bench_services(3)))
+
+        def events():
+            feed = NftMonitor(monitor.ANNOUNCEMENT_BUFFER, sets=True, elements_of=frozenset({"service-ips"}))
+            try:
+                ns.nft("add element ip kube-proxy service-ips { 172.30.9.9 . tcp . 80 : goto reject-chain }\n"
+                       "add element ip kube-proxy cluster-ips { 172.30.9.9 }\n")
+                ns.nft("delete element ip kube-proxy service-ips { 172.30.9.9 . tcp . 80 }\n")
+                ns.nft("flush map ip kube-proxy service-ips\n")
+                drained = feed.drain()
+            finally:
+                feed.close()
+            assert drained.resync is None
+            return [[e for e in batch.tables[(socket.AF_INET, "kube-proxy")]] for batch in drained.batches]
+
+        added, deleted, flushed = ns.run(events)
+    key = bytes([172, 30, 9, 9, 6, 0, 0, 0, 0, 80, 0, 0])
+    assert [(e.kind, e.chain) for e in added] == [("newelem", "service-ips"), ("elements", "cluster-ips")]
+    assert element_of(added[0].body)[:2] == (key, Verdict(NFT_GOTO, "reject-chain"))
+    assert [(e.kind, element_of(e.body).key) for e in deleted] == [("delelem", key)]
+    assert sorted(element_of(e.body).key[:4] for e in flushed) == [bytes([172, 30, 0, i]) for i in (1, 2, 3)]
+    assert {e.kind for e in flushed} == {"delelem"}

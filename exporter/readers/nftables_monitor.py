@@ -67,6 +67,7 @@ NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS = 1, 2
 NFTA_RULE_POSITION, NFTA_RULE_USERDATA = 6, 7
 NFTA_GEN_ID = 1
 NFTA_SET_HANDLE = 16
+NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_LIST_ELEM = 3, 1
 # The kernel grants twice what is asked (32 MiB here) and charges only what waits, to the
 # exporter's memory cgroup (the DaemonSet's limit is 256 MiB, and a 10,000-Service first
 # read peaks near 190 MB RSS): so not more. Measured: one partial sync of kube-proxy
@@ -129,8 +130,12 @@ class Event(NamedTuple):
     of the chain's rules changed; handle 0; ``delta``: rules added less rules deleted); with
     ``NftMonitor(sets=True)``, "newset"/"delset" (a named set, ``chain`` its name: made, or
     added again as it is, which nf_tables announces too; deleted) and "elements" (some of
-    its elements changed; handle 0); anonymous sets live and die with their rule. ``handle`` is the table's, chain's or
-    rule's. For a NEWRULE: ``position`` (the handle of the rule just before it when the
+    its elements changed; handle 0); anonymous sets live and die with their rule. For the named
+    sets of ``NftMonitor(elements_of=...)``, each element added or deleted instead: "newelem" /
+    "delelem" (``chain`` the set's name, in the order they came, ``body`` the element's
+    attributes as the kernel wrote them, NFTA_LIST_ELEM's payload: decoding is the reader's);
+    a message of such a set without elements (one this module cannot split) is its "elements"
+    event. ``handle`` is the table's, chain's or rule's. For a NEWRULE: ``position`` (the handle of the rule just before it when the
     kernel announced it, if any), ``append`` (written with NLM_F_APPEND). For both rule
     kinds, ``body``: the message's attributes from the expressions on (the expressions
     and user data, framed), so that a chain flushed and written again (kube-proxy's
@@ -212,15 +217,17 @@ class NftMonitor:
     the dump and the subscription goes unseen. ``receive_buffer``: bytes the kernel
     may queue for it (SO_RCVBUFFORCE, which needs CAP_NET_ADMIN; else SO_RCVBUF,
     capped by net.core.rmem_max). ``receive_buffer_bytes`` is what the kernel granted.
-    ``sets``: named sets' changes are events too ("sets").
+    ``sets``: named sets' changes are events too ("sets"); ``elements_of``: the names of the
+    sets whose elements come one by one ("newelem"/"delelem"; ``Event``).
     ``announcements_only``: the NEWGEN datagrams alone reach the socket (``newgen_filter``);
     ``drain()`` then gives batches without events. ``announced``: the newest generation it
     announced, None before its first or after an overflow (the newest are the ones lost)."""
 
     sets = False  # "sets" events too (``Event``)
+    elements_of: frozenset[str] = frozenset()  # sets whose elements come one by one
 
     def __init__(self, receive_buffer: int = DEFAULT_RECEIVE_BUFFER, announcements_only: bool = False,
-                 sets: bool = False) -> None:
+                 sets: bool = False, elements_of: frozenset[str] = frozenset()) -> None:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         except OSError as err:
@@ -241,6 +248,7 @@ class NftMonitor:
         self.buf = bytearray(_RECV_BUFFER)
         self.announced: int | None = None
         self.sets = sets
+        self.elements_of = elements_of
         self._open: dict[tuple[int, str], list[Event]] = {}  # the transaction whose NEWGEN has not come yet
 
     def close(self) -> None:
@@ -292,6 +300,7 @@ class NftMonitor:
         open_rules: dict[tuple[int, str], dict[str, int]] = {}
         open_sets: dict[tuple[int, str], set[str]] = {}
         sets = self.sets
+        elements_of = self.elements_of
         sock = self.sock
         while True:
             try:
@@ -347,6 +356,9 @@ class NftMonitor:
                             command = msg_type & 0xFF
                             handle = (_BE64.unpack_from(buf, fields[NFTA_SET_HANDLE][0])[0]
                                       if command in (NFT_MSG_NEWSET, NFT_MSG_DELSET) else 0)
+                            one_by_one = (_list_elements(buf, *fields[NFTA_SET_ELEM_LIST_ELEMENTS])
+                                          if name in elements_of and NFTA_SET_ELEM_LIST_ELEMENTS in fields
+                                          and command in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM) else ())
                         except (KeyError, ValueError, struct.error) as err:
                             resync = f"an nf_tables notification this reader cannot parse ({err or type(err).__name__})"
                             continue
@@ -357,6 +369,9 @@ class NftMonitor:
                                 events.append(Event("newset", name, handle))
                             elif command == NFT_MSG_DELSET:
                                 events.append(Event("delset", name, handle))
+                            elif one_by_one:
+                                kind = "newelem" if command == NFT_MSG_NEWSETELEM else "delelem"
+                                events.extend(Event(kind, name, 0, body=raw) for raw in one_by_one)
                             else:
                                 open_sets.setdefault(key, set()).add(name)
                     continue
@@ -404,6 +419,20 @@ def _close(open_events: dict, open_rules: dict, open_sets: dict) -> None:
         open_events[key].extend(Event("rules", chain, 0, delta=delta) for chain, delta in chains.items())
     for key, names in open_sets.items():
         open_events[key].extend(Event("elements", name, 0) for name in sorted(names))
+
+
+def _list_elements(buf, start: int, end: int) -> list[bytes]:
+    """The payload of each NFTA_LIST_ELEM in an NFTA_SET_ELEM_LIST_ELEMENTS (``start``..``end``),
+    in order (``_attributes`` keeps one attribute per type)."""
+    out = []
+    while start + 4 <= end:
+        alen, atype = _NLA.unpack_from(buf, start)
+        if alen < 4 or start + alen > end:
+            raise ValueError("bad attribute length")
+        if atype & 0x3FFF == NFTA_LIST_ELEM:
+            out.append(bytes(buf[start + 4:start + alen]))
+        start += (alen + 3) & ~3
+    return out
 
 
 def newer(generation: int, than: int) -> bool:

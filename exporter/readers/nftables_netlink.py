@@ -718,6 +718,12 @@ def _set_info(buf, start: int, end: int) -> SetInfo | None:
     return SetInfo(name, handle, flags, key_len, data_len, timeout)
 
 
+def element_of(raw: bytes) -> Element:
+    """One element from its attributes (an NFTA_LIST_ELEM's payload, as a dump or the
+    change feed's NEWSETELEM/DELSETELEM carries it): the dumps' own decoder."""
+    return _element(raw, 0, len(raw))
+
+
 def _element(buf, start: int, end: int) -> Element:
     key, data, flags, comment = b"", None, 0, None
     unpack = _NLA.unpack_from
