@@ -391,6 +391,33 @@ def endpoints_synced(svc: ServicePort, new_endpoints: list[tuple[str, int]], fam
     return "\n".join(head) + "\n" + endpoints_changed(svc, new_endpoints, family)
 
 
+def service_resynced(svc: ServicePort, before: dict[str, list[str]], family: str = "ip") -> str:
+    """One Service's sync as kube-proxy sends it after its Service or endpoints changed in a way
+    that moves map elements (endpoints 0 <-> N, say): ``before`` its ``service_rules`` as
+    programmed; its chains (made if new) flushed and written again, the ones it no longer
+    needs flushed (left to age out), its map elements that went deleted and the new ones added.
+    One transaction. No session affinity (its sets would have to go after their chains)."""
+    F = FAMILY[family]["F"]
+    after = service_rules(svc, family)
+    chains = [line.split()[-1] for line in after["chains"]]
+    out = [line for line in after["chains"] if line not in before["chains"]]
+    for chain in chains:
+        out.append(f"flush chain {F} kube-proxy {chain}")
+        out += [line for line in after["rules"] if line.split()[4] == chain]
+    out += [f"flush chain {F} kube-proxy {line.split()[-1]}" for line in before["chains"]
+            if line.split()[-1] not in chains]
+    out += [element_deleted(line) for line in before["elements"] if line not in after["elements"]]
+    out += [line for line in after["elements"] if line not in before["elements"]]
+    return "\n".join(out) + "\n"
+
+
+def element_deleted(line: str) -> str:
+    """`delete element` of an `add element` line: its key alone."""
+    head, body = line.split(" { ", 1)
+    key = body.split(" : ")[0].removesuffix(" }").split(" comment ")[0]
+    return f"{head.replace('add element', 'delete element', 1)} {{ {key} }}"
+
+
 def bench_services(count: int, endpoints: int = 5, family: str = "ip") -> list[ServicePort]:
     """``count`` Services of ``endpoints`` endpoints each; every tenth also a NodePort."""
     out = []

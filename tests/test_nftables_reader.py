@@ -589,14 +589,19 @@ def _compare(read, whole, what: str) -> None:
 def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
     """A long random sequence of kube-proxy-like changes in both families (endpoints changed,
     a Local Service's local chain rewritten, a Service added, one deleted and its flushed
-    chains aged out, a chain flushed, renamed or deleted behind kube-proxy's back, the
-    whole table flushed and written again): after each, the reader that read the last
-    state (re-reading only what the change feed names, whole when it cannot say) gives
-    exactly what a fresh reader's whole read gives. Most reads must be of what changed."""
+    chains aged out, a Service's endpoints gone to zero and back (its map elements moved
+    between service-ips / service-nodeports and the no-endpoint maps), a chain flushed,
+    renamed or deleted behind kube-proxy's back, the whole table flushed and written again):
+    after each, the reader that read the last state (re-reading only what the change feed
+    names, map elements included, whole when it cannot say) gives exactly what a fresh
+    reader's whole read gives. Only a rename (a frontend unread, then a read after it) and
+    reject-chain turned to drop or back (behind kube-proxy's back, or by its next sync) read
+    whole; every other kind reads what changed, counted and printed by kind."""
     import copy
     import random
 
-    from tests.nft_rulesets import bench_services, endpoints_synced, generated_services_v6, service_rules
+    from tests.nft_rulesets import (bench_services, endpoints_synced, generated_services_v6, service_resynced,
+                                    service_rules)
 
     rng = random.Random(20261207)
     bench, bench6 = bench_services(60), bench_services(30, family="ip6")  # NodePorts 30000.. in both
@@ -605,6 +610,7 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
         svc.cluster_ip = svc.cluster_ip.replace("172.30.", "172.29.", 1)
     live = {"ip": generated_services() + bench, "ip6": generated_services_v6() + bench6}
     stale: list[tuple[str, ServicePort]] = []
+    zeroed: list[ServicePort] = []  # endpoints gone to zero by a sync (their no-endpoint elements in place)
     added = 0
 
     def script(family: str, svc: ServicePort, kinds=("sets", "chains", "rules", "elements")) -> str:
@@ -612,19 +618,43 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
         return "\n".join(line for kind in kinds for line in lines[kind]) + "\n"
 
     def plain(family: str) -> list[ServicePort]:
-        return [s for s in live[family] if s.affinity_timeout is None]
+        return [s for s in live[family] if s.affinity_timeout is None and s not in zeroed]
 
-    def change(family: str) -> str:
-        op = rng.choice(["endpoints"] * 8 + ["local", "add", "delete", "age", "flush-chain", "delete-chain",
-                                             "rename", "flush-table", "reject-chain"])
+    def new_endpoints(family: str) -> list[tuple[str, int]]:
+        base = "10.77" if family == "ip" else "fd00:77:"
+        return sorted({(f"{base}.{rng.randrange(250)}.{rng.randrange(1, 250)}" if family == "ip"
+                        else f"fd00:77::{rng.randrange(1, 65535):x}", 8080) for _ in range(rng.randrange(1, 5))})
+
+    def change(family: str) -> tuple[str, str | tuple[str, ...]]:
+        op = rng.choice(["endpoints"] * 8 + ["local", "add", "add", "delete", "delete", "age", "flush-chain",
+                                             "delete-chain", "rename", "flush-table", "reject-chain",
+                                             "zero", "zero", "revive", "revive"])
+        return op, do(op, family)
+
+    def do(op: str, family: str) -> str | tuple[str, ...]:
         nonlocal added
         if op == "endpoints":
             svc = rng.choice(plain(family))
-            base = "10.77" if family == "ip" else "fd00:77:"
-            endpoints = [(f"{base}.{rng.randrange(250)}.{rng.randrange(1, 250)}" if family == "ip"
-                          else f"fd00:77::{rng.randrange(1, 65535):x}", 8080) for _ in range(rng.randrange(1, 5))]
             sync = rng.choice([endpoints_changed, endpoints_synced])
-            return sync(svc, sorted(set(endpoints)), family)
+            return sync(svc, new_endpoints(family), family)
+        if op == "zero":  # a single-replica Deployment's pod fails readiness: 1 -> 0
+            candidates = [s for s in plain(family) if s.endpoints and not s.local]
+            if not candidates:
+                return ""
+            svc = rng.choice(candidates)
+            before = service_rules(svc, family)
+            svc.endpoints = []
+            zeroed.append(svc)
+            return service_resynced(svc, before, family)
+        if op == "revive":  # and ready again: 0 -> N
+            candidates = [s for s in zeroed if s in live[family]]
+            if not candidates:
+                return ""
+            svc = rng.choice(candidates)
+            zeroed.remove(svc)
+            before = service_rules(svc, family)
+            svc.endpoints = new_endpoints(family)
+            return service_resynced(svc, before, family)
         if op == "local":
             svc = rng.choice([s for s in live[family] if s.local and s.local_endpoints])
             svc.local_endpoints = svc.endpoints[:1] if len(svc.local_endpoints) > 1 else list(svc.endpoints)
@@ -637,11 +667,18 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
             new.name = f"added{added}"
             new.cluster_ip = f"172.31.0.{added}" if family == "ip" else f"fd00:10:97::{added:x}"
             new.node_port = 31000 + added if new.node_port else None
+            kind = rng.choice(["plain", "plain", "source-ranges", "affinity"])
+            if kind == "source-ranges":  # a LoadBalancer: its firewall chain and firewall-ips element
+                new.lb_ips = [f"198.18.0.{added}" if family == "ip" else f"2001:db8:18::{added:x}"]
+                new.source_ranges = ["203.0.113.0/25" if family == "ip" else "2001:db8:77::/48"]
+            elif kind == "affinity":  # new affinity sets beside its chains
+                new.affinity_timeout = rng.choice([60, 10800])
             live[family].append(new)
             return script(family, new)
         if op == "delete":
             svc = rng.choice([s for s in live[family] if s.name.startswith(("bsvc", "added")) and s.endpoints
-                              and s.affinity_timeout is None and not s.local and not s.lb_ips])
+                              and s.affinity_timeout is None and not s.local
+                              and (not s.lb_ips or s.name.startswith("added"))])
             live[family].remove(svc)
             stale.append((family, svc))
             lines = service_rules(svc, family)
@@ -671,7 +708,15 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
             svc = rng.choice([s for s in plain(family) if s.has_external and s.endpoints])
             return (f"rename chain {family} kube-proxy {svc.chain('service')} renamed\n",
                     f"rename chain {family} kube-proxy renamed {svc.chain('service')}\n")
-        return f"flush table {family} kube-proxy\n" + ruleset(live[family], family)
+        # Written again as modelled: a Service whose chain was flushed behind kube-proxy's back
+        # is now without endpoints in its maps too.
+        zeroed.extend(s for s in live[family] if not s.endpoints and s not in zeroed and s.affinity_timeout is None
+                      and not s.local)
+        # nft's `flush table` empties chains, not maps: flushed too, so that what is written
+        # again (a verdict moved from drop to reject, say) does not meet the old element.
+        maps = "".join(f"flush map {family} kube-proxy {m}\n" for m in (
+            "service-ips", "service-nodeports", "no-endpoint-services", "no-endpoint-nodeports", "firewall-ips"))
+        return f"flush table {family} kube-proxy\n{maps}" + ruleset(live[family], family)
 
     with NftNS() as ns:
         for family in live:
@@ -679,23 +724,36 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
         reader = NftablesReader()
         try:
             _compare(ns.run(reader.read), ns.run(NftablesReader(announcements=False).read), "the first read")
-            steps = incremental = 0
-            for step in range(120):
+            reads: dict[str, int] = {}  # by kind of change
+            whole: dict[str, int] = {}
+            reasons: list[tuple[str, str]] = []
+            elements = 0  # map element changes applied by reads of changes
+            for step in range(160):
                 family = rng.choice(["ip", "ip", "ip6"])
-                texts = change(family)
+                op, texts = change(family)
                 for text in (texts if isinstance(texts, tuple) else (texts,)):
                     if not text:
                         continue
                     ns.nft(text)
                     whole_reads = reader.whole_reads
                     read = ns.run(reader.read)
-                    steps += 1
-                    incremental += read.reread and reader.whole_reads == whole_reads
+                    assert read.reread, f"step {step}: {op} not read"
+                    reads[op] = reads.get(op, 0) + 1
+                    whole[op] = whole.get(op, 0) + (reader.whole_reads - whole_reads)
+                    if reader.whole_reads != whole_reads:
+                        reasons.append((op, reader.whole_reason))
+                    elements += reader.elements_applied
                     _compare(read, ns.run(NftablesReader(announcements=False).read),
-                             f"step {step} ({family}): {text[:120]!r} (whole: {reader.whole_reason})")
+                             f"step {step} ({family}, {op}): {text[:120]!r} (whole: {reader.whole_reason})")
         finally:
             reader.close()
-    assert steps >= 100 and incremental >= steps // 2, f"{incremental} of {steps} reads were of what changed"
+    print(f"reads by kind of change {reads}, of them whole {whole}; {elements} map elements applied")
+    assert sum(reads.values()) >= 140 and all(reads.get(op, 0) >= 5 for op in ("add", "delete", "zero", "revive"))
+    # kube-proxy's own sync (endpoints_synced) writes reject-chain back after it was turned to drop.
+    assert [(op, why) for op, why in reasons if op not in ("rename", "reject-chain")
+            and not (op == "endpoints" and why.startswith("chain reject-chain"))] == []
+    assert not any(whole.get(op) for op in ("add", "delete", "zero", "revive")), whole
+    assert elements >= 4 * sum(reads[op] for op in ("add", "delete", "zero", "revive"))
 
 
 def test_a_change_feed_that_overflowed_makes_the_next_read_whole_then_reads_of_changes_resume(ns, monkeypatch):

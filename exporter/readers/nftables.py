@@ -89,7 +89,7 @@ from exporter.dataplane import NO_REAL_SERVERS, RealServers, Table, VirtualServe
 from exporter.readers.nftables_monitor import ANNOUNCEMENT_BUFFER, FEED_WAIT_SECONDS, FeedError, NftMonitor, newer
 from exporter.readers.nftables_netlink import (NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6, NFT_GOTO, NFT_JUMP,
                                                Element, NftDumpTorn, NftNetlink, NftReadError, Rule, SetInfo,
-                                               Verdict, fails_again)
+                                               Verdict, element_of, fails_again)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,13 @@ SERVICE_IPS, SERVICE_NODEPORTS = "service-ips", "service-nodeports"
 NO_ENDPOINT_SERVICES, NO_ENDPOINT_NODEPORTS = "no-endpoint-services", "no-endpoint-nodeports"
 FIREWALL_IPS = "firewall-ips"
 REQUIRED_MAPS = (SERVICE_IPS, SERVICE_NODEPORTS, NO_ENDPOINT_SERVICES, NO_ENDPOINT_NODEPORTS)
+# The named maps whose elements the resolver reads: a read of changes applies theirs one by one.
+ELEMENT_MAPS = (*REQUIRED_MAPS, FIREWALL_IPS)
+_SIZE_OF_MAP = {SERVICE_IPS: "service_ips", SERVICE_NODEPORTS: "service_nodeports",
+                NO_ENDPOINT_SERVICES: "no_endpoint_services", NO_ENDPOINT_NODEPORTS: "no_endpoint_nodeports"}
+# kube-proxy's sets whose elements the resolver never reads (the addresses its rules guard
+# with, not where they send traffic): a change of their elements changes nothing it reports.
+ELEMENTS_NOT_READ = frozenset(("cluster-ips", "nodeport-ips", "hairpin-connections"))
 PROTOCOLS = {6: "TCP", 17: "UDP", 132: "SCTP"}
 # The scheduler name a nftables frontend reports: numgen random, not an IPVS scheduler.
 SCHEDULER = "random"
@@ -155,6 +162,14 @@ class _Resolved(NamedTuple):
     problems: tuple[str, ...]
 
 
+class Update(NamedTuple):
+    """What ``_Resolver.update`` changed in one family."""
+
+    frontends: dict[VirtualServerKey, VirtualServer | None]  # by key, None when gone from this family
+    rejected: set[VirtualServerKey]  # frontends whose no-endpoint element changed
+    firewalled: bool  # the family's firewalled frontends changed
+
+
 class ResolverCache:
     """What one family's previous resolution leaves for the next (owned by a reader)."""
 
@@ -171,6 +186,11 @@ class ResolverCache:
         # The chains the no-endpoint maps' verdicts go to (reject-chain), and what they
         # meant ("reject", "drop", "": ``_verdict_kind``), read from their rules.
         self.verdict_chains: dict[str, str | None] = {}
+        # This family's no-endpoint elements by frontend (what ``_verdict_kind`` made of each,
+        # "" included) and its firewalled frontends: a read of changes applies the maps'
+        # element changes to them, then merges the families as a whole read does.
+        self.no_endpoint: dict[VirtualServerKey, str] = {}
+        self.firewalled: set[VirtualServerKey] = set()
 
 
 class FamilyRules:
@@ -277,6 +297,7 @@ class NftablesReader:
         self.decoded_rules = 0  # rules decoded by the last read that read rules (tests, bench)
         self.anonymous_sets_read = 0  # anonymous sets fetched by the last read that read rules
         self.chains_dumped = 0  # chains dumped one by one by the last read of what changed
+        self.elements_applied = 0  # map element changes the last read of what changed applied
         self.whole_reads = 0  # reads of every rule again (the first one included)
         self.whole_reason: str | None = None  # why the last read that read rules read them all
         # The change feed's transactions not yet in the kept state (newer than the last
@@ -351,7 +372,7 @@ class NftablesReader:
         if self.use_announcements and self._announcements is None:
             try:
                 # Every change's events (which chains, which named sets), and NEWGEN last.
-                self._announcements = NftMonitor(ANNOUNCEMENT_BUFFER, sets=True)
+                self._announcements = NftMonitor(ANNOUNCEMENT_BUFFER, sets=True, elements_of=frozenset(ELEMENT_MAPS))
             except FeedError as err:
                 self.use_announcements = False
                 log.warning("nftables reads are fenced by the ruleset generation alone: %s", err)
@@ -393,7 +414,7 @@ class NftablesReader:
         batches, self._pending = self._pending, []
         lost, self._feed_lost = self._feed_lost, None
         kept, self._kept_generation = self._kept_generation, None  # until this read is kept
-        self.decoded_rules = self.anonymous_sets_read = self.chains_dumped = 0
+        self.decoded_rules = self.anonymous_sets_read = self.chains_dumped = self.elements_applied = 0
         self.dump_torn = False
         try:
             return self._read_changes(nl, generation, batches, lost, kept), True
@@ -423,6 +444,8 @@ class NftablesReader:
             raise Incomplete("the last read was not whole")
         sizes = dict(last.sizes)
         changed_keys: set[VirtualServerKey] = set()
+        rejected_keys: set[VirtualServerKey] = set()
+        firewalled_changed = False
         for family_name, family, addr_len in FAMILIES:
             events = [event for batch in batches for event in batch.tables.get((family, TABLE_NAME), ())]
             if not events:
@@ -433,6 +456,9 @@ class NftablesReader:
             touched: set[str] = set()
             rules = 0
             chains = len(cache.chains)
+            # map -> raw key -> (there at the last read, the element now or None), in the feed's order
+            elements: dict[str, dict[bytes, tuple[bool, Element | None]]] = {}
+            other_sets: set[str] = set()  # sets other than the maps, made or deleted
             for event in events:
                 kind = event.kind
                 if kind == "rules":
@@ -446,32 +472,75 @@ class NftablesReader:
                         raise Incomplete(f"{family_name} {TABLE_NAME}: chain handle {event.handle} renamed to {event.chain}")
                     if len(cache.chains) != known:  # made; one added again as it was is unchanged
                         touched.add(event.chain)
+                elif kind in ("newelem", "delelem") and event.chain in ELEMENT_MAPS:
+                    try:
+                        element = element_of(event.body)
+                    except NftReadError as err:
+                        raise Incomplete(f"{family_name} {TABLE_NAME}: an element of {event.chain}: {err}") from None
+                    changes = elements.setdefault(event.chain, {})
+                    before = changes.get(element.key)
+                    changes[element.key] = (before[0] if before else kind == "delelem",
+                                            element if kind == "newelem" else None)
+                elif kind == "elements" and event.chain in ELEMENTS_NOT_READ:
+                    pass  # its elements are never read
+                elif kind in ("newset", "delset") and event.chain not in ELEMENT_MAPS:
+                    other_sets.add(event.chain)  # an affinity set made or deleted, say: read below
                 elif kind == "newset" and nl.set_info(family, TABLE_NAME, event.chain) == cache.sets.get(event.chain):
                     pass  # added again as it was (kube-proxy adds its sets and maps on every sync)
                 elif kind == "delchain":
                     if not cache.chains.remove(event.handle, event.chain):
                         raise Incomplete(f"{family_name} {TABLE_NAME}: chain {event.chain} deleted under another handle")
                     touched.add(event.chain)
-                else:  # a table made or deleted, a named set or its elements changed, ...
+                else:  # a table made or deleted, a map made or deleted, a set's elements not followed, ...
                     raise Incomplete(f"{family_name} {TABLE_NAME}: {kind} {event.chain or ''}".rstrip())
             chains = len(cache.chains) - chains
+            for name in sorted(other_sets):
+                info = nl.set_info(family, TABLE_NAME, name)
+                if info is None:
+                    cache.sets.pop(name, None)
+                elif cache.sets.get(name, info) != info:
+                    raise Incomplete(f"{family_name} {TABLE_NAME}: set {name} made again otherwise")
+                else:
+                    cache.sets[name] = info
             if cache.anonymous and touched:
                 # Kept for chains that follow others, by rule handle: a touched chain's old
                 # rules are gone (reads of changes alone would keep them forever).
                 cache.anonymous = {key: elements for key, elements in cache.anonymous.items()
                                    if key[0] not in touched}
             source = _ChainDumps(nl, family_name, family, addr_len, cache, self)
-            changed_keys.update(_Resolver(source, cache.resolver).update(touched))
+            update = _Resolver(source, cache.resolver).update(touched, elements)
+            changed_keys.update(update.frontends)
+            rejected_keys |= update.rejected
+            firewalled_changed |= update.firewalled
             size = sizes[family_name]
-            sizes[family_name] = size._replace(chains=size.chains + chains, rules=size.rules + rules)
+            counts = {_SIZE_OF_MAP[name]: getattr(size, _SIZE_OF_MAP[name])
+                      + sum((now is not None) - was for was, now in changes.values())
+                      for name, changes in elements.items() if name in _SIZE_OF_MAP}
+            self.elements_applied += sum(map(len, elements.values()))
+            sizes[family_name] = size._replace(chains=size.chains + chains, rules=size.rules + rules, **counts)
+        resolvers = [cache.resolver for cache in (self._families.get(name) for name, _, _ in FAMILIES)
+                     if cache is not None]
         table = dict(last.table)
         for key in changed_keys:
-            parts = [cache.resolver.frontends[key][2] for cache in (self._families.get(name) for name, _, _ in FAMILIES)
-                     if cache is not None and key in cache.resolver.frontends]
+            parts = [resolver.frontends[key][2] for resolver in resolvers if key in resolver.frontends]
+            if not parts:
+                table.pop(key, None)
+                continue
             # A dual-stack NodePort: one frontend, both families' endpoints (as ``_frontend``).
             table[key] = parts[0] if len(parts) == 1 else parts[-1]._replace(
                 real_servers=RealServers((*parts[0].real_servers, *parts[-1].real_servers)))
-        return NftablesRead(table, last.rejected, last.firewalled, (), sizes, generation, 0.0, True)
+        rejected = last.rejected
+        if rejected_keys:
+            rejected = dict(rejected)
+            for key in rejected_keys:
+                # As a whole read: each family in turn, the last one that rejects or drops wins.
+                kind = next((k for k in (r.no_endpoint.get(key) for r in reversed(resolvers)) if k), None)
+                if kind:
+                    rejected[key] = kind
+                else:
+                    rejected.pop(key, None)
+        firewalled = frozenset().union(*(r.firewalled for r in resolvers)) if firewalled_changed else last.firewalled
+        return NftablesRead(table, rejected, firewalled, (), sizes, generation, 0.0, True)
 
     def _read_all(self, nl: NftNetlink, generation: int) -> tuple[NftablesRead, bool]:
         """The read, and whether it may be served again while the generation stays (every
@@ -677,6 +746,7 @@ class _Resolver:
         self.resolved: dict[str, _Resolved] = {}
         self.ports: dict[bytes, int] = {}  # one int per port in a read, not one per endpoint
         self.changed: frozenset[str] = frozenset()  # an update's chains whose rules may have moved
+        self.updating = False  # an update: a chain not in ``changed`` keeps its last result
 
     def read(self, table: Table, rejected: dict, firewalled: set, unread: list) -> NftablesSizes:
         check_required_maps(self.sets)
@@ -694,6 +764,7 @@ class _Resolver:
             key = self._nodeport_key(element.key)
             self._frontend(key, element, table, unread, where)
         verdict_chains = {}
+        no_endpoint: dict[VirtualServerKey, str] = {}
         for map_name, decode in ((NO_ENDPOINT_SERVICES, self._service_ip_key),
                                  (NO_ENDPOINT_NODEPORTS, self._nodeport_key)):
             for element in maps[map_name]:
@@ -704,24 +775,45 @@ class _Resolver:
                 if key is None or verdict is None:
                     unread.append(f"{where}: an element of {map_name} this reader cannot decode "
                                   f"({key or element.key.hex()}: {element.data})")
-                elif verdict:
-                    rejected[key] = verdict
+                else:
+                    no_endpoint[key] = verdict
+                    if verdict:
+                        rejected[key] = verdict
+        cache.firewalled = set()
         for element in maps.get(FIREWALL_IPS, ()):
             key = self._service_ip_key(element.key)
             if key is not None:
-                firewalled.add(key)
-        cache.verdict_chains = verdict_chains
+                cache.firewalled.add(key)
+        firewalled.update(cache.firewalled)
+        cache.verdict_chains, cache.no_endpoint = verdict_chains, no_endpoint
         return NftablesSizes(len(maps[SERVICE_IPS]), len(maps[SERVICE_NODEPORTS]),
                              len(maps[NO_ENDPOINT_SERVICES]), len(maps[NO_ENDPOINT_NODEPORTS]),
                              len(self.chain_names), self.source.rule_count)
 
-    def update(self, changed: set[str]) -> dict[VirtualServerKey, VirtualServer]:
-        """After a read whose maps did not change: the frontends that reach a chain of
-        ``changed`` (rules touched, made or deleted since) resolved again, every other
-        chain's result kept. Returns those frontends' virtual servers (the ones that
-        changed, by key); ``Incomplete`` when one cannot be read, or when a chain that
-        no-endpoint verdicts go to now does otherwise: the caller reads the whole table then."""
+    def update(self, changed: set[str], elements: dict | None = None) -> "Update":
+        """After a read: the frontends that reach a chain of ``changed`` (rules touched, made
+        or deleted since) resolved again, every other chain's result kept; and the maps'
+        element changes since (``elements``: map name -> raw key -> (whether the key was there
+        at the last read, its element now or None)) applied: a frontend deleted, or added and
+        resolved through its chains (a kept chain's result reused, any other dumped), a
+        no-endpoint verdict or a firewalled frontend added or deleted. ``Incomplete`` when
+        something cannot be read as a whole read would read it without an ``unread`` line,
+        when a chain that no-endpoint verdicts go to now does otherwise, or when an element
+        change does not fit what was kept: the caller reads the whole table then."""
         cache = self.cache
+        elements = elements or {}
+        out: dict[VirtualServerKey, VirtualServer | None] = {}
+        added: dict[VirtualServerKey, str | None] = {}
+        for map_name, decode in ((SERVICE_IPS, self._service_ip_key), (SERVICE_NODEPORTS, self._nodeport_key)):
+            for key, element in self._element_changes(map_name, decode, elements, cache.frontends):
+                # Gone first, so that a chain flushed with its Service is not resolved for nothing.
+                cache.frontends.pop(key, None)
+                out[key] = None
+                if element is not None:
+                    data = element.data
+                    if not isinstance(data, Verdict) or data.code not in (NFT_GOTO, NFT_JUMP):
+                        raise Incomplete(f"{map_name} {key}: a frontend element this reader cannot decode")
+                    added[key] = data.chain
         changed = set(changed)
         grown = True
         while grown:  # and every chain that follows one of them (a few hundred at most)
@@ -738,8 +830,7 @@ class _Resolver:
         for chain in changed:
             cache.leaves.pop(chain, None)
             cache.branches.pop(chain, None)
-        self.old_leaves, self.changed = {}, frozenset(changed)
-        out = {}
+        self.old_leaves, self.changed, self.updating = {}, frozenset(changed), True
         for key, (resolved, chain, virtual_server) in cache.frontends.items():
             if chain not in changed:
                 continue
@@ -751,7 +842,59 @@ class _Resolver:
                                                self._service_of(chain))
                 out[key] = virtual_server
             cache.frontends[key] = (again, chain, virtual_server)
-        return out
+        for key, chain in added.items():
+            resolved = self._resolve(chain, 0)
+            if resolved.problems:
+                raise Incomplete(f"{key}: {'; '.join(resolved.problems)}")
+            virtual_server = VirtualServer(key, SCHEDULER, resolved.affinity_timeout, resolved.real_servers,
+                                           self._service_of(chain))
+            cache.frontends[key] = (resolved, chain, virtual_server)
+            out[key] = virtual_server
+        rejected: set[VirtualServerKey] = set()
+        for map_name, decode in ((NO_ENDPOINT_SERVICES, self._service_ip_key),
+                                 (NO_ENDPOINT_NODEPORTS, self._nodeport_key)):
+            for key, element in self._element_changes(map_name, decode, elements, cache.no_endpoint):
+                cache.no_endpoint.pop(key, None)
+                rejected.add(key)
+                if element is None:
+                    continue
+                verdict = self._no_endpoint_kind(element.data)
+                if verdict is None:
+                    raise Incomplete(f"{map_name} {key}: an element this reader cannot decode ({element.data})")
+                if isinstance(element.data, Verdict) and element.data.chain is not None:
+                    cache.verdict_chains[element.data.chain] = verdict
+                cache.no_endpoint[key] = verdict
+        firewalled = False
+        for key, element in self._element_changes(FIREWALL_IPS, self._service_ip_key, elements, cache.firewalled,
+                                                  skip_undecoded=True):
+            firewalled = True
+            if element is None:
+                cache.firewalled.discard(key)
+            else:
+                cache.firewalled.add(key)
+        return Update(out, rejected, firewalled)
+
+    @staticmethod
+    def _element_changes(map_name: str, decode, elements: dict, kept, skip_undecoded: bool = False):
+        """(frontend, element now or None) of each key of ``map_name`` that changed; the key
+        must have been in ``kept`` exactly when the feed says it was there before."""
+        for raw, (was, element) in elements.get(map_name, {}).items():
+            key = decode(raw)
+            if key is None:
+                if skip_undecoded:  # as a whole read does (firewall-ips)
+                    continue
+                raise Incomplete(f"an element of {map_name} this reader cannot decode ({raw.hex()})")
+            if was != (key in kept):
+                raise Incomplete(f"{map_name} {key}: the change feed and the last read disagree")
+            yield key, element
+
+    def _no_endpoint_kind(self, data) -> str | None:
+        """``_verdict_kind``, from the last read's finding for a chain whose rules did not move since."""
+        if isinstance(data, Verdict) and data.chain is not None and data.chain not in self.changed:
+            kind = self.cache.verdict_chains.get(data.chain)
+            if kind is not None:
+                return kind
+        return self._verdict_kind(data)
 
     # -- elements ------------------------------------------------------------------
 
@@ -838,7 +981,7 @@ class _Resolver:
         done = self.resolved.get(chain)
         if done is not None:
             return done
-        if self.changed and chain not in self.changed:
+        if self.updating and chain not in self.changed:
             # An update: a chain whose rules did not move since the last read keeps its result.
             leaf, branch = self.cache.leaves.get(chain), self.cache.branches.get(chain)
             if leaf is not None or branch is not None:
