@@ -58,3 +58,24 @@ def get(url: str, headers: dict | None = None, timeout: float = 10) -> tuple[int
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
+
+
+def hang_lookups_of(monkeypatch, name: str) -> threading.Event:
+    """socket.getaddrinfo, for ``name`` alone, as a dead DNS server makes it: no answer
+    (the resolver's own timeouts, at length) until the returned event is set, then
+    127.0.0.1. A literal-address check (AI_NUMERICHOST) says "not numeric" at once."""
+    import socket
+
+    released = threading.Event()
+    real = socket.getaddrinfo
+
+    def hung(host, *args, **kwargs):
+        if host != name:
+            return real(host, *args, **kwargs)
+        if kwargs.get("flags"):  # AI_NUMERICHOST: not a literal address
+            raise socket.gaierror(socket.EAI_NONAME, "not numeric")
+        released.wait(30)
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    return released

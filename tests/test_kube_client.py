@@ -469,24 +469,10 @@ def test_a_server_name_whose_lookup_hangs_fails_at_the_connect_timeout(apiserver
     """getaddrinfo has no timeout: a dead DNS server must not hold a LIST or a WATCH past the
     connect timeout (the reflector's thread would sit there for the resolver's half minute,
     its status saying nothing); once the name resolves, the same transport gets its answer."""
-    import socket as socket_module
-    import threading
-
-    from exporter import lookup
     from exporter.kube.transport import ApiTransport, TransportError
+    from tests.helpers import hang_lookups_of
 
-    released = threading.Event()
-    real = socket_module.getaddrinfo
-
-    def hung(host, *args, **kwargs):
-        if host != "kube-api.invalid":
-            return real(host, *args, **kwargs)
-        if kwargs.get("flags"):  # AI_NUMERICHOST: not a literal address
-            raise socket_module.gaierror(socket_module.EAI_NONAME, "not numeric")
-        released.wait(30)  # a dead DNS server: the resolver's own timeouts, at length
-        return real("127.0.0.1", *args, **kwargs)
-
-    monkeypatch.setattr(lookup.socket, "getaddrinfo", hung)
+    released = hang_lookups_of(monkeypatch, "kube-api.invalid")
     apiserver.create("services", service("default", "a", "10.96.0.1"))
     path = apiserver.write_kubeconfig(str(tmp_path / "kc"))
     with open(path) as fh:

@@ -222,24 +222,11 @@ def test_missing_sync_histogram_is_named_with_its_likely_cause(proxy, page, caus
 def test_a_name_lookup_that_hangs_ends_at_the_deadline(monkeypatch):
     """getaddrinfo has no timeout: a resolver that never answers must not hold the fetch
     past proxy.timeout (the lookup is the only step a socket timeout does not cover)."""
-    import socket as socket_module
-    import threading
     import time
 
-    from exporter.readers import proxymetrics
+    from tests.helpers import hang_lookups_of
 
-    released = threading.Event()
-    real = socket_module.getaddrinfo
-
-    def hung(host, *args, **kwargs):
-        if host != "kube-proxy.invalid":
-            return real(host, *args, **kwargs)
-        if kwargs.get("flags"):  # AI_NUMERICHOST: not a literal address
-            raise socket_module.gaierror(socket_module.EAI_NONAME, "not numeric")
-        released.wait(30)  # a dead DNS server: the resolver's own timeouts, at length
-        return real("127.0.0.1", *args[:1], type=socket_module.SOCK_STREAM)
-
-    monkeypatch.setattr(proxymetrics.socket, "getaddrinfo", hung)
+    released = hang_lookups_of(monkeypatch, "kube-proxy.invalid")
     fake = FakeProxy().start()
     try:
         start = time.monotonic()
