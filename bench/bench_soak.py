@@ -19,6 +19,13 @@ Per scrape: its duration, the exporter's VmRSS, its CPU since the last scrape (u
 /proc/PID/stat; cutime+cstime too, which must stay 0: no exec on a scrape path), every
 ``kubenode_collector_success``, the drift and pending counts, and the log lines written since.
 ``KUBENODE_SOAK_OUT=DIR`` keeps each run's scrapes and log lines there as JSON.
+
+A leak is told from a plateau only over minutes: ``KUBENODE_SOAK_SECONDS=900`` soaks each mode
+that long (default 150 s at 10,000 Services, 60 s at 1,000), ``KUBENODE_SOAK_MODES=iptables``
+runs only the modes named (comma-separated, from MODES; ``iptables`` is the legacy backend) and
+``KUBENODE_SOAK_SERVICES=1000`` only that size. Each scrape's RSS and CPU is printed to stderr
+as it goes; the "RSS slope" row is the least-squares slope of RSS after SLOPE_FROM, held to
+SLOPE_LIMIT when at least SLOPE_WINDOW of scrapes follow it (KUBENODE_SOAK_SECONDS=780 or more).
 """
 
 from __future__ import annotations
@@ -43,7 +50,13 @@ CHANGE_INTERVAL = 2.0
 # restore: ~2.4 s at 10,000 Services), so the watch and the rules have landed by then: a
 # scrape during one sees it pending, rightly, and the bench would count that as unexpected.
 SETTLE = 1.0
-SLOPE_FROM = 60.0  # RSS slope over the scrapes after the first minute
+# RSS slope over the scrapes after the first minutes: the tables' first reads, malloc's arenas
+# and the first full collections fill by then (iptables-legacy at 10,000 Services: within ~3 min).
+SLOPE_FROM = 180.0
+# Judged only over this long a window after SLOPE_FROM (a shorter run's slope is the trim's
+# sawtooth, +-3 MB scrape to scrape): 1 MB per 10 min is 144 MB a day, an OOM kill within days.
+SLOPE_WINDOW = 600.0
+SLOPE_LIMIT = 1.0  # MB per 10 min
 MODES = ("iptables-nft", "iptables", "nftables", "ipvs")  # "iptables": the legacy backend
 QUICK = {1000: 50.0}
 FULL = {1000: 60.0, 10_000: 150.0}
@@ -166,6 +179,9 @@ def soak(services: int, mode: str, duration: float, timeout: float = 600.0) -> d
                 record = _scrape_record(node, url, pid, logs, since)
                 record["late"] = late["phase"] if late else None
                 scrapes.append(record)
+                print(f"   soak: {mode} {services:,} svc  t={now - start:6.0f} s  RSS {record['rss'] / 1e6:6.1f} MB"
+                      f"  CPU {100.0 * record['cpu'] / SCRAPE_INTERVAL:5.1f}%  scrape {record['duration']:.2f} s",
+                      file=sys.stderr, flush=True)
                 next_scrape += SCRAPE_INTERVAL
                 differs = bool(record["drift"] or record["pending"])
                 if late and late["phase"] == "api-only":
@@ -205,7 +221,7 @@ def soak(services: int, mode: str, duration: float, timeout: float = 600.0) -> d
 
 
 def _slope_mb_per_10min(scrapes: list[dict], start: float, soaked: float) -> float:
-    """Least squares of RSS over time, after the first minute (or the first third of a short run)."""
+    """Least squares of RSS over time, after SLOPE_FROM (or the first third of a short run)."""
     after = min(SLOPE_FROM, soaked / 3)
     points = [(s["t"] - start, s["rss"] / 1e6) for s in scrapes if s["t"] - start >= after]
     if len(points) < 3:
@@ -215,6 +231,14 @@ def _slope_mb_per_10min(scrapes: list[dict], start: float, soaked: float) -> flo
     num = sum((t - mean_t) * (m - mean_m) for t, m in points)
     den = sum((t - mean_t) ** 2 for t, _ in points)
     return num / den * 600.0
+
+
+def _slope_row(label: str, m: dict) -> Row:
+    """The slope with its limit when the run was long enough to tell a leak from a plateau."""
+    slope = _slope_mb_per_10min(m["scrapes"], m["start"], m["soaked"])
+    if m["soaked"] >= SLOPE_FROM + SLOPE_WINDOW:
+        return Row(f"{label}: RSS slope after {SLOPE_FROM:.0f} s", slope, unit="MB/10min", ceiling=SLOPE_LIMIT)
+    return Row(f"{label}: RSS slope (too short to judge)", slope, unit="MB/10min")
 
 
 def rows_of(label: str, m: dict) -> list[Row]:
@@ -227,7 +251,7 @@ def rows_of(label: str, m: dict) -> list[Row]:
         Row(f"{label}: synced after", m["synced_after"]),
         Row(f"{label}: RSS at sync", m["rss_at_sync"] / 1e6, unit="MB"),
         Row(f"{label}: RSS at the end", scrapes[-1]["rss"] / 1e6, unit="MB"),
-        Row(f"{label}: RSS slope", _slope_mb_per_10min(scrapes, m["start"], m["soaked"]), unit="MB/10min"),
+        _slope_row(label, m),
         Row(f"{label}: CPU over the soak", 100.0 * m["cpu"] / m["soaked"], unit="% core"),
         Row(f"{label}: CPU per endpoint change", m["cpu"] / max(1, len(m["changes"]) + len(lates)), unit="s"),
         Row(f"{label}: children's CPU (exec) at the end", scrapes[-1]["children_cpu"]),
@@ -248,8 +272,18 @@ def rows_of(label: str, m: dict) -> list[Row]:
 def run(args) -> list[Row]:
     rows = []
     durations = QUICK if getattr(args, "quick", False) else FULL
+    seconds = os.environ.get("KUBENODE_SOAK_SECONDS")
+    sizes = os.environ.get("KUBENODE_SOAK_SERVICES")
+    if sizes:
+        durations = {int(n): durations.get(int(n), 60.0) for n in sizes.split(",")}
+    if seconds:
+        durations = {services: float(seconds) for services in durations}
+    named = os.environ.get("KUBENODE_SOAK_MODES")
+    modes = tuple(named.split(",")) if named else MODES
+    if set(modes) - set(MODES):
+        raise SystemExit(f"KUBENODE_SOAK_MODES: {','.join(sorted(set(modes) - set(MODES)))} not one of {MODES}")
     for services, duration in durations.items():
-        for mode in MODES:
+        for mode in modes:
             m = soak(services, mode, duration)
             rows += rows_of(f"{mode}, {services:,} svc x 5, {m['soaked']:.0f} s", m)
             for row in rows[-16:]:  # as it goes: a full run takes minutes
