@@ -538,9 +538,7 @@ class NftablesReader:
             if not parts:
                 table.pop(key, None)
                 continue
-            # A dual-stack NodePort: one frontend, both families' endpoints (as ``_frontend``).
-            table[key] = parts[0] if len(parts) == 1 else parts[-1]._replace(
-                real_servers=RealServers((*parts[0].real_servers, *parts[-1].real_servers)))
+            table[key] = parts[0] if len(parts) == 1 else _in_both_families(parts[0], parts[-1])
         rejected = last.rejected
         if rejected_keys:
             rejected = dict(rejected)
@@ -611,17 +609,44 @@ class Resolution:
                             generation, 0.0, True)
 
 
-class _NetlinkFamily(FamilyRules):
-    """One family's table dumped over netlink; rules and anonymous sets kept from the
-    last read are reused while their handles stay (``_NetlinkCache``)."""
+class _OverNetlink(FamilyRules):
+    """A family read over netlink into a ``_NetlinkCache``: anonymous sets are fetched once
+    for the rule that owns them (or taken from ``old_anonymous``, the last read's) and kept
+    in the cache until the resolver releases them."""
+
+    old_anonymous: dict = {}  # (chain, rule handle) -> elements: none unless a whole read sets them
 
     def __init__(self, nl: NftNetlink, name: str, family: int, addr_len: int,
                  cache: _NetlinkCache, owner: NftablesReader) -> None:
         self.nl, self.name, self.family, self.addr_len = nl, name, family, addr_len
         self.cache, self.owner = cache, owner
+
+    def anonymous(self, rule: Rule, set_name: str) -> list[Element]:
+        """An anonymous set's elements, fetched once for the rule that owns it."""
+        key = (rule.chain, rule.handle)
+        elements = self.old_anonymous.get(key)
+        if elements is None:
+            elements = _fetch_anonymous(self.nl, self.family, self.cache.by_key, rule, set_name)
+            self.owner.anonymous_sets_read += 1
+        self.cache.anonymous[key] = elements
+        return elements
+
+    def release(self, rules: list[Rule]) -> None:
+        # A leaf is re-read only with new rules: its sets are not needed again.
+        for rule in rules:
+            self.cache.anonymous.pop((rule.chain, rule.handle), None)
+
+
+class _NetlinkFamily(_OverNetlink):
+    """One family's table dumped over netlink; rules and anonymous sets kept from the
+    last read are reused while their handles stay (``_NetlinkCache``)."""
+
+    def __init__(self, nl: NftNetlink, name: str, family: int, addr_len: int,
+                 cache: _NetlinkCache, owner: NftablesReader) -> None:
+        super().__init__(nl, name, family, addr_len, cache, owner)
         named, anonymous = nl.sets(family, TABLE_NAME)
         self.sets = cache.sets = {s.name: s for s in named}
-        self.by_key = cache.by_key = anonymous >= owner.by_key_from_sets
+        cache.by_key = anonymous >= owner.by_key_from_sets
         check_required_maps(self.sets)  # before the larger dumps
         chains = nl.chains(family, TABLE_NAME)
         self.chain_names = {c.name for c in chains}
@@ -652,20 +677,11 @@ class _NetlinkFamily(FamilyRules):
     def named(self, name: str) -> list[Element]:
         return self.nl.elements(self.family, TABLE_NAME, name, self.cache.elements)
 
-    def anonymous(self, rule: Rule, set_name: str) -> list[Element]:
-        """An anonymous set's elements, fetched once for the rule that owns it."""
-        key = (rule.chain, rule.handle)
-        elements = self.old_anonymous.get(key)
-        if elements is None:
-            elements = _fetch_anonymous(self.nl, self.family, self.by_key, rule, set_name)
-            self.owner.anonymous_sets_read += 1
-        self.cache.anonymous[key] = elements
-        return elements
 
-    def release(self, rules: list[Rule]) -> None:
-        # A leaf is re-read only with new rules: its sets are not needed again.
-        for rule in rules:
-            self.cache.anonymous.pop((rule.chain, rule.handle), None)
+def _in_both_families(first: VirtualServer, second: VirtualServer) -> VirtualServer:
+    """A NodePort (address None) of a dual-stack Service is in both families' tables: one
+    frontend on every node-port address, the second family's with both families' endpoints."""
+    return second._replace(real_servers=RealServers((*first.real_servers, *second.real_servers)))
 
 
 def _forget_renamed(cache: _NetlinkCache, chain_names: set[str]) -> None:
@@ -693,7 +709,7 @@ def _fetch_anonymous(nl: NftNetlink, family: int, by_key: bool, rule: Rule, set_
     return nl.elements(family, TABLE_NAME, set_name)
 
 
-class _ChainDumps(FamilyRules):
+class _ChainDumps(_OverNetlink):
     """One family's table as the last read left it, for ``_Resolver.update``: a chain
     asked for is dumped then (the chains a change touched, and any the resolver meets
     that it kept nothing of); the named sets are the last read's (a change to one is
@@ -701,8 +717,7 @@ class _ChainDumps(FamilyRules):
 
     def __init__(self, nl: NftNetlink, name: str, family: int, addr_len: int,
                  cache: _NetlinkCache, owner: NftablesReader) -> None:
-        self.nl, self.name, self.family, self.addr_len = nl, name, family, addr_len
-        self.cache, self.owner = cache, owner
+        super().__init__(nl, name, family, addr_len, cache, owner)
         self.sets = cache.sets
         self.by_chain = self.chain_names = self
         self.rule_count = 0
@@ -729,16 +744,6 @@ class _ChainDumps(FamilyRules):
     def get(self, chain: str, default=None):
         rules = self._rules(chain)
         return default if rules is None else rules
-
-    def anonymous(self, rule: Rule, set_name: str) -> list[Element]:
-        elements = _fetch_anonymous(self.nl, self.family, self.cache.by_key, rule, set_name)
-        self.owner.anonymous_sets_read += 1
-        self.cache.anonymous[(rule.chain, rule.handle)] = elements
-        return elements
-
-    def release(self, rules: list[Rule]) -> None:
-        for rule in rules:
-            self.cache.anonymous.pop((rule.chain, rule.handle), None)
 
 
 def check_required_maps(sets) -> None:
@@ -971,12 +976,7 @@ class _Resolver:
                                            service)
         self.cache.frontends[key] = (resolved, chain, virtual_server)
         other = table.get(key)
-        if other is not None:
-            # A NodePort (address None) of a dual-stack Service is in both families'
-            # tables: one frontend on every node-port address, each family's endpoints.
-            virtual_server = virtual_server._replace(real_servers=RealServers(
-                (*other.real_servers, *virtual_server.real_servers)))
-        table[key] = virtual_server
+        table[key] = virtual_server if other is None else _in_both_families(other, virtual_server)
 
     def _service_of(self, chain: str) -> str | None:
         services = self.cache.services
