@@ -480,12 +480,16 @@ class IptablesNftSource:
                 self.from_feed += 1
             else:
                 try:
-                    try:
-                        count, digest = self._dump(family, table, chain, None)
-                    except NftDumpTorn:
-                        # Once more: a count has no walk to be verified after (one torn
-                        # again fails the read, saying so).
-                        count, digest = self._dump(family, table, chain, None)
+                    count, digest = self._dump(family, table, chain, None)
+                except NftDumpTorn:
+                    # A transaction under the dump: as a walk's torn chain, nothing of it is
+                    # kept, ``verify()`` fails this read (the dataplane reads again, and says
+                    # "changed during each of" when every try meets one) and the next read
+                    # dumps it again. Before, a second tear here failed the read at once with
+                    # the tear's own words, unlike every other read that met a transaction.
+                    self._torn_now(family, table, chain)
+                    changed.add(chain)
+                    continue
                 except NftReadError as err:
                     if err.errno != errno.ENOENT:
                         raise
