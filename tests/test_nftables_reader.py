@@ -586,7 +586,7 @@ def _compare(read, whole, what: str) -> None:
         assert getattr(read, field) == getattr(whole, field), f"after {what}: {field} differs"
 
 
-def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
+def test_reads_of_what_changed_equal_whole_reads_through_random_changes(monkeypatch):
     """A long random sequence of kube-proxy-like changes in both families (endpoints changed,
     a Local Service's local chain rewritten, a Service added, one deleted and its flushed
     chains aged out, a Service's endpoints gone to zero and back (its map elements moved
@@ -596,9 +596,13 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
     names, map elements included, whole when it cannot say) gives exactly what a fresh
     reader's whole read gives. Only a rename (a frontend unread, then a read after it) and
     reject-chain turned to drop or back (behind kube-proxy's back, or by its next sync) read
-    whole; every other kind reads what changed, counted and printed by kind."""
+    whole; every other kind reads what changed, counted and printed by kind. Now and then
+    the next change commits under the read of the last one (its first chain dump): that
+    read tries again from what it had read, never whole."""
     import copy
     import random
+
+    from exporter.readers import nftables
 
     from tests.nft_rulesets import (bench_services, endpoints_synced, generated_services_v6, service_resynced,
                                     service_rules)
@@ -656,7 +660,11 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
             svc.endpoints = new_endpoints(family)
             return service_resynced(svc, before, family)
         if op == "local":
-            svc = rng.choice([s for s in live[family] if s.local and s.local_endpoints])
+            # (with endpoints: a Local Service without any has an empty local chain already)
+            candidates = [s for s in live[family] if s.local and s.local_endpoints and s.endpoints]
+            if not candidates:
+                return ""
+            svc = rng.choice(candidates)
             svc.local_endpoints = svc.endpoints[:1] if len(svc.local_endpoints) > 1 else list(svc.endpoints)
             chain = svc.chain("local")
             rules = [line for line in service_rules(svc, family)["rules"] if f" {chain} " in line]
@@ -728,16 +736,42 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
             whole: dict[str, int] = {}
             reasons: list[tuple[str, str]] = []
             elements = 0  # map element changes applied by reads of changes
+            # Now and then the next change commits while a read of this one dumps its first
+            # chain (kube-proxy's next sync under a read): the read tries again, from what
+            # it had read, and reads that change alone.
+            under_read: list[str] = []  # the change to commit under the next read's first chain dump
+            committed_under_read = 0
+            dump = nftables._ChainDumps._rules
+
+            def dump_then_commit(self, chain):
+                nonlocal committed_under_read
+                rules = dump(self, chain)
+                if under_read:
+                    ns.nft(under_read.pop())
+                    committed_under_read += 1
+                return rules
+
+            monkeypatch.setattr(nftables._ChainDumps, "_rules", dump_then_commit)
             for step in range(160):
                 family = rng.choice(["ip", "ip", "ip6"])
                 op, texts = change(family)
-                for text in (texts if isinstance(texts, tuple) else (texts,)):
-                    if not text:
-                        continue
+                steps = [(op, text) for text in (texts if isinstance(texts, tuple) else (texts,)) if text]
+                next_text = None
+                if len(steps) == 1 and rng.random() < 0.3:
+                    next_op = rng.choice(["add", "delete", "zero", "revive", "local", "age"])
+                    next_text = do(next_op, family)
+                    if next_text:
+                        under_read.append(next_text)
+                        steps.append((next_op, next_text))
+                for op, text in steps:
+                    if text is next_text:
+                        if not under_read:
+                            continue  # committed under the last read, and read by its next try
+                        under_read.clear()  # that read dumped no chain: committed now, read on its own
                     ns.nft(text)
                     whole_reads = reader.whole_reads
                     read = ns.run(reader.read)
-                    assert read.reread, f"step {step}: {op} not read"
+                    assert read.reread, f"step {step}: {op} not read: {steps} {committed_under_read} {under_read}"
                     reads[op] = reads.get(op, 0) + 1
                     whole[op] = whole.get(op, 0) + (reader.whole_reads - whole_reads)
                     if reader.whole_reads != whole_reads:
@@ -747,7 +781,9 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes():
                              f"step {step} ({family}, {op}): {text[:120]!r} (whole: {reader.whole_reason})")
         finally:
             reader.close()
-    print(f"reads by kind of change {reads}, of them whole {whole}; {elements} map elements applied")
+    print(f"reads by kind of change {reads}, of them whole {whole}; {elements} map elements applied; "
+          f"{committed_under_read} changes committed under a read, {reader.overlapped} reads tried again")
+    assert committed_under_read >= 15 and reader.overlapped >= committed_under_read
     assert sum(reads.values()) >= 140 and all(reads.get(op, 0) >= 5 for op in ("add", "delete", "zero", "revive"))
     # kube-proxy's own sync (endpoints_synced) writes reject-chain back after it was turned to drop.
     assert [(op, why) for op, why in reasons if op not in ("rename", "reject-chain")
