@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 
 from bench.common import Row
 from exporter.readers.dataplanes import IptablesDataplane
@@ -244,6 +245,22 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
                     limit=limit(0.1)))
     rows.append(Row(f"{label}: kernel memory one partial sync queues for the feed", statistics.median(queued) / 1e6,
                     source._feed.receive_buffer_bytes / 1e6, "the receive buffer granted", unit="MB"))
+    # The transient a read after a change makes on top of what stays: what sets the
+    # exporter's RSS under churn (the allocator keeps some of every peak's pages).
+    svc = services[3 * 7]
+    ns.restore(endpoints_changed(services, svc, [(a, p + 1) for a, p in svc.endpoints]))
+
+    def traced_peak() -> float:
+        tracemalloc.start()
+        try:
+            live = dataplane.read_rules(0)
+            assert live.reread and not live.read.unread
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    rows.append(Row(f"{label}: Python memory at the peak of a re-read after one Service changed (tracemalloc)",
+                    ns.run(traced_peak) / 1e6, unit="MB"))
     dataplane.close()  # no listener now: nf_tables builds no notification
     alone = []
     for i in range(3):

@@ -649,10 +649,16 @@ def _digested(chain: str) -> bool:
     return not chain.startswith(SERVICE_PREFIXES)
 
 
-def _digest(pieces: list[bytes]) -> bytes:
-    """Of rules' bytes in order, each framed by its length."""
-    framed = b"".join([len(piece).to_bytes(4, "little") + piece for piece in pieces])
-    return hashlib.blake2b(framed, digest_size=16).digest()
+def _digest(pieces) -> bytes:
+    """Of rules' bytes in order (an iterable), each framed by its length. Hashed as they
+    come: KUBE-SERVICES at 10,000 Services is 10,000 rules, and framed copies joined
+    first were ~20 MB at the peak of each read after a change (tracemalloc)."""
+    digest = hashlib.blake2b(digest_size=16)
+    update = digest.update
+    for piece in pieces:
+        update(len(piece).to_bytes(4, "little"))
+        update(piece)
+    return digest.digest()
 
 
 def _rewritten(state: _Table, chain: str, events: list | None) -> tuple[int, bytes] | None:
@@ -679,7 +685,7 @@ def _rewritten(state: _Table, chain: str, events: list | None) -> tuple[int, byt
         if event.position != previous and not (event.position is None and index == len(left) - 1):
             return None
         previous = event.handle
-    return len(left), _digest([_without_counters(event.body) for event in left])
+    return len(left), _digest(_without_counters(event.body) for event in left)
 
 
 def _without_counters(raw: bytes) -> bytes:
