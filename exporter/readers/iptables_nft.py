@@ -320,7 +320,8 @@ class IptablesNftSource:
     def _full_read(self, known: int | None) -> list[IptablesRuleset]:
         if self.use_feed and self._feed is None:
             try:
-                self._feed = NftMonitor(self.feed_buffer)  # before the dumps: nothing lost between
+                # Before the dumps: nothing lost between.
+                self._feed = NftMonitor(self.feed_buffer, rule_body=_rule_piece)
             except FeedError:
                 self.use_feed = False  # the dumps still work; read whole on every change
         nl = self._requests()
@@ -587,14 +588,14 @@ class IptablesNftSource:
                         # A digest takes the expressions attribute and everything after it
                         # (the user data), framed by their own lengths; not the handle before.
                         if pieces is not None:
-                            pieces.append(_without_counters(bytes(buf[offset:end])))
+                            pieces.append(_rule_piece(bytes(buf[offset:end])))
                         break
                 elif t == NFTA_RULE_USERDATA:
                     udata = (offset + 4, offset + alen)
                 offset += (alen + 3) & ~3
             else:
                 if rules is None and pieces is not None:
-                    pieces.append(b"")  # a rule without expressions
+                    pieces.append(_rule_piece(b""))  # a rule without expressions
             if position != previous and tear is None:
                 tear = torn(chain, handle, position, previous)
             previous = handle
@@ -604,7 +605,7 @@ class IptablesNftSource:
                 self.decoded += 1
                 if pieces is not None:
                     at = exprs[0] - 4 if exprs else end
-                    pieces.append(_without_counters(bytes(buf[at:end])))
+                    pieces.append(_rule_piece(bytes(buf[at:end])))
         if tear is not None:
             raise tear
         if nl.ended_apart:  # a large chain (KUBE-SERVICES): was a rule after its last skipped?
@@ -685,7 +686,14 @@ def _rewritten(state: _Table, chain: str, events: list | None) -> tuple[int, byt
         if event.position != previous and not (event.position is None and index == len(left) - 1):
             return None
         previous = event.handle
-    return len(left), _digest(_without_counters(event.body) for event in left)
+    return len(left), _digest(event.body for event in left)  # the feed's bodies are _rule_piece's
+
+
+def _rule_piece(raw: bytes) -> bytes:
+    """What a chain's digest takes of one rule (its bytes from the expressions on): a
+    digest of them without the counter, 16 bytes. The change feed keeps this of each
+    rule it announces (``NftMonitor(rule_body=...)``), not the ~350 bytes."""
+    return hashlib.blake2b(_without_counters(raw), digest_size=16).digest()
 
 
 def _without_counters(raw: bytes) -> bytes:
