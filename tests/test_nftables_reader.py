@@ -745,7 +745,8 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes(monkeypa
             reads: dict[str, int] = {}  # by kind of change
             whole: dict[str, int] = {}
             reasons: list[tuple[str, str]] = []
-            elements = 0  # map element changes applied by reads of changes
+            elements = 0  # map element changes applied by reads of changes (no commit under them)
+            element_reads = 0  # of them, reads of an add, delete, zero or revive
             # Now and then the next change commits while a read of this one dumps its first
             # chain (kube-proxy's next sync under a read): the read tries again, from what
             # it had read, and reads that change alone.
@@ -794,13 +795,16 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes(monkeypa
                     ns.nft(text)
                     whole_reads = reader.whole_reads
                     whole_reasons.clear()
+                    committed_before = committed_under_read
                     read = ns.run(reader.read)
                     assert read.reread, f"step {step}: {op} not read: {steps} {committed_under_read} {under_read}"
                     reads[op] = reads.get(op, 0) + 1
                     whole[op] = whole.get(op, 0) + (reader.whole_reads - whole_reads)
                     reasons += [(op, why) for i, why in enumerate(whole_reasons)
                                 if not (i and why == "no read kept to start from")]
-                    elements += reader.elements_applied
+                    if committed_under_read == committed_before:  # else the last try's count alone
+                        elements += reader.elements_applied
+                        element_reads += op in ("add", "delete", "zero", "revive")
                     _compare(read, ns.run(NftablesReader(announcements=False).read),
                              f"step {step} ({family}, {op}): {text[:120]!r} (whole: {reader.whole_reason})")
         finally:
@@ -809,11 +813,14 @@ def test_reads_of_what_changed_equal_whole_reads_through_random_changes(monkeypa
           f"{committed_under_read} changes committed under a read, {reader.overlapped} reads tried again")
     assert committed_under_read >= 15 and reader.overlapped >= committed_under_read
     assert sum(reads.values()) >= 140 and all(reads.get(op, 0) >= 5 for op in ("add", "delete", "zero", "revive"))
-    # kube-proxy's own sync (endpoints_synced) writes reject-chain back after it was turned to drop.
+    # kube-proxy's own sync (endpoints_synced), or the whole table written again, writes
+    # reject-chain back after it was turned to drop.
     assert [(op, why) for op, why in reasons if op not in ("rename", "reject-chain")
-            and not (op == "endpoints" and why.startswith("chain reject-chain"))] == []
+            and not (op in ("endpoints", "flush-table") and why.startswith("chain reject-chain"))] == []
     assert not any(whole.get(op) for op in ("add", "delete", "zero", "revive")), whole
-    assert elements >= 4 * sum(reads[op] for op in ("add", "delete", "zero", "revive"))
+    # At least one element each (a ClusterIP's; with a NodePort two, and zero and revive move
+    # them between maps: four), about four on average across seeds: half that as the floor.
+    assert elements >= 2 * element_reads
 
 
 def test_a_change_feed_that_overflowed_makes_the_next_read_whole_then_reads_of_changes_resume(ns, monkeypatch):
