@@ -254,7 +254,7 @@ class NftMonitor:
         # What a kept NEWRULE event holds of the rule's bytes: a partial sync at 10,000
         # Services writes ~12,000 rules again, and their bytes were 12.5 MB between a
         # drain and the read that digests them.
-        self.rule_body = rule_body
+        self.rule_body = rule_body or _as_is
         self._open: dict[tuple[int, str], list[Event]] = {}  # the transaction whose NEWGEN has not come yet
 
     def close(self) -> None:
@@ -471,8 +471,13 @@ _HANDLE_HEADER = _NLA.pack(12, NFTA_RULE_HANDLE)  # a u64 attribute's header, as
 _POSITION_HEADER = _NLA.pack(12, NFTA_RULE_POSITION)
 
 
+def _as_is(raw: bytes) -> bytes:
+    """A NEWRULE's bytes kept as they are: a feed made without ``rule_body``."""
+    return raw
+
+
 def _rule_rest(buf, at: int, end: int, command: int, flags: int, chain: str,
-               rule_body: Callable[[bytes], bytes] | None = None) -> Event:
+               rule_body: Callable[[bytes], bytes] = _as_is) -> Event:
     """A rule message past its table and chain: handle, position, and the bytes from its
     expressions on (``body``; a NEWRULE's through ``rule_body`` when given), for a reader
     that digests a chain's rules."""
@@ -486,11 +491,8 @@ def _rule_rest(buf, at: int, end: int, command: int, flags: int, chain: str,
             position = _BE64.unpack_from(buf, at + 4)[0]
             at += 12
         if at + 4 <= end and _NLA.unpack_from(buf, at)[1] & 0x3FFF == NFTA_RULE_EXPRESSIONS:
-            body = bytes(buf[at:end])
-            return Event("newrule", chain, handle, position, bool(flags & NLM_F_APPEND),
-                         rule_body(body) if rule_body is not None else body)
-        return Event("newrule", chain, handle, position, bool(flags & NLM_F_APPEND),
-                     rule_body(b"") if rule_body is not None else b"")
+            return Event("newrule", chain, handle, position, bool(flags & NLM_F_APPEND), rule_body(bytes(buf[at:end])))
+        return Event("newrule", chain, handle, position, bool(flags & NLM_F_APPEND), rule_body(b""))
     handle = position = None
     body = b""
     while at + 4 <= end:
@@ -509,6 +511,5 @@ def _rule_rest(buf, at: int, end: int, command: int, flags: int, chain: str,
     if handle is None:
         raise ValueError("a rule message without its handle")
     kind = "newrule" if command == NFT_MSG_NEWRULE else "delrule"
-    if kind == "newrule" and rule_body is not None:
-        body = rule_body(body)
-    return Event(kind, chain, handle, position, bool(flags & NLM_F_APPEND), body)
+    return Event(kind, chain, handle, position, bool(flags & NLM_F_APPEND),
+                 rule_body(body) if kind == "newrule" else body)
