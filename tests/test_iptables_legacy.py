@@ -397,6 +397,37 @@ def test_a_resolution_of_unchanged_rules_keeps_the_last_ones_keys_too():
     assert all(keys[key] is key and again[key] is first[key] for key in again)
 
 
+def test_a_whole_resolution_keeps_the_last_frontend_list_entries_where_equal():
+    """A source that cannot say what changed (the legacy blob's chains) is resolved whole each
+    time; the frontend list it makes anew (each frontend's key, chain name and comment) is
+    the last one's entries where equal: new ones, made among the read's decoded rules and
+    kept, pinned ~5 MB of the allocator's arenas with every legacy re-read at 10,000 Services."""
+    from types import MappingProxyType
+
+    from exporter.readers import iptables
+    from exporter.readers.iptables_rules import IptablesRuleset
+
+    def whole(text: str):  # read afresh, as a re-read decodes it: equal, not the same objects
+        [rules] = parse_save(text, 4)
+        return IptablesRuleset(4, {name: MappingProxyType(chains) for name, chains in rules.tables.items()})
+
+    text = ruleset(generated_services(), 4, jumps=False)
+    cache: dict = {}
+    iptables.resolve_rulesets([whole(text)], None, cache)
+    first = list(cache["families"][4].frontend_list)
+    again = iptables.resolve_rulesets([whole(text)], None, cache)
+    entries = cache["families"][4].frontend_list
+    assert entries == first and len(first) > 5 and again.table
+    assert all(entry is before for entry, before in zip(entries, first))
+    # A frontend whose rule changed (its comment) is the new entry; the others stay the last ones.
+    key, chain, comment = first[0]
+    assert comment and f'"{comment}"' in text
+    iptables.resolve_rulesets([whole(text.replace(f'"{comment}"', '"renamed"', 1))], None, cache)
+    entries = cache["families"][4].frontend_list
+    assert entries[0] == (key, chain, "renamed") and entries[0] is not first[0]
+    assert all(entry is before for entry, before in zip(entries[1:], first[1:]))
+
+
 def test_an_unknown_match_lands_in_unknown(ns):
     ns.iptables("-t", "nat", "-N", "KUBE-X", backend="legacy")
     ns.iptables("-t", "nat", "-A", "KUBE-X", "-m", "length", "--length", "100:200", "-j", "RETURN", backend="legacy")
