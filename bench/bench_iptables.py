@@ -12,12 +12,14 @@ most 1x, a re-read after one Service's endpoints changed at most 0.1x, nothing
 changed under 5 ms).
 
 Rows: a fresh dataplane's first read (every chain dumped and decoded as the resolver
-walks it), its wall and CPU time; two floors under it, for the same kernel work
+walks it), its wall and CPU time; three floors under it, for the same kernel work
 (the chain list and one dump per chain, as iptables-nft-save makes them: the
 kernel's time is its own): the conversation alone (each request sent, each reply
 received, only the message headers looked at for the dump's end) and the same with
 every message's attributes walked as the source's flat loop walks them, no rule
-decoded; a read when nothing changed (the generation checks a scrape costs); the
+decoded; and the conversation with each reply scanned by regular expressions for its
+chain's jumps and DNATs (the least a reader in Python can do and still have the rules'
+meaning); a read when nothing changed (the generation checks a scrape costs); the
 read after one Service's endpoints changed, as kube-proxy's partial sync writes them
 (every top-level chain flushed and written again, the Service's own chains
 rewritten), which the source takes from nf_tables' change feed
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -98,11 +101,17 @@ def _floor() -> tuple[float, float]:
     return time.perf_counter() - start, _cpu() - cpu
 
 
-def _conversation_floor() -> tuple[float, float]:
+def _conversation_floor(scan: bool = False) -> tuple[float, float]:
     """Wall and CPU seconds of the kernel conversation alone: the IPv4 chain list, then one
     rule dump per chain, each request built off the clock, each reply received
     into one buffer and only its messages' headers read, for the dump's end (its ``DONE`` or
-    error). What no reader of these rules over netlink, in any language, can skip."""
+    error). What no reader of these rules over netlink, in any language, can skip.
+
+    ``scan``: and each reply scanned by regular expressions (in C) for what the resolver
+    needs of its chain, kept per chain: the chains its rules jump to, and its DNATs'
+    addresses and ports. No message's attributes walked, no position checked, no rule
+    decoded, no frontend read, nothing resolved: the least a reader in Python can do on
+    top of the conversation and still have the rules' meaning."""
     start, cpu = time.perf_counter(), _cpu()
     with NftNetlink() as nl:
         names = _chain_names(nl)
@@ -113,10 +122,14 @@ def _conversation_floor() -> tuple[float, float]:
             prefix = bytes((NFPROTO_IPV4, NFNETLINK_V0, 0, 0)) + _nla(NFTA_RULE_TABLE, table.encode() + b"\0")
             for chain in chains:
                 body = prefix + _nla(NFTA_RULE_CHAIN, chain.encode() + b"\0")
-                requests.append(_NLMSGHDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 0, 0) + body)
+                requests.append((chain, _NLMSGHDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 0, 0)
+                                 + body))
         built = time.perf_counter() - building, _cpu() - building_cpu
         send, recv_into, buf, unpack = nl.sock.send, nl.sock.recv_into, nl.buf, _NLMSGHDR.unpack_from
-        for request in requests:
+        jumps_in, dnats_in = _JUMP.findall, _DNAT.findall
+        jumps: dict[str, list] = {}
+        dnats: dict[str, list] = {}
+        for chain, request in requests:
             send(request)
             ended = False
             while not ended:
@@ -128,7 +141,24 @@ def _conversation_floor() -> tuple[float, float]:
                     offset += (length + 3) & ~3
                 if size == 0:
                     raise RuntimeError("the kernel closed the netlink conversation")
-    return time.perf_counter() - start - built[0], _cpu() - cpu - built[1]
+                if scan:
+                    found = jumps_in(buf, 0, size)
+                    if found:
+                        jumps.setdefault(chain, []).extend(found)
+                    found = dnats_in(buf, 0, size)
+                    if found:
+                        dnats.setdefault(chain, []).extend(found)
+    seconds, cpu = time.perf_counter() - start - built[0], _cpu() - cpu - built[1]
+    if scan and not (jumps and sum(map(len, dnats.values())) == sum(1 for c in jumps if c.startswith("KUBE-SEP-"))):
+        raise RuntimeError("the scans did not find one DNAT per endpoint chain")
+    return seconds, cpu
+
+
+# What the scan floor looks for in a rule dump's bytes: a verdict's chain (NFTA_VERDICT_CHAIN),
+# and iptables-nft's DNAT (an xt target: its name, revision, then nf_nat_range2's flags, first
+# address and, past the last address, first port).
+_JUMP = re.compile(rb"\x02\x00(KUBE-[-A-Z0-9]{1,28})\x00")
+_DNAT = re.compile(rb"DNAT\x00{4}\x08\x00\x02\x00.{4}..\x03\x00.{4}(.{4}).{28}(..)", re.S)
 
 
 # A fresh process: peak RSS (VmHWM) after the imports, then after a dataplane's first read.
@@ -182,7 +212,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
         return ratio if count >= 10000 else None  # the issue sets its limits at 10,000 x 5
 
     # A first read is a fresh dataplane's; alternate it with iptables-nft-save so both see the same load.
-    saves, firsts, first_cpus, floors, conversations = [], [], [], [], []
+    saves, firsts, first_cpus, floors, conversations, scans = [], [], [], [], [], []
     dataplane = live = None
     for _ in range(2 if count >= 10000 else 3):
         saves.append(_save(ns))
@@ -196,6 +226,7 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
         firsts.append(seconds)
         floors.append(ns.run(_floor))
         conversations.append(ns.run(_conversation_floor))
+        scans.append(ns.run(lambda: _conversation_floor(scan=True)))
     source = dataplane.nft
     assert live.backend == "nft" and live.read.table and not live.read.unread
     rules = sum(size.rules for size in live.tables)
@@ -212,6 +243,11 @@ def _size(ns: IptNS, count: int, rows: list[Row]) -> None:
     rows.append(Row(f"{label}: floor: the same, every message's attributes walked, nothing decoded",
                     min(wall for wall, _ in floors), reference, "iptables-nft-save"))
     rows.append(Row(f"{label}: floor, attributes walked, CPU (user + system)", min(cpu for _, cpu in floors),
+                    min(cpu for _, _, cpu in saves), "iptables-nft-save"))
+    rows.append(Row(f"{label}: floor: the conversation, each reply scanned by regular expressions (in C) for its "
+                    "chain's jumps and DNATs; nothing checked, decoded or resolved",
+                    min(wall for wall, _ in scans), reference, "iptables-nft-save"))
+    rows.append(Row(f"{label}: floor, the scans, CPU (user + system)", min(cpu for _, cpu in scans),
                     min(cpu for _, _, cpu in saves), "iptables-nft-save"))
 
     def idle_reads() -> float:  # in the namespace's own thread, as the exporter reads its own
